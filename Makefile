@@ -1,0 +1,19 @@
+# The two commands that set up everything on a fresh machine.
+.PHONY: serve test lint bench
+
+# Fetch the default models if missing, build, and serve on :50051 (metrics :9090).
+serve:
+	scripts/serve.sh
+
+# Install test dependencies and run the whole test suite.
+test:
+	scripts/test.sh
+
+# Formatting and lints, as CI checks them.
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --release --locked --all-targets -- -D warnings
+
+# Embedding throughput of tlserve next to sentence-transformers (see docs/BENCHMARKS.md).
+bench:
+	scripts/bench-embed.sh

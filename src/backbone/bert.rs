@@ -1,0 +1,214 @@
+//! BERT-family text encoders (BERT, MiniLM, sentence-transformers models) on
+//! candle-transformers' `BertModel`.
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::bert::{BertModel, Config as BertConfig};
+use serde::Deserialize;
+
+use super::{
+    parse_device,
+    source::{self, ModelFiles},
+    text::TextEncoder,
+    Backbone, BackboneDescriptor, EmbedItem, EmbedOptions, Input, Modality, Pooling, Prepared,
+    TokenizedText,
+};
+use crate::{config::BackboneConfig, Error, Result};
+
+pub struct BertBackbone {
+    model: BertModel,
+    encoder: TextEncoder,
+    device: Device,
+    pad_id: u32,
+    descriptor: BackboneDescriptor,
+}
+
+/// The part of sentence-transformers' sentence_bert_config.json we use.
+#[derive(Deserialize)]
+struct SentenceConfig {
+    max_seq_length: Option<usize>,
+}
+
+impl BertBackbone {
+    pub fn load(config: &BackboneConfig, files: &ModelFiles) -> Result<Self> {
+        let device = parse_device(&config.device)?;
+        let model_config: BertConfig = read_json(&files.config)?;
+        let max_len = max_sequence_length(config, files, &model_config)?;
+
+        // SAFETY: the weights file is memory-mapped; it must not be modified while
+        // the server runs, which holds for model folders that are only ever
+        // replaced as a whole (scripts/fetch-models.sh) or read-only volumes.
+        let vars =
+            unsafe { VarBuilder::from_mmaped_safetensors(&[&files.weights], DType::F32, &device) }
+                .map_err(|err| {
+                    Error::ModelLoad(format!("cannot map {}: {err}", files.weights.display()))
+                })?;
+        let model = BertModel::load(vars, &model_config).map_err(|err| {
+            Error::ModelLoad(format!(
+                "{} does not hold BERT weights matching {}: {err}",
+                files.weights.display(),
+                files.config.display()
+            ))
+        })?;
+        let encoder = TextEncoder::from_file(&files.tokenizer, max_len)?;
+
+        let descriptor = BackboneDescriptor {
+            name: config.name.clone(),
+            architecture: config.architecture,
+            modality: Modality::Text,
+            dimension: model_config.hidden_size,
+            device: config.device.clone(),
+            dtype: "f32".to_owned(),
+            max_sequence_length: max_len,
+            default_options: EmbedOptions {
+                pooling: config.pooling.into(),
+                normalize: config.normalize,
+            },
+            default_truncate: config.truncate,
+            fingerprint: source::fingerprint(&files.weights)?,
+            source: files.origin.clone(),
+        };
+        Ok(Self {
+            model,
+            encoder,
+            device,
+            pad_id: u32::try_from(model_config.pad_token_id).unwrap_or(0),
+            descriptor,
+        })
+    }
+
+    /// Token vectors of a batch, padded to its longest text: `[batch, len, hidden]`,
+    /// and the attention mask `[batch, len]` (1 for real tokens) as f32.
+    fn forward(&self, texts: &[&TokenizedText]) -> Result<(Tensor, Tensor)> {
+        let len = texts.iter().map(|t| t.ids.len()).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(texts.len() * len);
+        let mut mask = Vec::with_capacity(texts.len() * len);
+        for text in texts {
+            let pad = len - text.ids.len();
+            ids.extend_from_slice(&text.ids);
+            ids.extend(std::iter::repeat_n(self.pad_id, pad));
+            mask.extend(std::iter::repeat_n(1u32, text.ids.len()));
+            mask.extend(std::iter::repeat_n(0u32, pad));
+        }
+        let shape = (texts.len(), len);
+        let ids = Tensor::from_vec(ids, shape, &self.device)?;
+        let mask = Tensor::from_vec(mask, shape, &self.device)?;
+        let token_types = ids.zeros_like()?;
+        let hidden = self.model.forward(&ids, &token_types, Some(&mask))?;
+        Ok((hidden, mask.to_dtype(DType::F32)?))
+    }
+}
+
+impl Backbone for BertBackbone {
+    fn descriptor(&self) -> &BackboneDescriptor {
+        &self.descriptor
+    }
+
+    fn prepare(&self, index: usize, input: Input, truncate: bool) -> Result<Prepared> {
+        match input {
+            Input::Text(text) => Ok(Prepared::Text(self.encoder.encode(index, &text, truncate)?)),
+            other => Err(Error::InvalidInput {
+                index,
+                reason: format!(
+                    "backbone `{}` takes text, not {}",
+                    self.descriptor.name,
+                    other.kind()
+                ),
+            }),
+        }
+    }
+
+    fn embed(&self, items: &[EmbedItem<'_>]) -> Result<Vec<Vec<f32>>> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let texts: Vec<&TokenizedText> = items
+            .iter()
+            .map(|item| {
+                let Prepared::Text(text) = item.input;
+                text
+            })
+            .collect();
+        let (hidden, mask) = self.forward(&texts)?;
+
+        // Pool once per kind the batch needs; items of one batch may differ.
+        let wants = |pooling| items.iter().any(|item| item.options.pooling == pooling);
+        let mean = if wants(Pooling::Mean) {
+            let mask = mask.unsqueeze(2)?;
+            let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
+            Some(summed.broadcast_div(&mask.sum(1)?)?.to_vec2::<f32>()?)
+        } else {
+            None
+        };
+        let cls = if wants(Pooling::Cls) {
+            Some(hidden.i((.., 0))?.to_vec2::<f32>()?)
+        } else {
+            None
+        };
+
+        let mut out = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let pooled = match item.options.pooling {
+                Pooling::Mean => mean.as_ref(),
+                Pooling::Cls => cls.as_ref(),
+            }
+            .map(|rows| rows[i].clone())
+            .ok_or_else(|| Error::Inference("pooling was not computed".into()))?;
+            out.push(if item.options.normalize {
+                l2_normalize(pooled)
+            } else {
+                pooled
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// Scales to unit length; a zero vector stays zero (as torch's normalize with eps).
+pub fn l2_normalize(mut v: Vec<f32>) -> Vec<f32> {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 1e-12 {
+        v.iter_mut().for_each(|x| *x /= norm);
+    }
+    v
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|err| Error::ModelLoad(format!("cannot read {}: {err}", path.display())))?;
+    serde_json::from_str(&text)
+        .map_err(|err| Error::ModelLoad(format!("{} is not valid: {err}", path.display())))
+}
+
+/// The configured maximum, else the model's sentence-transformers setting, else its
+/// position-embedding limit; never above that limit.
+fn max_sequence_length(
+    config: &BackboneConfig,
+    files: &ModelFiles,
+    model: &BertConfig,
+) -> Result<usize> {
+    let limit = model.max_position_embeddings;
+    let from_model = match &files.sentence_config {
+        Some(path) => read_json::<SentenceConfig>(path)?.max_seq_length,
+        None => None,
+    };
+    let chosen = config.max_sequence_length.or(from_model).unwrap_or(limit);
+    if chosen > limit {
+        return Err(Error::ModelLoad(format!(
+            "max_sequence_length {chosen} exceeds the model's {limit} positions"
+        )));
+    }
+    Ok(chosen)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::l2_normalize;
+
+    #[test]
+    fn normalize_gives_unit_length_and_keeps_zero() {
+        let v = l2_normalize(vec![3.0, 4.0]);
+        assert!((v[0] - 0.6).abs() < 1e-7 && (v[1] - 0.8).abs() < 1e-7);
+        assert_eq!(l2_normalize(vec![0.0, 0.0]), vec![0.0, 0.0]);
+    }
+}

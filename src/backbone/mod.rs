@@ -1,0 +1,180 @@
+//! Backbones: pretrained models kept resident and used as feature extractors.
+//!
+//! A backbone prepares inputs on the request path (tokenizing, validating; cheap
+//! and per item) and embeds whole batches of prepared items on a worker thread.
+//! One file per architecture; `text` holds tokenization, `source` weight lookup.
+
+pub mod bert;
+pub mod source;
+pub mod text;
+
+use std::sync::Arc;
+
+use candle_core::Device;
+
+use crate::{
+    config::{Architecture, BackboneConfig, PoolingConfig},
+    Error, Result,
+};
+
+pub use text::TokenizedText;
+
+/// The kind of input a backbone accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Modality {
+    Text,
+    Image,
+}
+
+/// How the token vectors of a text become one vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    /// Mean of the token vectors, padding excluded.
+    Mean,
+    /// The first ([CLS]) token's vector.
+    Cls,
+}
+
+impl From<PoolingConfig> for Pooling {
+    fn from(value: PoolingConfig) -> Self {
+        match value {
+            PoolingConfig::Mean => Pooling::Mean,
+            PoolingConfig::Cls => Pooling::Cls,
+        }
+    }
+}
+
+/// Per-request choices applied after the forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EmbedOptions {
+    pub pooling: Pooling,
+    pub normalize: bool,
+}
+
+/// A client's input, decoded from the wire but not yet checked against a backbone.
+#[derive(Debug, Clone)]
+pub enum Input {
+    Text(String),
+    Image(Vec<u8>),
+    Tensor { shape: Vec<usize>, values: Vec<f32> },
+}
+
+impl Input {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Input::Text(_) => "text",
+            Input::Image(_) => "an image",
+            Input::Tensor { .. } => "a tensor",
+        }
+    }
+}
+
+/// An input in the form a backbone computes on.
+#[derive(Debug, Clone)]
+pub enum Prepared {
+    Text(TokenizedText),
+}
+
+impl Prepared {
+    /// Tokens the model will see (text), for responses and batch accounting.
+    pub fn tokens(&self) -> usize {
+        match self {
+            Prepared::Text(text) => text.ids.len(),
+        }
+    }
+
+    pub fn truncated(&self) -> bool {
+        match self {
+            Prepared::Text(text) => text.truncated,
+        }
+    }
+}
+
+/// One item of a forward pass with the options of the request it came from.
+#[derive(Debug, Clone, Copy)]
+pub struct EmbedItem<'a> {
+    pub input: &'a Prepared,
+    pub options: EmbedOptions,
+}
+
+/// What a loaded backbone is, for listings, metrics and defaults.
+#[derive(Debug, Clone)]
+pub struct BackboneDescriptor {
+    pub name: String,
+    pub architecture: Architecture,
+    pub modality: Modality,
+    pub dimension: usize,
+    pub device: String,
+    pub dtype: String,
+    /// Text backbones: most tokens per input, special tokens included.
+    pub max_sequence_length: usize,
+    pub default_options: EmbedOptions,
+    pub default_truncate: bool,
+    /// sha256 of the weights file, hex.
+    pub fingerprint: String,
+    /// Where the weights came from: a local path or a hub repository id.
+    pub source: String,
+}
+
+/// A resident pretrained model.
+pub trait Backbone: Send + Sync {
+    fn descriptor(&self) -> &BackboneDescriptor;
+
+    /// Checks one input and converts it for the model; `index` is the input's
+    /// position in its request, for error messages.
+    fn prepare(&self, index: usize, input: Input, truncate: bool) -> Result<Prepared>;
+
+    /// One forward pass over a batch; returns one vector per item, in order.
+    fn embed(&self, items: &[EmbedItem<'_>]) -> Result<Vec<Vec<f32>>>;
+}
+
+/// Parses a device name from the configuration.
+pub fn parse_device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        _ => {
+            let ordinal = name
+                .strip_prefix("cuda:")
+                .or_else(|| (name == "cuda").then_some("0"))
+                .and_then(|n| n.parse::<usize>().ok())
+                .ok_or_else(|| {
+                    Error::ModelLoad(format!("unknown device `{name}` (use `cpu` or `cuda:N`)"))
+                })?;
+            Device::new_cuda(ordinal).map_err(|err| {
+                Error::ModelLoad(format!(
+                    "device `{name}` is not available ({err}); CUDA needs a build with the `cuda` feature"
+                ))
+            })
+        }
+    }
+}
+
+/// Fetches weights if needed, loads the model onto its device and warms it up.
+/// Blocking: call it from a blocking thread.
+pub fn load(
+    config: &BackboneConfig,
+    cache_dir: Option<&std::path::Path>,
+) -> Result<Arc<dyn Backbone>> {
+    let files = source::resolve(&config.source, cache_dir)?;
+    let backbone: Arc<dyn Backbone> = match config.architecture {
+        Architecture::Bert => Arc::new(bert::BertBackbone::load(config, &files)?),
+    };
+    warm_up(backbone.as_ref())?;
+    Ok(backbone)
+}
+
+/// Runs one small forward pass so that the first client request does not pay for
+/// lazy allocations and thread-pool start-up.
+fn warm_up(backbone: &dyn Backbone) -> Result<()> {
+    let descriptor = backbone.descriptor();
+    let sample = match descriptor.modality {
+        Modality::Text => Input::Text("tlserve warm-up".to_owned()),
+        Modality::Image => return Ok(()),
+    };
+    let prepared = backbone.prepare(0, sample, true)?;
+    backbone.embed(&[EmbedItem {
+        input: &prepared,
+        options: descriptor.default_options,
+    }])?;
+    Ok(())
+}

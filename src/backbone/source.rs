@@ -1,0 +1,142 @@
+//! Finding a backbone's files: a local folder, or a Hugging Face hub repository
+//! fetched once into the model cache.
+
+use std::path::{Path, PathBuf};
+
+use crate::{config::SourceConfig, Error, Result};
+
+/// The files of a Hugging Face-layout model.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    pub config: PathBuf,
+    pub weights: PathBuf,
+    pub tokenizer: PathBuf,
+    /// sentence-transformers' settings (max_seq_length), when the model has them.
+    pub sentence_config: Option<PathBuf>,
+    /// For logs and listings: the folder or `hub:<repo>@<revision>`.
+    pub origin: String,
+}
+
+const CONFIG: &str = "config.json";
+const WEIGHTS: &str = "model.safetensors";
+const TOKENIZER: &str = "tokenizer.json";
+const SENTENCE_CONFIG: &str = "sentence_bert_config.json";
+
+pub fn resolve(source: &SourceConfig, cache_dir: Option<&Path>) -> Result<ModelFiles> {
+    match (&source.path, &source.hub) {
+        (Some(dir), None) => local(dir),
+        (None, Some(repo)) => hub(
+            repo,
+            source.revision.as_deref().unwrap_or("main"),
+            cache_dir,
+        ),
+        _ => Err(Error::ModelLoad(
+            "a source needs exactly one of `path` and `hub`".into(),
+        )),
+    }
+}
+
+fn local(dir: &Path) -> Result<ModelFiles> {
+    let required = |name: &str| {
+        let path = dir.join(name);
+        if path.is_file() {
+            Ok(path)
+        } else {
+            Err(Error::ModelLoad(format!(
+                "{} is missing (run scripts/fetch-models.sh for the default models)",
+                path.display()
+            )))
+        }
+    };
+    let sentence_config = dir.join(SENTENCE_CONFIG);
+    Ok(ModelFiles {
+        config: required(CONFIG)?,
+        weights: required(WEIGHTS)?,
+        tokenizer: required(TOKENIZER)?,
+        sentence_config: sentence_config.is_file().then_some(sentence_config),
+        origin: dir.display().to_string(),
+    })
+}
+
+/// Downloads (or finds in the cache) the model files of a hub repository.
+/// `HF_TOKEN` is used for gated or private repositories; `HF_ENDPOINT` selects a
+/// mirror.
+fn hub(repo_id: &str, revision: &str, cache_dir: Option<&Path>) -> Result<ModelFiles> {
+    use hf_hub::{api::sync::ApiBuilder, Repo, RepoType};
+
+    let mut builder = ApiBuilder::from_env().with_progress(false);
+    if let Some(dir) = cache_dir {
+        builder = builder.with_cache_dir(dir.to_owned());
+    }
+    if let Ok(token) = std::env::var("HF_TOKEN") {
+        builder = builder.with_token(Some(token));
+    }
+    let api = builder
+        .build()
+        .map_err(|err| Error::ModelLoad(format!("hub client: {err}")))?;
+    let repo = api.repo(Repo::with_revision(
+        repo_id.to_owned(),
+        RepoType::Model,
+        revision.to_owned(),
+    ));
+    let fetch = |name: &str| {
+        repo.get(name).map_err(|err| {
+            Error::ModelLoad(format!(
+                "cannot fetch {name} from hub repository {repo_id}@{revision}: {err}"
+            ))
+        })
+    };
+    Ok(ModelFiles {
+        config: fetch(CONFIG)?,
+        weights: fetch(WEIGHTS)?,
+        tokenizer: fetch(TOKENIZER)?,
+        // Optional: plain BERT repositories do not have it.
+        sentence_config: repo.get(SENTENCE_CONFIG).ok(),
+        origin: format!("hub:{repo_id}@{revision}"),
+    })
+}
+
+/// sha256 of a file, hex: the fingerprint that heads record of their backbone.
+pub fn fingerprint(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+
+    let mut file = std::fs::File::open(path)
+        .map_err(|err| Error::ModelLoad(format!("cannot open {}: {err}", path.display())))?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let read = file
+            .read(&mut buffer)
+            .map_err(|err| Error::ModelLoad(format!("cannot read {}: {err}", path.display())))?;
+        if read == 0 {
+            break;
+        }
+        hasher.update(&buffer[..read]);
+    }
+    Ok(format!("{:x}", hasher.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_source_names_the_missing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(CONFIG), "{}").unwrap();
+        let err = local(dir.path()).unwrap_err().to_string();
+        assert!(err.contains(WEIGHTS), "{err}");
+    }
+
+    #[test]
+    fn fingerprint_is_sha256_hex() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"abc").unwrap();
+        assert_eq!(
+            fingerprint(&path).unwrap(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}

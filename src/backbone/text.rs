@@ -1,0 +1,78 @@
+//! Tokenization for text backbones.
+
+use std::path::Path;
+
+use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+
+use crate::{Error, Result};
+
+/// A tokenized text, special tokens included, ready for a forward pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenizedText {
+    pub ids: Vec<u32>,
+    /// True when the text was cut to the maximum sequence length.
+    pub truncated: bool,
+}
+
+/// Wraps a Hugging Face `tokenizer.json` with the backbone's own length policy.
+pub struct TextEncoder {
+    tokenizer: Tokenizer,
+    max_len: usize,
+}
+
+impl TextEncoder {
+    pub fn from_file(path: &Path, max_len: usize) -> Result<Self> {
+        let mut tokenizer = Tokenizer::from_file(path).map_err(|err| {
+            Error::ModelLoad(format!("cannot read tokenizer {}: {err}", path.display()))
+        })?;
+        // Model repositories often ship fixed padding (all-MiniLM-L6-v2 pads every
+        // text to 128) and their own truncation. Padding is the batcher's business
+        // (to the longest item of a batch), and truncation follows our config.
+        tokenizer.with_padding(None);
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: max_len,
+                strategy: TruncationStrategy::LongestFirst,
+                stride: 0,
+                direction: TruncationDirection::Right,
+            }))
+            .map_err(|err| Error::ModelLoad(format!("invalid truncation setting: {err}")))?;
+        Ok(Self { tokenizer, max_len })
+    }
+
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// Tokenizes one input; `index` names it in errors.
+    pub fn encode(&self, index: usize, text: &str, truncate: bool) -> Result<TokenizedText> {
+        if text.trim().is_empty() {
+            return Err(Error::InvalidInput {
+                index,
+                reason: "text is empty".into(),
+            });
+        }
+        let encoding = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|err| Error::InvalidInput {
+                index,
+                reason: format!("text cannot be tokenized: {err}"),
+            })?;
+        let truncated = !encoding.get_overflowing().is_empty();
+        if truncated && !truncate {
+            return Err(Error::InvalidInput {
+                index,
+                reason: format!(
+                    "text is longer than the backbone's maximum of {} tokens; \
+                     shorten it or set truncate to true",
+                    self.max_len
+                ),
+            });
+        }
+        Ok(TokenizedText {
+            ids: encoding.get_ids().to_vec(),
+            truncated,
+        })
+    }
+}

@@ -1,0 +1,493 @@
+//! The server configuration: a TOML file, typed and validated at start-up, with
+//! environment overrides.
+//!
+//! Any setting can be overridden by an environment variable named after its path
+//! in the file, upper-cased, with `__` between the parts and a `TLSERVE__` prefix;
+//! array items are addressed by index:
+//!
+//! ```text
+//! TLSERVE__SERVER__LISTEN=127.0.0.1:50051
+//! TLSERVE__LOGGING__FORMAT=json
+//! TLSERVE__BACKBONES__0__DEVICE=cuda:0
+//! ```
+//!
+//! A value is read as a TOML literal when it parses as one (numbers, booleans,
+//! quoted strings, arrays) and as a plain string otherwise.
+
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+/// Prefix of environment variables that override file settings.
+pub const ENV_PREFIX: &str = "TLSERVE__";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {source}")]
+    Syntax {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("environment override {var}: {reason}")]
+    Env { var: String, reason: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub logging: LoggingConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// The backbones this server loads at start-up and keeps resident.
+    #[serde(default)]
+    pub backbones: Vec<BackboneConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address of the gRPC port.
+    pub listen: SocketAddr,
+    /// Address of the Prometheus `/metrics` HTTP port; unset disables it.
+    pub metrics_listen: Option<SocketAddr>,
+    /// After a shutdown signal, Health reports NOT_SERVING for this long before the
+    /// server stops accepting calls, so load balancers can take it out of rotation.
+    pub drain_delay_seconds: f64,
+    /// The longest the server waits for in-flight calls after it stops accepting new
+    /// ones; calls still running then are cut off.
+    pub shutdown_grace_seconds: f64,
+    /// Where weights downloaded from a model hub are cached; unset means the hub
+    /// client's default (`$HF_HOME/hub`).
+    pub model_cache_dir: Option<PathBuf>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 50051)),
+            metrics_listen: Some(SocketAddr::from(([0, 0, 0, 0], 9090))),
+            drain_delay_seconds: 0.0,
+            shutdown_grace_seconds: 30.0,
+            model_cache_dir: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Readable lines for a terminal.
+    #[default]
+    Human,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter directive such as `info` or `tlserve=debug,info`.
+    /// `RUST_LOG`, when set, takes precedence.
+    pub level: String,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Human,
+            level: "info".to_owned(),
+        }
+    }
+}
+
+/// Bounds on what one request may ask for.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest accepted request message, in bytes; larger ones get
+    /// RESOURCE_EXHAUSTED.
+    pub max_message_bytes: usize,
+    /// Most inputs in one Embed or Predict request.
+    pub max_inputs_per_request: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 16 * 1024 * 1024,
+            max_inputs_per_request: 512,
+        }
+    }
+}
+
+/// Model families tlserve can load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Architecture {
+    /// BERT-family encoders (BERT, MiniLM, sentence-transformers models).
+    Bert,
+}
+
+impl Architecture {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Architecture::Bert => "bert",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolingConfig {
+    #[default]
+    Mean,
+    Cls,
+}
+
+/// Where a backbone's weights come from: exactly one of `path` and `hub`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// A local folder in Hugging Face layout (config.json, model.safetensors,
+    /// tokenizer.json). Relative paths are relative to the config file.
+    pub path: Option<PathBuf>,
+    /// A Hugging Face hub repository id, e.g. `sentence-transformers/all-MiniLM-L6-v2`,
+    /// fetched once at start-up into the model cache.
+    pub hub: Option<String>,
+    /// Hub revision (branch, tag or commit); default `main`.
+    pub revision: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackboneConfig {
+    /// The name clients use; letters, digits, `-`, `_` and `.`.
+    pub name: String,
+    pub architecture: Architecture,
+    pub source: SourceConfig,
+    /// `cpu`, or `cuda:N` in a build with the `cuda` feature.
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// Most tokens per text input, special tokens included. Unset means the
+    /// model's own setting (sentence_bert_config.json), else its position limit.
+    #[serde(default)]
+    pub max_sequence_length: Option<usize>,
+    /// Pooling for requests that leave it unspecified.
+    #[serde(default)]
+    pub pooling: PoolingConfig,
+    /// L2 normalization for requests that leave it unset.
+    #[serde(default = "default_true")]
+    pub normalize: bool,
+    /// Whether over-long texts are truncated for requests that leave it unset.
+    #[serde(default = "default_true")]
+    pub truncate: bool,
+    /// Most requests waiting for this backbone; more get RESOURCE_EXHAUSTED at once.
+    #[serde(default = "default_queue_capacity")]
+    pub queue_capacity: usize,
+}
+
+fn default_device() -> String {
+    "cpu".to_owned()
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_queue_capacity() -> usize {
+    256
+}
+
+impl Config {
+    /// Reads, overrides from the process environment, and validates.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base_dir = path.parent().unwrap_or_else(|| Path::new("."));
+        Self::from_toml(&text, base_dir, std::env::vars()).map_err(|err| match err {
+            ConfigError::Syntax { source, .. } => ConfigError::Syntax {
+                path: path.to_owned(),
+                source,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses `text`, applies the `TLSERVE__` overrides found in `env`, resolves
+    /// relative paths against `base_dir` and validates the result.
+    pub fn from_toml(
+        text: &str,
+        base_dir: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut value: toml::Value =
+            toml::from_str(text).map_err(|source| ConfigError::Syntax {
+                path: PathBuf::new(),
+                source,
+            })?;
+        let mut overrides: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(key, _)| key.starts_with(ENV_PREFIX))
+            .collect();
+        // Sorted so that the result does not depend on the environment's order.
+        overrides.sort();
+        for (var, raw) in overrides {
+            apply_override(&mut value, &var, &raw)?;
+        }
+        let mut config: Config = value
+            .try_into()
+            .map_err(|err: toml::de::Error| ConfigError::Invalid(err.message().to_owned()))?;
+        config.resolve_paths(base_dir);
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base_dir: &Path) {
+        for backbone in &mut self.backbones {
+            if let Some(path) = &backbone.source.path {
+                if path.is_relative() {
+                    backbone.source.path = Some(base_dir.join(path));
+                }
+            }
+        }
+        if let Some(dir) = &self.server.model_cache_dir {
+            if dir.is_relative() {
+                self.server.model_cache_dir = Some(base_dir.join(dir));
+            }
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |msg: String| Err(ConfigError::Invalid(msg));
+        if !(self.server.shutdown_grace_seconds.is_finite()
+            && self.server.shutdown_grace_seconds >= 0.0)
+        {
+            return invalid("server.shutdown_grace_seconds must be a number >= 0".into());
+        }
+        if !(self.server.drain_delay_seconds.is_finite() && self.server.drain_delay_seconds >= 0.0)
+        {
+            return invalid("server.drain_delay_seconds must be a number >= 0".into());
+        }
+        if self.limits.max_message_bytes < 1024 {
+            return invalid("limits.max_message_bytes must be at least 1024".into());
+        }
+        if self.limits.max_inputs_per_request == 0 {
+            return invalid("limits.max_inputs_per_request must be at least 1".into());
+        }
+        let mut names = HashSet::new();
+        for (i, backbone) in self.backbones.iter().enumerate() {
+            let at = format!("backbones[{i}] ({})", backbone.name);
+            if !is_valid_name(&backbone.name) {
+                return invalid(format!(
+                    "{at}: name must be 1-64 characters of letters, digits, '-', '_' and '.'"
+                ));
+            }
+            if !names.insert(backbone.name.as_str()) {
+                return invalid(format!("{at}: the name is used twice"));
+            }
+            match (&backbone.source.path, &backbone.source.hub) {
+                (Some(_), None) | (None, Some(_)) => {}
+                _ => {
+                    return invalid(format!(
+                        "{at}: source needs exactly one of `path` and `hub`"
+                    ))
+                }
+            }
+            if backbone.source.revision.is_some() && backbone.source.hub.is_none() {
+                return invalid(format!("{at}: source.revision only applies to `hub`"));
+            }
+            if matches!(backbone.max_sequence_length, Some(n) if n < 3) {
+                return invalid(format!("{at}: max_sequence_length must be at least 3"));
+            }
+            if backbone.queue_capacity == 0 {
+                return invalid(format!("{at}: queue_capacity must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Names of backbones (and later heads): safe as a path component and in metrics.
+pub fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name != "."
+        && name != ".."
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Sets the value at the path that `var` names, creating tables on the way.
+fn apply_override(root: &mut toml::Value, var: &str, raw: &str) -> Result<(), ConfigError> {
+    let env_err = |reason: String| ConfigError::Env {
+        var: var.to_owned(),
+        reason,
+    };
+    let path: Vec<String> = var[ENV_PREFIX.len()..]
+        .split("__")
+        .map(str::to_ascii_lowercase)
+        .collect();
+    if path.iter().any(String::is_empty) {
+        return Err(env_err("empty path segment".into()));
+    }
+    let value = parse_env_value(raw);
+    let mut node = root;
+    for (depth, key) in path.iter().enumerate() {
+        let last = depth + 1 == path.len();
+        node = match node {
+            toml::Value::Table(table) => {
+                if last {
+                    table.insert(key.clone(), value);
+                    return Ok(());
+                }
+                table
+                    .entry(key.clone())
+                    .or_insert_with(|| toml::Value::Table(Default::default()))
+            }
+            toml::Value::Array(items) => {
+                let index: usize = key
+                    .parse()
+                    .map_err(|_| env_err(format!("`{key}` is not an array index")))?;
+                let len = items.len();
+                let slot = items.get_mut(index).ok_or_else(|| {
+                    env_err(format!("index {index} is out of range (array has {len})"))
+                })?;
+                if last {
+                    *slot = value;
+                    return Ok(());
+                }
+                slot
+            }
+            _ => return Err(env_err(format!("`{key}` is below a plain value"))),
+        };
+    }
+    Ok(())
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    // Parse as the right-hand side of a TOML assignment to reuse TOML's literals.
+    toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut table| table.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [[backbones]]
+        name = "minilm"
+        architecture = "bert"
+        source = { path = "models/minilm" }
+    "#;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_and_relative_paths() {
+        let config = Config::from_toml(MINIMAL, Path::new("/etc/tlserve"), env(&[])).unwrap();
+        assert_eq!(config.server.listen, "0.0.0.0:50051".parse().unwrap());
+        assert_eq!(
+            config.server.metrics_listen,
+            Some("0.0.0.0:9090".parse().unwrap())
+        );
+        let backbone = &config.backbones[0];
+        assert_eq!(
+            backbone.source.path.as_deref(),
+            Some(Path::new("/etc/tlserve/models/minilm"))
+        );
+        assert_eq!(backbone.device, "cpu");
+        assert!(backbone.normalize && backbone.truncate);
+        assert_eq!(backbone.pooling, PoolingConfig::Mean);
+    }
+
+    #[test]
+    fn environment_overrides_nested_and_indexed_values() {
+        let config = Config::from_toml(
+            MINIMAL,
+            Path::new("."),
+            env(&[
+                ("TLSERVE__SERVER__LISTEN", "127.0.0.1:7000"),
+                ("TLSERVE__LOGGING__FORMAT", "json"),
+                ("TLSERVE__LIMITS__MAX_INPUTS_PER_REQUEST", "8"),
+                ("TLSERVE__BACKBONES__0__NORMALIZE", "false"),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.server.listen, "127.0.0.1:7000".parse().unwrap());
+        assert_eq!(config.logging.format, LogFormat::Json);
+        assert_eq!(config.limits.max_inputs_per_request, 8);
+        assert!(!config.backbones[0].normalize);
+    }
+
+    #[test]
+    fn bad_overrides_and_values_are_reported() {
+        let err = Config::from_toml(
+            MINIMAL,
+            Path::new("."),
+            env(&[("TLSERVE__BACKBONES__3__DEVICE", "cpu")]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("out of range"), "{err}");
+
+        let err = Config::from_toml(
+            MINIMAL,
+            Path::new("."),
+            env(&[("TLSERVE__SERVER__LISTEN", "not-an-address")]),
+        )
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::Invalid(_)), "{err}");
+    }
+
+    #[test]
+    fn validation_rejects_unsafe_names_and_ambiguous_sources() {
+        let bad_name = MINIMAL.replace("\"minilm\"", "\"../etc\"");
+        assert!(Config::from_toml(&bad_name, Path::new("."), env(&[])).is_err());
+
+        let two_sources = MINIMAL.replace(
+            "{ path = \"models/minilm\" }",
+            "{ path = \"a\", hub = \"org/model\" }",
+        );
+        let err = Config::from_toml(&two_sources, Path::new("."), env(&[])).unwrap_err();
+        assert!(err.to_string().contains("exactly one"), "{err}");
+
+        let unknown_field = format!("{MINIMAL}\nunknown = 1\n");
+        assert!(Config::from_toml(&unknown_field, Path::new("."), env(&[])).is_err());
+    }
+
+    #[test]
+    fn names() {
+        assert!(is_valid_name("all-MiniLM-L6-v2"));
+        assert!(is_valid_name("a.b_c"));
+        assert!(!is_valid_name(""));
+        assert!(!is_valid_name(".."));
+        assert!(!is_valid_name("a/b"));
+        assert!(!is_valid_name(&"x".repeat(65)));
+    }
+}

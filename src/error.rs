@@ -1,0 +1,56 @@
+//! The one error type of the library. The server maps each variant to a gRPC
+//! status code in a single place (`server::status`).
+
+use std::time::Duration;
+
+/// Everything that can go wrong while serving a request or loading a model.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The named backbone is not configured on this server.
+    #[error("backbone `{0}` is not configured on this server")]
+    BackboneNotFound(String),
+
+    /// The backbone is configured but its weights are still loading.
+    #[error("backbone `{0}` is still loading; retry shortly")]
+    BackboneLoading(String),
+
+    /// The backbone could not be loaded at start-up.
+    #[error("backbone `{name}` is unavailable: it failed to load ({reason})")]
+    BackboneFailed { name: String, reason: String },
+
+    /// One item of a request is unusable; `index` is its position in the request.
+    #[error("input {index}: {reason}")]
+    InvalidInput { index: usize, reason: String },
+
+    /// The request as a whole is malformed.
+    #[error("{0}")]
+    InvalidArgument(String),
+
+    /// The backbone's queue is full; the caller should back off and retry.
+    #[error("backbone `{0}` is overloaded: its queue is full")]
+    QueueFull(String),
+
+    /// The request's deadline passed before its work was done.
+    #[error("deadline exceeded after {0:?}")]
+    DeadlineExceeded(Duration),
+
+    /// The server is shutting down and takes no new work.
+    #[error("the server is shutting down")]
+    ShuttingDown,
+
+    /// A model failed while computing; a bug or a resource problem, not bad input.
+    #[error("inference failed: {0}")]
+    Inference(String),
+
+    /// Loading or preparing a model failed.
+    #[error("model loading failed: {0}")]
+    ModelLoad(String),
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(err: candle_core::Error) -> Self {
+        Error::Inference(err.to_string())
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

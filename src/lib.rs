@@ -1,0 +1,23 @@
+//! tlserve: a gRPC server for transfer learning.
+//!
+//! Pretrained backbones are loaded once and stay resident; clients embed inputs
+//! with them, train small heads on their features and predict with backbone + head.
+//!
+//! Data flows one way: [`server`] validates protobuf requests and converts them to
+//! domain types, [`batching`] queues work per backbone and runs it on dedicated
+//! threads, [`backbone`] runs the model, and results travel back through oneshot
+//! channels. Nothing below `server` knows protobuf.
+
+pub mod backbone;
+pub mod batching;
+pub mod bench;
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod proto;
+pub mod registry;
+pub mod server;
+pub mod telemetry;
+
+pub use error::{Error, Result};

@@ -1,0 +1,109 @@
+//! Every metric tlserve exports, by name, and the Prometheus exporter.
+//!
+//! All names live here so that dashboards, alerts and code agree; a test compares
+//! the deploy files against what a running server exports.
+
+use std::{net::SocketAddr, time::Duration};
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder};
+
+use crate::backbone::BackboneDescriptor;
+
+/// gRPC calls finished, by `service`, `method` and `code` (e.g. `OK`, `NOT_FOUND`).
+pub const GRPC_REQUESTS_TOTAL: &str = "tlserve_grpc_requests_total";
+/// Time from a call's arrival to its final status, by `service`, `method`, `code`.
+pub const GRPC_REQUEST_DURATION_SECONDS: &str = "tlserve_grpc_request_duration_seconds";
+/// Duration of one forward pass, by `backbone`.
+pub const INFERENCE_DURATION_SECONDS: &str = "tlserve_inference_duration_seconds";
+/// Inputs computed by forward passes, by `backbone`.
+pub const INFERENCE_ITEMS_TOTAL: &str = "tlserve_inference_items_total";
+/// Forward passes run, by `backbone`.
+pub const INFERENCE_BATCHES_TOTAL: &str = "tlserve_inference_batches_total";
+/// Work refused or dropped by a backbone queue, by `backbone` and `reason`
+/// (`queue_full`, `deadline`, `cancelled`).
+pub const QUEUE_REJECTIONS_TOTAL: &str = "tlserve_queue_rejections_total";
+/// Seconds the last load of a backbone took (fetch, load, warm-up), by `backbone`.
+pub const MODEL_LOAD_DURATION_SECONDS: &str = "tlserve_model_load_duration_seconds";
+/// 1 for each loaded backbone, with `backbone`, `architecture`, `device`, `dtype`
+/// and `dimension` labels.
+pub const BACKBONE_INFO: &str = "tlserve_backbone_info";
+
+/// Latency buckets from 1 ms to 60 s: covers a cached single embedding as well as a
+/// large batch on a slow CPU.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// Installs the global recorder and serves `/metrics` on `addr`. Call once per
+/// process.
+pub fn install_exporter(addr: SocketAddr) -> Result<(), BuildError> {
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)?
+        .install()?;
+    describe();
+    Ok(())
+}
+
+fn describe() {
+    describe_counter!(GRPC_REQUESTS_TOTAL, "gRPC calls finished");
+    describe_histogram!(
+        GRPC_REQUEST_DURATION_SECONDS,
+        metrics::Unit::Seconds,
+        "gRPC call latency"
+    );
+    describe_histogram!(
+        INFERENCE_DURATION_SECONDS,
+        metrics::Unit::Seconds,
+        "Duration of one forward pass"
+    );
+    describe_counter!(INFERENCE_ITEMS_TOTAL, "Inputs computed by forward passes");
+    describe_counter!(INFERENCE_BATCHES_TOTAL, "Forward passes run");
+    describe_counter!(
+        QUEUE_REJECTIONS_TOTAL,
+        "Work refused or dropped by a backbone queue"
+    );
+    describe_gauge!(
+        MODEL_LOAD_DURATION_SECONDS,
+        metrics::Unit::Seconds,
+        "Seconds the last load of a backbone took"
+    );
+    describe_gauge!(BACKBONE_INFO, "Loaded backbones and their properties");
+}
+
+pub fn record_grpc(service: &str, method: &str, code: &'static str, elapsed: Duration) {
+    let labels = [
+        ("service", service.to_owned()),
+        ("method", method.to_owned()),
+        ("code", code.to_owned()),
+    ];
+    counter!(GRPC_REQUESTS_TOTAL, &labels).increment(1);
+    histogram!(GRPC_REQUEST_DURATION_SECONDS, &labels).record(elapsed.as_secs_f64());
+}
+
+pub fn record_inference(backbone: &str, items: usize, elapsed: Duration) {
+    let labels = [("backbone", backbone.to_owned())];
+    histogram!(INFERENCE_DURATION_SECONDS, &labels).record(elapsed.as_secs_f64());
+    counter!(INFERENCE_ITEMS_TOTAL, &labels).increment(items as u64);
+    counter!(INFERENCE_BATCHES_TOTAL, &labels).increment(1);
+}
+
+pub fn record_queue_rejection(backbone: &str, reason: &'static str) {
+    counter!(QUEUE_REJECTIONS_TOTAL, "backbone" => backbone.to_owned(), "reason" => reason)
+        .increment(1);
+}
+
+pub fn record_backbone_loaded(descriptor: &BackboneDescriptor, elapsed: Duration) {
+    gauge!(MODEL_LOAD_DURATION_SECONDS, "backbone" => descriptor.name.clone())
+        .set(elapsed.as_secs_f64());
+    gauge!(
+        BACKBONE_INFO,
+        "backbone" => descriptor.name.clone(),
+        "architecture" => descriptor.architecture.as_str(),
+        "device" => descriptor.device.clone(),
+        "dtype" => descriptor.dtype.clone(),
+        "dimension" => descriptor.dimension.to_string(),
+    )
+    .set(1.0);
+}

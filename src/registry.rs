@@ -1,0 +1,139 @@
+//! The configured backbones and their state: loading, ready (model + queue) or
+//! failed. Request handlers look backbones up here; start-up loads them.
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{Arc, RwLock},
+    time::Instant,
+};
+
+use crate::{
+    backbone::{self, Backbone},
+    batching::BackboneQueue,
+    config::BackboneConfig,
+    metrics, Error, Result,
+};
+
+/// A backbone that is resident and serving.
+pub struct LoadedBackbone {
+    pub backbone: Arc<dyn Backbone>,
+    pub queue: BackboneQueue,
+}
+
+#[derive(Clone)]
+pub enum BackboneState {
+    Loading,
+    Ready(Arc<LoadedBackbone>),
+    Failed(String),
+}
+
+/// A configured backbone and where it stands.
+#[derive(Clone)]
+pub struct BackboneStatus {
+    pub config: BackboneConfig,
+    pub state: BackboneState,
+}
+
+struct Slot {
+    config: BackboneConfig,
+    state: RwLock<BackboneState>,
+}
+
+pub struct BackboneRegistry {
+    slots: BTreeMap<String, Slot>,
+    cache_dir: Option<PathBuf>,
+}
+
+impl BackboneRegistry {
+    /// Every configured backbone starts out loading.
+    pub fn new(configs: &[BackboneConfig], cache_dir: Option<PathBuf>) -> Self {
+        let slots = configs
+            .iter()
+            .map(|config| {
+                (
+                    config.name.clone(),
+                    Slot {
+                        config: config.clone(),
+                        state: RwLock::new(BackboneState::Loading),
+                    },
+                )
+            })
+            .collect();
+        Self { slots, cache_dir }
+    }
+
+    /// The serving backbone of that name, or why there is none.
+    pub fn get(&self, name: &str) -> Result<Arc<LoadedBackbone>> {
+        let slot = self
+            .slots
+            .get(name)
+            .ok_or_else(|| Error::BackboneNotFound(name.to_owned()))?;
+        match &*read(&slot.state) {
+            BackboneState::Ready(loaded) => Ok(loaded.clone()),
+            BackboneState::Loading => Err(Error::BackboneLoading(name.to_owned())),
+            BackboneState::Failed(reason) => Err(Error::BackboneFailed {
+                name: name.to_owned(),
+                reason: reason.clone(),
+            }),
+        }
+    }
+
+    /// All configured backbones in name order.
+    pub fn list(&self) -> Vec<BackboneStatus> {
+        self.slots
+            .values()
+            .map(|slot| BackboneStatus {
+                config: slot.config.clone(),
+                state: read(&slot.state).clone(),
+            })
+            .collect()
+    }
+
+    /// Loads every backbone, one after the other (they compete for the same cores
+    /// and memory bandwidth), each on a blocking thread. Returns whether all loaded.
+    pub async fn load_all(self: &Arc<Self>) -> bool {
+        let mut all_ready = true;
+        for name in self.slots.keys() {
+            let registry = Arc::clone(self);
+            let slot_name = name.clone();
+            let outcome = tokio::task::spawn_blocking(move || registry.load_one(&slot_name)).await;
+            let state = match outcome {
+                Ok(Ok(loaded)) => BackboneState::Ready(loaded),
+                Ok(Err(err)) => BackboneState::Failed(err.to_string()),
+                Err(join_err) => BackboneState::Failed(format!("loader panicked: {join_err}")),
+            };
+            if let BackboneState::Failed(reason) = &state {
+                tracing::error!(backbone = %name, error = %reason, "backbone failed to load");
+                all_ready = false;
+            }
+            *self.slots[name]
+                .state
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()) = state;
+        }
+        all_ready
+    }
+
+    fn load_one(&self, name: &str) -> Result<Arc<LoadedBackbone>> {
+        let config = &self.slots[name].config;
+        tracing::info!(backbone = %name, architecture = config.architecture.as_str(),
+            device = %config.device, "loading backbone");
+        let started = Instant::now();
+        let backbone = backbone::load(config, self.cache_dir.as_deref())?;
+        let elapsed = started.elapsed();
+        let queue = BackboneQueue::start(Arc::clone(&backbone), config.queue_capacity)
+            .map_err(|err| Error::ModelLoad(format!("cannot start worker thread: {err}")))?;
+        let descriptor = backbone.descriptor();
+        metrics::record_backbone_loaded(descriptor, elapsed);
+        tracing::info!(backbone = %name, seconds = elapsed.as_secs_f64(),
+            dimension = descriptor.dimension, source = %descriptor.source,
+            fingerprint = %descriptor.fingerprint, "backbone ready");
+        Ok(Arc::new(LoadedBackbone { backbone, queue }))
+    }
+}
+
+/// Reads through a poisoned lock: the state is a plain value, always consistent.
+fn read(lock: &RwLock<BackboneState>) -> std::sync::RwLockReadGuard<'_, BackboneState> {
+    lock.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

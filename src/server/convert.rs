@@ -1,0 +1,165 @@
+//! Protobuf messages to domain types and back. Every check of a request's shape
+//! that does not need a model happens here.
+
+use crate::{
+    backbone::{BackboneDescriptor, EmbedOptions, Input, Modality, Pooling},
+    proto, Error, Result,
+};
+
+/// Converts the wire inputs, naming the index of the first malformed one.
+pub fn inputs(inputs: Vec<proto::Input>, max_inputs: usize) -> Result<Vec<Input>> {
+    if inputs.is_empty() {
+        return Err(Error::InvalidArgument(
+            "inputs is empty: send at least one input".into(),
+        ));
+    }
+    if inputs.len() > max_inputs {
+        return Err(Error::InvalidArgument(format!(
+            "{} inputs in one request; this server accepts at most {max_inputs} \
+             (limits.max_inputs_per_request): split the request",
+            inputs.len()
+        )));
+    }
+    inputs
+        .into_iter()
+        .enumerate()
+        .map(|(index, input)| input_of(index, input))
+        .collect()
+}
+
+fn input_of(index: usize, input: proto::Input) -> Result<Input> {
+    use proto::input::Kind;
+    let invalid = |reason: String| Error::InvalidInput { index, reason };
+    match input.kind {
+        None => Err(invalid("no input set: give text, image or tensor".into())),
+        Some(Kind::Text(text)) => Ok(Input::Text(text)),
+        Some(Kind::Image(bytes)) => {
+            if bytes.is_empty() {
+                return Err(invalid("image is empty".into()));
+            }
+            Ok(Input::Image(bytes))
+        }
+        Some(Kind::Tensor(tensor)) => {
+            let shape: Vec<usize> = tensor.shape.iter().map(|&d| d as usize).collect();
+            let count = shape
+                .iter()
+                .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+                .filter(|_| !shape.is_empty());
+            if count != Some(tensor.values.len()) {
+                return Err(invalid(format!(
+                    "tensor shape {:?} does not match its {} values",
+                    tensor.shape,
+                    tensor.values.len()
+                )));
+            }
+            if let Some(at) = tensor.values.iter().position(|v| !v.is_finite()) {
+                return Err(invalid(format!("tensor value {at} is not a finite number")));
+            }
+            Ok(Input::Tensor {
+                shape,
+                values: tensor.values,
+            })
+        }
+    }
+}
+
+/// The request's pooling and normalization, defaulting to the backbone's.
+pub fn embed_options(
+    pooling: i32,
+    normalize: Option<bool>,
+    descriptor: &BackboneDescriptor,
+) -> Result<EmbedOptions> {
+    let pooling = match proto::Pooling::try_from(pooling) {
+        Ok(proto::Pooling::Unspecified) => descriptor.default_options.pooling,
+        Ok(proto::Pooling::Mean) => Pooling::Mean,
+        Ok(proto::Pooling::Cls) => Pooling::Cls,
+        Err(_) => {
+            return Err(Error::InvalidArgument(format!(
+                "pooling {pooling} is not a known value"
+            )))
+        }
+    };
+    Ok(EmbedOptions {
+        pooling,
+        normalize: normalize.unwrap_or(descriptor.default_options.normalize),
+    })
+}
+
+/// Checks that a priority is a known value (scheduling uses it once batching does).
+pub fn priority(value: i32) -> Result<proto::Priority> {
+    proto::Priority::try_from(value)
+        .map_err(|_| Error::InvalidArgument(format!("priority {value} is not a known value")))
+}
+
+pub fn modality(modality: Modality) -> proto::Modality {
+    match modality {
+        Modality::Text => proto::Modality::Text,
+        Modality::Image => proto::Modality::Image,
+    }
+}
+
+pub fn pooling(pooling: Pooling) -> proto::Pooling {
+    match pooling {
+        Pooling::Mean => proto::Pooling::Mean,
+        Pooling::Cls => proto::Pooling::Cls,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::input::Kind;
+
+    fn tensor(shape: Vec<u32>, values: Vec<f32>) -> proto::Input {
+        proto::Input {
+            kind: Some(Kind::Tensor(proto::Tensor { shape, values })),
+        }
+    }
+
+    fn text(s: &str) -> proto::Input {
+        proto::Input {
+            kind: Some(Kind::Text(s.into())),
+        }
+    }
+
+    #[test]
+    fn request_level_limits() {
+        assert!(matches!(
+            inputs(vec![], 4),
+            Err(Error::InvalidArgument(m)) if m.contains("empty")
+        ));
+        assert!(matches!(
+            inputs(vec![text("a"); 5], 4),
+            Err(Error::InvalidArgument(m)) if m.contains("at most 4")
+        ));
+        assert_eq!(inputs(vec![text("a"); 4], 4).unwrap().len(), 4);
+    }
+
+    #[test]
+    fn malformed_items_are_named_by_index() {
+        let cases = [
+            proto::Input { kind: None },
+            proto::Input {
+                kind: Some(Kind::Image(vec![])),
+            },
+            tensor(vec![2, 2], vec![1.0; 3]),
+            tensor(vec![], vec![]),
+            tensor(vec![u32::MAX, u32::MAX, u32::MAX], vec![]),
+            tensor(vec![2], vec![1.0, f32::NAN]),
+        ];
+        for case in cases {
+            let err = inputs(vec![text("fine"), case.clone()], 8).unwrap_err();
+            assert!(
+                matches!(err, Error::InvalidInput { index: 1, .. }),
+                "{case:?} gave {err}"
+            );
+        }
+        assert!(inputs(vec![tensor(vec![2, 1], vec![0.5, 1.5])], 8).is_ok());
+    }
+
+    #[test]
+    fn unknown_enum_values_are_refused() {
+        assert!(priority(2).is_ok());
+        assert!(priority(42).is_err());
+    }
+}

@@ -1,0 +1,194 @@
+//! The gRPC front end: tonic services, health, reflection, the request layer and
+//! the server's life cycle (start, load, serve, drain, stop).
+
+pub mod convert;
+mod deadline;
+mod embedder;
+mod message_limit;
+mod models;
+pub mod request_layer;
+pub mod status;
+mod training;
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::server::NamedService;
+use tonic_health::{server::HealthReporter, ServingStatus};
+
+use crate::{
+    config::Config,
+    metrics,
+    proto::{
+        embedder_server::EmbedderServer, models_server::ModelsServer,
+        predictor_server::PredictorServer, trainer_server::TrainerServer,
+    },
+    registry::BackboneRegistry,
+};
+
+use embedder::EmbedderService;
+use models::ModelsService;
+use request_layer::RequestLayer;
+use training::{PredictorService, TrainerService};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics {
+        addr: SocketAddr,
+        source: metrics_exporter_prometheus::BuildError,
+    },
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("the gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Health is reported for the whole server ("") and for each service.
+fn health_names() -> [&'static str; 5] {
+    [
+        "",
+        <EmbedderServer<EmbedderService> as NamedService>::NAME,
+        <ModelsServer<ModelsService> as NamedService>::NAME,
+        <TrainerServer<TrainerService> as NamedService>::NAME,
+        <PredictorServer<PredictorService> as NamedService>::NAME,
+    ]
+}
+
+async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
+    for name in health_names() {
+        reporter.set_service_status(name, status).await;
+    }
+}
+
+/// Runs the server until `shutdown` completes, then drains: Health turns
+/// NOT_SERVING, new calls are refused after `drain_delay_seconds`, and in-flight
+/// calls get up to `shutdown_grace_seconds` to finish.
+///
+/// The port opens at once; backbones load in the background and Health reports
+/// SERVING only when every one of them is loaded and warmed up.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let addr = config.server.listen;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    tracing::info!(address = %listener.local_addr().unwrap_or(addr), "gRPC listening");
+    if let Some(addr) = config.server.metrics_listen {
+        metrics::install_exporter(addr).map_err(|source| ServeError::Metrics { addr, source })?;
+        tracing::info!(address = %addr, "metrics at /metrics");
+    }
+
+    let registry = Arc::new(BackboneRegistry::new(
+        &config.backbones,
+        config.server.model_cache_dir.clone(),
+    ));
+    let (health, health_service) = tonic_health::server::health_reporter();
+    set_health(&health, ServingStatus::NotServing).await;
+    let loader = tokio::spawn({
+        let registry = Arc::clone(&registry);
+        let health = health.clone();
+        async move {
+            if registry.load_all().await {
+                set_health(&health, ServingStatus::Serving).await;
+                tracing::info!("all backbones ready: serving");
+            } else {
+                tracing::error!("a backbone failed to load: Health stays NOT_SERVING");
+            }
+        }
+    });
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    // grpcurl before 1.8.8 and many other tools still speak only v1alpha.
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    // The request layer enforces limits.max_message_bytes with the status the gRPC
+    // spec asks for; tonic's own (OUT_OF_RANGE) limit is lifted so it never fires
+    // first.
+    let unlimited = usize::MAX;
+    let limits = config.limits.clone();
+    let embedder = EmbedderServer::new(EmbedderService::new(Arc::clone(&registry), limits))
+        .max_decoding_message_size(unlimited);
+    let models = ModelsServer::new(ModelsService::new(Arc::clone(&registry)))
+        .max_decoding_message_size(unlimited);
+    let trainer = TrainerServer::new(TrainerService).max_decoding_message_size(unlimited);
+    let predictor = PredictorServer::new(PredictorService).max_decoding_message_size(unlimited);
+
+    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    let drain_delay = Duration::from_secs_f64(config.server.drain_delay_seconds);
+    let grace = Duration::from_secs_f64(config.server.shutdown_grace_seconds);
+    let signal = {
+        let health = health.clone();
+        async move {
+            shutdown.await;
+            tracing::info!("shutdown requested: reporting NOT_SERVING and draining");
+            set_health(&health, ServingStatus::NotServing).await;
+            tokio::time::sleep(drain_delay).await;
+            let _ = stopping_tx.send(());
+        }
+    };
+    let serve = tonic::transport::Server::builder()
+        .layer(RequestLayer::new(config.limits.max_message_bytes))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(embedder)
+        .add_service(models)
+        .add_service(trainer)
+        .add_service(predictor)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+    let cutoff = async {
+        match stopping_rx.await {
+            Ok(()) => tokio::time::sleep(grace).await,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        result = serve => result?,
+        () = cutoff => tracing::warn!(
+            grace_seconds = grace.as_secs_f64(),
+            "calls still running after the grace period were cut off"
+        ),
+    }
+    loader.abort();
+    tracing::info!("server stopped");
+    Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM (Ctrl-C elsewhere).
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot watch SIGTERM; only Ctrl-C stops the server");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

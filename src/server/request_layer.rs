@@ -1,0 +1,308 @@
+//! A tower layer around every gRPC call: assigns a request id, enforces the message
+//! size limit, logs the call's outcome and records its metrics.
+//!
+//! The final gRPC status is in the response headers (errors returned before any
+//! message) or in the trailers at the end of the body; the layer watches both, and
+//! counts a call whose body is dropped before its trailers as CANCELLED.
+
+use std::{
+    collections::HashSet,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use prost::Message;
+use tonic::{body::Body, Code};
+use tower::{Layer, Service};
+use tracing::Instrument;
+
+use super::{message_limit::LimitedBody, status::code_name};
+use crate::metrics;
+
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// The id of the current call, in the request extensions for handlers.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub Arc<str>);
+
+#[derive(Clone)]
+pub struct RequestLayer {
+    max_message_bytes: usize,
+    known_methods: Arc<HashSet<String>>,
+}
+
+impl RequestLayer {
+    pub fn new(max_message_bytes: usize) -> Self {
+        Self {
+            max_message_bytes,
+            known_methods: Arc::new(known_methods()),
+        }
+    }
+}
+
+impl<S> Layer<S> for RequestLayer {
+    type Service = RequestService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RequestService {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct RequestService<S> {
+    inner: S,
+    layer: RequestLayer,
+}
+
+type BoxFuture<T, E> = Pin<Box<dyn std::future::Future<Output = Result<T, E>> + Send>>;
+
+impl<S, ResBody> Service<http::Request<Body>> for RequestService<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Send,
+    ResBody: HttpBody<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<tonic::codegen::StdError>,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        // The ready service is the one to call; leave a fresh clone in its place.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+
+        let (service, method) = self.layer.labels(request.uri().path());
+        let request_id = request_id(request.headers());
+        let span = tracing::info_span!("rpc", request_id = %request_id, service, method);
+        let mut call = CallRecord {
+            service,
+            method,
+            request_id: request_id.clone(),
+            started: Instant::now(),
+            finished: false,
+            span: span.clone(),
+        };
+
+        let limit = self.layer.max_message_bytes;
+        let mut request = request.map(|body| Body::new(LimitedBody::new(body, limit)));
+        request
+            .extensions_mut()
+            .insert(RequestId(request_id.clone()));
+
+        Box::pin(
+            async move {
+                let response = inner.call(request).await?;
+                let (mut parts, body) = response.into_parts();
+                if let Ok(value) = HeaderValue::from_str(&request_id) {
+                    parts.headers.insert(REQUEST_ID_HEADER, value);
+                }
+                if let Some(code) = grpc_status(&parts.headers) {
+                    call.finish(code);
+                }
+                let body = ObservedBody { inner: body, call };
+                Ok(http::Response::from_parts(parts, Body::new(body)))
+            }
+            .instrument(span),
+        )
+    }
+}
+
+impl RequestLayer {
+    /// Metric labels for a request path. Paths are client-chosen, so only methods
+    /// the server really has become labels; anything else is "unknown", which keeps
+    /// the label set bounded.
+    fn labels(&self, path: &str) -> (&'static str, &'static str) {
+        match path.strip_prefix('/').and_then(|p| p.split_once('/')) {
+            Some((service, method)) if self.known_methods.contains(path) => {
+                (intern(service), intern(method))
+            }
+            _ => ("unknown", "unknown"),
+        }
+    }
+}
+
+/// Turns one of the finitely many known service/method names into a `'static`
+/// label without allocating per call.
+fn intern(name: &str) -> &'static str {
+    use std::sync::{Mutex, OnceLock};
+    static NAMES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+    let mut names = NAMES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(existing) = names.get(name) {
+        return existing;
+    }
+    let leaked: &'static str = Box::leak(name.to_owned().into_boxed_str());
+    names.insert(leaked);
+    leaked
+}
+
+/// Every `/package.Service/Method` path served: ours, health and reflection.
+fn known_methods() -> HashSet<String> {
+    let sets = [
+        crate::proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    ];
+    let mut paths = HashSet::new();
+    for encoded in sets {
+        let Ok(set) = prost_types::FileDescriptorSet::decode(encoded) else {
+            continue;
+        };
+        for file in set.file {
+            let package = file.package();
+            for service in &file.service {
+                for method in &service.method {
+                    paths.insert(format!("/{package}.{}/{}", service.name(), method.name()));
+                }
+            }
+        }
+    }
+    paths
+}
+
+/// The client's request id when it sent a sane one, else a new one.
+fn request_id(headers: &HeaderMap) -> Arc<str> {
+    headers
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(Arc::from)
+        .unwrap_or_else(|| Arc::from(uuid::Uuid::new_v4().to_string()))
+}
+
+fn grpc_status(headers: &HeaderMap) -> Option<Code> {
+    let value = headers.get("grpc-status")?.to_str().ok()?;
+    value.parse::<i32>().ok().map(Code::from_i32)
+}
+
+/// The facts of one call, recorded once when its status is known.
+struct CallRecord {
+    service: &'static str,
+    method: &'static str,
+    request_id: Arc<str>,
+    started: Instant,
+    finished: bool,
+    span: tracing::Span,
+}
+
+impl CallRecord {
+    fn finish(&mut self, code: Code) {
+        if std::mem::replace(&mut self.finished, true) {
+            return;
+        }
+        let elapsed = self.started.elapsed();
+        let code = code_name(code);
+        metrics::record_grpc(self.service, self.method, code, elapsed);
+        let _entered = self.span.enter();
+        let millis = elapsed.as_secs_f64() * 1e3;
+        // Probes and reflection are frequent and uninteresting: keep them at debug.
+        if self.service.starts_with("grpc.") {
+            tracing::debug!(code, millis, "rpc finished");
+        } else {
+            tracing::info!(code, millis, request_id = %self.request_id, "rpc finished");
+        }
+    }
+}
+
+impl Drop for CallRecord {
+    fn drop(&mut self) {
+        // No status reached the client: it went away or the stream broke.
+        self.finish(Code::Cancelled);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that records the call when its trailers pass by.
+    struct ObservedBody<B> {
+        #[pin]
+        inner: B,
+        call: CallRecord,
+    }
+}
+
+impl<B> HttpBody for ObservedBody<B>
+where
+    B: HttpBody<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(code) = frame.trailers_ref().and_then(grpc_status) {
+                    this.call.finish(code);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => this.call.finish(Code::Internal),
+            Poll::Ready(None) => this.call.finish(Code::Unknown),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_bounded_to_served_methods() {
+        let layer = RequestLayer::new(1024);
+        assert_eq!(
+            layer.labels("/tlserve.v1.Embedder/Embed"),
+            ("tlserve.v1.Embedder", "Embed")
+        );
+        assert_eq!(
+            layer.labels("/grpc.health.v1.Health/Check"),
+            ("grpc.health.v1.Health", "Check")
+        );
+        assert_eq!(
+            layer.labels("/tlserve.v1.Embedder/Nope"),
+            ("unknown", "unknown")
+        );
+        assert_eq!(layer.labels("/garbage"), ("unknown", "unknown"));
+    }
+
+    #[test]
+    fn request_ids_are_kept_when_sane_and_replaced_otherwise() {
+        let mut headers = HeaderMap::new();
+        headers.insert(REQUEST_ID_HEADER, HeaderValue::from_static("abc-123"));
+        assert_eq!(&*request_id(&headers), "abc-123");
+
+        headers.insert(REQUEST_ID_HEADER, HeaderValue::from_static("has space"));
+        let generated = request_id(&headers);
+        assert_ne!(&*generated, "has space");
+        assert!(uuid::Uuid::parse_str(&generated).is_ok());
+    }
+}

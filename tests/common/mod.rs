@@ -1,0 +1,347 @@
+//! Shared helpers for the integration tests: start the real `tlserve` binary on
+//! loopback ports, talk gRPC to it, find the model and the Python tools.
+//!
+//! Tests that need the real model or Python fail (never skip) when those are
+//! missing: `scripts/test.sh` installs them.
+
+#![allow(dead_code)]
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use tlserve::proto::{
+    self, embedder_client::EmbedderClient, input::Kind, models_client::ModelsClient,
+};
+use tonic::transport::Channel;
+use tonic_health::pb::{
+    health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+};
+
+pub const MINILM: &str = "all-MiniLM-L6-v2";
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The real all-MiniLM-L6-v2 folder; panics with the fix when it is missing.
+pub fn minilm_dir() -> PathBuf {
+    let dir = std::env::var_os("TLSERVE_MINILM_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("models").join(MINILM));
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "the real model is missing at {}: run scripts/fetch-models.sh",
+        dir.display()
+    );
+    dir
+}
+
+/// The test virtualenv's Python (numpy, grpcio); panics with the fix when missing.
+pub fn python() -> PathBuf {
+    let path = std::env::var_os("TLSERVE_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".venv/bin/python"));
+    assert!(
+        path.is_file(),
+        "the test Python is missing at {}: run scripts/setup-python.sh",
+        path.display()
+    );
+    path
+}
+
+/// The grpcurl binary installed by scripts/setup-python.sh.
+pub fn grpcurl() -> PathBuf {
+    let path = python()
+        .parent()
+        .expect("python lives in a bin folder")
+        .join("grpcurl");
+    assert!(
+        path.is_file(),
+        "grpcurl is missing at {}: run scripts/setup-python.sh",
+        path.display()
+    );
+    path
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+/// A `tlserve serve` child process on loopback ports.
+pub struct TestServer {
+    child: Child,
+    pub grpc: SocketAddr,
+    pub metrics: SocketAddr,
+    log: tempfile::NamedTempFile,
+    _config_dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    /// Config for the real MiniLM plus `extra` TOML appended to the `[server]`-less
+    /// tail (top-level tables such as `[limits]`).
+    pub fn minilm_config(extra_limits: &str, extra_backbone: &str) -> String {
+        format!(
+            r#"
+[limits]
+{extra_limits}
+
+[[backbones]]
+name = "{MINILM}"
+architecture = "bert"
+source = {{ path = "{path}" }}
+{extra_backbone}
+"#,
+            path = minilm_dir().display()
+        )
+    }
+
+    /// Starts a server with MiniLM and waits until it reports SERVING.
+    pub async fn start_minilm() -> Self {
+        Self::start(&Self::minilm_config("", "")).await
+    }
+
+    pub async fn start(config_tail: &str) -> Self {
+        let server = Self::spawn(config_tail, &[]);
+        server.wait_until(ServingStatus::Serving).await;
+        server
+    }
+
+    /// Starts a server without waiting for it; `env` adds environment variables.
+    pub fn spawn(config_tail: &str, env: &[(&str, &str)]) -> Self {
+        let grpc: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let metrics: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config_path = dir.path().join("tlserve.toml");
+        let config = format!(
+            "[server]\nlisten = \"{grpc}\"\nmetrics_listen = \"{metrics}\"\n\
+             shutdown_grace_seconds = 20\n{config_tail}"
+        );
+        std::fs::write(&config_path, config).expect("write config");
+        let log = tempfile::NamedTempFile::new().expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_tlserve"))
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .envs(env.iter().copied())
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log.reopen().expect("log handle"))
+            .spawn()
+            .expect("start tlserve");
+        Self {
+            child,
+            grpc,
+            metrics,
+            log,
+            _config_dir: dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url())
+            .expect("valid url")
+            .connect()
+            .await
+            .unwrap_or_else(|err| panic!("connect to {}: {err}\n{}", self.url(), self.logs()))
+    }
+
+    pub async fn embedder(&self) -> EmbedderClient<Channel> {
+        EmbedderClient::new(self.channel().await).max_decoding_message_size(usize::MAX)
+    }
+
+    pub async fn models(&self) -> ModelsClient<Channel> {
+        ModelsClient::new(self.channel().await)
+    }
+
+    /// The Health status of `service` ("" for the server), None while unreachable.
+    pub async fn health(&self, service: &str) -> Option<ServingStatus> {
+        let channel = Channel::from_shared(self.url())
+            .ok()?
+            .connect_timeout(Duration::from_secs(1))
+            .connect()
+            .await
+            .ok()?;
+        let response = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await
+            .ok()?;
+        Some(response.into_inner().status())
+    }
+
+    /// Polls Health until `status`, failing with the server's logs after 3 minutes.
+    pub async fn wait_until(&self, status: ServingStatus) {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            if self.health("").await == Some(status) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server did not reach {status:?}:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed");
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server did not exit:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The Prometheus text of the metrics port.
+    pub fn scrape(&self) -> String {
+        let mut stream = TcpStream::connect(self.metrics).expect("connect to metrics port");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        write!(
+            stream,
+            "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.metrics
+        )
+        .expect("send request");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("read metrics");
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        response
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn text_input(text: &str) -> proto::Input {
+    proto::Input {
+        kind: Some(Kind::Text(text.to_owned())),
+    }
+}
+
+pub fn embed_request(texts: &[&str]) -> proto::EmbedRequest {
+    proto::EmbedRequest {
+        backbone: MINILM.to_owned(),
+        inputs: texts.iter().map(|t| text_input(t)).collect(),
+        ..Default::default()
+    }
+}
+
+/// The varied test sentences in tests/data/sentences.txt.
+pub fn sentences() -> Vec<String> {
+    let text = std::fs::read_to_string(repo_root().join("tests/data/sentences.txt"))
+        .expect("tests/data/sentences.txt");
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Embeddings from the independent numpy implementation in tests/reference/.
+pub struct Reference {
+    pub token_ids: Vec<Vec<u32>>,
+    pub embeddings: Vec<Vec<f64>>,
+}
+
+pub fn reference(
+    sentences: &[String],
+    pooling: &str,
+    normalize: bool,
+    max_len: usize,
+) -> Reference {
+    let script = repo_root().join("tests/reference/minilm_reference.py");
+    let request = serde_json::json!({
+        "model_dir": minilm_dir(),
+        "sentences": sentences,
+        "max_seq_length": max_len,
+        "pooling": pooling,
+        "normalize": normalize,
+    });
+    let mut child = Command::new(python())
+        .arg(&script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the reference script");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(request.to_string().as_bytes())
+        .expect("write request");
+    let output = child.wait_with_output().expect("reference output");
+    assert!(
+        output.status.success(),
+        "reference failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let value: serde_json::Value = serde_json::from_slice(&output.stdout).expect("reference JSON");
+    Reference {
+        token_ids: serde_json::from_value(value["token_ids"].clone()).expect("token_ids"),
+        embeddings: serde_json::from_value(value["embeddings"].clone()).expect("embeddings"),
+    }
+}
+
+pub fn cosine(a: &[f32], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len(), "vector lengths differ");
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * y).sum();
+    let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+pub fn norm(a: &[f32]) -> f64 {
+    a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt()
+}
+
+/// Path of a file in the repository, for scripts the tests run.
+pub fn repo_file(relative: &str) -> PathBuf {
+    let path = repo_root().join(relative);
+    assert!(Path::new(&path).exists(), "{} is missing", path.display());
+    path
+}

@@ -1,0 +1,179 @@
+//! Runs the grpcurl, CLI and Python examples of README.md against a real server,
+//! so the README stays true. Polyglot proof: grpcurl (Go, via reflection with no
+//! proto files) and a Python grpcio client get the same vectors as the Rust client.
+//!
+//! README blocks marked `<!-- tested:NAME -->` hold one command per line (a
+//! trailing `\` continues a line). Commands run with `sh -c`, with the server's
+//! address put in place of `localhost:50051`.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use serde_json::Value;
+
+/// The commands of the fenced block after `<!-- tested:{name} -->`.
+fn readme_commands(name: &str) -> Vec<String> {
+    let readme = std::fs::read_to_string(repo_file("README.md")).expect("README.md");
+    let marker = format!("<!-- tested:{name} -->");
+    let after = readme
+        .split_once(&marker)
+        .unwrap_or_else(|| panic!("README.md has no {marker} block"))
+        .1;
+    let block = after
+        .split_once("```")
+        .and_then(|(_, rest)| rest.split_once('\n'))
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .expect("a fenced block after the marker")
+        .0;
+    let mut commands = Vec::new();
+    let mut current = String::new();
+    for line in block.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if let Some(part) = line.strip_suffix('\\') {
+            current.push_str(part);
+            continue;
+        }
+        current.push_str(line);
+        commands.push(std::mem::take(&mut current));
+    }
+    assert!(!commands.is_empty(), "the {name} block has no commands");
+    commands
+}
+
+/// Runs a README command; returns its standard output.
+fn run(command: &str, server: &TestServer) -> String {
+    let command = command.replace("localhost:50051", &server.grpc.to_string());
+    let venv_bin = python().parent().expect("bin").to_owned();
+    let tlserve_bin = std::path::Path::new(env!("CARGO_BIN_EXE_tlserve"))
+        .parent()
+        .expect("target dir")
+        .to_owned();
+    let path = format!(
+        "{}:{}:{}",
+        tlserve_bin.display(),
+        venv_bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let output = Command::new("sh")
+        .args(["-c", &command])
+        .current_dir(repo_root())
+        .env("PATH", path)
+        .env("TLSERVE_ADDR", server.url())
+        .output()
+        .expect("run sh");
+    assert!(
+        output.status.success(),
+        "`{command}` failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("UTF-8 output")
+}
+
+/// The server's own answer for one text, through the Rust client.
+async fn rust_vector(server: &TestServer, text: &str) -> Vec<f32> {
+    server
+        .embedder()
+        .await
+        .embed(embed_request(&[text]))
+        .await
+        .expect("Embed")
+        .into_inner()
+        .embeddings
+        .remove(0)
+        .values
+}
+
+fn assert_same_vector(label: &str, got: &Value, expected: &[f32]) {
+    let got: Vec<f32> = serde_json::from_value(got.clone()).expect("a float array");
+    assert_eq!(got.len(), expected.len(), "{label}: length");
+    let max_diff = got
+        .iter()
+        .zip(expected)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    // Same server, same single-item forward pass: only float printing may differ.
+    assert!(max_diff < 1e-6, "{label}: differs by {max_diff}");
+}
+
+const SAMPLE: &str = "A cat sits on the mat.";
+
+#[tokio::test]
+async fn grpcurl_examples_work_through_reflection() {
+    assert!(grpcurl().is_file());
+    let server = TestServer::start_minilm().await;
+    let expected = rust_vector(&server, SAMPLE).await;
+    let commands = readme_commands("grpcurl");
+    let mut checked = 0;
+    for command in &commands {
+        let out = run(command, &server);
+        if command.contains(" list") {
+            for service in [
+                "tlserve.v1.Embedder",
+                "tlserve.v1.Models",
+                "tlserve.v1.Predictor",
+                "tlserve.v1.Trainer",
+                "grpc.health.v1.Health",
+            ] {
+                assert!(out.contains(service), "list lacks {service}:\n{out}");
+            }
+        } else if command.contains(" describe ") {
+            assert!(out.contains("rpc Embed"), "{out}");
+        } else if command.contains("Embedder/Embed") {
+            let json: Value = serde_json::from_str(&out).expect("grpcurl prints JSON");
+            assert_eq!(json["dimension"], 384);
+            assert!(command.contains(SAMPLE), "the example embeds {SAMPLE:?}");
+            assert_same_vector("grpcurl", &json["embeddings"][0]["values"], &expected);
+        } else if command.contains("Health/Check") {
+            assert!(out.contains("SERVING"), "{out}");
+        } else if command.contains("ListBackbones") {
+            assert!(out.contains(MINILM), "{out}");
+        } else {
+            panic!("no check for README command `{command}`");
+        }
+        checked += 1;
+    }
+    assert!(checked >= 4);
+}
+
+#[tokio::test]
+async fn cli_examples_print_json() {
+    let server = TestServer::start_minilm().await;
+    let expected = rust_vector(&server, SAMPLE).await;
+    for command in readme_commands("cli") {
+        let out = run(&command, &server);
+        let json: Value = serde_json::from_str(&out).expect("the CLI prints JSON");
+        if command.starts_with("tlserve embed") {
+            let embeddings = json["embeddings"].as_array().expect("embeddings");
+            assert!(!embeddings.is_empty());
+            assert_same_vector("cli", &embeddings[0]["values"], &expected);
+        } else if command.starts_with("tlserve backbones") {
+            assert_eq!(json["backbones"][0]["name"], MINILM);
+            assert_eq!(json["backbones"][0]["state"], "BACKBONE_STATE_READY");
+        } else if command.contains("| tlserve embed") {
+            let embeddings = json["embeddings"].as_array().expect("embeddings");
+            assert_eq!(embeddings.len(), 2, "two lines in, two vectors out");
+            assert_same_vector("cli stdin", &embeddings[0]["values"], &expected);
+        } else {
+            panic!("no check for README command `{command}`");
+        }
+    }
+}
+
+#[tokio::test]
+async fn python_client_gets_the_same_vectors() {
+    let server = TestServer::start_minilm().await;
+    let expected = rust_vector(&server, SAMPLE).await;
+    let commands = readme_commands("python");
+    assert_eq!(commands.len(), 1);
+    let command = commands[0].replacen("python ", &format!("{} ", python().display()), 1);
+    let out = run(&command, &server);
+    let json: Value = serde_json::from_str(&out).expect("the Python client prints JSON");
+    assert_eq!(json["dimension"], 384);
+    assert_same_vector("python", &json["embeddings"][0], &expected);
+}
