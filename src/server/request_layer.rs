@@ -91,7 +91,6 @@ where
         let mut call = CallRecord {
             service,
             method,
-            request_id: request_id.clone(),
             started: Instant::now(),
             finished: false,
             span: span.clone(),
@@ -196,7 +195,6 @@ fn grpc_status(headers: &HeaderMap) -> Option<Code> {
 struct CallRecord {
     service: &'static str,
     method: &'static str,
-    request_id: Arc<str>,
     started: Instant,
     finished: bool,
     span: tracing::Span,
@@ -211,12 +209,13 @@ impl CallRecord {
         let code = code_name(code);
         metrics::record_grpc(self.service, self.method, code, elapsed);
         let _entered = self.span.enter();
-        let millis = elapsed.as_secs_f64() * 1e3;
+        let millis = (elapsed.as_secs_f64() * 1e6).round() / 1e3;
         // Probes and reflection are frequent and uninteresting: keep them at debug.
+        // The span carries the request id, service and method.
         if self.service.starts_with("grpc.") {
             tracing::debug!(code, millis, "rpc finished");
         } else {
-            tracing::info!(code, millis, request_id = %self.request_id, "rpc finished");
+            tracing::info!(code, millis, "rpc finished");
         }
     }
 }
