@@ -196,9 +196,30 @@ pub struct BackboneConfig {
     /// Whether over-long texts are truncated for requests that leave it unset.
     #[serde(default = "default_true")]
     pub truncate: bool,
-    /// Most requests waiting for this backbone; more get RESOURCE_EXHAUSTED at once.
-    #[serde(default = "default_queue_capacity")]
-    pub queue_capacity: usize,
+    /// Most inputs in one batch.
+    #[serde(default = "default_max_batch_size")]
+    pub max_batch_size: usize,
+    /// Most padded tokens in one batch: inputs times the longest input's tokens.
+    #[serde(default = "default_max_batch_tokens")]
+    pub max_batch_tokens: usize,
+    /// Longest time the oldest waiting input is held back for a batch to fill.
+    #[serde(default = "default_max_queue_delay_ms")]
+    pub max_queue_delay_ms: f64,
+    /// Most inputs waiting for this backbone; a request that does not fit gets
+    /// RESOURCE_EXHAUSTED at once.
+    #[serde(default = "default_max_queue_items")]
+    pub max_queue_items: usize,
+}
+
+impl BackboneConfig {
+    pub fn batch_limits(&self) -> crate::batching::BatchLimits {
+        crate::batching::BatchLimits {
+            max_batch_size: self.max_batch_size,
+            max_batch_tokens: self.max_batch_tokens,
+            max_queue_delay: std::time::Duration::from_secs_f64(self.max_queue_delay_ms / 1e3),
+            max_queue_items: self.max_queue_items,
+        }
+    }
 }
 
 fn default_device() -> String {
@@ -209,8 +230,21 @@ fn default_true() -> bool {
     true
 }
 
-fn default_queue_capacity() -> usize {
-    256
+// Batching defaults; docs/BENCHMARKS.md has the measurements behind them.
+fn default_max_batch_size() -> usize {
+    32
+}
+
+fn default_max_batch_tokens() -> usize {
+    8192
+}
+
+fn default_max_queue_delay_ms() -> f64 {
+    2.0
+}
+
+fn default_max_queue_items() -> usize {
+    2048
 }
 
 impl Config {
@@ -316,8 +350,22 @@ impl Config {
             if matches!(backbone.max_sequence_length, Some(n) if n < 3) {
                 return invalid(format!("{at}: max_sequence_length must be at least 3"));
             }
-            if backbone.queue_capacity == 0 {
-                return invalid(format!("{at}: queue_capacity must be at least 1"));
+            if backbone.max_batch_size == 0 || backbone.max_batch_tokens == 0 {
+                return invalid(format!(
+                    "{at}: max_batch_size and max_batch_tokens must be at least 1"
+                ));
+            }
+            if !(backbone.max_queue_delay_ms.is_finite()
+                && (0.0..=10_000.0).contains(&backbone.max_queue_delay_ms))
+            {
+                return invalid(format!("{at}: max_queue_delay_ms must be in [0, 10000]"));
+            }
+            if backbone.max_queue_items < self.limits.max_inputs_per_request {
+                return invalid(format!(
+                    "{at}: max_queue_items ({}) must be at least limits.max_inputs_per_request ({}), \
+                     or a full-size request could never be queued",
+                    backbone.max_queue_items, self.limits.max_inputs_per_request
+                ));
             }
         }
         Ok(())

@@ -14,6 +14,7 @@ pub mod bench;
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod loadgen;
 pub mod metrics;
 pub mod proto;
 pub mod registry;

@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tlserve::{
     bench, client,
     config::{Config, LogFormat},
-    proto, server, telemetry,
+    loadgen, proto, server, telemetry,
 };
 
 #[derive(Parser)]
@@ -59,6 +59,35 @@ enum Command {
         #[command(flatten)]
         server: ServerAddr,
     },
+    /// Load a running server: C concurrent clients send Embed requests of k texts
+    /// for a time or a number of requests; prints throughput, latency percentiles
+    /// and errors by code as JSON. Without either bound it runs for 10 seconds.
+    Bench {
+        #[command(flatten)]
+        server: ServerAddr,
+        #[arg(long, default_value = "all-MiniLM-L6-v2")]
+        backbone: String,
+        /// Concurrent clients, each on its own connection.
+        #[arg(long, short = 'c', default_value_t = 8)]
+        concurrency: usize,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        duration_seconds: Option<f64>,
+        /// Stop after this many requests.
+        #[arg(long)]
+        requests: Option<usize>,
+        /// Texts per request.
+        #[arg(long, short = 'k', default_value_t = 1)]
+        inputs_per_request: usize,
+        /// A file with one text per line; default: a few built-in sentences.
+        #[arg(long)]
+        corpus: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "online")]
+        priority: PriorityArg,
+        /// Deadline of each request, in milliseconds.
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+    },
     /// Measure a backbone's forward-pass throughput in process (no server) on a
     /// corpus with one text per line; prints one JSON line per batch size.
     BenchEmbed {
@@ -82,6 +111,32 @@ struct ServerAddr {
     #[arg(long, env = "TLSERVE_ADDR", default_value = "http://127.0.0.1:50051")]
     addr: String,
 }
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PriorityArg {
+    Online,
+    Bulk,
+}
+
+/// Sentences `tlserve bench` sends when no corpus is given.
+const SAMPLE_TEXTS: &[&str] = &[
+    "A cat sits on the mat.",
+    "The weather is lovely today.",
+    "How do I reset my password?",
+    "Transfer learning reuses what a pretrained model already knows.",
+    "The stock market fell sharply after the announcement.",
+    "She plays the violin in a small orchestra.",
+    "Where is the nearest train station?",
+    "This movie was a complete waste of time.",
+    "Fresh bread smells wonderful in the morning.",
+    "The server answered every request within a few milliseconds.",
+    "Please send me the report by Friday.",
+    "Mountains covered in snow glowed at sunset.",
+    "I would like to cancel my subscription.",
+    "The committee approved the new budget on Tuesday.",
+    "Children were playing football in the park.",
+    "Quantum computers may one day break today's encryption.",
+];
 
 #[derive(Clone, Copy, ValueEnum)]
 enum PoolingArg {
@@ -142,6 +197,63 @@ async fn run(cli: Cli) -> Result<()> {
             telemetry::init(LogFormat::Human, "warn");
             let channel = client::connect(&server.addr).await?;
             print_json(&client::backbones(channel).await?)?;
+        }
+        Command::Bench {
+            server,
+            backbone,
+            concurrency,
+            duration_seconds,
+            requests,
+            inputs_per_request,
+            corpus,
+            priority,
+            timeout_ms,
+        } => {
+            telemetry::init(LogFormat::Human, "warn");
+            let texts = match corpus {
+                Some(path) => std::fs::read_to_string(&path)
+                    .with_context(|| format!("cannot read corpus {}", path.display()))?
+                    .lines()
+                    .filter(|line| !line.trim().is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+                None => SAMPLE_TEXTS.iter().map(|s| s.to_string()).collect(),
+            };
+            let duration = match (duration_seconds, requests) {
+                (None, None) => Some(std::time::Duration::from_secs(10)),
+                (seconds, _) => seconds
+                    .map(std::time::Duration::try_from_secs_f64)
+                    .transpose()
+                    .context("--duration-seconds must be a positive number")?,
+            };
+            let options = loadgen::LoadOptions {
+                addr: server.addr,
+                backbone,
+                concurrency,
+                duration,
+                requests,
+                inputs_per_request,
+                texts,
+                priority: match priority {
+                    PriorityArg::Online => proto::Priority::Online,
+                    PriorityArg::Bulk => proto::Priority::Bulk,
+                },
+                timeout: timeout_ms.map(std::time::Duration::from_millis),
+            };
+            let report = loadgen::run(options).await?;
+            eprintln!(
+                "{} requests in {:.1}s ({:.1} req/s, {:.1} inputs/s), p50 {:.1} ms, p95 {:.1} ms, \
+                 p99 {:.1} ms, errors {:?}",
+                report.requests,
+                report.seconds,
+                report.requests_per_sec,
+                report.inputs_per_sec,
+                report.latency_ms.p50,
+                report.latency_ms.p95,
+                report.latency_ms.p99,
+                report.errors
+            );
+            print_json(&serde_json::to_value(&report)?)?;
         }
         Command::BenchEmbed {
             config,

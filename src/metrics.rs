@@ -20,7 +20,15 @@ pub const INFERENCE_DURATION_SECONDS: &str = "tlserve_inference_duration_seconds
 pub const INFERENCE_ITEMS_TOTAL: &str = "tlserve_inference_items_total";
 /// Forward passes run, by `backbone`.
 pub const INFERENCE_BATCHES_TOTAL: &str = "tlserve_inference_batches_total";
-/// Work refused or dropped by a backbone queue, by `backbone` and `reason`
+/// Inputs per forward pass, by `backbone`.
+pub const BATCH_ITEMS: &str = "tlserve_batch_items";
+/// Padded tokens per forward pass (inputs times the longest input), by `backbone`.
+pub const BATCH_TOKENS: &str = "tlserve_batch_tokens";
+/// Inputs waiting in a backbone's queue, by `backbone`.
+pub const QUEUE_DEPTH: &str = "tlserve_queue_depth";
+/// Time an input waited in the queue before its forward pass, by `backbone`.
+pub const QUEUE_WAIT_SECONDS: &str = "tlserve_queue_wait_seconds";
+/// Requests refused or dropped by a backbone queue, by `backbone` and `reason`
 /// (`queue_full`, `deadline`, `cancelled`).
 pub const QUEUE_REJECTIONS_TOTAL: &str = "tlserve_queue_rejections_total";
 /// Seconds the last load of a backbone took (fetch, load, warm-up), by `backbone`.
@@ -35,12 +43,20 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
+/// Powers of two up to the largest batches a backbone accepts.
+const BATCH_ITEM_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+const BATCH_TOKEN_BUCKETS: &[f64] = &[
+    16.0, 64.0, 256.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0, 65536.0,
+];
+
 /// Installs the global recorder and serves `/metrics` on `addr`. Call once per
 /// process.
 pub fn install_exporter(addr: SocketAddr) -> Result<(), BuildError> {
     PrometheusBuilder::new()
         .with_http_listener(addr)
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(BATCH_ITEMS.into()), BATCH_ITEM_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(BATCH_TOKENS.into()), BATCH_TOKEN_BUCKETS)?
         .install()?;
     describe();
     Ok(())
@@ -60,9 +76,17 @@ fn describe() {
     );
     describe_counter!(INFERENCE_ITEMS_TOTAL, "Inputs computed by forward passes");
     describe_counter!(INFERENCE_BATCHES_TOTAL, "Forward passes run");
+    describe_histogram!(BATCH_ITEMS, "Inputs per forward pass");
+    describe_histogram!(BATCH_TOKENS, "Padded tokens per forward pass");
+    describe_gauge!(QUEUE_DEPTH, "Inputs waiting in a backbone queue");
+    describe_histogram!(
+        QUEUE_WAIT_SECONDS,
+        metrics::Unit::Seconds,
+        "Time an input waited before its forward pass"
+    );
     describe_counter!(
         QUEUE_REJECTIONS_TOTAL,
-        "Work refused or dropped by a backbone queue"
+        "Requests refused or dropped by a backbone queue"
     );
     describe_gauge!(
         MODEL_LOAD_DURATION_SECONDS,
@@ -82,11 +106,21 @@ pub fn record_grpc(service: &str, method: &str, code: &'static str, elapsed: Dur
     histogram!(GRPC_REQUEST_DURATION_SECONDS, &labels).record(elapsed.as_secs_f64());
 }
 
-pub fn record_inference(backbone: &str, items: usize, elapsed: Duration) {
+pub fn record_forward_pass(backbone: &str, items: usize, padded_tokens: usize, elapsed: Duration) {
     let labels = [("backbone", backbone.to_owned())];
     histogram!(INFERENCE_DURATION_SECONDS, &labels).record(elapsed.as_secs_f64());
     counter!(INFERENCE_ITEMS_TOTAL, &labels).increment(items as u64);
     counter!(INFERENCE_BATCHES_TOTAL, &labels).increment(1);
+    histogram!(BATCH_ITEMS, &labels).record(items as f64);
+    histogram!(BATCH_TOKENS, &labels).record(padded_tokens as f64);
+}
+
+pub fn set_queue_depth(backbone: &str, items: usize) {
+    gauge!(QUEUE_DEPTH, "backbone" => backbone.to_owned()).set(items as f64);
+}
+
+pub fn record_queue_wait(backbone: &str, waited: Duration) {
+    histogram!(QUEUE_WAIT_SECONDS, "backbone" => backbone.to_owned()).record(waited.as_secs_f64());
 }
 
 pub fn record_queue_rejection(backbone: &str, reason: &'static str) {

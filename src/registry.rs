@@ -122,7 +122,7 @@ impl BackboneRegistry {
         let started = Instant::now();
         let backbone = backbone::load(config, self.cache_dir.as_deref())?;
         let elapsed = started.elapsed();
-        let queue = BackboneQueue::start(Arc::clone(&backbone), config.queue_capacity)
+        let queue = BackboneQueue::start(Arc::clone(&backbone), config.batch_limits())
             .map_err(|err| Error::ModelLoad(format!("cannot start worker thread: {err}")))?;
         let descriptor = backbone.descriptor();
         metrics::record_backbone_loaded(descriptor, elapsed);

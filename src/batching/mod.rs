@@ -1,115 +1,258 @@
-//! The per-backbone work queue: a bounded channel in front of a dedicated worker
-//! thread that owns the model's compute, so forward passes never run on the async
-//! runtime's threads.
+//! Dynamic batching: one bounded, deadline-aware queue per backbone, drained by a
+//! dedicated worker thread that owns the model's compute.
 //!
-//! Callers wait on a oneshot reply. A full queue refuses at once (never an
-//! unbounded wait); work whose caller has gone away or whose deadline has passed
-//! is dropped before it reaches the model.
+//! Requests are split into items on arrival. The worker closes a batch when it
+//! holds `max_batch_size` items, or would exceed `max_batch_tokens` padded tokens,
+//! or `max_queue_delay` has passed since its oldest item, whichever comes first;
+//! then it sorts the batch by length and runs it as one or more forward passes of
+//! similar lengths (see [`partition`]). Results travel back per request through a
+//! oneshot channel once all of its items are done, in input order.
+//!
+//! Online items always go first; bulk items fill what room online traffic
+//! leaves. The queue is bounded in items: a request that does not fit is refused
+//! at once with [`Error::QueueFull`]. Items whose caller has gone away or whose
+//! deadline has passed are dropped before they reach the model.
+
+mod partition;
+mod worker;
 
 use std::{
-    panic::AssertUnwindSafe,
-    sync::Arc,
+    collections::VecDeque,
+    sync::{Arc, Condvar, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::{
-    backbone::{Backbone, EmbedItem, EmbedOptions, Prepared},
+    backbone::{Backbone, EmbedOptions, Prepared},
     metrics, Error, Result,
 };
 
-/// One request's worth of work.
-struct Job {
-    items: Vec<Prepared>,
+/// Scheduling class of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Priority {
+    /// Interactive traffic: always served first.
+    Online,
+    /// Background work such as embedding a training set: fills leftover room.
+    Bulk,
+}
+
+/// Batch formation limits of one backbone.
+#[derive(Debug, Clone)]
+pub struct BatchLimits {
+    pub max_batch_size: usize,
+    /// Items times the longest item's tokens, summed per batch.
+    pub max_batch_tokens: usize,
+    pub max_queue_delay: Duration,
+    pub max_queue_items: usize,
+}
+
+/// Shared by every item of one request; answers the caller once.
+struct RequestState {
     options: EmbedOptions,
     deadline: Option<Instant>,
     enqueued: Instant,
-    reply: oneshot::Sender<Result<Vec<Vec<f32>>>>,
+    collector: Mutex<Collector>,
+}
+
+struct Collector {
+    results: Vec<Option<Vec<f32>>>,
+    remaining: usize,
+    /// None once the caller has been answered.
+    reply: Option<oneshot::Sender<Result<Vec<Vec<f32>>>>>,
+}
+
+impl RequestState {
+    fn collector(&self) -> MutexGuard<'_, Collector> {
+        self.collector
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Whether this request's items should be skipped, and why: its caller went
+    /// away, or its deadline passed (the caller is answered DEADLINE_EXCEEDED), or
+    /// it was already answered with an error. The reason is given only the first
+    /// time, so drops are counted once per request.
+    fn drop_reason(&self, now: Instant) -> Option<Option<&'static str>> {
+        let mut collector = self.collector();
+        let reply = match &collector.reply {
+            None => return Some(None),
+            Some(reply) => reply,
+        };
+        if reply.is_closed() {
+            collector.reply = None;
+            return Some(Some("cancelled"));
+        }
+        if self.deadline.is_some_and(|deadline| deadline <= now) {
+            if let Some(reply) = collector.reply.take() {
+                let waited = now.saturating_duration_since(self.enqueued);
+                let _ = reply.send(Err(Error::DeadlineExceeded(waited)));
+            }
+            return Some(Some("deadline"));
+        }
+        None
+    }
+
+    /// Answers the caller with an error; its remaining items will be skipped.
+    fn fail(&self, err: Error) {
+        if let Some(reply) = self.collector().reply.take() {
+            let _ = reply.send(Err(err));
+        }
+    }
+
+    fn deliver(&self, index: usize, vector: Vec<f32>) {
+        let mut collector = self.collector();
+        if collector.reply.is_none() {
+            return;
+        }
+        collector.results[index] = Some(vector);
+        collector.remaining -= 1;
+        if collector.remaining == 0 {
+            let results = std::mem::take(&mut collector.results)
+                .into_iter()
+                .map(|v| v.unwrap_or_default())
+                .collect();
+            if let Some(reply) = collector.reply.take() {
+                let _ = reply.send(Ok(results));
+            }
+        }
+    }
+}
+
+/// One input of a request, waiting in a lane.
+struct Unit {
+    request: Arc<RequestState>,
+    index: usize,
+    item: Prepared,
+}
+
+#[derive(Default)]
+struct Lanes {
+    online: VecDeque<Unit>,
+    bulk: VecDeque<Unit>,
+    closed: bool,
+}
+
+impl Lanes {
+    fn len(&self) -> usize {
+        self.online.len() + self.bulk.len()
+    }
+
+    /// Units in serving order: online first.
+    fn iter(&self) -> impl Iterator<Item = &Unit> {
+        self.online.iter().chain(self.bulk.iter())
+    }
+
+    fn pop(&mut self) -> Option<Unit> {
+        self.online.pop_front().or_else(|| self.bulk.pop_front())
+    }
+}
+
+struct Shared {
+    name: String,
+    limits: BatchLimits,
+    lanes: Mutex<Lanes>,
+    /// Signals the worker: new units, or the queue closed.
+    wake: Condvar,
+}
+
+impl Shared {
+    fn lanes(&self) -> MutexGuard<'_, Lanes> {
+        self.lanes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Closes the queue when the last handle goes: the worker finishes what was
+/// admitted, then exits.
+struct CloseOnDrop(Arc<Shared>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.lanes().closed = true;
+        self.0.wake.notify_all();
+    }
 }
 
 /// Handle to a backbone's queue; cheap to clone, shared by all request handlers.
 #[derive(Clone)]
 pub struct BackboneQueue {
-    name: Arc<str>,
-    sender: mpsc::Sender<Job>,
+    shared: Arc<CloseOnDrop>,
 }
 
 impl BackboneQueue {
-    /// Starts the worker thread. The thread ends when every handle is dropped.
-    pub fn start(backbone: Arc<dyn Backbone>, capacity: usize) -> std::io::Result<Self> {
-        let name: Arc<str> = backbone.descriptor().name.as_str().into();
-        let (sender, receiver) = mpsc::channel(capacity);
+    /// Starts the backbone's worker thread.
+    pub fn start(backbone: Arc<dyn Backbone>, limits: BatchLimits) -> std::io::Result<Self> {
+        let shared = Arc::new(Shared {
+            name: backbone.descriptor().name.clone(),
+            limits,
+            lanes: Mutex::new(Lanes::default()),
+            wake: Condvar::new(),
+        });
+        let worker_shared = Arc::clone(&shared);
         std::thread::Builder::new()
-            .name(format!("backbone-{name}"))
-            .spawn(move || run_worker(backbone, receiver))?;
-        Ok(Self { name, sender })
+            .name(format!("backbone-{}", shared.name))
+            .spawn(move || worker::run(backbone, worker_shared))?;
+        Ok(Self {
+            shared: Arc::new(CloseOnDrop(shared)),
+        })
     }
 
-    /// Queues `items` for one forward pass and waits for their vectors.
+    /// Queues the items of one request and waits for their vectors, in input order.
     pub async fn embed(
         &self,
         items: Vec<Prepared>,
         options: EmbedOptions,
+        priority: Priority,
         deadline: Option<Instant>,
     ) -> Result<Vec<Vec<f32>>> {
-        if deadline.is_some_and(|d| d <= Instant::now()) {
+        let shared = &self.shared.0;
+        let now = Instant::now();
+        if deadline.is_some_and(|d| d <= now) {
+            metrics::record_queue_rejection(&shared.name, "deadline");
             return Err(Error::DeadlineExceeded(Duration::ZERO));
         }
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let count = items.len();
         let (reply, receiver) = oneshot::channel();
-        let job = Job {
-            items,
+        let request = Arc::new(RequestState {
             options,
             deadline,
-            enqueued: Instant::now(),
-            reply,
-        };
-        self.sender.try_send(job).map_err(|err| match err {
-            mpsc::error::TrySendError::Full(_) => {
-                metrics::record_queue_rejection(&self.name, "queue_full");
-                Error::QueueFull(self.name.to_string())
+            enqueued: now,
+            collector: Mutex::new(Collector {
+                results: vec![None; count],
+                remaining: count,
+                reply: Some(reply),
+            }),
+        });
+        {
+            let mut lanes = shared.lanes();
+            if lanes.closed {
+                return Err(Error::ShuttingDown);
             }
-            mpsc::error::TrySendError::Closed(_) => Error::ShuttingDown,
-        })?;
+            if lanes.len() + count > shared.limits.max_queue_items {
+                drop(lanes);
+                metrics::record_queue_rejection(&shared.name, "queue_full");
+                return Err(Error::QueueFull(shared.name.clone()));
+            }
+            let lane = match priority {
+                Priority::Online => &mut lanes.online,
+                Priority::Bulk => &mut lanes.bulk,
+            };
+            lane.extend(items.into_iter().enumerate().map(|(index, item)| Unit {
+                request: Arc::clone(&request),
+                index,
+                item,
+            }));
+            metrics::set_queue_depth(&shared.name, lanes.len());
+        }
+        shared.wake.notify_one();
         receiver
             .await
             .map_err(|_| Error::Inference("the backbone worker stopped".into()))?
     }
-}
-
-fn run_worker(backbone: Arc<dyn Backbone>, mut receiver: mpsc::Receiver<Job>) {
-    let name = backbone.descriptor().name.clone();
-    tracing::debug!(backbone = %name, "worker started");
-    while let Some(job) = receiver.blocking_recv() {
-        if job.reply.is_closed() {
-            // The caller went away (cancelled or timed out): skip the compute.
-            metrics::record_queue_rejection(&name, "cancelled");
-            continue;
-        }
-        let waited = job.enqueued.elapsed();
-        if job.deadline.is_some_and(|d| d <= Instant::now()) {
-            metrics::record_queue_rejection(&name, "deadline");
-            let _ = job.reply.send(Err(Error::DeadlineExceeded(waited)));
-            continue;
-        }
-        let items: Vec<EmbedItem<'_>> = job
-            .items
-            .iter()
-            .map(|input| EmbedItem {
-                input,
-                options: job.options,
-            })
-            .collect();
-        let started = Instant::now();
-        // A panic inside the model must fail this request, not kill the worker and
-        // with it every later request for this backbone.
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| backbone.embed(&items)))
-            .unwrap_or_else(|_| Err(Error::Inference("the model panicked".into())));
-        metrics::record_inference(&name, items.len(), started.elapsed());
-        if let Err(err) = &result {
-            tracing::error!(backbone = %name, error = %err, "forward pass failed");
-        }
-        let _ = job.reply.send(result);
-    }
-    tracing::debug!(backbone = %name, "worker stopped");
 }

@@ -3,6 +3,7 @@
 
 use crate::{
     backbone::{BackboneDescriptor, EmbedOptions, Input, Modality, Pooling},
+    batching::Priority,
     proto, Error, Result,
 };
 
@@ -85,10 +86,15 @@ pub fn embed_options(
     })
 }
 
-/// Checks that a priority is a known value (scheduling uses it once batching does).
-pub fn priority(value: i32) -> Result<proto::Priority> {
-    proto::Priority::try_from(value)
-        .map_err(|_| Error::InvalidArgument(format!("priority {value} is not a known value")))
+/// The request's scheduling class; unspecified means online.
+pub fn priority(value: i32) -> Result<Priority> {
+    match proto::Priority::try_from(value) {
+        Ok(proto::Priority::Unspecified | proto::Priority::Online) => Ok(Priority::Online),
+        Ok(proto::Priority::Bulk) => Ok(Priority::Bulk),
+        Err(_) => Err(Error::InvalidArgument(format!(
+            "priority {value} is not a known value"
+        ))),
+    }
 }
 
 pub fn modality(modality: Modality) -> proto::Modality {
@@ -159,7 +165,8 @@ mod tests {
 
     #[test]
     fn unknown_enum_values_are_refused() {
-        assert!(priority(2).is_ok());
+        assert_eq!(priority(0).unwrap(), Priority::Online);
+        assert_eq!(priority(2).unwrap(), Priority::Bulk);
         assert!(priority(42).is_err());
     }
 }

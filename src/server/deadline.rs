@@ -1,11 +1,23 @@
 //! The caller's deadline, from the `grpc-timeout` request header.
+//!
+//! The request layer reads it once on arrival and stores it in the request's
+//! extensions, so queues can drop work that can no longer be answered in time.
 
 use std::time::{Duration, Instant};
 
-/// When the call must be answered by, if the client set a deadline.
-pub fn of<T>(request: &tonic::Request<T>) -> Option<Instant> {
-    let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+/// When the call must be answered by.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline(pub Instant);
+
+/// The deadline the client set, from the request headers.
+pub fn from_headers(headers: &http::HeaderMap) -> Option<Instant> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
     Instant::now().checked_add(parse_timeout(value)?)
+}
+
+/// The deadline of a call, as the request layer recorded it.
+pub fn of<T>(request: &tonic::Request<T>) -> Option<Instant> {
+    request.extensions().get::<Deadline>().map(|d| d.0)
 }
 
 /// Parses the gRPC wire format: up to 8 digits and a unit (H, M, S, m, u, n).

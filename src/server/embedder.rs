@@ -30,7 +30,7 @@ impl EmbedderService {
             ));
         }
         let loaded = self.registry.get(&request.backbone)?;
-        convert::priority(request.priority)?;
+        let priority = convert::priority(request.priority)?;
         let inputs = convert::inputs(request.inputs, self.limits.max_inputs_per_request)?;
         let descriptor = loaded.backbone.descriptor();
         let options = convert::embed_options(request.pooling, request.normalize, descriptor)?;
@@ -53,7 +53,10 @@ impl EmbedderService {
             .iter()
             .map(|p| (p.tokens() as u32, p.truncated()))
             .collect();
-        let vectors = loaded.queue.embed(prepared, options, deadline).await?;
+        let vectors = loaded
+            .queue
+            .embed(prepared, options, priority, deadline)
+            .await?;
         Ok(proto::EmbedResponse {
             backbone: descriptor.name.clone(),
             dimension: descriptor.dimension as u32,

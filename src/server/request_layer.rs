@@ -1,6 +1,10 @@
 //! A tower layer around every gRPC call: assigns a request id, enforces the message
 //! size limit, logs the call's outcome and records its metrics.
 //!
+//! It also answers DEADLINE_EXCEEDED when the client's deadline passes: an already
+//! expired deadline before any work, a later one just before tonic's own timer
+//! would answer CANCELLED.
+//!
 //! The final gRPC status is in the response headers (errors returned before any
 //! message) or in the trailers at the end of the body; the layer watches both, and
 //! counts a call whose body is dropped before its trailers as CANCELLED.
@@ -21,10 +25,19 @@ use tonic::{body::Body, Code};
 use tower::{Layer, Service};
 use tracing::Instrument;
 
-use super::{message_limit::LimitedBody, status::code_name};
+use super::{
+    deadline::{self, Deadline},
+    message_limit::LimitedBody,
+    status::code_name,
+};
 use crate::metrics;
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// How much earlier than the deadline the layer answers, so that its
+/// DEADLINE_EXCEEDED reaches the client before tonic's timer (same deadline,
+/// started a moment earlier) cuts the call off as CANCELLED.
+const DEADLINE_MARGIN: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// The id of the current call, in the request extensions for handlers.
 #[derive(Debug, Clone)]
@@ -97,14 +110,29 @@ where
         };
 
         let limit = self.layer.max_message_bytes;
+        let deadline = deadline::from_headers(request.headers());
         let mut request = request.map(|body| Body::new(LimitedBody::new(body, limit)));
         request
             .extensions_mut()
             .insert(RequestId(request_id.clone()));
+        if let Some(at) = deadline {
+            request.extensions_mut().insert(Deadline(at));
+        }
 
         Box::pin(
             async move {
-                let response = inner.call(request).await?;
+                let response = match deadline {
+                    Some(at) if at <= Instant::now() => deadline_exceeded(),
+                    Some(at) => {
+                        let answer_by = at.checked_sub(DEADLINE_MARGIN).unwrap_or(at);
+                        let call = inner.call(request);
+                        match tokio::time::timeout_at(answer_by.into(), call).await {
+                            Ok(response) => response?.map(Body::new),
+                            Err(_elapsed) => deadline_exceeded(),
+                        }
+                    }
+                    None => inner.call(request).await?.map(Body::new),
+                };
                 let (mut parts, body) = response.into_parts();
                 if let Ok(value) = HeaderValue::from_str(&request_id) {
                     parts.headers.insert(REQUEST_ID_HEADER, value);
@@ -174,6 +202,11 @@ fn known_methods() -> HashSet<String> {
         }
     }
     paths
+}
+
+fn deadline_exceeded() -> http::Response<Body> {
+    tonic::Status::deadline_exceeded("the call's deadline passed before its work was done")
+        .into_http()
 }
 
 /// The client's request id when it sent a sane one, else a new one.

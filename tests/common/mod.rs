@@ -122,7 +122,7 @@ source = {{ path = "{path}" }}
         let config_path = dir.path().join("tlserve.toml");
         let config = format!(
             "[server]\nlisten = \"{grpc}\"\nmetrics_listen = \"{metrics}\"\n\
-             shutdown_grace_seconds = 20\n{config_tail}"
+             shutdown_grace_seconds = 60\n{config_tail}"
         );
         std::fs::write(&config_path, config).expect("write config");
         let log = tempfile::NamedTempFile::new().expect("log file");

@@ -1,0 +1,279 @@
+//! The worker thread of one backbone: forms batches from its queue and runs them.
+
+use std::{panic::AssertUnwindSafe, sync::Arc, time::Instant};
+
+use super::{partition, BatchLimits, Lanes, Shared, Unit};
+use crate::{
+    backbone::{Backbone, EmbedItem},
+    metrics, Error,
+};
+
+pub(super) fn run(backbone: Arc<dyn Backbone>, shared: Arc<Shared>) {
+    tracing::debug!(backbone = %shared.name, "worker started");
+    while let Some(batch) = next_batch(&shared) {
+        if !batch.is_empty() {
+            compute(backbone.as_ref(), &shared, &batch);
+        }
+    }
+    tracing::debug!(backbone = %shared.name, "worker stopped");
+}
+
+/// Waits for work, lets a batch fill up to its limits or its delay, and takes it.
+/// None once the queue is closed and drained.
+fn next_batch(shared: &Shared) -> Option<Vec<Unit>> {
+    let limits = &shared.limits;
+    let mut lanes = shared.lanes();
+    while lanes.len() == 0 {
+        if lanes.closed {
+            return None;
+        }
+        lanes = shared
+            .wake
+            .wait(lanes)
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+    }
+
+    // The oldest unit is at the front of one of the lanes.
+    let oldest = [lanes.online.front(), lanes.bulk.front()]
+        .into_iter()
+        .flatten()
+        .map(|unit| unit.request.enqueued)
+        .min()
+        .unwrap_or_else(Instant::now);
+    let close_at = oldest + limits.max_queue_delay;
+    while !lanes.closed && !is_full(&lanes, limits) {
+        let now = Instant::now();
+        if now >= close_at {
+            break;
+        }
+        lanes = shared
+            .wake
+            .wait_timeout(lanes, close_at - now)
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .0;
+    }
+
+    let now = Instant::now();
+    let mut batch: Vec<Unit> = Vec::new();
+    let mut longest = 0;
+    while let Some(front) = lanes.online.front().or_else(|| lanes.bulk.front()) {
+        if let Some(reason) = front.request.drop_reason(now) {
+            if let Some(reason) = reason {
+                metrics::record_queue_rejection(&shared.name, reason);
+            }
+            lanes.pop();
+            continue;
+        }
+        let tokens = front.item.tokens();
+        let grown = longest.max(tokens);
+        let over_tokens = !batch.is_empty() && (batch.len() + 1) * grown > limits.max_batch_tokens;
+        if batch.len() == limits.max_batch_size || over_tokens {
+            break;
+        }
+        longest = grown;
+        batch.extend(lanes.pop());
+    }
+    metrics::set_queue_depth(&shared.name, lanes.len());
+    Some(batch)
+}
+
+/// Whether the waiting units already fill a batch.
+fn is_full(lanes: &Lanes, limits: &BatchLimits) -> bool {
+    let mut count = 0;
+    let mut longest = 0;
+    for unit in lanes.iter() {
+        if count == limits.max_batch_size {
+            return true;
+        }
+        longest = longest.max(unit.item.tokens());
+        if count > 0 && (count + 1) * longest > limits.max_batch_tokens {
+            return true;
+        }
+        count += 1;
+    }
+    count == limits.max_batch_size
+}
+
+/// Runs a batch as forward passes of similar lengths and delivers the vectors.
+fn compute(backbone: &dyn Backbone, shared: &Shared, batch: &[Unit]) {
+    let started = Instant::now();
+    for unit in batch {
+        metrics::record_queue_wait(
+            &shared.name,
+            started.saturating_duration_since(unit.request.enqueued),
+        );
+    }
+    let lengths: Vec<usize> = batch.iter().map(|unit| unit.item.tokens()).collect();
+    for group in partition::by_length(&lengths) {
+        let items: Vec<EmbedItem<'_>> = group
+            .iter()
+            .map(|&i| EmbedItem {
+                input: &batch[i].item,
+                options: batch[i].request.options,
+            })
+            .collect();
+        let padded_tokens = items.len() * group.iter().map(|&i| lengths[i]).max().unwrap_or(0);
+        let pass_started = Instant::now();
+        // A panic inside the model must fail these requests, not kill the worker
+        // and with it every later request for this backbone.
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| backbone.embed(&items)))
+            .unwrap_or_else(|_| Err(Error::Inference("the model panicked".into())));
+        metrics::record_forward_pass(
+            &shared.name,
+            items.len(),
+            padded_tokens,
+            pass_started.elapsed(),
+        );
+        match result {
+            Ok(vectors) if vectors.len() == group.len() => {
+                for (&i, vector) in group.iter().zip(vectors) {
+                    batch[i].request.deliver(batch[i].index, vector);
+                }
+            }
+            Ok(vectors) => fail_group(
+                shared,
+                batch,
+                &group,
+                &format!(
+                    "the model returned {} vectors for {} items",
+                    vectors.len(),
+                    group.len()
+                ),
+            ),
+            Err(Error::Inference(reason)) => fail_group(shared, batch, &group, &reason),
+            Err(other) => fail_group(shared, batch, &group, &other.to_string()),
+        }
+    }
+}
+
+fn fail_group(shared: &Shared, batch: &[Unit], group: &[usize], reason: &str) {
+    tracing::error!(backbone = %shared.name, error = %reason, "forward pass failed");
+    for &i in group {
+        batch[i].request.fail(Error::Inference(reason.to_owned()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::{Condvar, Mutex},
+        time::Duration,
+    };
+
+    use tokio::sync::oneshot;
+
+    use super::*;
+    use crate::{
+        backbone::{EmbedOptions, Pooling, Prepared, TokenizedText},
+        batching::{Collector, RequestState},
+        Result,
+    };
+
+    type Reply = oneshot::Receiver<Result<Vec<Vec<f32>>>>;
+
+    fn shared(max_batch_size: usize, max_batch_tokens: usize) -> Shared {
+        Shared {
+            name: "test".into(),
+            limits: BatchLimits {
+                max_batch_size,
+                max_batch_tokens,
+                max_queue_delay: Duration::ZERO,
+                max_queue_items: 1000,
+            },
+            lanes: Mutex::new(Lanes::default()),
+            wake: Condvar::new(),
+        }
+    }
+
+    /// Adds a request whose items have the given token counts; returns its reply.
+    fn push(shared: &Shared, bulk: bool, lengths: &[usize], deadline: Option<Instant>) -> Reply {
+        let (reply, receiver) = oneshot::channel();
+        let request = Arc::new(RequestState {
+            options: EmbedOptions {
+                pooling: Pooling::Mean,
+                normalize: true,
+            },
+            deadline,
+            enqueued: Instant::now(),
+            collector: Mutex::new(Collector {
+                results: vec![None; lengths.len()],
+                remaining: lengths.len(),
+                reply: Some(reply),
+            }),
+        });
+        let mut lanes = shared.lanes();
+        for (index, &len) in lengths.iter().enumerate() {
+            let unit = Unit {
+                request: Arc::clone(&request),
+                index,
+                item: Prepared::Text(TokenizedText {
+                    ids: vec![1; len],
+                    truncated: false,
+                }),
+            };
+            if bulk {
+                lanes.bulk.push_back(unit);
+            } else {
+                lanes.online.push_back(unit);
+            }
+        }
+        receiver
+    }
+
+    fn lengths(batch: &[Unit]) -> Vec<usize> {
+        batch.iter().map(|u| u.item.tokens()).collect()
+    }
+
+    #[test]
+    fn online_items_go_before_bulk_items() {
+        let shared = shared(4, 10_000);
+        let _bulk = push(&shared, true, &[10, 10, 10], None);
+        let _online = push(&shared, false, &[20, 20], None);
+        let batch = next_batch(&shared).expect("a batch");
+        assert_eq!(lengths(&batch), vec![20, 20, 10, 10]);
+        assert_eq!(shared.lanes().len(), 1);
+    }
+
+    #[test]
+    fn a_batch_closes_at_its_item_and_token_limits() {
+        let shared = shared(3, 10_000);
+        let _r = push(&shared, false, &[5, 5, 5, 5, 5], None);
+        assert_eq!(next_batch(&shared).expect("batch").len(), 3);
+
+        // 3 items of 40 would be 120 padded tokens, over the 100 allowed.
+        let shared = super::tests::shared(10, 100);
+        let _r = push(&shared, false, &[10, 40, 40, 10], None);
+        assert_eq!(lengths(&next_batch(&shared).expect("batch")), vec![10, 40]);
+        // A single item over the token limit still runs, alone.
+        let shared = super::tests::shared(10, 100);
+        let _r = push(&shared, false, &[300, 5], None);
+        assert_eq!(lengths(&next_batch(&shared).expect("batch")), vec![300]);
+    }
+
+    #[test]
+    fn expired_and_abandoned_requests_are_dropped_before_compute() {
+        let shared = shared(8, 10_000);
+        let mut expired = push(
+            &shared,
+            false,
+            &[7, 7],
+            Some(Instant::now() - Duration::from_millis(1)),
+        );
+        let abandoned = push(&shared, false, &[8], None);
+        drop(abandoned);
+        let _alive = push(&shared, false, &[9], None);
+        let batch = next_batch(&shared).expect("a batch");
+        assert_eq!(lengths(&batch), vec![9]);
+        assert!(matches!(
+            expired.try_recv(),
+            Ok(Err(crate::Error::DeadlineExceeded(_)))
+        ));
+    }
+
+    #[test]
+    fn a_closed_and_drained_queue_ends_the_worker() {
+        let shared = shared(8, 10_000);
+        shared.lanes().closed = true;
+        assert!(next_batch(&shared).is_none());
+    }
+}
