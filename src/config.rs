@@ -52,6 +52,8 @@ pub struct Config {
     pub logging: LoggingConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    #[serde(default)]
+    pub heads: HeadsConfig,
     /// The backbones this server loads at start-up and keeps resident.
     #[serde(default)]
     pub backbones: Vec<BackboneConfig>,
@@ -131,6 +133,50 @@ impl Default for LimitsConfig {
         Self {
             max_message_bytes: 16 * 1024 * 1024,
             max_inputs_per_request: 512,
+        }
+    }
+}
+
+/// The head store and training jobs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeadsConfig {
+    /// Where heads are stored; relative to the config file. Share it between
+    /// replicas (a ReadWriteMany volume) so every replica serves every head.
+    pub store_dir: PathBuf,
+    /// Most head versions in the store.
+    pub max_heads: usize,
+    /// Training jobs running at once; more wait QUEUED.
+    pub max_concurrent_jobs: usize,
+    /// Jobs waiting beyond the running ones; more are refused.
+    pub max_queued_jobs: usize,
+    /// Finished jobs remembered for WatchJob and ListJobs.
+    pub finished_jobs_kept: usize,
+    /// Most examples in one job or uploaded dataset.
+    pub max_examples_per_job: usize,
+    /// Most distinct labels of a head.
+    pub max_labels: usize,
+    /// Longest label, in characters.
+    pub max_label_chars: usize,
+    /// Uploaded datasets waiting for a job at once.
+    pub max_datasets: usize,
+    /// How long an uploaded dataset waits for a job before it is dropped.
+    pub dataset_ttl_seconds: u64,
+}
+
+impl Default for HeadsConfig {
+    fn default() -> Self {
+        Self {
+            store_dir: PathBuf::from("heads"),
+            max_heads: 1000,
+            max_concurrent_jobs: 1,
+            max_queued_jobs: 16,
+            finished_jobs_kept: 100,
+            max_examples_per_job: 100_000,
+            max_labels: 1000,
+            max_label_chars: 128,
+            max_datasets: 8,
+            dataset_ttl_seconds: 3600,
         }
     }
 }
@@ -301,6 +347,9 @@ impl Config {
                 }
             }
         }
+        if self.heads.store_dir.is_relative() {
+            self.heads.store_dir = base_dir.join(&self.heads.store_dir);
+        }
         if let Some(dir) = &self.server.model_cache_dir {
             if dir.is_relative() {
                 self.server.model_cache_dir = Some(base_dir.join(dir));
@@ -324,6 +373,19 @@ impl Config {
         }
         if self.limits.max_inputs_per_request == 0 {
             return invalid("limits.max_inputs_per_request must be at least 1".into());
+        }
+        let heads = &self.heads;
+        if heads.max_concurrent_jobs == 0
+            || heads.max_examples_per_job < 2
+            || heads.max_labels < 2
+            || heads.max_label_chars == 0
+            || heads.max_heads == 0
+        {
+            return invalid(
+                "heads: max_concurrent_jobs, max_heads and max_label_chars must be at least 1, \
+                 max_examples_per_job and max_labels at least 2"
+                    .into(),
+            );
         }
         let mut names = HashSet::new();
         for (i, backbone) in self.backbones.iter().enumerate() {

@@ -45,6 +45,31 @@ pub enum Error {
     /// Loading or preparing a model failed.
     #[error("model loading failed: {0}")]
     ModelLoad(String),
+
+    /// No head of that name (or no such version of it).
+    #[error("head `{0}` does not exist")]
+    HeadNotFound(String),
+
+    /// No training job or uploaded dataset with that id.
+    #[error("{kind} `{id}` does not exist")]
+    NotFound { kind: &'static str, id: String },
+
+    /// The request is valid but the system is not in a state to run it, e.g. a
+    /// head whose backbone weights changed since it was trained.
+    #[error("{0}")]
+    FailedPrecondition(String),
+
+    /// A configured limit would be exceeded (examples, jobs, heads).
+    #[error("{0}")]
+    LimitExceeded(String),
+
+    /// Reading or writing the head store failed.
+    #[error("head store: {0}")]
+    Storage(String),
+
+    /// The work was cancelled.
+    #[error("cancelled: {0}")]
+    Cancelled(String),
 }
 
 impl From<candle_core::Error> for Error {

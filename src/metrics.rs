@@ -33,6 +33,13 @@ pub const QUEUE_WAIT_SECONDS: &str = "tlserve_queue_wait_seconds";
 pub const QUEUE_REJECTIONS_TOTAL: &str = "tlserve_queue_rejections_total";
 /// Seconds the last load of a backbone took (fetch, load, warm-up), by `backbone`.
 pub const MODEL_LOAD_DURATION_SECONDS: &str = "tlserve_model_load_duration_seconds";
+/// Training jobs known to the server, by `state` (queued, embedding, training,
+/// succeeded, failed, cancelled).
+pub const TRAINING_JOBS: &str = "tlserve_training_jobs";
+/// Wall time of finished training jobs, by final `state`.
+pub const TRAINING_JOB_DURATION_SECONDS: &str = "tlserve_training_job_duration_seconds";
+/// Head versions in the head store.
+pub const HEADS: &str = "tlserve_heads";
 /// 1 for each loaded backbone, with `backbone`, `architecture`, `device`, `dtype`
 /// and `dimension` labels.
 pub const BACKBONE_INFO: &str = "tlserve_backbone_info";
@@ -45,6 +52,10 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 /// Powers of two up to the largest batches a backbone accepts.
 const BATCH_ITEM_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+/// Training jobs take seconds to an hour.
+const TRAINING_BUCKETS: &[f64] = &[
+    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+];
 const BATCH_TOKEN_BUCKETS: &[f64] = &[
     16.0, 64.0, 256.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0, 65536.0,
 ];
@@ -57,6 +68,11 @@ pub fn install_exporter(addr: SocketAddr) -> Result<(), BuildError> {
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(BATCH_ITEMS.into()), BATCH_ITEM_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(BATCH_TOKENS.into()), BATCH_TOKEN_BUCKETS)?
+        // Full matchers are tried before suffix ones.
+        .set_buckets_for_metric(
+            Matcher::Full(TRAINING_JOB_DURATION_SECONDS.into()),
+            TRAINING_BUCKETS,
+        )?
         .install()?;
     describe();
     Ok(())
@@ -94,6 +110,13 @@ fn describe() {
         "Seconds the last load of a backbone took"
     );
     describe_gauge!(BACKBONE_INFO, "Loaded backbones and their properties");
+    describe_gauge!(TRAINING_JOBS, "Training jobs by state");
+    describe_histogram!(
+        TRAINING_JOB_DURATION_SECONDS,
+        metrics::Unit::Seconds,
+        "Wall time of finished training jobs"
+    );
+    describe_gauge!(HEADS, "Head versions in the head store");
 }
 
 pub fn record_grpc(service: &str, method: &str, code: &'static str, elapsed: Duration) {
@@ -140,4 +163,16 @@ pub fn record_backbone_loaded(descriptor: &BackboneDescriptor, elapsed: Duration
         "dimension" => descriptor.dimension.to_string(),
     )
     .set(1.0);
+}
+
+pub fn set_training_jobs(state: &'static str, count: usize) {
+    gauge!(TRAINING_JOBS, "state" => state).set(count as f64);
+}
+
+pub fn record_training_job(state: &'static str, elapsed: Duration) {
+    histogram!(TRAINING_JOB_DURATION_SECONDS, "state" => state).record(elapsed.as_secs_f64());
+}
+
+pub fn set_heads(count: usize) {
+    gauge!(HEADS).set(count as f64);
 }

@@ -115,36 +115,6 @@ async fn bad_embed_requests_get_precise_codes_and_the_server_keeps_serving() {
 }
 
 #[tokio::test]
-async fn services_of_later_versions_answer_unimplemented() {
-    let server = TestServer::start_minilm().await;
-    let channel = server.channel().await;
-
-    let status = proto::predictor_client::PredictorClient::new(channel.clone())
-        .predict(proto::PredictRequest {
-            head: "sentiment".into(),
-            inputs: vec![text_input("great")],
-            ..Default::default()
-        })
-        .await
-        .expect_err("Predict is not served yet");
-    assert_eq!(status.code(), Code::Unimplemented);
-
-    let status = proto::trainer_client::TrainerClient::new(channel.clone())
-        .list_jobs(proto::ListJobsRequest::default())
-        .await
-        .expect_err("ListJobs is not served yet");
-    assert_eq!(status.code(), Code::Unimplemented);
-
-    let status = server
-        .models()
-        .await
-        .list_heads(proto::ListHeadsRequest::default())
-        .await
-        .expect_err("ListHeads is not served yet");
-    assert_eq!(status.code(), Code::Unimplemented);
-}
-
-#[tokio::test]
 async fn a_backbone_that_fails_to_load_is_reported_and_health_stays_not_serving() {
     use tonic_health::pb::health_check_response::ServingStatus;
 

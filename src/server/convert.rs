@@ -28,7 +28,7 @@ pub fn inputs(inputs: Vec<proto::Input>, max_inputs: usize) -> Result<Vec<Input>
         .collect()
 }
 
-fn input_of(index: usize, input: proto::Input) -> Result<Input> {
+pub fn input_of(index: usize, input: proto::Input) -> Result<Input> {
     use proto::input::Kind;
     let invalid = |reason: String| Error::InvalidInput { index, reason };
     match input.kind {

@@ -6,12 +6,55 @@ use tonic::{Request, Response, Status};
 
 use super::{convert, deadline};
 use crate::{
-    backbone::Prepared, config::LimitsConfig, proto, registry::BackboneRegistry, Error, Result,
+    backbone::{EmbedOptions, Input, Prepared},
+    batching::Priority,
+    config::LimitsConfig,
+    proto,
+    registry::{BackboneRegistry, LoadedBackbone},
+    Error, Result,
 };
 
 pub struct EmbedderService {
     registry: Arc<BackboneRegistry>,
     limits: LimitsConfig,
+}
+
+/// Vectors of a request's inputs with, per input, the tokens seen and whether
+/// it was truncated.
+pub struct Embedded {
+    pub vectors: Vec<Vec<f32>>,
+    pub facts: Vec<(u32, bool)>,
+}
+
+/// Prepares inputs off the async runtime (tokenizing a few hundred texts takes
+/// milliseconds) and embeds them through the backbone's queue.
+pub async fn embed_inputs(
+    loaded: &LoadedBackbone,
+    inputs: Vec<Input>,
+    options: EmbedOptions,
+    truncate: bool,
+    priority: Priority,
+    deadline: Option<Instant>,
+) -> Result<Embedded> {
+    let backbone = Arc::clone(&loaded.backbone);
+    let prepared: Vec<Prepared> = tokio::task::spawn_blocking(move || {
+        inputs
+            .into_iter()
+            .enumerate()
+            .map(|(index, input)| backbone.prepare(index, input, truncate))
+            .collect::<Result<Vec<_>>>()
+    })
+    .await
+    .map_err(|err| Error::Inference(format!("preparing inputs failed: {err}")))??;
+    let facts = prepared
+        .iter()
+        .map(|p| (p.tokens() as u32, p.truncated()))
+        .collect();
+    let vectors = loaded
+        .queue
+        .embed(prepared, options, priority, deadline)
+        .await?;
+    Ok(Embedded { vectors, facts })
 }
 
 impl EmbedderService {
@@ -35,34 +78,14 @@ impl EmbedderService {
         let descriptor = loaded.backbone.descriptor();
         let options = convert::embed_options(request.pooling, request.normalize, descriptor)?;
         let truncate = request.truncate.unwrap_or(descriptor.default_truncate);
-
-        // Tokenizing a few hundred texts takes milliseconds: keep it off the
-        // runtime's threads.
-        let backbone = Arc::clone(&loaded.backbone);
-        let prepared: Vec<Prepared> = tokio::task::spawn_blocking(move || {
-            inputs
-                .into_iter()
-                .enumerate()
-                .map(|(index, input)| backbone.prepare(index, input, truncate))
-                .collect::<Result<Vec<_>>>()
-        })
-        .await
-        .map_err(|err| Error::Inference(format!("preparing inputs failed: {err}")))??;
-
-        let facts: Vec<(u32, bool)> = prepared
-            .iter()
-            .map(|p| (p.tokens() as u32, p.truncated()))
-            .collect();
-        let vectors = loaded
-            .queue
-            .embed(prepared, options, priority, deadline)
-            .await?;
+        let embedded = embed_inputs(&loaded, inputs, options, truncate, priority, deadline).await?;
         Ok(proto::EmbedResponse {
             backbone: descriptor.name.clone(),
             dimension: descriptor.dimension as u32,
-            embeddings: vectors
+            embeddings: embedded
+                .vectors
                 .into_iter()
-                .zip(facts)
+                .zip(embedded.facts)
                 .map(|(values, (tokens, truncated))| proto::Embedding {
                     values,
                     tokens,

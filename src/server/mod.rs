@@ -4,11 +4,13 @@
 pub mod convert;
 mod deadline;
 mod embedder;
+mod head_convert;
 mod message_limit;
 mod models;
+mod predictor;
 pub mod request_layer;
 pub mod status;
-mod training;
+mod trainer;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -19,6 +21,9 @@ use tonic_health::{server::HealthReporter, ServingStatus};
 
 use crate::{
     config::Config,
+    datasets::DatasetStore,
+    head::store::HeadStore,
+    jobs::{JobLimits, JobManager},
     metrics,
     proto::{
         embedder_server::EmbedderServer, models_server::ModelsServer,
@@ -29,8 +34,9 @@ use crate::{
 
 use embedder::EmbedderService;
 use models::ModelsService;
+use predictor::PredictorService;
 use request_layer::RequestLayer;
-use training::{PredictorService, TrainerService};
+use trainer::TrainerService;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -48,6 +54,8 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("the gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("cannot open the head store: {0}")]
+    HeadStore(crate::Error),
 }
 
 /// Health is reported for the whole server ("") and for each service.
@@ -91,13 +99,33 @@ pub async fn run(
         &config.backbones,
         config.server.model_cache_dir.clone(),
     ));
+    let store = Arc::new(
+        HeadStore::open(&config.heads.store_dir, config.heads.max_heads)
+            .map_err(ServeError::HeadStore)?,
+    );
+    metrics::set_heads(store.list(None, true).len());
+    let jobs = Arc::new(JobManager::new(
+        Arc::clone(&registry),
+        Arc::clone(&store),
+        JobLimits {
+            max_concurrent_jobs: config.heads.max_concurrent_jobs,
+            max_queued_jobs: config.heads.max_queued_jobs,
+            finished_jobs_kept: config.heads.finished_jobs_kept,
+        },
+    ));
+    let datasets = Arc::new(DatasetStore::new(
+        Duration::from_secs(config.heads.dataset_ttl_seconds),
+        config.heads.max_datasets,
+    ));
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
     let loader = tokio::spawn({
         let registry = Arc::clone(&registry);
+        let store = Arc::clone(&store);
         let health = health.clone();
         async move {
             if registry.load_all().await {
+                warn_about_stale_heads(&registry, &store);
                 set_health(&health, ServingStatus::Serving).await;
                 tracing::info!("all backbones ready: serving");
             } else {
@@ -123,10 +151,19 @@ pub async fn run(
     let limits = config.limits.clone();
     let embedder = EmbedderServer::new(EmbedderService::new(Arc::clone(&registry), limits))
         .max_decoding_message_size(unlimited);
-    let models = ModelsServer::new(ModelsService::new(Arc::clone(&registry)))
+    let models = ModelsServer::new(ModelsService::new(
+        Arc::clone(&registry),
+        Arc::clone(&store),
+    ))
+    .max_decoding_message_size(unlimited);
+    let trainer = TrainerServer::new(TrainerService::new(jobs, datasets, config.heads.clone()))
         .max_decoding_message_size(unlimited);
-    let trainer = TrainerServer::new(TrainerService).max_decoding_message_size(unlimited);
-    let predictor = PredictorServer::new(PredictorService).max_decoding_message_size(unlimited);
+    let predictor = PredictorServer::new(PredictorService::new(
+        Arc::clone(&registry),
+        Arc::clone(&store),
+        config.limits.clone(),
+    ))
+    .max_decoding_message_size(unlimited);
 
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let drain_delay = Duration::from_secs_f64(config.server.drain_delay_seconds);
@@ -167,6 +204,23 @@ pub async fn run(
     loader.abort();
     tracing::info!("server stopped");
     Ok(())
+}
+
+/// Heads trained on other weights than the loaded backbone's are refused by
+/// Predict; say so once at start-up, where an operator looks.
+fn warn_about_stale_heads(registry: &BackboneRegistry, store: &HeadStore) {
+    for head in store.list(None, true) {
+        let meta = &head.meta;
+        match registry.get(&meta.backbone) {
+            Ok(loaded) if loaded.backbone.descriptor().fingerprint != meta.backbone_fingerprint => {
+                tracing::error!(head = %meta.name, version = meta.version, backbone = %meta.backbone,
+                    "head was trained on different backbone weights; Predict refuses it")
+            }
+            Ok(_) => {}
+            Err(err) => tracing::warn!(head = %meta.name, version = meta.version,
+                error = %err, "head's backbone is not available"),
+        }
+    }
 }
 
 /// Completes on SIGINT or SIGTERM (Ctrl-C elsewhere).

@@ -1,24 +1,30 @@
-//! The Models service: what backbones are resident; heads once the head store
-//! exists.
+//! The Models service: what backbones are resident, and the stored heads.
 
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::convert;
+use super::{convert, head_convert};
 use crate::{
-    proto,
+    head::{store::HeadStore, HeadRef},
+    metrics, proto,
     registry::{BackboneRegistry, BackboneState, BackboneStatus},
+    Error,
 };
 
 pub struct ModelsService {
     registry: Arc<BackboneRegistry>,
+    store: Arc<HeadStore>,
 }
 
 impl ModelsService {
-    pub fn new(registry: Arc<BackboneRegistry>) -> Self {
-        Self { registry }
+    pub fn new(registry: Arc<BackboneRegistry>, store: Arc<HeadStore>) -> Self {
+        Self { registry, store }
     }
+}
+
+fn head_ref(text: &str) -> Result<HeadRef, Status> {
+    HeadRef::parse(text).map_err(|reason| Error::InvalidArgument(reason).into())
 }
 
 fn backbone_info(status: BackboneStatus) -> proto::BackboneInfo {
@@ -51,8 +57,6 @@ fn backbone_info(status: BackboneStatus) -> proto::BackboneInfo {
     info
 }
 
-const NO_HEADS: &str = "heads are not available in this version of tlserve";
-
 #[tonic::async_trait]
 impl proto::models_server::Models for ModelsService {
     async fn list_backbones(
@@ -70,22 +74,40 @@ impl proto::models_server::Models for ModelsService {
 
     async fn list_heads(
         &self,
-        _request: Request<proto::ListHeadsRequest>,
+        request: Request<proto::ListHeadsRequest>,
     ) -> Result<Response<proto::ListHeadsResponse>, Status> {
-        Err(Status::unimplemented(NO_HEADS))
+        let request = request.into_inner();
+        let backbone = (!request.backbone.is_empty()).then_some(request.backbone.as_str());
+        let heads = self
+            .store
+            .list(backbone, request.all_versions)
+            .iter()
+            .map(|head| head_convert::head_info(head))
+            .collect();
+        Ok(Response::new(proto::ListHeadsResponse { heads }))
     }
 
     async fn get_head(
         &self,
-        _request: Request<proto::GetHeadRequest>,
+        request: Request<proto::GetHeadRequest>,
     ) -> Result<Response<proto::HeadInfo>, Status> {
-        Err(Status::unimplemented(NO_HEADS))
+        let reference = head_ref(&request.into_inner().head)?;
+        let head = self.store.get(&reference)?;
+        Ok(Response::new(head_convert::head_info(&head)))
     }
 
     async fn delete_head(
         &self,
-        _request: Request<proto::DeleteHeadRequest>,
+        request: Request<proto::DeleteHeadRequest>,
     ) -> Result<Response<proto::DeleteHeadResponse>, Status> {
-        Err(Status::unimplemented(NO_HEADS))
+        let reference = head_ref(&request.into_inner().head)?;
+        let store = Arc::clone(&self.store);
+        let deleted_versions = tokio::task::spawn_blocking(move || store.delete(&reference))
+            .await
+            .map_err(|err| Status::internal(format!("delete failed: {err}")))??;
+        metrics::set_heads(self.store.list(None, true).len());
+        Ok(Response::new(proto::DeleteHeadResponse {
+            deleted_versions,
+        }))
     }
 }

@@ -7,7 +7,13 @@ use crate::Error;
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
         let code = match &err {
-            Error::BackboneNotFound(_) => Code::NotFound,
+            Error::BackboneNotFound(_) | Error::HeadNotFound(_) | Error::NotFound { .. } => {
+                Code::NotFound
+            }
+            Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::LimitExceeded(_) => Code::ResourceExhausted,
+            Error::Cancelled(_) => Code::Cancelled,
+            Error::Storage(_) => Code::Internal,
             Error::InvalidInput { .. } | Error::InvalidArgument(_) => Code::InvalidArgument,
             Error::QueueFull(_) => Code::ResourceExhausted,
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,

@@ -1,0 +1,184 @@
+//! Heads: small task models trained on a backbone's features, stored on disk and
+//! served next to the backbone. Many heads share one resident backbone.
+//!
+//! `model` holds the weights and the inference math, `train` the training loop,
+//! `store` the crash-safe on-disk store.
+
+pub mod model;
+pub mod store;
+pub mod train;
+
+use serde::{Deserialize, Serialize};
+
+use crate::backbone::{EmbedOptions, Pooling};
+
+/// The architecture of a head.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum HeadKind {
+    /// One linear layer and softmax.
+    Linear,
+    /// A hidden layer (ReLU, dropout while training), then linear and softmax.
+    Mlp { hidden_size: usize, dropout: f32 },
+}
+
+/// Hyper-parameters of a training run, every default applied.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingParams {
+    pub epochs: usize,
+    pub learning_rate: f64,
+    pub batch_size: usize,
+    pub weight_decay: f64,
+    /// 0 when the run trained without validation.
+    pub validation_fraction: f64,
+    /// 0 means never stop early.
+    pub early_stopping_patience: usize,
+    pub balance_classes: bool,
+    pub seed: u64,
+}
+
+impl Default for TrainingParams {
+    fn default() -> Self {
+        Self {
+            epochs: 20,
+            learning_rate: 1e-3,
+            batch_size: 32,
+            weight_decay: 0.0,
+            validation_fraction: 0.1,
+            early_stopping_patience: 0,
+            balance_classes: false,
+            seed: 0,
+        }
+    }
+}
+
+/// Loss and accuracy of a head at one epoch.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HeadMetrics {
+    pub epoch: usize,
+    pub train_loss: f32,
+    pub train_accuracy: f32,
+    pub validation_loss: Option<f32>,
+    pub validation_accuracy: Option<f32>,
+}
+
+/// How the backbone's features were computed for the head; Predict must use the
+/// same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeatureSettings {
+    pub pooling: PoolingName,
+    pub normalize: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolingName {
+    Mean,
+    Cls,
+}
+
+impl From<EmbedOptions> for FeatureSettings {
+    fn from(options: EmbedOptions) -> Self {
+        Self {
+            pooling: match options.pooling {
+                Pooling::Mean => PoolingName::Mean,
+                Pooling::Cls => PoolingName::Cls,
+            },
+            normalize: options.normalize,
+        }
+    }
+}
+
+impl From<FeatureSettings> for EmbedOptions {
+    fn from(settings: FeatureSettings) -> Self {
+        Self {
+            pooling: match settings.pooling {
+                PoolingName::Mean => Pooling::Mean,
+                PoolingName::Cls => Pooling::Cls,
+            },
+            normalize: settings.normalize,
+        }
+    }
+}
+
+/// Everything known about a published head version, stored as `head.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeadMetadata {
+    pub name: String,
+    pub version: u32,
+    pub backbone: String,
+    /// sha256 of the backbone weights the head was trained on.
+    pub backbone_fingerprint: String,
+    pub features: FeatureSettings,
+    /// Length of the feature vectors the head takes.
+    pub input_dim: usize,
+    pub labels: Vec<String>,
+    pub kind: HeadKind,
+    pub training: TrainingParams,
+    pub metrics: HeadMetrics,
+    pub train_examples: u64,
+    pub validation_examples: u64,
+    /// Milliseconds since the Unix epoch.
+    pub created_at_ms: u64,
+}
+
+/// A head name with an optional version: `name` or `name@version`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeadRef {
+    pub name: String,
+    pub version: Option<u32>,
+}
+
+impl HeadRef {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (name, version) = match text.split_once('@') {
+            Some((name, version)) => {
+                let version = version
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|v| *v > 0)
+                    .ok_or_else(|| format!("`{version}` is not a head version (1, 2, ...)"))?;
+                (name, Some(version))
+            }
+            None => (text, None),
+        };
+        if !crate::config::is_valid_name(name) {
+            return Err(format!(
+                "`{name}` is not a valid head name: 1-64 letters, digits, '-', '_' or '.'"
+            ));
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            version,
+        })
+    }
+}
+
+impl std::fmt::Display for HeadRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.version {
+            Some(version) => write!(f, "{}@{version}", self.name),
+            None => f.write_str(&self.name),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_references() {
+        assert_eq!(
+            HeadRef::parse("sentiment").unwrap(),
+            HeadRef {
+                name: "sentiment".into(),
+                version: None
+            }
+        );
+        assert_eq!(HeadRef::parse("sentiment@3").unwrap().version, Some(3));
+        for bad in ["", "a/b", "../x", "x@", "x@0", "x@-1", "x@two", "@1"] {
+            assert!(HeadRef::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

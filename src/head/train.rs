@@ -1,0 +1,482 @@
+//! Training a head on feature vectors with candle: AdamW on a (class-weighted)
+//! cross-entropy, mini-batches, a held-out validation split, early stopping, and
+//! every random choice drawn from the job's seed, so the same seed on the same
+//! data gives the same head.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use candle_nn::{Optimizer, ParamsAdamW};
+
+use super::{
+    model::{Dense, HeadWeights},
+    HeadKind, HeadMetrics, TrainingParams,
+};
+use crate::{Error, Result};
+
+/// Labelled feature vectors.
+pub struct TrainingSet {
+    /// `len * dim` values, row-major.
+    pub features: Vec<f32>,
+    pub dim: usize,
+    /// Class index of each row.
+    pub labels: Vec<u32>,
+    pub classes: usize,
+}
+
+impl TrainingSet {
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+}
+
+pub struct TrainedHead {
+    pub weights: HeadWeights,
+    /// The metrics of the epoch whose weights were kept.
+    pub metrics: HeadMetrics,
+    pub train_examples: usize,
+    pub validation_examples: usize,
+}
+
+/// A small, seedable generator (SplitMix64): reproducible across platforms and
+/// versions, unlike candle's device RNG.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    fn next_f32(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+
+    fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            let j = (self.next_u64() % (i as u64 + 1)) as usize;
+            items.swap(i, j);
+        }
+    }
+}
+
+/// A trainable dense layer.
+struct Layer {
+    weight: Var,
+    bias: Var,
+}
+
+impl Layer {
+    /// PyTorch's default initialisation: uniform in ±1/sqrt(fan_in).
+    fn new(inputs: usize, outputs: usize, rng: &mut Rng) -> Result<Self> {
+        let bound = 1.0 / (inputs as f32).sqrt();
+        let mut draw = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| (rng.next_f32() * 2.0 - 1.0) * bound)
+                .collect()
+        };
+        Ok(Self {
+            weight: Var::from_vec(draw(inputs * outputs), (outputs, inputs), &Device::Cpu)?,
+            bias: Var::from_vec(draw(outputs), outputs, &Device::Cpu)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?)
+    }
+
+    fn snapshot(&self) -> Result<Dense> {
+        let (outputs, inputs) = self.weight.dims2()?;
+        Ok(Dense {
+            weight: self.weight.flatten_all()?.to_vec1()?,
+            bias: self.bias.to_vec1()?,
+            inputs,
+            outputs,
+        })
+    }
+}
+
+struct Network {
+    hidden: Option<(Layer, f32)>,
+    output: Layer,
+}
+
+impl Network {
+    fn new(kind: &HeadKind, dim: usize, classes: usize, rng: &mut Rng) -> Result<Self> {
+        Ok(match kind {
+            HeadKind::Linear => Self {
+                hidden: None,
+                output: Layer::new(dim, classes, rng)?,
+            },
+            HeadKind::Mlp {
+                hidden_size,
+                dropout,
+            } => Self {
+                hidden: Some((Layer::new(dim, *hidden_size, rng)?, *dropout)),
+                output: Layer::new(*hidden_size, classes, rng)?,
+            },
+        })
+    }
+
+    fn vars(&self) -> Vec<Var> {
+        let mut vars = vec![self.output.weight.clone(), self.output.bias.clone()];
+        if let Some((hidden, _)) = &self.hidden {
+            vars.extend([hidden.weight.clone(), hidden.bias.clone()]);
+        }
+        vars
+    }
+
+    /// Logits; `dropout_rng` is Some while training.
+    fn forward(&self, x: &Tensor, dropout_rng: Option<&mut Rng>) -> Result<Tensor> {
+        let x = match &self.hidden {
+            None => x.clone(),
+            Some((hidden, p)) => {
+                let h = hidden.forward(x)?.relu()?;
+                match dropout_rng {
+                    Some(rng) if *p > 0.0 => {
+                        let keep = 1.0 - p;
+                        let mask: Vec<f32> = (0..h.elem_count())
+                            .map(|_| {
+                                if rng.next_f32() < keep {
+                                    1.0 / keep
+                                } else {
+                                    0.0
+                                }
+                            })
+                            .collect();
+                        h.mul(&Tensor::from_vec(mask, h.shape(), &Device::Cpu)?)?
+                    }
+                    _ => h,
+                }
+            }
+        };
+        self.output.forward(&x)
+    }
+
+    fn snapshot(&self) -> Result<HeadWeights> {
+        let output = self.output.snapshot()?;
+        Ok(match &self.hidden {
+            None => HeadWeights::Linear { output },
+            Some((hidden, _)) => HeadWeights::Mlp {
+                hidden: hidden.snapshot()?,
+                output,
+            },
+        })
+    }
+}
+
+/// Rows of the set as tensors.
+fn gather(set: &TrainingSet, rows: &[usize]) -> Result<(Tensor, Tensor)> {
+    let mut x = Vec::with_capacity(rows.len() * set.dim);
+    let mut y = Vec::with_capacity(rows.len());
+    for &r in rows {
+        x.extend_from_slice(&set.features[r * set.dim..(r + 1) * set.dim]);
+        y.push(set.labels[r]);
+    }
+    Ok((
+        Tensor::from_vec(x, (rows.len(), set.dim), &Device::Cpu)?,
+        Tensor::from_vec(y, rows.len(), &Device::Cpu)?,
+    ))
+}
+
+/// Cross-entropy, each example weighted by its class weight.
+fn weighted_cross_entropy(
+    logits: &Tensor,
+    labels: &Tensor,
+    class_weights: &Tensor,
+) -> Result<Tensor> {
+    let log_probs = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let picked = log_probs.gather(&labels.unsqueeze(1)?, 1)?.squeeze(1)?;
+    let weights = class_weights.index_select(labels, 0)?;
+    let total = (picked * &weights)?.sum_all()?;
+    Ok((total.neg()? / weights.sum_all()?.to_scalar::<f32>()? as f64)?)
+}
+
+/// Plain (unweighted) loss and accuracy of the network on some rows.
+fn evaluate(network: &Network, x: &Tensor, y: &Tensor, uniform: &Tensor) -> Result<(f32, f32)> {
+    let logits = network.forward(x, None)?;
+    let loss = weighted_cross_entropy(&logits, y, uniform)?.to_scalar::<f32>()?;
+    let predicted = logits.argmax(D::Minus1)?;
+    let correct = predicted
+        .eq(y)?
+        .to_dtype(DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()?;
+    Ok((loss, correct / y.dims1()? as f32))
+}
+
+/// Trains a head; `on_epoch` sees each epoch's metrics; `cancel` stops at the next
+/// mini-batch with [`Error::Cancelled`].
+pub fn train(
+    set: &TrainingSet,
+    kind: &HeadKind,
+    params: &TrainingParams,
+    cancel: &AtomicBool,
+    on_epoch: &mut dyn FnMut(&HeadMetrics),
+) -> Result<TrainedHead> {
+    if set.classes < 2 || set.len() < 2 {
+        return Err(Error::InvalidArgument(
+            "training needs at least two examples and two labels".into(),
+        ));
+    }
+    let mut rng = Rng(params.seed);
+    let mut order: Vec<usize> = (0..set.len()).collect();
+    rng.shuffle(&mut order);
+    let validation_len = if params.validation_fraction > 0.0 {
+        ((set.len() as f64 * params.validation_fraction).round() as usize).clamp(1, set.len() - 1)
+    } else {
+        0
+    };
+    let (validation_rows, train_rows) = order.split_at(validation_len);
+    let mut train_rows = train_rows.to_vec();
+
+    let (x_train, y_train) = gather(set, &train_rows)?;
+    let validation = if validation_rows.is_empty() {
+        None
+    } else {
+        Some(gather(set, validation_rows)?)
+    };
+
+    let mut counts = vec![0usize; set.classes];
+    for &r in &train_rows {
+        counts[set.labels[r] as usize] += 1;
+    }
+    let class_weights: Vec<f32> = counts
+        .iter()
+        .map(|&c| {
+            if params.balance_classes && c > 0 {
+                train_rows.len() as f32 / (set.classes as f32 * c as f32)
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    let class_weights = Tensor::from_vec(class_weights, set.classes, &Device::Cpu)?;
+    let uniform = Tensor::ones(set.classes, DType::F32, &Device::Cpu)?;
+
+    let network = Network::new(kind, set.dim, set.classes, &mut rng)?;
+    let mut optimizer = candle_nn::AdamW::new(
+        network.vars(),
+        ParamsAdamW {
+            lr: params.learning_rate,
+            weight_decay: params.weight_decay,
+            ..Default::default()
+        },
+    )?;
+
+    let mut best: Option<(f32, HeadMetrics, HeadWeights)> = None;
+    let mut epochs_without_improvement = 0;
+    for epoch in 1..=params.epochs {
+        rng.shuffle(&mut train_rows);
+        for rows in train_rows.chunks(params.batch_size.max(1)) {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(Error::Cancelled("the job was cancelled".into()));
+            }
+            let (x, y) = gather(set, rows)?;
+            let logits = network.forward(&x, Some(&mut rng))?;
+            let loss = weighted_cross_entropy(&logits, &y, &class_weights)?;
+            optimizer.backward_step(&loss)?;
+        }
+
+        let (train_loss, train_accuracy) = evaluate(&network, &x_train, &y_train, &uniform)?;
+        let (validation_loss, validation_accuracy) = match &validation {
+            Some((x, y)) => {
+                let (loss, accuracy) = evaluate(&network, x, y, &uniform)?;
+                (Some(loss), Some(accuracy))
+            }
+            None => (None, None),
+        };
+        let metrics = HeadMetrics {
+            epoch,
+            train_loss,
+            train_accuracy,
+            validation_loss,
+            validation_accuracy,
+        };
+        on_epoch(&metrics);
+
+        // Keep the weights of the best epoch: lowest validation loss, or the last
+        // epoch when there is no validation set.
+        let score = validation_loss.unwrap_or(f32::NEG_INFINITY);
+        let improved = best
+            .as_ref()
+            .is_none_or(|(b, _, _)| score < *b || validation_loss.is_none());
+        if improved {
+            best = Some((score, metrics, network.snapshot()?));
+            epochs_without_improvement = 0;
+        } else {
+            epochs_without_improvement += 1;
+            if params.early_stopping_patience > 0
+                && epochs_without_improvement >= params.early_stopping_patience
+            {
+                break;
+            }
+        }
+    }
+    let (_, metrics, weights) =
+        best.ok_or_else(|| Error::InvalidArgument("training needs at least one epoch".into()))?;
+    Ok(TrainedHead {
+        weights,
+        metrics,
+        train_examples: train_rows.len(),
+        validation_examples: validation_len,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two Gaussian-ish blobs in 4 dimensions, separable along the first axis.
+    fn blobs(n: usize, seed: u64) -> TrainingSet {
+        let mut rng = Rng(seed);
+        let mut features = Vec::new();
+        let mut labels = Vec::new();
+        for i in 0..n {
+            let class = (i % 2) as u32;
+            let centre = if class == 0 { -1.0 } else { 1.0 };
+            features.push(centre + (rng.next_f32() - 0.5));
+            for _ in 0..3 {
+                features.push(rng.next_f32() - 0.5);
+            }
+            labels.push(class);
+        }
+        TrainingSet {
+            features,
+            dim: 4,
+            labels,
+            classes: 2,
+        }
+    }
+
+    fn params(seed: u64) -> TrainingParams {
+        TrainingParams {
+            epochs: 30,
+            learning_rate: 0.05,
+            batch_size: 16,
+            seed,
+            ..TrainingParams::default()
+        }
+    }
+
+    fn run(
+        set: &TrainingSet,
+        kind: &HeadKind,
+        params: &TrainingParams,
+    ) -> (TrainedHead, Vec<HeadMetrics>) {
+        let mut seen = Vec::new();
+        let trained = train(set, kind, params, &AtomicBool::new(false), &mut |m| {
+            seen.push(m.clone())
+        })
+        .unwrap();
+        (trained, seen)
+    }
+
+    #[test]
+    fn a_linear_head_learns_a_separable_problem() {
+        let set = blobs(200, 1);
+        let (trained, epochs) = run(&set, &HeadKind::Linear, &params(7));
+        assert_eq!(epochs.len(), 30);
+        assert!(
+            trained.metrics.validation_accuracy.unwrap() >= 0.95,
+            "{:?}",
+            trained.metrics
+        );
+        assert!(epochs.last().unwrap().train_loss < epochs[0].train_loss);
+        assert_eq!(trained.validation_examples, 20);
+        assert_eq!(trained.train_examples, 180);
+    }
+
+    #[test]
+    fn an_mlp_with_dropout_learns_too() {
+        let set = blobs(200, 2);
+        let kind = HeadKind::Mlp {
+            hidden_size: 16,
+            dropout: 0.2,
+        };
+        let (trained, _) = run(&set, &kind, &params(3));
+        assert!(
+            trained.metrics.validation_accuracy.unwrap() >= 0.9,
+            "{:?}",
+            trained.metrics
+        );
+        assert!(matches!(trained.weights, HeadWeights::Mlp { .. }));
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_head_and_another_seed_does_not() {
+        let set = blobs(100, 3);
+        let kind = HeadKind::Mlp {
+            hidden_size: 8,
+            dropout: 0.1,
+        };
+        let (a, _) = run(&set, &kind, &params(11));
+        let (b, _) = run(&set, &kind, &params(11));
+        let (c, _) = run(&set, &kind, &params(12));
+        assert_eq!(a.weights, b.weights);
+        assert_eq!(a.metrics, b.metrics);
+        assert_ne!(a.weights, c.weights);
+    }
+
+    #[test]
+    fn early_stopping_ends_before_the_last_epoch() {
+        // Random labels: nothing to learn, so validation loss soon stops improving.
+        let mut set = blobs(60, 4);
+        let mut rng = Rng(99);
+        for label in &mut set.labels {
+            *label = (rng.next_u64() % 2) as u32;
+        }
+        let mut p = params(5);
+        p.epochs = 500;
+        p.early_stopping_patience = 3;
+        let (_, epochs) = run(&set, &HeadKind::Linear, &p);
+        assert!(epochs.len() < 500, "ran {} epochs", epochs.len());
+    }
+
+    #[test]
+    fn cancellation_stops_training() {
+        let set = blobs(40, 5);
+        let result = train(
+            &set,
+            &HeadKind::Linear,
+            &params(1),
+            &AtomicBool::new(true),
+            &mut |_| {},
+        );
+        assert!(matches!(result, Err(Error::Cancelled(_))));
+    }
+
+    #[test]
+    fn class_weights_favour_the_rare_class() {
+        // 90% class 0, and the classes overlap: unweighted training leans to 0.
+        let mut set = blobs(200, 6);
+        for (i, label) in set.labels.iter_mut().enumerate() {
+            *label = u32::from(i % 10 == 0);
+        }
+        let mut p = params(9);
+        p.validation_fraction = 0.0;
+        let recall_of_rare = |balance: bool| {
+            let mut p = p.clone();
+            p.balance_classes = balance;
+            let (trained, _) = run(&set, &HeadKind::Linear, &p);
+            let rare: Vec<usize> = (0..set.len()).filter(|&i| set.labels[i] == 1).collect();
+            rare.iter()
+                .filter(|&&i| {
+                    let probs = trained
+                        .weights
+                        .probabilities(&set.features[i * 4..i * 4 + 4]);
+                    probs[1] > probs[0]
+                })
+                .count()
+        };
+        assert!(recall_of_rare(true) > recall_of_rare(false));
+    }
+}

@@ -1,0 +1,111 @@
+//! Heads and jobs between their domain types and protobuf.
+
+use std::time::{Duration, SystemTime};
+
+use crate::{
+    head::{store::StoredHead, HeadKind, HeadMetrics, TrainingParams},
+    jobs::{JobEvent, JobInfo, JobState},
+    proto,
+};
+
+pub fn timestamp(time: SystemTime) -> prost_types::Timestamp {
+    prost_types::Timestamp::from(time)
+}
+
+pub fn head_spec(kind: &HeadKind) -> proto::HeadSpec {
+    use proto::head_spec::Kind;
+    proto::HeadSpec {
+        kind: Some(match kind {
+            HeadKind::Linear => Kind::Linear(proto::LinearHead {}),
+            HeadKind::Mlp {
+                hidden_size,
+                dropout,
+            } => Kind::Mlp(proto::MlpHead {
+                hidden_size: *hidden_size as u32,
+                dropout: *dropout,
+            }),
+        }),
+    }
+}
+
+pub fn training_config(params: &TrainingParams) -> proto::TrainingConfig {
+    proto::TrainingConfig {
+        epochs: params.epochs as u32,
+        learning_rate: params.learning_rate as f32,
+        batch_size: params.batch_size as u32,
+        weight_decay: params.weight_decay as f32,
+        validation_fraction: params.validation_fraction as f32,
+        no_validation: params.validation_fraction == 0.0,
+        early_stopping_patience: params.early_stopping_patience as u32,
+        balance_classes: params.balance_classes,
+        seed: params.seed,
+        unfreeze_top_layers: 0,
+    }
+}
+
+pub fn head_metrics(metrics: &HeadMetrics) -> proto::HeadMetrics {
+    proto::HeadMetrics {
+        train_loss: metrics.train_loss,
+        train_accuracy: metrics.train_accuracy,
+        validation_loss: metrics.validation_loss,
+        validation_accuracy: metrics.validation_accuracy,
+        epoch: metrics.epoch as u32,
+    }
+}
+
+pub fn head_info(head: &StoredHead) -> proto::HeadInfo {
+    let meta = &head.meta;
+    proto::HeadInfo {
+        name: meta.name.clone(),
+        version: meta.version,
+        backbone: meta.backbone.clone(),
+        backbone_fingerprint: meta.backbone_fingerprint.clone(),
+        labels: meta.labels.clone(),
+        spec: Some(head_spec(&meta.kind)),
+        training: Some(training_config(&meta.training)),
+        metrics: Some(head_metrics(&meta.metrics)),
+        train_examples: meta.train_examples,
+        validation_examples: meta.validation_examples,
+        created_at: Some(timestamp(
+            SystemTime::UNIX_EPOCH + Duration::from_millis(meta.created_at_ms),
+        )),
+    }
+}
+
+pub fn job_state(state: JobState) -> proto::JobState {
+    match state {
+        JobState::Queued => proto::JobState::Queued,
+        JobState::Embedding => proto::JobState::Embedding,
+        JobState::Training => proto::JobState::Training,
+        JobState::Succeeded => proto::JobState::Succeeded,
+        JobState::Failed => proto::JobState::Failed,
+        JobState::Cancelled => proto::JobState::Cancelled,
+    }
+}
+
+pub fn train_event(event: &JobEvent) -> proto::TrainEvent {
+    proto::TrainEvent {
+        job_id: event.job_id.to_string(),
+        state: job_state(event.state) as i32,
+        time: Some(timestamp(event.time)),
+        embedded: event.embedded,
+        total_inputs: event.total_inputs,
+        epoch: event.epoch,
+        total_epochs: event.total_epochs,
+        metrics: event.metrics.as_ref().map(head_metrics),
+        head: event.head.as_deref().map(head_info),
+        error: event.error.clone().unwrap_or_default(),
+    }
+}
+
+pub fn job_info(info: &JobInfo) -> proto::JobInfo {
+    proto::JobInfo {
+        job_id: info.id.to_string(),
+        backbone: info.backbone.clone(),
+        head_name: info.head_name.clone(),
+        state: job_state(info.last_event.state) as i32,
+        created_at: Some(timestamp(info.created_at)),
+        finished_at: info.finished_at.map(timestamp),
+        last_event: Some(train_event(&info.last_event)),
+    }
+}

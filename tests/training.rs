@@ -1,0 +1,561 @@
+//! TrainHead and Predict against the real server and the real MiniLM: a head
+//! learned from labelled sentences classifies held-out sentences; jobs stream
+//! their progress, survive their client, can be cancelled; heads persist across
+//! restarts, are versioned and deterministic for a seed; bad requests get precise
+//! codes.
+//!
+//! Data: tests/data/topics_{train,test}.tsv, four topics (sports, cooking,
+//! technology, weather), 40 training and 10 held-out sentences each.
+
+mod common;
+
+use std::{path::Path, time::Duration};
+
+use common::*;
+use tlserve::proto::{
+    self, predictor_client::PredictorClient, trainer_client::TrainerClient, JobState,
+};
+use tonic::{transport::Channel, Code, Streaming};
+
+fn read_tsv(name: &str) -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(repo_file(&format!("tests/data/{name}"))).expect("tsv");
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            let (label, sentence) = line.split_once('\t').expect("LABEL<TAB>TEXT");
+            (label.to_owned(), sentence.to_owned())
+        })
+        .collect()
+}
+
+fn examples(rows: &[(String, String)]) -> Vec<proto::Example> {
+    rows.iter()
+        .map(|(label, text)| proto::Example {
+            input: Some(text_input(text)),
+            label: label.clone(),
+        })
+        .collect()
+}
+
+fn train_request(head: &str, rows: &[(String, String)], seed: u64) -> proto::TrainHeadRequest {
+    proto::TrainHeadRequest {
+        backbone: MINILM.into(),
+        head_name: head.into(),
+        spec: None,
+        training: Some(proto::TrainingConfig {
+            epochs: 40,
+            learning_rate: 0.02,
+            seed,
+            ..Default::default()
+        }),
+        data: Some(proto::train_head_request::Data::Examples(
+            proto::ExampleSet {
+                examples: examples(rows),
+            },
+        )),
+        labels: vec![],
+    }
+}
+
+async fn collect(mut stream: Streaming<proto::TrainEvent>) -> Vec<proto::TrainEvent> {
+    let mut events = Vec::new();
+    while let Some(event) = stream.message().await.expect("event stream") {
+        events.push(event);
+    }
+    events
+}
+
+async fn trainer(server: &TestServer) -> TrainerClient<Channel> {
+    TrainerClient::new(server.channel().await)
+}
+
+async fn predictor(server: &TestServer) -> PredictorClient<Channel> {
+    PredictorClient::new(server.channel().await)
+}
+
+/// Trains `head` to completion and returns its events.
+async fn train(server: &TestServer, request: proto::TrainHeadRequest) -> Vec<proto::TrainEvent> {
+    let stream = trainer(server)
+        .await
+        .train_head(request)
+        .await
+        .expect("TrainHead")
+        .into_inner();
+    collect(stream).await
+}
+
+async fn predict(
+    server: &TestServer,
+    head: &str,
+    texts: &[&str],
+    top_k: u32,
+) -> proto::PredictResponse {
+    predictor(server)
+        .await
+        .predict(proto::PredictRequest {
+            head: head.into(),
+            inputs: texts.iter().map(|t| text_input(t)).collect(),
+            top_k,
+            ..Default::default()
+        })
+        .await
+        .expect("Predict")
+        .into_inner()
+}
+
+/// The server config with the head store in `store`.
+fn config_with_store(store: &Path, extra_heads: &str) -> String {
+    config_with_store_and_backbone(store, extra_heads, "")
+}
+
+fn config_with_store_and_backbone(store: &Path, extra_heads: &str, extra_backbone: &str) -> String {
+    format!(
+        "[heads]\nstore_dir = \"{}\"\n{extra_heads}\n{}",
+        store.display(),
+        TestServer::minilm_config("", extra_backbone)
+    )
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn predictions_for_different_heads_share_forward_passes() {
+    let store = tempfile::tempdir().expect("store dir");
+    let server = TestServer::start(&config_with_store_and_backbone(
+        store.path(),
+        "",
+        "max_queue_delay_ms = 50",
+    ))
+    .await;
+    let rows: Vec<_> = read_tsv("topics_train.tsv").into_iter().take(40).collect();
+    for head in ["first", "second"] {
+        let events = train(&server, train_request(head, &rows, 1)).await;
+        assert_eq!(events.last().unwrap().state(), JobState::Succeeded);
+    }
+    let series = r#"tlserve_inference_batches_total{backbone="all-MiniLM-L6-v2"}"#;
+    let before = metric(&server.scrape(), series);
+    let texts = read_tsv("topics_test.tsv");
+    let mut calls = Vec::new();
+    for (i, (_, text)) in texts.iter().take(8).enumerate() {
+        let head = if i % 2 == 0 { "first" } else { "second" };
+        let mut client = predictor(&server).await;
+        let request = proto::PredictRequest {
+            head: head.into(),
+            inputs: vec![text_input(text)],
+            top_k: 1,
+            ..Default::default()
+        };
+        calls.push(tokio::spawn(async move { client.predict(request).await }));
+    }
+    for call in calls {
+        let response = call.await.expect("join").expect("Predict").into_inner();
+        assert_eq!(response.predictions[0].labels.len(), 1);
+    }
+    let passes = metric(&server.scrape(), series) - before;
+    assert!(
+        passes < 8.0,
+        "8 predictions over two heads took {passes} forward passes"
+    );
+}
+
+#[tokio::test]
+async fn a_trained_head_classifies_held_out_sentences_and_persists() {
+    let store = tempfile::tempdir().expect("store dir");
+    let server = TestServer::start(&config_with_store(store.path(), "")).await;
+    let train_rows = read_tsv("topics_train.tsv");
+    let test_rows = read_tsv("topics_test.tsv");
+
+    let events = train(&server, train_request("topics", &train_rows, 7)).await;
+    let states: Vec<JobState> = events.iter().map(|e| e.state()).collect();
+    assert_eq!(states.first(), Some(&JobState::Queued), "{states:?}");
+    assert_eq!(states.last(), Some(&JobState::Succeeded), "{events:?}");
+    let embedding: Vec<_> = events
+        .iter()
+        .filter(|e| e.state() == JobState::Embedding)
+        .collect();
+    assert!(!embedding.is_empty());
+    let last_embedding = embedding.last().unwrap();
+    assert_eq!(last_embedding.embedded, last_embedding.total_inputs);
+    assert_eq!(
+        last_embedding.total_inputs, 160,
+        "every training sentence is distinct"
+    );
+    let epochs: Vec<u32> = events
+        .iter()
+        .filter(|e| e.state() == JobState::Training && e.epoch > 0)
+        .map(|e| e.epoch)
+        .collect();
+    assert_eq!(epochs, (1..=40).collect::<Vec<_>>());
+
+    let done = events.last().unwrap();
+    let head = done.head.as_ref().expect("the published head");
+    assert_eq!((head.name.as_str(), head.version), ("topics", 1));
+    assert_eq!(
+        head.labels,
+        vec!["cooking", "sports", "technology", "weather"]
+    );
+    assert_eq!(head.train_examples + head.validation_examples, 160);
+    assert_eq!(head.validation_examples, 16);
+    assert_eq!(head.backbone_fingerprint.len(), 64);
+
+    // Held-out accuracy: sentence embeddings separate these topics easily.
+    let texts: Vec<&str> = test_rows.iter().map(|(_, t)| t.as_str()).collect();
+    let response = predict(&server, "topics", &texts, 0).await;
+    assert_eq!((response.head.as_str(), response.version), ("topics", 1));
+    let mut correct = 0;
+    for (prediction, (label, _)) in response.predictions.iter().zip(&test_rows) {
+        assert_eq!(prediction.labels.len(), 4, "top_k 0 gives every label");
+        let total: f32 = prediction.labels.iter().map(|l| l.probability).sum();
+        assert!((total - 1.0).abs() < 1e-4, "probabilities sum to {total}");
+        assert!(prediction
+            .labels
+            .windows(2)
+            .all(|w| w[0].probability >= w[1].probability));
+        correct += usize::from(&prediction.labels[0].label == label);
+    }
+    let accuracy = correct as f64 / test_rows.len() as f64;
+    eprintln!("held-out accuracy of the topics head: {accuracy:.3}");
+    assert!(accuracy >= 0.85, "held-out accuracy {accuracy}");
+
+    let top2 = predict(&server, "topics@1", &texts[..1], 2).await;
+    assert_eq!(top2.predictions[0].labels.len(), 2);
+
+    // Restart on the same store: the head is still there and answers the same.
+    drop(server);
+    let server = TestServer::start(&config_with_store(store.path(), "")).await;
+    let again = predict(&server, "topics", &texts, 0).await;
+    assert_eq!(again.predictions, response.predictions);
+    let listed = server
+        .models()
+        .await
+        .list_heads(proto::ListHeadsRequest::default())
+        .await
+        .expect("ListHeads")
+        .into_inner();
+    assert_eq!(listed.heads.len(), 1);
+    assert_eq!(listed.heads[0].metrics, head.metrics);
+}
+
+#[tokio::test]
+async fn the_same_seed_gives_the_same_head_and_versions_increase() {
+    let store = tempfile::tempdir().expect("store dir");
+    let server = TestServer::start(&config_with_store(store.path(), "")).await;
+    let rows: Vec<_> = read_tsv("topics_train.tsv").into_iter().take(60).collect();
+    let mut request = train_request("seeded", &rows, 42);
+    request.spec = Some(proto::HeadSpec {
+        kind: Some(proto::head_spec::Kind::Mlp(proto::MlpHead {
+            hidden_size: 32,
+            dropout: 0.2,
+        })),
+    });
+    if let Some(training) = request.training.as_mut() {
+        training.epochs = 15;
+    }
+    let first = train(&server, request.clone()).await;
+    let second = train(&server, request.clone()).await;
+    let head = |events: &[proto::TrainEvent]| events.last().unwrap().head.clone().expect("head");
+    let (a, b) = (head(&first), head(&second));
+    assert_eq!((a.version, b.version), (1, 2));
+    assert_eq!(a.metrics, b.metrics, "same seed, same training");
+
+    let probe = ["The referee blew the final whistle."];
+    let p1 = predict(&server, "seeded@1", &probe, 0).await;
+    let p2 = predict(&server, "seeded@2", &probe, 0).await;
+    assert_eq!(p1.predictions, p2.predictions);
+
+    let mut models = server.models().await;
+    let all = models
+        .list_heads(proto::ListHeadsRequest {
+            backbone: MINILM.into(),
+            all_versions: true,
+        })
+        .await
+        .expect("ListHeads")
+        .into_inner();
+    assert_eq!(all.heads.len(), 2);
+    let got = models
+        .get_head(proto::GetHeadRequest {
+            head: "seeded@1".into(),
+        })
+        .await
+        .expect("GetHead")
+        .into_inner();
+    assert_eq!(got.version, 1);
+    let deleted = models
+        .delete_head(proto::DeleteHeadRequest {
+            head: "seeded@2".into(),
+        })
+        .await
+        .expect("DeleteHead")
+        .into_inner();
+    assert_eq!(deleted.deleted_versions, vec![2]);
+    let latest = predict(&server, "seeded", &probe, 1).await;
+    assert_eq!(latest.version, 1);
+    let third = train(&server, request).await;
+    assert_eq!(head(&third).version, 3, "versions never go back");
+}
+
+#[tokio::test]
+async fn jobs_outlive_their_clients_can_be_watched_listed_and_cancelled() {
+    let store = tempfile::tempdir().expect("store dir");
+    let server =
+        TestServer::start(&config_with_store(store.path(), "max_concurrent_jobs = 1")).await;
+    let rows: Vec<_> = read_tsv("topics_train.tsv").into_iter().take(40).collect();
+    let mut client = trainer(&server).await;
+
+    // A long job: many epochs. Read its first event, then hang up.
+    let mut long = train_request("long", &rows, 1);
+    if let Some(training) = long.training.as_mut() {
+        training.epochs = 10_000;
+    }
+    let mut stream = client
+        .train_head(long)
+        .await
+        .expect("TrainHead")
+        .into_inner();
+    let first = stream.message().await.expect("stream").expect("an event");
+    let long_id = first.job_id.clone();
+    drop(stream);
+
+    // A second job waits for the only training slot.
+    let mut short = client
+        .train_head(train_request("short", &rows, 2))
+        .await
+        .expect("TrainHead")
+        .into_inner();
+    let short_first = short.message().await.expect("stream").expect("an event");
+    assert_eq!(short_first.state(), JobState::Queued);
+
+    let jobs = client
+        .list_jobs(proto::ListJobsRequest::default())
+        .await
+        .expect("ListJobs")
+        .into_inner()
+        .jobs;
+    let long_job = jobs.iter().find(|j| j.job_id == long_id).expect("listed");
+    assert!(matches!(
+        long_job.state(),
+        JobState::Queued | JobState::Embedding | JobState::Training
+    ));
+    assert_eq!(long_job.head_name, "long");
+
+    // Re-attach to the long job, see it train, cancel it.
+    let mut watch = client
+        .watch_job(proto::WatchJobRequest {
+            job_id: long_id.clone(),
+        })
+        .await
+        .expect("WatchJob")
+        .into_inner();
+    loop {
+        let event = watch.message().await.expect("watch").expect("an event");
+        if event.state() == JobState::Training && event.epoch >= 1 {
+            break;
+        }
+    }
+    let cancelled = client
+        .cancel_job(proto::CancelJobRequest {
+            job_id: long_id.clone(),
+        })
+        .await
+        .expect("CancelJob")
+        .into_inner();
+    assert_eq!(cancelled.job_id, long_id);
+    let rest = collect(watch).await;
+    let last = rest.last().expect("a final event");
+    assert_eq!(last.state(), JobState::Cancelled, "{last:?}");
+    assert!(!last.error.is_empty());
+
+    // The queued job then runs to the end.
+    let short_events = collect(short).await;
+    assert_eq!(short_events.last().unwrap().state(), JobState::Succeeded);
+
+    // Cancelling an ended job is refused; unknown jobs are NOT_FOUND.
+    let status = client
+        .cancel_job(proto::CancelJobRequest { job_id: long_id })
+        .await
+        .expect_err("already ended");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    let status = client
+        .watch_job(proto::WatchJobRequest {
+            job_id: "no-such-job".into(),
+        })
+        .await
+        .expect_err("unknown");
+    assert_eq!(status.code(), Code::NotFound);
+    let finished = client
+        .list_jobs(proto::ListJobsRequest {
+            include_finished: true,
+        })
+        .await
+        .expect("ListJobs")
+        .into_inner();
+    assert_eq!(finished.jobs.len(), 2);
+}
+
+#[tokio::test]
+async fn large_sets_arrive_by_upload() {
+    let store = tempfile::tempdir().expect("store dir");
+    let server = TestServer::start(&config_with_store(store.path(), "")).await;
+    let rows = read_tsv("topics_train.tsv");
+    let mut client = trainer(&server).await;
+    let chunks: Vec<proto::UploadDatasetRequest> = rows
+        .chunks(25)
+        .map(|chunk| proto::UploadDatasetRequest {
+            examples: examples(chunk),
+        })
+        .collect();
+    let dataset = client
+        .upload_dataset(tokio_stream::iter(chunks))
+        .await
+        .expect("UploadDataset")
+        .into_inner();
+    assert_eq!(dataset.example_count, 160);
+    assert_eq!(dataset.label_counts.get("sports"), Some(&40));
+
+    let mut request = train_request("uploaded", &[], 3);
+    request.data = Some(proto::train_head_request::Data::DatasetId(
+        dataset.dataset_id.clone(),
+    ));
+    let events = train(&server, request.clone()).await;
+    assert_eq!(events.last().unwrap().state(), JobState::Succeeded);
+    // An upload trains one job.
+    let status = client.train_head(request).await.expect_err("used up");
+    assert_eq!(status.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn bad_training_and_prediction_requests_get_precise_codes() {
+    let store = tempfile::tempdir().expect("store dir");
+    let server = TestServer::start(&config_with_store(
+        store.path(),
+        "max_examples_per_job = 50",
+    ))
+    .await;
+    let rows: Vec<_> = read_tsv("topics_train.tsv").into_iter().take(8).collect();
+    let mut client = trainer(&server).await;
+
+    let mut cases: Vec<(proto::TrainHeadRequest, Code, &str)> = Vec::new();
+    let mut unknown_backbone = train_request("x", &rows, 0);
+    unknown_backbone.backbone = "nope".into();
+    cases.push((unknown_backbone, Code::NotFound, "nope"));
+    cases.push((
+        train_request("../etc", &rows, 0),
+        Code::InvalidArgument,
+        "head_name",
+    ));
+    let one_label: Vec<_> = rows
+        .iter()
+        .map(|(_, t)| ("same".to_string(), t.clone()))
+        .collect();
+    cases.push((
+        train_request("x", &one_label, 0),
+        Code::InvalidArgument,
+        "two different labels",
+    ));
+    let mut empty_label = rows.clone();
+    empty_label[3].0 = String::new();
+    cases.push((
+        train_request("x", &empty_label, 0),
+        Code::InvalidArgument,
+        "example 3: label is empty",
+    ));
+    let mut empty_text = rows.clone();
+    empty_text[2].1 = String::new();
+    let mut no_data = train_request("x", &rows, 0);
+    no_data.data = None;
+    cases.push((no_data, Code::InvalidArgument, "no training data"));
+    let too_many: Vec<_> = read_tsv("topics_train.tsv").into_iter().take(51).collect();
+    cases.push((
+        train_request("x", &too_many, 0),
+        Code::ResourceExhausted,
+        "at most 50",
+    ));
+    let mut bad_lr = train_request("x", &rows, 0);
+    bad_lr.training.as_mut().unwrap().learning_rate = f32::NAN;
+    cases.push((bad_lr, Code::InvalidArgument, "learning_rate"));
+    let mut missing_label = train_request("x", &rows, 0);
+    missing_label.labels = vec!["sports".into(), "cooking".into()];
+    cases.push((missing_label, Code::InvalidArgument, "is not in labels"));
+    let mut fine_tune = train_request("x", &rows, 0);
+    fine_tune.training.as_mut().unwrap().unfreeze_top_layers = 2;
+    cases.push((fine_tune, Code::Unimplemented, "fine-tuning"));
+    let mut missing_dataset = train_request("x", &rows, 0);
+    missing_dataset.data = Some(proto::train_head_request::Data::DatasetId("gone".into()));
+    cases.push((missing_dataset, Code::NotFound, "dataset"));
+
+    for (request, code, fragment) in cases {
+        let status = client.train_head(request).await.expect_err("refused");
+        assert_eq!(status.code(), code, "{}", status.message());
+        assert!(
+            status.message().contains(fragment),
+            "{:?} lacks {fragment:?}",
+            status.message()
+        );
+    }
+
+    // An empty text is only found while embedding: the job fails with a reason.
+    let events = train(&server, train_request("x", &empty_text, 0)).await;
+    let last = events.last().unwrap();
+    assert_eq!(last.state(), JobState::Failed);
+    assert!(last.error.contains("text is empty"), "{}", last.error);
+
+    let mut predictor = predictor(&server).await;
+    for (head, code) in [
+        ("missing", Code::NotFound),
+        ("missing@2", Code::NotFound),
+        ("a/b", Code::InvalidArgument),
+        ("x@zero", Code::InvalidArgument),
+    ] {
+        let status = predictor
+            .predict(proto::PredictRequest {
+                head: head.into(),
+                inputs: vec![text_input("hello")],
+                ..Default::default()
+            })
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), code, "{head}: {}", status.message());
+    }
+    // The server is still healthy.
+    assert_eq!(
+        server.health("").await,
+        Some(tonic_health::pb::health_check_response::ServingStatus::Serving)
+    );
+}
+
+#[tokio::test]
+async fn a_head_trained_on_other_backbone_weights_is_refused() {
+    let store = tempfile::tempdir().expect("store dir");
+    let server = TestServer::start(&config_with_store(store.path(), "")).await;
+    let rows: Vec<_> = read_tsv("topics_train.tsv").into_iter().take(40).collect();
+    let events = train(&server, train_request("stale", &rows, 5)).await;
+    assert_eq!(events.last().unwrap().state(), JobState::Succeeded);
+    drop(server);
+
+    // Pretend the backbone's weights changed since the head was trained.
+    let meta_path = store.path().join("stale/1/head.json");
+    let text = std::fs::read_to_string(&meta_path).expect("head.json");
+    let mut meta: serde_json::Value = serde_json::from_str(&text).expect("json");
+    meta["backbone_fingerprint"] = serde_json::json!("0".repeat(64));
+    std::fs::write(&meta_path, meta.to_string()).expect("rewrite");
+
+    let server = TestServer::start(&config_with_store(store.path(), "")).await;
+    let status = predictor(&server)
+        .await
+        .predict(proto::PredictRequest {
+            head: "stale".into(),
+            inputs: vec![text_input("It will rain all week.")],
+            ..Default::default()
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(status.message().contains("retrain"), "{}", status.message());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(server.logs().contains("different backbone weights"));
+}
