@@ -102,3 +102,169 @@ pub async fn backbones(channel: Channel) -> Result<Value> {
         .collect();
     Ok(json!({ "backbones": list }))
 }
+
+/// A head as JSON for the command line.
+fn head_json(head: &proto::HeadInfo) -> Value {
+    let metrics = head.metrics.clone().unwrap_or_default();
+    json!({
+        "name": head.name,
+        "version": head.version,
+        "backbone": head.backbone,
+        "labels": head.labels,
+        "train_examples": head.train_examples,
+        "validation_examples": head.validation_examples,
+        "metrics": {
+            "epoch": metrics.epoch,
+            "train_loss": metrics.train_loss,
+            "train_accuracy": metrics.train_accuracy,
+            "validation_loss": metrics.validation_loss,
+            "validation_accuracy": metrics.validation_accuracy,
+        },
+    })
+}
+
+/// What `tlserve train` asks for.
+pub struct TrainCommand {
+    pub backbone: String,
+    pub head: String,
+    /// (label, text) pairs.
+    pub examples: Vec<(String, String)>,
+    pub epochs: u32,
+    pub learning_rate: f32,
+    pub seed: u64,
+    pub mlp_hidden: Option<u32>,
+}
+
+/// Runs a training job, showing its progress on stderr, and returns the head.
+pub async fn train(channel: Channel, command: TrainCommand) -> Result<Value> {
+    use proto::trainer_client::TrainerClient;
+    use std::io::Write;
+
+    let spec = command.mlp_hidden.map(|hidden_size| proto::HeadSpec {
+        kind: Some(proto::head_spec::Kind::Mlp(proto::MlpHead {
+            hidden_size,
+            dropout: 0.1,
+        })),
+    });
+    let request = proto::TrainHeadRequest {
+        backbone: command.backbone,
+        head_name: command.head,
+        spec,
+        training: Some(proto::TrainingConfig {
+            epochs: command.epochs,
+            learning_rate: command.learning_rate,
+            seed: command.seed,
+            ..Default::default()
+        }),
+        data: Some(proto::train_head_request::Data::Examples(
+            proto::ExampleSet {
+                examples: command
+                    .examples
+                    .into_iter()
+                    .map(|(label, text)| proto::Example {
+                        input: Some(proto::Input {
+                            kind: Some(proto::input::Kind::Text(text)),
+                        }),
+                        label,
+                    })
+                    .collect(),
+            },
+        )),
+        labels: vec![],
+    };
+    let mut stream = TrainerClient::new(channel)
+        .train_head(request)
+        .await
+        .map_err(describe)?
+        .into_inner();
+    let mut stderr = std::io::stderr();
+    while let Some(event) = stream.message().await.map_err(describe)? {
+        let line = match event.state() {
+            proto::JobState::Queued => format!("job {}: queued", event.job_id),
+            proto::JobState::Embedding => {
+                format!("embedding {}/{} inputs", event.embedded, event.total_inputs)
+            }
+            proto::JobState::Training => {
+                let m = event.metrics.clone().unwrap_or_default();
+                match m.validation_accuracy {
+                    Some(acc) => format!(
+                        "epoch {}/{}: loss {:.4}, validation accuracy {:.3}",
+                        event.epoch, event.total_epochs, m.train_loss, acc
+                    ),
+                    None => format!(
+                        "epoch {}/{}: loss {:.4}",
+                        event.epoch, event.total_epochs, m.train_loss
+                    ),
+                }
+            }
+            proto::JobState::Succeeded => {
+                let _ = writeln!(stderr, "\rdone{:60}", "");
+                return match event.head {
+                    Some(head) => Ok(head_json(&head)),
+                    None => Err(anyhow::anyhow!("the job succeeded without a head")),
+                };
+            }
+            proto::JobState::Failed | proto::JobState::Cancelled => {
+                let _ = writeln!(stderr);
+                anyhow::bail!("{}: {}", event.state().as_str_name(), event.error);
+            }
+            proto::JobState::Unspecified => continue,
+        };
+        // One line that updates in place: a person watches it, logs do not.
+        let _ = write!(stderr, "\r{line:<70}");
+        let _ = stderr.flush();
+    }
+    anyhow::bail!("the event stream ended before the job did")
+}
+
+pub async fn predict(
+    channel: Channel,
+    head: String,
+    texts: Vec<String>,
+    top_k: u32,
+) -> Result<Value> {
+    let response = proto::predictor_client::PredictorClient::new(channel)
+        .predict(proto::PredictRequest {
+            head,
+            inputs: texts
+                .into_iter()
+                .map(|text| proto::Input {
+                    kind: Some(proto::input::Kind::Text(text)),
+                })
+                .collect(),
+            top_k,
+            ..Default::default()
+        })
+        .await
+        .map_err(describe)?
+        .into_inner();
+    let predictions: Vec<Value> = response
+        .predictions
+        .into_iter()
+        .map(|p| {
+            Value::Array(
+                p.labels
+                    .into_iter()
+                    .map(|l| json!({"label": l.label, "probability": l.probability}))
+                    .collect(),
+            )
+        })
+        .collect();
+    Ok(json!({
+        "head": response.head,
+        "version": response.version,
+        "predictions": predictions,
+    }))
+}
+
+pub async fn heads(channel: Channel) -> Result<Value> {
+    let response = ModelsClient::new(channel)
+        .list_heads(proto::ListHeadsRequest {
+            backbone: String::new(),
+            all_versions: true,
+        })
+        .await
+        .map_err(describe)?
+        .into_inner();
+    Ok(json!({ "heads": response.heads.iter().map(head_json).collect::<Vec<_>>() }))
+}

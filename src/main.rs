@@ -54,6 +54,46 @@ enum Command {
         truncate: Option<bool>,
         texts: Vec<String>,
     },
+    /// Train a head on a running server from a file of `LABEL<TAB>TEXT` lines;
+    /// shows progress on stderr and prints the published head as JSON.
+    Train {
+        #[command(flatten)]
+        server: ServerAddr,
+        #[arg(long, short)]
+        backbone: String,
+        /// Name to publish the head under.
+        #[arg(long)]
+        head: String,
+        /// The examples: one `LABEL<TAB>TEXT` per line.
+        #[arg(long)]
+        examples: PathBuf,
+        #[arg(long, default_value_t = 20)]
+        epochs: u32,
+        #[arg(long, default_value_t = 0.001)]
+        learning_rate: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Train an MLP head with this hidden size instead of a linear head.
+        #[arg(long)]
+        mlp_hidden: Option<u32>,
+    },
+    /// Predict labels for texts with a trained head (`name` or `name@version`).
+    /// Without TEXT arguments, every non-empty line of standard input is one text.
+    Predict {
+        #[command(flatten)]
+        server: ServerAddr,
+        #[arg(long)]
+        head: String,
+        /// Labels per text, most probable first; 0 means all.
+        #[arg(long, default_value_t = 1)]
+        top_k: u32,
+        texts: Vec<String>,
+    },
+    /// List the stored heads (every version) as JSON.
+    Heads {
+        #[command(flatten)]
+        server: ServerAddr,
+    },
     /// List the backbones of a running server as JSON.
     Backbones {
         #[command(flatten)]
@@ -148,6 +188,21 @@ fn load_config(path: &Path) -> Result<Config> {
     Config::load(path).with_context(|| format!("configuration {}", path.display()))
 }
 
+/// The texts given as arguments, or else the non-empty lines of standard input.
+fn texts_or_stdin(texts: Vec<String>) -> Result<Vec<String>> {
+    if !texts.is_empty() {
+        return Ok(texts);
+    }
+    let mut lines = Vec::new();
+    for line in std::io::stdin().lock().lines() {
+        let line = line.context("cannot read standard input")?;
+        if !line.trim().is_empty() {
+            lines.push(line);
+        }
+    }
+    Ok(lines)
+}
+
 fn print_json(value: &serde_json::Value) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
@@ -167,17 +222,10 @@ async fn run(cli: Cli) -> Result<()> {
             pooling,
             normalize,
             truncate,
-            mut texts,
+            texts,
         } => {
             telemetry::init(LogFormat::Human, "warn");
-            if texts.is_empty() {
-                for line in std::io::stdin().lock().lines() {
-                    let line = line.context("cannot read standard input")?;
-                    if !line.trim().is_empty() {
-                        texts.push(line);
-                    }
-                }
-            }
+            let texts = texts_or_stdin(texts)?;
             let pooling = match pooling {
                 None => proto::Pooling::Unspecified,
                 Some(PoolingArg::Mean) => proto::Pooling::Mean,
@@ -192,6 +240,61 @@ async fn run(cli: Cli) -> Result<()> {
                 truncate,
             };
             print_json(&client::embed(channel, command).await?)?;
+        }
+        Command::Train {
+            server,
+            backbone,
+            head,
+            examples,
+            epochs,
+            learning_rate,
+            seed,
+            mlp_hidden,
+        } => {
+            telemetry::init(LogFormat::Human, "warn");
+            let text = std::fs::read_to_string(&examples)
+                .with_context(|| format!("cannot read {}", examples.display()))?;
+            let mut rows = Vec::new();
+            for (number, line) in text.lines().enumerate() {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let (label, sentence) = line.split_once('\t').with_context(|| {
+                    format!(
+                        "{} line {}: expected LABEL<TAB>TEXT",
+                        examples.display(),
+                        number + 1
+                    )
+                })?;
+                rows.push((label.to_owned(), sentence.to_owned()));
+            }
+            let channel = client::connect(&server.addr).await?;
+            let command = client::TrainCommand {
+                backbone,
+                head,
+                examples: rows,
+                epochs,
+                learning_rate,
+                seed,
+                mlp_hidden,
+            };
+            print_json(&client::train(channel, command).await?)?;
+        }
+        Command::Predict {
+            server,
+            head,
+            top_k,
+            texts,
+        } => {
+            telemetry::init(LogFormat::Human, "warn");
+            let texts = texts_or_stdin(texts)?;
+            let channel = client::connect(&server.addr).await?;
+            print_json(&client::predict(channel, head, texts, top_k).await?)?;
+        }
+        Command::Heads { server } => {
+            telemetry::init(LogFormat::Human, "warn");
+            let channel = client::connect(&server.addr).await?;
+            print_json(&client::heads(channel).await?)?;
         }
         Command::Backbones { server } => {
             telemetry::init(LogFormat::Human, "warn");

@@ -133,12 +133,21 @@ async fn grpcurl_examples_work_through_reflection() {
             assert!(out.contains("SERVING"), "{out}");
         } else if command.contains("ListBackbones") {
             assert!(out.contains(MINILM), "{out}");
+        } else if command.contains("Trainer/TrainHead") {
+            assert!(out.contains("JOB_STATE_QUEUED"), "{out}");
+            assert!(out.contains("JOB_STATE_TRAINING"), "{out}");
+            assert!(out.contains("JOB_STATE_SUCCEEDED"), "{out}");
+        } else if command.contains("Predictor/Predict") {
+            let json: Value = serde_json::from_str(&out).expect("grpcurl prints JSON");
+            let best = &json["predictions"][0]["labels"][0];
+            assert_eq!(best["label"], "positive", "{out}");
+            assert!(best["probability"].as_f64().unwrap() > 0.5, "{out}");
         } else {
             panic!("no check for README command `{command}`");
         }
         checked += 1;
     }
-    assert!(checked >= 4);
+    assert!(checked >= 6);
 }
 
 #[tokio::test]
@@ -159,6 +168,28 @@ async fn cli_examples_print_json() {
             let embeddings = json["embeddings"].as_array().expect("embeddings");
             assert_eq!(embeddings.len(), 2, "two lines in, two vectors out");
             assert_same_vector("cli stdin", &embeddings[0]["values"], &expected);
+        } else {
+            panic!("no check for README command `{command}`");
+        }
+    }
+}
+
+#[tokio::test]
+async fn cli_training_examples_train_predict_and_list() {
+    let server = TestServer::start_minilm().await;
+    for command in readme_commands("cli-heads") {
+        let out = run(&command, &server);
+        let json: Value = serde_json::from_str(&out).expect("the CLI prints JSON");
+        if command.starts_with("tlserve train") {
+            assert_eq!(json["name"], "topics");
+            assert_eq!(json["version"], 1);
+            assert_eq!(json["labels"].as_array().map(Vec::len), Some(4));
+        } else if command.starts_with("tlserve predict") {
+            let predictions = json["predictions"].as_array().expect("predictions");
+            assert_eq!(predictions[0][0]["label"], "weather", "{out}");
+            assert_eq!(predictions[1][0]["label"], "sports", "{out}");
+        } else if command.starts_with("tlserve heads") {
+            assert_eq!(json["heads"][0]["name"], "topics");
         } else {
             panic!("no check for README command `{command}`");
         }
