@@ -105,7 +105,7 @@ pub async fn backbones(channel: Channel) -> Result<Value> {
 
 /// A head as JSON for the command line.
 fn head_json(head: &proto::HeadInfo) -> Value {
-    let metrics = head.metrics.clone().unwrap_or_default();
+    let metrics = head.metrics.unwrap_or_default();
     json!({
         "name": head.name,
         "version": head.version,
@@ -185,7 +185,7 @@ pub async fn train(channel: Channel, command: TrainCommand) -> Result<Value> {
                 format!("embedding {}/{} inputs", event.embedded, event.total_inputs)
             }
             proto::JobState::Training => {
-                let m = event.metrics.clone().unwrap_or_default();
+                let m = event.metrics.unwrap_or_default();
                 match m.validation_accuracy {
                     Some(acc) => format!(
                         "epoch {}/{}: loss {:.4}, validation accuracy {:.3}",
