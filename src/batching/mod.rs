@@ -51,6 +51,7 @@ pub struct BatchLimits {
 /// Shared by every item of one request; answers the caller once.
 struct RequestState {
     options: EmbedOptions,
+    priority: Priority,
     deadline: Option<Instant>,
     enqueued: Instant,
     collector: Mutex<Collector>,
@@ -221,6 +222,7 @@ impl BackboneQueue {
         let (reply, receiver) = oneshot::channel();
         let request = Arc::new(RequestState {
             options,
+            priority,
             deadline,
             enqueued: now,
             collector: Mutex::new(Collector {

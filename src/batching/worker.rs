@@ -2,7 +2,7 @@
 
 use std::{panic::AssertUnwindSafe, sync::Arc, time::Instant};
 
-use super::{partition, BatchLimits, Lanes, Shared, Unit};
+use super::{partition, BatchLimits, Lanes, Priority, Shared, Unit};
 use crate::{
     backbone::{Backbone, EmbedItem},
     metrics, Error,
@@ -12,7 +12,7 @@ pub(super) fn run(backbone: Arc<dyn Backbone>, shared: Arc<Shared>) {
     tracing::debug!(backbone = %shared.name, "worker started");
     while let Some(batch) = next_batch(&shared) {
         if !batch.is_empty() {
-            compute(backbone.as_ref(), &shared, &batch);
+            compute(backbone.as_ref(), &shared, batch);
         }
     }
     tracing::debug!(backbone = %shared.name, "worker stopped");
@@ -95,54 +95,91 @@ fn is_full(lanes: &Lanes, limits: &BatchLimits) -> bool {
 }
 
 /// Runs a batch as forward passes of similar lengths and delivers the vectors.
-fn compute(backbone: &dyn Backbone, shared: &Shared, batch: &[Unit]) {
+///
+/// Passes with online items go first. Between passes, when online work is
+/// waiting and only bulk passes are left, those go back to the front of the bulk
+/// lane: online requests wait for at most one pass, never a whole bulk batch.
+fn compute(backbone: &dyn Backbone, shared: &Shared, batch: Vec<Unit>) {
+    let lengths: Vec<usize> = batch.iter().map(|unit| unit.item.tokens()).collect();
+    let is_online = |i: &usize| batch[*i].request.priority == Priority::Online;
+    let mut groups = partition::by_length(&lengths);
+    // Stable: within each class, shorter passes first as before.
+    groups.sort_by_key(|group| !group.iter().any(is_online));
+
+    let mut done = vec![false; batch.len()];
+    for (position, group) in groups.iter().enumerate() {
+        let bulk_only_from_here = groups[position..].iter().all(|g| !g.iter().any(is_online));
+        if position > 0 && bulk_only_from_here && !shared.lanes().online.is_empty() {
+            requeue_bulk(shared, batch, &done);
+            return;
+        }
+        run_pass(backbone, shared, &batch, group, &lengths);
+        for &i in group {
+            done[i] = true;
+        }
+    }
+}
+
+/// Puts the units not yet computed back at the front of the bulk lane, in order.
+fn requeue_bulk(shared: &Shared, batch: Vec<Unit>, done: &[bool]) {
+    let mut lanes = shared.lanes();
+    let pending: Vec<Unit> = batch
+        .into_iter()
+        .zip(done)
+        .filter(|(_, &done)| !done)
+        .map(|(unit, _)| unit)
+        .collect();
+    for unit in pending.into_iter().rev() {
+        lanes.bulk.push_front(unit);
+    }
+    metrics::set_queue_depth(&shared.name, lanes.len());
+}
+
+fn run_pass(
+    backbone: &dyn Backbone,
+    shared: &Shared,
+    batch: &[Unit],
+    group: &[usize],
+    lengths: &[usize],
+) {
     let started = Instant::now();
-    for unit in batch {
+    for &i in group {
         metrics::record_queue_wait(
             &shared.name,
-            started.saturating_duration_since(unit.request.enqueued),
+            started.saturating_duration_since(batch[i].request.enqueued),
         );
     }
-    let lengths: Vec<usize> = batch.iter().map(|unit| unit.item.tokens()).collect();
-    for group in partition::by_length(&lengths) {
-        let items: Vec<EmbedItem<'_>> = group
-            .iter()
-            .map(|&i| EmbedItem {
-                input: &batch[i].item,
-                options: batch[i].request.options,
-            })
-            .collect();
-        let padded_tokens = items.len() * group.iter().map(|&i| lengths[i]).max().unwrap_or(0);
-        let pass_started = Instant::now();
-        // A panic inside the model must fail these requests, not kill the worker
-        // and with it every later request for this backbone.
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| backbone.embed(&items)))
-            .unwrap_or_else(|_| Err(Error::Inference("the model panicked".into())));
-        metrics::record_forward_pass(
-            &shared.name,
-            items.len(),
-            padded_tokens,
-            pass_started.elapsed(),
-        );
-        match result {
-            Ok(vectors) if vectors.len() == group.len() => {
-                for (&i, vector) in group.iter().zip(vectors) {
-                    batch[i].request.deliver(batch[i].index, vector);
-                }
+    let items: Vec<EmbedItem<'_>> = group
+        .iter()
+        .map(|&i| EmbedItem {
+            input: &batch[i].item,
+            options: batch[i].request.options,
+        })
+        .collect();
+    let padded_tokens = items.len() * group.iter().map(|&i| lengths[i]).max().unwrap_or(0);
+    // A panic inside the model must fail these requests, not kill the worker
+    // and with it every later request for this backbone.
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| backbone.embed(&items)))
+        .unwrap_or_else(|_| Err(Error::Inference("the model panicked".into())));
+    metrics::record_forward_pass(&shared.name, items.len(), padded_tokens, started.elapsed());
+    match result {
+        Ok(vectors) if vectors.len() == group.len() => {
+            for (&i, vector) in group.iter().zip(vectors) {
+                batch[i].request.deliver(batch[i].index, vector);
             }
-            Ok(vectors) => fail_group(
-                shared,
-                batch,
-                &group,
-                &format!(
-                    "the model returned {} vectors for {} items",
-                    vectors.len(),
-                    group.len()
-                ),
-            ),
-            Err(Error::Inference(reason)) => fail_group(shared, batch, &group, &reason),
-            Err(other) => fail_group(shared, batch, &group, &other.to_string()),
         }
+        Ok(vectors) => fail_group(
+            shared,
+            batch,
+            group,
+            &format!(
+                "the model returned {} vectors for {} items",
+                vectors.len(),
+                group.len()
+            ),
+        ),
+        Err(Error::Inference(reason)) => fail_group(shared, batch, group, &reason),
+        Err(other) => fail_group(shared, batch, group, &other.to_string()),
     }
 }
 
@@ -192,6 +229,11 @@ mod tests {
             options: EmbedOptions {
                 pooling: Pooling::Mean,
                 normalize: true,
+            },
+            priority: if bulk {
+                Priority::Bulk
+            } else {
+                Priority::Online
             },
             deadline,
             enqueued: Instant::now(),
@@ -268,6 +310,85 @@ mod tests {
             expired.try_recv(),
             Ok(Err(crate::Error::DeadlineExceeded(_)))
         ));
+    }
+
+    /// Returns zero vectors; on its first pass an online request "arrives".
+    struct ArrivingOnline {
+        shared: Arc<Shared>,
+        passes: Mutex<Vec<usize>>,
+        descriptor: crate::backbone::BackboneDescriptor,
+    }
+
+    impl Backbone for ArrivingOnline {
+        fn descriptor(&self) -> &crate::backbone::BackboneDescriptor {
+            &self.descriptor
+        }
+
+        fn prepare(
+            &self,
+            _index: usize,
+            _input: crate::backbone::Input,
+            _truncate: bool,
+        ) -> Result<Prepared> {
+            unreachable!("the worker never prepares")
+        }
+
+        fn embed(&self, items: &[EmbedItem<'_>]) -> Result<Vec<Vec<f32>>> {
+            let mut passes = self.passes.lock().unwrap();
+            if passes.is_empty() {
+                // Dropped receiver: the arriving request only needs to be waiting.
+                drop(push(&self.shared, false, &[6], None));
+            }
+            passes.push(items.len());
+            Ok(vec![vec![0.0]; items.len()])
+        }
+    }
+
+    #[test]
+    fn bulk_passes_yield_to_online_work_that_arrives_meanwhile() {
+        let shared = Arc::new(shared(8, 10_000));
+        let mut bulk = push(&shared, true, &[5, 5, 300, 300], None);
+        let batch = next_batch(&shared).expect("a batch");
+        assert_eq!(batch.len(), 4);
+        let backbone = ArrivingOnline {
+            shared: Arc::clone(&shared),
+            passes: Mutex::new(Vec::new()),
+            descriptor: crate::backbone::BackboneDescriptor {
+                name: "test".into(),
+                architecture: crate::config::Architecture::Bert,
+                modality: crate::backbone::Modality::Text,
+                dimension: 1,
+                device: "cpu".into(),
+                dtype: "f32".into(),
+                max_sequence_length: 512,
+                default_options: EmbedOptions {
+                    pooling: Pooling::Mean,
+                    normalize: true,
+                },
+                default_truncate: true,
+                fingerprint: String::new(),
+                source: String::new(),
+            },
+        };
+        compute(&backbone, &shared, batch);
+        // One pass (the two short items), then the long ones went back in line
+        // behind nothing but the online request that arrived.
+        assert_eq!(*backbone.passes.lock().unwrap(), vec![2]);
+        let lanes = shared.lanes();
+        assert_eq!(lanes.online.len(), 1);
+        assert_eq!(
+            lanes
+                .bulk
+                .iter()
+                .map(|u| u.item.tokens())
+                .collect::<Vec<_>>(),
+            vec![300, 300]
+        );
+        drop(lanes);
+        assert!(
+            bulk.try_recv().is_err(),
+            "the bulk request is not answered yet"
+        );
     }
 
     #[test]
