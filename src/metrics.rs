@@ -40,6 +40,10 @@ pub const TRAINING_JOBS: &str = "tlserve_training_jobs";
 pub const TRAINING_JOB_DURATION_SECONDS: &str = "tlserve_training_job_duration_seconds";
 /// Head versions in the head store.
 pub const HEADS: &str = "tlserve_heads";
+/// Resident memory of the process (Linux /proc), sampled every few seconds.
+pub const PROCESS_RESIDENT_MEMORY_BYTES: &str = "tlserve_process_resident_memory_bytes";
+/// CPU time the process has used, user plus system, in whole seconds.
+pub const PROCESS_CPU_SECONDS_TOTAL: &str = "tlserve_process_cpu_seconds_total";
 /// 1 for each loaded backbone, with `backbone`, `architecture`, `device`, `dtype`
 /// and `dimension` labels.
 pub const BACKBONE_INFO: &str = "tlserve_backbone_info";
@@ -117,6 +121,16 @@ fn describe() {
         "Wall time of finished training jobs"
     );
     describe_gauge!(HEADS, "Head versions in the head store");
+    describe_gauge!(
+        PROCESS_RESIDENT_MEMORY_BYTES,
+        metrics::Unit::Bytes,
+        "Resident memory of the process"
+    );
+    describe_counter!(
+        PROCESS_CPU_SECONDS_TOTAL,
+        metrics::Unit::Seconds,
+        "CPU time used by the process"
+    );
 }
 
 pub fn record_grpc(service: &str, method: &str, code: &'static str, elapsed: Duration) {
@@ -175,4 +189,61 @@ pub fn record_training_job(state: &'static str, elapsed: Duration) {
 
 pub fn set_heads(count: usize) {
     gauge!(HEADS).set(count as f64);
+}
+
+/// Samples process memory and CPU time every `every` while the runtime runs.
+/// Linux only: elsewhere the task finds no /proc and exports nothing.
+pub fn spawn_process_sampler(every: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(every);
+        loop {
+            ticker.tick().await;
+            if let Some(bytes) = resident_memory_bytes() {
+                gauge!(PROCESS_RESIDENT_MEMORY_BYTES).set(bytes as f64);
+            }
+            if let Some(seconds) = cpu_seconds() {
+                counter!(PROCESS_CPU_SECONDS_TOTAL).absolute(seconds);
+            }
+        }
+    })
+}
+
+/// `VmRSS` of /proc/self/status, which states its unit (kB).
+fn resident_memory_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// utime + stime of /proc/self/stat (all threads), in clock ticks of 1/100 s:
+/// USER_HZ is 100 on every mainstream Linux architecture.
+fn cpu_seconds() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name may contain spaces; fields are counted after its ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn process_figures_are_read_from_proc() {
+        let rss = resident_memory_bytes().expect("VmRSS");
+        assert!(
+            rss > 1024 * 1024,
+            "a test process uses more than 1 MiB: {rss}"
+        );
+        // Burn a little CPU so the figure is not trivially zero-or-garbage.
+        let mut x = 0u64;
+        for i in 0..10_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        assert!(x != 1);
+        assert!(cpu_seconds().is_some());
+    }
 }

@@ -83,6 +83,11 @@ async fn sigterm_drains_finishes_in_flight_calls_and_exits_cleanly() {
         "Health did not turn NOT_SERVING:\n{}",
         server.logs()
     );
+    // Liveness stays SERVING while draining: nothing should restart the pod now.
+    assert_eq!(
+        server.health("liveness").await,
+        Some(ServingStatus::Serving)
+    );
 
     let response = match in_flight.await.expect("join") {
         Ok(response) => response.into_inner(),
@@ -125,6 +130,8 @@ async fn metrics_count_calls_by_code_and_describe_backbones() {
         r#"tlserve_inference_batches_total{backbone="all-MiniLM-L6-v2"} 1"#,
         r#"tlserve_model_load_duration_seconds{backbone="all-MiniLM-L6-v2"}"#,
         r#"tlserve_backbone_info{backbone="all-MiniLM-L6-v2",architecture="bert",device="cpu",dtype="f32",dimension="384"} 1"#,
+        "tlserve_process_resident_memory_bytes ",
+        "tlserve_process_cpu_seconds_total ",
     ] {
         assert!(text.contains(expected), "missing {expected} in:\n{text}");
     }

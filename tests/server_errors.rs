@@ -147,6 +147,11 @@ async fn a_backbone_that_fails_to_load_is_reported_and_health_stays_not_serving(
     assert_eq!(failed.state(), proto::BackboneState::Failed);
     assert!(failed.error.contains("config.json"), "{}", failed.error);
     assert_eq!(server.health("").await, Some(ServingStatus::NotServing));
+    // The process itself is fine: liveness must not restart it in a loop.
+    assert_eq!(
+        server.health("liveness").await,
+        Some(ServingStatus::Serving)
+    );
     assert_eq!(
         server.health("tlserve.v1.Embedder").await,
         Some(ServingStatus::NotServing)

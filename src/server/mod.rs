@@ -58,6 +58,9 @@ pub enum ServeError {
     HeadStore(crate::Error),
 }
 
+/// The Health service name that liveness probes check.
+pub const LIVENESS_SERVICE: &str = "liveness";
+
 /// Health is reported for the whole server ("") and for each service.
 fn health_names() -> [&'static str; 5] {
     [
@@ -92,6 +95,7 @@ pub async fn run(
     tracing::info!(address = %listener.local_addr().unwrap_or(addr), "gRPC listening");
     if let Some(addr) = config.server.metrics_listen {
         metrics::install_exporter(addr).map_err(|source| ServeError::Metrics { addr, source })?;
+        metrics::spawn_process_sampler(Duration::from_secs(5));
         tracing::info!(address = %addr, "metrics at /metrics");
     }
 
@@ -119,6 +123,11 @@ pub async fn run(
     ));
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
+    // For liveness probes: SERVING from start to exit, so a pod that is loading,
+    // busy or draining is never restarted for it.
+    health
+        .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
+        .await;
     let loader = tokio::spawn({
         let registry = Arc::clone(&registry);
         let store = Arc::clone(&store);
