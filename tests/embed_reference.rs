@@ -49,10 +49,17 @@ fn embed_all(model: &dyn Backbone, sentences: &[String], options: EmbedOptions) 
 
 fn assert_close(label: &str, ours: &[Vec<f32>], reference: &[Vec<f64>]) {
     assert_eq!(ours.len(), reference.len());
+    let mut lowest = f64::INFINITY;
     for (i, (a, b)) in ours.iter().zip(reference).enumerate() {
         let cos = cosine(a, b);
         assert!(cos >= MIN_COSINE, "{label}: sentence {i} cosine {cos}");
+        lowest = lowest.min(cos);
     }
+    eprintln!(
+        "{label}: lowest cosine to the reference over {} sentences: 1 - {:.1e}",
+        ours.len(),
+        1.0 - lowest
+    );
 }
 
 #[test]

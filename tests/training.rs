@@ -398,6 +398,35 @@ async fn jobs_outlive_their_clients_can_be_watched_listed_and_cancelled() {
 }
 
 #[tokio::test]
+async fn identical_inputs_are_embedded_once() {
+    let store = tempfile::tempdir().expect("store dir");
+    let server = TestServer::start(&config_with_store(store.path(), "")).await;
+    let rows: Vec<_> = read_tsv("topics_train.tsv").into_iter().take(20).collect();
+    let doubled: Vec<_> = rows.iter().chain(rows.iter()).cloned().collect();
+    let events = train(&server, train_request("doubled", &doubled, 4)).await;
+    let last = events.last().unwrap();
+    assert_eq!(last.state(), JobState::Succeeded, "{last:?}");
+    let embedding = events
+        .iter()
+        .rfind(|e| e.state() == JobState::Embedding)
+        .expect("an EMBEDDING event");
+    assert_eq!(
+        embedding.total_inputs, 20,
+        "40 examples, 20 distinct inputs"
+    );
+    let head = last.head.as_ref().unwrap();
+    assert_eq!(head.train_examples + head.validation_examples, 40);
+    let items = metric(
+        &server.scrape(),
+        r#"tlserve_inference_items_total{backbone="all-MiniLM-L6-v2"}"#,
+    );
+    assert_eq!(
+        items, 20.0,
+        "the backbone computed each distinct input once"
+    );
+}
+
+#[tokio::test]
 async fn large_sets_arrive_by_upload() {
     let store = tempfile::tempdir().expect("store dir");
     let server = TestServer::start(&config_with_store(store.path(), "")).await;
