@@ -5,28 +5,15 @@
 
 mod common;
 
-use std::{path::Path, process::Command, sync::Arc, time::Duration};
+use std::{process::Command, time::Duration};
 
 use common::*;
-use tlserve::{
-    backbone::{self, Backbone, EmbedItem, Input},
-    config::Config,
-};
+use tlserve::backbone::{Backbone, EmbedItem, Input};
 use tonic::Code;
 
 /// Vectors of the same model and inputs computed alone, batched or not, agree
 /// this closely (float32 sums in a different order over padded shapes).
 const MAX_ABS_DIFF: f32 = 1e-5;
-
-fn load_minilm() -> Arc<dyn Backbone> {
-    let config = Config::from_toml(
-        &TestServer::minilm_config("", ""),
-        Path::new("."),
-        std::iter::empty(),
-    )
-    .expect("config");
-    backbone::load(&config.backbones[0], None).expect("load MiniLM")
-}
 
 /// Each text embedded alone, in a forward pass of its own.
 fn unbatched(model: &dyn Backbone, texts: &[String]) -> Vec<Vec<f32>> {
@@ -54,13 +41,6 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
-}
-
-/// The value of a metric line `name{labels} value` in a scrape, 0 when absent.
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 const BATCHES: &str = r#"tlserve_inference_batches_total{backbone="all-MiniLM-L6-v2"}"#;

@@ -8,27 +8,12 @@
 
 mod common;
 
-use std::path::Path;
-
 use common::*;
-use tlserve::{
-    backbone::{self, Backbone, EmbedItem, EmbedOptions, Input, Pooling},
-    config::Config,
-};
+use tlserve::backbone::{self, Backbone, EmbedItem, EmbedOptions, Input, Pooling};
 
 const MIN_COSINE: f64 = 0.9999;
 /// sentence-transformers' max_seq_length for this model.
 const MAX_LEN: usize = 256;
-
-fn load_minilm() -> std::sync::Arc<dyn Backbone> {
-    let config = Config::from_toml(
-        &TestServer::minilm_config("", ""),
-        Path::new("."),
-        std::iter::empty(),
-    )
-    .expect("config");
-    backbone::load(&config.backbones[0], None).expect("load MiniLM")
-}
 
 fn embed_all(model: &dyn Backbone, sentences: &[String], options: EmbedOptions) -> Vec<Vec<f32>> {
     let prepared: Vec<_> = sentences

@@ -116,12 +116,6 @@ fn config_with_store_and_backbone(store: &Path, extra_heads: &str, extra_backbon
     )
 }
 
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test]
 async fn predictions_for_different_heads_share_forward_passes() {
     let store = tempfile::tempdir().expect("store dir");

@@ -345,3 +345,22 @@ pub fn repo_file(relative: &str) -> PathBuf {
     assert!(Path::new(&path).exists(), "{} is missing", path.display());
     path
 }
+
+/// The real MiniLM loaded in process, as the server would load it.
+pub fn load_minilm() -> std::sync::Arc<dyn tlserve::backbone::Backbone> {
+    let config = tlserve::config::Config::from_toml(
+        &TestServer::minilm_config("", ""),
+        Path::new("."),
+        std::iter::empty(),
+    )
+    .expect("config");
+    tlserve::backbone::load(&config.backbones[0], None).expect("load MiniLM")
+}
+
+/// The value of the series `name{labels}` in a Prometheus scrape, 0 when absent.
+pub fn metric(scrape: &str, series: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
