@@ -36,7 +36,8 @@ bin="$root/target/release/tlserve"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# shellcheck source=scripts/lib/local-server.sh
+source "$root/scripts/lib/local-server.sh"
 
 log "load: $concurrency clients, $inputs input(s) per request, ${seconds}s per setting; load average $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "| max_batch_size | max_queue_delay_ms | req/s | inputs/s | p50 ms | p95 ms | p99 ms | inputs per pass | errors |"
@@ -51,10 +52,7 @@ for setting in $settings; do
     "$bin" serve --config config/tlserve.toml 2>"$work/serve.log" &
   pid=$!
   addr="http://127.0.0.1:$grpc_port"
-  for _ in $(seq 600); do
-    if "$bin" backbones --addr "$addr" 2>/dev/null | grep -q BACKBONE_STATE_READY; then break; fi
-    sleep 0.1
-  done
+  wait_ready "$bin" "$addr"
   "$bin" bench --addr "$addr" -c "$concurrency" -k "$inputs" --duration-seconds "$seconds" \
     --corpus "$corpus" >"$work/report.json" 2>/dev/null
   python3 - "$work/report.json" "$metrics_port" "$batch" "$delay" <<'PY'

@@ -25,17 +25,15 @@ scripts/bench-corpus.sh "$corpus" >/dev/null
 cargo build --release --locked --quiet
 bin="$root/target/release/tlserve"
 work="$(mktemp -d)"
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# shellcheck source=scripts/lib/local-server.sh
+source "$root/scripts/lib/local-server.sh"
 grpc_port="$(free_port)"; metrics_port="$(free_port)"
 addr="http://127.0.0.1:$grpc_port"
 TLSERVE__SERVER__LISTEN="127.0.0.1:$grpc_port" TLSERVE__SERVER__METRICS_LISTEN="127.0.0.1:$metrics_port" \
   TLSERVE__HEADS__STORE_DIR="$work/heads" "$bin" serve --config config/tlserve.toml 2>"$work/serve.log" &
 server=$!
 trap 'kill -TERM "$server" 2>/dev/null; wait "$server" 2>/dev/null; rm -rf "$work"' EXIT
-for _ in $(seq 600); do
-  if "$bin" backbones --addr "$addr" 2>/dev/null | grep -q BACKBONE_STATE_READY; then break; fi
-  sleep 0.1
-done
+wait_ready "$bin" "$addr"
 
 # Light online traffic: 2 clients, one sentence per request.
 online() { "$bin" bench --addr "$addr" -c 2 -k 1 --duration-seconds "$seconds" --corpus "$corpus" 2>/dev/null; }
