@@ -7,6 +7,8 @@
 # left alone.
 #
 # Usage: scripts/fetch-models.sh [MODELS_DIR]   (default: ./models)
+# TLSERVE_MODELS selects models (default: "all-MiniLM-L6-v2 efficientnet-lite0");
+# EfficientNet-Lite0 needs `tlserve convert` (TLSERVE_BIN, or built with cargo).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -118,5 +120,10 @@ fetch_efficientnet_lite0() {
 }
 
 mkdir -p "$models_dir"
-fetch_minilm
-fetch_efficientnet_lite0
+for model in ${TLSERVE_MODELS:-all-MiniLM-L6-v2 efficientnet-lite0}; do
+  case "$model" in
+    all-MiniLM-L6-v2) fetch_minilm ;;
+    efficientnet-lite0) fetch_efficientnet_lite0 ;;
+    *) die "unknown model $model (known: all-MiniLM-L6-v2 efficientnet-lite0)" ;;
+  esac
+done
