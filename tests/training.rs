@@ -410,8 +410,14 @@ async fn identical_inputs_are_embedded_once() {
     );
     let head = last.head.as_ref().unwrap();
     assert_eq!(head.train_examples + head.validation_examples, 40);
+    let scrape = server.scrape();
+    assert_eq!(metric(&scrape, "tlserve_heads "), 1.0);
+    assert_eq!(
+        metric(&scrape, r#"tlserve_training_jobs{state="succeeded"}"#),
+        1.0
+    );
     let items = metric(
-        &server.scrape(),
+        &scrape,
         r#"tlserve_inference_items_total{backbone="all-MiniLM-L6-v2"}"#,
     );
     assert_eq!(

@@ -97,6 +97,7 @@ impl HeadStore {
             }
         }
         let count: usize = heads.values().map(BTreeMap::len).sum();
+        crate::metrics::set_heads(count);
         tracing::info!(root = %root.display(), heads = count, "head store opened");
         Ok(Self {
             root: root.to_owned(),
@@ -199,12 +200,13 @@ impl HeadStore {
         }
 
         let head = Arc::new(StoredHead { meta, weights });
-        self.heads
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
+        let mut heads = self.heads.write().unwrap_or_else(|p| p.into_inner());
+        heads
             .entry(head.meta.name.clone())
             .or_default()
             .insert(version, Arc::clone(&head));
+        crate::metrics::set_heads(heads.values().map(BTreeMap::len).sum());
+        drop(heads);
         tracing::info!(head = %head.meta.name, version, "head published");
         Ok(head)
     }
@@ -244,6 +246,7 @@ impl HeadStore {
                 heads.remove(&reference.name);
             }
         }
+        crate::metrics::set_heads(heads.values().map(BTreeMap::len).sum());
         tracing::info!(head = %reference.name, versions = ?versions, "head versions deleted");
         Ok(versions)
     }

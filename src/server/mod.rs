@@ -107,7 +107,6 @@ pub async fn run(
         HeadStore::open(&config.heads.store_dir, config.heads.max_heads)
             .map_err(ServeError::HeadStore)?,
     );
-    metrics::set_heads(store.list(None, true).len());
     let jobs = Arc::new(JobManager::new(
         Arc::clone(&registry),
         Arc::clone(&store),

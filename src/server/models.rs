@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 use super::{convert, head_convert};
 use crate::{
     head::{store::HeadStore, HeadRef},
-    metrics, proto,
+    proto,
     registry::{BackboneRegistry, BackboneState, BackboneStatus},
     Error,
 };
@@ -105,7 +105,6 @@ impl proto::models_server::Models for ModelsService {
         let deleted_versions = tokio::task::spawn_blocking(move || store.delete(&reference))
             .await
             .map_err(|err| Status::internal(format!("delete failed: {err}")))??;
-        metrics::set_heads(self.store.list(None, true).len());
         Ok(Response::new(proto::DeleteHeadResponse {
             deleted_versions,
         }))
