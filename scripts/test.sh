@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Runs every test: installs what the tests need (the real model, the Python test
-# tools), then the unit and integration tests, which start real servers on
-# loopback ports. One release build serves the tests and the server alike.
+# tools, promtool and kubectl for the deploy checks), then the unit and
+# integration tests, which start real servers on loopback ports. One release
+# build serves the tests and the server alike.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 scripts/fetch-models.sh
 scripts/setup-python.sh
+scripts/setup-tools.sh
 cargo test --release --locked "$@"
