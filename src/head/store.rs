@@ -7,11 +7,12 @@
 //! deletions (`<name>/LATEST` remembers the highest one handed out).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     fs::{self, File},
     io::Write,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, RwLock},
+    time::{Duration, Instant, SystemTime},
 };
 
 use super::{model::HeadWeights, HeadMetadata, HeadRef};
@@ -31,7 +32,13 @@ pub struct StoredHead {
 
 pub struct HeadStore {
     root: PathBuf,
-    heads: RwLock<BTreeMap<String, BTreeMap<u32, Arc<StoredHead>>>>,
+    heads: RwLock<BTreeMap<String, Versions>>,
+    /// When each name (and, under "", the whole store) was last read from disk.
+    scanned: Mutex<HashMap<String, Instant>>,
+    /// How stale the view may get before reads look at the disk again.
+    refresh_interval: Duration,
+    /// Versions that failed to load, so each is reported once, not at every scan.
+    broken: Mutex<std::collections::HashSet<(String, u32)>>,
     /// Serialises publishing and deleting, which allocate versions and move folders.
     writer: Mutex<()>,
     max_heads: usize,
@@ -55,81 +62,138 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
         .map_err(|err| io_err("cannot write", path, err))
 }
 
+type Versions = BTreeMap<u32, Arc<StoredHead>>;
+
+/// Temporary folders younger than this may belong to a publish in progress on
+/// another replica sharing the store; older ones are leftovers of a crash.
+const LEFTOVER_AGE: Duration = Duration::from_secs(3600);
+
+/// How stale the in-memory view of a name may get before a read looks at the
+/// disk again, so heads published or deleted by other replicas sharing the store
+/// appear and disappear without a restart.
+const REFRESH_INTERVAL: Duration = Duration::from_secs(2);
+
 impl HeadStore {
     /// Opens (creating) the store and loads every head in it. A version that cannot
     /// be read is logged and skipped, never fatal: one bad head must not keep the
     /// server from serving the others.
     pub fn open(root: &Path, max_heads: usize) -> Result<Self> {
         fs::create_dir_all(root).map_err(|err| io_err("cannot create", root, err))?;
-        let mut heads: BTreeMap<String, BTreeMap<u32, Arc<StoredHead>>> = BTreeMap::new();
-        let entries = fs::read_dir(root).map_err(|err| io_err("cannot list", root, err))?;
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(TEMP_PREFIX) {
-                // An interrupted publish: never visible, safe to remove.
-                if let Err(err) = fs::remove_dir_all(&path) {
-                    tracing::warn!(path = %path.display(), error = %err, "cannot remove leftover");
-                }
-                continue;
-            }
-            if !path.is_dir() || !is_valid_name(&name) {
-                continue;
-            }
-            for version_entry in fs::read_dir(&path).into_iter().flatten().flatten() {
-                let Some(version) = version_entry
-                    .file_name()
-                    .to_str()
-                    .and_then(|v| v.parse::<u32>().ok())
-                else {
-                    continue;
-                };
-                match read_version(&version_entry.path(), &name, version) {
-                    Ok(head) => {
-                        heads
-                            .entry(name.clone())
-                            .or_default()
-                            .insert(version, Arc::new(head));
-                    }
-                    Err(err) => tracing::error!(head = %name, version, error = %err,
-                        "skipping a head version that cannot be loaded"),
-                }
-            }
-        }
-        let count: usize = heads.values().map(BTreeMap::len).sum();
-        crate::metrics::set_heads(count);
-        tracing::info!(root = %root.display(), heads = count, "head store opened");
-        Ok(Self {
+        remove_leftovers(root);
+        let store = Self {
             root: root.to_owned(),
-            heads: RwLock::new(heads),
+            heads: RwLock::new(BTreeMap::new()),
+            scanned: Mutex::new(HashMap::new()),
+            broken: Mutex::new(Default::default()),
+            refresh_interval: REFRESH_INTERVAL,
             writer: Mutex::new(()),
             max_heads,
-        })
+        };
+        store.refresh_all()?;
+        let count = store.count();
+        tracing::info!(root = %root.display(), heads = count, "head store opened");
+        Ok(store)
     }
 
-    fn read(
-        &self,
-    ) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, BTreeMap<u32, Arc<StoredHead>>>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Versions>> {
         self.heads.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn count(&self) -> usize {
+        self.read().values().map(BTreeMap::len).sum()
+    }
+
+    /// Re-reads one name from disk, reusing versions already in memory.
+    fn refresh_name(&self, name: &str) {
+        let known = self.read().get(name).cloned().unwrap_or_default();
+        let (versions, failures) = scan_name(&self.root.join(name), name, &known);
+        let mut broken = self.broken.lock().unwrap_or_else(|p| p.into_inner());
+        for (version, err) in failures {
+            if broken.insert((name.to_owned(), version)) {
+                tracing::error!(head = %name, version, error = %err,
+                    "skipping a head version that cannot be loaded");
+            }
+        }
+        drop(broken);
+        {
+            let mut heads = self.heads.write().unwrap_or_else(|p| p.into_inner());
+            if versions.is_empty() {
+                heads.remove(name);
+            } else {
+                heads.insert(name.to_owned(), versions);
+            }
+            crate::metrics::set_heads(heads.values().map(BTreeMap::len).sum());
+        }
+        self.scanned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_owned(), Instant::now());
+    }
+
+    /// Re-reads every name on disk.
+    fn refresh_all(&self) -> Result<()> {
+        let entries =
+            fs::read_dir(&self.root).map_err(|err| io_err("cannot list", &self.root, err))?;
+        let mut names: Vec<String> = entries
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| is_valid_name(name))
+            .collect();
+        names.extend(self.read().keys().cloned());
+        names.sort();
+        names.dedup();
+        for name in names {
+            self.refresh_name(&name);
+        }
+        self.scanned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(String::new(), Instant::now());
+        Ok(())
+    }
+
+    /// Whether the view of `key` (a name, or "" for the whole store) is older than
+    /// the refresh interval.
+    fn stale(&self, key: &str) -> bool {
+        self.scanned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .is_none_or(|at| at.elapsed() >= self.refresh_interval)
     }
 
     /// The named version, or the latest when the reference names none.
     pub fn get(&self, reference: &HeadRef) -> Result<Arc<StoredHead>> {
-        let heads = self.read();
-        let versions = heads
-            .get(&reference.name)
-            .ok_or_else(|| Error::HeadNotFound(reference.to_string()))?;
-        let found = match reference.version {
-            Some(version) => versions.get(&version),
-            None => versions.values().next_back(),
+        let lookup = || {
+            let heads = self.read();
+            let versions = heads.get(&reference.name)?;
+            match reference.version {
+                Some(version) => versions.get(&version).cloned(),
+                None => versions.values().next_back().cloned(),
+            }
         };
-        found
-            .cloned()
-            .ok_or_else(|| Error::HeadNotFound(reference.to_string()))
+        // "Latest" may have moved on another replica; a miss may be a head
+        // another replica just published.
+        if reference.version.is_none() && self.stale(&reference.name) {
+            self.refresh_name(&reference.name);
+        }
+        if let Some(found) = lookup() {
+            return Ok(found);
+        }
+        if self.stale(&reference.name) || reference.version.is_some() {
+            self.refresh_name(&reference.name);
+        }
+        lookup().ok_or_else(|| Error::HeadNotFound(reference.to_string()))
     }
 
     /// Heads by name then version; only each name's latest unless `all_versions`.
     pub fn list(&self, backbone: Option<&str>, all_versions: bool) -> Vec<Arc<StoredHead>> {
+        if self.stale("") {
+            if let Err(err) = self.refresh_all() {
+                tracing::warn!(error = %err, "cannot re-read the head store; listing what is known");
+            }
+        }
         let heads = self.read();
         let mut out = Vec::new();
         for versions in heads.values() {
@@ -166,38 +230,23 @@ impl HeadStore {
             )));
         }
         let name_dir = self.root.join(&meta.name);
-        let version = self.next_version(&meta.name, &name_dir);
-        meta.version = version;
-
-        let temp = self
-            .root
-            .join(format!("{TEMP_PREFIX}{}", uuid::Uuid::new_v4()));
-        fs::create_dir(&temp).map_err(|err| io_err("cannot create", &temp, err))?;
-        let written = (|| {
-            let json = serde_json::to_vec_pretty(&meta)
-                .map_err(|err| Error::Storage(format!("cannot encode metadata: {err}")))?;
-            write_synced(&temp.join(METADATA_FILE), &json)?;
-            let weights_path = temp.join(WEIGHTS_FILE);
-            candle_core::safetensors::save(&weights.to_tensors()?, &weights_path)
-                .map_err(|err| Error::Storage(format!("cannot write weights: {err}")))?;
-            File::open(&weights_path)
-                .and_then(|f| f.sync_all())
-                .map_err(|err| io_err("cannot sync", &weights_path, err))?;
-            sync_dir(&temp)?;
-            if !name_dir.exists() {
-                fs::create_dir(&name_dir).map_err(|err| io_err("cannot create", &name_dir, err))?;
-                sync_dir(&self.root)?;
+        // Replicas sharing the store may race for a version number: the loser's
+        // rename fails (the target exists and is not empty) and it takes the next.
+        let mut attempts = 0;
+        let version = loop {
+            attempts += 1;
+            self.refresh_name(&meta.name);
+            let version = self.next_version(&meta.name, &name_dir);
+            meta.version = version;
+            match self.write_version(&name_dir, &meta, &weights) {
+                Ok(()) => break version,
+                Err(err) if attempts < 8 && name_dir.join(version.to_string()).exists() => {
+                    tracing::debug!(head = %meta.name, version, error = %err,
+                        "version taken meanwhile; trying the next one");
+                }
+                Err(err) => return Err(err),
             }
-            let target = name_dir.join(version.to_string());
-            fs::rename(&temp, &target).map_err(|err| io_err("cannot publish", &target, err))?;
-            sync_dir(&name_dir)?;
-            sync_dir(&self.root)?;
-            self.write_latest(&name_dir, version)
-        })();
-        if let Err(err) = written {
-            let _ = fs::remove_dir_all(&temp);
-            return Err(err);
-        }
+        };
 
         let head = Arc::new(StoredHead { meta, weights });
         let mut heads = self.heads.write().unwrap_or_else(|p| p.into_inner());
@@ -209,6 +258,49 @@ impl HeadStore {
         drop(heads);
         tracing::info!(head = %head.meta.name, version, "head published");
         Ok(head)
+    }
+
+    /// Writes one version into a temporary folder, syncs it and renames it into
+    /// place; on failure nothing is left behind.
+    fn write_version(
+        &self,
+        name_dir: &Path,
+        meta: &HeadMetadata,
+        weights: &HeadWeights,
+    ) -> Result<()> {
+        let temp = self
+            .root
+            .join(format!("{TEMP_PREFIX}{}", uuid::Uuid::new_v4()));
+        fs::create_dir(&temp).map_err(|err| io_err("cannot create", &temp, err))?;
+        let written = (|| {
+            let json = serde_json::to_vec_pretty(meta)
+                .map_err(|err| Error::Storage(format!("cannot encode metadata: {err}")))?;
+            write_synced(&temp.join(METADATA_FILE), &json)?;
+            let weights_path = temp.join(WEIGHTS_FILE);
+            candle_core::safetensors::save(&weights.to_tensors()?, &weights_path)
+                .map_err(|err| Error::Storage(format!("cannot write weights: {err}")))?;
+            File::open(&weights_path)
+                .and_then(|f| f.sync_all())
+                .map_err(|err| io_err("cannot sync", &weights_path, err))?;
+            sync_dir(&temp)?;
+            if !name_dir.exists() {
+                // Another replica may create it at the same moment: that is fine.
+                match fs::create_dir(name_dir) {
+                    Ok(()) => sync_dir(&self.root)?,
+                    Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(err) => return Err(io_err("cannot create", name_dir, err)),
+                }
+            }
+            let target = name_dir.join(meta.version.to_string());
+            fs::rename(&temp, &target).map_err(|err| io_err("cannot publish", &target, err))?;
+            sync_dir(name_dir)?;
+            sync_dir(&self.root)?;
+            self.write_latest(name_dir, meta.version)
+        })();
+        if written.is_err() {
+            let _ = fs::remove_dir_all(&temp);
+        }
+        written
     }
 
     /// Deletes one version, or every version when the reference names none.
@@ -261,16 +353,76 @@ impl HeadStore {
             .ok()
             .and_then(|s| s.trim().parse::<u32>().ok())
             .unwrap_or(0);
-        loaded.max(remembered) + 1
+        // Folders count too, loadable or not: a version number is never reused.
+        let on_disk = fs::read_dir(name_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|v| v.parse::<u32>().ok()))
+            .max()
+            .unwrap_or(0);
+        loaded.max(remembered).max(on_disk) + 1
     }
 
     fn write_latest(&self, name_dir: &Path, version: u32) -> Result<()> {
-        let temp = name_dir.join(format!("{TEMP_PREFIX}{LATEST_FILE}"));
+        let temp = name_dir.join(format!(
+            "{TEMP_PREFIX}{LATEST_FILE}-{}",
+            uuid::Uuid::new_v4()
+        ));
         write_synced(&temp, version.to_string().as_bytes())?;
         let latest = name_dir.join(LATEST_FILE);
         fs::rename(&temp, &latest).map_err(|err| io_err("cannot write", &latest, err))?;
         sync_dir(name_dir)
     }
+}
+
+/// Removes temporary folders old enough to be crash leftovers.
+fn remove_leftovers(root: &Path) {
+    for entry in fs::read_dir(root).into_iter().flatten().flatten() {
+        if !entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
+            continue;
+        }
+        let age = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|modified| SystemTime::now().duration_since(modified).ok())
+            .unwrap_or_default();
+        if age < LEFTOVER_AGE {
+            continue;
+        }
+        let path = entry.path();
+        if let Err(err) = fs::remove_dir_all(&path) {
+            tracing::warn!(path = %path.display(), error = %err, "cannot remove leftover");
+        }
+    }
+}
+
+/// The loadable versions of one name on disk, and the versions that failed to
+/// load with why; versions in `known` are reused rather than read again.
+fn scan_name(dir: &Path, name: &str, known: &Versions) -> (Versions, Vec<(u32, Error)>) {
+    let mut versions = Versions::new();
+    let mut failures = Vec::new();
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let Some(version) = entry
+            .file_name()
+            .to_str()
+            .and_then(|v| v.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Some(head) = known.get(&version) {
+            versions.insert(version, Arc::clone(head));
+            continue;
+        }
+        match read_version(&entry.path(), name, version) {
+            Ok(head) => {
+                versions.insert(version, Arc::new(head));
+            }
+            Err(err) => failures.push((version, err)),
+        }
+    }
+    (versions, failures)
 }
 
 fn read_version(dir: &Path, name: &str, version: u32) -> Result<StoredHead> {
@@ -399,14 +551,62 @@ mod tests {
         let store = HeadStore::open(dir.path(), 100).unwrap();
         let (meta, weights) = head("good");
         store.publish(meta, weights).unwrap();
-        // An interrupted publish and a version with corrupt metadata.
-        fs::create_dir_all(dir.path().join(".tmp-crashed")).unwrap();
+        // An old interrupted publish, one that may still be running on another
+        // replica, and a version with corrupt metadata.
+        let crashed = dir.path().join(".tmp-crashed");
+        fs::create_dir_all(&crashed).unwrap();
+        File::open(&crashed)
+            .unwrap()
+            .set_modified(SystemTime::now() - 2 * LEFTOVER_AGE)
+            .unwrap();
+        fs::create_dir_all(dir.path().join(".tmp-in-flight")).unwrap();
         fs::create_dir_all(dir.path().join("good/7")).unwrap();
         fs::write(dir.path().join("good/7/head.json"), b"{not json").unwrap();
 
         let reopened = HeadStore::open(dir.path(), 100).unwrap();
         assert_eq!(reopened.list(None, true).len(), 1);
         assert!(!dir.path().join(".tmp-crashed").exists());
+        assert!(dir.path().join(".tmp-in-flight").exists());
+        // The broken version's number is not reused.
+        let (meta, weights) = head("good");
+        assert_eq!(reopened.publish(meta, weights).unwrap().meta.version, 8);
+    }
+
+    #[test]
+    fn replicas_sharing_a_store_see_each_others_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = HeadStore::open(dir.path(), 100).unwrap();
+        let mut b = HeadStore::open(dir.path(), 100).unwrap();
+        b.refresh_interval = Duration::ZERO;
+        let (meta, weights) = head("shared");
+
+        a.publish(meta.clone(), weights.clone()).unwrap();
+        assert_eq!(b.get(&reference("shared")).unwrap().meta.version, 1);
+        a.publish(meta.clone(), weights.clone()).unwrap();
+        assert_eq!(b.get(&reference("shared")).unwrap().meta.version, 2);
+        assert_eq!(b.list(None, true).len(), 2);
+        a.delete(&reference("shared@2")).unwrap();
+        assert_eq!(b.get(&reference("shared")).unwrap().meta.version, 1);
+        assert!(b.get(&reference("shared@2")).is_err());
+
+        // Both publish at once: each gets its own version.
+        let (va, vb) = std::thread::scope(|scope| {
+            let ta = scope.spawn(|| {
+                a.publish(meta.clone(), weights.clone())
+                    .unwrap()
+                    .meta
+                    .version
+            });
+            let tb = scope.spawn(|| {
+                b.publish(meta.clone(), weights.clone())
+                    .unwrap()
+                    .meta
+                    .version
+            });
+            (ta.join().unwrap(), tb.join().unwrap())
+        });
+        assert_ne!(va, vb);
+        assert_eq!(b.list(None, true).len(), 3);
     }
 
     #[test]
