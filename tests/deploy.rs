@@ -40,9 +40,7 @@ use tlserve::{
     proto::{self, trainer_client::TrainerClient},
 };
 use tonic::Code;
-use tonic_health::pb::{
-    health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
-};
+use tonic_health::pb::health_check_response::ServingStatus;
 
 const OVERLAYS: [&str; 2] = ["cpu", "gpu"];
 
@@ -1381,22 +1379,6 @@ impl Drop for Process {
     }
 }
 
-async fn health(url: &str, service: &str) -> Option<ServingStatus> {
-    let channel = tonic::transport::Channel::from_shared(url.to_owned())
-        .ok()?
-        .connect_timeout(Duration::from_secs(1))
-        .connect()
-        .await
-        .ok()?;
-    let response = HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: service.to_owned(),
-        })
-        .await
-        .ok()?;
-    Some(response.into_inner().status())
-}
-
 #[tokio::test]
 async fn the_kubernetes_config_boots_the_server_which_drains_within_the_grace_period() {
     let rendered = Rendered::render("cpu");
@@ -1455,9 +1437,9 @@ async fn the_kubernetes_config_boots_the_server_which_drains_within_the_grace_pe
     // turns SERVING once the model is loaded, within the startup probe's budget.
     let started = Instant::now();
     loop {
-        if let Some(status) = health(&url, tlserve::server::LIVENESS_SERVICE).await {
+        if let Some(status) = health_at(&url, tlserve::server::LIVENESS_SERVICE).await {
             assert_eq!(status, ServingStatus::Serving, "liveness while starting");
-            if health(&url, "").await == Some(ServingStatus::Serving) {
+            if health_at(&url, "").await == Some(ServingStatus::Serving) {
                 break;
             }
         }
@@ -1494,7 +1476,7 @@ async fn the_kubernetes_config_boots_the_server_which_drains_within_the_grace_pe
         .expect("run kill");
     assert!(status.success());
     loop {
-        if health(&url, "").await == Some(ServingStatus::NotServing) {
+        if health_at(&url, "").await == Some(ServingStatus::NotServing) {
             break;
         }
         assert!(
@@ -1505,7 +1487,7 @@ async fn the_kubernetes_config_boots_the_server_which_drains_within_the_grace_pe
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(
-        health(&url, tlserve::server::LIVENESS_SERVICE).await,
+        health_at(&url, tlserve::server::LIVENESS_SERVICE).await,
         Some(ServingStatus::Serving),
         "liveness stays SERVING while draining"
     );

@@ -175,19 +175,7 @@ source = {{ path = "{path}" }}
 
     /// The Health status of `service` ("" for the server), None while unreachable.
     pub async fn health(&self, service: &str) -> Option<ServingStatus> {
-        let channel = Channel::from_shared(self.url())
-            .ok()?
-            .connect_timeout(Duration::from_secs(1))
-            .connect()
-            .await
-            .ok()?;
-        let response = HealthClient::new(channel)
-            .check(HealthCheckRequest {
-                service: service.to_owned(),
-            })
-            .await
-            .ok()?;
-        Some(response.into_inner().status())
+        health_at(&self.url(), service).await
     }
 
     /// Polls Health until `status`, failing with the server's logs after 3 minutes.
@@ -255,6 +243,23 @@ impl Drop for TestServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The Health status of `service` at `url`, None while unreachable.
+pub async fn health_at(url: &str, service: &str) -> Option<ServingStatus> {
+    let channel = Channel::from_shared(url.to_owned())
+        .ok()?
+        .connect_timeout(Duration::from_secs(1))
+        .connect()
+        .await
+        .ok()?;
+    let response = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .ok()?;
+    Some(response.into_inner().status())
 }
 
 pub fn text_input(text: &str) -> proto::Input {
