@@ -5,6 +5,7 @@
 //! One file per architecture; `text` holds tokenization, `source` weight lookup.
 
 pub mod bert;
+pub mod image;
 pub mod pytorch_legacy;
 pub mod source;
 pub mod text;

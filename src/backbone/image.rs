@@ -1,0 +1,326 @@
+//! Image inputs for vision backbones: decoding with its limits checked before
+//! the pixels are decoded (a decompression bomb is refused, not decoded), EXIF
+//! orientation, conversion to RGB, and the resize / center-crop / normalize
+//! preprocessing a backbone was trained with (torchvision's `Resize(shorter)`,
+//! `CenterCrop(crop)`, `ToTensor()`, `Normalize(mean, std)`).
+
+use std::io::Cursor;
+
+use image::{imageops::FilterType, DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage};
+
+use crate::{Error, Result};
+
+/// Bounds on what a client may send as an image.
+#[derive(Debug, Clone, Copy)]
+pub struct ImageLimits {
+    pub max_encoded_bytes: usize,
+    /// Width times height, checked from the header before decoding.
+    pub max_pixels: u64,
+}
+
+/// Resampling used when resizing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resample {
+    Bilinear,
+    Bicubic,
+}
+
+/// How a backbone wants its pixels.
+#[derive(Debug, Clone)]
+pub struct Preprocessing {
+    /// The shorter side is resized to this, keeping the aspect ratio.
+    pub resize_shorter: u32,
+    /// Then a centered square of this side is cut out.
+    pub crop: u32,
+    pub resample: Resample,
+    /// Per channel (R, G, B), applied to values scaled to [0, 1].
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+fn invalid(index: usize, reason: impl Into<String>) -> Error {
+    Error::InvalidInput {
+        index,
+        reason: reason.into(),
+    }
+}
+
+/// Decodes an encoded PNG, JPEG or WebP into upright RGB; `index` names the
+/// input in errors.
+pub fn decode(index: usize, bytes: &[u8], limits: ImageLimits) -> Result<RgbImage> {
+    if bytes.len() > limits.max_encoded_bytes {
+        return Err(invalid(
+            index,
+            format!(
+                "image is {} bytes; at most {} are accepted",
+                bytes.len(),
+                limits.max_encoded_bytes
+            ),
+        ));
+    }
+    let format =
+        image::guess_format(bytes).map_err(|_| invalid(index, "not a PNG, JPEG or WebP image"))?;
+    if !matches!(
+        format,
+        ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP
+    ) {
+        return Err(invalid(
+            index,
+            format!("{format:?} images are not accepted; send PNG, JPEG or WebP"),
+        ));
+    }
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    let mut decoder_limits = image::Limits::default();
+    // The decoder's own allocation cap, as a second line behind the pixel check:
+    // RGBA at 8 bits per channel for the largest image allowed.
+    decoder_limits.max_alloc = Some(limits.max_pixels.saturating_mul(4));
+    reader.limits(decoder_limits);
+    let mut decoder = reader
+        .into_decoder()
+        .map_err(|err| invalid(index, format!("image header cannot be read: {err}")))?;
+    let (width, height) = decoder.dimensions();
+    if width == 0 || height == 0 {
+        return Err(invalid(index, "image has no pixels"));
+    }
+    let pixels = u64::from(width) * u64::from(height);
+    if pixels > limits.max_pixels {
+        return Err(invalid(
+            index,
+            format!(
+                "image is {width}x{height} ({pixels} pixels); at most {} pixels are accepted",
+                limits.max_pixels
+            ),
+        ));
+    }
+    let orientation = decoder
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut image = DynamicImage::from_decoder(decoder)
+        .map_err(|err| invalid(index, format!("image cannot be decoded: {err}")))?;
+    image.apply_orientation(orientation);
+    // Grayscale is replicated to three channels; alpha is dropped, as
+    // Pillow's convert("RGB") does.
+    Ok(image.to_rgb8())
+}
+
+/// Resizes, crops and normalizes into a `[3, crop, crop]` tensor, row-major.
+pub fn preprocess(image: &RgbImage, spec: &Preprocessing) -> Vec<f32> {
+    let (width, height) = image.dimensions();
+    // torchvision's Resize(int): the shorter side becomes `resize_shorter`, the
+    // longer one keeps the ratio, truncated.
+    let (new_width, new_height) = if width <= height {
+        let long = (u64::from(spec.resize_shorter) * u64::from(height) / u64::from(width)) as u32;
+        (spec.resize_shorter, long)
+    } else {
+        let long = (u64::from(spec.resize_shorter) * u64::from(width) / u64::from(height)) as u32;
+        (long, spec.resize_shorter)
+    };
+    let filter = match spec.resample {
+        Resample::Bilinear => FilterType::Triangle,
+        Resample::Bicubic => FilterType::CatmullRom,
+    };
+    let resized = image::imageops::resize(image, new_width, new_height, filter);
+    // torchvision's CenterCrop rounds the offset to the nearest pixel.
+    let crop = spec.crop.min(new_width).min(new_height);
+    let left = ((f64::from(new_width - crop)) / 2.0).round() as u32;
+    let top = ((f64::from(new_height - crop)) / 2.0).round() as u32;
+
+    let area = (crop * crop) as usize;
+    let mut out = vec![0f32; 3 * area];
+    for y in 0..crop {
+        for x in 0..crop {
+            let pixel = resized.get_pixel(left + x, top + y);
+            let at = (y * crop + x) as usize;
+            for channel in 0..3 {
+                let value = f32::from(pixel[channel]) / 255.0;
+                out[channel * area + at] = (value - spec.mean[channel]) / spec.std[channel];
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image::{GrayAlphaImage, ImageEncoder, LumaA, Rgb};
+
+    const LIMITS: ImageLimits = ImageLimits {
+        max_encoded_bytes: 1 << 20,
+        max_pixels: 1 << 20,
+    };
+
+    fn png(image: &DynamicImage) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        image
+            .write_to(&mut Cursor::new(&mut bytes), ImageFormat::Png)
+            .unwrap();
+        bytes
+    }
+
+    /// A tiny PNG whose header claims `width` x `height`: a decompression bomb's
+    /// shape (its few data bytes would not even fill a row).
+    fn png_claiming(width: u32, height: u32) -> Vec<u8> {
+        let mut bytes = vec![0x89, b'P', b'N', b'G', b'\r', b'\n', 0x1a, b'\n'];
+        let mut ihdr = Vec::new();
+        ihdr.extend_from_slice(&width.to_be_bytes());
+        ihdr.extend_from_slice(&height.to_be_bytes());
+        ihdr.extend_from_slice(&[8, 2, 0, 0, 0]); // 8-bit RGB
+        for (kind, data) in [
+            (&b"IHDR"[..], ihdr),
+            (
+                &b"IDAT"[..],
+                vec![0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+            ),
+            (&b"IEND"[..], vec![]),
+        ] {
+            bytes.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            let mut chunk = kind.to_vec();
+            chunk.extend_from_slice(&data);
+            bytes.extend_from_slice(&chunk);
+            bytes.extend_from_slice(&crc32(&chunk).to_be_bytes());
+        }
+        bytes
+    }
+
+    fn crc32(data: &[u8]) -> u32 {
+        let mut crc = 0xFFFF_FFFFu32;
+        for &byte in data {
+            crc ^= u32::from(byte);
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+
+    /// A JPEG with an EXIF APP1 segment setting `orientation`.
+    fn jpeg_with_orientation(image: &RgbImage, orientation: u16) -> Vec<u8> {
+        let mut plain = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut plain, 95)
+            .write_image(
+                image.as_raw(),
+                image.width(),
+                image.height(),
+                image::ExtendedColorType::Rgb8,
+            )
+            .unwrap();
+        // TIFF header (big endian), one IFD entry: Orientation (0x0112), SHORT, 1.
+        let mut tiff = b"MM\0\x2a\0\0\0\x08".to_vec();
+        tiff.extend_from_slice(&1u16.to_be_bytes());
+        tiff.extend_from_slice(&0x0112u16.to_be_bytes());
+        tiff.extend_from_slice(&3u16.to_be_bytes());
+        tiff.extend_from_slice(&1u32.to_be_bytes());
+        tiff.extend_from_slice(&orientation.to_be_bytes());
+        tiff.extend_from_slice(&[0, 0]);
+        tiff.extend_from_slice(&0u32.to_be_bytes());
+        let mut app1 = b"Exif\0\0".to_vec();
+        app1.extend_from_slice(&tiff);
+        let mut out = plain[..2].to_vec(); // SOI
+        out.extend_from_slice(&[0xFF, 0xE1]);
+        out.extend_from_slice(&((app1.len() + 2) as u16).to_be_bytes());
+        out.extend_from_slice(&app1);
+        out.extend_from_slice(&plain[2..]);
+        out
+    }
+
+    #[test]
+    fn gray_with_alpha_becomes_rgb() {
+        let gray = GrayAlphaImage::from_pixel(3, 2, LumaA([100, 7]));
+        let rgb = decode(0, &png(&DynamicImage::ImageLumaA8(gray)), LIMITS).unwrap();
+        assert_eq!(rgb.dimensions(), (3, 2));
+        assert_eq!(*rgb.get_pixel(2, 1), Rgb([100, 100, 100]));
+    }
+
+    #[test]
+    fn exif_orientation_is_applied() {
+        // 4 wide, 2 high; orientation 6 means "rotate 90 degrees clockwise".
+        let wide = RgbImage::from_fn(4, 2, |x, _| {
+            if x == 0 {
+                Rgb([255, 0, 0])
+            } else {
+                Rgb([0, 0, 255])
+            }
+        });
+        let upright = decode(0, &jpeg_with_orientation(&wide, 6), LIMITS).unwrap();
+        assert_eq!(upright.dimensions(), (2, 4));
+        // The red left column is now the top row.
+        assert!(upright.get_pixel(0, 0)[0] > 200 && upright.get_pixel(1, 0)[0] > 200);
+        assert!(upright.get_pixel(0, 3)[2] > 200);
+    }
+
+    #[test]
+    fn bombs_oversized_and_corrupt_inputs_are_refused_by_index() {
+        let bomb = png_claiming(100_000, 100_000);
+        let err = decode(4, &bomb, LIMITS).unwrap_err().to_string();
+        assert!(
+            err.starts_with("input 4:") && err.contains("pixels"),
+            "{err}"
+        );
+        // Within the pixel limit the same header is simply a broken image.
+        assert!(decode(4, &png_claiming(16, 16), LIMITS).is_err());
+
+        let big = vec![0u8; LIMITS.max_encoded_bytes + 1];
+        assert!(decode(1, &big, LIMITS)
+            .unwrap_err()
+            .to_string()
+            .contains("bytes"));
+
+        assert!(decode(2, b"definitely not an image", LIMITS).is_err());
+        let image = DynamicImage::ImageRgb8(RgbImage::new(8, 8));
+        let truncated = &png(&image)[..40];
+        assert!(decode(3, truncated, LIMITS).is_err());
+
+        let mut gif = b"GIF89a".to_vec();
+        gif.extend_from_slice(&[1, 0, 1, 0, 0, 0, 0]);
+        assert!(decode(5, &gif, LIMITS)
+            .unwrap_err()
+            .to_string()
+            .contains("not accepted"));
+    }
+
+    #[test]
+    fn preprocessing_resizes_the_shorter_side_crops_and_normalizes() {
+        let spec = Preprocessing {
+            resize_shorter: 8,
+            crop: 6,
+            resample: Resample::Bilinear,
+            mean: [0.5, 0.25, 0.0],
+            std: [0.5, 0.25, 1.0],
+        };
+        // A constant image keeps its value through any resampling.
+        let flat = RgbImage::from_pixel(20, 10, Rgb([255, 51, 0]));
+        let tensor = preprocess(&flat, &spec);
+        assert_eq!(tensor.len(), 3 * 6 * 6);
+        let area = 36;
+        assert!(tensor[..area].iter().all(|v| (v - 1.0).abs() < 1e-6));
+        assert!(tensor[area..2 * area]
+            .iter()
+            .all(|v| (v - (0.2 - 0.25) / 0.25).abs() < 1e-6));
+        assert!(tensor[2 * area..].iter().all(|v| v.abs() < 1e-6));
+
+        // The crop is centred: a bright square in the middle stays in the middle.
+        let marked = RgbImage::from_fn(16, 16, |x, y| {
+            if (7..9).contains(&x) && (7..9).contains(&y) {
+                Rgb([255, 255, 255])
+            } else {
+                Rgb([0, 0, 0])
+            }
+        });
+        let spec = Preprocessing {
+            resize_shorter: 16,
+            crop: 8,
+            mean: [0.0; 3],
+            std: [1.0; 3],
+            ..spec
+        };
+        let tensor = preprocess(&marked, &spec);
+        let at = |x: usize, y: usize| tensor[y * 8 + x];
+        assert!(at(3, 3) > 0.9 && at(4, 4) > 0.9);
+        assert!(at(0, 0) < 0.1 && at(7, 7) < 0.1);
+    }
+}
