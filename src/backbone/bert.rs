@@ -133,14 +133,14 @@ impl Backbone for BertBackbone {
 
         // Pool once per kind the batch needs; items of one batch may differ.
         let wants = |pooling| items.iter().any(|item| item.options.pooling == pooling);
-        let mean = if wants(Pooling::Mean) {
+        let mut mean = if wants(Pooling::Mean) {
             let mask = mask.unsqueeze(2)?;
             let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
             Some(summed.broadcast_div(&mask.sum(1)?)?.to_vec2::<f32>()?)
         } else {
             None
         };
-        let cls = if wants(Pooling::Cls) {
+        let mut cls = if wants(Pooling::Cls) {
             Some(hidden.i((.., 0))?.to_vec2::<f32>()?)
         } else {
             None
@@ -149,10 +149,11 @@ impl Backbone for BertBackbone {
         let mut out = Vec::with_capacity(items.len());
         for (i, item) in items.iter().enumerate() {
             let pooled = match item.options.pooling {
-                Pooling::Mean => mean.as_ref(),
-                Pooling::Cls => cls.as_ref(),
+                Pooling::Mean => mean.as_mut(),
+                Pooling::Cls => cls.as_mut(),
             }
-            .map(|rows| rows[i].clone())
+            // Each row belongs to exactly one item: move it out instead of copying.
+            .map(|rows| std::mem::take(&mut rows[i]))
             .ok_or_else(|| Error::Inference("pooling was not computed".into()))?;
             out.push(if item.options.normalize {
                 l2_normalize(pooled)
