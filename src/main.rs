@@ -34,8 +34,9 @@ enum Command {
         #[arg(long, env = "TLSERVE_CONFIG", default_value = "config/tlserve.toml")]
         config: PathBuf,
     },
-    /// Embed texts with a running server and print the vectors as JSON. Without
-    /// TEXT arguments, every non-empty line of standard input is one text.
+    /// Embed texts or images with a running server and print the vectors as
+    /// JSON. Without TEXT or --image arguments, every non-empty line of standard
+    /// input is one text.
     Embed {
         #[command(flatten)]
         server: ServerAddr,
@@ -52,6 +53,9 @@ enum Command {
         /// backbone's.
         #[arg(long)]
         truncate: Option<bool>,
+        /// An image file (PNG, JPEG, WebP) for an image backbone; repeatable.
+        #[arg(long = "image", value_name = "FILE")]
+        images: Vec<PathBuf>,
         texts: Vec<String>,
     },
     /// Train a head on a running server from a file of `LABEL<TAB>TEXT` lines;
@@ -77,16 +81,20 @@ enum Command {
         #[arg(long)]
         mlp_hidden: Option<u32>,
     },
-    /// Predict labels for texts with a trained head (`name` or `name@version`).
-    /// Without TEXT arguments, every non-empty line of standard input is one text.
+    /// Predict labels with a trained head (`name` or `name@version`) or a
+    /// backbone's built-in one (`efficientnet-lite0/imagenet`). Without TEXT or
+    /// --image arguments, every non-empty line of standard input is one text.
     Predict {
         #[command(flatten)]
         server: ServerAddr,
         #[arg(long)]
         head: String,
-        /// Labels per text, most probable first; 0 means all.
+        /// Labels per input, most probable first; 0 means all.
         #[arg(long, default_value_t = 1)]
         top_k: u32,
+        /// An image file (PNG, JPEG, WebP) for a head on an image backbone; repeatable.
+        #[arg(long = "image", value_name = "FILE")]
+        images: Vec<PathBuf>,
         texts: Vec<String>,
     },
     /// List the stored heads (every version) as JSON.
@@ -197,6 +205,34 @@ fn load_config(path: &Path) -> Result<Config> {
     Config::load(path).with_context(|| format!("configuration {}", path.display()))
 }
 
+/// The texts and image files given as arguments, or else the non-empty lines of
+/// standard input as texts.
+fn inputs_of(texts: Vec<String>, images: Vec<PathBuf>) -> Result<Vec<proto::Input>> {
+    use proto::input::Kind;
+    if images.is_empty() {
+        return Ok(texts_or_stdin(texts)?
+            .into_iter()
+            .map(|text| proto::Input {
+                kind: Some(Kind::Text(text)),
+            })
+            .collect());
+    }
+    let mut inputs: Vec<proto::Input> = texts
+        .into_iter()
+        .map(|text| proto::Input {
+            kind: Some(Kind::Text(text)),
+        })
+        .collect();
+    for path in images {
+        let bytes =
+            std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        inputs.push(proto::Input {
+            kind: Some(Kind::Image(bytes)),
+        });
+    }
+    Ok(inputs)
+}
+
 /// The texts given as arguments, or else the non-empty lines of standard input.
 fn texts_or_stdin(texts: Vec<String>) -> Result<Vec<String>> {
     if !texts.is_empty() {
@@ -231,10 +267,11 @@ async fn run(cli: Cli) -> Result<()> {
             pooling,
             normalize,
             truncate,
+            images,
             texts,
         } => {
             telemetry::init(LogFormat::Human, "warn");
-            let texts = texts_or_stdin(texts)?;
+            let inputs = inputs_of(texts, images)?;
             let pooling = match pooling {
                 None => proto::Pooling::Unspecified,
                 Some(PoolingArg::Mean) => proto::Pooling::Mean,
@@ -243,7 +280,7 @@ async fn run(cli: Cli) -> Result<()> {
             let channel = client::connect(&server.addr).await?;
             let command = client::EmbedCommand {
                 backbone,
-                texts,
+                inputs,
                 pooling,
                 normalize,
                 truncate,
@@ -293,12 +330,13 @@ async fn run(cli: Cli) -> Result<()> {
             server,
             head,
             top_k,
+            images,
             texts,
         } => {
             telemetry::init(LogFormat::Human, "warn");
-            let texts = texts_or_stdin(texts)?;
+            let inputs = inputs_of(texts, images)?;
             let channel = client::connect(&server.addr).await?;
-            print_json(&client::predict(channel, head, texts, top_k).await?)?;
+            print_json(&client::predict(channel, head, inputs, top_k).await?)?;
         }
         Command::Heads { server } => {
             telemetry::init(LogFormat::Human, "warn");

@@ -9,7 +9,7 @@ use std::{
 };
 
 use crate::{
-    backbone::{self, Backbone},
+    backbone::{self, image::ImageLimits, Backbone},
     batching::BackboneQueue,
     config::BackboneConfig,
     metrics, Error, Result,
@@ -43,11 +43,16 @@ struct Slot {
 pub struct BackboneRegistry {
     slots: BTreeMap<String, Slot>,
     cache_dir: Option<PathBuf>,
+    image_limits: ImageLimits,
 }
 
 impl BackboneRegistry {
     /// Every configured backbone starts out loading.
-    pub fn new(configs: &[BackboneConfig], cache_dir: Option<PathBuf>) -> Self {
+    pub fn new(
+        configs: &[BackboneConfig],
+        cache_dir: Option<PathBuf>,
+        image_limits: ImageLimits,
+    ) -> Self {
         let slots = configs
             .iter()
             .map(|config| {
@@ -60,7 +65,11 @@ impl BackboneRegistry {
                 )
             })
             .collect();
-        Self { slots, cache_dir }
+        Self {
+            slots,
+            cache_dir,
+            image_limits,
+        }
     }
 
     /// The serving backbone of that name, or why there is none.
@@ -120,7 +129,7 @@ impl BackboneRegistry {
         tracing::info!(backbone = %name, architecture = config.architecture.as_str(),
             device = %config.device, "loading backbone");
         let started = Instant::now();
-        let backbone = backbone::load(config, self.cache_dir.as_deref())?;
+        let backbone = backbone::load(config, self.cache_dir.as_deref(), self.image_limits)?;
         let elapsed = started.elapsed();
         let queue = BackboneQueue::start(Arc::clone(&backbone), config.batch_limits())
             .map_err(|err| Error::ModelLoad(format!("cannot start worker thread: {err}")))?;

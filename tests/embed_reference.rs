@@ -73,7 +73,9 @@ fn library_mean_pooled_unit_vectors_match_the_reference() {
         let prepared = model
             .prepare(i, Input::Text(sentence.clone()), true)
             .expect("prepare");
-        let backbone::Prepared::Text(tokens) = &prepared;
+        let backbone::Prepared::Text(tokens) = &prepared else {
+            panic!("a text backbone prepares text");
+        };
         assert_eq!(
             tokens.ids, reference.token_ids[i],
             "token ids of sentence {i} differ from the reference tokenizer"

@@ -208,3 +208,49 @@ async fn python_client_gets_the_same_vectors() {
     assert_eq!(json["dimension"], 384);
     assert_same_vector("python", &json["embeddings"][0], &expected);
 }
+
+#[tokio::test]
+async fn image_examples_classify_and_embed_real_photos() {
+    let server = TestServer::start(&format!(
+        "{}{}",
+        TestServer::minilm_config("", ""),
+        lite0_backbone_toml()
+    ))
+    .await;
+    for name in ["chelsea.png", "coffee.png", "grace_hopper.jpg"] {
+        test_image(name);
+    }
+    let indices = |labels: &Value| -> Vec<u64> {
+        labels
+            .as_array()
+            .expect("labels")
+            .iter()
+            .map(|l| l["index"].as_u64().expect("index"))
+            .collect()
+    };
+    let commands = readme_commands("images");
+    for command in &commands {
+        let out = run(command, &server);
+        let json: Value = serde_json::from_str(&out).expect("JSON output");
+        if command.starts_with("tlserve predict") {
+            let predictions = json["predictions"].as_array().expect("predictions");
+            let cat = indices(&predictions[0]);
+            assert!(cat.iter().any(|i| (281..=285).contains(i)), "{out}");
+            let coffee = indices(&predictions[1]);
+            assert!(coffee.iter().any(|i| [967, 968, 504].contains(i)), "{out}");
+        } else if command.starts_with("tlserve embed") {
+            assert_eq!(json["dimension"], 1280, "{out}");
+            let values = json["embeddings"][0]["values"].as_array().expect("values");
+            assert_eq!(values.len(), 1280);
+        } else if command.contains("Predictor/Predict") {
+            assert_eq!(json["head"], "efficientnet-lite0/imagenet", "{out}");
+            assert_eq!(
+                json["predictions"][0]["labels"][0]["label"], "espresso",
+                "{out}"
+            );
+        } else {
+            panic!("no check for README command `{command}`");
+        }
+    }
+    assert_eq!(commands.len(), 3);
+}

@@ -145,7 +145,11 @@ async fn a_backbone_that_fails_to_load_is_reported_and_health_stays_not_serving(
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     };
     assert_eq!(failed.state(), proto::BackboneState::Failed);
-    assert!(failed.error.contains("config.json"), "{}", failed.error);
+    assert!(
+        failed.error.contains("model.safetensors"),
+        "{}",
+        failed.error
+    );
     assert_eq!(server.health("").await, Some(ServingStatus::NotServing));
     // The process itself is fine: liveness must not restart it in a loop.
     assert_eq!(

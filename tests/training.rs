@@ -537,7 +537,9 @@ async fn bad_training_and_prediction_requests_get_precise_codes() {
     for (head, code) in [
         ("missing", Code::NotFound),
         ("missing@2", Code::NotFound),
-        ("a/b", Code::InvalidArgument),
+        ("a/b", Code::NotFound),
+        ("a/b/c", Code::InvalidArgument),
+        ("../b", Code::InvalidArgument),
         ("x@zero", Code::InvalidArgument),
     ] {
         let status = predictor

@@ -32,7 +32,10 @@ struct SentenceConfig {
 impl BertBackbone {
     pub fn load(config: &BackboneConfig, files: &ModelFiles) -> Result<Self> {
         let device = parse_device(&config.device)?;
-        let model_config: BertConfig = read_json(&files.config)?;
+        let text_files = files.text.as_ref().ok_or_else(|| {
+            Error::ModelLoad("a BERT backbone needs config.json and tokenizer.json".into())
+        })?;
+        let model_config: BertConfig = read_json(&text_files.config)?;
         let max_len = max_sequence_length(config, files, &model_config)?;
 
         // SAFETY: the weights file is memory-mapped; it must not be modified while
@@ -47,10 +50,10 @@ impl BertBackbone {
             Error::ModelLoad(format!(
                 "{} does not hold BERT weights matching {}: {err}",
                 files.weights.display(),
-                files.config.display()
+                text_files.config.display()
             ))
         })?;
-        let encoder = TextEncoder::from_file(&files.tokenizer, max_len)?;
+        let encoder = TextEncoder::from_file(&text_files.tokenizer, max_len)?;
 
         let descriptor = BackboneDescriptor {
             name: config.name.clone(),
@@ -60,6 +63,7 @@ impl BertBackbone {
             device: config.device.clone(),
             dtype: "f32".to_owned(),
             max_sequence_length: max_len,
+            image_size: 0,
             default_options: EmbedOptions {
                 pooling: config.pooling.into(),
                 normalize: config.normalize,
@@ -124,11 +128,11 @@ impl Backbone for BertBackbone {
         }
         let texts: Vec<&TokenizedText> = items
             .iter()
-            .map(|item| {
-                let Prepared::Text(text) = item.input;
-                text
+            .map(|item| match item.input {
+                Prepared::Text(text) => Ok(text),
+                Prepared::Image(_) => Err(Error::Inference("image item in a text batch".into())),
             })
-            .collect();
+            .collect::<Result<_>>()?;
         let (hidden, mask) = self.forward(&texts)?;
 
         // Pool once per kind the batch needs; items of one batch may differ.

@@ -2,13 +2,20 @@
 //!
 //! A backbone prepares inputs on the request path (tokenizing, validating; cheap
 //! and per item) and embeds whole batches of prepared items on a worker thread.
-//! One file per architecture; `text` holds tokenization, `source` weight lookup.
+//! One file per architecture; `text` holds tokenization, `image` decoding and
+//! preprocessing, `layers` the convolutional building blocks, `vision` the image
+//! backbone around a network, `source` weight lookup.
 
 pub mod bert;
+pub mod efficientnet;
 pub mod image;
+pub mod layers;
 pub mod pytorch_legacy;
+pub mod resnet;
 pub mod source;
 pub mod text;
+pub mod vgg;
+pub mod vision;
 
 use std::sync::Arc;
 
@@ -75,21 +82,39 @@ impl Input {
 #[derive(Debug, Clone)]
 pub enum Prepared {
     Text(TokenizedText),
+    /// Normalized pixels, `[3, side, side]` row-major; shared, not copied, when
+    /// one request names the same image twice.
+    Image(Arc<Vec<f32>>),
 }
 
 impl Prepared {
     /// Tokens the model will see (text), for responses and batch accounting.
+    /// Images have none: they are all the same size, so a batch of them is
+    /// bounded by its item count alone.
     pub fn tokens(&self) -> usize {
         match self {
             Prepared::Text(text) => text.ids.len(),
+            Prepared::Image(_) => 0,
         }
     }
 
     pub fn truncated(&self) -> bool {
         match self {
             Prepared::Text(text) => text.truncated,
+            Prepared::Image(_) => false,
         }
     }
+}
+
+/// A classifier that comes with a backbone's pretrained weights (the ImageNet
+/// head of a vision backbone), served by Predict as `<backbone>/<name>`.
+#[derive(Debug)]
+pub struct BuiltinClassifier {
+    pub name: String,
+    pub labels: Vec<String>,
+    pub weights: crate::head::model::HeadWeights,
+    /// The features it takes.
+    pub options: EmbedOptions,
 }
 
 /// One item of a forward pass with the options of the request it came from.
@@ -108,8 +133,10 @@ pub struct BackboneDescriptor {
     pub dimension: usize,
     pub device: String,
     pub dtype: String,
-    /// Text backbones: most tokens per input, special tokens included.
+    /// Text backbones: most tokens per input, special tokens included; 0 for images.
     pub max_sequence_length: usize,
+    /// Image backbones: the side of the square input the network takes; 0 for text.
+    pub image_size: usize,
     pub default_options: EmbedOptions,
     pub default_truncate: bool,
     /// sha256 of the weights file, hex.
@@ -128,6 +155,16 @@ pub trait Backbone: Send + Sync {
 
     /// One forward pass over a batch; returns one vector per item, in order.
     fn embed(&self, items: &[EmbedItem<'_>]) -> Result<Vec<Vec<f32>>>;
+
+    /// The built-in classifier of that name, if the weights came with one.
+    fn classifier(&self, _name: &str) -> Option<Arc<BuiltinClassifier>> {
+        None
+    }
+
+    /// Every built-in classifier, for listings.
+    fn classifiers(&self) -> Vec<Arc<BuiltinClassifier>> {
+        Vec::new()
+    }
 }
 
 /// Parses a device name from the configuration.
@@ -156,10 +193,13 @@ pub fn parse_device(name: &str) -> Result<Device> {
 pub fn load(
     config: &BackboneConfig,
     cache_dir: Option<&std::path::Path>,
+    image_limits: image::ImageLimits,
 ) -> Result<Arc<dyn Backbone>> {
-    let files = source::resolve(&config.source, cache_dir)?;
-    let backbone: Arc<dyn Backbone> = match config.architecture {
-        Architecture::Bert => Arc::new(bert::BertBackbone::load(config, &files)?),
+    let modality = config.architecture.modality();
+    let files = source::resolve(&config.source, cache_dir, modality)?;
+    let backbone: Arc<dyn Backbone> = match modality {
+        Modality::Text => Arc::new(bert::BertBackbone::load(config, &files)?),
+        Modality::Image => Arc::new(vision::VisionBackbone::load(config, &files, image_limits)?),
     };
     warm_up(backbone.as_ref())?;
     Ok(backbone)
@@ -171,7 +211,14 @@ fn warm_up(backbone: &dyn Backbone) -> Result<()> {
     let descriptor = backbone.descriptor();
     let sample = match descriptor.modality {
         Modality::Text => Input::Text("tlserve warm-up".to_owned()),
-        Modality::Image => return Ok(()),
+        Modality::Image => {
+            // A mid-gray image (zero after normalization) at the input size.
+            let side = descriptor.image_size;
+            Input::Tensor {
+                shape: vec![3, side, side],
+                values: vec![0.0; 3 * side * side],
+            }
+        }
     };
     let prepared = backbone.prepare(0, sample, true)?;
     backbone.embed(&[EmbedItem {

@@ -3,18 +3,26 @@
 
 use std::path::{Path, PathBuf};
 
+use super::Modality;
 use crate::{config::SourceConfig, Error, Result};
 
-/// The files of a Hugging Face-layout model.
+/// The files of a Hugging Face-layout model. Image backbones need only the
+/// weights; text backbones also the config and the tokenizer.
 #[derive(Debug, Clone)]
 pub struct ModelFiles {
-    pub config: PathBuf,
     pub weights: PathBuf,
-    pub tokenizer: PathBuf,
+    /// config.json and tokenizer.json: present for text backbones.
+    pub text: Option<TextFiles>,
     /// sentence-transformers' settings (max_seq_length), when the model has them.
     pub sentence_config: Option<PathBuf>,
     /// For logs and listings: the folder or `hub:<repo>@<revision>`.
     pub origin: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct TextFiles {
+    pub config: PathBuf,
+    pub tokenizer: PathBuf,
 }
 
 const CONFIG: &str = "config.json";
@@ -22,13 +30,18 @@ const WEIGHTS: &str = "model.safetensors";
 const TOKENIZER: &str = "tokenizer.json";
 const SENTENCE_CONFIG: &str = "sentence_bert_config.json";
 
-pub fn resolve(source: &SourceConfig, cache_dir: Option<&Path>) -> Result<ModelFiles> {
+pub fn resolve(
+    source: &SourceConfig,
+    cache_dir: Option<&Path>,
+    modality: Modality,
+) -> Result<ModelFiles> {
     match (&source.path, &source.hub) {
-        (Some(dir), None) => local(dir),
+        (Some(dir), None) => local(dir, modality),
         (None, Some(repo)) => hub(
             repo,
             source.revision.as_deref().unwrap_or("main"),
             cache_dir,
+            modality,
         ),
         _ => Err(Error::ModelLoad(
             "a source needs exactly one of `path` and `hub`".into(),
@@ -36,7 +49,7 @@ pub fn resolve(source: &SourceConfig, cache_dir: Option<&Path>) -> Result<ModelF
     }
 }
 
-fn local(dir: &Path) -> Result<ModelFiles> {
+fn local(dir: &Path, modality: Modality) -> Result<ModelFiles> {
     let required = |name: &str| {
         let path = dir.join(name);
         if path.is_file() {
@@ -49,10 +62,17 @@ fn local(dir: &Path) -> Result<ModelFiles> {
         }
     };
     let sentence_config = dir.join(SENTENCE_CONFIG);
+    let weights = required(WEIGHTS)?;
+    let text = match modality {
+        Modality::Text => Some(TextFiles {
+            config: required(CONFIG)?,
+            tokenizer: required(TOKENIZER)?,
+        }),
+        Modality::Image => None,
+    };
     Ok(ModelFiles {
-        config: required(CONFIG)?,
-        weights: required(WEIGHTS)?,
-        tokenizer: required(TOKENIZER)?,
+        weights,
+        text,
         sentence_config: sentence_config.is_file().then_some(sentence_config),
         origin: dir.display().to_string(),
     })
@@ -61,7 +81,12 @@ fn local(dir: &Path) -> Result<ModelFiles> {
 /// Downloads (or finds in the cache) the model files of a hub repository.
 /// `HF_TOKEN` is used for gated or private repositories; `HF_ENDPOINT` selects a
 /// mirror.
-fn hub(repo_id: &str, revision: &str, cache_dir: Option<&Path>) -> Result<ModelFiles> {
+fn hub(
+    repo_id: &str,
+    revision: &str,
+    cache_dir: Option<&Path>,
+    modality: Modality,
+) -> Result<ModelFiles> {
     use hf_hub::{api::sync::ApiBuilder, Repo, RepoType};
 
     let mut builder = ApiBuilder::from_env().with_progress(false);
@@ -86,10 +111,16 @@ fn hub(repo_id: &str, revision: &str, cache_dir: Option<&Path>) -> Result<ModelF
             ))
         })
     };
+    let text = match modality {
+        Modality::Text => Some(TextFiles {
+            config: fetch(CONFIG)?,
+            tokenizer: fetch(TOKENIZER)?,
+        }),
+        Modality::Image => None,
+    };
     Ok(ModelFiles {
-        config: fetch(CONFIG)?,
         weights: fetch(WEIGHTS)?,
-        tokenizer: fetch(TOKENIZER)?,
+        text,
         // Optional: plain BERT repositories do not have it.
         sentence_config: repo.get(SENTENCE_CONFIG).ok(),
         origin: format!("hub:{repo_id}@{revision}"),
@@ -125,7 +156,7 @@ mod tests {
     fn local_source_names_the_missing_file() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(CONFIG), "{}").unwrap();
-        let err = local(dir.path()).unwrap_err().to_string();
+        let err = local(dir.path(), Modality::Text).unwrap_err().to_string();
         assert!(err.contains(WEIGHTS), "{err}");
     }
 

@@ -361,6 +361,7 @@ mod tests {
                 device: "cpu".into(),
                 dtype: "f32".into(),
                 max_sequence_length: 512,
+                image_size: 0,
                 default_options: EmbedOptions {
                     pooling: Pooling::Mean,
                     normalize: true,

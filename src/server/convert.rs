@@ -80,6 +80,13 @@ pub fn embed_options(
             )))
         }
     };
+    if pooling == Pooling::Cls && descriptor.modality == Modality::Image {
+        return Err(Error::InvalidArgument(format!(
+            "backbone `{}` takes images, which are pooled globally (POOLING_MEAN); \
+             POOLING_CLS is for text backbones",
+            descriptor.name
+        )));
+    }
     Ok(EmbedOptions {
         pooling,
         normalize: normalize.unwrap_or(descriptor.default_options.normalize),

@@ -102,6 +102,7 @@ pub async fn run(
     let registry = Arc::new(BackboneRegistry::new(
         &config.backbones,
         config.server.model_cache_dir.clone(),
+        config.limits.image_limits(),
     ));
     let store = Arc::new(
         HeadStore::open(&config.heads.store_dir, config.heads.max_heads)

@@ -52,6 +52,13 @@ fn backbone_info(status: BackboneStatus) -> proto::BackboneInfo {
             info.max_sequence_length = d.max_sequence_length as u32;
             info.fingerprint = d.fingerprint.clone();
             info.source = d.source.clone();
+            info.image_size = d.image_size as u32;
+            info.builtin_heads = loaded
+                .backbone
+                .classifiers()
+                .iter()
+                .map(|c| format!("{}/{}", d.name, c.name))
+                .collect();
         }
     }
     info

@@ -8,10 +8,15 @@ use tonic::{Request, Response, Status};
 
 use super::{convert, deadline, embedder::embed_inputs};
 use crate::{
-    config::LimitsConfig,
-    head::{store::HeadStore, HeadRef},
+    backbone::{BuiltinClassifier, EmbedOptions},
+    config::{is_valid_name, LimitsConfig},
+    head::{
+        model::HeadWeights,
+        store::{HeadStore, StoredHead},
+        HeadRef,
+    },
     proto,
-    registry::BackboneRegistry,
+    registry::{BackboneRegistry, LoadedBackbone},
     Error, Result,
 };
 
@@ -39,52 +44,41 @@ impl PredictorService {
         request: proto::PredictRequest,
         deadline: Option<Instant>,
     ) -> Result<proto::PredictResponse> {
-        let reference = HeadRef::parse(&request.head).map_err(Error::InvalidArgument)?;
-        let head = self.store.get(&reference)?;
-        let meta = &head.meta;
-        let loaded = self.registry.get(&meta.backbone)?;
+        let (loaded, head) = match request.head.split_once('/') {
+            Some((backbone, classifier)) => self.builtin(backbone, classifier)?,
+            None => self.stored(&request.head)?,
+        };
         let descriptor = loaded.backbone.descriptor();
-        if descriptor.fingerprint != meta.backbone_fingerprint {
-            return Err(Error::FailedPrecondition(format!(
-                "head {}@{} was trained on other weights of backbone `{}` \
-                 (fingerprint {}, the backbone now has {}); retrain it",
-                meta.name,
-                meta.version,
-                meta.backbone,
-                meta.backbone_fingerprint,
-                descriptor.fingerprint
-            )));
-        }
         let priority = convert::priority(request.priority)?;
         let inputs = convert::inputs(request.inputs, self.limits.max_inputs_per_request)?;
         let truncate = request.truncate.unwrap_or(descriptor.default_truncate);
         let embedded = embed_inputs(
             &loaded,
             inputs,
-            meta.features.into(),
+            head.options(),
             truncate,
             priority,
             deadline,
         )
         .await?;
 
-        let labels = &meta.labels;
+        let labels = head.labels();
+        let weights = head.weights();
         let top_k = match request.top_k as usize {
             0 => labels.len(),
             k => k.min(labels.len()),
         };
         let mut predictions = Vec::with_capacity(embedded.vectors.len());
         for vector in &embedded.vectors {
-            if vector.len() != head.weights.input_dim() {
+            if vector.len() != weights.input_dim() {
                 return Err(Error::FailedPrecondition(format!(
-                    "head {}@{} takes {}-long features; the backbone gives {}",
-                    meta.name,
-                    meta.version,
-                    head.weights.input_dim(),
+                    "head {} takes {}-long features; the backbone gives {}",
+                    head.name(),
+                    weights.input_dim(),
                     vector.len()
                 )));
             }
-            let probabilities = head.weights.probabilities(vector);
+            let probabilities = weights.probabilities(vector);
             let mut order: Vec<usize> = (0..probabilities.len()).collect();
             order.sort_by(|&a, &b| probabilities[b].total_cmp(&probabilities[a]));
             predictions.push(proto::Prediction {
@@ -100,10 +94,106 @@ impl PredictorService {
             });
         }
         Ok(proto::PredictResponse {
-            head: meta.name.clone(),
-            version: meta.version,
+            head: head.name(),
+            version: head.version(),
             predictions,
         })
+    }
+
+    /// A trained head from the store, with its backbone.
+    fn stored(&self, text: &str) -> Result<(Arc<LoadedBackbone>, Head)> {
+        let reference = HeadRef::parse(text).map_err(Error::InvalidArgument)?;
+        let head = self.store.get(&reference)?;
+        let meta = &head.meta;
+        let loaded = self.registry.get(&meta.backbone)?;
+        let descriptor = loaded.backbone.descriptor();
+        if descriptor.fingerprint != meta.backbone_fingerprint {
+            return Err(Error::FailedPrecondition(format!(
+                "head {}@{} was trained on other weights of backbone `{}` \
+                 (fingerprint {}, the backbone now has {}); retrain it",
+                meta.name,
+                meta.version,
+                meta.backbone,
+                meta.backbone_fingerprint,
+                descriptor.fingerprint
+            )));
+        }
+        Ok((loaded, Head::Stored(head)))
+    }
+
+    /// A classifier that came with a backbone's weights: `<backbone>/<classifier>`.
+    fn builtin(&self, backbone: &str, classifier: &str) -> Result<(Arc<LoadedBackbone>, Head)> {
+        if !is_valid_name(backbone) || !is_valid_name(classifier) {
+            return Err(Error::InvalidArgument(format!(
+                "`{backbone}/{classifier}` is not a built-in head: `<backbone>/<classifier>`, \
+                 each 1-64 letters, digits, '-', '_' or '.'"
+            )));
+        }
+        let loaded = self.registry.get(backbone)?;
+        let found = loaded.backbone.classifier(classifier).ok_or_else(|| {
+            Error::HeadNotFound(format!(
+                "{backbone}/{classifier} (backbone `{backbone}` has no built-in classifier \
+                 `{classifier}`; ListBackbones shows its builtin_heads)"
+            ))
+        })?;
+        Ok((
+            loaded,
+            Head::Builtin {
+                backbone: backbone.to_owned(),
+                classifier: found,
+            },
+        ))
+    }
+}
+
+/// A head Predict can apply: trained and stored, or built into a backbone.
+enum Head {
+    Stored(Arc<StoredHead>),
+    Builtin {
+        backbone: String,
+        classifier: Arc<BuiltinClassifier>,
+    },
+}
+
+impl Head {
+    fn name(&self) -> String {
+        match self {
+            Head::Stored(head) => head.meta.name.clone(),
+            Head::Builtin {
+                backbone,
+                classifier,
+            } => format!("{backbone}/{}", classifier.name),
+        }
+    }
+
+    /// Built-in classifiers have no versions: 0.
+    fn version(&self) -> u32 {
+        match self {
+            Head::Stored(head) => head.meta.version,
+            Head::Builtin { .. } => 0,
+        }
+    }
+
+    /// The features the head was trained on.
+    fn options(&self) -> EmbedOptions {
+        match self {
+            Head::Stored(head) => head.meta.features.into(),
+            Head::Builtin { classifier, .. } => classifier.options,
+        }
+    }
+
+    fn labels(&self) -> &[String] {
+        match self {
+            Head::Stored(head) => &head.meta.labels,
+            Head::Builtin { classifier, .. } => &classifier.labels,
+        }
+    }
+
+    fn weights(&self) -> &HeadWeights {
+        match self {
+            Head::Stored(head) => &head.weights,
+            Head::Builtin { classifier, .. } => &classifier.weights,
+        }
     }
 }
 

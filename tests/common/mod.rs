@@ -298,7 +298,6 @@ pub fn reference(
     normalize: bool,
     max_len: usize,
 ) -> Reference {
-    let script = repo_root().join("tests/reference/minilm_reference.py");
     let request = serde_json::json!({
         "model_dir": minilm_dir(),
         "sentences": sentences,
@@ -306,26 +305,7 @@ pub fn reference(
         "pooling": pooling,
         "normalize": normalize,
     });
-    let mut child = Command::new(python())
-        .arg(&script)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the reference script");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(request.to_string().as_bytes())
-        .expect("write request");
-    let output = child.wait_with_output().expect("reference output");
-    assert!(
-        output.status.success(),
-        "reference failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let value: serde_json::Value = serde_json::from_slice(&output.stdout).expect("reference JSON");
+    let value = run_reference("minilm_reference.py", &request);
     Reference {
         token_ids: serde_json::from_value(value["token_ids"].clone()).expect("token_ids"),
         embeddings: serde_json::from_value(value["embeddings"].clone()).expect("embeddings"),
@@ -359,7 +339,8 @@ pub fn load_minilm() -> std::sync::Arc<dyn tlserve::backbone::Backbone> {
         std::iter::empty(),
     )
     .expect("config");
-    tlserve::backbone::load(&config.backbones[0], None).expect("load MiniLM")
+    tlserve::backbone::load(&config.backbones[0], None, config.limits.image_limits())
+        .expect("load MiniLM")
 }
 
 /// The value of the series `name{labels}` in a Prometheus scrape, 0 when absent.
@@ -368,4 +349,68 @@ pub fn metric(scrape: &str, series: &str) -> f64 {
         .lines()
         .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
         .unwrap_or(0.0)
+}
+
+pub const LITE0: &str = "efficientnet-lite0";
+
+/// The real EfficientNet-Lite0 folder (converted safetensors); panics with the fix
+/// when it is missing.
+pub fn lite0_dir() -> PathBuf {
+    let dir = repo_root().join("models").join(LITE0);
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "EfficientNet-Lite0 is missing at {}: run scripts/fetch-models.sh",
+        dir.display()
+    );
+    dir
+}
+
+/// The `[[backbones]]` entry of the real EfficientNet-Lite0.
+pub fn lite0_backbone_toml() -> String {
+    format!(
+        "\n[[backbones]]\nname = \"{LITE0}\"\narchitecture = \"efficientnet-lite0\"\n\
+         source = {{ path = \"{}\" }}\n",
+        lite0_dir().display()
+    )
+}
+
+/// A photo with known ImageNet classes from scripts/fetch-test-images.sh.
+pub fn test_image(name: &str) -> PathBuf {
+    let path = repo_root().join("models/test-images").join(name);
+    assert!(
+        path.is_file(),
+        "test photo {} is missing: run scripts/fetch-test-images.sh",
+        path.display()
+    );
+    path
+}
+
+pub fn image_input(bytes: Vec<u8>) -> proto::Input {
+    proto::Input {
+        kind: Some(Kind::Image(bytes)),
+    }
+}
+
+/// Runs a script of tests/reference/ with a JSON request; returns its JSON answer.
+pub fn run_reference(script: &str, request: &serde_json::Value) -> serde_json::Value {
+    let mut child = Command::new(python())
+        .arg(repo_root().join("tests/reference").join(script))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the reference script");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(request.to_string().as_bytes())
+        .expect("write request");
+    let output = child.wait_with_output().expect("reference output");
+    assert!(
+        output.status.success(),
+        "{script} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("reference JSON")
 }

@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""Writes ResNet-50 weights in torchvision's layout with pseudo-random values.
+
+No pretrained ResNet-50 is fetchable here, and the speed of a forward pass does
+not depend on the values, so the throughput benchmark runs on these. numpy and
+the standard library only; the safetensors file is written by hand (an 8-byte
+little-endian header length, a JSON header, then the raw float32 data).
+
+Usage: generate_resnet50.py OUT_DIR   (writes OUT_DIR/model.safetensors)
+"""
+
+import json
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def resnet50_shapes():
+    shapes = {}
+
+    def conv(name, out_c, in_c, k):
+        shapes[f"{name}.weight"] = (out_c, in_c, k, k)
+
+    def bn(name, c):
+        for part in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"{name}.{part}"] = (c,)
+
+    conv("conv1", 64, 3, 7)
+    bn("bn1", 64)
+    in_c = 64
+    for layer, (blocks, width) in enumerate([(3, 64), (4, 128), (6, 256), (3, 512)], start=1):
+        for block in range(blocks):
+            prefix = f"layer{layer}.{block}"
+            conv(f"{prefix}.conv1", width, in_c, 1)
+            bn(f"{prefix}.bn1", width)
+            conv(f"{prefix}.conv2", width, width, 3)
+            bn(f"{prefix}.bn2", width)
+            conv(f"{prefix}.conv3", width * 4, width, 1)
+            bn(f"{prefix}.bn3", width * 4)
+            if block == 0:
+                conv(f"{prefix}.downsample.0", width * 4, in_c, 1)
+                bn(f"{prefix}.downsample.1", width * 4)
+            in_c = width * 4
+    shapes["fc.weight"] = (1000, 2048)
+    shapes["fc.bias"] = (1000,)
+    return shapes
+
+
+def main():
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    out = Path(sys.argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    header, blobs, offset = {}, [], 0
+    for name, shape in resnet50_shapes().items():
+        if name.endswith("running_var"):
+            value = rng.uniform(0.5, 1.5, shape)
+        elif len(shape) == 1:
+            value = rng.uniform(-0.1, 0.1, shape) + (1.0 if name.endswith("weight") else 0.0)
+        else:
+            fan_in = int(np.prod(shape[1:]))
+            value = rng.normal(0.0, (2.0 / fan_in) ** 0.5, shape)
+        blob = value.astype("<f4").tobytes()
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    path = out / "model.safetensors"
+    with open(path.with_suffix(".partial"), "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for blob in blobs:
+            f.write(blob)
+    path.with_suffix(".partial").rename(path)
+    print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,407 @@
+//! Image backbones: a convolutional network behind the `Backbone` trait.
+//!
+//! `prepare` decodes and preprocesses on the request path (so the worker thread
+//! only computes); `embed` stacks a batch into one `[n, 3, side, side]` tensor
+//! and returns the globally pooled features. A network that keeps its ImageNet
+//! classifier offers it as a built-in head (see `Backbone::classifier`).
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use super::{
+    bert::l2_normalize,
+    efficientnet::{EfficientNet, Variant},
+    image::{self, ImageLimits, Preprocessing},
+    layers::Linear,
+    parse_device,
+    resnet::ResNet50,
+    source::{self, ModelFiles},
+    vgg::Vgg16,
+    Backbone, BackboneDescriptor, BuiltinClassifier, EmbedItem, EmbedOptions, Input, Modality,
+    Pooling, Prepared,
+};
+use crate::{
+    config::{Architecture, BackboneConfig},
+    Error, Result,
+};
+
+/// The ImageNet-1k class names, index order (see assets/README.md).
+const IMAGENET_CLASSES: &str = include_str!("../../assets/imagenet-classes.txt");
+
+/// A convolutional network that maps preprocessed images to pooled features.
+pub trait ImageNetwork: Send + Sync {
+    /// Length of the feature vector.
+    fn dimension(&self) -> usize;
+    /// `[batch, 3, h, w]` normalized pixels to `[batch, dimension]` features.
+    fn features(&self, pixels: &Tensor) -> candle_core::Result<Tensor>;
+    /// The pretrained classifier on top of the features, when the weights have it.
+    fn classifier(&self) -> Option<&Linear>;
+}
+
+pub struct VisionBackbone {
+    network: Box<dyn ImageNetwork>,
+    preprocessing: Preprocessing,
+    limits: ImageLimits,
+    device: Device,
+    descriptor: BackboneDescriptor,
+    classifier: Option<Arc<BuiltinClassifier>>,
+}
+
+impl VisionBackbone {
+    pub fn load(config: &BackboneConfig, files: &ModelFiles, limits: ImageLimits) -> Result<Self> {
+        let device = parse_device(&config.device)?;
+        // SAFETY: as for the text backbones, the weights file is memory-mapped and
+        // must not change while the server runs (model folders are replaced whole).
+        let vars =
+            unsafe { VarBuilder::from_mmaped_safetensors(&[&files.weights], DType::F32, &device) }
+                .map_err(|err| {
+                    Error::ModelLoad(format!("cannot map {}: {err}", files.weights.display()))
+                })?;
+        let network = build(config, vars).map_err(|err| {
+            Error::ModelLoad(format!(
+                "{} does not hold {} weights: {err}",
+                files.weights.display(),
+                config.architecture.as_str()
+            ))
+        })?;
+        let classifier = match network.classifier() {
+            Some(linear) => imagenet_classifier(config, linear)?,
+            None => None,
+        };
+        let preprocessing = config.image.preprocessing(config.architecture);
+        let descriptor = BackboneDescriptor {
+            name: config.name.clone(),
+            architecture: config.architecture,
+            modality: Modality::Image,
+            dimension: network.dimension(),
+            device: config.device.clone(),
+            dtype: "f32".to_owned(),
+            max_sequence_length: 0,
+            image_size: preprocessing.crop as usize,
+            default_options: EmbedOptions {
+                pooling: Pooling::Mean,
+                normalize: config.normalize,
+            },
+            default_truncate: false,
+            fingerprint: source::fingerprint(&files.weights)?,
+            source: files.origin.clone(),
+        };
+        Ok(Self {
+            network,
+            preprocessing,
+            limits,
+            device,
+            descriptor,
+            classifier,
+        })
+    }
+
+    fn side(&self) -> usize {
+        self.preprocessing.crop as usize
+    }
+}
+
+fn build(
+    config: &BackboneConfig,
+    vars: VarBuilder<'static>,
+) -> candle_core::Result<Box<dyn ImageNetwork>> {
+    Ok(match config.architecture {
+        Architecture::EfficientNetLite0 => Box::new(EfficientNet::load(vars, Variant::Lite0)?),
+        Architecture::EfficientNetB0 => Box::new(EfficientNet::load(vars, Variant::B0)?),
+        Architecture::Resnet50 => Box::new(ResNet50::load(vars)?),
+        Architecture::Vgg16 => Box::new(Vgg16::load(vars, config.vgg_features)?),
+        Architecture::Bert => candle_core::bail!("BERT is not an image network"),
+    })
+}
+
+/// The pretrained 1000-class classifier as the built-in head `<backbone>/imagenet`;
+/// a classifier with another number of classes has no names to go with it.
+fn imagenet_classifier(
+    config: &BackboneConfig,
+    linear: &Linear,
+) -> Result<Option<Arc<BuiltinClassifier>>> {
+    let dense = linear.to_dense()?;
+    let labels: Vec<String> = IMAGENET_CLASSES.lines().map(str::to_owned).collect();
+    if dense.outputs != labels.len() {
+        tracing::warn!(backbone = %config.name, classes = dense.outputs,
+            "the classifier is not ImageNet-1k's; it is not offered as a built-in head");
+        return Ok(None);
+    }
+    Ok(Some(Arc::new(BuiltinClassifier {
+        name: "imagenet".to_owned(),
+        labels,
+        weights: crate::head::model::HeadWeights::Linear { output: dense },
+        options: EmbedOptions {
+            pooling: Pooling::Mean,
+            normalize: false,
+        },
+    })))
+}
+
+impl Backbone for VisionBackbone {
+    fn descriptor(&self) -> &BackboneDescriptor {
+        &self.descriptor
+    }
+
+    fn prepare(&self, index: usize, input: Input, _truncate: bool) -> Result<Prepared> {
+        let side = self.side();
+        match input {
+            Input::Image(bytes) => {
+                let decoded = image::decode(index, &bytes, self.limits)?;
+                Ok(Prepared::Image(Arc::new(image::preprocess(
+                    &decoded,
+                    &self.preprocessing,
+                ))))
+            }
+            Input::Tensor { shape, values } => {
+                if shape != [3, side, side] {
+                    return Err(Error::InvalidInput {
+                        index,
+                        reason: format!(
+                            "backbone `{}` takes tensors of shape [3, {side}, {side}] \
+                             (preprocessed as it was trained), not {shape:?}",
+                            self.descriptor.name
+                        ),
+                    });
+                }
+                Ok(Prepared::Image(Arc::new(values)))
+            }
+            Input::Text(_) => Err(Error::InvalidInput {
+                index,
+                reason: format!(
+                    "backbone `{}` takes images (or preprocessed tensors), not text",
+                    self.descriptor.name
+                ),
+            }),
+        }
+    }
+
+    fn embed(&self, items: &[EmbedItem<'_>]) -> Result<Vec<Vec<f32>>> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let side = self.side();
+        let mut pixels = Vec::with_capacity(items.len() * 3 * side * side);
+        for item in items {
+            match item.input {
+                Prepared::Image(values) => pixels.extend_from_slice(values),
+                Prepared::Text(_) => {
+                    return Err(Error::Inference("text item in an image batch".into()))
+                }
+            }
+        }
+        let batch = Tensor::from_vec(pixels, (items.len(), 3, side, side), &self.device)?;
+        let features = self.network.features(&batch)?.to_vec2::<f32>()?;
+        Ok(features
+            .into_iter()
+            .zip(items)
+            .map(|(vector, item)| {
+                if item.options.normalize {
+                    l2_normalize(vector)
+                } else {
+                    vector
+                }
+            })
+            .collect())
+    }
+
+    fn classifier(&self, name: &str) -> Option<Arc<BuiltinClassifier>> {
+        self.classifier
+            .as_ref()
+            .filter(|classifier| classifier.name == name)
+            .cloned()
+    }
+
+    fn classifiers(&self) -> Vec<Arc<BuiltinClassifier>> {
+        self.classifier.iter().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The architectures without fetchable weights, on generated ones: names
+    //! and shapes load, the feature length is right, and an image gives the same
+    //! vector alone as inside a batch.
+
+    use candle_nn::VarMap;
+
+    use super::*;
+    use crate::config::{BackboneConfig, VggFeatures};
+
+    /// Pseudo-random weights for every tensor the network asks for, scaled so
+    /// that activations neither vanish nor explode through the layers.
+    fn generated_weights(
+        architecture: Architecture,
+        vgg_features: VggFeatures,
+        classifier: Option<(&str, usize, usize)>,
+    ) -> tempfile::TempDir {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let config = BackboneConfig {
+            vgg_features,
+            ..backbone_config(architecture, "unused")
+        };
+        // Without a classifier, which the network loads only when present.
+        build(&config, vb).expect("the network asks for its weights");
+        if let Some((prefix, inputs, classes)) = classifier {
+            let mut data = varmap.data().lock().unwrap();
+            for (name, shape) in [("weight", vec![classes, inputs]), ("bias", vec![classes])] {
+                let zeros = Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap();
+                let var = candle_core::Var::from_tensor(&zeros).unwrap();
+                data.insert(format!("{prefix}.{name}"), var);
+            }
+        }
+
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut uniform = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 40) as f32 / (1u64 << 24) as f32
+        };
+        for (name, var) in varmap.data().lock().unwrap().iter() {
+            let dims = var.dims().to_vec();
+            let count: usize = dims.iter().product();
+            let fan_in: usize = dims.iter().skip(1).product::<usize>().max(1);
+            let values: Vec<f32> = (0..count)
+                .map(|_| {
+                    let u = uniform();
+                    if name.ends_with("running_var") {
+                        0.5 + u
+                    } else if name.ends_with("running_mean") || name.ends_with("bias") {
+                        0.2 * (u - 0.5)
+                    } else if dims.len() == 1 {
+                        0.8 + 0.4 * u // batch-norm scale
+                    } else {
+                        // Variance 2 / fan_in: He initialisation for ReLU nets.
+                        (u - 0.5) * (24.0 / fan_in as f32).sqrt()
+                    }
+                })
+                .collect();
+            var.set(&Tensor::from_vec(values, dims, &Device::Cpu).unwrap())
+                .unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        varmap.save(dir.path().join("model.safetensors")).unwrap();
+        dir
+    }
+
+    fn backbone_config(architecture: Architecture, path: &str) -> BackboneConfig {
+        toml::from_str(&format!(
+            "name = \"test\"\narchitecture = \"{}\"\nsource = {{ path = \"{path}\" }}\n",
+            architecture.as_str()
+        ))
+        .unwrap()
+    }
+
+    fn load(config: &BackboneConfig, dir: &std::path::Path) -> VisionBackbone {
+        let files = source::resolve(&config.source, None, Modality::Image).unwrap();
+        assert_eq!(files.weights, dir.join("model.safetensors"));
+        VisionBackbone::load(
+            config,
+            &files,
+            ImageLimits {
+                max_encoded_bytes: 1 << 20,
+                max_pixels: 1 << 20,
+            },
+        )
+        .expect("load generated weights")
+    }
+
+    /// A smooth random-ish image, different per seed.
+    fn image_tensor(side: usize, seed: usize) -> Input {
+        let values = (0..3 * side * side)
+            .map(|i| ((i * (seed + 3)) as f32 * 0.013).sin())
+            .collect();
+        Input::Tensor {
+            shape: vec![3, side, side],
+            values,
+        }
+    }
+
+    fn check(architecture: Architecture, vgg_features: VggFeatures, crop: u32, dimension: usize) {
+        let classifier = match architecture {
+            Architecture::Resnet50 => Some(("fc", 2048, 10)),
+            Architecture::EfficientNetB0 => Some(("_fc", 1280, 10)),
+            Architecture::Vgg16 if vgg_features == VggFeatures::Fc7 => {
+                Some(("classifier.6", 4096, 10))
+            }
+            _ => None,
+        };
+        let dir = generated_weights(architecture, vgg_features, classifier);
+        let mut config = backbone_config(architecture, dir.path().to_str().unwrap());
+        config.vgg_features = vgg_features;
+        config.image.crop = Some(crop);
+        config.image.resize_shorter = Some(crop);
+        let backbone = load(&config, dir.path());
+        assert_eq!(backbone.descriptor().dimension, dimension);
+        assert_eq!(backbone.descriptor().image_size, crop as usize);
+        assert_eq!(
+            backbone.network.classifier().is_some(),
+            classifier.is_some()
+        );
+        // A classifier of 10 classes has no ImageNet names: no built-in head.
+        assert!(backbone.classifiers().is_empty());
+
+        let options = EmbedOptions {
+            pooling: Pooling::Mean,
+            normalize: false,
+        };
+        let prepared: Vec<Prepared> = (0..3)
+            .map(|seed| {
+                backbone
+                    .prepare(seed, image_tensor(crop as usize, seed), true)
+                    .unwrap()
+            })
+            .collect();
+        let items: Vec<EmbedItem> = prepared
+            .iter()
+            .map(|input| EmbedItem { input, options })
+            .collect();
+        let batch = backbone.embed(&items).unwrap();
+        assert_eq!(batch.len(), 3);
+        for (i, item) in items.iter().enumerate() {
+            let alone = backbone
+                .embed(std::slice::from_ref(item))
+                .unwrap()
+                .remove(0);
+            assert_eq!(alone.len(), dimension);
+            assert!(alone.iter().all(|v| v.is_finite()));
+            let scale = alone.iter().map(|v| v.abs()).fold(0f32, f32::max);
+            assert!(scale > 0.0, "{architecture:?}: all-zero features");
+            let diff = alone
+                .iter()
+                .zip(&batch[i])
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                diff <= 1e-4 * scale,
+                "{architecture:?} item {i}: alone and batched differ by {diff} (scale {scale})"
+            );
+        }
+        // Different images give different features.
+        assert_ne!(batch[0], batch[1]);
+    }
+
+    #[test]
+    fn resnet50_on_generated_weights() {
+        check(Architecture::Resnet50, VggFeatures::Fc7, 64, 2048);
+    }
+
+    #[test]
+    fn efficientnet_b0_on_generated_weights() {
+        check(Architecture::EfficientNetB0, VggFeatures::Fc7, 64, 1280);
+    }
+
+    #[test]
+    fn vgg16_pool5_on_generated_weights() {
+        check(Architecture::Vgg16, VggFeatures::Pool5, 64, 512);
+    }
+
+    #[test]
+    fn vgg16_fc7_on_generated_weights() {
+        check(Architecture::Vgg16, VggFeatures::Fc7, 224, 4096);
+    }
+}
