@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 use crate::{
-    backbone::{self, Backbone, EmbedItem, Input, Modality},
+    backbone::{self, bert_native, Backbone, EmbedItem, Input, Modality},
     config::Config,
 };
 
@@ -23,6 +23,8 @@ pub struct BenchOptions<'a> {
     pub corpus: &'a Path,
     pub batch_sizes: &'a [usize],
     pub min_seconds: f64,
+    /// Also print where the native BERT engine spent its time.
+    pub profile: bool,
 }
 
 /// Stops a measurement after this many passes over the corpus even when
@@ -79,6 +81,9 @@ pub fn run(config: &Config, options: &BenchOptions<'_>) -> Result<()> {
         // One untimed batch first: lets allocations and the thread pool settle.
         embed_batch(model.as_ref(), &corpus, 0, batch_size)?;
         let min = Duration::from_secs_f64(options.min_seconds);
+        if options.profile {
+            bert_native::start_profile();
+        }
         let started = Instant::now();
         let mut count = 0usize;
         while (started.elapsed() < min || count < corpus.len()) && count < MAX_PASSES * corpus.len()
@@ -99,8 +104,42 @@ pub fn run(config: &Config, options: &BenchOptions<'_>) -> Result<()> {
                 "threads": threads,
             })
         );
+        if let Some(profile) = bert_native::take_profile().filter(|p| p.passes > 0) {
+            print_profile(batch_size, seconds, &profile);
+        }
     }
     Ok(())
+}
+
+/// The share of each kind of work in the timed passes, as one JSON line.
+fn print_profile(batch_size: usize, seconds: f64, profile: &bert_native::Profile) {
+    let parts = [
+        ("embeddings", profile.embeddings),
+        ("qkv_projection", profile.qkv_projection),
+        ("attention", profile.attention),
+        ("attention_output", profile.attention_output),
+        ("layer_norms", profile.layer_norms),
+        ("feed_forward_in", profile.feed_forward_in),
+        ("gelu", profile.gelu),
+        ("feed_forward_out", profile.feed_forward_out),
+    ];
+    let forward: f64 = parts.iter().map(|(_, d)| d.as_secs_f64()).sum();
+    let shares: serde_json::Map<String, serde_json::Value> = parts
+        .iter()
+        .map(|(name, d)| ((*name).to_owned(), json!(d.as_secs_f64() / seconds)))
+        .collect();
+    println!(
+        "{}",
+        json!({
+            "profile": "native",
+            "batch_size": batch_size,
+            "passes": profile.passes,
+            "tokens": profile.tokens,
+            "share_of_wall_time": shares,
+            // The rest: tokenization, pooling, and the hand-offs between phases.
+            "outside_forward": 1.0 - forward / seconds,
+        })
+    );
 }
 
 /// Prepares (tokenizes or decodes) and embeds `batch_size` inputs starting at

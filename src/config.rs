@@ -240,6 +240,29 @@ impl Architecture {
     }
 }
 
+/// Which implementation computes a BERT backbone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// Native on CPU, candle elsewhere.
+    #[default]
+    Auto,
+    /// Our packed CPU forward pass (src/backbone/bert_native.rs).
+    Native,
+    /// candle-transformers' BertModel: any device.
+    Candle,
+}
+
+impl Engine {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Engine::Auto => "auto",
+            Engine::Native => "native",
+            Engine::Candle => "candle",
+        }
+    }
+}
+
 /// Which VGG16 layer gives the features.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -368,6 +391,9 @@ pub struct BackboneConfig {
     /// VGG16: which layer gives the features.
     #[serde(default)]
     pub vgg_features: VggFeatures,
+    /// BERT: which implementation computes it.
+    #[serde(default)]
+    pub engine: Engine,
 }
 
 impl BackboneConfig {
@@ -387,6 +413,9 @@ impl BackboneConfig {
                 }
             }
             Modality::Image => {
+                if self.engine != Engine::Auto {
+                    return Err("`engine` applies to BERT backbones only".into());
+                }
                 if self.max_sequence_length.is_some() {
                     return Err("max_sequence_length applies to text backbones only".into());
                 }

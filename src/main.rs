@@ -159,6 +159,9 @@ enum Command {
         /// Measure each batch size for at least this long (and one corpus pass).
         #[arg(long, default_value_t = 5.0)]
         min_seconds: f64,
+        /// Also print, per batch size, where the native BERT engine's time went.
+        #[arg(long)]
+        profile: bool,
     },
 }
 
@@ -417,6 +420,7 @@ async fn run(cli: Cli) -> Result<()> {
             corpus,
             batch_sizes,
             min_seconds,
+            profile,
         } => {
             telemetry::init(LogFormat::Human, "warn");
             let config = load_config(&config)?;
@@ -425,6 +429,7 @@ async fn run(cli: Cli) -> Result<()> {
                 corpus: &corpus,
                 batch_sizes: &batch_sizes,
                 min_seconds,
+                profile,
             };
             bench::run(&config, &options)?;
         }

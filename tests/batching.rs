@@ -84,9 +84,21 @@ async fn concurrent_requests_share_forward_passes_and_get_their_own_vectors() {
     assert_eq!(items, REQUESTS as f64);
 }
 
+/// On both engines: the candle engine pads a pass to its longest text, so the
+/// batcher splits by length; the native engine packs texts, so it does not.
 #[tokio::test]
 async fn a_request_mixing_long_and_short_texts_keeps_input_order() {
-    let server = TestServer::start_minilm().await;
+    for (engine, split) in [("candle", true), ("native", false)] {
+        mixed_lengths_keep_input_order(engine, split).await;
+    }
+}
+
+async fn mixed_lengths_keep_input_order(engine: &str, split: bool) {
+    let server = TestServer::start(&TestServer::minilm_config(
+        "",
+        &format!("engine = \"{engine}\""),
+    ))
+    .await;
     let corpus = sentences();
     let long: Vec<String> = corpus
         .iter()
@@ -108,7 +120,7 @@ async fn a_request_mixing_long_and_short_texts_keeps_input_order() {
         long[1].clone(),
         short[2].clone(),
     ];
-    let expected = unbatched(load_minilm().as_ref(), &texts);
+    let expected = unbatched(load_minilm_on(engine).as_ref(), &texts);
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let response = server
         .embedder()
@@ -120,14 +132,18 @@ async fn a_request_mixing_long_and_short_texts_keeps_input_order() {
     assert_eq!(response.embeddings.len(), texts.len());
     for (i, embedding) in response.embeddings.iter().enumerate() {
         let diff = max_abs_diff(&embedding.values, &expected[i]);
-        assert!(diff < MAX_ABS_DIFF, "input {i} differs by {diff}");
+        assert!(diff < MAX_ABS_DIFF, "{engine}: input {i} differs by {diff}");
     }
-    // The long texts went through separate, longer passes than the short ones.
     let passes = metric(&server.scrape(), BATCHES);
-    assert!(
-        passes >= 2.0,
-        "expected a split by length, got {passes} pass"
-    );
+    if split {
+        // The long texts went through separate, longer passes than the short ones.
+        assert!(
+            passes >= 2.0,
+            "{engine}: expected a split by length, got {passes} pass"
+        );
+    } else {
+        assert_eq!(passes, 1.0, "{engine}: packed texts need no split");
+    }
 }
 
 #[tokio::test]

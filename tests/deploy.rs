@@ -1626,6 +1626,20 @@ fn dockerfiles_pass_hadolint_and_build_the_documented_images() {
             first_build < source,
             "{path}: dependencies are built before the source is copied"
         );
+        // Files the source compiles in (include_str!/include_bytes!) must be in
+        // the build context's copy too, or the image build fails.
+        let copied: Vec<&str> = builder
+            .instructions
+            .iter()
+            .filter(|(k, _)| k == "COPY")
+            .flat_map(|(_, a)| a.split_whitespace())
+            .collect();
+        for top in included_top_dirs() {
+            assert!(
+                copied.contains(&top.as_str()),
+                "{path}: the builder does not copy {top}/, which src/ compiles in"
+            );
+        }
         let copied_before: String = builder.instructions[..first_build]
             .iter()
             .filter(|(k, _)| k == "COPY")
@@ -2298,4 +2312,35 @@ fn promtool_accepts_the_rules_and_every_alert_says_what_to_do() {
     );
     // Pods of the Deployment are named after it.
     assert!(text(&alerts["TlservePodNotReady"]["expr"], "expr").contains("pod=~\"tlserve-.+\""));
+}
+
+/// Top-level folders of the files that src/ compiles in with include_str! or
+/// include_bytes! (paths relative to the including file).
+fn included_top_dirs() -> std::collections::BTreeSet<String> {
+    fn visit(dir: &std::path::Path, out: &mut std::collections::BTreeSet<String>) {
+        for entry in std::fs::read_dir(dir).expect("read src") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                visit(&path, out);
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            for macro_name in ["include_str!(\"", "include_bytes!(\""] {
+                for piece in text.split(macro_name).skip(1) {
+                    let relative = piece.split('"').next().expect("a path");
+                    let target = path.parent().expect("parent").join(relative);
+                    let target = target
+                        .canonicalize()
+                        .unwrap_or_else(|err| panic!("{}: {relative}: {err}", path.display()));
+                    let root = repo_file("").canonicalize().expect("repo root");
+                    let inside = target.strip_prefix(&root).expect("inside the repository");
+                    let top = inside.components().next().expect("a top folder");
+                    out.insert(top.as_os_str().to_string_lossy().into_owned());
+                }
+            }
+        }
+    }
+    let mut out = std::collections::BTreeSet::new();
+    visit(&repo_file("src"), &mut out);
+    out
 }

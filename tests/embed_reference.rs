@@ -61,11 +61,21 @@ fn corpus_is_varied_enough() {
     );
 }
 
+/// Both engines: the native packed forward pass (the default on CPU) and
+/// candle-transformers' BertModel.
+const ENGINES: [&str; 2] = ["native", "candle"];
+
 #[test]
 fn library_mean_pooled_unit_vectors_match_the_reference() {
     let sentences = sentences();
     let reference = reference(&sentences, "mean", true, MAX_LEN);
-    let model = load_minilm();
+    for engine in ENGINES {
+        mean_pooled_unit_vectors(engine, &sentences, &reference);
+    }
+}
+
+fn mean_pooled_unit_vectors(engine: &str, sentences: &[String], reference: &Reference) {
+    let model = load_minilm_on(engine);
     assert_eq!(model.descriptor().max_sequence_length, MAX_LEN);
 
     let mut truncated = 0;
@@ -93,8 +103,8 @@ fn library_mean_pooled_unit_vectors_match_the_reference() {
         pooling: Pooling::Mean,
         normalize: true,
     };
-    let ours = embed_all(model.as_ref(), &sentences, options);
-    assert_close("batched", &ours, &reference.embeddings);
+    let ours = embed_all(model.as_ref(), sentences, options);
+    assert_close(&format!("{engine}, batched"), &ours, &reference.embeddings);
     for v in &ours {
         assert!((norm(v) - 1.0).abs() < 1e-5);
     }
@@ -104,17 +114,22 @@ fn library_mean_pooled_unit_vectors_match_the_reference() {
 fn library_cls_pooling_without_normalization_matches_the_reference() {
     let sentences = sentences();
     let reference = reference(&sentences, "cls", false, MAX_LEN);
-    let model = load_minilm();
     let options = EmbedOptions {
         pooling: Pooling::Cls,
         normalize: false,
     };
-    let ours = embed_all(model.as_ref(), &sentences, options);
-    assert_close("cls", &ours, &reference.embeddings);
-    for (a, b) in ours.iter().zip(&reference.embeddings) {
-        let nb: f64 = b.iter().map(|x| x * x).sum::<f64>().sqrt();
-        let relative = (norm(a) - nb).abs() / nb;
-        assert!(relative < 1e-4, "unnormalized length differs by {relative}");
+    for engine in ENGINES {
+        let model = load_minilm_on(engine);
+        let ours = embed_all(model.as_ref(), &sentences, options);
+        assert_close(&format!("{engine}, cls"), &ours, &reference.embeddings);
+        for (a, b) in ours.iter().zip(&reference.embeddings) {
+            let nb: f64 = b.iter().map(|x| x * x).sum::<f64>().sqrt();
+            let relative = (norm(a) - nb).abs() / nb;
+            assert!(
+                relative < 1e-4,
+                "{engine}: unnormalized length differs by {relative}"
+            );
+        }
     }
 }
 

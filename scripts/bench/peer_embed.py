@@ -27,28 +27,13 @@ import platform
 import sys
 import time
 
+from bench_args import positive_int, positive_int_list
+
 # Set before sentence-transformers / transformers are imported: they read these
 # at import time, and the benchmark must fail rather than reach for a hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-
-
-def positive_int_list(text):
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}")
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"batch sizes must be positive integers: {text!r}")
-    return values
-
-
-def positive_int(text):
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer: {text!r}")
-    return value
 
 
 def parse_args():

@@ -1,11 +1,14 @@
-//! BERT-family text encoders (BERT, MiniLM, sentence-transformers models) on
-//! candle-transformers' `BertModel`.
+//! BERT-family text encoders (BERT, MiniLM, sentence-transformers models), on
+//! one of two engines: our packed CPU forward pass (`bert_native`, the default
+//! on CPU) or candle-transformers' `BertModel` (any device, and the plain path
+//! to compare against).
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config as BertConfig};
 use serde::Deserialize;
 
+use super::bert_native::NativeBert;
 use super::{
     parse_device,
     source::{self, ModelFiles},
@@ -13,10 +16,19 @@ use super::{
     Backbone, BackboneDescriptor, EmbedItem, EmbedOptions, Input, Modality, Pooling, Prepared,
     TokenizedText,
 };
-use crate::{config::BackboneConfig, Error, Result};
+use crate::{
+    config::{BackboneConfig, Engine},
+    Error, Result,
+};
+
+/// The network that computes token vectors.
+enum Network {
+    Candle(BertModel),
+    Native(NativeBert),
+}
 
 pub struct BertBackbone {
-    model: BertModel,
+    network: Network,
     encoder: TextEncoder,
     device: Device,
     pad_id: u32,
@@ -46,7 +58,20 @@ impl BertBackbone {
                 .map_err(|err| {
                     Error::ModelLoad(format!("cannot map {}: {err}", files.weights.display()))
                 })?;
-        let model = BertModel::load(vars, &model_config).map_err(|err| {
+        let engine = match (config.engine, device.is_cpu()) {
+            (Engine::Auto, true) | (Engine::Native, _) => Engine::Native,
+            _ => Engine::Candle,
+        };
+        if engine == Engine::Native && !device.is_cpu() {
+            return Err(Error::ModelLoad(
+                "the native engine runs on CPU; use engine = \"candle\" on a GPU".into(),
+            ));
+        }
+        let loaded = match engine {
+            Engine::Native => NativeBert::load(vars, &model_config).map(Network::Native),
+            _ => BertModel::load(vars, &model_config).map(Network::Candle),
+        };
+        let network = loaded.map_err(|err| {
             Error::ModelLoad(format!(
                 "{} does not hold BERT weights matching {}: {err}",
                 files.weights.display(),
@@ -72,8 +97,9 @@ impl BertBackbone {
             fingerprint: source::fingerprint(&files.weights)?,
             source: files.origin.clone(),
         };
+        tracing::info!(backbone = %config.name, engine = engine.as_str(), "BERT engine");
         Ok(Self {
-            model,
+            network,
             encoder,
             device,
             pad_id: u32::try_from(model_config.pad_token_id).unwrap_or(0),
@@ -83,7 +109,11 @@ impl BertBackbone {
 
     /// Token vectors of a batch, padded to its longest text: `[batch, len, hidden]`,
     /// and the attention mask `[batch, len]` (1 for real tokens) as f32.
-    fn forward(&self, texts: &[&TokenizedText]) -> Result<(Tensor, Tensor)> {
+    fn hidden(&self) -> usize {
+        self.descriptor.dimension
+    }
+
+    fn forward(&self, model: &BertModel, texts: &[&TokenizedText]) -> Result<(Tensor, Tensor)> {
         let len = texts.iter().map(|t| t.ids.len()).max().unwrap_or(0);
         let mut ids = Vec::with_capacity(texts.len() * len);
         let mut mask = Vec::with_capacity(texts.len() * len);
@@ -98,7 +128,7 @@ impl BertBackbone {
         let ids = Tensor::from_vec(ids, shape, &self.device)?;
         let mask = Tensor::from_vec(mask, shape, &self.device)?;
         let token_types = ids.zeros_like()?;
-        let hidden = self.model.forward(&ids, &token_types, Some(&mask))?;
+        let hidden = model.forward(&ids, &token_types, Some(&mask))?;
         Ok((hidden, mask.to_dtype(DType::F32)?))
     }
 }
@@ -106,6 +136,11 @@ impl BertBackbone {
 impl Backbone for BertBackbone {
     fn descriptor(&self) -> &BackboneDescriptor {
         &self.descriptor
+    }
+
+    fn pads_batches(&self) -> bool {
+        // The native engine packs texts end to end; candle's pads to the longest.
+        matches!(self.network, Network::Candle(_))
     }
 
     fn prepare(&self, index: usize, input: Input, truncate: bool) -> Result<Prepared> {
@@ -133,7 +168,11 @@ impl Backbone for BertBackbone {
                 Prepared::Image(_) => Err(Error::Inference("image item in a text batch".into())),
             })
             .collect::<Result<_>>()?;
-        let (hidden, mask) = self.forward(&texts)?;
+        let model = match &self.network {
+            Network::Candle(model) => model,
+            Network::Native(native) => return native_embed(native, &texts, items, self.hidden()),
+        };
+        let (hidden, mask) = self.forward(model, &texts)?;
 
         // Pool once per kind the batch needs; items of one batch may differ.
         let wants = |pooling| items.iter().any(|item| item.options.pooling == pooling);
@@ -167,6 +206,41 @@ impl Backbone for BertBackbone {
         }
         Ok(out)
     }
+}
+
+/// Pools and normalizes the packed token vectors of the native engine.
+fn native_embed(
+    native: &NativeBert,
+    texts: &[&TokenizedText],
+    items: &[EmbedItem<'_>],
+    hidden: usize,
+) -> Result<Vec<Vec<f32>>> {
+    let ids: Vec<&[u32]> = texts.iter().map(|t| t.ids.as_slice()).collect();
+    let tokens = native.forward(&ids)?;
+    let mut start = 0;
+    let mut out = Vec::with_capacity(items.len());
+    for (text, item) in texts.iter().zip(items) {
+        let rows = &tokens[start * hidden..(start + text.ids.len()) * hidden];
+        start += text.ids.len();
+        let pooled = match item.options.pooling {
+            Pooling::Cls => rows[..hidden].to_vec(),
+            Pooling::Mean => {
+                let mut sum = vec![0f32; hidden];
+                for row in rows.chunks_exact(hidden) {
+                    sum.iter_mut().zip(row).for_each(|(s, v)| *s += v);
+                }
+                let n = text.ids.len() as f32;
+                sum.iter_mut().for_each(|s| *s /= n);
+                sum
+            }
+        };
+        out.push(if item.options.normalize {
+            l2_normalize(pooled)
+        } else {
+            pooled
+        });
+    }
+    Ok(out)
 }
 
 /// Scales to unit length; a zero vector stays zero (as torch's normalize with eps).

@@ -7,6 +7,7 @@
 //! backbone around a network, `source` weight lookup.
 
 pub mod bert;
+pub mod bert_native;
 pub mod efficientnet;
 pub mod image;
 pub mod layers;
@@ -155,6 +156,12 @@ pub trait Backbone: Send + Sync {
 
     /// One forward pass over a batch; returns one vector per item, in order.
     fn embed(&self, items: &[EmbedItem<'_>]) -> Result<Vec<Vec<f32>>>;
+
+    /// Whether a forward pass computes every item at the length of the longest
+    /// (padding), so that the batcher should split batches by length.
+    fn pads_batches(&self) -> bool {
+        false
+    }
 
     /// The built-in classifier of that name, if the weights came with one.
     fn classifier(&self, _name: &str) -> Option<Arc<BuiltinClassifier>> {

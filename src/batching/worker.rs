@@ -102,7 +102,13 @@ fn is_full(lanes: &Lanes, limits: &BatchLimits) -> bool {
 fn compute(backbone: &dyn Backbone, shared: &Shared, batch: Vec<Unit>) {
     let lengths: Vec<usize> = batch.iter().map(|unit| unit.item.tokens()).collect();
     let is_online = |i: &usize| batch[*i].request.priority == Priority::Online;
-    let mut groups = partition::by_length(&lengths);
+    // A backbone that computes every item at its own length gains nothing from
+    // splitting a batch by length; one pass saves the per-pass overhead.
+    let mut groups = if backbone.pads_batches() {
+        partition::by_length(&lengths)
+    } else {
+        vec![(0..batch.len()).collect()]
+    };
     // Stable: within each class, shorter passes first as before.
     groups.sort_by_key(|group| !group.iter().any(is_online));
 
@@ -331,6 +337,10 @@ mod tests {
             _truncate: bool,
         ) -> Result<Prepared> {
             unreachable!("the worker never prepares")
+        }
+
+        fn pads_batches(&self) -> bool {
+            true
         }
 
         fn embed(&self, items: &[EmbedItem<'_>]) -> Result<Vec<Vec<f32>>> {

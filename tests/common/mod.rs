@@ -333,8 +333,13 @@ pub fn repo_file(relative: &str) -> PathBuf {
 
 /// The real MiniLM loaded in process, as the server would load it.
 pub fn load_minilm() -> std::sync::Arc<dyn tlserve::backbone::Backbone> {
+    load_minilm_on("auto")
+}
+
+/// MiniLM in process on one engine: `native`, `candle` or `auto`.
+pub fn load_minilm_on(engine: &str) -> std::sync::Arc<dyn tlserve::backbone::Backbone> {
     let config = tlserve::config::Config::from_toml(
-        &TestServer::minilm_config("", ""),
+        &TestServer::minilm_config("", &format!("engine = \"{engine}\"")),
         Path::new("."),
         std::iter::empty(),
     )
