@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Compares batching settings under the same load, to choose the defaults: for each
-# (max_batch_size, max_queue_delay_ms) it starts `tlserve serve` on loopback with
-# that setting, runs `tlserve bench` against it, and prints a markdown row:
-# throughput, latency percentiles and the mean inputs per forward pass.
+# (max_batch_size, max_queue_delay_ms[, workers, threads_per_worker]) it starts
+# `tlserve serve` on loopback with that setting, runs `tlserve bench` against it,
+# and prints a markdown row: throughput, latency percentiles and the mean inputs
+# per forward pass.
 #
 # Usage: scripts/bench-batching.sh [--concurrency C] [--inputs-per-request K]
-#                                  [--seconds S] [--settings "B:D B:D ..."]
+#                                  [--seconds S] [--settings "B:D B:D:W:T ..."]
+#   a setting B:D keeps one worker on every core; B:D:W:T runs W workers of T
+#   threads each (T "-" for the default: cores / W).
 # Only loopback addresses are used; every run is bounded by --seconds.
 set -euo pipefail
 
@@ -40,11 +43,17 @@ trap 'rm -rf "$work"' EXIT
 source "$root/scripts/lib/local-server.sh"
 
 log "load: $concurrency clients, $inputs input(s) per request, ${seconds}s per setting; load average $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "| max_batch_size | max_queue_delay_ms | req/s | inputs/s | p50 ms | p95 ms | p99 ms | inputs per pass | errors |"
-echo "|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+echo "| max_batch_size | max_queue_delay_ms | workers x threads | req/s | inputs/s | p50 ms | p95 ms | p99 ms | inputs per pass | errors |"
+echo "|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"
 for setting in $settings; do
-  batch="${setting%%:*}"; delay="${setting#*:}"
+  IFS=: read -r batch delay workers threads <<< "$setting"
+  workers="${workers:-1}"
+  pool_env=(TLSERVE__BACKBONES__0__WORKERS="$workers")
+  if [ -n "${threads:-}" ] && [ "$threads" != "-" ]; then
+    pool_env+=(TLSERVE__BACKBONES__0__THREADS_PER_WORKER="$threads")
+  fi
   grpc_port="$(free_port)"; metrics_port="$(free_port)"
+  env "${pool_env[@]}" \
   TLSERVE__SERVER__LISTEN="127.0.0.1:$grpc_port" \
   TLSERVE__SERVER__METRICS_LISTEN="127.0.0.1:$metrics_port" \
   TLSERVE__BACKBONES__0__MAX_BATCH_SIZE="$batch" \
@@ -55,7 +64,7 @@ for setting in $settings; do
   wait_ready "$bin" "$addr"
   "$bin" bench --addr "$addr" -c "$concurrency" -k "$inputs" --duration-seconds "$seconds" \
     --corpus "$corpus" >"$work/report.json" 2>/dev/null
-  python3 - "$work/report.json" "$metrics_port" "$batch" "$delay" <<'PY'
+  python3 - "$work/report.json" "$metrics_port" "$batch" "$delay" "$workers x ${threads:--}" <<'PY'
 import json, sys, urllib.request
 report = json.load(open(sys.argv[1]))
 metrics = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[2]}/metrics", timeout=10).read().decode()
@@ -64,10 +73,10 @@ def value(prefix):
         if line.startswith(prefix):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
-passes = value("tlserve_batch_items_count")
-per_pass = value("tlserve_batch_items_sum") / passes if passes else 0.0
+passes = value('tlserve_batch_items_count{backbone="all-MiniLM-L6-v2"}')
+per_pass = value('tlserve_batch_items_sum{backbone="all-MiniLM-L6-v2"}') / passes if passes else 0.0
 l = report["latency_ms"]
-print(f"| {sys.argv[3]} | {sys.argv[4]} | {report['requests_per_sec']:.1f} | {report['inputs_per_sec']:.1f} "
+print(f"| {sys.argv[3]} | {sys.argv[4]} | {sys.argv[5]} | {report['requests_per_sec']:.1f} | {report['inputs_per_sec']:.1f} "
       f"| {l['p50']:.1f} | {l['p95']:.1f} | {l['p99']:.1f} | {per_pass:.1f} | {report['errors'] or 'none'} |")
 PY
   kill -TERM "$pid"; wait "$pid" || true

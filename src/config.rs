@@ -394,6 +394,15 @@ pub struct BackboneConfig {
     /// BERT: which implementation computes it.
     #[serde(default)]
     pub engine: Engine,
+    /// Worker threads computing passes side by side (docs/PERFORMANCE.md): 1
+    /// gives each pass every core (lowest latency); one per core gives the
+    /// most throughput under load.
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+    /// Threads inside each pass; unset: all cores with one worker, else the
+    /// cores divided among the workers.
+    #[serde(default)]
+    pub threads_per_worker: Option<usize>,
 }
 
 impl BackboneConfig {
@@ -453,6 +462,14 @@ impl BackboneConfig {
 
     pub fn batch_limits(&self) -> crate::batching::BatchLimits {
         crate::batching::BatchLimits {
+            workers: self.workers,
+            threads_per_worker: self.threads_per_worker.or_else(|| {
+                // Several workers share the cores; one worker uses the shared pool.
+                (self.workers > 1).then(|| {
+                    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                    (cores / self.workers).max(1)
+                })
+            }),
             max_batch_size: self.max_batch_size,
             max_batch_tokens: self.max_batch_tokens,
             max_queue_delay: std::time::Duration::from_secs_f64(self.max_queue_delay_ms / 1e3),
@@ -470,6 +487,10 @@ fn default_true() -> bool {
 }
 
 // Batching defaults; docs/BENCHMARKS.md has the measurements behind them.
+fn default_workers() -> usize {
+    1
+}
+
 fn default_max_batch_size() -> usize {
     32
 }
@@ -612,6 +633,13 @@ impl Config {
             }
             if let Err(reason) = backbone.validate_modality() {
                 return invalid(format!("{at}: {reason}"));
+            }
+            if !(1..=256).contains(&backbone.workers)
+                || matches!(backbone.threads_per_worker, Some(t) if !(1..=1024).contains(&t))
+            {
+                return invalid(format!(
+                    "{at}: workers must be in [1, 256] and threads_per_worker in [1, 1024]"
+                ));
             }
             if backbone.max_batch_size == 0 || backbone.max_batch_tokens == 0 {
                 return invalid(format!(

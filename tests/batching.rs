@@ -47,12 +47,25 @@ const BATCHES: &str = r#"tlserve_inference_batches_total{backbone="all-MiniLM-L6
 
 #[tokio::test]
 async fn concurrent_requests_share_forward_passes_and_get_their_own_vectors() {
-    const REQUESTS: usize = 24;
-    let server = TestServer::start(&TestServer::minilm_config(
-        "",
-        "max_batch_size = 16\nmax_queue_delay_ms = 20",
-    ))
+    concurrent_requests("max_batch_size = 16\nmax_queue_delay_ms = 20").await;
+}
+
+/// Two workers, each with a one-thread pool, taking batches from one queue.
+#[tokio::test]
+async fn several_workers_share_one_queue() {
+    let scrape = concurrent_requests(
+        "max_batch_size = 4\nmax_queue_delay_ms = 20\nworkers = 2\nthreads_per_worker = 1",
+    )
     .await;
+    // 24 single-text requests in batches of at most 4.
+    assert!(metric(&scrape, BATCHES) >= 6.0);
+}
+
+/// 24 concurrent one-text requests: each gets its own vector, and they share
+/// passes. Returns the server's metrics afterwards.
+async fn concurrent_requests(backbone_settings: &str) -> String {
+    const REQUESTS: usize = 24;
+    let server = TestServer::start(&TestServer::minilm_config("", backbone_settings)).await;
     let texts: Vec<String> = sentences().into_iter().take(REQUESTS).collect();
     assert_eq!(texts.len(), REQUESTS);
     let expected = unbatched(load_minilm().as_ref(), &texts);
@@ -82,6 +95,7 @@ async fn concurrent_requests_share_forward_passes_and_get_their_own_vectors() {
         r#"tlserve_inference_items_total{backbone="all-MiniLM-L6-v2"}"#,
     );
     assert_eq!(items, REQUESTS as f64);
+    scrape
 }
 
 /// On both engines: the candle engine pads a pass to its longest text, so the

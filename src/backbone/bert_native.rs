@@ -320,7 +320,7 @@ impl NativeBert {
     }
 
     /// Token vectors of the texts, packed: `[sum of lengths, hidden]`, text
-    /// after text. Runs on candle's thread pool.
+    /// after text. Runs on the current rayon pool, else candle's.
     pub fn forward(&self, texts: &[&[u32]]) -> candle_core::Result<Vec<f32>> {
         for text in texts {
             if text.len() > self.max_positions {
@@ -337,9 +337,7 @@ impl NativeBert {
                 candle_core::bail!("token id {id} is outside the vocabulary");
             }
         }
-        Ok(candle_core::utils::with_threadpool(|| {
-            self.forward_on_pool(texts)
-        }))
+        Ok(super::on_thread_pool(|| self.forward_on_pool(texts)))
     }
 
     fn forward_on_pool(&self, texts: &[&[u32]]) -> Vec<f32> {

@@ -305,7 +305,7 @@ fn depthwise(
     let plane_in = height * width;
     let plane_out = out_h * out_w;
     let mut output = vec![0f32; batch * channels * plane_out];
-    candle_core::utils::with_threadpool(|| {
+    super::on_thread_pool(|| {
         output
             .par_chunks_mut(plane_out)
             .enumerate()

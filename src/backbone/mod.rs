@@ -174,6 +174,17 @@ pub trait Backbone: Send + Sync {
     }
 }
 
+/// Runs CPU work of our own kernels on the current rayon pool when called from
+/// inside one (a batching worker's own pool, see `threads_per_worker`), else on
+/// candle's shared pool, so that it never competes with a second set of threads.
+pub(crate) fn on_thread_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        work()
+    } else {
+        candle_core::utils::with_threadpool(work)
+    }
+}
+
 /// Parses a device name from the configuration.
 pub fn parse_device(name: &str) -> Result<Device> {
     match name {

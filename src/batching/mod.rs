@@ -41,6 +41,11 @@ pub enum Priority {
 /// Batch formation limits of one backbone.
 #[derive(Debug, Clone)]
 pub struct BatchLimits {
+    /// Worker threads taking batches from this queue: 1 runs one pass at a
+    /// time with every core inside it; more run passes side by side.
+    pub workers: usize,
+    /// Threads inside each pass; None: candle's shared pool (all cores).
+    pub threads_per_worker: Option<usize>,
     pub max_batch_size: usize,
     /// Items times the longest item's tokens, summed per batch.
     pub max_batch_tokens: usize,
@@ -154,7 +159,7 @@ struct Shared {
     name: String,
     limits: BatchLimits,
     lanes: Mutex<Lanes>,
-    /// Signals the worker: new units, or the queue closed.
+    /// Signals the workers: new units, or the queue closed.
     wake: Condvar,
 }
 
@@ -192,10 +197,13 @@ impl BackboneQueue {
             lanes: Mutex::new(Lanes::default()),
             wake: Condvar::new(),
         });
-        let worker_shared = Arc::clone(&shared);
-        std::thread::Builder::new()
-            .name(format!("backbone-{}", shared.name))
-            .spawn(move || worker::run(backbone, worker_shared))?;
+        for index in 0..shared.limits.workers.max(1) {
+            let worker_shared = Arc::clone(&shared);
+            let backbone = Arc::clone(&backbone);
+            std::thread::Builder::new()
+                .name(format!("backbone-{}-{index}", shared.name))
+                .spawn(move || worker::run(backbone, worker_shared))?;
+        }
         Ok(Self {
             shared: Arc::new(CloseOnDrop(shared)),
         })

@@ -1,4 +1,5 @@
-//! The worker thread of one backbone: forms batches from its queue and runs them.
+//! The worker threads of one backbone: each forms batches from the shared queue
+//! and runs them, on its own thread pool when one is configured.
 
 use std::{panic::AssertUnwindSafe, sync::Arc, time::Instant};
 
@@ -10,9 +11,29 @@ use crate::{
 
 pub(super) fn run(backbone: Arc<dyn Backbone>, shared: Arc<Shared>) {
     tracing::debug!(backbone = %shared.name, "worker started");
+    // A pool of the worker's own: passes computed inside it use its threads
+    // (rayon's current pool), so workers do not contend for one shared pool.
+    let pool = shared.limits.threads_per_worker.and_then(|threads| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name({
+                let name = shared.name.clone();
+                move |i| format!("{name}-pass-{i}")
+            })
+            .build()
+            .inspect_err(|err| {
+                tracing::error!(backbone = %shared.name, error = %err,
+                    "cannot start the worker's thread pool; using the shared one");
+            })
+            .ok()
+    });
     while let Some(batch) = next_batch(&shared) {
-        if !batch.is_empty() {
-            compute(backbone.as_ref(), &shared, batch);
+        if batch.is_empty() {
+            continue;
+        }
+        match &pool {
+            Some(pool) => pool.install(|| compute(backbone.as_ref(), &shared, batch)),
+            None => compute(backbone.as_ref(), &shared, batch),
         }
     }
     tracing::debug!(backbone = %shared.name, "worker stopped");
@@ -218,6 +239,8 @@ mod tests {
         Shared {
             name: "test".into(),
             limits: BatchLimits {
+                workers: 1,
+                threads_per_worker: None,
                 max_batch_size,
                 max_batch_tokens,
                 max_queue_delay: Duration::ZERO,
