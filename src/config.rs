@@ -59,6 +59,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub heads: HeadsConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
     /// The backbones this server loads at start-up and keeps resident.
     #[serde(default)]
     pub backbones: Vec<BackboneConfig>,
@@ -80,6 +82,51 @@ pub struct ServerConfig {
     /// Where weights downloaded from a model hub are cached; unset means the hub
     /// client's default (`$HF_HOME/hub`).
     pub model_cache_dir: Option<PathBuf>,
+    /// TLS for the gRPC port; unset serves plaintext.
+    pub tls: Option<TlsConfig>,
+    /// Most concurrent calls (HTTP/2 streams) one client connection may have open.
+    pub max_concurrent_streams_per_connection: u32,
+}
+
+/// Certificates from files (a Kubernetes Secret mounted as a volume).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain of the server.
+    pub cert_file: PathBuf,
+    /// PEM private key of the server.
+    pub key_file: PathBuf,
+    /// PEM CA certificates; when set, clients must present a certificate signed
+    /// by one of them (mutual TLS).
+    pub client_ca_file: Option<PathBuf>,
+}
+
+/// Bearer tokens with roles (src/server/auth.rs).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Off by default; a server that listens beyond loopback without it logs a
+    /// warning at start-up.
+    pub enabled: bool,
+    /// Lines of `NAME ROLES TOKEN` (ROLES: infer, train or infer,train). Tokens
+    /// may also come from the TLSERVE_AUTH_TOKENS variable, same format, `;`
+    /// between entries.
+    pub tokens_file: Option<PathBuf>,
+    /// Health reachable without a token (for probes).
+    pub public_health: bool,
+    /// Server reflection reachable without a token (for grpcurl).
+    pub public_reflection: bool,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            tokens_file: None,
+            public_health: true,
+            public_reflection: true,
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -90,6 +137,8 @@ impl Default for ServerConfig {
             drain_delay_seconds: 0.0,
             shutdown_grace_seconds: 30.0,
             model_cache_dir: None,
+            tls: None,
+            max_concurrent_streams_per_connection: 100,
         }
     }
 }
@@ -131,6 +180,8 @@ pub struct LimitsConfig {
     pub max_message_bytes: usize,
     /// Most inputs in one Embed or Predict request.
     pub max_inputs_per_request: usize,
+    /// Longest text input, in characters (Unicode scalar values).
+    pub max_text_chars: usize,
     /// Largest encoded image, in bytes.
     pub max_image_bytes: usize,
     /// Most pixels (width times height) of an image, checked from its header
@@ -143,6 +194,9 @@ impl Default for LimitsConfig {
         Self {
             max_message_bytes: 16 * 1024 * 1024,
             max_inputs_per_request: 512,
+            // Far beyond any model's context (MiniLM sees 256 tokens), small
+            // enough that tokenizing one never takes long.
+            max_text_chars: 100_000,
             max_image_bytes: 10 * 1024 * 1024,
             // 5000 x 5000: any camera photo; 100 MB while decoding.
             max_image_pixels: 25_000_000,
@@ -564,6 +618,21 @@ impl Config {
         if self.heads.store_dir.is_relative() {
             self.heads.store_dir = base_dir.join(&self.heads.store_dir);
         }
+        let resolve = |path: &mut PathBuf| {
+            if path.is_relative() {
+                *path = base_dir.join(&*path);
+            }
+        };
+        if let Some(tls) = &mut self.server.tls {
+            resolve(&mut tls.cert_file);
+            resolve(&mut tls.key_file);
+            if let Some(ca) = &mut tls.client_ca_file {
+                resolve(ca);
+            }
+        }
+        if let Some(file) = &mut self.auth.tokens_file {
+            resolve(file);
+        }
         if let Some(dir) = &self.server.model_cache_dir {
             if dir.is_relative() {
                 self.server.model_cache_dir = Some(base_dir.join(dir));
@@ -582,11 +651,19 @@ impl Config {
         {
             return invalid("server.drain_delay_seconds must be a number >= 0".into());
         }
+        if self.server.max_concurrent_streams_per_connection == 0 {
+            return invalid(
+                "server.max_concurrent_streams_per_connection must be at least 1".into(),
+            );
+        }
         if self.limits.max_message_bytes < 1024 {
             return invalid("limits.max_message_bytes must be at least 1024".into());
         }
         if self.limits.max_inputs_per_request == 0 {
             return invalid("limits.max_inputs_per_request must be at least 1".into());
+        }
+        if self.limits.max_text_chars == 0 {
+            return invalid("limits.max_text_chars must be at least 1".into());
         }
         if self.limits.max_image_bytes == 0 || self.limits.max_image_pixels == 0 {
             return invalid(

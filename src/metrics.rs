@@ -44,6 +44,9 @@ pub const HEADS: &str = "tlserve_heads";
 pub const PROCESS_RESIDENT_MEMORY_BYTES: &str = "tlserve_process_resident_memory_bytes";
 /// CPU time the process has used, user plus system, in whole seconds.
 pub const PROCESS_CPU_SECONDS_TOTAL: &str = "tlserve_process_cpu_seconds_total";
+/// Panics anywhere in the process since start (each is also logged). Any
+/// value above zero is a bug to report.
+pub const PANICS_TOTAL: &str = "tlserve_panics_total";
 /// 1 for each loaded backbone, with `backbone`, `architecture`, `device`, `dtype`
 /// and `dimension` labels.
 pub const BACKBONE_INFO: &str = "tlserve_backbone_info";
@@ -126,6 +129,8 @@ fn describe() {
         metrics::Unit::Bytes,
         "Resident memory of the process"
     );
+    describe_counter!(PANICS_TOTAL, "Panics since the process started");
+    counter!(PANICS_TOTAL).absolute(0);
     describe_counter!(
         PROCESS_CPU_SECONDS_TOTAL,
         metrics::Unit::Seconds,
@@ -225,6 +230,26 @@ fn cpu_seconds() -> Option<u64> {
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
     Some((utime + stime) / 100)
+}
+
+/// Counts and logs every panic (then runs the previous hook, which prints it).
+/// A panic inside a request or a forward pass fails that call, not the server;
+/// this makes each one visible to operators and to the tests.
+pub fn install_panic_hook() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        counter!(PANICS_TOTAL).increment(1);
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        tracing::error!(
+            location,
+            thread = std::thread::current().name().unwrap_or("?"),
+            "panic"
+        );
+        previous(info);
+    }));
 }
 
 #[cfg(test)]

@@ -69,6 +69,12 @@ pub fn decode(index: usize, bytes: &[u8], limits: ImageLimits) -> Result<RgbImag
             format!("{format:?} images are not accepted; send PNG, JPEG or WebP"),
         ));
     }
+    // The JPEG decoder fills in what a truncated file lacks instead of failing;
+    // a JPEG that does not end with its end-of-image marker (trailing padding
+    // aside) was cut short.
+    if format == ImageFormat::Jpeg && !has_jpeg_end(bytes) {
+        return Err(invalid(index, "JPEG is truncated: no end-of-image marker"));
+    }
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     let mut decoder_limits = image::Limits::default();
     // The decoder's own allocation cap, as a second line behind the pixel check:
@@ -101,6 +107,17 @@ pub fn decode(index: usize, bytes: &[u8], limits: ImageLimits) -> Result<RgbImag
     // Grayscale is replicated to three channels; alpha is dropped, as
     // Pillow's convert("RGB") does.
     Ok(image.to_rgb8())
+}
+
+/// Whether a JPEG ends with its end-of-image marker (0xFFD9), allowing for the
+/// zero or 0xFF padding some writers append.
+fn has_jpeg_end(bytes: &[u8]) -> bool {
+    let end = bytes
+        .iter()
+        .rposition(|&b| b != 0 && b != 0xFF)
+        .map_or(0, |last| last + 1);
+    // The marker's 0xD9 is the last byte that is not padding.
+    end >= 2 && bytes[end - 1] == 0xD9 && bytes[end - 2] == 0xFF
 }
 
 /// Resizes, crops and normalizes into a `[3, crop, crop]` tensor, row-major.
@@ -234,6 +251,21 @@ mod tests {
         let rgb = decode(0, &png(&DynamicImage::ImageLumaA8(gray)), LIMITS).unwrap();
         assert_eq!(rgb.dimensions(), (3, 2));
         assert_eq!(*rgb.get_pixel(2, 1), Rgb([100, 100, 100]));
+    }
+
+    #[test]
+    fn truncated_jpeg_is_refused() {
+        let image = RgbImage::from_fn(32, 16, |x, y| Rgb([x as u8 * 8, y as u8 * 16, 128]));
+        let full = jpeg_with_orientation(&image, 1);
+        assert!(decode(0, &full, LIMITS).is_ok());
+        let mut padded = full.clone();
+        padded.extend_from_slice(&[0, 0, 0xFF]);
+        assert!(
+            decode(0, &padded, LIMITS).is_ok(),
+            "trailing padding is fine"
+        );
+        let err = decode(3, &full[..full.len() * 2 / 3], LIMITS).unwrap_err();
+        assert!(err.to_string().contains("truncated"), "{err}");
     }
 
     #[test]

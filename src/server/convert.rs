@@ -4,11 +4,13 @@
 use crate::{
     backbone::{BackboneDescriptor, EmbedOptions, Input, Modality, Pooling},
     batching::Priority,
+    config::LimitsConfig,
     proto, Error, Result,
 };
 
 /// Converts the wire inputs, naming the index of the first malformed one.
-pub fn inputs(inputs: Vec<proto::Input>, max_inputs: usize) -> Result<Vec<Input>> {
+pub fn inputs(inputs: Vec<proto::Input>, limits: &LimitsConfig) -> Result<Vec<Input>> {
+    let max_inputs = limits.max_inputs_per_request;
     if inputs.is_empty() {
         return Err(Error::InvalidArgument(
             "inputs is empty: send at least one input".into(),
@@ -24,16 +26,26 @@ pub fn inputs(inputs: Vec<proto::Input>, max_inputs: usize) -> Result<Vec<Input>
     inputs
         .into_iter()
         .enumerate()
-        .map(|(index, input)| input_of(index, input))
+        .map(|(index, input)| input_of(index, input, limits.max_text_chars))
         .collect()
 }
 
-pub fn input_of(index: usize, input: proto::Input) -> Result<Input> {
+pub fn input_of(index: usize, input: proto::Input, max_text_chars: usize) -> Result<Input> {
     use proto::input::Kind;
     let invalid = |reason: String| Error::InvalidInput { index, reason };
     match input.kind {
         None => Err(invalid("no input set: give text, image or tensor".into())),
-        Some(Kind::Text(text)) => Ok(Input::Text(text)),
+        Some(Kind::Text(text)) => {
+            // Tokenizing costs time in proportion to the text, truncated or not.
+            let chars = text.chars().count();
+            if chars > max_text_chars {
+                return Err(invalid(format!(
+                    "text is {chars} characters; at most {max_text_chars} are accepted \
+                     (limits.max_text_chars)"
+                )));
+            }
+            Ok(Input::Text(text))
+        }
         Some(Kind::Image(bytes)) => {
             if bytes.is_empty() {
                 return Err(invalid("image is empty".into()));
@@ -129,6 +141,14 @@ mod tests {
         }
     }
 
+    fn limits(max_inputs_per_request: usize) -> LimitsConfig {
+        LimitsConfig {
+            max_inputs_per_request,
+            max_text_chars: 10,
+            ..LimitsConfig::default()
+        }
+    }
+
     fn text(s: &str) -> proto::Input {
         proto::Input {
             kind: Some(Kind::Text(s.into())),
@@ -138,14 +158,14 @@ mod tests {
     #[test]
     fn request_level_limits() {
         assert!(matches!(
-            inputs(vec![], 4),
+            inputs(vec![], &limits(4)),
             Err(Error::InvalidArgument(m)) if m.contains("empty")
         ));
         assert!(matches!(
-            inputs(vec![text("a"); 5], 4),
+            inputs(vec![text("a"); 5], &limits(4)),
             Err(Error::InvalidArgument(m)) if m.contains("at most 4")
         ));
-        assert_eq!(inputs(vec![text("a"); 4], 4).unwrap().len(), 4);
+        assert_eq!(inputs(vec![text("a"); 4], &limits(4)).unwrap().len(), 4);
     }
 
     #[test]
@@ -159,15 +179,16 @@ mod tests {
             tensor(vec![], vec![]),
             tensor(vec![u32::MAX, u32::MAX, u32::MAX], vec![]),
             tensor(vec![2], vec![1.0, f32::NAN]),
+            text("ééééééééééé"), // 11 characters, over the limit of 10
         ];
         for case in cases {
-            let err = inputs(vec![text("fine"), case.clone()], 8).unwrap_err();
+            let err = inputs(vec![text("fine"), case.clone()], &limits(8)).unwrap_err();
             assert!(
                 matches!(err, Error::InvalidInput { index: 1, .. }),
                 "{case:?} gave {err}"
             );
         }
-        assert!(inputs(vec![tensor(vec![2, 1], vec![0.5, 1.5])], 8).is_ok());
+        assert!(inputs(vec![tensor(vec![2, 1], vec![0.5, 1.5])], &limits(8)).is_ok());
     }
 
     #[test]

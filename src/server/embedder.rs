@@ -74,7 +74,7 @@ impl EmbedderService {
         }
         let loaded = self.registry.get(&request.backbone)?;
         let priority = convert::priority(request.priority)?;
-        let inputs = convert::inputs(request.inputs, self.limits.max_inputs_per_request)?;
+        let inputs = convert::inputs(request.inputs, &self.limits)?;
         let descriptor = loaded.backbone.descriptor();
         let options = convert::embed_options(request.pooling, request.normalize, descriptor)?;
         let truncate = request.truncate.unwrap_or(descriptor.default_truncate);

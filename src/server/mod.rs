@@ -1,6 +1,7 @@
 //! The gRPC front end: tonic services, health, reflection, the request layer and
 //! the server's life cycle (start, load, serve, drain, stop).
 
+pub mod auth;
 pub mod convert;
 mod deadline;
 mod embedder;
@@ -56,6 +57,36 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("cannot open the head store: {0}")]
     HeadStore(crate::Error),
+    #[error("authentication: {0}")]
+    Auth(#[from] auth::AuthSetupError),
+    #[error("TLS: cannot read {path}: {source}")]
+    TlsFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The server's certificate and key, and the client CA for mutual TLS.
+fn tls_config(
+    tls: &crate::config::TlsConfig,
+) -> Result<tonic::transport::ServerTlsConfig, ServeError> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|source| ServeError::TlsFile {
+            path: path.to_owned(),
+            source,
+        })
+    };
+    let identity = Identity::from_pem(read(&tls.cert_file)?, read(&tls.key_file)?);
+    let mut config = ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = &tls.client_ca_file {
+        config = config.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    tracing::info!(
+        mutual = tls.client_ca_file.is_some(),
+        "TLS on the gRPC port"
+    );
+    Ok(config)
 }
 
 /// The Health service name that liveness probes check.
@@ -88,7 +119,31 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    metrics::install_panic_hook();
     let addr = config.server.listen;
+    let authenticator = auth::Authenticator::from_config(
+        &config.auth,
+        std::env::var(auth::TOKENS_ENV).ok().as_deref(),
+    )?
+    .map(Arc::new);
+    match &authenticator {
+        Some(auth) => {
+            for (name, roles) in auth.token_names() {
+                tracing::info!(token = name, roles = ?roles, "token accepted");
+            }
+        }
+        None if !addr.ip().is_loopback() => {
+            tracing::warn!(address = %addr,
+                "AUTHENTICATION IS OFF and the server listens beyond loopback: anyone who \
+                 reaches this port can embed, train and delete heads. Set auth.enabled = true \
+                 with tokens (SECURITY.md), or listen on 127.0.0.1");
+        }
+        None => {}
+    }
+    let tls = match &config.server.tls {
+        Some(tls) => Some(tls_config(tls)?),
+        None => None,
+    };
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| ServeError::Bind { addr, source })?;
@@ -165,8 +220,13 @@ pub async fn run(
         Arc::clone(&store),
     ))
     .max_decoding_message_size(unlimited);
-    let trainer = TrainerServer::new(TrainerService::new(jobs, datasets, config.heads.clone()))
-        .max_decoding_message_size(unlimited);
+    let trainer = TrainerServer::new(TrainerService::new(
+        jobs,
+        datasets,
+        config.heads.clone(),
+        config.limits.max_text_chars,
+    ))
+    .max_decoding_message_size(unlimited);
     let predictor = PredictorServer::new(PredictorService::new(
         Arc::clone(&registry),
         Arc::clone(&store),
@@ -187,8 +247,16 @@ pub async fn run(
             let _ = stopping_tx.send(());
         }
     };
-    let serve = tonic::transport::Server::builder()
-        .layer(RequestLayer::new(config.limits.max_message_bytes))
+    let mut builder = tonic::transport::Server::builder()
+        .max_concurrent_streams(config.server.max_concurrent_streams_per_connection);
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let serve = builder
+        .layer(RequestLayer::new(
+            config.limits.max_message_bytes,
+            authenticator,
+        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

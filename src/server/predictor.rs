@@ -50,7 +50,7 @@ impl PredictorService {
         };
         let descriptor = loaded.backbone.descriptor();
         let priority = convert::priority(request.priority)?;
-        let inputs = convert::inputs(request.inputs, self.limits.max_inputs_per_request)?;
+        let inputs = convert::inputs(request.inputs, &self.limits)?;
         let truncate = request.truncate.unwrap_or(descriptor.default_truncate);
         let embedded = embed_inputs(
             &loaded,

@@ -26,6 +26,7 @@ use tower::{Layer, Service};
 use tracing::Instrument;
 
 use super::{
+    auth::{Authenticator, Decision},
     deadline::{self, Deadline},
     message_limit::LimitedBody,
     status::code_name,
@@ -47,13 +48,16 @@ pub struct RequestId(pub Arc<str>);
 pub struct RequestLayer {
     max_message_bytes: usize,
     known_methods: Arc<HashSet<String>>,
+    /// None: authentication off.
+    auth: Option<Arc<Authenticator>>,
 }
 
 impl RequestLayer {
-    pub fn new(max_message_bytes: usize) -> Self {
+    pub fn new(max_message_bytes: usize, auth: Option<Arc<Authenticator>>) -> Self {
         Self {
             max_message_bytes,
             known_methods: Arc::new(known_methods()),
+            auth,
         }
     }
 }
@@ -100,7 +104,8 @@ where
 
         let (service, method) = self.layer.labels(request.uri().path());
         let request_id = request_id(request.headers());
-        let span = tracing::info_span!("rpc", request_id = %request_id, service, method);
+        let span = tracing::info_span!("rpc", request_id = %request_id, service, method,
+            token = tracing::field::Empty);
         let mut call = CallRecord {
             service,
             method,
@@ -108,6 +113,32 @@ where
             finished: false,
             span: span.clone(),
         };
+
+        // Authentication first: a refused call does no other work.
+        let refusal = self.layer.auth.as_ref().and_then(|auth| {
+            match auth.check(request.uri().path(), request.headers()) {
+                Decision::Allow(token) => {
+                    if let Some(token) = token {
+                        span.record("token", token.as_str());
+                    }
+                    None
+                }
+                Decision::Unauthenticated(reason) => Some(tonic::Status::unauthenticated(reason)),
+                Decision::PermissionDenied(reason) => {
+                    Some(tonic::Status::permission_denied(reason))
+                }
+            }
+        });
+        if let Some(status) = refusal {
+            let _entered = span.enter();
+            tracing::info!(code = code_name(status.code()), "call refused");
+            call.finish(status.code());
+            let mut response = status.into_http::<Body>();
+            if let Ok(value) = HeaderValue::from_str(&request_id) {
+                response.headers_mut().insert(REQUEST_ID_HEADER, value);
+            }
+            return Box::pin(async move { Ok(response) });
+        }
 
         let limit = self.layer.max_message_bytes;
         let deadline = deadline::from_headers(request.headers());
@@ -310,7 +341,7 @@ mod tests {
 
     #[test]
     fn labels_are_bounded_to_served_methods() {
-        let layer = RequestLayer::new(1024);
+        let layer = RequestLayer::new(1024, None);
         assert_eq!(
             layer.labels("/tlserve.v1.Embedder/Embed"),
             ("tlserve.v1.Embedder", "Embed")

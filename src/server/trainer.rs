@@ -20,16 +20,24 @@ pub struct TrainerService {
     jobs: Arc<JobManager>,
     datasets: Arc<DatasetStore>,
     limits: HeadsConfig,
+    /// limits.max_text_chars, for the examples' texts.
+    max_text_chars: usize,
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<proto::TrainEvent, Status>> + Send>>;
 
 impl TrainerService {
-    pub fn new(jobs: Arc<JobManager>, datasets: Arc<DatasetStore>, limits: HeadsConfig) -> Self {
+    pub fn new(
+        jobs: Arc<JobManager>,
+        datasets: Arc<DatasetStore>,
+        limits: HeadsConfig,
+        max_text_chars: usize,
+    ) -> Self {
         Self {
             jobs,
             datasets,
             limits,
+            max_text_chars,
         }
     }
 
@@ -40,12 +48,14 @@ impl TrainerService {
             .map(|(i, example)| {
                 let index = offset + i;
                 let input = example.input.unwrap_or_default();
-                let input = convert::input_of(index, input).map_err(|err| match err {
-                    Error::InvalidInput { reason, .. } => {
-                        Error::InvalidArgument(format!("example {index}: {reason}"))
-                    }
-                    other => other,
-                })?;
+                let input = convert::input_of(index, input, self.max_text_chars).map_err(
+                    |err| match err {
+                        Error::InvalidInput { reason, .. } => {
+                            Error::InvalidArgument(format!("example {index}: {reason}"))
+                        }
+                        other => other,
+                    },
+                )?;
                 self.check_label(&example.label).map_err(|reason| {
                     Error::InvalidArgument(format!("example {index}: {reason}"))
                 })?;

@@ -1,0 +1,302 @@
+//! Who gets in: bearer tokens with roles, TLS and mutual TLS, against the real
+//! server on loopback.
+
+mod common;
+
+use std::{path::Path, time::Duration};
+
+use common::*;
+use tlserve::proto::{
+    self, embedder_client::EmbedderClient, models_client::ModelsClient,
+    trainer_client::TrainerClient,
+};
+use tonic::{
+    metadata::MetadataValue,
+    service::interceptor::InterceptedService,
+    transport::{Certificate, Channel, ClientTlsConfig, Identity},
+    Code, Request, Status,
+};
+use tonic_health::pb::{
+    health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+};
+
+const INFER_TOKEN: &str = "infer-secret-5b1f0c9e27d4a8";
+const TRAIN_TOKEN: &str = "train-secret-93ce71a0b4f2d6";
+
+type Authed =
+    InterceptedService<Channel, Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>>;
+
+/// Adds `authorization: Bearer <token>` to every call (none when `token` is None).
+fn with_token(channel: Channel, token: Option<&str>) -> Authed {
+    let value: Option<MetadataValue<_>> =
+        token.map(|t| format!("Bearer {t}").parse().expect("header value"));
+    InterceptedService::new(
+        channel,
+        Box::new(move |mut request: Request<()>| {
+            if let Some(value) = &value {
+                request
+                    .metadata_mut()
+                    .insert("authorization", value.clone());
+            }
+            Ok(request)
+        }),
+    )
+}
+
+fn write_tokens(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("tokens");
+    std::fs::write(
+        &path,
+        format!("# name roles token\nweb infer {INFER_TOKEN}\ntrainer infer,train {TRAIN_TOKEN}\n"),
+    )
+    .expect("write tokens");
+    path
+}
+
+async fn embed_code(channel: &Channel, token: Option<&str>) -> Code {
+    match EmbedderClient::new(with_token(channel.clone(), token))
+        .embed(embed_request(&["A cat sits on the mat."]))
+        .await
+    {
+        Ok(_) => Code::Ok,
+        Err(status) => status.code(),
+    }
+}
+
+#[tokio::test]
+async fn tokens_and_roles_guard_every_service() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let tokens = write_tokens(dir.path());
+    let server = TestServer::start(&format!(
+        "{}\n[auth]\nenabled = true\ntokens_file = \"{}\"\n",
+        TestServer::minilm_config("", ""),
+        tokens.display()
+    ))
+    .await;
+    let channel = server.channel().await;
+
+    // Health needs no token (probes), so the server came up as usual.
+    assert_eq!(server.health("").await, Some(ServingStatus::Serving));
+
+    // Embed: infer role.
+    assert_eq!(embed_code(&channel, None).await, Code::Unauthenticated);
+    assert_eq!(
+        embed_code(&channel, Some("not-a-token-0000000000")).await,
+        Code::Unauthenticated
+    );
+    assert_eq!(embed_code(&channel, Some(INFER_TOKEN)).await, Code::Ok);
+    assert_eq!(embed_code(&channel, Some(TRAIN_TOKEN)).await, Code::Ok);
+
+    // Read-only Models calls: infer; DeleteHead: train.
+    let mut models = ModelsClient::new(with_token(channel.clone(), Some(INFER_TOKEN)));
+    models
+        .list_backbones(proto::ListBackbonesRequest {})
+        .await
+        .expect("infer may list backbones");
+    let delete = proto::DeleteHeadRequest {
+        head: "missing".into(),
+    };
+    let denied = models
+        .delete_head(delete.clone())
+        .await
+        .expect_err("infer may not delete");
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    assert!(denied.message().contains("train"), "{}", denied.message());
+    let mut trainer_models = ModelsClient::new(with_token(channel.clone(), Some(TRAIN_TOKEN)));
+    let past_auth = trainer_models
+        .delete_head(delete)
+        .await
+        .expect_err("no such head");
+    assert_eq!(past_auth.code(), Code::NotFound, "{past_auth:?}");
+
+    // Trainer: train role.
+    let jobs = proto::ListJobsRequest::default();
+    let denied = TrainerClient::new(with_token(channel.clone(), Some(INFER_TOKEN)))
+        .list_jobs(jobs)
+        .await
+        .expect_err("infer may not see jobs");
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    TrainerClient::new(with_token(channel.clone(), Some(TRAIN_TOKEN)))
+        .list_jobs(jobs)
+        .await
+        .expect("train may list jobs");
+
+    // Reflection stays open for grpcurl (no token).
+    let output = std::process::Command::new(grpcurl())
+        .args(["-plaintext", &server.grpc.to_string(), "list"])
+        .output()
+        .expect("run grpcurl");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("tlserve.v1.Embedder"));
+
+    // Refusals are counted under their codes; tokens never reach the logs.
+    let scrape = server.scrape();
+    assert!(
+        metric(
+            &scrape,
+            r#"tlserve_grpc_requests_total{service="tlserve.v1.Embedder",method="Embed",code="UNAUTHENTICATED"}"#
+        ) >= 2.0,
+        "{scrape}"
+    );
+    let logs = server.logs();
+    assert!(logs.contains("token accepted"), "{logs}");
+    for secret in [INFER_TOKEN, TRAIN_TOKEN, "not-a-token-0000000000"] {
+        assert!(!logs.contains(secret), "a token reached the logs");
+    }
+}
+
+#[tokio::test]
+async fn a_misconfigured_token_list_stops_the_server_with_a_reason() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "web admin short\n").expect("write");
+    let mut server = TestServer::spawn(
+        &format!(
+            "{}\n[auth]\nenabled = true\ntokens_file = \"{}\"\n",
+            TestServer::minilm_config("", ""),
+            tokens.display()
+        ),
+        &[],
+    );
+    let code = server.wait_exit(Duration::from_secs(30));
+    assert_ne!(code, Some(0), "the server must not start");
+    let logs = server.logs();
+    assert!(logs.contains("unknown role `admin`"), "{logs}");
+    assert!(!logs.contains("short"), "the secret was quoted: {logs}");
+}
+
+/// A CA, a server certificate for localhost / 127.0.0.1 and a client
+/// certificate, all signed by the CA, as PEM files in `dir`.
+struct Pki {
+    ca: std::path::PathBuf,
+    server_cert: std::path::PathBuf,
+    server_key: std::path::PathBuf,
+    client_cert: String,
+    client_key: String,
+    ca_pem: String,
+}
+
+fn make_pki(dir: &Path) -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).expect("CA");
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+
+    let server_key = KeyPair::generate().expect("server key");
+    let server = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+        .expect("server params")
+        .signed_by(&server_key, &issuer)
+        .expect("server cert");
+    let client_key = KeyPair::generate().expect("client key");
+    let client = CertificateParams::new(vec!["client".to_owned()])
+        .expect("client params")
+        .signed_by(&client_key, &issuer)
+        .expect("client cert");
+
+    let write = |name: &str, pem: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, pem).expect("write pem");
+        path
+    };
+    Pki {
+        ca: write("ca.pem", ca.pem()),
+        server_cert: write("server.pem", server.pem()),
+        server_key: write("server.key", server_key.serialize_pem()),
+        client_cert: client.pem(),
+        client_key: client_key.serialize_pem(),
+        ca_pem: ca.pem(),
+    }
+}
+
+/// A TLS channel to the server that trusts the test CA, optionally with the
+/// client certificate; None when the handshake fails.
+async fn tls_channel(server: &TestServer, pki: &Pki, with_client_cert: bool) -> Option<Channel> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&pki.ca_pem))
+        .domain_name("localhost");
+    if with_client_cert {
+        tls = tls.identity(Identity::from_pem(&pki.client_cert, &pki.client_key));
+    }
+    Channel::from_shared(format!("https://{}", server.grpc))
+        .expect("url")
+        .tls_config(tls)
+        .expect("tls config")
+        .connect()
+        .await
+        .ok()
+}
+
+/// Health over TLS, once the server is up.
+async fn wait_serving_over_tls(server: &TestServer, pki: &Pki, with_client_cert: bool) -> Channel {
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        if let Some(channel) = tls_channel(server, pki, with_client_cert).await {
+            let status = HealthClient::new(channel.clone())
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .map(|r| r.into_inner().status());
+            if status.ok() == Some(ServingStatus::Serving) {
+                return channel;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "TLS server not serving:\n{}",
+            server.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn tls_and_mutual_tls() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pki = make_pki(dir.path());
+    let config = TestServer::minilm_config("", "");
+    let cert = pki.server_cert.display().to_string();
+    let key = pki.server_key.display().to_string();
+    let ca = pki.ca.display().to_string();
+
+    // TLS: a client that trusts the CA gets through; plaintext does not.
+    let server = TestServer::spawn(
+        &config,
+        &[
+            ("TLSERVE__SERVER__TLS__CERT_FILE", cert.as_str()),
+            ("TLSERVE__SERVER__TLS__KEY_FILE", key.as_str()),
+        ],
+    );
+    let channel = wait_serving_over_tls(&server, &pki, false).await;
+    assert_eq!(embed_code(&channel, None).await, Code::Ok);
+    assert_eq!(
+        health_at(&server.url(), "").await,
+        None,
+        "plaintext must not be answered"
+    );
+    drop(server);
+
+    // Mutual TLS: without a client certificate the handshake fails.
+    let server = TestServer::spawn(
+        &config,
+        &[
+            ("TLSERVE__SERVER__TLS__CERT_FILE", cert.as_str()),
+            ("TLSERVE__SERVER__TLS__KEY_FILE", key.as_str()),
+            ("TLSERVE__SERVER__TLS__CLIENT_CA_FILE", ca.as_str()),
+        ],
+    );
+    let channel = wait_serving_over_tls(&server, &pki, true).await;
+    assert_eq!(embed_code(&channel, None).await, Code::Ok);
+    let anonymous = tls_channel(&server, &pki, false).await;
+    let refused = match anonymous {
+        None => true,
+        Some(channel) => embed_code(&channel, None).await != Code::Ok,
+    };
+    assert!(refused, "a client without a certificate got through");
+}
