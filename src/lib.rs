@@ -15,6 +15,8 @@ pub mod client;
 pub mod config;
 pub mod datasets;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzz_targets;
 pub mod head;
 pub mod jobs;
 pub mod loadgen;

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
 use common::*;
 use tlserve::backbone::{Backbone, EmbedItem, Input};
@@ -279,11 +279,9 @@ async fn expired_deadlines_never_reach_the_model() {
 async fn the_load_generator_reports_throughput_latency_and_codes() {
     let server = TestServer::start_minilm().await;
     let run = |backbone: &str| {
-        let output = Command::new(env!("CARGO_BIN_EXE_tlserve"))
-            .args([
-                "bench",
-                "--addr",
-                &server.url(),
+        load_report(
+            &server,
+            &[
                 "--backbone",
                 backbone,
                 "--concurrency",
@@ -294,15 +292,8 @@ async fn the_load_generator_reports_throughput_latency_and_codes() {
                 "2",
                 "--duration-seconds",
                 "60",
-            ])
-            .output()
-            .expect("run tlserve bench");
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        serde_json::from_slice::<serde_json::Value>(&output.stdout).expect("JSON report")
+            ],
+        )
     };
 
     let report = run(MINILM);

@@ -419,3 +419,19 @@ pub fn run_reference(script: &str, request: &serde_json::Value) -> serde_json::V
     );
     serde_json::from_slice(&output.stdout).expect("reference JSON")
 }
+
+/// Runs the load generator (`tlserve bench --addr <server> ARGS...`), bounded by
+/// its arguments, and returns its JSON report.
+pub fn load_report(server: &TestServer, args: &[&str]) -> serde_json::Value {
+    let output = Command::new(env!("CARGO_BIN_EXE_tlserve"))
+        .args(["bench", "--addr", &server.url()])
+        .args(args)
+        .output()
+        .expect("run tlserve bench");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("JSON report")
+}

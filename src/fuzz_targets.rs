@@ -1,0 +1,117 @@
+//! The code paths that parse untrusted bytes, as plain functions: the cargo-fuzz
+//! targets in fuzz/ call them, and tests/fuzz_smoke.rs runs them on the seed
+//! corpus and its mutations in every test run. Each must return for any input,
+//! never panic; errors are the expected outcome for most inputs.
+
+use prost::Message;
+
+use crate::{
+    backbone::{
+        image::{self, ImageLimits, Preprocessing, Resample},
+        BackboneDescriptor, EmbedOptions, Modality, Pooling,
+    },
+    config::{Architecture, Config, LimitsConfig},
+    head::HeadRef,
+    proto,
+    server::convert,
+};
+
+/// An encoded image through the server's decoding and preprocessing, with
+/// limits small enough that one input stays fast.
+pub fn image_decode(data: &[u8]) {
+    let limits = ImageLimits {
+        max_encoded_bytes: 1 << 20,
+        max_pixels: 1 << 22,
+    };
+    if let Ok(decoded) = image::decode(0, data, limits) {
+        let spec = Preprocessing {
+            resize_shorter: 40,
+            crop: 32,
+            resample: Resample::Bicubic,
+            mean: [0.5; 3],
+            std: [0.25; 3],
+        };
+        let pixels = image::preprocess(&decoded, &spec);
+        assert_eq!(pixels.len(), 3 * 32 * 32);
+    }
+}
+
+/// A request message as it arrives on the wire (the first byte picks which),
+/// decoded and converted as the services do before any model work.
+pub fn request_convert(data: &[u8]) {
+    let Some((&kind, body)) = data.split_first() else {
+        return;
+    };
+    let limits = LimitsConfig {
+        max_inputs_per_request: 16,
+        max_text_chars: 4096,
+        ..LimitsConfig::default()
+    };
+    let descriptors = [text_descriptor(), image_descriptor()];
+    match kind % 4 {
+        0 => {
+            if let Ok(request) = proto::EmbedRequest::decode(body) {
+                for descriptor in &descriptors {
+                    let _ = convert::embed_options(request.pooling, request.normalize, descriptor);
+                }
+                let _ = convert::priority(request.priority);
+                let _ = convert::inputs(request.inputs, &limits);
+            }
+        }
+        1 => {
+            if let Ok(request) = proto::PredictRequest::decode(body) {
+                let _ = HeadRef::parse(&request.head);
+                let _ = convert::priority(request.priority);
+                let _ = convert::inputs(request.inputs, &limits);
+            }
+        }
+        2 => {
+            if let Ok(request) = proto::TrainHeadRequest::decode(body) {
+                let _ = HeadRef::parse(&request.head_name);
+                if let Some(proto::train_head_request::Data::Examples(set)) = request.data {
+                    for (index, example) in set.examples.into_iter().enumerate() {
+                        let input = example.input.unwrap_or_default();
+                        let _ = convert::input_of(index, input, limits.max_text_chars);
+                    }
+                }
+            }
+        }
+        _ => {
+            // A configuration file: operators' input, but parsed by the server.
+            if let Ok(text) = std::str::from_utf8(body) {
+                let _ = Config::from_toml(text, std::path::Path::new("/"), std::iter::empty());
+            }
+        }
+    }
+}
+
+fn text_descriptor() -> BackboneDescriptor {
+    BackboneDescriptor {
+        name: "text".into(),
+        architecture: Architecture::Bert,
+        modality: Modality::Text,
+        dimension: 4,
+        device: "cpu".into(),
+        dtype: "f32".into(),
+        max_sequence_length: 16,
+        image_size: 0,
+        default_options: EmbedOptions {
+            pooling: Pooling::Mean,
+            normalize: true,
+        },
+        default_truncate: true,
+        fingerprint: String::new(),
+        source: String::new(),
+    }
+}
+
+fn image_descriptor() -> BackboneDescriptor {
+    BackboneDescriptor {
+        name: "image".into(),
+        architecture: Architecture::EfficientNetLite0,
+        modality: Modality::Image,
+        image_size: 32,
+        max_sequence_length: 0,
+        ..text_descriptor()
+    }
+}
