@@ -742,10 +742,11 @@ impl Config {
 
 /// Names of backbones (and later heads): safe as a path component and in metrics.
 pub fn is_valid_name(name: &str) -> bool {
+    // No leading dot: names become folder names, and dot-folders of the head
+    // store are the server's own (temporary writes, the job journal).
     !name.is_empty()
         && name.len() <= 64
-        && name != "."
-        && name != ".."
+        && !name.starts_with('.')
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))

@@ -25,6 +25,7 @@ use crate::{
         train::{self, TrainingSet},
         HeadKind, HeadMetadata, HeadMetrics, TrainingParams,
     },
+    job_journal::{self, JobJournal, JobRecord},
     metrics,
     registry::BackboneRegistry,
     Error, Result,
@@ -172,6 +173,73 @@ impl Job {
     fn is_cancelled(&self) -> bool {
         self.cancelled.load(Ordering::Relaxed)
     }
+
+    /// What the journal keeps of the job.
+    fn record(&self) -> JobRecord {
+        let status = self.status();
+        JobRecord {
+            id: self.id.to_string(),
+            backbone: self.backbone.clone(),
+            head_name: self.head_name.clone(),
+            // Only ends are worth telling apart after a restart.
+            state: if status.last.state.is_final() {
+                status.last.state.as_str()
+            } else {
+                JobState::Queued.as_str()
+            }
+            .to_owned(),
+            created_at_ms: job_journal::millis(self.created_at),
+            finished_at_ms: status.finished_at.map(job_journal::millis),
+            error: status.last.error.clone(),
+            head_version: status.last.head.as_ref().map(|h| h.meta.version),
+            total_epochs: status.last.total_epochs,
+        }
+    }
+
+    /// A job of an earlier run, from its record; ended, nothing to watch live.
+    fn ended(record: &JobRecord, store: &HeadStore) -> Self {
+        let id: Arc<str> = Arc::from(record.id.as_str());
+        let state = match record.state.as_str() {
+            "succeeded" => JobState::Succeeded,
+            "cancelled" => JobState::Cancelled,
+            _ => JobState::Failed,
+        };
+        let head = record.head_version.and_then(|version| {
+            store
+                .get(&crate::head::HeadRef {
+                    name: record.head_name.clone(),
+                    version: Some(version),
+                })
+                .ok()
+        });
+        let finished_at = record.finished_at_ms.map(job_journal::from_millis);
+        let (events, _) = broadcast::channel(1);
+        Self {
+            id: Arc::clone(&id),
+            backbone: record.backbone.clone(),
+            head_name: record.head_name.clone(),
+            created_at: job_journal::from_millis(record.created_at_ms),
+            started: Instant::now(),
+            cancelled: AtomicBool::new(false),
+            cancel_signal: Notify::new(),
+            status: Mutex::new(JobStatus {
+                last: JobEvent {
+                    job_id: id,
+                    state,
+                    time: finished_at.unwrap_or_else(SystemTime::now),
+                    embedded: 0,
+                    total_inputs: 0,
+                    epoch: 0,
+                    total_epochs: record.total_epochs,
+                    metrics: head.as_ref().map(|h| h.meta.metrics.clone()),
+                    head,
+                    error: record.error.clone(),
+                },
+                finished_at,
+            }),
+            events,
+        }
+    }
 }
 
 /// Limits of the job system.
@@ -189,21 +257,82 @@ pub struct JobManager {
     slots: Arc<Semaphore>,
     /// Jobs in creation order.
     jobs: Mutex<VecDeque<Arc<Job>>>,
+    /// Records of every job on disk; None only in tests of the manager itself.
+    journal: Option<JobJournal>,
 }
+
+/// The reason recorded for jobs still running when the shutdown grace period ends.
+pub const SHUT_DOWN: &str =
+    "the server shut down before the job finished (grace period over); submit it again";
 
 /// Inputs sent to the backbone queue per submission while embedding a data set:
 /// big enough to batch well, small enough to report progress often.
 const EMBED_CHUNK: usize = 64;
 
 impl JobManager {
-    pub fn new(registry: Arc<BackboneRegistry>, store: Arc<HeadStore>, limits: JobLimits) -> Self {
+    /// A manager whose jobs are recorded in `journal`; the jobs recorded there
+    /// by earlier runs are listed again (those that never ended as FAILED).
+    pub fn new(
+        registry: Arc<BackboneRegistry>,
+        store: Arc<HeadStore>,
+        limits: JobLimits,
+        journal: Option<JobJournal>,
+    ) -> Self {
         let slots = Arc::new(Semaphore::new(limits.max_concurrent_jobs.max(1)));
-        Self {
+        let manager = Self {
             registry,
             store,
             limits,
             slots,
             jobs: Mutex::new(VecDeque::new()),
+            journal,
+        };
+        if let Some(journal) = &manager.journal {
+            let mut jobs = manager.jobs();
+            for record in journal.recover() {
+                jobs.push_back(Arc::new(Job::ended(&record, &manager.store)));
+            }
+            manager.prune(&mut jobs);
+        }
+        manager.update_state_metrics();
+        manager
+    }
+
+    fn write_record(&self, job: &Job) {
+        if let Some(journal) = &self.journal {
+            journal.write(&job.record());
+        }
+    }
+
+    /// Waits for running jobs until `deadline`, then records those still
+    /// running as FAILED (`SHUT_DOWN`) and stops them. For the end of a
+    /// graceful shutdown.
+    pub async fn finish_or_fail_by(&self, deadline: Instant) {
+        loop {
+            let running: Vec<Arc<Job>> = self
+                .jobs()
+                .iter()
+                .filter(|job| !job.status().last.state.is_final())
+                .cloned()
+                .collect();
+            if running.is_empty() {
+                return;
+            }
+            if Instant::now() >= deadline {
+                for job in running {
+                    job.cancelled.store(true, Ordering::Relaxed);
+                    job.cancel_signal.notify_waiters();
+                    job.emit(|event| {
+                        event.state = JobState::Failed;
+                        event.error = Some(SHUT_DOWN.into());
+                    });
+                    self.write_record(&job);
+                    tracing::warn!(job = %job.id, "training job stopped by the shutdown; recorded as failed");
+                }
+                self.update_state_metrics();
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -273,6 +402,8 @@ impl JobManager {
             jobs.push_back(Arc::clone(&job));
             self.prune(&mut jobs);
         }
+        // On disk before anyone learns the id: a crash from here on is recorded.
+        self.write_record(&job);
         // The QUEUED event, for subscribers and metrics.
         let _ = job.events.send(job.status().last.clone());
         self.update_state_metrics();
@@ -324,6 +455,9 @@ impl JobManager {
         jobs.retain(|job| {
             if excess > 0 && job.status().last.state.is_final() {
                 excess -= 1;
+                if let Some(journal) = &self.journal {
+                    journal.remove(&job.id);
+                }
                 false
             } else {
                 true
@@ -364,6 +498,7 @@ impl JobManager {
                 event.head = Some(Arc::clone(head));
             }
         });
+        self.write_record(&job);
         metrics::record_training_job(state.as_str(), job.started.elapsed());
         self.update_state_metrics();
         match &error {

@@ -18,6 +18,7 @@ pub mod error;
 #[doc(hidden)]
 pub mod fuzz_targets;
 pub mod head;
+pub mod job_journal;
 pub mod jobs;
 pub mod loadgen;
 pub mod metrics;

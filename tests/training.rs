@@ -590,3 +590,138 @@ async fn a_head_trained_on_other_backbone_weights_is_refused() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(server.logs().contains("different backbone weights"));
 }
+
+/// Waits until the job reports `state` (or ends), returning its last event.
+async fn wait_for_state(server: &TestServer, job_id: &str, state: JobState) -> proto::TrainEvent {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let jobs = trainer(server)
+            .await
+            .list_jobs(proto::ListJobsRequest {
+                include_finished: true,
+            })
+            .await
+            .expect("ListJobs")
+            .into_inner()
+            .jobs;
+        let job = jobs.iter().find(|j| j.job_id == job_id).expect("listed");
+        let last = job.last_event.clone().expect("an event");
+        let ended = matches!(
+            last.state(),
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        );
+        if last.state() == state || ended {
+            return last;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "job never reached {state:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Starts a job long enough to outlive a shutdown; returns its id once TRAINING.
+async fn start_long_job(server: &TestServer, head: &str) -> String {
+    let rows: Vec<_> = read_tsv("topics_train.tsv");
+    let mut request = train_request(head, &rows, 0);
+    request.training = Some(proto::TrainingConfig {
+        epochs: 10_000,
+        learning_rate: 0.001,
+        no_validation: true,
+        ..Default::default()
+    });
+    let mut stream = trainer(server)
+        .await
+        .train_head(request)
+        .await
+        .expect("TrainHead")
+        .into_inner();
+    let first = stream.message().await.expect("event").expect("QUEUED");
+    let id = first.job_id.clone();
+    // The client goes away; the job runs on.
+    drop(stream);
+    wait_for_state(server, &id, JobState::Training).await;
+    id
+}
+
+async fn finished_job(server: &TestServer, id: &str) -> proto::TrainEvent {
+    let mut stream = trainer(server)
+        .await
+        .watch_job(proto::WatchJobRequest {
+            job_id: id.to_owned(),
+        })
+        .await
+        .expect("WatchJob after the restart")
+        .into_inner();
+    let event = stream
+        .message()
+        .await
+        .expect("event")
+        .expect("the last event");
+    assert!(
+        stream.message().await.expect("end").is_none(),
+        "an ended job streams one event"
+    );
+    event
+}
+
+/// Jobs outlive their server only on disk: after a graceful shutdown whose grace
+/// period a job outlasts, and after a SIGKILL, the restarted server reports those
+/// jobs FAILED with the reason, and keeps reporting the jobs that did end.
+#[tokio::test]
+async fn jobs_the_server_could_not_finish_are_failed_after_restart() {
+    let store = tempfile::tempdir().expect("store dir");
+    let config = config_with_store(store.path(), "max_concurrent_jobs = 2");
+    let grace = [("TLSERVE__SERVER__SHUTDOWN_GRACE_SECONDS", "1")];
+
+    // A job that succeeds, and one still training at SIGTERM.
+    let server = TestServer::spawn(&config, &grace);
+    server
+        .wait_until(tonic_health::pb::health_check_response::ServingStatus::Serving)
+        .await;
+    let rows: Vec<_> = read_tsv("topics_train.tsv").into_iter().take(40).collect();
+    let done = train(&server, train_request("done", &rows, 0)).await;
+    let done_id = done.last().expect("events").job_id.clone();
+    let long = start_long_job(&server, "too-long").await;
+    server.terminate();
+    let mut server = server;
+    assert_eq!(server.wait_exit(Duration::from_secs(30)), Some(0));
+
+    // One more, killed outright.
+    let server = TestServer::spawn(&config, &grace);
+    server
+        .wait_until(tonic_health::pb::health_check_response::ServingStatus::Serving)
+        .await;
+    let killed = start_long_job(&server, "killed").await;
+    drop(server); // SIGKILL
+
+    let server = TestServer::spawn(&config, &grace);
+    server
+        .wait_until(tonic_health::pb::health_check_response::ServingStatus::Serving)
+        .await;
+    let ended = finished_job(&server, &done_id).await;
+    assert_eq!(ended.state(), JobState::Succeeded);
+    assert_eq!(ended.head.as_ref().map(|h| h.version), Some(1));
+    let shut_down = finished_job(&server, &long).await;
+    assert_eq!(shut_down.state(), JobState::Failed);
+    assert!(shut_down.error.contains("shut down"), "{}", shut_down.error);
+    let crashed = finished_job(&server, &killed).await;
+    assert_eq!(crashed.state(), JobState::Failed);
+    assert!(
+        crashed.error.contains("stopped before the job finished"),
+        "{}",
+        crashed.error
+    );
+    // Neither left a head behind.
+    let heads = server
+        .models()
+        .await
+        .list_heads(proto::ListHeadsRequest::default())
+        .await
+        .expect("ListHeads")
+        .into_inner()
+        .heads;
+    let names: Vec<&str> = heads.iter().map(|h| h.name.as_str()).collect();
+    assert_eq!(names, vec!["done"]);
+}

@@ -24,6 +24,7 @@ use crate::{
     config::Config,
     datasets::DatasetStore,
     head::store::HeadStore,
+    job_journal::JobJournal,
     jobs::{JobLimits, JobManager},
     metrics,
     proto::{
@@ -163,6 +164,12 @@ pub async fn run(
         HeadStore::open(&config.heads.store_dir, config.heads.max_heads)
             .map_err(ServeError::HeadStore)?,
     );
+    let journal = JobJournal::open(&config.heads.store_dir).map_err(|err| {
+        ServeError::HeadStore(crate::Error::Storage(format!(
+            "cannot open the job journal in {}: {err}",
+            config.heads.store_dir.display()
+        )))
+    })?;
     let jobs = Arc::new(JobManager::new(
         Arc::clone(&registry),
         Arc::clone(&store),
@@ -171,6 +178,7 @@ pub async fn run(
             max_queued_jobs: config.heads.max_queued_jobs,
             finished_jobs_kept: config.heads.finished_jobs_kept,
         },
+        Some(journal),
     ));
     let datasets = Arc::new(DatasetStore::new(
         Duration::from_secs(config.heads.dataset_ttl_seconds),
@@ -221,7 +229,7 @@ pub async fn run(
     ))
     .max_decoding_message_size(unlimited);
     let trainer = TrainerServer::new(TrainerService::new(
-        jobs,
+        Arc::clone(&jobs),
         datasets,
         config.heads.clone(),
         config.limits.max_text_chars,
@@ -237,13 +245,18 @@ pub async fn run(
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let drain_delay = Duration::from_secs_f64(config.server.drain_delay_seconds);
     let grace = Duration::from_secs_f64(config.server.shutdown_grace_seconds);
+    // When the grace period ends: in-flight calls and running training jobs
+    // share it.
+    let grace_ends = Arc::new(std::sync::OnceLock::<std::time::Instant>::new());
     let signal = {
         let health = health.clone();
+        let grace_ends = Arc::clone(&grace_ends);
         async move {
             shutdown.await;
             tracing::info!("shutdown requested: reporting NOT_SERVING and draining");
             set_health(&health, ServingStatus::NotServing).await;
             tokio::time::sleep(drain_delay).await;
+            let _ = grace_ends.set(std::time::Instant::now() + grace);
             let _ = stopping_tx.send(());
         }
     };
@@ -278,6 +291,14 @@ pub async fn run(
             "calls still running after the grace period were cut off"
         ),
     }
+    // Training jobs run apart from any call: let them finish within what is left
+    // of the grace period, and record the others as failed, for their clients
+    // to read after the restart.
+    let deadline = grace_ends
+        .get()
+        .copied()
+        .unwrap_or_else(std::time::Instant::now);
+    jobs.finish_or_fail_by(deadline).await;
     loader.abort();
     tracing::info!("server stopped");
     Ok(())
