@@ -84,6 +84,9 @@ pub struct ServerConfig {
     pub model_cache_dir: Option<PathBuf>,
     /// TLS for the gRPC port; unset serves plaintext.
     pub tls: Option<TlsConfig>,
+    /// A second, plaintext port serving only Health, for probes that cannot
+    /// speak TLS (Kubernetes' gRPC probes) when the main port has it; unset: none.
+    pub health_listen: Option<SocketAddr>,
     /// Most concurrent calls (HTTP/2 streams) one client connection may have open.
     pub max_concurrent_streams_per_connection: u32,
 }
@@ -138,6 +141,7 @@ impl Default for ServerConfig {
             shutdown_grace_seconds: 30.0,
             model_cache_dir: None,
             tls: None,
+            health_listen: None,
             max_concurrent_streams_per_connection: 100,
         }
     }

@@ -282,17 +282,26 @@ async fn tls_and_mutual_tls() {
     );
     drop(server);
 
-    // Mutual TLS: without a client certificate the handshake fails.
+    // Mutual TLS: without a client certificate the handshake fails. Probes
+    // that cannot speak TLS use the plaintext Health port.
+    let health_port = free_port();
+    let health_addr = format!("127.0.0.1:{health_port}");
     let server = TestServer::spawn(
         &config,
         &[
             ("TLSERVE__SERVER__TLS__CERT_FILE", cert.as_str()),
             ("TLSERVE__SERVER__TLS__KEY_FILE", key.as_str()),
             ("TLSERVE__SERVER__TLS__CLIENT_CA_FILE", ca.as_str()),
+            ("TLSERVE__SERVER__HEALTH_LISTEN", health_addr.as_str()),
         ],
     );
     let channel = wait_serving_over_tls(&server, &pki, true).await;
     assert_eq!(embed_code(&channel, None).await, Code::Ok);
+    assert_eq!(
+        health_at(&format!("http://{health_addr}"), "").await,
+        Some(ServingStatus::Serving),
+        "the plaintext Health port answers probes"
+    );
     let anonymous = tls_channel(&server, &pki, false).await;
     let refused = match anonymous {
         None => true,

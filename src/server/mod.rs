@@ -206,6 +206,28 @@ pub async fn run(
         }
     });
 
+    // Health alone on a plaintext port, for probes when the main port has TLS.
+    let health_port = match config.server.health_listen {
+        Some(health_addr) => {
+            let listener =
+                TcpListener::bind(health_addr)
+                    .await
+                    .map_err(|source| ServeError::Bind {
+                        addr: health_addr,
+                        source,
+                    })?;
+            tracing::info!(address = %listener.local_addr().unwrap_or(health_addr),
+                "Health (plaintext) listening");
+            let service = health_service.clone();
+            Some(tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming(TcpListenerStream::new(listener)),
+            ))
+        }
+        None => None,
+    };
+
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -299,6 +321,9 @@ pub async fn run(
         .copied()
         .unwrap_or_else(std::time::Instant::now);
     jobs.finish_or_fail_by(deadline).await;
+    if let Some(task) = health_port {
+        task.abort();
+    }
     loader.abort();
     tracing::info!("server stopped");
     Ok(())
