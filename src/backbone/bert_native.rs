@@ -322,6 +322,7 @@ impl NativeBert {
     /// Token vectors of the texts, packed: `[sum of lengths, hidden]`, text
     /// after text. Runs on the current rayon pool, else candle's.
     pub fn forward(&self, texts: &[&[u32]]) -> candle_core::Result<Vec<f32>> {
+        let vocab = self.word.len() / self.hidden;
         for text in texts {
             if text.len() > self.max_positions {
                 candle_core::bail!(
@@ -330,10 +331,7 @@ impl NativeBert {
                     self.max_positions
                 );
             }
-            if let Some(&id) = text
-                .iter()
-                .find(|&&id| id as usize >= self.word.len() / self.hidden)
-            {
+            if let Some(&id) = text.iter().find(|&&id| id as usize >= vocab) {
                 candle_core::bail!("token id {id} is outside the vocabulary");
             }
         }

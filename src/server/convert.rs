@@ -37,12 +37,16 @@ pub fn input_of(index: usize, input: proto::Input, max_text_chars: usize) -> Res
         None => Err(invalid("no input set: give text, image or tensor".into())),
         Some(Kind::Text(text)) => {
             // Tokenizing costs time in proportion to the text, truncated or not.
-            let chars = text.chars().count();
-            if chars > max_text_chars {
-                return Err(invalid(format!(
-                    "text is {chars} characters; at most {max_text_chars} are accepted \
-                     (limits.max_text_chars)"
-                )));
+            // A character takes at least one byte, so only a text longer in
+            // bytes than the limit needs its characters counted.
+            if text.len() > max_text_chars {
+                let chars = text.chars().count();
+                if chars > max_text_chars {
+                    return Err(invalid(format!(
+                        "text is {chars} characters; at most {max_text_chars} are accepted \
+                         (limits.max_text_chars)"
+                    )));
+                }
             }
             Ok(Input::Text(text))
         }

