@@ -4,10 +4,7 @@ use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::{
-    proto::{self, embedder_client::EmbedderClient, models_client::ModelsClient},
-    server::status::code_name,
-};
+use crate::proto::{self, code_name, embedder_client::EmbedderClient, models_client::ModelsClient};
 
 /// Connects to `addr` (`http://host:port`).
 pub async fn connect(addr: &str) -> Result<Channel> {

@@ -89,6 +89,11 @@ pub struct ServerConfig {
     pub health_listen: Option<SocketAddr>,
     /// Most concurrent calls (HTTP/2 streams) one client connection may have open.
     pub max_concurrent_streams_per_connection: u32,
+    /// Most connections open at once on each port (gRPC, Health); more are
+    /// closed as they arrive.
+    pub max_connections: usize,
+    /// A connection that sends nothing this long after it was accepted is closed.
+    pub connection_first_byte_timeout_seconds: f64,
 }
 
 /// Certificates from files (a Kubernetes Secret mounted as a volume).
@@ -132,6 +137,13 @@ impl Default for AuthConfig {
     }
 }
 
+impl ServerConfig {
+    /// The first-byte timeout as a Duration (validated to be finite and positive).
+    pub fn connection_first_byte_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.connection_first_byte_timeout_seconds)
+    }
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
@@ -143,6 +155,8 @@ impl Default for ServerConfig {
             tls: None,
             health_listen: None,
             max_concurrent_streams_per_connection: 100,
+            max_connections: 1024,
+            connection_first_byte_timeout_seconds: 10.0,
         }
     }
 }
@@ -191,6 +205,12 @@ pub struct LimitsConfig {
     /// Most pixels (width times height) of an image, checked from its header
     /// before it is decoded: a decompression bomb is refused, not decoded.
     pub max_image_pixels: u64,
+    /// Most times the longer side of an image may be its shorter side, checked
+    /// from the header before decoding.
+    pub max_image_aspect_ratio: u32,
+    /// Most multiply-adds one Predict may spend applying its head (inputs times
+    /// the head's weights); beyond it the request is refused before any work.
+    pub max_head_multiply_adds: u64,
 }
 
 impl Default for LimitsConfig {
@@ -204,6 +224,11 @@ impl Default for LimitsConfig {
             max_image_bytes: 10 * 1024 * 1024,
             // 5000 x 5000: any camera photo; 100 MB while decoding.
             max_image_pixels: 25_000_000,
+            // Panoramas reach about 10:1; slivers beyond this are refused.
+            max_image_aspect_ratio: 32,
+            // 512 inputs through a 4096 x 1000 classifier, with room to spare:
+            // about a second of one core.
+            max_head_multiply_adds: 4_000_000_000,
         }
     }
 }
@@ -213,6 +238,7 @@ impl LimitsConfig {
         ImageLimits {
             max_encoded_bytes: self.max_image_bytes,
             max_pixels: self.max_image_pixels,
+            max_aspect_ratio: self.max_image_aspect_ratio,
         }
     }
 }
@@ -655,6 +681,15 @@ impl Config {
         {
             return invalid("server.drain_delay_seconds must be a number >= 0".into());
         }
+        if self.server.max_connections == 0 {
+            return invalid("server.max_connections must be at least 1".into());
+        }
+        let first_byte = self.server.connection_first_byte_timeout_seconds;
+        if !(first_byte.is_finite() && first_byte > 0.0 && first_byte <= 3600.0) {
+            return invalid(
+                "server.connection_first_byte_timeout_seconds must be in (0, 3600]".into(),
+            );
+        }
         if self.server.max_concurrent_streams_per_connection == 0 {
             return invalid(
                 "server.max_concurrent_streams_per_connection must be at least 1".into(),
@@ -669,9 +704,14 @@ impl Config {
         if self.limits.max_text_chars == 0 {
             return invalid("limits.max_text_chars must be at least 1".into());
         }
-        if self.limits.max_image_bytes == 0 || self.limits.max_image_pixels == 0 {
+        if self.limits.max_image_bytes == 0
+            || self.limits.max_image_pixels == 0
+            || self.limits.max_image_aspect_ratio == 0
+        {
             return invalid(
-                "limits.max_image_bytes and limits.max_image_pixels must be at least 1".into(),
+                "limits.max_image_bytes, limits.max_image_pixels and \
+                 limits.max_image_aspect_ratio must be at least 1"
+                    .into(),
             );
         }
         let heads = &self.heads;

@@ -34,7 +34,7 @@ impl DatasetStore {
 
     /// The map with expired datasets dropped.
     fn live(&self) -> MutexGuard<'_, HashMap<String, Arc<Dataset>>> {
-        let mut datasets = self.datasets.lock().unwrap_or_else(|p| p.into_inner());
+        let mut datasets = crate::sync::lock(&self.datasets);
         let now = Instant::now();
         datasets.retain(|_, d| d.expires > now);
         datasets
@@ -63,6 +63,13 @@ impl DatasetStore {
         });
         datasets.insert(dataset.id.clone(), Arc::clone(&dataset));
         Ok(dataset)
+    }
+
+    /// Puts back a dataset that [`DatasetStore::take`] returned, for a job that
+    /// was refused: the client may retry with the same id. It keeps its slot
+    /// and expiry time.
+    pub fn restore(&self, dataset: Arc<Dataset>) {
+        self.live().insert(dataset.id.clone(), dataset);
     }
 
     /// Removes and returns a dataset: each upload trains one job.

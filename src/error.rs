@@ -70,6 +70,22 @@ pub enum Error {
     /// The work was cancelled.
     #[error("cancelled: {0}")]
     Cancelled(String),
+
+    /// A bug: a task died or an invariant broke. Never the client's fault.
+    #[error("internal error: {0}")]
+    Internal(String),
+
+    /// The call carries no valid credentials.
+    #[error("{0}")]
+    Unauthenticated(String),
+
+    /// The credentials do not allow the call.
+    #[error("{0}")]
+    PermissionDenied(String),
+
+    /// The request asks for something this server does not do.
+    #[error("{0}")]
+    Unimplemented(String),
 }
 
 impl From<candle_core::Error> for Error {

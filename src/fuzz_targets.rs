@@ -11,9 +11,10 @@ use crate::{
         BackboneDescriptor, EmbedOptions, Modality, Pooling,
     },
     config::{Architecture, Config, LimitsConfig},
+    core,
     head::HeadRef,
     proto,
-    server::convert,
+    wire::convert,
 };
 
 /// An encoded image through the server's decoding and preprocessing, with
@@ -22,6 +23,7 @@ pub fn image_decode(data: &[u8]) {
     let limits = ImageLimits {
         max_encoded_bytes: 1 << 20,
         max_pixels: 1 << 22,
+        max_aspect_ratio: 64,
     };
     if let Ok(decoded) = image::decode(0, data, limits) {
         let spec = Preprocessing {
@@ -31,8 +33,9 @@ pub fn image_decode(data: &[u8]) {
             mean: [0.5; 3],
             std: [0.25; 3],
         };
-        let pixels = image::preprocess(&decoded, &spec);
-        assert_eq!(pixels.len(), 3 * 32 * 32);
+        if let Ok(pixels) = image::preprocess(0, &decoded, &spec) {
+            assert_eq!(pixels.len(), 3 * 32 * 32);
+        }
     }
 }
 
@@ -51,27 +54,33 @@ pub fn request_convert(data: &[u8]) {
     match kind % 4 {
         0 => {
             if let Ok(request) = proto::EmbedRequest::decode(body) {
-                for descriptor in &descriptors {
-                    let _ = convert::embed_options(request.pooling, request.normalize, descriptor);
+                if let Ok(pooling) = convert::pooling_of(request.pooling) {
+                    for descriptor in &descriptors {
+                        let _ = core::embed_options(pooling, request.normalize, descriptor);
+                    }
                 }
                 let _ = convert::priority(request.priority);
-                let _ = convert::inputs(request.inputs, &limits);
+                checked_inputs(request.inputs, &limits);
             }
         }
         1 => {
             if let Ok(request) = proto::PredictRequest::decode(body) {
                 let _ = HeadRef::parse(&request.head);
                 let _ = convert::priority(request.priority);
-                let _ = convert::inputs(request.inputs, &limits);
+                checked_inputs(request.inputs, &limits);
             }
         }
         2 => {
             if let Ok(request) = proto::TrainHeadRequest::decode(body) {
                 let _ = HeadRef::parse(&request.head_name);
-                if let Some(proto::train_head_request::Data::Examples(set)) = request.data {
-                    for (index, example) in set.examples.into_iter().enumerate() {
-                        let input = example.input.unwrap_or_default();
-                        let _ = convert::input_of(index, input, limits.max_text_chars);
+                let request = convert::train_request(request);
+                let _ = core::head_kind(request.head);
+                let _ = core::training_params(&request.options);
+                if let Some(core::TrainingData::Examples(examples)) = request.data {
+                    for (index, example) in examples.into_iter().enumerate() {
+                        if let Ok(input) = example.input {
+                            let _ = core::check_input(index, &input, limits.max_text_chars);
+                        }
                     }
                 }
             }
@@ -82,6 +91,13 @@ pub fn request_convert(data: &[u8]) {
                 let _ = Config::from_toml(text, std::path::Path::new("/"), std::iter::empty());
             }
         }
+    }
+}
+
+/// Wire inputs decoded, then checked against the request bounds.
+fn checked_inputs(inputs: Vec<proto::Input>, limits: &LimitsConfig) {
+    if let Ok(inputs) = convert::inputs(inputs) {
+        let _ = core::check_request_inputs(&inputs, limits);
     }
 }
 

@@ -13,18 +13,22 @@ pub mod batching;
 pub mod bench;
 pub mod client;
 pub mod config;
+pub mod core;
 pub mod datasets;
 pub mod error;
+pub mod fsutil;
 #[doc(hidden)]
 pub mod fuzz_targets;
 pub mod head;
-pub mod job_journal;
 pub mod jobs;
 pub mod loadgen;
 pub mod metrics;
 pub mod proto;
 pub mod registry;
 pub mod server;
+pub mod sync;
+pub mod task;
 pub mod telemetry;
+pub mod wire;
 
 pub use error::{Error, Result};

@@ -17,8 +17,7 @@ use serde::Serialize;
 
 use crate::{
     client,
-    proto::{self, embedder_client::EmbedderClient},
-    server::status::code_name,
+    proto::{self, code_name, embedder_client::EmbedderClient},
 };
 
 /// Hard bounds, whatever the options say: a load run always ends by itself.

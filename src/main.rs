@@ -26,6 +26,80 @@ struct Cli {
     command: Command,
 }
 
+#[derive(clap::Args)]
+struct EmbedArgs {
+    #[command(flatten)]
+    server: ServerAddr,
+    /// The backbone to use (see `tlserve backbones`).
+    #[arg(long, short)]
+    backbone: String,
+    /// Pooling; default: the backbone's.
+    #[arg(long, value_enum)]
+    pooling: Option<PoolingArg>,
+    /// L2-normalize the vectors (true/false); default: the backbone's.
+    #[arg(long)]
+    normalize: Option<bool>,
+    /// Cut texts longer than the backbone's maximum (true/false); default: the
+    /// backbone's.
+    #[arg(long)]
+    truncate: Option<bool>,
+    /// An image file (PNG, JPEG, WebP) for an image backbone; repeatable.
+    #[arg(long = "image", value_name = "FILE")]
+    images: Vec<PathBuf>,
+    texts: Vec<String>,
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    #[command(flatten)]
+    server: ServerAddr,
+    #[arg(long, short)]
+    backbone: String,
+    /// Name to publish the head under.
+    #[arg(long)]
+    head: String,
+    /// The examples: one `LABEL<TAB>TEXT` per line.
+    #[arg(long)]
+    examples: PathBuf,
+    #[arg(long, default_value_t = 20)]
+    epochs: u32,
+    #[arg(long, default_value_t = 0.001)]
+    learning_rate: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Train an MLP head with this hidden size instead of a linear head.
+    #[arg(long)]
+    mlp_hidden: Option<u32>,
+}
+
+#[derive(clap::Args)]
+struct LoadArgs {
+    #[command(flatten)]
+    server: ServerAddr,
+    #[arg(long, default_value = "all-MiniLM-L6-v2")]
+    backbone: String,
+    /// Concurrent clients, each on its own connection.
+    #[arg(long, short = 'c', default_value_t = 8)]
+    concurrency: usize,
+    /// Stop after this many seconds.
+    #[arg(long)]
+    duration_seconds: Option<f64>,
+    /// Stop after this many requests.
+    #[arg(long)]
+    requests: Option<usize>,
+    /// Texts per request.
+    #[arg(long, short = 'k', default_value_t = 1)]
+    inputs_per_request: usize,
+    /// A file with one text per line; default: a few built-in sentences.
+    #[arg(long)]
+    corpus: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "online")]
+    priority: PriorityArg,
+    /// Deadline of each request, in milliseconds.
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Load the configured backbones and serve gRPC until SIGINT/SIGTERM.
@@ -37,50 +111,10 @@ enum Command {
     /// Embed texts or images with a running server and print the vectors as
     /// JSON. Without TEXT or --image arguments, every non-empty line of standard
     /// input is one text.
-    Embed {
-        #[command(flatten)]
-        server: ServerAddr,
-        /// The backbone to use (see `tlserve backbones`).
-        #[arg(long, short)]
-        backbone: String,
-        /// Pooling; default: the backbone's.
-        #[arg(long, value_enum)]
-        pooling: Option<PoolingArg>,
-        /// L2-normalize the vectors (true/false); default: the backbone's.
-        #[arg(long)]
-        normalize: Option<bool>,
-        /// Cut texts longer than the backbone's maximum (true/false); default: the
-        /// backbone's.
-        #[arg(long)]
-        truncate: Option<bool>,
-        /// An image file (PNG, JPEG, WebP) for an image backbone; repeatable.
-        #[arg(long = "image", value_name = "FILE")]
-        images: Vec<PathBuf>,
-        texts: Vec<String>,
-    },
+    Embed(EmbedArgs),
     /// Train a head on a running server from a file of `LABEL<TAB>TEXT` lines;
     /// shows progress on stderr and prints the published head as JSON.
-    Train {
-        #[command(flatten)]
-        server: ServerAddr,
-        #[arg(long, short)]
-        backbone: String,
-        /// Name to publish the head under.
-        #[arg(long)]
-        head: String,
-        /// The examples: one `LABEL<TAB>TEXT` per line.
-        #[arg(long)]
-        examples: PathBuf,
-        #[arg(long, default_value_t = 20)]
-        epochs: u32,
-        #[arg(long, default_value_t = 0.001)]
-        learning_rate: f32,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Train an MLP head with this hidden size instead of a linear head.
-        #[arg(long)]
-        mlp_hidden: Option<u32>,
-    },
+    Train(TrainArgs),
     /// Predict labels with a trained head (`name` or `name@version`) or a
     /// backbone's built-in one (`efficientnet-lite0/imagenet`). Without TEXT or
     /// --image arguments, every non-empty line of standard input is one text.
@@ -119,32 +153,7 @@ enum Command {
     /// Load a running server: C concurrent clients send Embed requests of k texts
     /// for a time or a number of requests; prints throughput, latency percentiles
     /// and errors by code as JSON. Without either bound it runs for 10 seconds.
-    Bench {
-        #[command(flatten)]
-        server: ServerAddr,
-        #[arg(long, default_value = "all-MiniLM-L6-v2")]
-        backbone: String,
-        /// Concurrent clients, each on its own connection.
-        #[arg(long, short = 'c', default_value_t = 8)]
-        concurrency: usize,
-        /// Stop after this many seconds.
-        #[arg(long)]
-        duration_seconds: Option<f64>,
-        /// Stop after this many requests.
-        #[arg(long)]
-        requests: Option<usize>,
-        /// Texts per request.
-        #[arg(long, short = 'k', default_value_t = 1)]
-        inputs_per_request: usize,
-        /// A file with one text per line; default: a few built-in sentences.
-        #[arg(long)]
-        corpus: Option<PathBuf>,
-        #[arg(long, value_enum, default_value = "online")]
-        priority: PriorityArg,
-        /// Deadline of each request, in milliseconds.
-        #[arg(long)]
-        timeout_ms: Option<u64>,
-    },
+    Bench(LoadArgs),
     /// Measure a backbone's forward-pass throughput in process (no server) on a
     /// corpus with one text per line; prints one JSON line per batch size.
     BenchEmbed {
@@ -256,7 +265,124 @@ fn print_json(value: &serde_json::Value) -> Result<()> {
     Ok(())
 }
 
+/// `LABEL<TAB>TEXT` lines, blank lines skipped.
+fn read_labelled_lines(path: &std::path::Path) -> Result<Vec<(String, String)>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut rows = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let (label, sentence) = line.split_once('\t').with_context(|| {
+            format!(
+                "{} line {}: expected LABEL<TAB>TEXT",
+                path.display(),
+                number + 1
+            )
+        })?;
+        rows.push((label.to_owned(), sentence.to_owned()));
+    }
+    Ok(rows)
+}
+
+/// The load run's corpus: the file's non-blank lines, or built-in sentences.
+fn corpus_texts(path: Option<&std::path::Path>) -> Result<Vec<String>> {
+    Ok(match path {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read corpus {}", path.display()))?
+            .lines()
+            .filter(|line| !line.trim().is_empty())
+            .map(str::to_owned)
+            .collect(),
+        None => SAMPLE_TEXTS.iter().map(|s| s.to_string()).collect(),
+    })
+}
+
+/// How long a load run lasts: as asked, or 10 s when neither a duration nor a
+/// request count is given.
+fn load_duration(
+    seconds: Option<f64>,
+    requests: Option<usize>,
+) -> Result<Option<std::time::Duration>> {
+    match (seconds, requests) {
+        (None, None) => Ok(Some(std::time::Duration::from_secs(10))),
+        (seconds, _) => seconds
+            .map(std::time::Duration::try_from_secs_f64)
+            .transpose()
+            .context("--duration-seconds must be a positive number"),
+    }
+}
+
+fn print_load_report(report: &loadgen::LoadReport) -> Result<()> {
+    eprintln!(
+        "{} requests in {:.1}s ({:.1} req/s, {:.1} inputs/s), p50 {:.1} ms, p95 {:.1} ms, \
+         p99 {:.1} ms, errors {:?}",
+        report.requests,
+        report.seconds,
+        report.requests_per_sec,
+        report.inputs_per_sec,
+        report.latency_ms.p50,
+        report.latency_ms.p95,
+        report.latency_ms.p99,
+        report.errors
+    );
+    print_json(&serde_json::to_value(report)?)
+}
+
+async fn embed(args: EmbedArgs) -> Result<()> {
+    let command = client::EmbedCommand {
+        backbone: args.backbone,
+        inputs: inputs_of(args.texts, args.images)?,
+        pooling: match args.pooling {
+            None => proto::Pooling::Unspecified,
+            Some(PoolingArg::Mean) => proto::Pooling::Mean,
+            Some(PoolingArg::Cls) => proto::Pooling::Cls,
+        },
+        normalize: args.normalize,
+        truncate: args.truncate,
+    };
+    let channel = client::connect(&args.server.addr).await?;
+    print_json(&client::embed(channel, command).await?)
+}
+
+async fn train(args: TrainArgs) -> Result<()> {
+    let command = client::TrainCommand {
+        backbone: args.backbone,
+        head: args.head,
+        examples: read_labelled_lines(&args.examples)?,
+        epochs: args.epochs,
+        learning_rate: args.learning_rate,
+        seed: args.seed,
+        mlp_hidden: args.mlp_hidden,
+    };
+    let channel = client::connect(&args.server.addr).await?;
+    print_json(&client::train(channel, command).await?)
+}
+
+async fn load_test(args: LoadArgs) -> Result<()> {
+    let options = loadgen::LoadOptions {
+        addr: args.server.addr,
+        backbone: args.backbone,
+        concurrency: args.concurrency,
+        duration: load_duration(args.duration_seconds, args.requests)?,
+        requests: args.requests,
+        inputs_per_request: args.inputs_per_request,
+        texts: corpus_texts(args.corpus.as_deref())?,
+        priority: match args.priority {
+            PriorityArg::Online => proto::Priority::Online,
+            PriorityArg::Bulk => proto::Priority::Bulk,
+        },
+        timeout: args.timeout_ms.map(std::time::Duration::from_millis),
+    };
+    print_load_report(&loadgen::run(options).await?)
+}
+
 async fn run(cli: Cli) -> Result<()> {
+    // The server logs as its config says; client verbs only what goes wrong.
+    if !matches!(cli.command, Command::Serve { .. }) {
+        telemetry::init(LogFormat::Human, "warn");
+    }
     match cli.command {
         Command::Serve { config } => {
             let config = load_config(&config)?;
@@ -264,71 +390,8 @@ async fn run(cli: Cli) -> Result<()> {
             tracing::info!(version = env!("CARGO_PKG_VERSION"), "tlserve starting");
             server::run(config, server::shutdown_signal()).await?;
         }
-        Command::Embed {
-            server,
-            backbone,
-            pooling,
-            normalize,
-            truncate,
-            images,
-            texts,
-        } => {
-            telemetry::init(LogFormat::Human, "warn");
-            let inputs = inputs_of(texts, images)?;
-            let pooling = match pooling {
-                None => proto::Pooling::Unspecified,
-                Some(PoolingArg::Mean) => proto::Pooling::Mean,
-                Some(PoolingArg::Cls) => proto::Pooling::Cls,
-            };
-            let channel = client::connect(&server.addr).await?;
-            let command = client::EmbedCommand {
-                backbone,
-                inputs,
-                pooling,
-                normalize,
-                truncate,
-            };
-            print_json(&client::embed(channel, command).await?)?;
-        }
-        Command::Train {
-            server,
-            backbone,
-            head,
-            examples,
-            epochs,
-            learning_rate,
-            seed,
-            mlp_hidden,
-        } => {
-            telemetry::init(LogFormat::Human, "warn");
-            let text = std::fs::read_to_string(&examples)
-                .with_context(|| format!("cannot read {}", examples.display()))?;
-            let mut rows = Vec::new();
-            for (number, line) in text.lines().enumerate() {
-                if line.trim().is_empty() {
-                    continue;
-                }
-                let (label, sentence) = line.split_once('\t').with_context(|| {
-                    format!(
-                        "{} line {}: expected LABEL<TAB>TEXT",
-                        examples.display(),
-                        number + 1
-                    )
-                })?;
-                rows.push((label.to_owned(), sentence.to_owned()));
-            }
-            let channel = client::connect(&server.addr).await?;
-            let command = client::TrainCommand {
-                backbone,
-                head,
-                examples: rows,
-                epochs,
-                learning_rate,
-                seed,
-                mlp_hidden,
-            };
-            print_json(&client::train(channel, command).await?)?;
-        }
+        Command::Embed(args) => embed(args).await?,
+        Command::Train(args) => train(args).await?,
         Command::Predict {
             server,
             head,
@@ -336,84 +399,24 @@ async fn run(cli: Cli) -> Result<()> {
             images,
             texts,
         } => {
-            telemetry::init(LogFormat::Human, "warn");
             let inputs = inputs_of(texts, images)?;
             let channel = client::connect(&server.addr).await?;
             print_json(&client::predict(channel, head, inputs, top_k).await?)?;
         }
         Command::Heads { server } => {
-            telemetry::init(LogFormat::Human, "warn");
             let channel = client::connect(&server.addr).await?;
             print_json(&client::heads(channel).await?)?;
         }
         Command::Convert { legacy_pth, out } => {
-            telemetry::init(LogFormat::Human, "warn");
             let count =
                 tlserve::backbone::pytorch_legacy::convert_to_safetensors(&legacy_pth, &out)?;
             eprintln!("wrote {count} tensors to {}", out.display());
         }
         Command::Backbones { server } => {
-            telemetry::init(LogFormat::Human, "warn");
             let channel = client::connect(&server.addr).await?;
             print_json(&client::backbones(channel).await?)?;
         }
-        Command::Bench {
-            server,
-            backbone,
-            concurrency,
-            duration_seconds,
-            requests,
-            inputs_per_request,
-            corpus,
-            priority,
-            timeout_ms,
-        } => {
-            telemetry::init(LogFormat::Human, "warn");
-            let texts = match corpus {
-                Some(path) => std::fs::read_to_string(&path)
-                    .with_context(|| format!("cannot read corpus {}", path.display()))?
-                    .lines()
-                    .filter(|line| !line.trim().is_empty())
-                    .map(str::to_owned)
-                    .collect(),
-                None => SAMPLE_TEXTS.iter().map(|s| s.to_string()).collect(),
-            };
-            let duration = match (duration_seconds, requests) {
-                (None, None) => Some(std::time::Duration::from_secs(10)),
-                (seconds, _) => seconds
-                    .map(std::time::Duration::try_from_secs_f64)
-                    .transpose()
-                    .context("--duration-seconds must be a positive number")?,
-            };
-            let options = loadgen::LoadOptions {
-                addr: server.addr,
-                backbone,
-                concurrency,
-                duration,
-                requests,
-                inputs_per_request,
-                texts,
-                priority: match priority {
-                    PriorityArg::Online => proto::Priority::Online,
-                    PriorityArg::Bulk => proto::Priority::Bulk,
-                },
-                timeout: timeout_ms.map(std::time::Duration::from_millis),
-            };
-            let report = loadgen::run(options).await?;
-            eprintln!(
-                "{} requests in {:.1}s ({:.1} req/s, {:.1} inputs/s), p50 {:.1} ms, p95 {:.1} ms, \
-                 p99 {:.1} ms, errors {:?}",
-                report.requests,
-                report.seconds,
-                report.requests_per_sec,
-                report.inputs_per_sec,
-                report.latency_ms.p50,
-                report.latency_ms.p95,
-                report.latency_ms.p99,
-                report.errors
-            );
-            print_json(&serde_json::to_value(&report)?)?;
-        }
+        Command::Bench(args) => load_test(args).await?,
         Command::BenchEmbed {
             config,
             backbone,
@@ -422,7 +425,6 @@ async fn run(cli: Cli) -> Result<()> {
             min_seconds,
             profile,
         } => {
-            telemetry::init(LogFormat::Human, "warn");
             let config = load_config(&config)?;
             let options = bench::BenchOptions {
                 backbone: &backbone,

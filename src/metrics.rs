@@ -8,8 +8,6 @@ use std::{net::SocketAddr, time::Duration};
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder};
 
-use crate::backbone::BackboneDescriptor;
-
 /// gRPC calls finished, by `service`, `method` and `code` (e.g. `OK`, `NOT_FOUND`).
 pub const GRPC_REQUESTS_TOTAL: &str = "tlserve_grpc_requests_total";
 /// Time from a call's arrival to its final status, by `service`, `method`, `code`.
@@ -170,16 +168,25 @@ pub fn record_queue_rejection(backbone: &str, reason: &'static str) {
         .increment(1);
 }
 
-pub fn record_backbone_loaded(descriptor: &BackboneDescriptor, elapsed: Duration) {
-    gauge!(MODEL_LOAD_DURATION_SECONDS, "backbone" => descriptor.name.clone())
+/// What `tlserve_backbone_info` says of a loaded backbone.
+pub struct BackboneLabels<'a> {
+    pub name: &'a str,
+    pub architecture: &'static str,
+    pub device: &'a str,
+    pub dtype: &'a str,
+    pub dimension: usize,
+}
+
+pub fn record_backbone_loaded(backbone: BackboneLabels<'_>, elapsed: Duration) {
+    gauge!(MODEL_LOAD_DURATION_SECONDS, "backbone" => backbone.name.to_owned())
         .set(elapsed.as_secs_f64());
     gauge!(
         BACKBONE_INFO,
-        "backbone" => descriptor.name.clone(),
-        "architecture" => descriptor.architecture.as_str(),
-        "device" => descriptor.device.clone(),
-        "dtype" => descriptor.dtype.clone(),
-        "dimension" => descriptor.dimension.to_string(),
+        "backbone" => backbone.name.to_owned(),
+        "architecture" => backbone.architecture,
+        "device" => backbone.device.to_owned(),
+        "dtype" => backbone.dtype.to_owned(),
+        "dimension" => backbone.dimension.to_string(),
     )
     .set(1.0);
 }

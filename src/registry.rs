@@ -9,8 +9,8 @@ use std::{
 };
 
 use crate::{
-    backbone::{self, image::ImageLimits, Backbone},
-    batching::BackboneQueue,
+    backbone::{self, image::ImageLimits, Backbone, EmbedOptions, Input, Prepared},
+    batching::{BackboneQueue, Priority},
     config::BackboneConfig,
     metrics, Error, Result,
 };
@@ -19,6 +19,56 @@ use crate::{
 pub struct LoadedBackbone {
     pub backbone: Arc<dyn Backbone>,
     pub queue: BackboneQueue,
+}
+
+/// Vectors of a request's inputs with, per input, the tokens seen and whether
+/// it was truncated.
+pub struct Embedded {
+    pub vectors: Vec<Vec<f32>>,
+    pub facts: Vec<(u32, bool)>,
+}
+
+impl LoadedBackbone {
+    /// Prepares inputs off the async runtime (tokenizing a few hundred texts or
+    /// decoding images takes milliseconds); errors name `first_index + i`.
+    pub async fn prepare(
+        &self,
+        inputs: Vec<Input>,
+        truncate: bool,
+        first_index: usize,
+    ) -> Result<Vec<Prepared>> {
+        let backbone = Arc::clone(&self.backbone);
+        crate::task::run_blocking("preparing inputs", move || {
+            inputs
+                .into_iter()
+                .enumerate()
+                .map(|(i, input)| backbone.prepare(first_index + i, input, truncate))
+                .collect::<Result<Vec<_>>>()
+        })
+        .await?
+    }
+
+    /// The one path from inputs to feature vectors, for Embed, Predict and
+    /// training jobs alike: prepare, then the backbone's queue.
+    pub async fn embed(
+        &self,
+        inputs: Vec<Input>,
+        options: EmbedOptions,
+        truncate: bool,
+        priority: Priority,
+        deadline: Option<Instant>,
+    ) -> Result<Embedded> {
+        let prepared = self.prepare(inputs, truncate, 0).await?;
+        let facts = prepared
+            .iter()
+            .map(|p| (p.tokens() as u32, p.truncated()))
+            .collect();
+        let vectors = self
+            .queue
+            .embed(prepared, options, priority, deadline)
+            .await?;
+        Ok(Embedded { vectors, facts })
+    }
 }
 
 #[derive(Clone)]
@@ -78,7 +128,7 @@ impl BackboneRegistry {
             .slots
             .get(name)
             .ok_or_else(|| Error::BackboneNotFound(name.to_owned()))?;
-        match &*read(&slot.state) {
+        match &*crate::sync::read(&slot.state) {
             BackboneState::Ready(loaded) => Ok(loaded.clone()),
             BackboneState::Loading => Err(Error::BackboneLoading(name.to_owned())),
             BackboneState::Failed(reason) => Err(Error::BackboneFailed {
@@ -94,7 +144,7 @@ impl BackboneRegistry {
             .values()
             .map(|slot| BackboneStatus {
                 config: slot.config.clone(),
-                state: read(&slot.state).clone(),
+                state: crate::sync::read(&slot.state).clone(),
             })
             .collect()
     }
@@ -106,20 +156,20 @@ impl BackboneRegistry {
         for name in self.slots.keys() {
             let registry = Arc::clone(self);
             let slot_name = name.clone();
-            let outcome = tokio::task::spawn_blocking(move || registry.load_one(&slot_name)).await;
+            let outcome = crate::task::run_blocking("loading a backbone", move || {
+                registry.load_one(&slot_name)
+            })
+            .await
+            .and_then(|loaded| loaded);
             let state = match outcome {
-                Ok(Ok(loaded)) => BackboneState::Ready(loaded),
-                Ok(Err(err)) => BackboneState::Failed(err.to_string()),
-                Err(join_err) => BackboneState::Failed(format!("loader panicked: {join_err}")),
+                Ok(loaded) => BackboneState::Ready(loaded),
+                Err(err) => BackboneState::Failed(err.to_string()),
             };
             if let BackboneState::Failed(reason) = &state {
                 tracing::error!(backbone = %name, error = %reason, "backbone failed to load");
                 all_ready = false;
             }
-            *self.slots[name]
-                .state
-                .write()
-                .unwrap_or_else(|poisoned| poisoned.into_inner()) = state;
+            *crate::sync::write(&self.slots[name].state) = state;
         }
         all_ready
     }
@@ -134,15 +184,19 @@ impl BackboneRegistry {
         let queue = BackboneQueue::start(Arc::clone(&backbone), config.batch_limits())
             .map_err(|err| Error::ModelLoad(format!("cannot start worker thread: {err}")))?;
         let descriptor = backbone.descriptor();
-        metrics::record_backbone_loaded(descriptor, elapsed);
+        metrics::record_backbone_loaded(
+            metrics::BackboneLabels {
+                name: &descriptor.name,
+                architecture: descriptor.architecture.as_str(),
+                device: &descriptor.device,
+                dtype: &descriptor.dtype,
+                dimension: descriptor.dimension,
+            },
+            elapsed,
+        );
         tracing::info!(backbone = %name, seconds = elapsed.as_secs_f64(),
             dimension = descriptor.dimension, source = %descriptor.source,
             fingerprint = %descriptor.fingerprint, "backbone ready");
         Ok(Arc::new(LoadedBackbone { backbone, queue }))
     }
-}
-
-/// Reads through a poisoned lock: the state is a plain value, always consistent.
-fn read(lock: &RwLock<BackboneState>) -> std::sync::RwLockReadGuard<'_, BackboneState> {
-    lock.read().unwrap_or_else(|poisoned| poisoned.into_inner())
 }

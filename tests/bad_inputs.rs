@@ -557,3 +557,60 @@ async fn every_rpc_answers_bad_input_with_its_documented_code() {
     assert_eq!(metric(&server.scrape(), "tlserve_panics_total"), 0.0);
     assert!(server.scrape().contains("tlserve_panics_total 0"));
 }
+
+/// A valid 8-bit grayscale PNG of `width` x `height` black pixels: a few KB
+/// on the wire however long its longer side.
+fn gray_png(width: u32, height: u32) -> Vec<u8> {
+    use image::{
+        codecs::png::{CompressionType, FilterType, PngEncoder},
+        ImageEncoder,
+    };
+    let mut bytes = Vec::new();
+    let pixels = vec![0u8; width as usize * height as usize];
+    PngEncoder::new_with_quality(&mut bytes, CompressionType::Best, FilterType::NoFilter)
+        .write_image(&pixels, width, height, image::ExtendedColorType::L8)
+        .expect("encode");
+    bytes
+}
+
+#[tokio::test]
+async fn slivers_within_the_pixel_limit_are_refused_and_the_server_lives() {
+    // Default image limits: 25,000,000 pixels, aspect ratio 32.
+    let server = TestServer::start(&format!(
+        "{}{}",
+        TestServer::minilm_config("", ""),
+        lite0_backbone_toml()
+    ))
+    .await;
+    let mut embedder = EmbedderClient::new(server.channel().await);
+    // 1 x 25,000,000 once overflowed the resize's size computation and aborted
+    // the process; 158 x 158,227 cost 16 s and 0.8 GB.
+    for (width, height) in [(1, 25_000_000), (25_000_000, 1), (158, 158_227), (33, 1)] {
+        let sliver = gray_png(width, height);
+        assert!(
+            sliver.len() < 100_000,
+            "{width}x{height}: {} bytes",
+            sliver.len()
+        );
+        let status = embedder
+            .embed(embed(LITE0, vec![image_input(sliver)]))
+            .await
+            .expect_err("a sliver is refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{width}x{height}");
+        assert!(
+            status.message().starts_with("input 0:")
+                && status.message().contains("max_image_aspect_ratio"),
+            "{width}x{height}: {}",
+            status.message()
+        );
+    }
+    // At the limit the image is served.
+    let response = embedder
+        .embed(embed(LITE0, vec![image_input(gray_png(32, 1))]))
+        .await
+        .expect("32 x 1 is within the aspect-ratio limit")
+        .into_inner();
+    assert_eq!(response.embeddings.len(), 1);
+    assert_eq!(server.health("").await, Some(ServingStatus::Serving));
+    assert_eq!(metric(&server.scrape(), "tlserve_panics_total"), 0.0);
+}

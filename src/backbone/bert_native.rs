@@ -195,12 +195,12 @@ static PROFILE: Mutex<Option<Profile>> = Mutex::new(None);
 
 /// Starts collecting a profile of native forward passes (process-wide).
 pub fn start_profile() {
-    *PROFILE.lock().unwrap_or_else(|p| p.into_inner()) = Some(Profile::default());
+    *crate::sync::lock(&PROFILE) = Some(Profile::default());
 }
 
 /// Stops collecting and returns what was collected.
 pub fn take_profile() -> Option<Profile> {
-    PROFILE.lock().unwrap_or_else(|p| p.into_inner()).take()
+    crate::sync::lock(&PROFILE).take()
 }
 
 /// Times phases of one pass when profiling is on; a no-op otherwise.
@@ -211,9 +211,7 @@ struct Stopwatch {
 
 impl Stopwatch {
     fn start() -> Self {
-        let profile = PROFILE
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        let profile = crate::sync::lock(&PROFILE)
             .as_ref()
             .map(|_| Profile::default());
         Self {
@@ -232,7 +230,7 @@ impl Stopwatch {
 
     fn finish(self, tokens: usize) {
         let Some(pass) = self.profile else { return };
-        if let Some(total) = PROFILE.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+        if let Some(total) = crate::sync::lock(&PROFILE).as_mut() {
             total.passes += 1;
             total.tokens += tokens;
             total.embeddings += pass.embeddings;

@@ -16,7 +16,16 @@ pub struct ImageLimits {
     pub max_encoded_bytes: usize,
     /// Width times height, checked from the header before decoding.
     pub max_pixels: u64,
+    /// Longer side over shorter side, checked from the header before decoding:
+    /// resizing the shorter side of a 1 x 25,000,000 image to 256 would ask for
+    /// billions of pixels.
+    pub max_aspect_ratio: u32,
 }
+
+/// Most pixels of an image after its resize, whatever the limits and the
+/// preprocessing settings say: a second line behind the aspect-ratio check, so
+/// that no image can make the resize allocate more than ~50 MB.
+pub const MAX_RESIZED_PIXELS: u64 = 1 << 24;
 
 /// Resampling used when resizing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,6 +107,17 @@ pub fn decode(index: usize, bytes: &[u8], limits: ImageLimits) -> Result<RgbImag
             ),
         ));
     }
+    let (long, short) = (width.max(height), width.min(height));
+    if u64::from(long) > u64::from(short) * u64::from(limits.max_aspect_ratio) {
+        return Err(invalid(
+            index,
+            format!(
+                "image is {width}x{height}; its longer side may be at most {} times \
+                 its shorter side (limits.max_image_aspect_ratio)",
+                limits.max_aspect_ratio
+            ),
+        ));
+    }
     let orientation = decoder
         .orientation()
         .unwrap_or(image::metadata::Orientation::NoTransforms);
@@ -120,18 +140,41 @@ fn has_jpeg_end(bytes: &[u8]) -> bool {
     end >= 2 && bytes[end - 1] == 0xD9 && bytes[end - 2] == 0xFF
 }
 
-/// Resizes, crops and normalizes into a `[3, crop, crop]` tensor, row-major.
-pub fn preprocess(image: &RgbImage, spec: &Preprocessing) -> Vec<f32> {
-    let (width, height) = image.dimensions();
-    // torchvision's Resize(int): the shorter side becomes `resize_shorter`, the
-    // longer one keeps the ratio, truncated.
-    let (new_width, new_height) = if width <= height {
-        let long = (u64::from(spec.resize_shorter) * u64::from(height) / u64::from(width)) as u32;
-        (spec.resize_shorter, long)
-    } else {
-        let long = (u64::from(spec.resize_shorter) * u64::from(width) / u64::from(height)) as u32;
-        (long, spec.resize_shorter)
+/// The size torchvision's `Resize(shorter)` gives: the shorter side becomes
+/// `shorter`, the longer one keeps the ratio, truncated. None when the result
+/// would exceed [`MAX_RESIZED_PIXELS`] (or any side overflows).
+pub fn resized_size(width: u32, height: u32, shorter: u32) -> Option<(u32, u32)> {
+    if width == 0 || height == 0 {
+        return None;
+    }
+    let scale = |long: u32, short: u32| {
+        let scaled = u64::from(shorter).checked_mul(u64::from(long))? / u64::from(short);
+        u32::try_from(scaled).ok()
     };
+    let (new_width, new_height) = if width <= height {
+        (shorter, scale(height, width)?)
+    } else {
+        (scale(width, height)?, shorter)
+    };
+    let pixels = u64::from(new_width).checked_mul(u64::from(new_height))?;
+    (pixels <= MAX_RESIZED_PIXELS).then_some((new_width, new_height))
+}
+
+/// Resizes, crops and normalizes into a `[3, crop, crop]` tensor, row-major;
+/// `index` names the input in errors.
+pub fn preprocess(index: usize, image: &RgbImage, spec: &Preprocessing) -> Result<Vec<f32>> {
+    let (width, height) = image.dimensions();
+    let (new_width, new_height) =
+        resized_size(width, height, spec.resize_shorter).ok_or_else(|| {
+            invalid(
+                index,
+                format!(
+                    "image is {width}x{height}; resized to a shorter side of {} it would \
+                     exceed {MAX_RESIZED_PIXELS} pixels",
+                    spec.resize_shorter
+                ),
+            )
+        })?;
     let filter = match spec.resample {
         Resample::Bilinear => FilterType::Triangle,
         Resample::Bicubic => FilterType::CatmullRom,
@@ -154,7 +197,7 @@ pub fn preprocess(image: &RgbImage, spec: &Preprocessing) -> Vec<f32> {
             }
         }
     }
-    out
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -165,6 +208,7 @@ mod tests {
     const LIMITS: ImageLimits = ImageLimits {
         max_encoded_bytes: 1 << 20,
         max_pixels: 1 << 20,
+        max_aspect_ratio: 32,
     };
 
     fn png(image: &DynamicImage) -> Vec<u8> {
@@ -307,12 +351,53 @@ mod tests {
         let truncated = &png(&image)[..40];
         assert!(decode(3, truncated, LIMITS).is_err());
 
+        // Within the pixel limit but far beyond the aspect-ratio limit.
+        let err = decode(6, &png_claiming(1, 100_000), LIMITS)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("input 6:") && err.contains("max_image_aspect_ratio"),
+            "{err}"
+        );
+
         let mut gif = b"GIF89a".to_vec();
         gif.extend_from_slice(&[1, 0, 1, 0, 0, 0, 0]);
         assert!(decode(5, &gif, LIMITS)
             .unwrap_err()
             .to_string()
             .contains("not accepted"));
+    }
+
+    #[test]
+    fn resize_sizes_are_checked_and_bounded() {
+        assert_eq!(resized_size(640, 480, 256), Some((341, 256)));
+        assert_eq!(resized_size(480, 640, 256), Some((256, 341)));
+        assert_eq!(resized_size(0, 480, 256), None);
+        // 256 x 6.4e9 overflows u32: refused, never wrapped.
+        assert_eq!(resized_size(1, 25_000_000, 256), None);
+        assert_eq!(resized_size(25_000_000, 1, 256), None);
+        // Fits in u32 but not in the resize budget.
+        assert_eq!(resized_size(158, 158_227, 256), None);
+        // 256 x 65,536 is exactly the budget of 2^24 pixels.
+        assert_eq!(resized_size(1, 256, 256), Some((256, 1 << 16)));
+        assert_eq!(resized_size(1, 257, 256), None);
+    }
+
+    #[test]
+    fn preprocessing_refuses_an_image_whose_resize_is_too_large() {
+        let spec = Preprocessing {
+            resize_shorter: 256,
+            crop: 224,
+            resample: Resample::Bilinear,
+            mean: [0.5; 3],
+            std: [0.5; 3],
+        };
+        let sliver = RgbImage::new(1, 100_000);
+        let err = preprocess(9, &sliver, &spec).unwrap_err().to_string();
+        assert!(
+            err.starts_with("input 9:") && err.contains("exceed"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -326,7 +411,7 @@ mod tests {
         };
         // A constant image keeps its value through any resampling.
         let flat = RgbImage::from_pixel(20, 10, Rgb([255, 51, 0]));
-        let tensor = preprocess(&flat, &spec);
+        let tensor = preprocess(0, &flat, &spec).unwrap();
         assert_eq!(tensor.len(), 3 * 6 * 6);
         let area = 36;
         assert!(tensor[..area].iter().all(|v| (v - 1.0).abs() < 1e-6));
@@ -350,7 +435,7 @@ mod tests {
             std: [1.0; 3],
             ..spec
         };
-        let tensor = preprocess(&marked, &spec);
+        let tensor = preprocess(0, &marked, &spec).unwrap();
         let at = |x: usize, y: usize| tensor[y * 8 + x];
         assert!(at(3, 3) > 0.9 && at(4, 4) > 0.9);
         assert!(at(0, 0) < 0.1 && at(7, 7) < 0.1);

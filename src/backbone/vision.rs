@@ -151,9 +151,10 @@ impl Backbone for VisionBackbone {
             Input::Image(bytes) => {
                 let decoded = image::decode(index, &bytes, self.limits)?;
                 Ok(Prepared::Image(Arc::new(image::preprocess(
+                    index,
                     &decoded,
                     &self.preprocessing,
-                ))))
+                )?)))
             }
             Input::Tensor { shape, values } => {
                 if shape != [3, side, side] {
@@ -305,6 +306,7 @@ mod tests {
             ImageLimits {
                 max_encoded_bytes: 1 << 20,
                 max_pixels: 1 << 20,
+                max_aspect_ratio: 32,
             },
         )
         .expect("load generated weights")

@@ -71,9 +71,7 @@ struct Collector {
 
 impl RequestState {
     fn collector(&self) -> MutexGuard<'_, Collector> {
-        self.collector
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::sync::lock(&self.collector)
     }
 
     /// Whether this request's items should be skipped, and why: its caller went
@@ -165,9 +163,7 @@ struct Shared {
 
 impl Shared {
     fn lanes(&self) -> MutexGuard<'_, Lanes> {
-        self.lanes
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::sync::lock(&self.lanes)
     }
 }
 

@@ -48,10 +48,7 @@ fn next_batch(shared: &Shared) -> Option<Vec<Unit>> {
         if lanes.closed {
             return None;
         }
-        lanes = shared
-            .wake
-            .wait(lanes)
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        lanes = crate::sync::wait(&shared.wake, lanes);
     }
 
     // The oldest unit is at the front of one of the lanes.
@@ -67,11 +64,7 @@ fn next_batch(shared: &Shared) -> Option<Vec<Unit>> {
         if now >= close_at {
             break;
         }
-        lanes = shared
-            .wake
-            .wait_timeout(lanes, close_at - now)
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .0;
+        lanes = crate::sync::wait_timeout(&shared.wake, lanes, close_at - now);
     }
 
     let now = Instant::now();

@@ -9,19 +9,18 @@
 use std::{
     collections::{BTreeMap, HashMap},
     fs::{self, File},
-    io::Write,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, RwLock},
     time::{Duration, Instant, SystemTime},
 };
 
 use super::{model::HeadWeights, HeadMetadata, HeadRef};
-use crate::{config::is_valid_name, Error, Result};
+use crate::{config::is_valid_name, fsutil, sync::lock, Error, Result};
 
 const METADATA_FILE: &str = "head.json";
 const WEIGHTS_FILE: &str = "weights.safetensors";
 const LATEST_FILE: &str = "LATEST";
-const TEMP_PREFIX: &str = ".tmp-";
+use crate::fsutil::TEMP_PREFIX;
 
 /// A published head version, loaded in memory.
 #[derive(Debug)]
@@ -50,16 +49,11 @@ fn io_err(what: &str, path: &Path, err: std::io::Error) -> Error {
 
 /// Makes a rename or a new entry in `dir` durable.
 fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|err| io_err("cannot sync folder", dir, err))
+    fsutil::sync_dir(dir).map_err(|err| io_err("cannot sync folder", dir, err))
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut file = File::create(path).map_err(|err| io_err("cannot create", path, err))?;
-    file.write_all(bytes)
-        .and_then(|()| file.sync_all())
-        .map_err(|err| io_err("cannot write", path, err))
+    fsutil::write_synced(path, bytes).map_err(|err| io_err("cannot write", path, err))
 }
 
 type Versions = BTreeMap<u32, Arc<StoredHead>>;
@@ -72,6 +66,9 @@ const LEFTOVER_AGE: Duration = Duration::from_secs(3600);
 /// disk again, so heads published or deleted by other replicas sharing the store
 /// appear and disappear without a restart.
 const REFRESH_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Most names whose last scan is remembered (see `mark_scanned`).
+const MAX_SCAN_RECORDS: usize = 4096;
 
 impl HeadStore {
     /// Opens (creating) the store and loads every head in it. A version that cannot
@@ -96,18 +93,26 @@ impl HeadStore {
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Versions>> {
-        self.heads.read().unwrap_or_else(|p| p.into_inner())
+        crate::sync::read(&self.heads)
     }
 
     fn count(&self) -> usize {
         self.read().values().map(BTreeMap::len).sum()
     }
 
-    /// Re-reads one name from disk, reusing versions already in memory.
+    /// Re-reads one name from disk, reusing versions already in memory. Holds
+    /// the writer lock, so a scan that began before one of this store's own
+    /// publishes or deletions cannot undo it in memory.
     fn refresh_name(&self, name: &str) {
+        let _writer = lock(&self.writer);
+        self.refresh_name_locked(name);
+    }
+
+    /// [`HeadStore::refresh_name`] for a caller that holds the writer lock.
+    fn refresh_name_locked(&self, name: &str) {
         let known = self.read().get(name).cloned().unwrap_or_default();
         let (versions, failures) = scan_name(&self.root.join(name), name, &known);
-        let mut broken = self.broken.lock().unwrap_or_else(|p| p.into_inner());
+        let mut broken = crate::sync::lock(&self.broken);
         for (version, err) in failures {
             if broken.insert((name.to_owned(), version)) {
                 tracing::error!(head = %name, version, error = %err,
@@ -116,7 +121,7 @@ impl HeadStore {
         }
         drop(broken);
         {
-            let mut heads = self.heads.write().unwrap_or_else(|p| p.into_inner());
+            let mut heads = crate::sync::write(&self.heads);
             if versions.is_empty() {
                 heads.remove(name);
             } else {
@@ -124,10 +129,7 @@ impl HeadStore {
             }
             crate::metrics::set_heads(heads.values().map(BTreeMap::len).sum());
         }
-        self.scanned
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_owned(), Instant::now());
+        self.mark_scanned(name);
     }
 
     /// Re-reads every name on disk.
@@ -146,45 +148,88 @@ impl HeadStore {
         for name in names {
             self.refresh_name(&name);
         }
-        self.scanned
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(String::new(), Instant::now());
+        self.mark_scanned("");
         Ok(())
+    }
+
+    /// Records that `key` (a name, or "" for the whole store) was just read.
+    /// Names come from clients, so the record is bounded: entries older than
+    /// the refresh interval carry no information and go first.
+    fn mark_scanned(&self, key: &str) {
+        let mut scanned = lock(&self.scanned);
+        if scanned.len() >= MAX_SCAN_RECORDS {
+            let interval = self.refresh_interval;
+            scanned.retain(|_, at| at.elapsed() < interval);
+            if scanned.len() >= MAX_SCAN_RECORDS {
+                scanned.clear();
+            }
+        }
+        scanned.insert(key.to_owned(), Instant::now());
     }
 
     /// Whether the view of `key` (a name, or "" for the whole store) is older than
     /// the refresh interval.
     fn stale(&self, key: &str) -> bool {
-        self.scanned
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        lock(&self.scanned)
             .get(key)
             .is_none_or(|at| at.elapsed() >= self.refresh_interval)
     }
 
-    /// The named version, or the latest when the reference names none.
+    /// The named version (or the latest) if it is in memory; never touches the
+    /// disk, so async handlers may call it. The view is kept current by
+    /// [`HeadStore::refresh_periodically`] and by every change made here.
+    pub fn cached(&self, reference: &HeadRef) -> Option<Arc<StoredHead>> {
+        let heads = self.read();
+        let versions = heads.get(&reference.name)?;
+        match reference.version {
+            Some(version) => versions.get(&version).cloned(),
+            None => versions.values().next_back().cloned(),
+        }
+    }
+
+    /// The named version, or the latest when the reference names none. Blocks:
+    /// a miss re-reads the name from disk (it may be a head another replica
+    /// just published), at most once per refresh interval per name, so a
+    /// client asking for `head@999` again and again costs one scan, not many.
     pub fn get(&self, reference: &HeadRef) -> Result<Arc<StoredHead>> {
-        let lookup = || {
-            let heads = self.read();
-            let versions = heads.get(&reference.name)?;
-            match reference.version {
-                Some(version) => versions.get(&version).cloned(),
-                None => versions.values().next_back().cloned(),
-            }
-        };
-        // "Latest" may have moved on another replica; a miss may be a head
-        // another replica just published.
+        // "Latest" may have moved on another replica.
         if reference.version.is_none() && self.stale(&reference.name) {
             self.refresh_name(&reference.name);
         }
-        if let Some(found) = lookup() {
+        if let Some(found) = self.cached(reference) {
             return Ok(found);
         }
-        if self.stale(&reference.name) || reference.version.is_some() {
+        if self.stale(&reference.name) {
             self.refresh_name(&reference.name);
         }
-        lookup().ok_or_else(|| Error::HeadNotFound(reference.to_string()))
+        self.cached(reference)
+            .ok_or_else(|| Error::HeadNotFound(reference.to_string()))
+    }
+
+    /// Re-reads the whole store every refresh interval on a blocking thread, so
+    /// that [`HeadStore::cached`] sees what other replicas publish and delete.
+    /// Ends when the store is dropped elsewhere.
+    pub fn refresh_periodically(store: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let weak = Arc::downgrade(store);
+        let interval = store.refresh_interval;
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                let Some(store) = weak.upgrade() else { return };
+                let refreshed = crate::task::run_blocking("refreshing the head store", move || {
+                    store.refresh_all()
+                })
+                .await;
+                match refreshed {
+                    Ok(Ok(())) => {}
+                    Ok(Err(err)) | Err(err) => {
+                        tracing::warn!(error = %err, "cannot re-read the head store")
+                    }
+                }
+            }
+        })
     }
 
     /// Heads by name then version; only each name's latest unless `all_versions`.
@@ -215,7 +260,7 @@ impl HeadStore {
     /// Publishes a new version of `meta.name` (its `version` field is assigned
     /// here) and returns it.
     pub fn publish(&self, mut meta: HeadMetadata, weights: HeadWeights) -> Result<Arc<StoredHead>> {
-        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let _writer = crate::sync::lock(&self.writer);
         if !is_valid_name(&meta.name) {
             return Err(Error::InvalidArgument(format!(
                 "`{}` is not a valid head name",
@@ -235,8 +280,8 @@ impl HeadStore {
         let mut attempts = 0;
         let version = loop {
             attempts += 1;
-            self.refresh_name(&meta.name);
-            let version = self.next_version(&meta.name, &name_dir);
+            self.refresh_name_locked(&meta.name);
+            let version = self.next_version(&meta.name, &name_dir)?;
             meta.version = version;
             match self.write_version(&name_dir, &meta, &weights) {
                 Ok(()) => break version,
@@ -249,7 +294,7 @@ impl HeadStore {
         };
 
         let head = Arc::new(StoredHead { meta, weights });
-        let mut heads = self.heads.write().unwrap_or_else(|p| p.into_inner());
+        let mut heads = crate::sync::write(&self.heads);
         heads
             .entry(head.meta.name.clone())
             .or_default()
@@ -305,7 +350,7 @@ impl HeadStore {
 
     /// Deletes one version, or every version when the reference names none.
     pub fn delete(&self, reference: &HeadRef) -> Result<Vec<u32>> {
-        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let _writer = crate::sync::lock(&self.writer);
         let versions: Vec<u32> = {
             let heads = self.read();
             let existing = heads
@@ -329,7 +374,7 @@ impl HeadStore {
             sync_dir(&name_dir)?;
             let _ = fs::remove_dir_all(&doomed);
         }
-        let mut heads = self.heads.write().unwrap_or_else(|p| p.into_inner());
+        let mut heads = crate::sync::write(&self.heads);
         if let Some(existing) = heads.get_mut(&reference.name) {
             for version in &versions {
                 existing.remove(version);
@@ -343,7 +388,9 @@ impl HeadStore {
         Ok(versions)
     }
 
-    fn next_version(&self, name: &str, name_dir: &Path) -> u32 {
+    /// The number after every version the name ever had; an error (naming no
+    /// path) once they are used up, never a wrap to 0.
+    fn next_version(&self, name: &str, name_dir: &Path) -> Result<u32> {
         let loaded = self
             .read()
             .get(name)
@@ -361,18 +408,21 @@ impl HeadStore {
             .filter_map(|e| e.file_name().to_str().and_then(|v| v.parse::<u32>().ok()))
             .max()
             .unwrap_or(0);
-        loaded.max(remembered).max(on_disk) + 1
+        loaded
+            .max(remembered)
+            .max(on_disk)
+            .checked_add(1)
+            .ok_or_else(|| {
+                Error::LimitExceeded(format!(
+                    "head `{name}` has used every version number; publish under another name"
+                ))
+            })
     }
 
     fn write_latest(&self, name_dir: &Path, version: u32) -> Result<()> {
-        let temp = name_dir.join(format!(
-            "{TEMP_PREFIX}{LATEST_FILE}-{}",
-            uuid::Uuid::new_v4()
-        ));
-        write_synced(&temp, version.to_string().as_bytes())?;
         let latest = name_dir.join(LATEST_FILE);
-        fs::rename(&temp, &latest).map_err(|err| io_err("cannot write", &latest, err))?;
-        sync_dir(name_dir)
+        fsutil::write_atomically(&latest, version.to_string().as_bytes())
+            .map_err(|err| io_err("cannot write", &latest, err))
     }
 }
 
@@ -619,5 +669,46 @@ mod tests {
             store.publish(meta, weights),
             Err(Error::LimitExceeded(_))
         ));
+    }
+
+    #[test]
+    fn a_version_folder_at_the_top_of_the_range_does_not_wrap_the_counter() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = HeadStore::open(dir.path(), 100).unwrap();
+        fs::create_dir_all(dir.path().join("full").join(u32::MAX.to_string())).unwrap();
+        let (meta, weights) = head("full");
+        let err = store.publish(meta, weights).unwrap_err();
+        assert!(
+            matches!(&err, Error::LimitExceeded(m) if m.contains("every version")),
+            "{err}"
+        );
+        assert!(
+            !err.to_string().contains(&*dir.path().to_string_lossy()),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn lookups_of_unknown_names_keep_a_bounded_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = HeadStore::open(dir.path(), 100).unwrap();
+        for i in 0..MAX_SCAN_RECORDS + 500 {
+            assert!(store.get(&reference(&format!("missing-{i}"))).is_err());
+        }
+        assert!(lock(&store.scanned).len() <= MAX_SCAN_RECORDS);
+    }
+
+    #[test]
+    fn the_in_memory_view_changes_only_by_refresh_or_own_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = HeadStore::open(dir.path(), 100).unwrap();
+        let b = HeadStore::open(dir.path(), 100).unwrap();
+        let (meta, weights) = head("seen");
+        a.publish(meta, weights).unwrap();
+        assert_eq!(a.cached(&reference("seen")).unwrap().meta.version, 1);
+        // b has not looked at the disk since it opened.
+        assert!(b.cached(&reference("seen")).is_none());
+        b.refresh_all().unwrap();
+        assert_eq!(b.cached(&reference("seen")).unwrap().meta.version, 1);
     }
 }

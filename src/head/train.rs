@@ -3,7 +3,7 @@
 //! every random choice drawn from the job's seed, so the same seed on the same
 //! data gives the same head.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use tokio_util::sync::CancellationToken;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{Optimizer, ParamsAdamW};
@@ -213,13 +213,71 @@ fn evaluate(network: &Network, x: &Tensor, y: &Tensor, uniform: &Tensor) -> Resu
     Ok((loss, correct / y.dims1()? as f32))
 }
 
+/// The rows held out for validation and the rows trained on, shuffled.
+fn split_rows(len: usize, params: &TrainingParams, rng: &mut Rng) -> (Vec<usize>, Vec<usize>) {
+    let mut order: Vec<usize> = (0..len).collect();
+    rng.shuffle(&mut order);
+    let validation_len = if params.validation_fraction > 0.0 {
+        ((len as f64 * params.validation_fraction).round() as usize).clamp(1, len - 1)
+    } else {
+        0
+    };
+    let train = order.split_off(validation_len);
+    (order, train)
+}
+
+/// Per-class loss weights: inverse class frequency when `balance`, else 1.
+fn class_weights(set: &TrainingSet, train_rows: &[usize], balance: bool) -> Result<Tensor> {
+    let mut counts = vec![0usize; set.classes];
+    for &r in train_rows {
+        counts[set.labels[r] as usize] += 1;
+    }
+    let weights: Vec<f32> = counts
+        .iter()
+        .map(|&c| {
+            if balance && c > 0 {
+                train_rows.len() as f32 / (set.classes as f32 * c as f32)
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    Ok(Tensor::from_vec(weights, set.classes, &Device::Cpu)?)
+}
+
+/// Loss and accuracy after an epoch, on the training rows and, when there
+/// are any, the validation rows.
+fn epoch_metrics(
+    epoch: usize,
+    network: &Network,
+    train: (&Tensor, &Tensor),
+    validation: Option<&(Tensor, Tensor)>,
+    uniform: &Tensor,
+) -> Result<HeadMetrics> {
+    let (train_loss, train_accuracy) = evaluate(network, train.0, train.1, uniform)?;
+    let (validation_loss, validation_accuracy) = match validation {
+        Some((x, y)) => {
+            let (loss, accuracy) = evaluate(network, x, y, uniform)?;
+            (Some(loss), Some(accuracy))
+        }
+        None => (None, None),
+    };
+    Ok(HeadMetrics {
+        epoch,
+        train_loss,
+        train_accuracy,
+        validation_loss,
+        validation_accuracy,
+    })
+}
+
 /// Trains a head; `on_epoch` sees each epoch's metrics; `cancel` stops at the next
 /// mini-batch with [`Error::Cancelled`].
 pub fn train(
     set: &TrainingSet,
     kind: &HeadKind,
     params: &TrainingParams,
-    cancel: &AtomicBool,
+    cancel: &CancellationToken,
     on_epoch: &mut dyn FnMut(&HeadMetrics),
 ) -> Result<TrainedHead> {
     if set.classes < 2 || set.len() < 2 {
@@ -228,38 +286,16 @@ pub fn train(
         ));
     }
     let mut rng = Rng(params.seed);
-    let mut order: Vec<usize> = (0..set.len()).collect();
-    rng.shuffle(&mut order);
-    let validation_len = if params.validation_fraction > 0.0 {
-        ((set.len() as f64 * params.validation_fraction).round() as usize).clamp(1, set.len() - 1)
-    } else {
-        0
-    };
-    let (validation_rows, train_rows) = order.split_at(validation_len);
-    let mut train_rows = train_rows.to_vec();
+    let (validation_rows, mut train_rows) = split_rows(set.len(), params, &mut rng);
+    let validation_len = validation_rows.len();
 
     let (x_train, y_train) = gather(set, &train_rows)?;
     let validation = if validation_rows.is_empty() {
         None
     } else {
-        Some(gather(set, validation_rows)?)
+        Some(gather(set, &validation_rows)?)
     };
-
-    let mut counts = vec![0usize; set.classes];
-    for &r in &train_rows {
-        counts[set.labels[r] as usize] += 1;
-    }
-    let class_weights: Vec<f32> = counts
-        .iter()
-        .map(|&c| {
-            if params.balance_classes && c > 0 {
-                train_rows.len() as f32 / (set.classes as f32 * c as f32)
-            } else {
-                1.0
-            }
-        })
-        .collect();
-    let class_weights = Tensor::from_vec(class_weights, set.classes, &Device::Cpu)?;
+    let class_weights = class_weights(set, &train_rows, params.balance_classes)?;
     let uniform = Tensor::ones(set.classes, DType::F32, &Device::Cpu)?;
 
     let network = Network::new(kind, set.dim, set.classes, &mut rng)?;
@@ -277,7 +313,7 @@ pub fn train(
     for epoch in 1..=params.epochs {
         rng.shuffle(&mut train_rows);
         for rows in train_rows.chunks(params.batch_size.max(1)) {
-            if cancel.load(Ordering::Relaxed) {
+            if cancel.is_cancelled() {
                 return Err(Error::Cancelled("the job was cancelled".into()));
             }
             let (x, y) = gather(set, rows)?;
@@ -286,21 +322,14 @@ pub fn train(
             optimizer.backward_step(&loss)?;
         }
 
-        let (train_loss, train_accuracy) = evaluate(&network, &x_train, &y_train, &uniform)?;
-        let (validation_loss, validation_accuracy) = match &validation {
-            Some((x, y)) => {
-                let (loss, accuracy) = evaluate(&network, x, y, &uniform)?;
-                (Some(loss), Some(accuracy))
-            }
-            None => (None, None),
-        };
-        let metrics = HeadMetrics {
+        let metrics = epoch_metrics(
             epoch,
-            train_loss,
-            train_accuracy,
-            validation_loss,
-            validation_accuracy,
-        };
+            &network,
+            (&x_train, &y_train),
+            validation.as_ref(),
+            &uniform,
+        )?;
+        let validation_loss = metrics.validation_loss;
         on_epoch(&metrics);
 
         // Keep the weights of the best epoch: lowest validation loss, or the last
@@ -373,7 +402,7 @@ mod tests {
         params: &TrainingParams,
     ) -> (TrainedHead, Vec<HeadMetrics>) {
         let mut seen = Vec::new();
-        let trained = train(set, kind, params, &AtomicBool::new(false), &mut |m| {
+        let trained = train(set, kind, params, &CancellationToken::new(), &mut |m| {
             seen.push(m.clone())
         })
         .unwrap();
@@ -448,7 +477,11 @@ mod tests {
             &set,
             &HeadKind::Linear,
             &params(1),
-            &AtomicBool::new(true),
+            &{
+                let token = CancellationToken::new();
+                token.cancel();
+                token
+            },
             &mut |_| {},
         );
         assert!(matches!(result, Err(Error::Cancelled(_))));

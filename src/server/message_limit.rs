@@ -110,10 +110,12 @@ where
         if let Some(data) = frame.data_ref() {
             if let Err(len) = this.scanner.scan(data) {
                 *this.failed = true;
-                return Poll::Ready(Some(Err(Status::resource_exhausted(format!(
-                    "request message is {len} bytes; this server accepts at most {} \
-                     (limits.max_message_bytes)",
-                    this.scanner.limit
+                return Poll::Ready(Some(Err(Status::from(crate::Error::LimitExceeded(
+                    format!(
+                        "request message is {len} bytes; this server accepts at most {} \
+                         (limits.max_message_bytes)",
+                        this.scanner.limit
+                    ),
                 )))));
             }
         }

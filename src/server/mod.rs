@@ -2,10 +2,9 @@
 //! the server's life cycle (start, load, serve, drain, stop).
 
 pub mod auth;
-pub mod convert;
 mod deadline;
 mod embedder;
-mod head_convert;
+pub mod listener;
 mod message_limit;
 mod models;
 mod predictor;
@@ -16,16 +15,16 @@ mod trainer;
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::server::NamedService;
 use tonic_health::{server::HealthReporter, ServingStatus};
+use tonic_reflection::server::{v1, v1alpha};
 
 use crate::{
     config::Config,
+    core,
     datasets::DatasetStore,
     head::store::HeadStore,
-    job_journal::JobJournal,
-    jobs::{JobLimits, JobManager},
+    jobs::{journal::JobJournal, JobLimits, JobManager},
     metrics,
     proto::{
         embedder_server::EmbedderServer, models_server::ModelsServer,
@@ -110,23 +109,83 @@ async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
     }
 }
 
-/// Runs the server until `shutdown` completes, then drains: Health turns
-/// NOT_SERVING, new calls are refused after `drain_delay_seconds`, and in-flight
-/// calls get up to `shutdown_grace_seconds` to finish.
-///
-/// The port opens at once; backbones load in the background and Health reports
-/// SERVING only when every one of them is loaded and warmed up.
-pub async fn run(
-    config: Config,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), ServeError> {
-    metrics::install_panic_hook();
-    let addr = config.server.listen;
+/// The use cases and what they share, built once at start-up.
+struct Domain {
+    registry: Arc<BackboneRegistry>,
+    store: Arc<HeadStore>,
+    jobs: Arc<JobManager>,
+    embedder: Arc<core::Embedder>,
+    predictor: Arc<core::Predictor>,
+    trainer: Arc<core::Trainer>,
+    catalog: Arc<core::Catalog>,
+}
+
+impl Domain {
+    fn build(config: &Config) -> Result<Self, ServeError> {
+        let registry = Arc::new(BackboneRegistry::new(
+            &config.backbones,
+            config.server.model_cache_dir.clone(),
+            config.limits.image_limits(),
+        ));
+        let store = Arc::new(
+            HeadStore::open(&config.heads.store_dir, config.heads.max_heads)
+                .map_err(ServeError::HeadStore)?,
+        );
+        let journal = JobJournal::open(&config.heads.store_dir).map_err(|err| {
+            ServeError::HeadStore(crate::Error::Storage(format!(
+                "cannot open the job journal in {}: {err}",
+                config.heads.store_dir.display()
+            )))
+        })?;
+        let heads = &config.heads;
+        let jobs = Arc::new(JobManager::new(
+            Arc::clone(&registry),
+            Arc::clone(&store),
+            JobLimits {
+                max_concurrent_jobs: heads.max_concurrent_jobs,
+                max_queued_jobs: heads.max_queued_jobs,
+                finished_jobs_kept: heads.finished_jobs_kept,
+            },
+            Some(journal),
+        ));
+        let datasets = Arc::new(DatasetStore::new(
+            Duration::from_secs(heads.dataset_ttl_seconds),
+            heads.max_datasets,
+        ));
+        let limits = config.limits.clone();
+        Ok(Self {
+            embedder: Arc::new(core::Embedder::new(Arc::clone(&registry), limits.clone())),
+            predictor: Arc::new(core::Predictor::new(
+                Arc::clone(&registry),
+                Arc::clone(&store),
+                limits.clone(),
+            )),
+            trainer: Arc::new(core::Trainer::new(
+                Arc::clone(&jobs),
+                datasets,
+                heads.clone(),
+                limits.max_text_chars,
+            )),
+            catalog: Arc::new(core::Catalog::new(
+                Arc::clone(&registry),
+                Arc::clone(&store),
+            )),
+            registry,
+            store,
+            jobs,
+        })
+    }
+}
+
+/// Reads the tokens, and warns when a server reachable beyond loopback has
+/// none.
+fn authenticator(config: &Config) -> Result<Option<Arc<auth::Authenticator>>, ServeError> {
     let authenticator = auth::Authenticator::from_config(
         &config.auth,
         std::env::var(auth::TOKENS_ENV).ok().as_deref(),
     )?
     .map(Arc::new);
+    let addr = config.server.listen;
     match &authenticator {
         Some(auth) => {
             for (name, roles) in auth.token_names() {
@@ -141,49 +200,92 @@ pub async fn run(
         }
         None => {}
     }
-    let tls = match &config.server.tls {
-        Some(tls) => Some(tls_config(tls)?),
-        None => None,
-    };
+    Ok(authenticator)
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, ServeError> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| ServeError::Bind { addr, source })?;
-    tracing::info!(address = %listener.local_addr().unwrap_or(addr), "gRPC listening");
+    tracing::info!(address = %listener.local_addr().unwrap_or(addr), "{what} listening");
+    Ok(listener)
+}
+
+/// Loads every backbone in the background; Health turns SERVING when all are
+/// ready.
+fn start_loading(domain: &Domain, health: &HealthReporter) -> tokio::task::JoinHandle<()> {
+    let registry = Arc::clone(&domain.registry);
+    let store = Arc::clone(&domain.store);
+    let health = health.clone();
+    tokio::spawn(async move {
+        if registry.load_all().await {
+            warn_about_stale_heads(&registry, &store);
+            set_health(&health, ServingStatus::Serving).await;
+            tracing::info!("all backbones ready: serving");
+        } else {
+            tracing::error!("a backbone failed to load: Health stays NOT_SERVING");
+        }
+    })
+}
+
+/// Health alone on a plaintext port, for probes when the main port has TLS.
+async fn start_health_port(
+    config: &Config,
+    health_service: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+    limits: listener::ConnectionLimits,
+) -> Result<Option<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>, ServeError> {
+    let Some(addr) = config.server.health_listen else {
+        return Ok(None);
+    };
+    let listener = bind(addr, "Health (plaintext)").await?;
+    Ok(Some(tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .serve_with_incoming(listener::incoming(listener, limits, "health")),
+    )))
+}
+
+/// Server reflection, v1 and v1alpha: grpcurl before 1.8.8 and many other
+/// tools still speak only v1alpha.
+#[allow(clippy::type_complexity)]
+fn reflection() -> Result<
+    (
+        v1::ServerReflectionServer<impl v1::ServerReflection>,
+        v1alpha::ServerReflectionServer<impl v1alpha::ServerReflection>,
+    ),
+    ServeError,
+> {
+    let configure = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    Ok((configure().build_v1()?, configure().build_v1alpha()?))
+}
+
+/// Runs the server until `shutdown` completes, then drains: Health turns
+/// NOT_SERVING, new calls are refused after `drain_delay_seconds`, and in-flight
+/// calls get up to `shutdown_grace_seconds` to finish.
+///
+/// The port opens at once; backbones load in the background and Health reports
+/// SERVING only when every one of them is loaded and warmed up.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    metrics::install_panic_hook();
+    let authenticator = authenticator(&config)?;
+    let tls = config.server.tls.as_ref().map(tls_config).transpose()?;
+    let listener = bind(config.server.listen, "gRPC").await?;
     if let Some(addr) = config.server.metrics_listen {
         metrics::install_exporter(addr).map_err(|source| ServeError::Metrics { addr, source })?;
         metrics::spawn_process_sampler(Duration::from_secs(5));
         tracing::info!(address = %addr, "metrics at /metrics");
     }
-
-    let registry = Arc::new(BackboneRegistry::new(
-        &config.backbones,
-        config.server.model_cache_dir.clone(),
-        config.limits.image_limits(),
-    ));
-    let store = Arc::new(
-        HeadStore::open(&config.heads.store_dir, config.heads.max_heads)
-            .map_err(ServeError::HeadStore)?,
-    );
-    let journal = JobJournal::open(&config.heads.store_dir).map_err(|err| {
-        ServeError::HeadStore(crate::Error::Storage(format!(
-            "cannot open the job journal in {}: {err}",
-            config.heads.store_dir.display()
-        )))
-    })?;
-    let jobs = Arc::new(JobManager::new(
-        Arc::clone(&registry),
-        Arc::clone(&store),
-        JobLimits {
-            max_concurrent_jobs: config.heads.max_concurrent_jobs,
-            max_queued_jobs: config.heads.max_queued_jobs,
-            finished_jobs_kept: config.heads.finished_jobs_kept,
-        },
-        Some(journal),
-    ));
-    let datasets = Arc::new(DatasetStore::new(
-        Duration::from_secs(config.heads.dataset_ttl_seconds),
-        config.heads.max_datasets,
-    ));
+    let domain = Domain::build(&config)?;
+    let refresher = HeadStore::refresh_periodically(&domain.store);
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
     // For liveness probes: SERVING from start to exit, so a pod that is loading,
@@ -191,97 +293,28 @@ pub async fn run(
     health
         .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
         .await;
-    let loader = tokio::spawn({
-        let registry = Arc::clone(&registry);
-        let store = Arc::clone(&store);
-        let health = health.clone();
-        async move {
-            if registry.load_all().await {
-                warn_about_stale_heads(&registry, &store);
-                set_health(&health, ServingStatus::Serving).await;
-                tracing::info!("all backbones ready: serving");
-            } else {
-                tracing::error!("a backbone failed to load: Health stays NOT_SERVING");
-            }
-        }
-    });
-
-    // Health alone on a plaintext port, for probes when the main port has TLS.
-    let health_port = match config.server.health_listen {
-        Some(health_addr) => {
-            let listener =
-                TcpListener::bind(health_addr)
-                    .await
-                    .map_err(|source| ServeError::Bind {
-                        addr: health_addr,
-                        source,
-                    })?;
-            tracing::info!(address = %listener.local_addr().unwrap_or(health_addr),
-                "Health (plaintext) listening");
-            let service = health_service.clone();
-            Some(tokio::spawn(
-                tonic::transport::Server::builder()
-                    .add_service(service)
-                    .serve_with_incoming(TcpListenerStream::new(listener)),
-            ))
-        }
-        None => None,
+    let loader = start_loading(&domain, &health);
+    let connection_limits = listener::ConnectionLimits {
+        max_connections: config.server.max_connections,
+        first_byte_timeout: config.server.connection_first_byte_timeout(),
     };
-
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    // grpcurl before 1.8.8 and many other tools still speak only v1alpha.
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    let health_port = start_health_port(&config, health_service.clone(), connection_limits).await?;
+    let (reflection_v1, reflection_v1alpha) = reflection()?;
 
     // The request layer enforces limits.max_message_bytes with the status the gRPC
     // spec asks for; tonic's own (OUT_OF_RANGE) limit is lifted so it never fires
     // first.
     let unlimited = usize::MAX;
-    let limits = config.limits.clone();
-    let embedder = EmbedderServer::new(EmbedderService::new(Arc::clone(&registry), limits))
+    let embedder = EmbedderServer::new(EmbedderService::new(Arc::clone(&domain.embedder)))
         .max_decoding_message_size(unlimited);
-    let models = ModelsServer::new(ModelsService::new(
-        Arc::clone(&registry),
-        Arc::clone(&store),
-    ))
-    .max_decoding_message_size(unlimited);
-    let trainer = TrainerServer::new(TrainerService::new(
-        Arc::clone(&jobs),
-        datasets,
-        config.heads.clone(),
-        config.limits.max_text_chars,
-    ))
-    .max_decoding_message_size(unlimited);
-    let predictor = PredictorServer::new(PredictorService::new(
-        Arc::clone(&registry),
-        Arc::clone(&store),
-        config.limits.clone(),
-    ))
-    .max_decoding_message_size(unlimited);
+    let models = ModelsServer::new(ModelsService::new(Arc::clone(&domain.catalog)))
+        .max_decoding_message_size(unlimited);
+    let trainer = TrainerServer::new(TrainerService::new(Arc::clone(&domain.trainer)))
+        .max_decoding_message_size(unlimited);
+    let predictor = PredictorServer::new(PredictorService::new(Arc::clone(&domain.predictor)))
+        .max_decoding_message_size(unlimited);
 
-    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
-    let drain_delay = Duration::from_secs_f64(config.server.drain_delay_seconds);
-    let grace = Duration::from_secs_f64(config.server.shutdown_grace_seconds);
-    // When the grace period ends: in-flight calls and running training jobs
-    // share it.
-    let grace_ends = Arc::new(std::sync::OnceLock::<std::time::Instant>::new());
-    let signal = {
-        let health = health.clone();
-        let grace_ends = Arc::clone(&grace_ends);
-        async move {
-            shutdown.await;
-            tracing::info!("shutdown requested: reporting NOT_SERVING and draining");
-            set_health(&health, ServingStatus::NotServing).await;
-            tokio::time::sleep(drain_delay).await;
-            let _ = grace_ends.set(std::time::Instant::now() + grace);
-            let _ = stopping_tx.send(());
-        }
-    };
+    let drain = Drain::new(&config);
     let mut builder = tonic::transport::Server::builder()
         .max_concurrent_streams(config.server.max_concurrent_streams_per_connection);
     if let Some(tls) = tls {
@@ -299,34 +332,97 @@ pub async fn run(
         .add_service(models)
         .add_service(trainer)
         .add_service(predictor)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
-    let cutoff = async {
-        match stopping_rx.await {
-            Ok(()) => tokio::time::sleep(grace).await,
-            Err(_) => std::future::pending().await,
-        }
-    };
+        .serve_with_incoming_shutdown(
+            listener::incoming(listener, connection_limits, "grpc"),
+            drain.signal(shutdown, health.clone()),
+        );
     tokio::select! {
         result = serve => result?,
-        () = cutoff => tracing::warn!(
-            grace_seconds = grace.as_secs_f64(),
+        () = drain.cutoff() => tracing::warn!(
+            grace_seconds = drain.grace.as_secs_f64(),
             "calls still running after the grace period were cut off"
         ),
     }
     // Training jobs run apart from any call: let them finish within what is left
     // of the grace period, and record the others as failed, for their clients
     // to read after the restart.
-    let deadline = grace_ends
-        .get()
-        .copied()
-        .unwrap_or_else(std::time::Instant::now);
-    jobs.finish_or_fail_by(deadline).await;
+    domain.jobs.finish_or_fail_by(drain.grace_end()).await;
     if let Some(task) = health_port {
         task.abort();
     }
     loader.abort();
+    refresher.abort();
     tracing::info!("server stopped");
     Ok(())
+}
+
+/// The drain after a shutdown signal: Health turns NOT_SERVING, new calls stop
+/// after the drain delay, and in-flight calls and training jobs share the
+/// grace period that follows.
+struct Drain {
+    drain_delay: Duration,
+    grace: Duration,
+    /// When the grace period ends, once it has begun.
+    grace_ends: Arc<std::sync::OnceLock<std::time::Instant>>,
+    stopping: tokio::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
+    stopping_tx: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+}
+
+impl Drain {
+    fn new(config: &Config) -> Self {
+        let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+        Self {
+            drain_delay: Duration::from_secs_f64(config.server.drain_delay_seconds),
+            grace: Duration::from_secs_f64(config.server.shutdown_grace_seconds),
+            grace_ends: Arc::new(std::sync::OnceLock::new()),
+            stopping: tokio::sync::Mutex::new(Some(stopping_rx)),
+            stopping_tx: std::sync::Mutex::new(Some(stopping_tx)),
+        }
+    }
+
+    /// Completes when the server should stop accepting calls: the drain delay
+    /// after `shutdown`.
+    fn signal(
+        &self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+        health: HealthReporter,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let (drain_delay, grace) = (self.drain_delay, self.grace);
+        let grace_ends = Arc::clone(&self.grace_ends);
+        let stopping_tx = crate::sync::lock(&self.stopping_tx).take();
+        async move {
+            shutdown.await;
+            tracing::info!("shutdown requested: reporting NOT_SERVING and draining");
+            set_health(&health, ServingStatus::NotServing).await;
+            tokio::time::sleep(drain_delay).await;
+            let _ = grace_ends.set(std::time::Instant::now() + grace);
+            if let Some(tx) = stopping_tx {
+                let _ = tx.send(());
+            }
+        }
+    }
+
+    /// Completes when the grace period after the stop is over.
+    async fn cutoff(&self) {
+        let receiver = self.stopping.lock().await.take();
+        let stopped = match receiver {
+            Some(receiver) => receiver.await.is_ok(),
+            None => false,
+        };
+        if stopped {
+            tokio::time::sleep(self.grace).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// When the grace period ends (now, if it never began).
+    fn grace_end(&self) -> std::time::Instant {
+        self.grace_ends
+            .get()
+            .copied()
+            .unwrap_or_else(std::time::Instant::now)
+    }
 }
 
 /// Heads trained on other weights than the loaded backbone's are refused by

@@ -31,7 +31,7 @@ use super::{
     message_limit::LimitedBody,
     status::code_name,
 };
-use crate::metrics;
+use crate::{metrics, telemetry, Error};
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
@@ -123,15 +123,17 @@ where
                     }
                     None
                 }
-                Decision::Unauthenticated(reason) => Some(tonic::Status::unauthenticated(reason)),
-                Decision::PermissionDenied(reason) => {
-                    Some(tonic::Status::permission_denied(reason))
-                }
+                Decision::Unauthenticated(reason) => Some(tonic::Status::from(
+                    Error::Unauthenticated(reason.to_owned()),
+                )),
+                Decision::PermissionDenied(reason) => Some(tonic::Status::from(
+                    Error::PermissionDenied(reason.to_owned()),
+                )),
             }
         });
         if let Some(status) = refusal {
             // Logs the refusal with its code, in the call's span.
-            call.finish(status.code());
+            call.finish(status.code(), Some(status.message()));
             let mut response = status.into_http::<Body>();
             if let Ok(value) = HeaderValue::from_str(&request_id) {
                 response.headers_mut().insert(REQUEST_ID_HEADER, value);
@@ -149,16 +151,17 @@ where
             request.extensions_mut().insert(Deadline(at));
         }
 
+        let started = call.started;
         Box::pin(
             async move {
                 let response = match deadline {
-                    Some(at) if at <= Instant::now() => deadline_exceeded(),
+                    Some(at) if at <= Instant::now() => deadline_exceeded(started),
                     Some(at) => {
                         let answer_by = at.checked_sub(DEADLINE_MARGIN).unwrap_or(at);
                         let call = inner.call(request);
                         match tokio::time::timeout_at(answer_by.into(), call).await {
                             Ok(response) => response?.map(Body::new),
-                            Err(_elapsed) => deadline_exceeded(),
+                            Err(_elapsed) => deadline_exceeded(started),
                         }
                     }
                     None => inner.call(request).await?.map(Body::new),
@@ -168,7 +171,7 @@ where
                     parts.headers.insert(REQUEST_ID_HEADER, value);
                 }
                 if let Some(code) = grpc_status(&parts.headers) {
-                    call.finish(code);
+                    call.finish(code, grpc_message(&parts.headers).as_deref());
                 }
                 let body = ObservedBody { inner: body, call };
                 Ok(http::Response::from_parts(parts, Body::new(body)))
@@ -197,10 +200,7 @@ impl RequestLayer {
 fn intern(name: &str) -> &'static str {
     use std::sync::{Mutex, OnceLock};
     static NAMES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
-    let mut names = NAMES
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut names = crate::sync::lock(NAMES.get_or_init(Default::default));
     if let Some(existing) = names.get(name) {
         return existing;
     }
@@ -234,9 +234,8 @@ fn known_methods() -> HashSet<String> {
     paths
 }
 
-fn deadline_exceeded() -> http::Response<Body> {
-    tonic::Status::deadline_exceeded("the call's deadline passed before its work was done")
-        .into_http()
+fn deadline_exceeded(started: Instant) -> http::Response<Body> {
+    tonic::Status::from(Error::DeadlineExceeded(started.elapsed())).into_http()
 }
 
 /// The client's request id when it sent a sane one, else a new one.
@@ -254,6 +253,27 @@ fn grpc_status(headers: &HeaderMap) -> Option<Code> {
     value.parse::<i32>().ok().map(Code::from_i32)
 }
 
+/// The status message, percent-decoded as the gRPC spec encodes it.
+fn grpc_message(headers: &HeaderMap) -> Option<String> {
+    let raw = headers.get("grpc-message")?.as_bytes();
+    let mut bytes = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match raw[i..] {
+            [b'%', high, low, ..] if hex(high).is_some() && hex(low).is_some() => {
+                bytes.push((hex(high)? * 16 + hex(low)?) as u8);
+                i += 3;
+            }
+            _ => {
+                bytes.push(raw[i]);
+                i += 1;
+            }
+        }
+    }
+    Some(String::from_utf8_lossy(&bytes).into_owned())
+}
+
 /// The facts of one call, recorded once when its status is known.
 struct CallRecord {
     service: &'static str,
@@ -264,21 +284,32 @@ struct CallRecord {
 }
 
 impl CallRecord {
-    fn finish(&mut self, code: Code) {
+    /// Records the call's metrics and logs it once, with its request id (the
+    /// span), code and, for a failure, the message: escaped and cut, since
+    /// it may echo what the client sent.
+    fn finish(&mut self, code: Code, message: Option<&str>) {
         if std::mem::replace(&mut self.finished, true) {
             return;
         }
         let elapsed = self.started.elapsed();
-        let code = code_name(code);
-        metrics::record_grpc(self.service, self.method, code, elapsed);
+        let name = code_name(code);
+        metrics::record_grpc(self.service, self.method, name, elapsed);
         let _entered = self.span.enter();
         let millis = (elapsed.as_secs_f64() * 1e6).round() / 1e3;
+        let error = message
+            .filter(|_| code != Code::Ok)
+            .map(telemetry::printable);
         // Probes and reflection are frequent and uninteresting: keep them at debug.
         // The span carries the request id, service and method.
-        if self.service.starts_with("grpc.") {
-            tracing::debug!(code, millis, "rpc finished");
-        } else {
-            tracing::info!(code, millis, "rpc finished");
+        match (code, error) {
+            (Code::Internal | Code::Unknown | Code::DataLoss, error) => {
+                tracing::error!(code = name, millis, error = error.as_deref(), "rpc failed")
+            }
+            _ if self.service.starts_with("grpc.") => {
+                tracing::debug!(code = name, millis, "rpc finished")
+            }
+            (_, Some(error)) => tracing::info!(code = name, millis, error, "rpc finished"),
+            (_, None) => tracing::info!(code = name, millis, "rpc finished"),
         }
     }
 }
@@ -286,7 +317,7 @@ impl CallRecord {
 impl Drop for CallRecord {
     fn drop(&mut self) {
         // No status reached the client: it went away or the stream broke.
-        self.finish(Code::Cancelled);
+        self.finish(Code::Cancelled, None);
     }
 }
 
@@ -314,12 +345,14 @@ where
         let polled = this.inner.poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(code) = frame.trailers_ref().and_then(grpc_status) {
-                    this.call.finish(code);
+                if let Some(trailers) = frame.trailers_ref() {
+                    if let Some(code) = grpc_status(trailers) {
+                        this.call.finish(code, grpc_message(trailers).as_deref());
+                    }
                 }
             }
-            Poll::Ready(Some(Err(_))) => this.call.finish(Code::Internal),
-            Poll::Ready(None) => this.call.finish(Code::Unknown),
+            Poll::Ready(Some(Err(_))) => this.call.finish(Code::Internal, None),
+            Poll::Ready(None) => this.call.finish(Code::Unknown, None),
             Poll::Pending => {}
         }
         polled
@@ -354,6 +387,20 @@ mod tests {
             ("unknown", "unknown")
         );
         assert_eq!(layer.labels("/garbage"), ("unknown", "unknown"));
+    }
+
+    #[test]
+    fn status_messages_are_percent_decoded() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "grpc-message",
+            HeaderValue::from_static("input 0: caf%C3%A9%0Aforged %ZZ"),
+        );
+        assert_eq!(
+            grpc_message(&headers).as_deref(),
+            Some("input 0: café\nforged %ZZ")
+        );
+        assert_eq!(grpc_message(&HeaderMap::new()), None);
     }
 
     #[test]

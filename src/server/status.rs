@@ -2,55 +2,37 @@
 
 use tonic::{Code, Status};
 
+pub use crate::proto::code_name;
 use crate::Error;
 
 impl From<Error> for Status {
+    /// Not logged here: the request layer logs every call once, with its
+    /// request id, code and message.
     fn from(err: Error) -> Self {
-        let code = match &err {
-            Error::BackboneNotFound(_) | Error::HeadNotFound(_) | Error::NotFound { .. } => {
-                Code::NotFound
-            }
-            Error::FailedPrecondition(_) => Code::FailedPrecondition,
-            Error::LimitExceeded(_) => Code::ResourceExhausted,
-            Error::Cancelled(_) => Code::Cancelled,
-            Error::Storage(_) => Code::Internal,
-            Error::InvalidInput { .. } | Error::InvalidArgument(_) => Code::InvalidArgument,
-            Error::QueueFull(_) => Code::ResourceExhausted,
-            Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
-            Error::BackboneLoading(_) | Error::BackboneFailed { .. } | Error::ShuttingDown => {
-                Code::Unavailable
-            }
-            Error::Inference(_) | Error::ModelLoad(_) => Code::Internal,
-        };
-        if code == Code::Internal {
-            tracing::error!(error = %err, "request failed");
-        } else {
-            tracing::info!(error = %err, code = code_name(code), "request refused");
-        }
-        Status::new(code, err.to_string())
+        Status::new(code_of(&err), err.to_string())
     }
 }
 
-/// The canonical upper-case name of a code, as in the gRPC spec and our metrics.
-pub fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
+/// The gRPC code of each error.
+pub fn code_of(err: &Error) -> Code {
+    match err {
+        Error::BackboneNotFound(_) | Error::HeadNotFound(_) | Error::NotFound { .. } => {
+            Code::NotFound
+        }
+        Error::FailedPrecondition(_) => Code::FailedPrecondition,
+        Error::LimitExceeded(_) | Error::QueueFull(_) => Code::ResourceExhausted,
+        Error::Cancelled(_) => Code::Cancelled,
+        Error::InvalidInput { .. } | Error::InvalidArgument(_) => Code::InvalidArgument,
+        Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
+        Error::BackboneLoading(_) | Error::BackboneFailed { .. } | Error::ShuttingDown => {
+            Code::Unavailable
+        }
+        Error::Unauthenticated(_) => Code::Unauthenticated,
+        Error::PermissionDenied(_) => Code::PermissionDenied,
+        Error::Unimplemented(_) => Code::Unimplemented,
+        Error::Inference(_) | Error::ModelLoad(_) | Error::Storage(_) | Error::Internal(_) => {
+            Code::Internal
+        }
     }
 }
 
@@ -77,6 +59,13 @@ mod tests {
             (Error::BackboneLoading("x".into()), Code::Unavailable),
             (Error::ShuttingDown, Code::Unavailable),
             (Error::Inference("boom".into()), Code::Internal),
+            (Error::Internal("task died".into()), Code::Internal),
+            (Error::Storage("disk".into()), Code::Internal),
+            (Error::Unauthenticated("x".into()), Code::Unauthenticated),
+            (Error::PermissionDenied("x".into()), Code::PermissionDenied),
+            (Error::Unimplemented("x".into()), Code::Unimplemented),
+            (Error::LimitExceeded("x".into()), Code::ResourceExhausted),
+            (Error::Cancelled("x".into()), Code::Cancelled),
         ];
         for (err, code) in cases {
             assert_eq!(Status::from(err).code(), code);

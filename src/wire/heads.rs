@@ -1,11 +1,13 @@
-//! Heads and jobs between their domain types and protobuf.
+//! Backbones, heads and jobs between their domain types and protobuf.
 
 use std::time::{Duration, SystemTime};
 
+use super::convert;
 use crate::{
     head::{store::StoredHead, HeadKind, HeadMetrics, TrainingParams},
     jobs::{JobEvent, JobInfo, JobState},
     proto,
+    registry::{BackboneState, BackboneStatus},
 };
 
 pub fn timestamp(time: SystemTime) -> prost_types::Timestamp {
@@ -84,17 +86,18 @@ pub fn job_state(state: JobState) -> proto::JobState {
 }
 
 pub fn train_event(event: &JobEvent) -> proto::TrainEvent {
+    let progress = &event.progress;
     proto::TrainEvent {
         job_id: event.job_id.to_string(),
-        state: job_state(event.state) as i32,
+        state: job_state(event.state()) as i32,
         time: Some(timestamp(event.time)),
-        embedded: event.embedded,
-        total_inputs: event.total_inputs,
-        epoch: event.epoch,
-        total_epochs: event.total_epochs,
-        metrics: event.metrics.as_ref().map(head_metrics),
-        head: event.head.as_deref().map(head_info),
-        error: event.error.clone().unwrap_or_default(),
+        embedded: progress.embedded,
+        total_inputs: progress.total_inputs,
+        epoch: progress.epoch,
+        total_epochs: progress.total_epochs,
+        metrics: progress.metrics.as_ref().map(head_metrics),
+        head: event.head().map(|head| head_info(head)),
+        error: event.error().unwrap_or_default().to_owned(),
     }
 }
 
@@ -103,9 +106,46 @@ pub fn job_info(info: &JobInfo) -> proto::JobInfo {
         job_id: info.id.to_string(),
         backbone: info.backbone.clone(),
         head_name: info.head_name.clone(),
-        state: job_state(info.last_event.state) as i32,
+        state: job_state(info.last_event.state()) as i32,
         created_at: Some(timestamp(info.created_at)),
         finished_at: info.finished_at.map(timestamp),
         last_event: Some(train_event(&info.last_event)),
     }
+}
+
+pub fn backbone_info(status: BackboneStatus) -> proto::BackboneInfo {
+    let config = &status.config;
+    let mut info = proto::BackboneInfo {
+        name: config.name.clone(),
+        architecture: config.architecture.as_str().to_owned(),
+        device: config.device.clone(),
+        default_pooling: convert::pooling(config.pooling.into()) as i32,
+        default_normalize: config.normalize,
+        ..Default::default()
+    };
+    match status.state {
+        BackboneState::Loading => info.set_state(proto::BackboneState::Loading),
+        BackboneState::Failed(reason) => {
+            info.set_state(proto::BackboneState::Failed);
+            info.error = reason;
+        }
+        BackboneState::Ready(loaded) => {
+            let d = loaded.backbone.descriptor();
+            info.set_state(proto::BackboneState::Ready);
+            info.set_modality(convert::modality(d.modality));
+            info.dimension = d.dimension as u32;
+            info.dtype = d.dtype.clone();
+            info.max_sequence_length = d.max_sequence_length as u32;
+            info.fingerprint = d.fingerprint.clone();
+            info.source = d.source.clone();
+            info.image_size = d.image_size as u32;
+            info.builtin_heads = loaded
+                .backbone
+                .classifiers()
+                .iter()
+                .map(|c| format!("{}/{}", d.name, c.name))
+                .collect();
+        }
+    }
+    info
 }

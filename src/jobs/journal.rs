@@ -9,13 +9,15 @@
 //! to read.
 
 use std::{
-    fs::{self, File},
-    io::Write,
+    fs,
     path::{Path, PathBuf},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use serde::{Deserialize, Serialize};
+
+use super::JobState;
+use crate::fsutil;
 
 /// The reason recorded for jobs that were running when the process stopped.
 pub const INTERRUPTED: &str =
@@ -26,8 +28,9 @@ pub struct JobRecord {
     pub id: String,
     pub backbone: String,
     pub head_name: String,
-    /// `queued`, `succeeded`, `failed` or `cancelled` (what was last written).
-    pub state: String,
+    /// Queued, or how the job ended (only ends are worth telling apart after
+    /// a restart).
+    pub state: JobState,
     pub created_at_ms: u64,
     pub finished_at_ms: Option<u64>,
     pub error: Option<String>,
@@ -71,12 +74,7 @@ impl JobJournal {
 
     fn try_write(&self, record: &JobRecord) -> std::io::Result<()> {
         let json = serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?;
-        let temp = self.dir.join(format!(".{}.tmp", record.id));
-        let mut file = File::create(&temp)?;
-        file.write_all(&json)?;
-        file.sync_all()?;
-        fs::rename(&temp, self.path(&record.id))?;
-        File::open(&self.dir)?.sync_all()
+        fsutil::write_atomically(&self.path(&record.id), &json)
     }
 
     pub fn remove(&self, id: &str) {
@@ -103,15 +101,17 @@ impl JobJournal {
             if !name.ends_with(".json") {
                 continue;
             }
-            let parsed = fs::read(&path)
-                .ok()
-                .and_then(|bytes| serde_json::from_slice::<JobRecord>(&bytes).ok());
-            let Some(mut record) = parsed else {
-                tracing::error!(file = %path.display(), "unreadable job record skipped");
-                continue;
+            let mut record = match read_record(&path) {
+                Ok(record) => record,
+                Err(reason) => {
+                    // An unknown state is an error too, never a silent FAILED.
+                    tracing::error!(file = %path.display(), error = %reason,
+                        "unreadable job record skipped");
+                    continue;
+                }
             };
-            if !matches!(record.state.as_str(), "succeeded" | "failed" | "cancelled") {
-                record.state = "failed".into();
+            if !record.state.is_final() {
+                record.state = JobState::Failed;
                 record.error = Some(INTERRUPTED.into());
                 record.finished_at_ms = Some(millis(SystemTime::now()));
                 self.write(&record);
@@ -125,16 +125,21 @@ impl JobJournal {
     }
 }
 
+fn read_record(path: &Path) -> Result<JobRecord, String> {
+    let bytes = fs::read(path).map_err(|err| err.to_string())?;
+    serde_json::from_slice(&bytes).map_err(|err| err.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn record(id: &str, state: &str, created: u64) -> JobRecord {
+    fn record(id: &str, state: JobState, created: u64) -> JobRecord {
         JobRecord {
             id: id.into(),
             backbone: "b".into(),
             head_name: "h".into(),
-            state: state.into(),
+            state,
             created_at_ms: created,
             finished_at_ms: None,
             error: None,
@@ -147,25 +152,30 @@ mod tests {
     fn interrupted_jobs_come_back_failed_and_ended_ones_as_they_were() {
         let dir = tempfile::tempdir().unwrap();
         let journal = JobJournal::open(dir.path()).unwrap();
-        journal.write(&record("b", "queued", 2));
+        journal.write(&record("b", JobState::Queued, 2));
         journal.write(&JobRecord {
             head_version: Some(4),
-            ..record("a", "succeeded", 1)
+            ..record("a", JobState::Succeeded, 1)
         });
         std::fs::write(dir.path().join(".jobs/.c.tmp"), b"{half").unwrap();
         std::fs::write(dir.path().join(".jobs/d.json"), b"not json").unwrap();
+        // A state this version does not know is refused, not read as FAILED.
+        let unknown = serde_json::to_string(&record("e", JobState::Queued, 3))
+            .unwrap()
+            .replace("\"queued\"", "\"succeded\"");
+        std::fs::write(dir.path().join(".jobs/e.json"), unknown).unwrap();
 
         let recovered = JobJournal::open(dir.path()).unwrap().recover();
         assert_eq!(recovered.len(), 2);
         assert_eq!(recovered[0].id, "a");
-        assert_eq!(recovered[0].state, "succeeded");
+        assert_eq!(recovered[0].state, JobState::Succeeded);
         assert_eq!(recovered[0].head_version, Some(4));
-        assert_eq!(recovered[1].state, "failed");
+        assert_eq!(recovered[1].state, JobState::Failed);
         assert_eq!(recovered[1].error.as_deref(), Some(INTERRUPTED));
         assert!(!dir.path().join(".jobs/.c.tmp").exists());
         // The rewrite is durable: a second recovery reads it as failed.
         let again = JobJournal::open(dir.path()).unwrap().recover();
-        assert_eq!(again[1].state, "failed");
+        assert_eq!(again[1].state, JobState::Failed);
         assert!(again[1].finished_at_ms.is_some());
     }
 }

@@ -1,0 +1,109 @@
+//! The Embed use case: inputs in, feature vectors out.
+
+use std::{sync::Arc, time::Instant};
+
+use super::inputs::check_request_inputs;
+use crate::{
+    backbone::{BackboneDescriptor, EmbedOptions, Input, Modality, Pooling},
+    batching::Priority,
+    config::LimitsConfig,
+    registry::BackboneRegistry,
+    Error, Result,
+};
+
+/// What a client asks Embed for; `None` takes the backbone's default.
+#[derive(Debug, Clone)]
+pub struct EmbedRequest {
+    pub backbone: String,
+    pub inputs: Vec<Input>,
+    pub pooling: Option<Pooling>,
+    pub normalize: Option<bool>,
+    pub truncate: Option<bool>,
+    pub priority: Priority,
+    pub deadline: Option<Instant>,
+}
+
+/// One input's vector and what the model saw of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embedding {
+    pub values: Vec<f32>,
+    /// Tokens the model saw (0 for images).
+    pub tokens: u32,
+    pub truncated: bool,
+}
+
+/// Embed's answer.
+#[derive(Debug, Clone)]
+pub struct EmbedResponse {
+    pub backbone: String,
+    pub dimension: usize,
+    pub embeddings: Vec<Embedding>,
+}
+
+/// Embeds inputs with the resident backbones.
+pub struct Embedder {
+    registry: Arc<BackboneRegistry>,
+    limits: LimitsConfig,
+}
+
+impl Embedder {
+    pub fn new(registry: Arc<BackboneRegistry>, limits: LimitsConfig) -> Self {
+        Self { registry, limits }
+    }
+
+    pub async fn embed(&self, request: EmbedRequest) -> Result<EmbedResponse> {
+        if request.backbone.is_empty() {
+            return Err(Error::InvalidArgument(
+                "backbone is empty: name one from Models.ListBackbones".into(),
+            ));
+        }
+        let loaded = self.registry.get(&request.backbone)?;
+        check_request_inputs(&request.inputs, &self.limits)?;
+        let descriptor = loaded.backbone.descriptor();
+        let options = embed_options(request.pooling, request.normalize, descriptor)?;
+        let truncate = request.truncate.unwrap_or(descriptor.default_truncate);
+        let embedded = loaded
+            .embed(
+                request.inputs,
+                options,
+                truncate,
+                request.priority,
+                request.deadline,
+            )
+            .await?;
+        Ok(EmbedResponse {
+            backbone: descriptor.name.clone(),
+            dimension: descriptor.dimension,
+            embeddings: embedded
+                .vectors
+                .into_iter()
+                .zip(embedded.facts)
+                .map(|(values, (tokens, truncated))| Embedding {
+                    values,
+                    tokens,
+                    truncated,
+                })
+                .collect(),
+        })
+    }
+}
+
+/// The request's pooling and normalization, defaulting to the backbone's.
+pub fn embed_options(
+    pooling: Option<Pooling>,
+    normalize: Option<bool>,
+    descriptor: &BackboneDescriptor,
+) -> Result<EmbedOptions> {
+    let pooling = pooling.unwrap_or(descriptor.default_options.pooling);
+    if pooling == Pooling::Cls && descriptor.modality == Modality::Image {
+        return Err(Error::InvalidArgument(format!(
+            "backbone `{}` takes images, which are pooled globally (POOLING_MEAN); \
+             POOLING_CLS is for text backbones",
+            descriptor.name
+        )));
+    }
+    Ok(EmbedOptions {
+        pooling,
+        normalize: normalize.unwrap_or(descriptor.default_options.normalize),
+    })
+}

@@ -1,0 +1,66 @@
+//! The Models use cases: resident backbones and stored heads. Store reads and
+//! writes run off the async runtime.
+
+use std::sync::Arc;
+
+use crate::{
+    head::{
+        store::{HeadStore, StoredHead},
+        HeadRef,
+    },
+    registry::{BackboneRegistry, BackboneStatus},
+    task::run_blocking,
+    Error, Result,
+};
+
+/// Lists backbones, and lists, reads and deletes heads.
+pub struct Catalog {
+    registry: Arc<BackboneRegistry>,
+    store: Arc<HeadStore>,
+}
+
+fn head_ref(text: &str) -> Result<HeadRef> {
+    HeadRef::parse(text).map_err(Error::InvalidArgument)
+}
+
+impl Catalog {
+    pub fn new(registry: Arc<BackboneRegistry>, store: Arc<HeadStore>) -> Self {
+        Self { registry, store }
+    }
+
+    /// Every configured backbone and its state, in name order.
+    pub fn backbones(&self) -> Vec<BackboneStatus> {
+        self.registry.list()
+    }
+
+    /// Heads by name then version (only each name's latest unless
+    /// `all_versions`), of one backbone or of all.
+    pub async fn heads(
+        &self,
+        backbone: Option<String>,
+        all_versions: bool,
+    ) -> Result<Vec<Arc<StoredHead>>> {
+        let store = Arc::clone(&self.store);
+        run_blocking("listing heads", move || {
+            store.list(backbone.as_deref(), all_versions)
+        })
+        .await
+    }
+
+    /// One head version (`name` or `name@version`).
+    pub async fn head(&self, reference: &str) -> Result<Arc<StoredHead>> {
+        let reference = head_ref(reference)?;
+        if let Some(head) = self.store.cached(&reference) {
+            return Ok(head);
+        }
+        let store = Arc::clone(&self.store);
+        run_blocking("reading a head", move || store.get(&reference)).await?
+    }
+
+    /// Deletes one version, or all versions of a name; returns the versions.
+    pub async fn delete_head(&self, reference: &str) -> Result<Vec<u32>> {
+        let reference = head_ref(reference)?;
+        let store = Arc::clone(&self.store);
+        run_blocking("deleting a head", move || store.delete(&reference)).await?
+    }
+}

@@ -1,0 +1,86 @@
+//! Bounds on the inputs of one request, whatever transport brought them.
+
+use crate::{backbone::Input, config::LimitsConfig, Error, Result};
+
+/// Checks the number of inputs and each text's length.
+pub fn check_request_inputs(inputs: &[Input], limits: &LimitsConfig) -> Result<()> {
+    let max_inputs = limits.max_inputs_per_request;
+    if inputs.is_empty() {
+        return Err(Error::InvalidArgument(
+            "inputs is empty: send at least one input".into(),
+        ));
+    }
+    if inputs.len() > max_inputs {
+        return Err(Error::InvalidArgument(format!(
+            "{} inputs in one request; this server accepts at most {max_inputs} \
+             (limits.max_inputs_per_request): split the request",
+            inputs.len()
+        )));
+    }
+    for (index, input) in inputs.iter().enumerate() {
+        check_input(index, input, limits.max_text_chars)?;
+    }
+    Ok(())
+}
+
+/// Checks one input's size: a text's length in characters. `index` names it in
+/// the error.
+pub fn check_input(index: usize, input: &Input, max_text_chars: usize) -> Result<()> {
+    if let Input::Text(text) = input {
+        // Tokenizing costs time in proportion to the text, truncated or not.
+        // A character takes at least one byte, so only a text longer in bytes
+        // than the limit needs its characters counted.
+        if text.len() > max_text_chars {
+            let chars = text.chars().count();
+            if chars > max_text_chars {
+                return Err(Error::InvalidInput {
+                    index,
+                    reason: format!(
+                        "text is {chars} characters; at most {max_text_chars} are accepted \
+                         (limits.max_text_chars)"
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(max_inputs_per_request: usize) -> LimitsConfig {
+        LimitsConfig {
+            max_inputs_per_request,
+            max_text_chars: 10,
+            ..LimitsConfig::default()
+        }
+    }
+
+    fn text(s: &str) -> Input {
+        Input::Text(s.into())
+    }
+
+    #[test]
+    fn request_level_limits() {
+        assert!(matches!(
+            check_request_inputs(&[], &limits(4)),
+            Err(Error::InvalidArgument(m)) if m.contains("empty")
+        ));
+        assert!(matches!(
+            check_request_inputs(&vec![text("a"); 5], &limits(4)),
+            Err(Error::InvalidArgument(m)) if m.contains("at most 4")
+        ));
+        assert!(check_request_inputs(&vec![text("a"); 4], &limits(4)).is_ok());
+    }
+
+    #[test]
+    fn long_texts_are_named_by_index() {
+        // 11 characters, over the limit of 10; 10 characters of two bytes pass.
+        let err =
+            check_request_inputs(&[text("fine"), text("ééééééééééé")], &limits(8)).unwrap_err();
+        assert!(matches!(err, Error::InvalidInput { index: 1, .. }), "{err}");
+        assert!(check_request_inputs(&[text("éééééééééé")], &limits(8)).is_ok());
+    }
+}

@@ -1,0 +1,21 @@
+//! The use cases, whatever transport calls them: Embed, Predict, training-job
+//! submission and dataset upload, and the catalog of backbones and heads.
+//!
+//! Nothing here knows protobuf: transports (src/server/) decode their wire
+//! format into the request types below, call one method, and encode the
+//! answer. Defaults and bounds of every request parameter live here.
+
+mod embed;
+mod heads;
+mod inputs;
+mod predict;
+mod training;
+
+pub use embed::{embed_options, EmbedRequest, EmbedResponse, Embedder, Embedding};
+pub use heads::Catalog;
+pub use inputs::{check_input, check_request_inputs};
+pub use predict::{LabelScore, PredictRequest, PredictResponse, Predictor};
+pub use training::{
+    bounds, head_kind, training_params, HeadSpec, RawExample, TrainRequest, Trainer, TrainingData,
+    TrainingOptions, Upload,
+};

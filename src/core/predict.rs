@@ -1,0 +1,271 @@
+//! The Predict use case: backbone features through a head, top-k labels with
+//! probabilities. Requests for different heads on one backbone share its
+//! batched forward passes; each head then runs on its own request's vectors.
+
+use std::{sync::Arc, time::Instant};
+
+use crate::{
+    backbone::{BuiltinClassifier, EmbedOptions, Input},
+    batching::Priority,
+    config::{is_valid_name, LimitsConfig},
+    head::{
+        model::HeadWeights,
+        store::{HeadStore, StoredHead},
+        HeadRef,
+    },
+    registry::{BackboneRegistry, LoadedBackbone},
+    task::run_blocking,
+    Error, Result,
+};
+
+use super::inputs::check_request_inputs;
+
+/// What a client asks Predict for.
+#[derive(Debug, Clone)]
+pub struct PredictRequest {
+    /// `name`, `name@version`, or a built-in `<backbone>/<classifier>`.
+    pub head: String,
+    pub inputs: Vec<Input>,
+    /// None: the backbone's default.
+    pub truncate: Option<bool>,
+    /// 0: every label.
+    pub top_k: usize,
+    pub priority: Priority,
+    pub deadline: Option<Instant>,
+}
+
+/// One label of a prediction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LabelScore {
+    pub label: String,
+    /// Its position in the head's label list.
+    pub index: u32,
+    pub probability: f32,
+}
+
+/// Predict's answer: per input, labels by falling probability.
+#[derive(Debug, Clone)]
+pub struct PredictResponse {
+    pub head: String,
+    /// 0 for built-in classifiers, which have no versions.
+    pub version: u32,
+    pub predictions: Vec<Vec<LabelScore>>,
+}
+
+/// Below this many multiply-adds a head runs on the calling task: handing it
+/// to a blocking thread would cost more than it saves.
+const INLINE_HEAD_WORK: u64 = 1_000_000;
+
+/// Applies trained and built-in heads to backbone features.
+pub struct Predictor {
+    registry: Arc<BackboneRegistry>,
+    store: Arc<HeadStore>,
+    limits: LimitsConfig,
+}
+
+impl Predictor {
+    pub fn new(
+        registry: Arc<BackboneRegistry>,
+        store: Arc<HeadStore>,
+        limits: LimitsConfig,
+    ) -> Self {
+        Self {
+            registry,
+            store,
+            limits,
+        }
+    }
+
+    pub async fn predict(&self, request: PredictRequest) -> Result<PredictResponse> {
+        let (loaded, head) = match request.head.split_once('/') {
+            Some((backbone, classifier)) => self.builtin(backbone, classifier)?,
+            None => self.stored(&request.head).await?,
+        };
+        check_request_inputs(&request.inputs, &self.limits)?;
+        let work = head_work(head.weights(), request.inputs.len());
+        if work > self.limits.max_head_multiply_adds {
+            return Err(Error::LimitExceeded(format!(
+                "applying head {} to {} inputs takes {work} multiply-adds; a request may \
+                 take at most {} (limits.max_head_multiply_adds): send fewer inputs per request",
+                head.name(),
+                request.inputs.len(),
+                self.limits.max_head_multiply_adds
+            )));
+        }
+        let descriptor = loaded.backbone.descriptor();
+        let truncate = request.truncate.unwrap_or(descriptor.default_truncate);
+        let embedded = loaded
+            .embed(
+                request.inputs,
+                head.options(),
+                truncate,
+                request.priority,
+                request.deadline,
+            )
+            .await?;
+        let (name, version) = (head.name(), head.version());
+        let top_k = request.top_k;
+        let predictions = if work <= INLINE_HEAD_WORK {
+            head.apply(&embedded.vectors, top_k)?
+        } else {
+            run_blocking("applying a head", move || {
+                head.apply(&embedded.vectors, top_k)
+            })
+            .await??
+        };
+        Ok(PredictResponse {
+            head: name,
+            version,
+            predictions,
+        })
+    }
+
+    /// A trained head from the store, with its backbone. A head in memory is
+    /// served without touching the disk; a miss reads the disk off the runtime.
+    async fn stored(&self, text: &str) -> Result<(Arc<LoadedBackbone>, Head)> {
+        let reference = HeadRef::parse(text).map_err(Error::InvalidArgument)?;
+        let head = match self.store.cached(&reference) {
+            Some(head) => head,
+            None => {
+                let store = Arc::clone(&self.store);
+                run_blocking("reading the head store", move || store.get(&reference)).await??
+            }
+        };
+        let meta = &head.meta;
+        let loaded = self.registry.get(&meta.backbone)?;
+        let descriptor = loaded.backbone.descriptor();
+        if descriptor.fingerprint != meta.backbone_fingerprint {
+            return Err(Error::FailedPrecondition(format!(
+                "head {}@{} was trained on other weights of backbone `{}` \
+                 (fingerprint {}, the backbone now has {}); retrain it",
+                meta.name,
+                meta.version,
+                meta.backbone,
+                meta.backbone_fingerprint,
+                descriptor.fingerprint
+            )));
+        }
+        Ok((loaded, Head::Stored(head)))
+    }
+
+    /// A classifier that came with a backbone's weights: `<backbone>/<classifier>`.
+    fn builtin(&self, backbone: &str, classifier: &str) -> Result<(Arc<LoadedBackbone>, Head)> {
+        if !is_valid_name(backbone) || !is_valid_name(classifier) {
+            return Err(Error::InvalidArgument(format!(
+                "`{backbone}/{classifier}` is not a built-in head: `<backbone>/<classifier>`, \
+                 each 1-64 letters, digits, '-', '_' or '.'"
+            )));
+        }
+        let loaded = self.registry.get(backbone)?;
+        let found = loaded.backbone.classifier(classifier).ok_or_else(|| {
+            Error::HeadNotFound(format!(
+                "{backbone}/{classifier} (backbone `{backbone}` has no built-in classifier \
+                 `{classifier}`; ListBackbones shows its builtin_heads)"
+            ))
+        })?;
+        Ok((
+            loaded,
+            Head::Builtin {
+                backbone: backbone.to_owned(),
+                classifier: found,
+            },
+        ))
+    }
+}
+
+/// Multiply-adds of applying `weights` to `inputs` feature vectors.
+fn head_work(weights: &HeadWeights, inputs: usize) -> u64 {
+    let per_input = match weights {
+        HeadWeights::Linear { output } => output.inputs * output.outputs,
+        HeadWeights::Mlp { hidden, output } => {
+            hidden.inputs * hidden.outputs + output.inputs * output.outputs
+        }
+    };
+    (per_input as u64).saturating_mul(inputs as u64)
+}
+
+/// A head Predict can apply: trained and stored, or built into a backbone.
+enum Head {
+    Stored(Arc<StoredHead>),
+    Builtin {
+        backbone: String,
+        classifier: Arc<BuiltinClassifier>,
+    },
+}
+
+impl Head {
+    fn name(&self) -> String {
+        match self {
+            Head::Stored(head) => head.meta.name.clone(),
+            Head::Builtin {
+                backbone,
+                classifier,
+            } => format!("{backbone}/{}", classifier.name),
+        }
+    }
+
+    /// Built-in classifiers have no versions: 0.
+    fn version(&self) -> u32 {
+        match self {
+            Head::Stored(head) => head.meta.version,
+            Head::Builtin { .. } => 0,
+        }
+    }
+
+    /// The features the head was trained on.
+    fn options(&self) -> EmbedOptions {
+        match self {
+            Head::Stored(head) => head.meta.features.into(),
+            Head::Builtin { classifier, .. } => classifier.options,
+        }
+    }
+
+    fn labels(&self) -> &[String] {
+        match self {
+            Head::Stored(head) => &head.meta.labels,
+            Head::Builtin { classifier, .. } => &classifier.labels,
+        }
+    }
+
+    fn weights(&self) -> &HeadWeights {
+        match self {
+            Head::Stored(head) => &head.weights,
+            Head::Builtin { classifier, .. } => &classifier.weights,
+        }
+    }
+
+    /// The `top_k` most probable labels (0: all) of each feature vector.
+    fn apply(&self, vectors: &[Vec<f32>], top_k: usize) -> Result<Vec<Vec<LabelScore>>> {
+        let labels = self.labels();
+        let weights = self.weights();
+        let top_k = match top_k {
+            0 => labels.len(),
+            k => k.min(labels.len()),
+        };
+        vectors
+            .iter()
+            .map(|vector| {
+                if vector.len() != weights.input_dim() {
+                    return Err(Error::FailedPrecondition(format!(
+                        "head {} takes {}-long features; the backbone gives {}",
+                        self.name(),
+                        weights.input_dim(),
+                        vector.len()
+                    )));
+                }
+                let probabilities = weights.probabilities(vector);
+                let mut order: Vec<usize> = (0..probabilities.len()).collect();
+                order.sort_by(|&a, &b| probabilities[b].total_cmp(&probabilities[a]));
+                Ok(order
+                    .into_iter()
+                    .take(top_k)
+                    .map(|i| LabelScore {
+                        label: labels[i].clone(),
+                        index: i as u32,
+                        probability: probabilities[i],
+                    })
+                    .collect())
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,279 @@
+//! Protobuf requests to the core's request types, and the core's answers back
+//! to protobuf. Checks of a message's shape happen here; bounds and defaults
+//! are the core's.
+
+use std::time::Instant;
+
+use crate::{
+    backbone::{Input, Modality, Pooling},
+    batching::Priority,
+    core::{self, HeadSpec, RawExample, TrainingData, TrainingOptions},
+    proto, Error, Result,
+};
+
+/// Converts the wire inputs, naming the index of the first malformed one.
+pub fn inputs(inputs: Vec<proto::Input>) -> Result<Vec<Input>> {
+    inputs
+        .into_iter()
+        .enumerate()
+        .map(|(index, input)| input_of(index, input))
+        .collect()
+}
+
+/// One wire input; `index` names it in the error.
+pub fn input_of(index: usize, input: proto::Input) -> Result<Input> {
+    decode_input(input).map_err(|reason| Error::InvalidInput { index, reason })
+}
+
+fn decode_input(input: proto::Input) -> std::result::Result<Input, String> {
+    use proto::input::Kind;
+    match input.kind {
+        None => Err("no input set: give text, image or tensor".into()),
+        Some(Kind::Text(text)) => Ok(Input::Text(text)),
+        Some(Kind::Image(bytes)) => {
+            if bytes.is_empty() {
+                return Err("image is empty".into());
+            }
+            Ok(Input::Image(bytes))
+        }
+        Some(Kind::Tensor(tensor)) => {
+            let shape: Vec<usize> = tensor.shape.iter().map(|&d| d as usize).collect();
+            let count = shape
+                .iter()
+                .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+                .filter(|_| !shape.is_empty());
+            if count != Some(tensor.values.len()) {
+                return Err(format!(
+                    "tensor shape {:?} does not match its {} values",
+                    tensor.shape,
+                    tensor.values.len()
+                ));
+            }
+            if let Some(at) = tensor.values.iter().position(|v| !v.is_finite()) {
+                return Err(format!("tensor value {at} is not a finite number"));
+            }
+            Ok(Input::Tensor {
+                shape,
+                values: tensor.values,
+            })
+        }
+    }
+}
+
+/// The requested pooling; None: the backbone's default.
+pub fn pooling_of(pooling: i32) -> Result<Option<Pooling>> {
+    match proto::Pooling::try_from(pooling) {
+        Ok(proto::Pooling::Unspecified) => Ok(None),
+        Ok(proto::Pooling::Mean) => Ok(Some(Pooling::Mean)),
+        Ok(proto::Pooling::Cls) => Ok(Some(Pooling::Cls)),
+        Err(_) => Err(Error::InvalidArgument(format!(
+            "pooling {pooling} is not a known value"
+        ))),
+    }
+}
+
+/// The request's scheduling class; unspecified means online.
+pub fn priority(value: i32) -> Result<Priority> {
+    match proto::Priority::try_from(value) {
+        Ok(proto::Priority::Unspecified | proto::Priority::Online) => Ok(Priority::Online),
+        Ok(proto::Priority::Bulk) => Ok(Priority::Bulk),
+        Err(_) => Err(Error::InvalidArgument(format!(
+            "priority {value} is not a known value"
+        ))),
+    }
+}
+
+pub fn modality(modality: Modality) -> proto::Modality {
+    match modality {
+        Modality::Text => proto::Modality::Text,
+        Modality::Image => proto::Modality::Image,
+    }
+}
+
+pub fn pooling(pooling: Pooling) -> proto::Pooling {
+    match pooling {
+        Pooling::Mean => proto::Pooling::Mean,
+        Pooling::Cls => proto::Pooling::Cls,
+    }
+}
+
+pub fn embed_request(
+    request: proto::EmbedRequest,
+    deadline: Option<Instant>,
+) -> Result<core::EmbedRequest> {
+    Ok(core::EmbedRequest {
+        priority: priority(request.priority)?,
+        pooling: pooling_of(request.pooling)?,
+        inputs: inputs(request.inputs)?,
+        backbone: request.backbone,
+        normalize: request.normalize,
+        truncate: request.truncate,
+        deadline,
+    })
+}
+
+pub fn embed_response(response: core::EmbedResponse) -> proto::EmbedResponse {
+    proto::EmbedResponse {
+        backbone: response.backbone,
+        dimension: response.dimension as u32,
+        embeddings: response
+            .embeddings
+            .into_iter()
+            .map(|e| proto::Embedding {
+                values: e.values,
+                tokens: e.tokens,
+                truncated: e.truncated,
+            })
+            .collect(),
+    }
+}
+
+pub fn predict_request(
+    request: proto::PredictRequest,
+    deadline: Option<Instant>,
+) -> Result<core::PredictRequest> {
+    Ok(core::PredictRequest {
+        priority: priority(request.priority)?,
+        inputs: inputs(request.inputs)?,
+        head: request.head,
+        truncate: request.truncate,
+        top_k: request.top_k as usize,
+        deadline,
+    })
+}
+
+pub fn predict_response(response: core::PredictResponse) -> proto::PredictResponse {
+    proto::PredictResponse {
+        head: response.head,
+        version: response.version,
+        predictions: response
+            .predictions
+            .into_iter()
+            .map(|labels| proto::Prediction {
+                labels: labels
+                    .into_iter()
+                    .map(|l| proto::LabelScore {
+                        label: l.label,
+                        index: l.index,
+                        probability: l.probability,
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+/// Examples as they arrived; an input that cannot be decoded is carried as
+/// its reason, for the core to report with the example's index.
+pub fn raw_examples(examples: Vec<proto::Example>) -> Vec<RawExample> {
+    examples
+        .into_iter()
+        .map(|example| RawExample {
+            input: decode_input(example.input.unwrap_or_default()),
+            label: example.label,
+        })
+        .collect()
+}
+
+/// Zero on the wire means "not set": the default applies.
+fn set<T: PartialEq + Default>(value: T) -> Option<T> {
+    (value != T::default()).then_some(value)
+}
+
+pub fn training_options(config: proto::TrainingConfig) -> TrainingOptions {
+    TrainingOptions {
+        epochs: set(config.epochs).map(|v| v as usize),
+        learning_rate: set(config.learning_rate).map(f64::from),
+        batch_size: set(config.batch_size).map(|v| v as usize),
+        weight_decay: f64::from(config.weight_decay),
+        validation_fraction: set(config.validation_fraction).map(f64::from),
+        no_validation: config.no_validation,
+        early_stopping_patience: config.early_stopping_patience as usize,
+        balance_classes: config.balance_classes,
+        seed: config.seed,
+        unfreeze_top_layers: config.unfreeze_top_layers as usize,
+    }
+}
+
+fn head_spec(spec: Option<proto::HeadSpec>) -> Option<HeadSpec> {
+    use proto::head_spec::Kind;
+    match spec.and_then(|s| s.kind)? {
+        Kind::Linear(_) => Some(HeadSpec::Linear),
+        Kind::Mlp(mlp) => Some(HeadSpec::Mlp {
+            hidden_size: set(mlp.hidden_size).map(|v| v as usize),
+            dropout: mlp.dropout,
+        }),
+    }
+}
+
+pub fn train_request(request: proto::TrainHeadRequest) -> core::TrainRequest {
+    use proto::train_head_request::Data;
+    core::TrainRequest {
+        backbone: request.backbone,
+        head_name: request.head_name,
+        head: head_spec(request.spec),
+        options: training_options(request.training.unwrap_or_default()),
+        data: request.data.map(|data| match data {
+            Data::Examples(set) => TrainingData::Examples(raw_examples(set.examples)),
+            Data::DatasetId(id) => TrainingData::Dataset(id),
+        }),
+        labels: request.labels,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::input::Kind;
+
+    fn tensor(shape: Vec<u32>, values: Vec<f32>) -> proto::Input {
+        proto::Input {
+            kind: Some(Kind::Tensor(proto::Tensor { shape, values })),
+        }
+    }
+
+    fn text(s: &str) -> proto::Input {
+        proto::Input {
+            kind: Some(Kind::Text(s.into())),
+        }
+    }
+
+    #[test]
+    fn malformed_items_are_named_by_index() {
+        let cases = [
+            proto::Input { kind: None },
+            proto::Input {
+                kind: Some(Kind::Image(vec![])),
+            },
+            tensor(vec![2, 2], vec![1.0; 3]),
+            tensor(vec![], vec![]),
+            tensor(vec![u32::MAX, u32::MAX, u32::MAX], vec![]),
+            tensor(vec![2], vec![1.0, f32::NAN]),
+        ];
+        for case in cases {
+            let err = inputs(vec![text("fine"), case.clone()]).unwrap_err();
+            assert!(
+                matches!(err, Error::InvalidInput { index: 1, .. }),
+                "{case:?} gave {err}"
+            );
+        }
+        assert!(inputs(vec![tensor(vec![2, 1], vec![0.5, 1.5])]).is_ok());
+    }
+
+    #[test]
+    fn unknown_enum_values_are_refused() {
+        assert_eq!(priority(0).unwrap(), Priority::Online);
+        assert_eq!(priority(2).unwrap(), Priority::Bulk);
+        assert!(priority(42).is_err());
+        assert_eq!(pooling_of(0).unwrap(), None);
+        assert!(pooling_of(99).is_err());
+    }
+
+    #[test]
+    fn zero_training_fields_take_the_defaults() {
+        let options = training_options(proto::TrainingConfig::default());
+        assert_eq!(options, TrainingOptions::default());
+        let params = core::training_params(&options).unwrap();
+        assert_eq!(params, crate::head::TrainingParams::default());
+    }
+}

@@ -1,0 +1,6 @@
+//! Between the protobuf contract (src/proto.rs) and the core's types, in both
+//! directions. Transports and the fuzz targets use it; nothing below it knows
+//! protobuf.
+
+pub mod convert;
+pub mod heads;
