@@ -21,6 +21,7 @@ use tonic::server::NamedService;
 use tonic_health::{server::HealthReporter, ServingStatus};
 
 use crate::{
+    backbone::image::ImageLimits,
     config::Config,
     datasets::DatasetStore,
     head::store::HeadStore,
@@ -158,7 +159,7 @@ pub async fn run(
     let registry = Arc::new(BackboneRegistry::new(
         &config.backbones,
         config.server.model_cache_dir.clone(),
-        config.limits.image_limits(),
+        ImageLimits::from_config(&config.limits),
     ));
     let store = Arc::new(
         HeadStore::open(&config.heads.store_dir, config.heads.max_heads)
