@@ -24,6 +24,7 @@ use candle_core::Device;
 
 use crate::{
     config::{Architecture, BackboneConfig, DeviceSpec},
+    nn::{self, Dense},
     Error, Result,
 };
 
@@ -89,9 +90,22 @@ impl Prepared {
 pub struct BuiltinClassifier {
     pub name: String,
     pub labels: Vec<String>,
-    pub weights: crate::head::model::HeadWeights,
+    /// One linear layer; its softmax gives the class probabilities.
+    pub weights: Dense,
     /// The features it takes.
     pub options: EmbedOptions,
+}
+
+impl BuiltinClassifier {
+    /// Length of the feature vectors it takes.
+    pub fn input_dim(&self) -> usize {
+        self.weights.inputs
+    }
+
+    /// Class probabilities (softmax) of one feature vector.
+    pub fn probabilities(&self, features: &[f32]) -> Vec<f32> {
+        nn::softmax(&self.weights.apply(features))
+    }
 }
 
 /// One item of a forward pass with the options of the request it came from.

@@ -161,7 +161,7 @@ fn imagenet_classifier(
     Ok(Some(Arc::new(BuiltinClassifier {
         name: "imagenet".to_owned(),
         labels,
-        weights: crate::head::model::HeadWeights::Linear { output: dense },
+        weights: dense,
         options: EmbedOptions {
             pooling: Pooling::Mean,
             normalize: false,

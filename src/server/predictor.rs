@@ -11,7 +11,6 @@ use crate::{
     backbone::{BuiltinClassifier, EmbedOptions},
     config::{is_valid_name, LimitsConfig},
     head::{
-        model::HeadWeights,
         store::{HeadStore, StoredHead},
         HeadRef,
     },
@@ -63,22 +62,21 @@ impl PredictorService {
         .await?;
 
         let labels = head.labels();
-        let weights = head.weights();
         let top_k = match request.top_k as usize {
             0 => labels.len(),
             k => k.min(labels.len()),
         };
         let mut predictions = Vec::with_capacity(embedded.vectors.len());
         for vector in &embedded.vectors {
-            if vector.len() != weights.input_dim() {
+            if vector.len() != head.input_dim() {
                 return Err(Error::FailedPrecondition(format!(
                     "head {} takes {}-long features; the backbone gives {}",
                     head.name(),
-                    weights.input_dim(),
+                    head.input_dim(),
                     vector.len()
                 )));
             }
-            let probabilities = weights.probabilities(vector);
+            let probabilities = head.probabilities(vector);
             let mut order: Vec<usize> = (0..probabilities.len()).collect();
             order.sort_by(|&a, &b| probabilities[b].total_cmp(&probabilities[a]));
             predictions.push(proto::Prediction {
@@ -189,10 +187,19 @@ impl Head {
         }
     }
 
-    fn weights(&self) -> &HeadWeights {
+    /// Length of the feature vectors the head takes.
+    fn input_dim(&self) -> usize {
         match self {
-            Head::Stored(head) => &head.weights,
-            Head::Builtin { classifier, .. } => &classifier.weights,
+            Head::Stored(head) => head.weights.input_dim(),
+            Head::Builtin { classifier, .. } => classifier.input_dim(),
+        }
+    }
+
+    /// Class probabilities of one feature vector.
+    fn probabilities(&self, features: &[f32]) -> Vec<f32> {
+        match self {
+            Head::Stored(head) => head.weights.probabilities(features),
+            Head::Builtin { classifier, .. } => classifier.probabilities(features),
         }
     }
 }
