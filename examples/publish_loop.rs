@@ -3,10 +3,12 @@
 //!
 //! Usage: publish_loop STORE_DIR
 
-use tlserve::head::{
-    model::{Dense, HeadWeights},
-    store::HeadStore,
-    FeatureSettings, HeadKind, HeadMetadata, HeadMetrics, PoolingName, TrainingParams,
+use tlserve::{
+    head::{
+        model::HeadWeights, store::HeadStore, FeatureSettings, HeadKind, HeadMetadata, HeadMetrics,
+        PoolingName, TrainingParams,
+    },
+    nn::Dense,
 };
 
 fn main() {

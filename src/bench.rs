@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 use crate::{
-    backbone::{self, bert_native, Backbone, EmbedItem, Input, Modality},
+    backbone::{self, bert_native, image::ImageLimits, Backbone, EmbedItem, Input, Modality},
     config::Config,
 };
 
@@ -70,7 +70,7 @@ pub fn run(config: &Config, options: &BenchOptions<'_>) -> Result<()> {
     let model = backbone::load(
         backbone_config,
         config.server.model_cache_dir.as_deref(),
-        config.limits.image_limits(),
+        ImageLimits::from_config(&config.limits),
     )?;
     let threads = candle_core::utils::get_num_threads();
 

@@ -16,16 +16,13 @@
 
 use std::{
     collections::HashSet,
+    fmt,
     net::SocketAddr,
     path::{Path, PathBuf},
+    str::FromStr,
 };
 
-use serde::Deserialize;
-
-use crate::backbone::{
-    image::{ImageLimits, Preprocessing, Resample},
-    Modality,
-};
+use serde::{Deserialize, Deserializer};
 
 /// Prefix of environment variables that override file settings.
 pub const ENV_PREFIX: &str = "TLSERVE__";
@@ -233,16 +230,6 @@ impl Default for LimitsConfig {
     }
 }
 
-impl LimitsConfig {
-    pub fn image_limits(&self) -> ImageLimits {
-        ImageLimits {
-            max_encoded_bytes: self.max_image_bytes,
-            max_pixels: self.max_image_pixels,
-            max_aspect_ratio: self.max_image_aspect_ratio,
-        }
-    }
-}
-
 /// The head store and training jobs.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -316,12 +303,22 @@ impl Architecture {
         }
     }
 
+    /// The kind of input the architecture takes.
     pub fn modality(self) -> Modality {
         match self {
             Architecture::Bert => Modality::Text,
             _ => Modality::Image,
         }
     }
+}
+
+/// The kind of input a backbone accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Modality {
+    /// Texts, tokenized by the backbone.
+    Text,
+    /// Encoded images (or preprocessed pixel tensors).
+    Image,
 }
 
 /// Which implementation computes a BERT backbone.
@@ -358,15 +355,19 @@ pub enum VggFeatures {
     Pool5,
 }
 
+/// Resampling used when an image is resized.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum ResampleConfig {
+pub enum Resample {
+    /// Bilinear (a triangle filter), as torchvision.
     Bilinear,
+    /// Bicubic (Catmull-Rom), as the EfficientNet evaluations.
     Bicubic,
 }
 
 /// Preprocessing of an image backbone; every unset value takes the default of
-/// its architecture (what the pretrained weights were evaluated with).
+/// its architecture (what the pretrained weights were evaluated with; the
+/// per-architecture values live in `backbone::vision`).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImageConfig {
@@ -374,49 +375,97 @@ pub struct ImageConfig {
     pub resize_shorter: Option<u32>,
     /// Then the centered square of this side is the network's input.
     pub crop: Option<u32>,
-    pub resample: Option<ResampleConfig>,
+    pub resample: Option<Resample>,
     /// Per channel (R, G, B), on pixels scaled to [0, 1].
     pub mean: Option<[f32; 3]>,
     pub std: Option<[f32; 3]>,
 }
 
-/// torchvision's ImageNet normalization.
-const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
-const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
-
 impl ImageConfig {
-    pub fn preprocessing(&self, architecture: Architecture) -> Preprocessing {
-        // EfficientNet-Lite was trained in TensorFlow on (x - 127) / 128 over
-        // 0..255; EfficientNet and the torchvision models on ImageNet statistics.
-        // All evaluate on the central 87.5% (224 of 256); the EfficientNets
-        // resize bicubically, torchvision bilinearly.
-        let (resample, mean, std) = match architecture {
-            Architecture::EfficientNetLite0 => {
-                (Resample::Bicubic, [127.0 / 255.0; 3], [128.0 / 255.0; 3])
-            }
-            Architecture::EfficientNetB0 => (Resample::Bicubic, IMAGENET_MEAN, IMAGENET_STD),
-            _ => (Resample::Bilinear, IMAGENET_MEAN, IMAGENET_STD),
-        };
-        Preprocessing {
-            resize_shorter: self.resize_shorter.unwrap_or(256),
-            crop: self.crop.unwrap_or(224),
-            resample: match self.resample {
-                Some(ResampleConfig::Bilinear) => Resample::Bilinear,
-                Some(ResampleConfig::Bicubic) => Resample::Bicubic,
-                None => resample,
-            },
-            mean: self.mean.unwrap_or(mean),
-            std: self.std.unwrap_or(std),
+    /// `resize_shorter` when unset: every architecture tlserve loads is
+    /// evaluated on the central 87.5% of the image, 224 of 256.
+    pub const DEFAULT_RESIZE_SHORTER: u32 = 256;
+    /// `crop` when unset.
+    pub const DEFAULT_CROP: u32 = 224;
+
+    /// `resize_shorter`, or its default when unset.
+    pub fn resize_shorter_or_default(&self) -> u32 {
+        self.resize_shorter.unwrap_or(Self::DEFAULT_RESIZE_SHORTER)
+    }
+
+    /// `crop`, or its default when unset.
+    pub fn crop_or_default(&self) -> u32 {
+        self.crop.unwrap_or(Self::DEFAULT_CROP)
+    }
+}
+
+/// How the token vectors of a text become one vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooling {
+    /// Mean of the token vectors, padding excluded.
+    #[default]
+    Mean,
+    /// The first ([CLS]) token's vector.
+    Cls,
+}
+
+/// The device a backbone computes on, as the config names it: `cpu`, or
+/// `cuda:N` (`cuda` alone is `cuda:0`). Whether the device exists is known only
+/// when a backbone loads onto it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceSpec {
+    /// The CPU.
+    #[default]
+    Cpu,
+    /// The CUDA GPU of this ordinal (a build with the `cuda` feature).
+    Cuda(usize),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        if name == "cpu" {
+            return Ok(DeviceSpec::Cpu);
+        }
+        name.strip_prefix("cuda:")
+            .or_else(|| (name == "cuda").then_some("0"))
+            .and_then(|n| n.parse::<usize>().ok())
+            .map(DeviceSpec::Cuda)
+            .ok_or_else(|| format!("unknown device `{name}` (use `cpu` or `cuda:N`)"))
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    /// The canonical name: `cpu` or `cuda:N`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Cpu => f.write_str("cpu"),
+            DeviceSpec::Cuda(ordinal) => write!(f, "cuda:{ordinal}"),
         }
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum PoolingConfig {
-    #[default]
-    Mean,
-    Cls,
+impl<'de> Deserialize<'de> for DeviceSpec {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        name.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A device equals every name that names it: `cuda` and `cuda:0` alike.
+impl PartialEq<str> for DeviceSpec {
+    fn eq(&self, name: &str) -> bool {
+        name.parse::<DeviceSpec>().is_ok_and(|spec| spec == *self)
+    }
+}
+
+/// As `PartialEq<str>`.
+impl PartialEq<&str> for DeviceSpec {
+    fn eq(&self, name: &&str) -> bool {
+        *self == **name
+    }
 }
 
 /// Where a backbone's weights come from: exactly one of `path` and `hub`.
@@ -441,15 +490,15 @@ pub struct BackboneConfig {
     pub architecture: Architecture,
     pub source: SourceConfig,
     /// `cpu`, or `cuda:N` in a build with the `cuda` feature.
-    #[serde(default = "default_device")]
-    pub device: String,
+    #[serde(default)]
+    pub device: DeviceSpec,
     /// Most tokens per text input, special tokens included. Unset means the
     /// model's own setting (sentence_bert_config.json), else its position limit.
     #[serde(default)]
     pub max_sequence_length: Option<usize>,
     /// Pooling for requests that leave it unspecified.
     #[serde(default)]
-    pub pooling: PoolingConfig,
+    pub pooling: Pooling,
     /// L2 normalization for requests that leave it unset.
     #[serde(default = "default_true")]
     pub normalize: bool,
@@ -490,53 +539,35 @@ pub struct BackboneConfig {
 }
 
 impl BackboneConfig {
+    /// Everything about one backbone that can be checked without the others;
+    /// `limits` are the request limits its queue must accommodate.
+    fn validate(&self, limits: &LimitsConfig) -> Result<(), String> {
+        self.validate_source()?;
+        if matches!(self.max_sequence_length, Some(n) if n < 3) {
+            return Err("max_sequence_length must be at least 3".into());
+        }
+        self.validate_modality()?;
+        self.validate_batching(limits)
+    }
+
+    /// Exactly one of `path` and `hub`, and a revision only for the hub.
+    fn validate_source(&self) -> Result<(), String> {
+        match (&self.source.path, &self.source.hub) {
+            (Some(_), None) | (None, Some(_)) => {}
+            _ => return Err("source needs exactly one of `path` and `hub`".into()),
+        }
+        if self.source.revision.is_some() && self.source.hub.is_none() {
+            return Err("source.revision only applies to `hub`".into());
+        }
+        Ok(())
+    }
+
     /// Settings that only one kind of backbone understands must not be given to
     /// the other, where they would silently do nothing.
     fn validate_modality(&self) -> Result<(), String> {
         match self.architecture.modality() {
-            Modality::Text => {
-                let image = &self.image;
-                if image.resize_shorter.is_some()
-                    || image.crop.is_some()
-                    || image.resample.is_some()
-                    || image.mean.is_some()
-                    || image.std.is_some()
-                {
-                    return Err("`image` settings apply to image backbones only".into());
-                }
-            }
-            Modality::Image => {
-                if self.engine != Engine::Auto {
-                    return Err("`engine` applies to BERT backbones only".into());
-                }
-                if self.max_sequence_length.is_some() {
-                    return Err("max_sequence_length applies to text backbones only".into());
-                }
-                if self.pooling == PoolingConfig::Cls {
-                    return Err(
-                        "image backbones pool globally; `pooling = \"cls\"` is for text".into(),
-                    );
-                }
-                let p = self.image.preprocessing(self.architecture);
-                if !(16..=1024).contains(&p.crop) || p.resize_shorter < p.crop {
-                    return Err(format!(
-                        "image.crop must be in [16, 1024] and image.resize_shorter at least crop \
-                         (got crop {}, resize_shorter {})",
-                        p.crop, p.resize_shorter
-                    ));
-                }
-                if p.std.iter().any(|s| !(s.is_finite() && *s > 0.0))
-                    || p.mean.iter().any(|m| !m.is_finite())
-                {
-                    return Err("image.mean must be finite and image.std positive".into());
-                }
-                if self.architecture == Architecture::Vgg16
-                    && self.vgg_features == VggFeatures::Fc7
-                    && p.crop != 224
-                {
-                    return Err("VGG16 fc7 features need image.crop = 224".into());
-                }
-            }
+            Modality::Text => self.validate_text_settings()?,
+            Modality::Image => self.validate_image_settings()?,
         }
         if self.architecture != Architecture::Vgg16 && self.vgg_features != VggFeatures::default() {
             return Err("vgg_features applies to the vgg16 architecture only".into());
@@ -544,26 +575,80 @@ impl BackboneConfig {
         Ok(())
     }
 
-    pub fn batch_limits(&self) -> crate::batching::BatchLimits {
-        crate::batching::BatchLimits {
-            workers: self.workers,
-            threads_per_worker: self.threads_per_worker.or_else(|| {
-                // Several workers share the cores; one worker uses the shared pool.
-                (self.workers > 1).then(|| {
-                    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-                    (cores / self.workers).max(1)
-                })
-            }),
-            max_batch_size: self.max_batch_size,
-            max_batch_tokens: self.max_batch_tokens,
-            max_queue_delay: std::time::Duration::from_secs_f64(self.max_queue_delay_ms / 1e3),
-            max_queue_items: self.max_queue_items,
+    /// A text backbone has no `image` settings.
+    fn validate_text_settings(&self) -> Result<(), String> {
+        let image = &self.image;
+        if image.resize_shorter.is_some()
+            || image.crop.is_some()
+            || image.resample.is_some()
+            || image.mean.is_some()
+            || image.std.is_some()
+        {
+            return Err("`image` settings apply to image backbones only".into());
         }
+        Ok(())
     }
-}
 
-fn default_device() -> String {
-    "cpu".to_owned()
+    /// An image backbone has no text settings, and its preprocessing is sound.
+    fn validate_image_settings(&self) -> Result<(), String> {
+        if self.engine != Engine::Auto {
+            return Err("`engine` applies to BERT backbones only".into());
+        }
+        if self.max_sequence_length.is_some() {
+            return Err("max_sequence_length applies to text backbones only".into());
+        }
+        if self.pooling == Pooling::Cls {
+            return Err("image backbones pool globally; `pooling = \"cls\"` is for text".into());
+        }
+        let crop = self.image.crop_or_default();
+        let resize_shorter = self.image.resize_shorter_or_default();
+        if !(16..=1024).contains(&crop) || resize_shorter < crop {
+            return Err(format!(
+                "image.crop must be in [16, 1024] and image.resize_shorter at least crop \
+                 (got crop {crop}, resize_shorter {resize_shorter})"
+            ));
+        }
+        // Unset values take the architecture's defaults, which are sound.
+        let bad_std = |std: &[f32; 3]| std.iter().any(|s| !(s.is_finite() && *s > 0.0));
+        let bad_mean = |mean: &[f32; 3]| mean.iter().any(|m| !m.is_finite());
+        if self.image.std.as_ref().is_some_and(bad_std)
+            || self.image.mean.as_ref().is_some_and(bad_mean)
+        {
+            return Err("image.mean must be finite and image.std positive".into());
+        }
+        if self.architecture == Architecture::Vgg16
+            && self.vgg_features == VggFeatures::Fc7
+            && crop != 224
+        {
+            return Err("VGG16 fc7 features need image.crop = 224".into());
+        }
+        Ok(())
+    }
+
+    /// Worker, batch and queue bounds; the queue must hold a full-size request.
+    fn validate_batching(&self, limits: &LimitsConfig) -> Result<(), String> {
+        if !(1..=256).contains(&self.workers)
+            || matches!(self.threads_per_worker, Some(t) if !(1..=1024).contains(&t))
+        {
+            return Err("workers must be in [1, 256] and threads_per_worker in [1, 1024]".into());
+        }
+        if self.max_batch_size == 0 || self.max_batch_tokens == 0 {
+            return Err("max_batch_size and max_batch_tokens must be at least 1".into());
+        }
+        if !(self.max_queue_delay_ms.is_finite()
+            && (0.0..=10_000.0).contains(&self.max_queue_delay_ms))
+        {
+            return Err("max_queue_delay_ms must be in [0, 10000]".into());
+        }
+        if self.max_queue_items < limits.max_inputs_per_request {
+            return Err(format!(
+                "max_queue_items ({}) must be at least limits.max_inputs_per_request ({}), \
+                 or a full-size request could never be queued",
+                self.max_queue_items, limits.max_inputs_per_request
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn default_true() -> bool {
@@ -671,117 +756,93 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |msg: String| Err(ConfigError::Invalid(msg));
-        if !(self.server.shutdown_grace_seconds.is_finite()
-            && self.server.shutdown_grace_seconds >= 0.0)
-        {
-            return invalid("server.shutdown_grace_seconds must be a number >= 0".into());
-        }
-        if !(self.server.drain_delay_seconds.is_finite() && self.server.drain_delay_seconds >= 0.0)
-        {
-            return invalid("server.drain_delay_seconds must be a number >= 0".into());
-        }
-        if self.server.max_connections == 0 {
-            return invalid("server.max_connections must be at least 1".into());
-        }
-        let first_byte = self.server.connection_first_byte_timeout_seconds;
-        if !(first_byte.is_finite() && first_byte > 0.0 && first_byte <= 3600.0) {
-            return invalid(
-                "server.connection_first_byte_timeout_seconds must be in (0, 3600]".into(),
-            );
-        }
-        if self.server.max_concurrent_streams_per_connection == 0 {
-            return invalid(
-                "server.max_concurrent_streams_per_connection must be at least 1".into(),
-            );
-        }
-        if self.limits.max_message_bytes < 1024 {
-            return invalid("limits.max_message_bytes must be at least 1024".into());
-        }
-        if self.limits.max_inputs_per_request == 0 {
-            return invalid("limits.max_inputs_per_request must be at least 1".into());
-        }
-        if self.limits.max_text_chars == 0 {
-            return invalid("limits.max_text_chars must be at least 1".into());
-        }
-        if self.limits.max_image_bytes == 0
-            || self.limits.max_image_pixels == 0
-            || self.limits.max_image_aspect_ratio == 0
-        {
-            return invalid(
-                "limits.max_image_bytes, limits.max_image_pixels and \
-                 limits.max_image_aspect_ratio must be at least 1"
-                    .into(),
-            );
-        }
-        let heads = &self.heads;
-        if heads.max_concurrent_jobs == 0
-            || heads.max_examples_per_job < 2
-            || heads.max_labels < 2
-            || heads.max_label_chars == 0
-            || heads.max_heads == 0
-        {
-            return invalid(
-                "heads: max_concurrent_jobs, max_heads and max_label_chars must be at least 1, \
-                 max_examples_per_job and max_labels at least 2"
-                    .into(),
-            );
-        }
+        validate_server(&self.server)
+            .and_then(|()| validate_limits(&self.limits))
+            .and_then(|()| validate_heads(&self.heads))
+            .and_then(|()| self.validate_backbones())
+            .map_err(ConfigError::Invalid)
+    }
+
+    /// Each backbone on its own, and names unique among them.
+    fn validate_backbones(&self) -> Result<(), String> {
         let mut names = HashSet::new();
         for (i, backbone) in self.backbones.iter().enumerate() {
             let at = format!("backbones[{i}] ({})", backbone.name);
             if !is_valid_name(&backbone.name) {
-                return invalid(format!(
+                return Err(format!(
                     "{at}: name must be 1-64 characters of letters, digits, '-', '_' and '.'"
                 ));
             }
             if !names.insert(backbone.name.as_str()) {
-                return invalid(format!("{at}: the name is used twice"));
+                return Err(format!("{at}: the name is used twice"));
             }
-            match (&backbone.source.path, &backbone.source.hub) {
-                (Some(_), None) | (None, Some(_)) => {}
-                _ => {
-                    return invalid(format!(
-                        "{at}: source needs exactly one of `path` and `hub`"
-                    ))
-                }
-            }
-            if backbone.source.revision.is_some() && backbone.source.hub.is_none() {
-                return invalid(format!("{at}: source.revision only applies to `hub`"));
-            }
-            if matches!(backbone.max_sequence_length, Some(n) if n < 3) {
-                return invalid(format!("{at}: max_sequence_length must be at least 3"));
-            }
-            if let Err(reason) = backbone.validate_modality() {
-                return invalid(format!("{at}: {reason}"));
-            }
-            if !(1..=256).contains(&backbone.workers)
-                || matches!(backbone.threads_per_worker, Some(t) if !(1..=1024).contains(&t))
-            {
-                return invalid(format!(
-                    "{at}: workers must be in [1, 256] and threads_per_worker in [1, 1024]"
-                ));
-            }
-            if backbone.max_batch_size == 0 || backbone.max_batch_tokens == 0 {
-                return invalid(format!(
-                    "{at}: max_batch_size and max_batch_tokens must be at least 1"
-                ));
-            }
-            if !(backbone.max_queue_delay_ms.is_finite()
-                && (0.0..=10_000.0).contains(&backbone.max_queue_delay_ms))
-            {
-                return invalid(format!("{at}: max_queue_delay_ms must be in [0, 10000]"));
-            }
-            if backbone.max_queue_items < self.limits.max_inputs_per_request {
-                return invalid(format!(
-                    "{at}: max_queue_items ({}) must be at least limits.max_inputs_per_request ({}), \
-                     or a full-size request could never be queued",
-                    backbone.max_queue_items, self.limits.max_inputs_per_request
-                ));
-            }
+            backbone
+                .validate(&self.limits)
+                .map_err(|reason| format!("{at}: {reason}"))?;
         }
         Ok(())
     }
+}
+
+/// Shutdown timings are non-negative numbers; a connection may open a stream.
+fn validate_server(server: &ServerConfig) -> Result<(), String> {
+    if !(server.shutdown_grace_seconds.is_finite() && server.shutdown_grace_seconds >= 0.0) {
+        return Err("server.shutdown_grace_seconds must be a number >= 0".into());
+    }
+    if !(server.drain_delay_seconds.is_finite() && server.drain_delay_seconds >= 0.0) {
+        return Err("server.drain_delay_seconds must be a number >= 0".into());
+    }
+    if server.max_connections == 0 {
+        return Err("server.max_connections must be at least 1".into());
+    }
+    let first_byte = server.connection_first_byte_timeout_seconds;
+    if !(first_byte.is_finite() && first_byte > 0.0 && first_byte <= 3600.0) {
+        return Err("server.connection_first_byte_timeout_seconds must be in (0, 3600]".into());
+    }
+    if server.max_concurrent_streams_per_connection == 0 {
+        return Err("server.max_concurrent_streams_per_connection must be at least 1".into());
+    }
+    Ok(())
+}
+
+/// Every request limit admits at least one (small) request.
+fn validate_limits(limits: &LimitsConfig) -> Result<(), String> {
+    if limits.max_message_bytes < 1024 {
+        return Err("limits.max_message_bytes must be at least 1024".into());
+    }
+    if limits.max_inputs_per_request == 0 {
+        return Err("limits.max_inputs_per_request must be at least 1".into());
+    }
+    if limits.max_text_chars == 0 {
+        return Err("limits.max_text_chars must be at least 1".into());
+    }
+    if limits.max_image_bytes == 0
+        || limits.max_image_pixels == 0
+        || limits.max_image_aspect_ratio == 0
+    {
+        return Err("limits.max_image_bytes, limits.max_image_pixels and \
+                    limits.max_image_aspect_ratio must be at least 1"
+            .into());
+    }
+    Ok(())
+}
+
+/// The head store and jobs can hold at least one head trained on two examples
+/// of two labels.
+fn validate_heads(heads: &HeadsConfig) -> Result<(), String> {
+    if heads.max_concurrent_jobs == 0
+        || heads.max_examples_per_job < 2
+        || heads.max_labels < 2
+        || heads.max_label_chars == 0
+        || heads.max_heads == 0
+    {
+        return Err(
+            "heads: max_concurrent_jobs, max_heads and max_label_chars must be at least 1, \
+             max_examples_per_job and max_labels at least 2"
+                .into(),
+        );
+    }
+    Ok(())
 }
 
 /// Names of backbones (and later heads): safe as a path component and in metrics.
@@ -884,7 +945,7 @@ mod tests {
         );
         assert_eq!(backbone.device, "cpu");
         assert!(backbone.normalize && backbone.truncate);
-        assert_eq!(backbone.pooling, PoolingConfig::Mean);
+        assert_eq!(backbone.pooling, Pooling::Mean);
     }
 
     #[test]
@@ -940,6 +1001,36 @@ mod tests {
 
         let unknown_field = format!("{MINIMAL}\nunknown = 1\n");
         assert!(Config::from_toml(&unknown_field, Path::new("."), env(&[])).is_err());
+    }
+
+    #[test]
+    fn devices_are_parsed_with_the_config() {
+        let config = Config::from_toml(
+            MINIMAL,
+            Path::new("."),
+            env(&[("TLSERVE__BACKBONES__0__DEVICE", "cuda:1")]),
+        )
+        .unwrap();
+        assert_eq!(config.backbones[0].device, DeviceSpec::Cuda(1));
+        let gpu = MINIMAL.replace("source =", "device = \"cuda\"\nsource =");
+        let config = Config::from_toml(&gpu, Path::new("."), env(&[])).unwrap();
+        assert_eq!(config.backbones[0].device, DeviceSpec::Cuda(0));
+        assert_eq!(config.backbones[0].device.to_string(), "cuda:0");
+        assert_eq!(config.backbones[0].device, "cuda");
+
+        for bad in ["gpu", "cuda:", "cuda:x", "cuda:-1", "CPU", "metal"] {
+            let err = Config::from_toml(
+                MINIMAL,
+                Path::new("."),
+                env(&[("TLSERVE__BACKBONES__0__DEVICE", bad)]),
+            )
+            .unwrap_err();
+            assert!(matches!(err, ConfigError::Invalid(_)), "{bad}: {err}");
+            assert!(
+                err.to_string().contains(&format!("unknown device `{bad}`")),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -6,7 +6,10 @@
 //! Data flows one way: [`server`] validates protobuf requests and converts them to
 //! domain types, [`batching`] queues work per backbone and runs it on dedicated
 //! threads, [`backbone`] runs the model, and results travel back through oneshot
-//! channels. Nothing below `server` knows protobuf.
+//! channels. Nothing below `server` knows protobuf. [`head`] applies trained
+//! heads to the features; backbones and heads share the numeric building blocks
+//! of [`nn`], and every layer reads [`config`], which is plain data and imports
+//! no domain module.
 
 pub mod backbone;
 pub mod batching;
@@ -23,6 +26,7 @@ pub mod head;
 pub mod jobs;
 pub mod loadgen;
 pub mod metrics;
+pub mod nn;
 pub mod proto;
 pub mod registry;
 pub mod server;

@@ -10,7 +10,7 @@ use std::{
 
 use crate::{
     backbone::{self, image::ImageLimits, Backbone, EmbedOptions, Input, Prepared},
-    batching::{BackboneQueue, Priority},
+    batching::{BackboneQueue, BatchLimits, Priority},
     config::BackboneConfig,
     metrics, Error, Result,
 };
@@ -181,8 +181,9 @@ impl BackboneRegistry {
         let started = Instant::now();
         let backbone = backbone::load(config, self.cache_dir.as_deref(), self.image_limits)?;
         let elapsed = started.elapsed();
-        let queue = BackboneQueue::start(Arc::clone(&backbone), config.batch_limits())
-            .map_err(|err| Error::ModelLoad(format!("cannot start worker thread: {err}")))?;
+        let queue =
+            BackboneQueue::start(Arc::clone(&backbone), BatchLimits::from_config(config))
+                .map_err(|err| Error::ModelLoad(format!("cannot start worker thread: {err}")))?;
         let descriptor = backbone.descriptor();
         metrics::record_backbone_loaded(
             metrics::BackboneLabels {

@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use tlserve::{
-    backbone::{EmbedItem, EmbedOptions, Input, Pooling, Prepared},
+    backbone::{image::ImageLimits, EmbedItem, EmbedOptions, Input, Pooling, Prepared},
     config::Config,
     proto::{self, predictor_client::PredictorClient},
 };
@@ -38,9 +38,12 @@ fn as_f64s(value: &serde_json::Value) -> Vec<Vec<f64>> {
 #[test]
 fn lite0_matches_the_numpy_reference_on_real_photos() {
     let config = lite0_config();
-    let backbone =
-        tlserve::backbone::load(&config.backbones[0], None, config.limits.image_limits())
-            .expect("load EfficientNet-Lite0");
+    let backbone = tlserve::backbone::load(
+        &config.backbones[0],
+        None,
+        ImageLimits::from_config(&config.limits),
+    )
+    .expect("load EfficientNet-Lite0");
     let paths: Vec<_> = PHOTOS.iter().map(|(name, _)| test_image(name)).collect();
     let reference = run_reference(
         "efficientnet_lite_reference.py",

@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use super::bert_native::NativeBert;
 use super::{
-    parse_device,
+    candle_device,
     source::{self, ModelFiles},
     text::TextEncoder,
     Backbone, BackboneDescriptor, EmbedItem, EmbedOptions, Input, Modality, Pooling, Prepared,
@@ -43,7 +43,7 @@ struct SentenceConfig {
 
 impl BertBackbone {
     pub fn load(config: &BackboneConfig, files: &ModelFiles) -> Result<Self> {
-        let device = parse_device(&config.device)?;
+        let device = candle_device(config.device)?;
         let text_files = files.text.as_ref().ok_or_else(|| {
             Error::ModelLoad("a BERT backbone needs config.json and tokenizer.json".into())
         })?;
@@ -85,12 +85,12 @@ impl BertBackbone {
             architecture: config.architecture,
             modality: Modality::Text,
             dimension: model_config.hidden_size,
-            device: config.device.clone(),
+            device: config.device.to_string(),
             dtype: "f32".to_owned(),
             max_sequence_length: max_len,
             image_size: 0,
             default_options: EmbedOptions {
-                pooling: config.pooling.into(),
+                pooling: config.pooling,
                 normalize: config.normalize,
             },
             default_truncate: config.truncate,

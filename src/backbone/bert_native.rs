@@ -15,6 +15,9 @@
 //! - Matrix products go to the `gemm` crate (the kernels candle itself uses)
 //!   on candle's thread pool; attention is parallel over (text, head) pairs.
 //!
+//! The dense layer, layer norm, softmax and GELU kernels are the shared ones of
+//! [`crate::nn`].
+//!
 //! Weights follow Hugging Face's BERT names (`embeddings.word_embeddings`,
 //! `encoder.layer.N.attention.self.query`, ...), the same file the candle path
 //! loads.
@@ -24,130 +27,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::Config as BertConfig;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-/// A dense layer: `y = x W^T + b` with PyTorch's `[out, in]` weight, row-major.
-struct Dense {
-    weight: Vec<f32>,
-    bias: Vec<f32>,
-    inputs: usize,
-    outputs: usize,
-}
-
-impl Dense {
-    fn load(vb: &VarBuilder, inputs: usize, outputs: usize) -> candle_core::Result<Self> {
-        Ok(Self {
-            weight: flat(vb.get((outputs, inputs), "weight")?)?,
-            bias: flat(vb.get(outputs, "bias")?)?,
-            inputs,
-            outputs,
-        })
-    }
-
-    /// Stacks layers with the same input along the output dimension: one
-    /// product computes all of them.
-    fn concat(parts: Vec<Dense>) -> Self {
-        let inputs = parts[0].inputs;
-        let outputs = parts.iter().map(|p| p.outputs).sum();
-        let mut weight = Vec::with_capacity(inputs * outputs);
-        let mut bias = Vec::with_capacity(outputs);
-        for part in parts {
-            debug_assert_eq!(part.inputs, inputs);
-            weight.extend(part.weight);
-            bias.extend(part.bias);
-        }
-        Self {
-            weight,
-            bias,
-            inputs,
-            outputs,
-        }
-    }
-
-    /// `x`: `[tokens, inputs]`; returns `[tokens, outputs]`.
-    fn forward(&self, x: &[f32], threads: usize) -> Vec<f32> {
-        let tokens = x.len() / self.inputs;
-        let mut out = Vec::with_capacity(tokens * self.outputs);
-        for _ in 0..tokens {
-            out.extend_from_slice(&self.bias);
-        }
-        // SAFETY: the pointers cover exactly the matrices described by the
-        // sizes and strides: `x` is [tokens, inputs] row-major, the weight
-        // [outputs, inputs] row-major read as its transpose [inputs, outputs]
-        // (row stride 1, column stride `inputs`), `out` [tokens, outputs].
-        unsafe {
-            gemm::gemm(
-                tokens,
-                self.outputs,
-                self.inputs,
-                out.as_mut_ptr(),
-                1,
-                self.outputs as isize,
-                true,
-                x.as_ptr(),
-                1,
-                self.inputs as isize,
-                self.weight.as_ptr(),
-                self.inputs as isize,
-                1,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                parallelism(threads),
-            );
-        }
-        out
-    }
-}
-
-fn parallelism(threads: usize) -> Parallelism {
-    if threads > 1 {
-        Parallelism::Rayon(threads)
-    } else {
-        Parallelism::None
-    }
-}
-
-struct LayerNorm {
-    gamma: Vec<f32>,
-    beta: Vec<f32>,
-    eps: f32,
-}
-
-impl LayerNorm {
-    fn load(vb: &VarBuilder, size: usize, eps: f64) -> candle_core::Result<Self> {
-        Ok(Self {
-            gamma: flat(vb.get(size, "weight")?)?,
-            beta: flat(vb.get(size, "bias")?)?,
-            eps: eps as f32,
-        })
-    }
-
-    /// `row = norm(row + residual)`, in place; statistics in f64 as the rows
-    /// are short and this keeps the result independent of summation order.
-    fn apply(&self, row: &mut [f32], residual: Option<&[f32]>) {
-        if let Some(residual) = residual {
-            row.iter_mut().zip(residual).for_each(|(x, r)| *x += r);
-        }
-        let n = row.len() as f64;
-        let mean = row.iter().map(|&x| f64::from(x)).sum::<f64>() / n;
-        let var = row
-            .iter()
-            .map(|&x| (f64::from(x) - mean).powi(2))
-            .sum::<f64>()
-            / n;
-        let inv = 1.0 / (var + f64::from(self.eps)).sqrt();
-        for ((x, g), b) in row.iter_mut().zip(&self.gamma).zip(&self.beta) {
-            *x = ((f64::from(*x) - mean) * inv) as f32 * g + b;
-        }
-    }
-}
+use crate::nn::{flat, gelu_in_place, softmax_in_place, Dense, LayerNorm};
 
 struct Layer {
     /// Query, key and value stacked: `[3h, h]`.
@@ -169,10 +54,6 @@ pub struct NativeBert {
     token_type: Vec<f32>,
     embedding_norm: LayerNorm,
     layers: Vec<Layer>,
-}
-
-fn flat(tensor: Tensor) -> candle_core::Result<Vec<f32>> {
-    tensor.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
 }
 
 /// Where the time of forward passes went, by kind of work; collected only
@@ -474,131 +355,5 @@ impl NativeBert {
             }
         });
         context
-    }
-}
-
-fn softmax_in_place(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for v in row.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    row.iter_mut().for_each(|v| *v *= inv);
-}
-
-/// GELU with the error function, as BERT's `gelu` activation (not the tanh
-/// approximation): `x * (1 + erf(x / sqrt(2))) / 2`.
-#[inline(always)]
-fn gelu(x: f32) -> f32 {
-    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
-}
-
-/// erf as a rational function, accurate to a few float32 ulps: the
-/// approximation Eigen and XLA use for float. Unlike a libm call it is plain
-/// arithmetic without branches, so loops over it vectorize. Beyond |x| = 4,
-/// erf(x) is +-1 in float32.
-#[inline(always)]
-fn erf(x: f32) -> f32 {
-    let x = x.clamp(-4.0, 4.0);
-    let x2 = x * x;
-    let mut p = x2 * -2.726_142_3e-10 + 2.770_681_4e-8;
-    p = x2 * p + -2.101_024e-6;
-    p = x2 * p + -5.692_506_4e-5;
-    p = x2 * p + -7.349_906_3e-4;
-    p = x2 * p + -2.954_6e-3;
-    p = x2 * p + -1.609_603_3e-2;
-    p *= x;
-    let mut q = x2 * -1.456_607_2e-5 + -2.133_740_6e-4;
-    q = x2 * q + -1.682_827e-3;
-    q = x2 * q + -7.373_329e-3;
-    q = x2 * q + -1.426_474e-2;
-    p / q
-}
-
-/// GELU over a slice; with AVX2 and FMA where the CPU has them (the default
-/// x86-64 target only assumes SSE2, so the compiler needs the hint).
-fn gelu_in_place(values: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports the features the function is compiled for.
-        unsafe { gelu_avx2(values) };
-        return;
-    }
-    values.iter_mut().for_each(|v| *v = gelu(*v));
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn gelu_avx2(values: &mut [f32]) {
-    values.iter_mut().for_each(|v| *v = gelu(*v));
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn softmax_sums_to_one_and_keeps_order() {
-        let mut row = vec![1.0, 3.0, 2.0, -1e9];
-        softmax_in_place(&mut row);
-        assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
-        assert!(row[1] > row[2] && row[2] > row[0] && row[3] == 0.0);
-    }
-
-    #[test]
-    fn gelu_matches_known_values() {
-        // GELU(x) = x * Phi(x): Phi(1) = 0.841345, Phi(-1) = 0.158655.
-        assert!((gelu(1.0) - 0.841_345).abs() < 1e-6);
-        assert!((gelu(-1.0) + 0.158_655).abs() < 1e-6);
-        assert_eq!(gelu(0.0), 0.0);
-    }
-
-    /// Against candle's erf (a float64 evaluation) on a fine grid, and the
-    /// slice version (vectorized) against the scalar one.
-    #[test]
-    fn erf_approximation_is_accurate() {
-        let mut worst = 0f32;
-        let grid: Vec<f32> = (-8000..=8000).map(|i| i as f32 * 1e-3).collect();
-        for &x in &grid {
-            let exact = candle_core::cpu::erf::erf_f64(f64::from(x)) as f32;
-            worst = worst.max((erf(x) - exact).abs());
-        }
-        // A few float32 ulps (3.6e-7 measured; the ulp below 1 is 6e-8).
-        assert!(worst < 5e-7, "largest error {worst}");
-        let mut values = grid.clone();
-        gelu_in_place(&mut values);
-        for (x, v) in grid.iter().zip(&values) {
-            assert!((gelu(*x) - v).abs() <= 1e-6 * v.abs().max(1.0));
-        }
-    }
-
-    #[test]
-    fn dense_matches_a_plain_loop() {
-        let (inputs, outputs, tokens) = (5, 3, 4);
-        let dense = Dense {
-            weight: (0..inputs * outputs)
-                .map(|i| (i as f32 * 0.37).sin())
-                .collect(),
-            bias: vec![0.5, -0.25, 1.0],
-            inputs,
-            outputs,
-        };
-        let x: Vec<f32> = (0..tokens * inputs)
-            .map(|i| (i as f32 * 0.11).cos())
-            .collect();
-        for threads in [1, 2] {
-            let y = dense.forward(&x, threads);
-            for t in 0..tokens {
-                for o in 0..outputs {
-                    let expected = dense.bias[o]
-                        + (0..inputs)
-                            .map(|i| x[t * inputs + i] * dense.weight[o * inputs + i])
-                            .sum::<f32>();
-                    assert!((y[t * outputs + o] - expected).abs() < 1e-5);
-                }
-            }
-        }
     }
 }

@@ -8,7 +8,9 @@ use std::io::Cursor;
 
 use image::{imageops::FilterType, DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage};
 
-use crate::{Error, Result};
+use crate::{config::LimitsConfig, Error, Result};
+
+pub use crate::config::Resample;
 
 /// Bounds on what a client may send as an image.
 #[derive(Debug, Clone, Copy)]
@@ -27,11 +29,15 @@ pub struct ImageLimits {
 /// that no image can make the resize allocate more than ~50 MB.
 pub const MAX_RESIZED_PIXELS: u64 = 1 << 24;
 
-/// Resampling used when resizing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Resample {
-    Bilinear,
-    Bicubic,
+impl ImageLimits {
+    /// The image limits of the request limits in the config.
+    pub fn from_config(limits: &LimitsConfig) -> Self {
+        Self {
+            max_encoded_bytes: limits.max_image_bytes,
+            max_pixels: limits.max_image_pixels,
+            max_aspect_ratio: limits.max_image_aspect_ratio,
+        }
+    }
 }
 
 /// How a backbone wants its pixels.

@@ -13,6 +13,8 @@ use candle_core::{DType, Device, Storage, Tensor, D};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
+use crate::nn::{self, Dense};
+
 /// How a convolution pads its input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Padding {
@@ -45,7 +47,7 @@ impl Activation {
     fn apply_scalar(self, x: f32) -> f32 {
         match self {
             Activation::None => x,
-            Activation::Relu => x.max(0.0),
+            Activation::Relu => nn::relu(x),
             Activation::Relu6 => x.clamp(0.0, 6.0),
             Activation::Swish => x / (1.0 + (-x).exp()),
         }
@@ -255,9 +257,9 @@ impl Linear {
     }
 
     /// The weights as plain numbers (`[out, in]` row-major) and the bias.
-    pub fn to_dense(&self) -> candle_core::Result<crate::head::model::Dense> {
+    pub fn to_dense(&self) -> candle_core::Result<Dense> {
         let (inputs, outputs) = self.weight_t.dims2()?;
-        Ok(crate::head::model::Dense {
+        Ok(Dense {
             weight: self.weight_t.t()?.flatten_all()?.to_vec1()?,
             bias: self.bias.to_vec1()?,
             inputs,

@@ -23,36 +23,13 @@ use std::sync::Arc;
 use candle_core::Device;
 
 use crate::{
-    config::{Architecture, BackboneConfig, PoolingConfig},
+    config::{Architecture, BackboneConfig, DeviceSpec},
+    nn::{self, Dense},
     Error, Result,
 };
 
+pub use crate::config::{Modality, Pooling};
 pub use text::TokenizedText;
-
-/// The kind of input a backbone accepts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Modality {
-    Text,
-    Image,
-}
-
-/// How the token vectors of a text become one vector.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pooling {
-    /// Mean of the token vectors, padding excluded.
-    Mean,
-    /// The first ([CLS]) token's vector.
-    Cls,
-}
-
-impl From<PoolingConfig> for Pooling {
-    fn from(value: PoolingConfig) -> Self {
-        match value {
-            PoolingConfig::Mean => Pooling::Mean,
-            PoolingConfig::Cls => Pooling::Cls,
-        }
-    }
-}
 
 /// Per-request choices applied after the forward pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,9 +90,22 @@ impl Prepared {
 pub struct BuiltinClassifier {
     pub name: String,
     pub labels: Vec<String>,
-    pub weights: crate::head::model::HeadWeights,
+    /// One linear layer; its softmax gives the class probabilities.
+    pub weights: Dense,
     /// The features it takes.
     pub options: EmbedOptions,
+}
+
+impl BuiltinClassifier {
+    /// Length of the feature vectors it takes.
+    pub fn input_dim(&self) -> usize {
+        self.weights.inputs
+    }
+
+    /// Class probabilities (softmax) of one feature vector.
+    pub fn probabilities(&self, features: &[f32]) -> Vec<f32> {
+        nn::softmax(&self.weights.apply(features))
+    }
 }
 
 /// One item of a forward pass with the options of the request it came from.
@@ -185,24 +175,16 @@ pub(crate) fn on_thread_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
     }
 }
 
-/// Parses a device name from the configuration.
-pub fn parse_device(name: &str) -> Result<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        _ => {
-            let ordinal = name
-                .strip_prefix("cuda:")
-                .or_else(|| (name == "cuda").then_some("0"))
-                .and_then(|n| n.parse::<usize>().ok())
-                .ok_or_else(|| {
-                    Error::ModelLoad(format!("unknown device `{name}` (use `cpu` or `cuda:N`)"))
-                })?;
-            Device::new_cuda(ordinal).map_err(|err| {
-                Error::ModelLoad(format!(
-                    "device `{name}` is not available ({err}); CUDA needs a build with the `cuda` feature"
-                ))
-            })
-        }
+/// The candle device a configured device names; fails when it is not there
+/// (CUDA in a build without the `cuda` feature, or no such GPU).
+pub fn candle_device(spec: DeviceSpec) -> Result<Device> {
+    match spec {
+        DeviceSpec::Cpu => Ok(Device::Cpu),
+        DeviceSpec::Cuda(ordinal) => Device::new_cuda(ordinal).map_err(|err| {
+            Error::ModelLoad(format!(
+                "device `{spec}` is not available ({err}); CUDA needs a build with the `cuda` feature"
+            ))
+        }),
     }
 }
 

@@ -12,10 +12,11 @@ use candle_nn::VarBuilder;
 
 use super::{
     bert::l2_normalize,
+    candle_device,
     efficientnet::{EfficientNet, Variant},
+    image::Resample,
     image::{self, ImageLimits, Preprocessing},
     layers::Linear,
-    parse_device,
     resnet::ResNet50,
     source::{self, ModelFiles},
     vgg::Vgg16,
@@ -23,7 +24,7 @@ use super::{
     Pooling, Prepared,
 };
 use crate::{
-    config::{Architecture, BackboneConfig},
+    config::{Architecture, BackboneConfig, ImageConfig},
     Error, Result,
 };
 
@@ -51,7 +52,7 @@ pub struct VisionBackbone {
 
 impl VisionBackbone {
     pub fn load(config: &BackboneConfig, files: &ModelFiles, limits: ImageLimits) -> Result<Self> {
-        let device = parse_device(&config.device)?;
+        let device = candle_device(config.device)?;
         // SAFETY: as for the text backbones, the weights file is memory-mapped and
         // must not change while the server runs (model folders are replaced whole).
         let vars =
@@ -70,13 +71,13 @@ impl VisionBackbone {
             Some(linear) => imagenet_classifier(config, linear)?,
             None => None,
         };
-        let preprocessing = config.image.preprocessing(config.architecture);
+        let preprocessing = preprocessing(config.architecture, &config.image);
         let descriptor = BackboneDescriptor {
             name: config.name.clone(),
             architecture: config.architecture,
             modality: Modality::Image,
             dimension: network.dimension(),
-            device: config.device.clone(),
+            device: config.device.to_string(),
             dtype: "f32".to_owned(),
             max_sequence_length: 0,
             image_size: preprocessing.crop as usize,
@@ -116,6 +117,34 @@ fn build(
     })
 }
 
+/// torchvision's ImageNet normalization.
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+/// torchvision's ImageNet normalization.
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// The preprocessing of an image backbone: the configured values, and where
+/// unset those its architecture's pretrained weights were evaluated with.
+pub fn preprocessing(architecture: Architecture, image: &ImageConfig) -> Preprocessing {
+    // EfficientNet-Lite was trained in TensorFlow on (x - 127) / 128 over
+    // 0..255; EfficientNet and the torchvision models on ImageNet statistics.
+    // All evaluate on the central 87.5% (224 of 256, `ImageConfig`'s defaults);
+    // the EfficientNets resize bicubically, torchvision bilinearly.
+    let (resample, mean, std) = match architecture {
+        Architecture::EfficientNetLite0 => {
+            (Resample::Bicubic, [127.0 / 255.0; 3], [128.0 / 255.0; 3])
+        }
+        Architecture::EfficientNetB0 => (Resample::Bicubic, IMAGENET_MEAN, IMAGENET_STD),
+        _ => (Resample::Bilinear, IMAGENET_MEAN, IMAGENET_STD),
+    };
+    Preprocessing {
+        resize_shorter: image.resize_shorter_or_default(),
+        crop: image.crop_or_default(),
+        resample: image.resample.unwrap_or(resample),
+        mean: image.mean.unwrap_or(mean),
+        std: image.std.unwrap_or(std),
+    }
+}
+
 /// The pretrained 1000-class classifier as the built-in head `<backbone>/imagenet`;
 /// a classifier with another number of classes has no names to go with it.
 fn imagenet_classifier(
@@ -132,7 +161,7 @@ fn imagenet_classifier(
     Ok(Some(Arc::new(BuiltinClassifier {
         name: "imagenet".to_owned(),
         labels,
-        weights: crate::head::model::HeadWeights::Linear { output: dense },
+        weights: dense,
         options: EmbedOptions {
             pooling: Pooling::Mean,
             normalize: false,
@@ -385,6 +414,37 @@ mod tests {
         }
         // Different images give different features.
         assert_ne!(batch[0], batch[1]);
+    }
+
+    /// The config checks only the values it is given: every architecture's
+    /// defaults must pass the same checks.
+    #[test]
+    fn architecture_defaults_are_sound() {
+        for architecture in [
+            Architecture::EfficientNetLite0,
+            Architecture::EfficientNetB0,
+            Architecture::Resnet50,
+            Architecture::Vgg16,
+        ] {
+            let p = preprocessing(architecture, &ImageConfig::default());
+            assert_eq!((p.resize_shorter, p.crop), (256, 224), "{architecture:?}");
+            assert!(p.mean.iter().all(|m| m.is_finite()), "{architecture:?}");
+            assert!(
+                p.std.iter().all(|s| s.is_finite() && *s > 0.0),
+                "{architecture:?}"
+            );
+        }
+        let lite0 = preprocessing(Architecture::EfficientNetLite0, &ImageConfig::default());
+        assert_eq!(lite0.resample, Resample::Bicubic);
+        assert_eq!(lite0.mean, [127.0 / 255.0; 3]);
+        let configured = ImageConfig {
+            resample: Some(Resample::Bicubic),
+            crop: Some(200),
+            ..ImageConfig::default()
+        };
+        let resnet = preprocessing(Architecture::Resnet50, &configured);
+        assert_eq!((resnet.resample, resnet.crop), (Resample::Bicubic, 200));
+        assert_eq!(resnet.std, IMAGENET_STD);
     }
 
     #[test]

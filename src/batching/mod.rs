@@ -26,6 +26,7 @@ use tokio::sync::oneshot;
 
 use crate::{
     backbone::{Backbone, EmbedOptions, Prepared},
+    config::BackboneConfig,
     metrics, Error, Result,
 };
 
@@ -51,6 +52,26 @@ pub struct BatchLimits {
     pub max_batch_tokens: usize,
     pub max_queue_delay: Duration,
     pub max_queue_items: usize,
+}
+
+impl BatchLimits {
+    /// The limits a backbone's config sets; unset threads per worker divide the
+    /// cores among several workers (one worker uses the shared pool).
+    pub fn from_config(config: &BackboneConfig) -> Self {
+        Self {
+            workers: config.workers,
+            threads_per_worker: config.threads_per_worker.or_else(|| {
+                (config.workers > 1).then(|| {
+                    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                    (cores / config.workers).max(1)
+                })
+            }),
+            max_batch_size: config.max_batch_size,
+            max_batch_tokens: config.max_batch_tokens,
+            max_queue_delay: Duration::from_secs_f64(config.max_queue_delay_ms / 1e3),
+            max_queue_items: config.max_queue_items,
+        }
+    }
 }
 
 /// Shared by every item of one request; answers the caller once.

@@ -13,6 +13,7 @@ use crate::{
         store::{HeadStore, StoredHead},
         HeadRef,
     },
+    nn::Dense,
     registry::{BackboneRegistry, LoadedBackbone},
     task::run_blocking,
     Error, Result,
@@ -82,7 +83,9 @@ impl Predictor {
             None => self.stored(&request.head).await?,
         };
         check_request_inputs(&request.inputs, &self.limits)?;
-        let work = head_work(head.weights(), request.inputs.len());
+        let work = head
+            .multiply_adds()
+            .saturating_mul(request.inputs.len() as u64);
         if work > self.limits.max_head_multiply_adds {
             return Err(Error::LimitExceeded(format!(
                 "applying head {} to {} inputs takes {work} multiply-adds; a request may \
@@ -173,15 +176,9 @@ impl Predictor {
     }
 }
 
-/// Multiply-adds of applying `weights` to `inputs` feature vectors.
-fn head_work(weights: &HeadWeights, inputs: usize) -> u64 {
-    let per_input = match weights {
-        HeadWeights::Linear { output } => output.inputs * output.outputs,
-        HeadWeights::Mlp { hidden, output } => {
-            hidden.inputs * hidden.outputs + output.inputs * output.outputs
-        }
-    };
-    (per_input as u64).saturating_mul(inputs as u64)
+/// Multiply-adds of one feature vector through a dense layer.
+fn dense_work(layer: &Dense) -> u64 {
+    (layer.inputs as u64).saturating_mul(layer.outputs as u64)
 }
 
 /// A head Predict can apply: trained and stored, or built into a backbone.
@@ -227,17 +224,38 @@ impl Head {
         }
     }
 
-    fn weights(&self) -> &HeadWeights {
+    /// Length of the feature vectors the head takes.
+    fn input_dim(&self) -> usize {
         match self {
-            Head::Stored(head) => &head.weights,
-            Head::Builtin { classifier, .. } => &classifier.weights,
+            Head::Stored(head) => head.weights.input_dim(),
+            Head::Builtin { classifier, .. } => classifier.input_dim(),
+        }
+    }
+
+    /// Class probabilities of one feature vector.
+    fn probabilities(&self, features: &[f32]) -> Vec<f32> {
+        match self {
+            Head::Stored(head) => head.weights.probabilities(features),
+            Head::Builtin { classifier, .. } => classifier.probabilities(features),
+        }
+    }
+
+    /// Multiply-adds of applying the head to one feature vector.
+    fn multiply_adds(&self) -> u64 {
+        match self {
+            Head::Stored(head) => match &head.weights {
+                HeadWeights::Linear { output } => dense_work(output),
+                HeadWeights::Mlp { hidden, output } => {
+                    dense_work(hidden).saturating_add(dense_work(output))
+                }
+            },
+            Head::Builtin { classifier, .. } => dense_work(&classifier.weights),
         }
     }
 
     /// The `top_k` most probable labels (0: all) of each feature vector.
     fn apply(&self, vectors: &[Vec<f32>], top_k: usize) -> Result<Vec<Vec<LabelScore>>> {
         let labels = self.labels();
-        let weights = self.weights();
         let top_k = match top_k {
             0 => labels.len(),
             k => k.min(labels.len()),
@@ -245,15 +263,15 @@ impl Head {
         vectors
             .iter()
             .map(|vector| {
-                if vector.len() != weights.input_dim() {
+                if vector.len() != self.input_dim() {
                     return Err(Error::FailedPrecondition(format!(
                         "head {} takes {}-long features; the backbone gives {}",
                         self.name(),
-                        weights.input_dim(),
+                        self.input_dim(),
                         vector.len()
                     )));
                 }
-                let probabilities = weights.probabilities(vector);
+                let probabilities = self.probabilities(vector);
                 let mut order: Vec<usize> = (0..probabilities.len()).collect();
                 order.sort_by(|&a, &b| probabilities[b].total_cmp(&probabilities[a]));
                 Ok(order

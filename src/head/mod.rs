@@ -1,8 +1,8 @@
 //! Heads: small task models trained on a backbone's features, stored on disk and
 //! served next to the backbone. Many heads share one resident backbone.
 //!
-//! `model` holds the weights and the inference math, `train` the training loop,
-//! `store` the crash-safe on-disk store.
+//! `model` holds the weights and applies them (with the building blocks of
+//! [`crate::nn`]), `train` the training loop, `store` the crash-safe on-disk store.
 
 pub mod model;
 pub mod store;

@@ -1,65 +1,53 @@
 //! Head weights and inference. Heads are tiny (a few hundred thousand numbers at
-//! most), so Predict applies them with plain loops on the request path; training
-//! uses candle (see `train`). Tensor names follow PyTorch (`[out, in]` weights).
+//! most), so Predict applies them with plain loops on the request path (the
+//! layers and softmax of [`crate::nn`]); training uses candle (see `train`).
+//! Tensor names follow PyTorch (`[out, in]` weights).
 
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
 
 use super::HeadKind;
-use crate::{Error, Result};
+use crate::{
+    nn::{relu, softmax, Dense},
+    Error, Result,
+};
 
-/// A dense layer: `weight` is `[outputs, inputs]`, row-major.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Dense {
-    pub weight: Vec<f32>,
-    pub bias: Vec<f32>,
-    pub inputs: usize,
-    pub outputs: usize,
+/// Stores a dense layer as `{prefix}.weight` (`[outputs, inputs]`) and
+/// `{prefix}.bias`.
+fn dense_to_tensors(dense: &Dense, prefix: &str, out: &mut HashMap<String, Tensor>) -> Result<()> {
+    out.insert(
+        format!("{prefix}.weight"),
+        Tensor::from_slice(&dense.weight, (dense.outputs, dense.inputs), &Device::Cpu)?,
+    );
+    out.insert(
+        format!("{prefix}.bias"),
+        Tensor::from_slice(&dense.bias, dense.outputs, &Device::Cpu)?,
+    );
+    Ok(())
 }
 
-impl Dense {
-    fn apply(&self, x: &[f32]) -> Vec<f32> {
-        self.weight
-            .chunks_exact(self.inputs)
-            .zip(&self.bias)
-            .map(|(row, b)| row.iter().zip(x).map(|(w, v)| w * v).sum::<f32>() + b)
-            .collect()
+/// Reads a dense layer stored by [`dense_to_tensors`].
+fn dense_from_tensors(prefix: &str, tensors: &HashMap<String, Tensor>) -> Result<Dense> {
+    let get = |name: String| {
+        tensors
+            .get(&name)
+            .ok_or_else(|| Error::Storage(format!("head weights lack `{name}`")))
+    };
+    let weight = get(format!("{prefix}.weight"))?;
+    let (outputs, inputs) = weight.dims2()?;
+    let bias = get(format!("{prefix}.bias"))?;
+    if bias.dims1()? != outputs {
+        return Err(Error::Storage(format!(
+            "`{prefix}.bias` has the wrong length"
+        )));
     }
-
-    fn to_tensors(&self, prefix: &str, out: &mut HashMap<String, Tensor>) -> Result<()> {
-        out.insert(
-            format!("{prefix}.weight"),
-            Tensor::from_slice(&self.weight, (self.outputs, self.inputs), &Device::Cpu)?,
-        );
-        out.insert(
-            format!("{prefix}.bias"),
-            Tensor::from_slice(&self.bias, self.outputs, &Device::Cpu)?,
-        );
-        Ok(())
-    }
-
-    fn from_tensors(prefix: &str, tensors: &HashMap<String, Tensor>) -> Result<Self> {
-        let get = |name: String| {
-            tensors
-                .get(&name)
-                .ok_or_else(|| Error::Storage(format!("head weights lack `{name}`")))
-        };
-        let weight = get(format!("{prefix}.weight"))?;
-        let (outputs, inputs) = weight.dims2()?;
-        let bias = get(format!("{prefix}.bias"))?;
-        if bias.dims1()? != outputs {
-            return Err(Error::Storage(format!(
-                "`{prefix}.bias` has the wrong length"
-            )));
-        }
-        Ok(Self {
-            weight: weight.flatten_all()?.to_vec1()?,
-            bias: bias.to_vec1()?,
-            inputs,
-            outputs,
-        })
-    }
+    Ok(Dense {
+        weight: weight.flatten_all()?.to_vec1()?,
+        bias: bias.to_vec1()?,
+        inputs,
+        outputs,
+    })
 }
 
 /// A trained head, ready to classify feature vectors.
@@ -88,11 +76,7 @@ impl HeadWeights {
         let logits = match self {
             HeadWeights::Linear { output } => output.apply(features),
             HeadWeights::Mlp { hidden, output } => {
-                let h: Vec<f32> = hidden
-                    .apply(features)
-                    .into_iter()
-                    .map(|v| v.max(0.0))
-                    .collect();
+                let h: Vec<f32> = hidden.apply(features).into_iter().map(relu).collect();
                 output.apply(&h)
             }
         };
@@ -102,21 +86,21 @@ impl HeadWeights {
     pub fn to_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         match self {
-            HeadWeights::Linear { output } => output.to_tensors("output", &mut out)?,
+            HeadWeights::Linear { output } => dense_to_tensors(output, "output", &mut out)?,
             HeadWeights::Mlp { hidden, output } => {
-                hidden.to_tensors("hidden", &mut out)?;
-                output.to_tensors("output", &mut out)?;
+                dense_to_tensors(hidden, "hidden", &mut out)?;
+                dense_to_tensors(output, "output", &mut out)?;
             }
         }
         Ok(out)
     }
 
     pub fn from_tensors(kind: &HeadKind, tensors: &HashMap<String, Tensor>) -> Result<Self> {
-        let output = Dense::from_tensors("output", tensors)?;
+        let output = dense_from_tensors("output", tensors)?;
         match kind {
             HeadKind::Linear => Ok(HeadWeights::Linear { output }),
             HeadKind::Mlp { .. } => {
-                let hidden = Dense::from_tensors("hidden", tensors)?;
+                let hidden = dense_from_tensors("hidden", tensors)?;
                 if hidden.outputs != output.inputs {
                     return Err(Error::Storage(
                         "hidden and output layers do not fit together".into(),
@@ -126,14 +110,6 @@ impl HeadWeights {
             }
         }
     }
-}
-
-/// Numerically stable softmax.
-pub fn softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let exps: Vec<f32> = logits.iter().map(|v| (v - max).exp()).collect();
-    let sum: f32 = exps.iter().sum();
-    exps.into_iter().map(|e| e / sum).collect()
 }
 
 #[cfg(test)]
@@ -190,11 +166,5 @@ mod tests {
         let back = HeadWeights::from_tensors(&kind, &head.to_tensors().unwrap()).unwrap();
         assert_eq!(back, head);
         assert_eq!((back.input_dim(), back.classes()), (2, 3));
-    }
-
-    #[test]
-    fn softmax_survives_large_logits() {
-        let p = softmax(&[1000.0, 1000.0]);
-        assert_eq!(p, vec![0.5, 0.5]);
     }
 }

@@ -506,8 +506,9 @@ fn read_version(dir: &Path, name: &str, version: u32) -> Result<StoredHead> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::head::{
-        model::Dense, FeatureSettings, HeadKind, HeadMetrics, PoolingName, TrainingParams,
+    use crate::{
+        head::{FeatureSettings, HeadKind, HeadMetrics, PoolingName, TrainingParams},
+        nn::Dense,
     };
 
     fn head(name: &str) -> (HeadMetadata, HeadWeights) {

@@ -8,11 +8,8 @@ use tokio_util::sync::CancellationToken;
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{Optimizer, ParamsAdamW};
 
-use super::{
-    model::{Dense, HeadWeights},
-    HeadKind, HeadMetrics, TrainingParams,
-};
-use crate::{Error, Result};
+use super::{model::HeadWeights, HeadKind, HeadMetrics, TrainingParams};
+use crate::{nn::Dense, Error, Result};
 
 /// Labelled feature vectors.
 pub struct TrainingSet {

@@ -20,6 +20,7 @@ use tonic_health::{server::HealthReporter, ServingStatus};
 use tonic_reflection::server::{v1, v1alpha};
 
 use crate::{
+    backbone::image::ImageLimits,
     config::Config,
     core,
     datasets::DatasetStore,
@@ -125,7 +126,7 @@ impl Domain {
         let registry = Arc::new(BackboneRegistry::new(
             &config.backbones,
             config.server.model_cache_dir.clone(),
-            config.limits.image_limits(),
+            ImageLimits::from_config(&config.limits),
         ));
         let store = Arc::new(
             HeadStore::open(&config.heads.store_dir, config.heads.max_heads)

@@ -118,8 +118,8 @@ pub fn backbone_info(status: BackboneStatus) -> proto::BackboneInfo {
     let mut info = proto::BackboneInfo {
         name: config.name.clone(),
         architecture: config.architecture.as_str().to_owned(),
-        device: config.device.clone(),
-        default_pooling: convert::pooling(config.pooling.into()) as i32,
+        device: config.device.to_string(),
+        default_pooling: convert::pooling(config.pooling) as i32,
         default_normalize: config.normalize,
         ..Default::default()
     };

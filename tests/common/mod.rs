@@ -344,8 +344,12 @@ pub fn load_minilm_on(engine: &str) -> std::sync::Arc<dyn tlserve::backbone::Bac
         std::iter::empty(),
     )
     .expect("config");
-    tlserve::backbone::load(&config.backbones[0], None, config.limits.image_limits())
-        .expect("load MiniLM")
+    tlserve::backbone::load(
+        &config.backbones[0],
+        None,
+        tlserve::backbone::image::ImageLimits::from_config(&config.limits),
+    )
+    .expect("load MiniLM")
 }
 
 /// The value of the series `name{labels}` in a Prometheus scrape, 0 when absent.
