@@ -3,13 +3,37 @@
 //! Pretrained backbones are loaded once and stay resident; clients embed inputs
 //! with them, train small heads on their features and predict with backbone + head.
 //!
-//! Data flows one way: [`server`] validates protobuf requests and converts them to
-//! domain types, [`batching`] queues work per backbone and runs it on dedicated
-//! threads, [`backbone`] runs the model, and results travel back through oneshot
-//! channels. Nothing below `server` knows protobuf. [`head`] applies trained
-//! heads to the features; backbones and heads share the numeric building blocks
-//! of [`nn`], and every layer reads [`config`], which is plain data and imports
-//! no domain module.
+//! Data flows one way: a transport ([`server`]) decodes a request through
+//! [`wire`] into the [`core`]'s types and calls one use case; the core queues
+//! the inputs on the backbone's [`batching`] queue; a worker thread runs the
+//! [`backbone`] on a whole batch; vectors come back through oneshot channels;
+//! the core applies a [`head`] and the transport encodes the answer. Nothing
+//! below `wire` knows protobuf.
+//!
+//! ## Layers
+//!
+//! From the top. A module may import modules of its own layer and of layers
+//! below it, never above; tests/architecture.rs reads src/ and holds the code
+//! to this list, and docs/ARCHITECTURE.md shows the same one.
+//!
+//! ```text
+//! client, loadgen, bench, fuzz_targets | tools: the CLI's client verbs, load generator, in-process benchmark, fuzz entry points
+//! server | gRPC transport: tonic services, health, reflection, auth, limits, connections; errors become codes
+//! wire | protobuf messages to and from the core's types
+//! proto | the generated `tlserve.v1` contract
+//! core | the use cases: embed, predict, training-job submission, dataset upload, the catalog
+//! datasets | uploaded training sets, waiting for a job
+//! jobs | training-job lifecycle and its records on disk
+//! registry | the configured backbones, resident, each with its queue
+//! head | head models, their training, the crash-safe head store
+//! batching | one bounded queue per backbone, batch formation, worker threads
+//! backbone | trait Backbone, one file per architecture, preprocessing; the only layer that knows tensor layouts
+//! nn | numeric building blocks shared by backbones and heads
+//! metrics, telemetry | every metric name and the exporter; logging
+//! fsutil, task, sync | durable writes, blocking work off the runtime, locks
+//! config | plain data: the configuration, parsed and validated at start-up
+//! error | the one error type
+//! ```
 
 pub mod backbone;
 pub mod batching;
