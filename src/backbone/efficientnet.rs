@@ -133,54 +133,7 @@ impl EfficientNet {
         for stage in &STAGES {
             for repeat in 0..stage.repeats {
                 let b = vb.pp("_blocks").pp(blocks.len());
-                let input = if repeat == 0 {
-                    stage.input
-                } else {
-                    stage.output
-                };
-                let stride = if repeat == 0 { stage.stride } else { 1 };
-                let hidden = input * stage.expand;
-                let expand = (stage.expand != 1)
-                    .then(|| {
-                        ConvBn::load(
-                            b.pp("_expand_conv"),
-                            Some((b.pp("_bn0"), BN_EPS)),
-                            ConvSpec::new(input, hidden, 1, Padding::Same),
-                            activation,
-                        )
-                    })
-                    .transpose()?;
-                let depthwise = ConvBn::load(
-                    b.pp("_depthwise_conv"),
-                    Some((b.pp("_bn1"), BN_EPS)),
-                    ConvSpec::new(hidden, hidden, stage.kernel, Padding::Same)
-                        .stride(stride)
-                        .depthwise(),
-                    activation,
-                )?;
-                let squeeze = (variant == Variant::B0)
-                    .then(|| -> candle_core::Result<SqueezeExcitation> {
-                        let squeezed = ((input as f64 * SE_RATIO) as usize).max(1);
-                        Ok(SqueezeExcitation {
-                            reduce: Linear::load_pointwise(b.pp("_se_reduce"), hidden, squeezed)?,
-                            expand: Linear::load_pointwise(b.pp("_se_expand"), squeezed, hidden)?,
-                        })
-                    })
-                    .transpose()?;
-                let project = ConvBn::load(
-                    b.pp("_project_conv"),
-                    Some((b.pp("_bn2"), BN_EPS)),
-                    ConvSpec::new(hidden, stage.output, 1, Padding::Same),
-                    Activation::None,
-                )?;
-                blocks.push(MbConv {
-                    expand,
-                    depthwise,
-                    squeeze,
-                    project,
-                    residual: stride == 1 && input == stage.output,
-                    activation,
-                });
+                blocks.push(MbConv::load(b, stage, repeat, variant, activation)?);
             }
         }
 
@@ -198,6 +151,67 @@ impl EfficientNet {
             blocks,
             head,
             classifier,
+        })
+    }
+}
+
+impl MbConv {
+    /// Block `repeat` of `stage`: the first changes the width and the
+    /// resolution, the rest keep them and add their input back.
+    fn load(
+        b: VarBuilder,
+        stage: &Stage,
+        repeat: usize,
+        variant: Variant,
+        activation: Activation,
+    ) -> candle_core::Result<Self> {
+        let input = if repeat == 0 {
+            stage.input
+        } else {
+            stage.output
+        };
+        let stride = if repeat == 0 { stage.stride } else { 1 };
+        let hidden = input * stage.expand;
+        let expand = (stage.expand != 1)
+            .then(|| {
+                ConvBn::load(
+                    b.pp("_expand_conv"),
+                    Some((b.pp("_bn0"), BN_EPS)),
+                    ConvSpec::new(input, hidden, 1, Padding::Same),
+                    activation,
+                )
+            })
+            .transpose()?;
+        let depthwise = ConvBn::load(
+            b.pp("_depthwise_conv"),
+            Some((b.pp("_bn1"), BN_EPS)),
+            ConvSpec::new(hidden, hidden, stage.kernel, Padding::Same)
+                .stride(stride)
+                .depthwise(),
+            activation,
+        )?;
+        let squeeze = (variant == Variant::B0)
+            .then(|| -> candle_core::Result<SqueezeExcitation> {
+                let squeezed = ((input as f64 * SE_RATIO) as usize).max(1);
+                Ok(SqueezeExcitation {
+                    reduce: Linear::load_pointwise(b.pp("_se_reduce"), hidden, squeezed)?,
+                    expand: Linear::load_pointwise(b.pp("_se_expand"), squeezed, hidden)?,
+                })
+            })
+            .transpose()?;
+        let project = ConvBn::load(
+            b.pp("_project_conv"),
+            Some((b.pp("_bn2"), BN_EPS)),
+            ConvSpec::new(hidden, stage.output, 1, Padding::Same),
+            Activation::None,
+        )?;
+        Ok(Self {
+            expand,
+            depthwise,
+            squeeze,
+            project,
+            residual: stride == 1 && input == stage.output,
+            activation,
         })
     }
 }

@@ -273,6 +273,68 @@ pub fn global_average(x: &Tensor) -> candle_core::Result<Tensor> {
     x.mean(D::Minus1)?.mean(D::Minus1)
 }
 
+/// Sizes of one plane of a depthwise convolution: kernel, stride, the zeros
+/// before the first row and column, the input and the output.
+struct PlaneGeometry {
+    kernel: usize,
+    stride: usize,
+    top: usize,
+    left: usize,
+    height: usize,
+    width: usize,
+    out_h: usize,
+    out_w: usize,
+}
+
+/// Adds one channel's filter, applied to its input plane `src`, to `out`.
+fn depthwise_plane(src: &[f32], filter: &[f32], out: &mut [f32], g: &PlaneGeometry) {
+    let PlaneGeometry {
+        kernel,
+        stride,
+        top,
+        left,
+        height,
+        width,
+        out_h,
+        out_w,
+    } = *g;
+    for oy in 0..out_h {
+        let out_row = &mut out[oy * out_w..(oy + 1) * out_w];
+        for ky in 0..kernel {
+            // Input row for this output row and kernel row, if inside.
+            let Some(iy) = (oy * stride + ky).checked_sub(top) else {
+                continue;
+            };
+            if iy >= height {
+                continue;
+            }
+            let row = &src[iy * width..(iy + 1) * width];
+            for kx in 0..kernel {
+                let w = filter[ky * kernel + kx];
+                // Output columns whose input column `ox * stride + kx - left`
+                // lies inside the row.
+                let first = left.saturating_sub(kx).div_ceil(stride);
+                let end = ((width + left).saturating_sub(kx))
+                    .div_ceil(stride)
+                    .min(out_w);
+                if stride == 1 {
+                    let start = first + kx - left;
+                    for (o, i) in out_row[first..end]
+                        .iter_mut()
+                        .zip(&row[start..start + (end - first)])
+                    {
+                        *o += w * i;
+                    }
+                } else {
+                    for (ox, o) in out_row.iter_mut().enumerate().take(end).skip(first) {
+                        *o += w * row[ox * stride + kx - left];
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// A depthwise convolution (one k x k filter per channel) with the bias added and
 /// the activation applied, on CPU, one thread per (image, channel) plane.
 fn depthwise(
@@ -306,6 +368,16 @@ fn depthwise(
     };
     let plane_in = height * width;
     let plane_out = out_h * out_w;
+    let geometry = PlaneGeometry {
+        kernel,
+        stride,
+        top,
+        left,
+        height,
+        width,
+        out_h,
+        out_w,
+    };
     let mut output = vec![0f32; batch * channels * plane_out];
     super::on_thread_pool(|| {
         output
@@ -316,42 +388,7 @@ fn depthwise(
                 let src = &input[plane * plane_in..(plane + 1) * plane_in];
                 let filter = &weights.weight[channel * kernel * kernel..][..kernel * kernel];
                 out.fill(weights.bias[channel]);
-                for oy in 0..out_h {
-                    let out_row = &mut out[oy * out_w..(oy + 1) * out_w];
-                    for ky in 0..kernel {
-                        // Input row for this output row and kernel row, if inside.
-                        let Some(iy) = (oy * stride + ky).checked_sub(top) else {
-                            continue;
-                        };
-                        if iy >= height {
-                            continue;
-                        }
-                        let row = &src[iy * width..(iy + 1) * width];
-                        for kx in 0..kernel {
-                            let w = filter[ky * kernel + kx];
-                            // Output columns whose input column `ox * stride + kx -
-                            // left` lies inside the row.
-                            let first = left.saturating_sub(kx).div_ceil(stride);
-                            let end = ((width + left).saturating_sub(kx))
-                                .div_ceil(stride)
-                                .min(out_w);
-                            if stride == 1 {
-                                let start = first + kx - left;
-                                for (o, i) in out_row[first..end]
-                                    .iter_mut()
-                                    .zip(&row[start..start + (end - first)])
-                                {
-                                    *o += w * i;
-                                }
-                            } else {
-                                for (ox, o) in out_row.iter_mut().enumerate().take(end).skip(first)
-                                {
-                                    *o += w * row[ox * stride + kx - left];
-                                }
-                            }
-                        }
-                    }
-                }
+                depthwise_plane(src, filter, out, &geometry);
                 if activation != Activation::None {
                     out.iter_mut()
                         .for_each(|v| *v = activation.apply_scalar(*v));

@@ -51,22 +51,31 @@ pub fn read(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let _protocol_version = read_pickle(&mut cursor, path)?;
     let _sys_info = read_pickle(&mut cursor, path)?;
     let state = read_pickle(&mut cursor, path)?;
-    let keys = match read_pickle(&mut cursor, path)? {
+    let keys = storage_keys(read_pickle(&mut cursor, path)?, path)?;
+    let infos = tensor_infos(state, path)?;
+    let storages = read_storages(&mut cursor, &bytes, keys, &infos, path)?;
+    assemble(infos, &storages, path)
+}
+
+/// The list of storage keys that follows the state dict.
+fn storage_keys(object: pickle::Object, path: &Path) -> Result<Vec<String>> {
+    match object {
         pickle::Object::List(keys) => keys
             .into_iter()
             .map(|k| {
                 k.unicode()
                     .map_err(|_| bad(path, "a storage key is not a string"))
             })
-            .collect::<Result<Vec<_>>>()?,
-        other => {
-            return Err(bad(
-                path,
-                format!("expected the storage key list, got {other:?}"),
-            ))
-        }
-    };
+            .collect(),
+        other => Err(bad(
+            path,
+            format!("expected the storage key list, got {other:?}"),
+        )),
+    }
+}
 
+/// Name, element type, layout and storage of each tensor of the state dict.
+fn tensor_infos(state: pickle::Object, path: &Path) -> Result<Vec<pickle::TensorInfo>> {
     let pickle::Object::Dict(entries) = state else {
         return Err(bad(path, "the file does not hold a state dict"));
     };
@@ -79,14 +88,23 @@ pub fn read(path: &Path) -> Result<Vec<(String, Tensor)>> {
             infos.push(info);
         }
     }
+    Ok(infos)
+}
+
+/// The raw bytes of each storage; they follow the pickles, in key order.
+fn read_storages<'a>(
+    cursor: &mut Cursor<&'a [u8]>,
+    bytes: &'a [u8],
+    keys: Vec<String>,
+    infos: &[pickle::TensorInfo],
+    path: &Path,
+) -> Result<HashMap<String, &'a [u8]>> {
     // Storage key -> element type, from the tensors that use it.
     let dtypes: HashMap<String, DType> = infos
         .iter()
         .map(|info| (storage_key(&info.path), info.dtype))
         .collect();
-
-    // The storages follow the pickles, in key order.
-    let mut storages: HashMap<String, &[u8]> = HashMap::new();
+    let mut storages = HashMap::new();
     for key in keys {
         let mut count = [0u8; 8];
         cursor
@@ -105,7 +123,15 @@ pub fn read(path: &Path) -> Result<Vec<(String, Tensor)>> {
         storages.insert(key, &bytes[start..end]);
         cursor.set_position(end as u64);
     }
+    Ok(storages)
+}
 
+/// Each tensor gathered from its storage into contiguous layout.
+fn assemble(
+    infos: Vec<pickle::TensorInfo>,
+    storages: &HashMap<String, &[u8]>,
+    path: &Path,
+) -> Result<Vec<(String, Tensor)>> {
     let mut tensors = Vec::with_capacity(infos.len());
     for info in infos {
         let storage = storages

@@ -266,6 +266,30 @@ fn reflection() -> Result<
     Ok((configure().build_v1()?, configure().build_v1alpha()?))
 }
 
+/// The four tlserve services over the domain. The request layer enforces
+/// limits.max_message_bytes with the status the gRPC spec asks for; tonic's
+/// own (OUT_OF_RANGE) limit is lifted so it never fires first.
+fn services(
+    domain: &Domain,
+) -> (
+    EmbedderServer<EmbedderService>,
+    ModelsServer<ModelsService>,
+    TrainerServer<TrainerService>,
+    PredictorServer<PredictorService>,
+) {
+    let unlimited = usize::MAX;
+    (
+        EmbedderServer::new(EmbedderService::new(Arc::clone(&domain.embedder)))
+            .max_decoding_message_size(unlimited),
+        ModelsServer::new(ModelsService::new(Arc::clone(&domain.catalog)))
+            .max_decoding_message_size(unlimited),
+        TrainerServer::new(TrainerService::new(Arc::clone(&domain.trainer)))
+            .max_decoding_message_size(unlimited),
+        PredictorServer::new(PredictorService::new(Arc::clone(&domain.predictor)))
+            .max_decoding_message_size(unlimited),
+    )
+}
+
 /// Runs the server until `shutdown` completes, then drains: Health turns
 /// NOT_SERVING, new calls are refused after `drain_delay_seconds`, and in-flight
 /// calls get up to `shutdown_grace_seconds` to finish.
@@ -302,19 +326,7 @@ pub async fn run(
     let health_port = start_health_port(&config, health_service.clone(), connection_limits).await?;
     let (reflection_v1, reflection_v1alpha) = reflection()?;
 
-    // The request layer enforces limits.max_message_bytes with the status the gRPC
-    // spec asks for; tonic's own (OUT_OF_RANGE) limit is lifted so it never fires
-    // first.
-    let unlimited = usize::MAX;
-    let embedder = EmbedderServer::new(EmbedderService::new(Arc::clone(&domain.embedder)))
-        .max_decoding_message_size(unlimited);
-    let models = ModelsServer::new(ModelsService::new(Arc::clone(&domain.catalog)))
-        .max_decoding_message_size(unlimited);
-    let trainer = TrainerServer::new(TrainerService::new(Arc::clone(&domain.trainer)))
-        .max_decoding_message_size(unlimited);
-    let predictor = PredictorServer::new(PredictorService::new(Arc::clone(&domain.predictor)))
-        .max_decoding_message_size(unlimited);
-
+    let (embedder, models, trainer, predictor) = services(&domain);
     let drain = Drain::new(&config);
     let mut builder = tonic::transport::Server::builder()
         .max_concurrent_streams(config.server.max_concurrent_streams_per_connection);

@@ -115,23 +115,7 @@ where
         };
 
         // Authentication first: a refused call does no other work.
-        let refusal = self.layer.auth.as_ref().and_then(|auth| {
-            match auth.check(request.uri().path(), request.headers()) {
-                Decision::Allow(token) => {
-                    if let Some(token) = token {
-                        span.record("token", token.as_str());
-                    }
-                    None
-                }
-                Decision::Unauthenticated(reason) => Some(tonic::Status::from(
-                    Error::Unauthenticated(reason.to_owned()),
-                )),
-                Decision::PermissionDenied(reason) => Some(tonic::Status::from(
-                    Error::PermissionDenied(reason.to_owned()),
-                )),
-            }
-        });
-        if let Some(status) = refusal {
+        if let Some(status) = self.layer.refusal(&request, &span) {
             // Logs the refusal with its code, in the call's span.
             call.finish(status.code(), Some(status.message()));
             let mut response = status.into_http::<Body>();
@@ -182,6 +166,30 @@ where
 }
 
 impl RequestLayer {
+    /// Why the call may not go on, if authentication refuses it; records the
+    /// token's name in the span when it is allowed.
+    fn refusal<B>(
+        &self,
+        request: &http::Request<B>,
+        span: &tracing::Span,
+    ) -> Option<tonic::Status> {
+        let auth = self.auth.as_ref()?;
+        match auth.check(request.uri().path(), request.headers()) {
+            Decision::Allow(token) => {
+                if let Some(token) = token {
+                    span.record("token", token.as_str());
+                }
+                None
+            }
+            Decision::Unauthenticated(reason) => Some(tonic::Status::from(Error::Unauthenticated(
+                reason.to_owned(),
+            ))),
+            Decision::PermissionDenied(reason) => {
+                Some(tonic::Status::from(Error::PermissionDenied(reason)))
+            }
+        }
+    }
+
     /// Metric labels for a request path. Paths are client-chosen, so only methods
     /// the server really has become labels; anything else is "unknown", which keeps
     /// the label set bounded.
