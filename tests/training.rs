@@ -725,3 +725,56 @@ async fn jobs_the_server_could_not_finish_are_failed_after_restart() {
     let names: Vec<&str> = heads.iter().map(|h| h.name.as_str()).collect();
     assert_eq!(names, vec!["done"]);
 }
+
+/// A TrainHead that is refused, for bad labels or for a full job queue, gives
+/// its uploaded dataset back: the client was told to retry, and retries with
+/// the same id.
+#[tokio::test]
+async fn a_refused_train_head_leaves_its_dataset_usable() {
+    let store = tempfile::tempdir().expect("store dir");
+    let server = TestServer::start(&config_with_store(
+        store.path(),
+        "max_concurrent_jobs = 1\nmax_queued_jobs = 0",
+    ))
+    .await;
+    let rows: Vec<_> = read_tsv("topics_train.tsv");
+    let mut client = trainer(&server).await;
+    let dataset = client
+        .upload_dataset(tokio_stream::iter([proto::UploadDatasetRequest {
+            examples: examples(&rows),
+        }]))
+        .await
+        .expect("UploadDataset")
+        .into_inner();
+    let mut request = train_request("retried", &[], 3);
+    request.data = Some(proto::train_head_request::Data::DatasetId(
+        dataset.dataset_id.clone(),
+    ));
+
+    let mut bad_labels = request.clone();
+    bad_labels.labels = vec!["sports".into()];
+    let status = client.train_head(bad_labels).await.expect_err("bad labels");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+
+    let long = start_long_job(&server, "occupant").await;
+    let status = client
+        .train_head(request.clone())
+        .await
+        .expect_err("the only job slot is taken");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    client
+        .cancel_job(proto::CancelJobRequest {
+            job_id: long.clone(),
+        })
+        .await
+        .expect("CancelJob");
+    assert_eq!(
+        wait_for_state(&server, &long, JobState::Cancelled)
+            .await
+            .state(),
+        JobState::Cancelled
+    );
+
+    let events = train(&server, request).await;
+    assert_eq!(events.last().unwrap().state(), JobState::Succeeded);
+}

@@ -63,4 +63,32 @@ impl Catalog {
         let store = Arc::clone(&self.store);
         run_blocking("deleting a head", move || store.delete(&reference)).await?
     }
+
+    /// Heads trained on other weights than the loaded backbone's are refused
+    /// by Predict; says so once, after the backbones load, where an operator
+    /// looks.
+    pub async fn warn_about_stale_heads(&self) {
+        let heads = match self.heads(None, true).await {
+            Ok(heads) => heads,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot list heads to check their backbones");
+                return;
+            }
+        };
+        for head in heads {
+            let meta = &head.meta;
+            match self.registry.get(&meta.backbone) {
+                Ok(loaded)
+                    if loaded.backbone.descriptor().fingerprint != meta.backbone_fingerprint =>
+                {
+                    tracing::error!(head = %meta.name, version = meta.version,
+                        backbone = %meta.backbone,
+                        "head was trained on different backbone weights; Predict refuses it")
+                }
+                Ok(_) => {}
+                Err(err) => tracing::warn!(head = %meta.name, version = meta.version,
+                    error = %err, "head's backbone is not available"),
+            }
+        }
+    }
 }

@@ -216,11 +216,11 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, ServeError> {
 /// ready.
 fn start_loading(domain: &Domain, health: &HealthReporter) -> tokio::task::JoinHandle<()> {
     let registry = Arc::clone(&domain.registry);
-    let store = Arc::clone(&domain.store);
+    let catalog = Arc::clone(&domain.catalog);
     let health = health.clone();
     tokio::spawn(async move {
         if registry.load_all().await {
-            warn_about_stale_heads(&registry, &store);
+            catalog.warn_about_stale_heads().await;
             set_health(&health, ServingStatus::Serving).await;
             tracing::info!("all backbones ready: serving");
         } else {
@@ -435,23 +435,6 @@ impl Drain {
             .get()
             .copied()
             .unwrap_or_else(std::time::Instant::now)
-    }
-}
-
-/// Heads trained on other weights than the loaded backbone's are refused by
-/// Predict; say so once at start-up, where an operator looks.
-fn warn_about_stale_heads(registry: &BackboneRegistry, store: &HeadStore) {
-    for head in store.list(None, true) {
-        let meta = &head.meta;
-        match registry.get(&meta.backbone) {
-            Ok(loaded) if loaded.backbone.descriptor().fingerprint != meta.backbone_fingerprint => {
-                tracing::error!(head = %meta.name, version = meta.version, backbone = %meta.backbone,
-                    "head was trained on different backbone weights; Predict refuses it")
-            }
-            Ok(_) => {}
-            Err(err) => tracing::warn!(head = %meta.name, version = meta.version,
-                error = %err, "head's backbone is not available"),
-        }
     }
 }
 
