@@ -255,6 +255,20 @@ pub struct HeadsConfig {
     pub max_datasets: usize,
     /// How long an uploaded dataset waits for a job before it is dropped.
     pub dataset_ttl_seconds: u64,
+    /// Most bytes (encoded examples) of one upload.
+    pub max_upload_bytes: usize,
+    /// Most bytes held by uploads in progress and datasets waiting for a job,
+    /// all together.
+    pub max_dataset_bytes: usize,
+    /// An upload that sends nothing for this long is ended.
+    pub upload_idle_timeout_seconds: f64,
+}
+
+impl HeadsConfig {
+    /// The upload idle timeout as a Duration (validated to be finite and positive).
+    pub fn upload_idle_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.upload_idle_timeout_seconds)
+    }
 }
 
 impl Default for HeadsConfig {
@@ -270,6 +284,9 @@ impl Default for HeadsConfig {
             max_label_chars: 128,
             max_datasets: 8,
             dataset_ttl_seconds: 3600,
+            max_upload_bytes: 256 * 1024 * 1024,
+            max_dataset_bytes: 1024 * 1024 * 1024,
+            upload_idle_timeout_seconds: 30.0,
         }
     }
 }
@@ -830,6 +847,15 @@ fn validate_limits(limits: &LimitsConfig) -> Result<(), String> {
 /// The head store and jobs can hold at least one head trained on two examples
 /// of two labels.
 fn validate_heads(heads: &HeadsConfig) -> Result<(), String> {
+    if heads.max_upload_bytes == 0 || heads.max_dataset_bytes < heads.max_upload_bytes {
+        return Err(
+            "heads.max_upload_bytes must be at least 1 and at most heads.max_dataset_bytes".into(),
+        );
+    }
+    let idle = heads.upload_idle_timeout_seconds;
+    if !(idle.is_finite() && idle > 0.0 && idle <= 3600.0) {
+        return Err("heads.upload_idle_timeout_seconds must be in (0, 3600]".into());
+    }
     if heads.max_concurrent_jobs == 0
         || heads.max_examples_per_job < 2
         || heads.max_labels < 2

@@ -34,6 +34,10 @@ pub enum Error {
     #[error("deadline exceeded after {0:?}")]
     DeadlineExceeded(Duration),
 
+    /// The client took too long to send what the call needs.
+    #[error("{0}")]
+    TimedOut(String),
+
     /// The server is shutting down and takes no new work.
     #[error("the server is shutting down")]
     ShuttingDown,

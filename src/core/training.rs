@@ -9,7 +9,7 @@ use super::inputs::check_input;
 use crate::{
     backbone::Input,
     config::{is_valid_name, HeadsConfig},
-    datasets::{Dataset, DatasetStore},
+    datasets::{Dataset, DatasetStore, PendingUpload},
     head::{HeadKind, TrainingParams},
     jobs::{Example, JobEvent, JobInfo, JobManager, JobRequest},
     Error, Result,
@@ -188,9 +188,10 @@ struct JobPlan {
     params: TrainingParams,
 }
 
-/// A dataset upload in progress: examples are checked and counted as they
-/// arrive.
+/// A dataset upload in progress: examples are checked, counted and their
+/// bytes reserved as they arrive.
 pub struct Upload {
+    pending: PendingUpload,
     examples: Vec<Example>,
 }
 
@@ -281,15 +282,27 @@ impl Trainer {
         }
     }
 
-    /// Starts a dataset upload.
-    pub fn begin_upload(&self) -> Upload {
-        Upload {
+    /// Starts a dataset upload, if a slot is free.
+    pub fn begin_upload(&self) -> Result<Upload> {
+        Ok(Upload {
+            pending: self.datasets.begin_upload()?,
             examples: Vec::new(),
-        }
+        })
     }
 
-    /// Adds one chunk of an upload.
-    pub fn add_to_upload(&self, upload: &mut Upload, chunk: Vec<RawExample>) -> Result<()> {
+    /// How long an upload may stay silent before it is ended.
+    pub fn upload_idle_timeout(&self) -> std::time::Duration {
+        self.limits.upload_idle_timeout()
+    }
+
+    /// Adds one chunk of an upload; `bytes` is its size on the wire.
+    pub fn add_to_upload(
+        &self,
+        upload: &mut Upload,
+        chunk: Vec<RawExample>,
+        bytes: usize,
+    ) -> Result<()> {
+        upload.pending.reserve(bytes)?;
         self.check_example_count(upload.examples.len() + chunk.len())?;
         let converted = self.examples(chunk, upload.examples.len())?;
         upload.examples.extend(converted);
@@ -301,7 +314,7 @@ impl Trainer {
         if upload.examples.is_empty() {
             return Err(invalid("the upload holds no examples"));
         }
-        self.datasets.insert(upload.examples)
+        Ok(self.datasets.finish(upload.pending, upload.examples))
     }
 
     /// The job's current event and, unless it has ended, a subscription to the

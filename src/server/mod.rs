@@ -23,7 +23,7 @@ use crate::{
     backbone::image::ImageLimits,
     config::Config,
     core,
-    datasets::DatasetStore,
+    datasets::{DatasetLimits, DatasetStore},
     head::store::HeadStore,
     jobs::{journal::JobJournal, JobLimits, JobManager},
     metrics,
@@ -149,10 +149,12 @@ impl Domain {
             },
             Some(journal),
         ));
-        let datasets = Arc::new(DatasetStore::new(
-            Duration::from_secs(heads.dataset_ttl_seconds),
-            heads.max_datasets,
-        ));
+        let datasets = Arc::new(DatasetStore::new(DatasetLimits {
+            ttl: Duration::from_secs(heads.dataset_ttl_seconds),
+            max_datasets: heads.max_datasets,
+            max_upload_bytes: heads.max_upload_bytes,
+            max_total_bytes: heads.max_dataset_bytes,
+        }));
         let limits = config.limits.clone();
         Ok(Self {
             embedder: Arc::new(core::Embedder::new(Arc::clone(&registry), limits.clone())),

@@ -9,8 +9,21 @@ impl From<Error> for Status {
     /// Not logged here: the request layer logs every call once, with its
     /// request id, code and message.
     fn from(err: Error) -> Self {
-        Status::new(code_of(&err), err.to_string())
+        Status::new(code_of(&err), bounded(err.to_string()))
     }
+}
+
+/// Longest status message, in characters. Messages may quote what a client
+/// sent (a name, a label); a bound keeps a 4 MB name from coming back as a
+/// 4 MB response header.
+pub const MAX_MESSAGE_CHARS: usize = 1024;
+
+fn bounded(mut message: String) -> String {
+    if let Some((cut, _)) = message.char_indices().nth(MAX_MESSAGE_CHARS) {
+        message.truncate(cut);
+        message.push_str("...");
+    }
+    message
 }
 
 /// The gRPC code of each error.
@@ -23,7 +36,7 @@ pub fn code_of(err: &Error) -> Code {
         Error::LimitExceeded(_) | Error::QueueFull(_) => Code::ResourceExhausted,
         Error::Cancelled(_) => Code::Cancelled,
         Error::InvalidInput { .. } | Error::InvalidArgument(_) => Code::InvalidArgument,
-        Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
+        Error::DeadlineExceeded(_) | Error::TimedOut(_) => Code::DeadlineExceeded,
         Error::BackboneLoading(_) | Error::BackboneFailed { .. } | Error::ShuttingDown => {
             Code::Unavailable
         }
@@ -66,6 +79,7 @@ mod tests {
             (Error::Unimplemented("x".into()), Code::Unimplemented),
             (Error::LimitExceeded("x".into()), Code::ResourceExhausted),
             (Error::Cancelled("x".into()), Code::Cancelled),
+            (Error::TimedOut("x".into()), Code::DeadlineExceeded),
         ];
         for (err, code) in cases {
             assert_eq!(Status::from(err).code(), code);
@@ -75,6 +89,13 @@ mod tests {
             reason: "text is empty".into(),
         });
         assert_eq!(status.message(), "input 3: text is empty");
+    }
+
+    #[test]
+    fn long_messages_are_cut() {
+        let status = Status::from(Error::BackboneNotFound("é".repeat(100_000)));
+        assert!(status.message().chars().count() <= MAX_MESSAGE_CHARS + 3);
+        assert!(status.message().ends_with("..."));
     }
 
     #[test]

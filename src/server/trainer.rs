@@ -4,6 +4,7 @@
 use std::{pin::Pin, sync::Arc};
 
 use futures_util::Stream;
+use prost::Message;
 use tokio::sync::broadcast;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -12,6 +13,7 @@ use crate::{
     jobs::JobEvent,
     proto,
     wire::{convert, heads as wire},
+    Error,
 };
 
 pub struct TrainerService {
@@ -81,10 +83,24 @@ impl proto::trainer_server::Trainer for TrainerService {
         request: Request<Streaming<proto::UploadDatasetRequest>>,
     ) -> Result<Response<proto::Dataset>, Status> {
         let mut stream = request.into_inner();
-        let mut upload = self.trainer.begin_upload();
-        while let Some(chunk) = stream.message().await? {
-            self.trainer
-                .add_to_upload(&mut upload, convert::raw_examples(chunk.examples))?;
+        let mut upload = self.trainer.begin_upload()?;
+        let idle = self.trainer.upload_idle_timeout();
+        loop {
+            let next = tokio::time::timeout(idle, stream.message())
+                .await
+                .map_err(|_| {
+                    Error::TimedOut(format!(
+                        "the upload sent nothing for {} s (heads.upload_idle_timeout_seconds)",
+                        idle.as_secs_f64()
+                    ))
+                })??;
+            let Some(chunk) = next else { break };
+            let bytes = chunk.encoded_len();
+            self.trainer.add_to_upload(
+                &mut upload,
+                convert::raw_examples(chunk.examples),
+                bytes,
+            )?;
         }
         let dataset = self.trainer.finish_upload(upload)?;
         Ok(Response::new(proto::Dataset {

@@ -1,0 +1,166 @@
+//! Attacks on the real server, each answered with a bounded outcome: silent
+//! sockets are closed, uploads are bounded in bytes and time, log lines cannot
+//! be forged or flooded. Every test ends by showing the server still serves.
+
+mod common;
+
+use std::{
+    io::Read,
+    net::TcpStream,
+    time::{Duration, Instant},
+};
+
+use common::*;
+use tlserve::proto::{self, trainer_client::TrainerClient};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+fn upload_chunk(texts: usize, text_len: usize) -> proto::UploadDatasetRequest {
+    proto::UploadDatasetRequest {
+        examples: (0..texts)
+            .map(|i| proto::Example {
+                input: Some(text_input(&format!("{i} {}", "x".repeat(text_len)))),
+                label: if i % 2 == 0 { "a" } else { "b" }.into(),
+            })
+            .collect(),
+    }
+}
+
+async fn still_serves(server: &TestServer) {
+    assert_eq!(server.health("").await, Some(ServingStatus::Serving));
+    server
+        .embedder()
+        .await
+        .embed(embed_request(&["still here"]))
+        .await
+        .expect("a normal Embed afterwards");
+}
+
+#[tokio::test]
+async fn silent_connections_are_closed_and_bounded() {
+    let server = TestServer::start(&format!(
+        "max_connections = 8\nconnection_first_byte_timeout_seconds = 0.5\n{}",
+        TestServer::minilm_config("", "")
+    ))
+    .await;
+    // Twice the connection limit, none of which ever sends a byte.
+    let mut silent: Vec<TcpStream> = (0..16)
+        .map(|_| TcpStream::connect(server.grpc).expect("connect"))
+        .collect();
+    let started = Instant::now();
+    for socket in &mut silent {
+        socket
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        // The server may greet with its HTTP/2 settings; then it closes the
+        // socket (end of stream or reset) instead of leaving it open.
+        let mut greeting = Vec::new();
+        match socket.read_to_end(&mut greeting) {
+            Ok(_) => {}
+            Err(err) => assert!(
+                !matches!(
+                    err.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
+                "a silent socket was left open: {err}"
+            ),
+        }
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "silent sockets were held for {:?}",
+        started.elapsed()
+    );
+    still_serves(&server).await;
+}
+
+#[tokio::test]
+async fn uploads_are_bounded_in_bytes_and_in_silence() {
+    let store = tempfile::tempdir().expect("store dir");
+    let server = TestServer::start(&format!(
+        "{}\n[heads]\nstore_dir = \"{}\"\nmax_datasets = 1\nmax_upload_bytes = 20000\n\
+         max_dataset_bytes = 40000\nupload_idle_timeout_seconds = 0.5\n",
+        TestServer::minilm_config("", ""),
+        store.path().display()
+    ))
+    .await;
+    let mut client = TrainerClient::new(server.channel().await);
+
+    // Over the per-upload bound: refused while the stream arrives.
+    let too_big = vec![
+        upload_chunk(10, 1000),
+        upload_chunk(10, 1000),
+        upload_chunk(10, 1000),
+    ];
+    let status = client
+        .upload_dataset(tokio_stream::iter(too_big))
+        .await
+        .expect_err("over max_upload_bytes");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("max_upload_bytes"), "{status:?}");
+
+    // A stream that starts and then says nothing is ended, and its slot freed.
+    let (sender, receiver) = mpsc::channel(4);
+    sender.send(upload_chunk(4, 10)).await.expect("send");
+    let started = Instant::now();
+    let status = client
+        .upload_dataset(ReceiverStream::new(receiver))
+        .await
+        .expect_err("idle upload");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    drop(sender);
+
+    // The one slot is free again, and the byte budget was given back.
+    let dataset = client
+        .upload_dataset(tokio_stream::iter(vec![upload_chunk(10, 10)]))
+        .await
+        .expect("a small upload after the refused ones")
+        .into_inner();
+    assert_eq!(dataset.example_count, 10);
+    // ... and now it is taken: a second upload waits for a slot in vain.
+    let status = client
+        .upload_dataset(tokio_stream::iter(vec![upload_chunk(2, 10)]))
+        .await
+        .expect_err("max_datasets = 1");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    still_serves(&server).await;
+}
+
+#[tokio::test]
+async fn client_strings_cannot_forge_or_flood_log_lines() {
+    let server = TestServer::start_minilm().await;
+    let mut embedder = server.embedder().await;
+    for name in [
+        "nope\n2026-01-01T00:00:00Z INFO forged: admin logged in\u{1b}[31m\0".to_owned(),
+        "y".repeat(2_000_000),
+    ] {
+        let request = proto::EmbedRequest {
+            backbone: name,
+            inputs: vec![text_input("x")],
+            ..Default::default()
+        };
+        let status = embedder.embed(request).await.expect_err("unknown backbone");
+        assert_eq!(status.code(), Code::NotFound);
+    }
+    still_serves(&server).await;
+    let logs = server.logs();
+    assert!(
+        !logs
+            .lines()
+            .any(|line| line.contains("INFO forged") && !line.contains("\\n")),
+        "a client string started a log line of its own:\n{logs}"
+    );
+    assert!(
+        !logs.contains('\u{1b}') && !logs.contains('\0'),
+        "raw control characters in the log"
+    );
+    assert!(
+        logs.contains("\\u{1b}"),
+        "the escape is shown escaped:\n{logs}"
+    );
+    let longest = logs.lines().map(str::len).max().unwrap_or(0);
+    assert!(longest < 4_000, "a log line of {longest} bytes");
+}
