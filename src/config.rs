@@ -205,6 +205,9 @@ pub struct LimitsConfig {
     /// Most times the longer side of an image may be its shorter side, checked
     /// from the header before decoding.
     pub max_image_aspect_ratio: u32,
+    /// Most bytes that images being decoded may hold at once, over all
+    /// requests; an image beyond it is refused with RESOURCE_EXHAUSTED.
+    pub max_decoding_bytes: usize,
     /// Most multiply-adds one Predict may spend applying its head (inputs times
     /// the head's weights); beyond it the request is refused before any work.
     pub max_head_multiply_adds: u64,
@@ -223,6 +226,8 @@ impl Default for LimitsConfig {
             max_image_pixels: 25_000_000,
             // Panoramas reach about 10:1; slivers beyond this are refused.
             max_image_aspect_ratio: 32,
+            // Five of the largest images at once, many more photos.
+            max_decoding_bytes: 512 * 1024 * 1024,
             // 512 inputs through a 4096 x 1000 classifier, with room to spare:
             // about a second of one core.
             max_head_multiply_adds: 4_000_000_000,
@@ -839,6 +844,11 @@ fn validate_limits(limits: &LimitsConfig) -> Result<(), String> {
     {
         return Err("limits.max_image_bytes, limits.max_image_pixels and \
                     limits.max_image_aspect_ratio must be at least 1"
+            .into());
+    }
+    if (limits.max_decoding_bytes as u64) < limits.max_image_pixels.saturating_mul(4) {
+        return Err("limits.max_decoding_bytes must hold at least one image of \
+             limits.max_image_pixels (4 bytes a pixel while decoding)"
             .into());
     }
     Ok(())

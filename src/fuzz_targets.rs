@@ -24,6 +24,7 @@ pub fn image_decode(data: &[u8]) {
         max_encoded_bytes: 1 << 20,
         max_pixels: 1 << 22,
         max_aspect_ratio: 64,
+        max_decoding_bytes: 1 << 24,
     };
     if let Ok(decoded) = image::decode(0, data, limits) {
         let spec = Preprocessing {

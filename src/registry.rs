@@ -5,11 +5,17 @@ use std::{
     collections::BTreeMap,
     path::PathBuf,
     sync::{Arc, RwLock},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
+use tokio_util::sync::CancellationToken;
+
 use crate::{
-    backbone::{self, image::ImageLimits, Backbone, EmbedOptions, Input, Prepared},
+    backbone::{
+        self,
+        image::{DecodeBudget, ImageLimits},
+        Backbone, EmbedOptions, Input, Prepared,
+    },
     batching::{BackboneQueue, BatchLimits, Priority},
     config::BackboneConfig,
     metrics, Error, Result,
@@ -19,6 +25,7 @@ use crate::{
 pub struct LoadedBackbone {
     pub backbone: Arc<dyn Backbone>,
     pub queue: BackboneQueue,
+    decode_budget: Arc<DecodeBudget>,
 }
 
 /// Vectors of a request's inputs with, per input, the tokens seen and whether
@@ -31,18 +38,38 @@ pub struct Embedded {
 impl LoadedBackbone {
     /// Prepares inputs off the async runtime (tokenizing a few hundred texts or
     /// decoding images takes milliseconds); errors name `first_index + i`.
+    /// Each image is admitted against the process's decoding budget. The
+    /// work stops between inputs once the caller is gone (this future was
+    /// dropped: the client cancelled, or its deadline passed) or `deadline`
+    /// has passed, so nobody pays for preparing what nobody will read.
     pub async fn prepare(
         &self,
         inputs: Vec<Input>,
         truncate: bool,
         first_index: usize,
+        deadline: Option<Instant>,
     ) -> Result<Vec<Prepared>> {
         let backbone = Arc::clone(&self.backbone);
+        let budget = Arc::clone(&self.decode_budget);
+        let caller = CancellationToken::new();
+        let _cancel_on_drop = caller.clone().drop_guard();
         crate::task::run_blocking("preparing inputs", move || {
             inputs
                 .into_iter()
                 .enumerate()
-                .map(|(i, input)| backbone.prepare(first_index + i, input, truncate))
+                .map(|(i, input)| {
+                    if caller.is_cancelled() {
+                        return Err(Error::Cancelled("the caller went away".into()));
+                    }
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Err(Error::DeadlineExceeded(Duration::ZERO));
+                    }
+                    let _permit = match &input {
+                        Input::Image(bytes) => Some(budget.admit(first_index + i, bytes)?),
+                        _ => None,
+                    };
+                    backbone.prepare(first_index + i, input, truncate)
+                })
                 .collect::<Result<Vec<_>>>()
         })
         .await?
@@ -58,7 +85,7 @@ impl LoadedBackbone {
         priority: Priority,
         deadline: Option<Instant>,
     ) -> Result<Embedded> {
-        let prepared = self.prepare(inputs, truncate, 0).await?;
+        let prepared = self.prepare(inputs, truncate, 0, deadline).await?;
         let facts = prepared
             .iter()
             .map(|p| (p.tokens() as u32, p.truncated()))
@@ -94,6 +121,8 @@ pub struct BackboneRegistry {
     slots: BTreeMap<String, Slot>,
     cache_dir: Option<PathBuf>,
     image_limits: ImageLimits,
+    /// Shared by every backbone: decoding memory is the process's.
+    decode_budget: Arc<DecodeBudget>,
 }
 
 impl BackboneRegistry {
@@ -118,6 +147,7 @@ impl BackboneRegistry {
         Self {
             slots,
             cache_dir,
+            decode_budget: Arc::new(DecodeBudget::new(image_limits.max_decoding_bytes)),
             image_limits,
         }
     }
@@ -198,6 +228,10 @@ impl BackboneRegistry {
         tracing::info!(backbone = %name, seconds = elapsed.as_secs_f64(),
             dimension = descriptor.dimension, source = %descriptor.source,
             fingerprint = %descriptor.fingerprint, "backbone ready");
-        Ok(Arc::new(LoadedBackbone { backbone, queue }))
+        Ok(Arc::new(LoadedBackbone {
+            backbone,
+            queue,
+            decode_budget: Arc::clone(&self.decode_budget),
+        }))
     }
 }

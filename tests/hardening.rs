@@ -164,3 +164,72 @@ async fn client_strings_cannot_forge_or_flood_log_lines() {
     let longest = logs.lines().map(str::len).max().unwrap_or(0);
     assert!(longest < 4_000, "a log line of {longest} bytes");
 }
+
+/// A valid 8-bit grayscale PNG of `width` x `height` black pixels, a few KB.
+fn gray_png(width: u32, height: u32) -> Vec<u8> {
+    use image::{
+        codecs::png::{CompressionType, FilterType, PngEncoder},
+        ImageEncoder,
+    };
+    let mut bytes = Vec::new();
+    let pixels = vec![0u8; width as usize * height as usize];
+    PngEncoder::new_with_quality(&mut bytes, CompressionType::Best, FilterType::NoFilter)
+        .write_image(&pixels, width, height, image::ExtendedColorType::L8)
+        .expect("encode");
+    bytes
+}
+
+/// CPU seconds (user + system) the process has used, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc stat");
+    // Fields after the command name (which may hold spaces) start after ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .expect("stat format")
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: f64 =
+        fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
+    ticks / 100.0
+}
+
+#[tokio::test]
+async fn image_work_stops_when_its_client_gives_up() {
+    let server = TestServer::start(&format!(
+        "{}{}",
+        TestServer::minilm_config("", ""),
+        lite0_backbone_toml()
+    ))
+    .await;
+    // 64 of the largest images allowed, a few KB each on the wire: over a
+    // minute of decoding and resizing on two cores.
+    let big = gray_png(5000, 5000);
+    let mut request = tonic::Request::new(proto::EmbedRequest {
+        backbone: LITE0.into(),
+        inputs: vec![image_input(big); 64],
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_secs(2));
+    let status = server
+        .embedder()
+        .await
+        .embed(request)
+        .await
+        .expect_err("the deadline passes first");
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+    // The image being decoded when the deadline passed finishes; after that
+    // the server is idle.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = cpu_seconds(server.pid());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let used = cpu_seconds(server.pid()) - before;
+    assert!(
+        used < 0.5,
+        "the server used {used:.2} CPU seconds after its client left"
+    );
+    still_serves(&server).await;
+}

@@ -22,6 +22,8 @@ pub struct ImageLimits {
     /// resizing the shorter side of a 1 x 25,000,000 image to 256 would ask for
     /// billions of pixels.
     pub max_aspect_ratio: u32,
+    /// Bytes all images being decoded may hold at once (see [`DecodeBudget`]).
+    pub max_decoding_bytes: usize,
 }
 
 /// Most pixels of an image after its resize, whatever the limits and the
@@ -36,8 +38,61 @@ impl ImageLimits {
             max_encoded_bytes: limits.max_image_bytes,
             max_pixels: limits.max_image_pixels,
             max_aspect_ratio: limits.max_image_aspect_ratio,
+            max_decoding_bytes: limits.max_decoding_bytes,
         }
     }
+}
+
+/// Bytes that images being decoded and preprocessed may hold at once, across
+/// every request and backbone. Preparation runs before a backbone's queue
+/// admits the request, so the queue's bounds do not cover it; this does.
+pub struct DecodeBudget {
+    /// In KiB, so that one image's share fits a `u32`.
+    kib: std::sync::Arc<tokio::sync::Semaphore>,
+    total_bytes: usize,
+}
+
+/// An image's share of the [`DecodeBudget`], held while it is prepared.
+pub struct DecodePermit {
+    _kib: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl DecodeBudget {
+    pub fn new(total_bytes: usize) -> Self {
+        Self {
+            kib: std::sync::Arc::new(tokio::sync::Semaphore::new(total_bytes / 1024)),
+            total_bytes,
+        }
+    }
+
+    /// Admits the decoding of `bytes` (an encoded image; its header says how
+    /// large it decodes to), or refuses at once when the budget is spent. An
+    /// unreadable header takes nothing: decoding will refuse it.
+    pub fn admit(&self, index: usize, bytes: &[u8]) -> Result<DecodePermit> {
+        let Some((width, height)) = header_dimensions(bytes) else {
+            return Ok(DecodePermit { _kib: None });
+        };
+        // RGBA at 8 bits while decoding, the upper bound of what it allocates.
+        let needed = (u64::from(width) * u64::from(height) * 4).div_ceil(1024);
+        let needed = u32::try_from(needed).unwrap_or(u32::MAX);
+        match std::sync::Arc::clone(&self.kib).try_acquire_many_owned(needed) {
+            Ok(permit) => Ok(DecodePermit { _kib: Some(permit) }),
+            Err(_) => Err(Error::LimitExceeded(format!(
+                "input {index}: images being decoded hold the most memory they may \
+                 ({} bytes, limits.max_decoding_bytes); retry shortly",
+                self.total_bytes
+            ))),
+        }
+    }
+}
+
+/// Width and height from an image's header, without decoding it.
+pub fn header_dimensions(bytes: &[u8]) -> Option<(u32, u32)> {
+    ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .ok()?
+        .into_dimensions()
+        .ok()
 }
 
 /// How a backbone wants its pixels.
@@ -215,6 +270,7 @@ mod tests {
         max_encoded_bytes: 1 << 20,
         max_pixels: 1 << 20,
         max_aspect_ratio: 32,
+        max_decoding_bytes: 1 << 24,
     };
 
     fn png(image: &DynamicImage) -> Vec<u8> {

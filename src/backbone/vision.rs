@@ -336,6 +336,7 @@ mod tests {
                 max_encoded_bytes: 1 << 20,
                 max_pixels: 1 << 20,
                 max_aspect_ratio: 32,
+                max_decoding_bytes: 1 << 24,
             },
         )
         .expect("load generated weights")

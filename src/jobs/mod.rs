@@ -721,7 +721,7 @@ async fn embed_distinct(
     for (chunk_index, chunk) in distinct.chunks(EMBED_CHUNK).enumerate() {
         job.check_cancelled()?;
         let prepared = loaded
-            .prepare(chunk.to_vec(), true, chunk_index * EMBED_CHUNK)
+            .prepare(chunk.to_vec(), true, chunk_index * EMBED_CHUNK, None)
             .await
             .map_err(|err| match err {
                 Error::InvalidInput { index, reason } => {
