@@ -193,6 +193,12 @@ pub struct LimitsConfig {
     /// Largest accepted request message, in bytes; larger ones get
     /// RESOURCE_EXHAUSTED.
     pub max_message_bytes: usize,
+    /// A request message must arrive whole this long after its first byte.
+    pub message_timeout_seconds: f64,
+    /// Most bytes of unfinished request messages one connection may hold.
+    pub max_buffered_bytes_per_connection: usize,
+    /// Most bytes of unfinished request messages all connections may hold.
+    pub max_buffered_request_bytes: usize,
     /// Most inputs in one Embed or Predict request.
     pub max_inputs_per_request: usize,
     /// Longest text input, in characters (Unicode scalar values).
@@ -217,6 +223,10 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             max_message_bytes: 16 * 1024 * 1024,
+            message_timeout_seconds: 60.0,
+            // Two of the largest messages per connection; 32 in all.
+            max_buffered_bytes_per_connection: 32 * 1024 * 1024,
+            max_buffered_request_bytes: 512 * 1024 * 1024,
             max_inputs_per_request: 512,
             // Far beyond any model's context (MiniLM sees 256 tokens), small
             // enough that tokenizing one never takes long.
@@ -831,6 +841,19 @@ fn validate_server(server: &ServerConfig) -> Result<(), String> {
 fn validate_limits(limits: &LimitsConfig) -> Result<(), String> {
     if limits.max_message_bytes < 1024 {
         return Err("limits.max_message_bytes must be at least 1024".into());
+    }
+    if limits.max_buffered_bytes_per_connection < limits.max_message_bytes
+        || limits.max_buffered_request_bytes < limits.max_buffered_bytes_per_connection
+    {
+        return Err(
+            "limits: max_message_bytes <= max_buffered_bytes_per_connection <= \
+                    max_buffered_request_bytes must hold"
+                .into(),
+        );
+    }
+    let timeout = limits.message_timeout_seconds;
+    if !(timeout.is_finite() && timeout > 0.0 && timeout <= 3600.0) {
+        return Err("limits.message_timeout_seconds must be in (0, 3600]".into());
     }
     if limits.max_inputs_per_request == 0 {
         return Err("limits.max_inputs_per_request must be at least 1".into());

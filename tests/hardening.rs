@@ -233,3 +233,113 @@ async fn image_work_stops_when_its_client_gives_up() {
     );
     still_serves(&server).await;
 }
+
+/// Resident memory of a process, from /proc.
+fn resident_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kib * 1024
+}
+
+/// Opens an HTTP/2 stream to Health/Check that declares a 3.9 MB message,
+/// sends 1 MB of it and stops; returns the gRPC status the server answers
+/// with, and the stream's sender (dropping it would end the stream).
+async fn stalled_message(
+    client: &mut h2::client::SendRequest<bytes::Bytes>,
+    url: &str,
+) -> (
+    tokio::task::JoinHandle<Option<i32>>,
+    h2::SendStream<bytes::Bytes>,
+) {
+    let request = http::Request::post(format!("{url}/grpc.health.v1.Health/Check"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .expect("request");
+    let ready = client.clone().ready().await.expect("stream slot");
+    *client = ready;
+    let (response, mut send) = client.send_request(request, false).expect("send");
+    let mut data = vec![0u8];
+    data.extend_from_slice(&3_900_000u32.to_be_bytes());
+    data.extend(std::iter::repeat_n(0u8, 1_000_000));
+    send.send_data(bytes::Bytes::from(data), false)
+        .expect("data");
+    let status = tokio::spawn(async move {
+        let response = response.await.ok()?;
+        let (parts, mut body) = response.into_parts();
+        let from_headers = grpc_status(&parts.headers);
+        if from_headers.is_some() {
+            return from_headers;
+        }
+        while body.data().await.is_some() {}
+        body.trailers()
+            .await
+            .ok()
+            .flatten()
+            .and_then(|t| grpc_status(&t))
+    });
+    (status, send)
+}
+
+fn grpc_status(headers: &http::HeaderMap) -> Option<i32> {
+    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+#[tokio::test]
+async fn stalled_half_sent_messages_are_bounded_and_timed_out() {
+    let server = TestServer::start(&TestServer::minilm_config(
+        "max_message_bytes = 4194304\nmax_buffered_bytes_per_connection = 8388608\n\
+         max_buffered_request_bytes = 16777216\nmessage_timeout_seconds = 2",
+        "",
+    ))
+    .await;
+    let before = resident_bytes(server.pid());
+    let url = server.url();
+    let mut answers = Vec::new();
+    let mut senders = Vec::new();
+    // 4 connections x 10 streams x 1 MB sent of 3.9 MB declared: 40 MB that
+    // would stay pinned for as long as the connections live.
+    for _ in 0..4 {
+        let tcp = tokio::net::TcpStream::connect(server.grpc)
+            .await
+            .expect("tcp");
+        let (mut client, connection) = h2::client::handshake(tcp).await.expect("h2");
+        tokio::spawn(connection);
+        for _ in 0..10 {
+            let (answer, sender) = stalled_message(&mut client, &url).await;
+            answers.push(answer);
+            senders.push(sender);
+        }
+    }
+    let started = Instant::now();
+    let mut codes = Vec::new();
+    for answer in answers {
+        let code = tokio::time::timeout(Duration::from_secs(20), answer)
+            .await
+            .expect("every stalled stream is answered")
+            .expect("task");
+        codes.push(code);
+    }
+    assert!(started.elapsed() < Duration::from_secs(20));
+    let exhausted = codes
+        .iter()
+        .filter(|c| **c == Some(Code::ResourceExhausted as i32))
+        .count();
+    let timed_out = codes
+        .iter()
+        .filter(|c| **c == Some(Code::DeadlineExceeded as i32))
+        .count();
+    assert_eq!(exhausted + timed_out, codes.len(), "{codes:?}");
+    assert!(exhausted > 0 && timed_out > 0, "{codes:?}");
+    let grown = resident_bytes(server.pid()).saturating_sub(before);
+    assert!(
+        grown < 200 * 1024 * 1024,
+        "the server grew by {grown} bytes"
+    );
+    drop(senders);
+    still_serves(&server).await;
+}

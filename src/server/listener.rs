@@ -12,7 +12,7 @@ use std::{
     future::Future,
     io,
     pin::Pin,
-    sync::Arc,
+    sync::{atomic::AtomicUsize, Arc},
     task::{Context, Poll},
     time::{Duration, Instant},
 };
@@ -24,7 +24,7 @@ use tokio::{
     time::Sleep,
 };
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
 
 /// What one port's connections may cost.
 #[derive(Debug, Clone, Copy)]
@@ -94,6 +94,7 @@ async fn accept_loop(
         }
         let connection = Connection {
             stream,
+            buffered: Arc::new(AtomicUsize::new(0)),
             _permit: permit,
             first_byte_deadline: Some(Box::pin(tokio::time::sleep(limits.first_byte_timeout))),
         };
@@ -107,6 +108,8 @@ async fn accept_loop(
 /// connections until dropped.
 pub struct Connection {
     stream: TcpStream,
+    /// Bytes of unfinished request messages on this connection.
+    buffered: Arc<AtomicUsize>,
     _permit: OwnedSemaphorePermit,
     /// Until the first byte arrives.
     first_byte_deadline: Option<Pin<Box<Sleep>>>,
@@ -119,11 +122,34 @@ impl Connection {
     }
 }
 
+/// What each call learns of its connection (in the request's extensions).
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    pub tcp: TcpConnectInfo,
+    /// Bytes of unfinished request messages on the connection, for
+    /// limits.max_buffered_bytes_per_connection.
+    pub buffered: Arc<AtomicUsize>,
+}
+
+impl ConnectionInfo {
+    /// The connection's info from a request's extensions, over TLS or not.
+    pub fn of(extensions: &http::Extensions) -> Option<&ConnectionInfo> {
+        extensions.get::<ConnectionInfo>().or_else(|| {
+            extensions
+                .get::<TlsConnectInfo<ConnectionInfo>>()
+                .map(TlsConnectInfo::get_ref)
+        })
+    }
+}
+
 impl Connected for Connection {
-    type ConnectInfo = TcpConnectInfo;
+    type ConnectInfo = ConnectionInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
+        ConnectionInfo {
+            tcp: self.stream.connect_info(),
+            buffered: Arc::clone(&self.buffered),
+        }
     }
 }
 

@@ -35,6 +35,7 @@ use crate::{
 };
 
 use embedder::EmbedderService;
+use message_limit::BodyLimits;
 use models::ModelsService;
 use predictor::PredictorService;
 use request_layer::RequestLayer;
@@ -337,7 +338,12 @@ pub async fn run(
     }
     let serve = builder
         .layer(RequestLayer::new(
-            config.limits.max_message_bytes,
+            Arc::new(BodyLimits::new(
+                config.limits.max_message_bytes,
+                Duration::from_secs_f64(config.limits.message_timeout_seconds),
+                config.limits.max_buffered_bytes_per_connection,
+                config.limits.max_buffered_request_bytes,
+            )),
             authenticator,
         ))
         .add_service(health_service)

@@ -28,7 +28,8 @@ use tracing::Instrument;
 use super::{
     auth::{Authenticator, Decision},
     deadline::{self, Deadline},
-    message_limit::LimitedBody,
+    listener::ConnectionInfo,
+    message_limit::{BodyLimits, LimitedBody},
     status::code_name,
 };
 use crate::{metrics, telemetry, Error};
@@ -46,16 +47,16 @@ pub struct RequestId(pub Arc<str>);
 
 #[derive(Clone)]
 pub struct RequestLayer {
-    max_message_bytes: usize,
+    body_limits: Arc<BodyLimits>,
     known_methods: Arc<HashSet<String>>,
     /// None: authentication off.
     auth: Option<Arc<Authenticator>>,
 }
 
 impl RequestLayer {
-    pub fn new(max_message_bytes: usize, auth: Option<Arc<Authenticator>>) -> Self {
+    pub fn new(body_limits: Arc<BodyLimits>, auth: Option<Arc<Authenticator>>) -> Self {
         Self {
-            max_message_bytes,
+            body_limits,
             known_methods: Arc::new(known_methods()),
             auth,
         }
@@ -125,9 +126,10 @@ where
             return Box::pin(async move { Ok(response) });
         }
 
-        let limit = self.layer.max_message_bytes;
+        let limits = Arc::clone(&self.layer.body_limits);
+        let connection = ConnectionInfo::of(request.extensions()).map(|c| Arc::clone(&c.buffered));
         let deadline = deadline::from_headers(request.headers());
-        let mut request = request.map(|body| Body::new(LimitedBody::new(body, limit)));
+        let mut request = request.map(|body| Body::new(LimitedBody::new(body, limits, connection)));
         request
             .extensions_mut()
             .insert(RequestId(request_id.clone()));
@@ -381,7 +383,15 @@ mod tests {
 
     #[test]
     fn labels_are_bounded_to_served_methods() {
-        let layer = RequestLayer::new(1024, None);
+        let layer = RequestLayer::new(
+            Arc::new(BodyLimits::new(
+                1024,
+                std::time::Duration::from_secs(1),
+                2048,
+                4096,
+            )),
+            None,
+        );
         assert_eq!(
             layer.labels("/tlserve.v1.Embedder/Embed"),
             ("tlserve.v1.Embedder", "Embed")
