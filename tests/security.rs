@@ -309,3 +309,134 @@ async fn tls_and_mutual_tls() {
     };
     assert!(refused, "a client without a certificate got through");
 }
+
+const TEAM_A_TOKEN: &str = "team-a-secret-0c41d7e9a2";
+const TEAM_B_TOKEN: &str = "team-b-secret-7f02b9c1e5";
+const ADMIN_TOKEN: &str = "admin-secret-a8e3d51c09";
+
+/// Trains `head` with `token` on a few sentences; the job's id and its final
+/// state.
+async fn train_as(
+    channel: &Channel,
+    token: &str,
+    head: &str,
+) -> Result<(String, proto::JobState), Status> {
+    let examples = ["good film", "great acting", "awful plot", "dull scenes"]
+        .iter()
+        .enumerate()
+        .map(|(i, text)| proto::Example {
+            input: Some(text_input(text)),
+            label: if i < 2 { "pos" } else { "neg" }.into(),
+        })
+        .collect();
+    let mut stream = TrainerClient::new(with_token(channel.clone(), Some(token)))
+        .train_head(proto::TrainHeadRequest {
+            backbone: MINILM.into(),
+            head_name: head.into(),
+            data: Some(proto::train_head_request::Data::Examples(
+                proto::ExampleSet { examples },
+            )),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut last = None;
+    while let Some(event) = stream.message().await? {
+        last = Some(event);
+    }
+    let last = last.expect("events");
+    Ok((last.job_id.clone(), last.state()))
+}
+
+#[tokio::test]
+async fn a_token_acts_only_inside_its_namespaces() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let tokens = dir.path().join("tokens");
+    std::fs::write(
+        &tokens,
+        format!(
+            "a infer,train {TEAM_A_TOKEN} team-a\nb infer,train {TEAM_B_TOKEN} team-b\n\
+             admin infer,train {ADMIN_TOKEN}\n"
+        ),
+    )
+    .expect("write tokens");
+    let store = tempfile::tempdir().expect("store dir");
+    let server = TestServer::start(&format!(
+        "{}\n[auth]\nenabled = true\ntokens_file = \"{}\"\n[heads]\nstore_dir = \"{}\"\n",
+        TestServer::minilm_config("", ""),
+        tokens.display(),
+        store.path().display()
+    ))
+    .await;
+    let channel = server.channel().await;
+
+    let (job, state) = train_as(&channel, TEAM_A_TOKEN, "team-a.reviews")
+        .await
+        .expect("a trains in its namespace");
+    assert_eq!(state, proto::JobState::Succeeded);
+    let outside = train_as(&channel, TEAM_A_TOKEN, "team-b.reviews")
+        .await
+        .expect_err("a may not train in b's namespace");
+    assert_eq!(outside.code(), Code::PermissionDenied);
+
+    // b can neither read, use, delete nor watch a's head and job...
+    let mut b_models = ModelsClient::new(with_token(channel.clone(), Some(TEAM_B_TOKEN)));
+    let head = || proto::GetHeadRequest {
+        head: "team-a.reviews".into(),
+    };
+    let denied = b_models
+        .get_head(head())
+        .await
+        .expect_err("b reads a's head");
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    let denied = b_models
+        .delete_head(proto::DeleteHeadRequest {
+            head: "team-a.reviews".into(),
+        })
+        .await
+        .expect_err("b deletes a's head");
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    let denied = tlserve::proto::predictor_client::PredictorClient::new(with_token(
+        channel.clone(),
+        Some(TEAM_B_TOKEN),
+    ))
+    .predict(proto::PredictRequest {
+        head: "team-a.reviews".into(),
+        inputs: vec![text_input("fine")],
+        ..Default::default()
+    })
+    .await
+    .expect_err("b predicts with a's head");
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    let mut b_trainer = TrainerClient::new(with_token(channel.clone(), Some(TEAM_B_TOKEN)));
+    let denied = b_trainer
+        .watch_job(proto::WatchJobRequest {
+            job_id: job.clone(),
+        })
+        .await
+        .expect_err("b watches a's job");
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    // ... nor sees them listed.
+    let listed = b_models
+        .list_heads(proto::ListHeadsRequest::default())
+        .await
+        .expect("ListHeads")
+        .into_inner();
+    assert!(listed.heads.is_empty(), "{listed:?}");
+    let jobs = b_trainer
+        .list_jobs(proto::ListJobsRequest {
+            include_finished: true,
+        })
+        .await
+        .expect("ListJobs")
+        .into_inner();
+    assert!(jobs.jobs.is_empty(), "{jobs:?}");
+
+    // a and a token without namespaces see the head.
+    for token in [TEAM_A_TOKEN, ADMIN_TOKEN] {
+        ModelsClient::new(with_token(channel.clone(), Some(token)))
+            .get_head(head())
+            .await
+            .expect("in scope");
+    }
+}

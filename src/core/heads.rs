@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use super::Scope;
 use crate::{
     head::{
         store::{HeadStore, StoredHead},
@@ -39,17 +40,21 @@ impl Catalog {
         &self,
         backbone: Option<String>,
         all_versions: bool,
+        scope: &Scope,
     ) -> Result<Vec<Arc<StoredHead>>> {
         let store = Arc::clone(&self.store);
-        run_blocking("listing heads", move || {
+        let mut heads = run_blocking("listing heads", move || {
             store.list(backbone.as_deref(), all_versions)
         })
-        .await
+        .await?;
+        heads.retain(|head| scope.allows(&head.meta.name));
+        Ok(heads)
     }
 
     /// One head version (`name` or `name@version`).
-    pub async fn head(&self, reference: &str) -> Result<Arc<StoredHead>> {
+    pub async fn head(&self, reference: &str, scope: &Scope) -> Result<Arc<StoredHead>> {
         let reference = head_ref(reference)?;
+        scope.check(&reference.name)?;
         if let Some(head) = self.store.cached(&reference) {
             return Ok(head);
         }
@@ -58,8 +63,9 @@ impl Catalog {
     }
 
     /// Deletes one version, or all versions of a name; returns the versions.
-    pub async fn delete_head(&self, reference: &str) -> Result<Vec<u32>> {
+    pub async fn delete_head(&self, reference: &str, scope: &Scope) -> Result<Vec<u32>> {
         let reference = head_ref(reference)?;
+        scope.check(&reference.name)?;
         let store = Arc::clone(&self.store);
         run_blocking("deleting a head", move || store.delete(&reference)).await?
     }
@@ -68,7 +74,7 @@ impl Catalog {
     /// by Predict; says so once, after the backbones load, where an operator
     /// looks.
     pub async fn warn_about_stale_heads(&self) {
-        let heads = match self.heads(None, true).await {
+        let heads = match self.heads(None, true, &Scope::All).await {
             Ok(heads) => heads,
             Err(err) => {
                 tracing::warn!(error = %err, "cannot list heads to check their backbones");

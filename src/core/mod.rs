@@ -9,12 +9,14 @@ mod embed;
 mod heads;
 mod inputs;
 mod predict;
+mod scope;
 mod training;
 
 pub use embed::{embed_options, EmbedRequest, EmbedResponse, Embedder, Embedding};
 pub use heads::Catalog;
 pub use inputs::{check_input, check_request_inputs};
 pub use predict::{LabelScore, PredictRequest, PredictResponse, Predictor};
+pub use scope::Scope;
 pub use training::{
     bounds, head_kind, training_params, HeadSpec, RawExample, TrainRequest, Trainer, TrainingData,
     TrainingOptions, Upload,

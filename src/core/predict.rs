@@ -19,7 +19,7 @@ use crate::{
     Error, Result,
 };
 
-use super::inputs::check_request_inputs;
+use super::{inputs::check_request_inputs, Scope};
 
 /// What a client asks Predict for.
 #[derive(Debug, Clone)]
@@ -77,10 +77,11 @@ impl Predictor {
         }
     }
 
-    pub async fn predict(&self, request: PredictRequest) -> Result<PredictResponse> {
+    /// Predicts with a built-in head, or a stored one in `scope`.
+    pub async fn predict(&self, request: PredictRequest, scope: &Scope) -> Result<PredictResponse> {
         let (loaded, head) = match request.head.split_once('/') {
             Some((backbone, classifier)) => self.builtin(backbone, classifier)?,
-            None => self.stored(&request.head).await?,
+            None => self.stored(&request.head, scope).await?,
         };
         check_request_inputs(&request.inputs, &self.limits)?;
         let work = head
@@ -125,8 +126,9 @@ impl Predictor {
 
     /// A trained head from the store, with its backbone. A head in memory is
     /// served without touching the disk; a miss reads the disk off the runtime.
-    async fn stored(&self, text: &str) -> Result<(Arc<LoadedBackbone>, Head)> {
+    async fn stored(&self, text: &str, scope: &Scope) -> Result<(Arc<LoadedBackbone>, Head)> {
         let reference = HeadRef::parse(text).map_err(Error::InvalidArgument)?;
+        scope.check(&reference.name)?;
         let head = match self.store.cached(&reference) {
             Some(head) => head,
             None => {

@@ -5,7 +5,7 @@ use std::{collections::BTreeSet, sync::Arc};
 
 use tokio::sync::broadcast;
 
-use super::inputs::check_input;
+use super::{inputs::check_input, Scope};
 use crate::{
     backbone::Input,
     config::{is_valid_name, HeadsConfig},
@@ -215,8 +215,10 @@ impl Trainer {
     pub async fn train(
         &self,
         request: TrainRequest,
+        scope: &Scope,
     ) -> Result<(Arc<str>, broadcast::Receiver<JobEvent>)> {
         let plan = self.plan(&request)?;
+        scope.check(&request.head_name)?;
         let (examples, dataset) = self.resolve_data(request.data)?;
         let submitted = match self.labels(request.labels, &examples) {
             Ok(labels) => {
@@ -319,18 +321,35 @@ impl Trainer {
 
     /// The job's current event and, unless it has ended, a subscription to the
     /// events after it.
-    pub fn watch(&self, id: &str) -> Result<(JobEvent, Option<broadcast::Receiver<JobEvent>>)> {
+    pub fn watch(
+        &self,
+        id: &str,
+        scope: &Scope,
+    ) -> Result<(JobEvent, Option<broadcast::Receiver<JobEvent>>)> {
+        self.check_job(id, scope)?;
         self.jobs.watch(id)
     }
 
     /// Asks a job to stop.
-    pub fn cancel(&self, id: &str) -> Result<JobInfo> {
+    pub fn cancel(&self, id: &str, scope: &Scope) -> Result<JobInfo> {
+        self.check_job(id, scope)?;
         self.jobs.cancel(id)
     }
 
-    /// Jobs known to this server.
-    pub fn list(&self, include_finished: bool) -> Vec<JobInfo> {
-        self.jobs.list(include_finished)
+    /// Jobs known to this server, those in `scope`.
+    pub fn list(&self, include_finished: bool, scope: &Scope) -> Vec<JobInfo> {
+        let mut jobs = self.jobs.list(include_finished);
+        jobs.retain(|job| scope.allows(&job.head_name));
+        jobs
+    }
+
+    /// PERMISSION_DENIED for a job that trains a head outside `scope`.
+    fn check_job(&self, id: &str, scope: &Scope) -> Result<()> {
+        if *scope == Scope::All {
+            return Ok(());
+        }
+        let info = self.jobs.info(id)?;
+        scope.check(&info.head_name)
     }
 
     /// Checks and converts examples; `offset` is the index of the first in

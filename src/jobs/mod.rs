@@ -532,6 +532,11 @@ impl JobManager {
         Ok((status.last.clone(), receiver))
     }
 
+    /// A job and its latest event.
+    pub fn info(&self, id: &str) -> Result<JobInfo> {
+        Ok(self.find(id)?.info())
+    }
+
     /// Asks a job to stop; it ends CANCELLED.
     pub fn cancel(&self, id: &str) -> Result<JobInfo> {
         let job = self.find(id)?;

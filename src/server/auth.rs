@@ -16,7 +16,7 @@ use http::HeaderMap;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::AuthConfig;
+use crate::{config::AuthConfig, core::Scope};
 
 /// Environment variable holding tokens, in the tokens-file format (lines or
 /// `;`-separated entries); read in addition to `auth.tokens_file`.
@@ -62,6 +62,8 @@ struct Token {
     name: String,
     digest: [u8; 32],
     roles: Vec<Role>,
+    /// The heads and jobs it may act on.
+    scope: Scope,
 }
 
 /// The outcome of checking one call.
@@ -139,6 +141,14 @@ impl Authenticator {
                 )
             })
             .collect()
+    }
+
+    /// The heads and jobs the named token may act on.
+    pub fn scope(&self, token_name: &str) -> Scope {
+        self.tokens
+            .iter()
+            .find(|t| t.name == token_name)
+            .map_or(Scope::All, |t| t.scope.clone())
     }
 
     pub fn requirement(&self, path: &str) -> Requirement {
@@ -227,8 +237,10 @@ fn read_tokens_file(path: &Path) -> Result<String, AuthSetupError> {
     Ok(text)
 }
 
-/// Lines of `NAME ROLES TOKEN`: ROLES is `infer`, `train` or `infer,train`;
-/// blank lines and `#` comments are skipped. `origin` names the source in
+/// Lines of `NAME ROLES TOKEN [NAMESPACES]`: ROLES is `infer`, `train` or
+/// `infer,train`; NAMESPACES, when given, is a comma-separated list of the
+/// namespaces whose heads and jobs the token may act on (`*`: all, the
+/// default); blank lines and `#` comments are skipped. `origin` names the source in
 /// errors, which never quote a token.
 fn parse_tokens(text: &str, origin: &str) -> Result<Vec<Token>, AuthSetupError> {
     let mut tokens = Vec::new();
@@ -239,10 +251,14 @@ fn parse_tokens(text: &str, origin: &str) -> Result<Vec<Token>, AuthSetupError> 
         }
         let at = format!("{origin}, entry {}", number + 1);
         let fields: Vec<&str> = line.split_whitespace().collect();
-        let [name, roles, secret] = fields[..] else {
-            return Err(AuthSetupError(format!(
-                "{at}: expected `NAME ROLES TOKEN` (three fields)"
-            )));
+        let (name, roles, secret, namespaces) = match fields[..] {
+            [name, roles, secret] => (name, roles, secret, None),
+            [name, roles, secret, namespaces] => (name, roles, secret, Some(namespaces)),
+            _ => {
+                return Err(AuthSetupError(format!(
+                    "{at}: expected `NAME ROLES TOKEN [NAMESPACES]` (three or four fields)"
+                )))
+            }
         };
         if !crate::config::is_valid_name(name) {
             return Err(AuthSetupError(format!(
@@ -266,9 +282,26 @@ fn parse_tokens(text: &str, origin: &str) -> Result<Vec<Token>, AuthSetupError> 
             name: name.to_owned(),
             digest: Sha256::digest(secret.as_bytes()).into(),
             roles,
+            scope: parse_scope(namespaces, &at)?,
         });
     }
     Ok(tokens)
+}
+
+fn parse_scope(namespaces: Option<&str>, at: &str) -> Result<Scope, AuthSetupError> {
+    let Some(list) = namespaces.filter(|list| *list != "*") else {
+        return Ok(Scope::All);
+    };
+    let namespaces: Vec<String> = list.split(',').map(str::to_owned).collect();
+    if let Some(bad) = namespaces
+        .iter()
+        .find(|n| !crate::config::is_valid_name(n) || n.contains('.'))
+    {
+        return Err(AuthSetupError(format!(
+            "{at}: namespace `{bad}` must be letters, digits, '-' or '_'"
+        )));
+    }
+    Ok(Scope::Namespaces(namespaces.into()))
 }
 
 #[cfg(test)]
@@ -295,6 +328,32 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(http::header::AUTHORIZATION, value.parse().unwrap());
         headers
+    }
+
+    #[test]
+    fn a_fourth_field_names_the_token_namespaces() {
+        let config = AuthConfig {
+            enabled: true,
+            tokens_file: None,
+            public_health: true,
+            public_reflection: false,
+        };
+        let env = format!("a train {TRAIN} team-a,team-b; all infer {INFER} *");
+        let auth = Authenticator::from_config(&config, Some(&env))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            auth.scope("a"),
+            Scope::Namespaces(vec!["team-a".to_owned(), "team-b".to_owned()].into())
+        );
+        assert_eq!(auth.scope("all"), Scope::All);
+        for bad in ["x.y", "a/b", ""] {
+            let env = format!("a train {TRAIN} {bad},ok");
+            assert!(
+                Authenticator::from_config(&config, Some(&env)).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

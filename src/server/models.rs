@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use super::request_layer::scope_of;
 use crate::{core::Catalog, proto, wire::heads as wire};
 
 pub struct ModelsService {
@@ -35,11 +36,12 @@ impl proto::models_server::Models for ModelsService {
         &self,
         request: Request<proto::ListHeadsRequest>,
     ) -> Result<Response<proto::ListHeadsResponse>, Status> {
+        let scope = scope_of(&request);
         let request = request.into_inner();
         let backbone = (!request.backbone.is_empty()).then_some(request.backbone);
         let heads = self
             .catalog
-            .heads(backbone, request.all_versions)
+            .heads(backbone, request.all_versions, &scope)
             .await?
             .iter()
             .map(|head| wire::head_info(head))
@@ -51,7 +53,11 @@ impl proto::models_server::Models for ModelsService {
         &self,
         request: Request<proto::GetHeadRequest>,
     ) -> Result<Response<proto::HeadInfo>, Status> {
-        let head = self.catalog.head(&request.into_inner().head).await?;
+        let scope = scope_of(&request);
+        let head = self
+            .catalog
+            .head(&request.into_inner().head, &scope)
+            .await?;
         Ok(Response::new(wire::head_info(&head)))
     }
 
@@ -59,7 +65,11 @@ impl proto::models_server::Models for ModelsService {
         &self,
         request: Request<proto::DeleteHeadRequest>,
     ) -> Result<Response<proto::DeleteHeadResponse>, Status> {
-        let deleted_versions = self.catalog.delete_head(&request.into_inner().head).await?;
+        let scope = scope_of(&request);
+        let deleted_versions = self
+            .catalog
+            .delete_head(&request.into_inner().head, &scope)
+            .await?;
         Ok(Response::new(proto::DeleteHeadResponse {
             deleted_versions,
         }))

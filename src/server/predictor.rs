@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::deadline;
+use super::{deadline, request_layer::scope_of};
 use crate::{core::Predictor, proto, wire::convert};
 
 pub struct PredictorService {
@@ -24,8 +24,9 @@ impl proto::predictor_server::Predictor for PredictorService {
         request: Request<proto::PredictRequest>,
     ) -> Result<Response<proto::PredictResponse>, Status> {
         let deadline = deadline::of(&request);
+        let scope = scope_of(&request);
         let request = convert::predict_request(request.into_inner(), deadline)?;
-        let response = self.predictor.predict(request).await?;
+        let response = self.predictor.predict(request, &scope).await?;
         Ok(Response::new(convert::predict_response(response)))
     }
 }

@@ -32,7 +32,7 @@ use super::{
     message_limit::{BodyLimits, LimitedBody},
     status::code_name,
 };
-use crate::{metrics, telemetry, Error};
+use crate::{core::Scope, metrics, telemetry, Error};
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
@@ -40,6 +40,15 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// DEADLINE_EXCEEDED reaches the client before tonic's timer (same deadline,
 /// started a moment earlier) cuts the call off as CANCELLED.
 const DEADLINE_MARGIN: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// The heads and jobs the current call may act on, from its token.
+pub fn scope_of<T>(request: &tonic::Request<T>) -> Scope {
+    request
+        .extensions()
+        .get::<Scope>()
+        .cloned()
+        .unwrap_or_default()
+}
 
 /// The id of the current call, in the request extensions for handlers.
 #[derive(Debug, Clone)]
@@ -116,15 +125,18 @@ where
         };
 
         // Authentication first: a refused call does no other work.
-        if let Some(status) = self.layer.refusal(&request, &span) {
-            // Logs the refusal with its code, in the call's span.
-            call.finish(status.code(), Some(status.message()));
-            let mut response = status.into_http::<Body>();
-            if let Ok(value) = HeaderValue::from_str(&request_id) {
-                response.headers_mut().insert(REQUEST_ID_HEADER, value);
+        let scope = match self.layer.admit(&request, &span) {
+            Ok(scope) => scope,
+            Err(status) => {
+                // Logs the refusal with its code, in the call's span.
+                call.finish(status.code(), Some(status.message()));
+                let mut response = status.into_http::<Body>();
+                if let Ok(value) = HeaderValue::from_str(&request_id) {
+                    response.headers_mut().insert(REQUEST_ID_HEADER, value);
+                }
+                return Box::pin(async move { Ok(response) });
             }
-            return Box::pin(async move { Ok(response) });
-        }
+        };
 
         let limits = Arc::clone(&self.layer.body_limits);
         let connection = ConnectionInfo::of(request.extensions()).map(|c| Arc::clone(&c.buffered));
@@ -133,6 +145,7 @@ where
         request
             .extensions_mut()
             .insert(RequestId(request_id.clone()));
+        request.extensions_mut().insert(scope);
         if let Some(at) = deadline {
             request.extensions_mut().insert(Deadline(at));
         }
@@ -168,26 +181,27 @@ where
 }
 
 impl RequestLayer {
-    /// Why the call may not go on, if authentication refuses it; records the
-    /// token's name in the span when it is allowed.
-    fn refusal<B>(
+    /// The heads and jobs the call may act on, or why it may not go on at
+    /// all; records the token's name in the span.
+    fn admit<B>(
         &self,
         request: &http::Request<B>,
         span: &tracing::Span,
-    ) -> Option<tonic::Status> {
-        let auth = self.auth.as_ref()?;
+    ) -> Result<Scope, tonic::Status> {
+        let Some(auth) = self.auth.as_ref() else {
+            return Ok(Scope::All);
+        };
         match auth.check(request.uri().path(), request.headers()) {
-            Decision::Allow(token) => {
-                if let Some(token) = token {
-                    span.record("token", token.as_str());
-                }
-                None
+            Decision::Allow(None) => Ok(Scope::All),
+            Decision::Allow(Some(token)) => {
+                span.record("token", token.as_str());
+                Ok(auth.scope(&token))
             }
-            Decision::Unauthenticated(reason) => Some(tonic::Status::from(Error::Unauthenticated(
+            Decision::Unauthenticated(reason) => Err(tonic::Status::from(Error::Unauthenticated(
                 reason.to_owned(),
             ))),
             Decision::PermissionDenied(reason) => {
-                Some(tonic::Status::from(Error::PermissionDenied(reason)))
+                Err(tonic::Status::from(Error::PermissionDenied(reason)))
             }
         }
     }

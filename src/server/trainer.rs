@@ -8,6 +8,7 @@ use prost::Message;
 use tokio::sync::broadcast;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::request_layer::scope_of;
 use crate::{
     core::Trainer,
     jobs::JobEvent,
@@ -73,8 +74,9 @@ impl proto::trainer_server::Trainer for TrainerService {
         &self,
         request: Request<proto::TrainHeadRequest>,
     ) -> Result<Response<Self::TrainHeadStream>, Status> {
+        let scope = scope_of(&request);
         let request = convert::train_request(request.into_inner());
-        let (_id, receiver) = self.trainer.train(request).await?;
+        let (_id, receiver) = self.trainer.train(request, &scope).await?;
         Ok(Response::new(event_stream(None, Some(receiver))))
     }
 
@@ -115,7 +117,8 @@ impl proto::trainer_server::Trainer for TrainerService {
         &self,
         request: Request<proto::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
-        let (current, receiver) = self.trainer.watch(&request.into_inner().job_id)?;
+        let scope = scope_of(&request);
+        let (current, receiver) = self.trainer.watch(&request.into_inner().job_id, &scope)?;
         Ok(Response::new(event_stream(Some(current), receiver)))
     }
 
@@ -123,7 +126,8 @@ impl proto::trainer_server::Trainer for TrainerService {
         &self,
         request: Request<proto::CancelJobRequest>,
     ) -> Result<Response<proto::JobInfo>, Status> {
-        let info = self.trainer.cancel(&request.into_inner().job_id)?;
+        let scope = scope_of(&request);
+        let info = self.trainer.cancel(&request.into_inner().job_id, &scope)?;
         Ok(Response::new(wire::job_info(&info)))
     }
 
@@ -131,9 +135,10 @@ impl proto::trainer_server::Trainer for TrainerService {
         &self,
         request: Request<proto::ListJobsRequest>,
     ) -> Result<Response<proto::ListJobsResponse>, Status> {
+        let scope = scope_of(&request);
         let jobs = self
             .trainer
-            .list(request.into_inner().include_finished)
+            .list(request.into_inner().include_finished, &scope)
             .iter()
             .map(wire::job_info)
             .collect();

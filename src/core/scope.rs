@@ -1,0 +1,77 @@
+//! Which heads (and the jobs that train them) a caller may see and change.
+//!
+//! A namespace `team-a` covers the heads named `team-a.<anything>`. A caller
+//! whose token names namespaces acts only inside them; without
+//! authentication, or with a token that names none, everything is in scope.
+//! Built-in heads (`<backbone>/<classifier>`) belong to no namespace and are
+//! readable by every caller.
+
+use std::sync::Arc;
+
+use crate::{Error, Result};
+
+/// The heads a caller may act on.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Scope {
+    /// Every head.
+    #[default]
+    All,
+    /// The heads of these namespaces (`<namespace>.<name>`).
+    Namespaces(Arc<[String]>),
+}
+
+impl Scope {
+    /// Whether the head (or job for it) named `head_name` is in scope.
+    pub fn allows(&self, head_name: &str) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Namespaces(namespaces) => namespaces.iter().any(|namespace| {
+                head_name
+                    .strip_prefix(namespace.as_str())
+                    .is_some_and(|rest| rest.starts_with('.') && rest.len() > 1)
+            }),
+        }
+    }
+
+    /// PERMISSION_DENIED unless `head_name` is in scope.
+    pub fn check(&self, head_name: &str) -> Result<()> {
+        if self.allows(head_name) {
+            return Ok(());
+        }
+        let Scope::Namespaces(namespaces) = self else {
+            return Ok(());
+        };
+        Err(Error::PermissionDenied(format!(
+            "head `{head_name}` is outside this token's namespaces ({}); \
+             name heads `<namespace>.<name>`",
+            namespaces.join(", ")
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_namespace_covers_its_dotted_names_only() {
+        let scope = Scope::Namespaces(Arc::from(vec!["team-a".to_owned(), "x".to_owned()]));
+        assert!(scope.allows("team-a.sentiment"));
+        assert!(scope.allows("x.y.z"));
+        for outside in [
+            "team-a",
+            "team-a.",
+            "team-ab.s",
+            "team-b.s",
+            "sentiment",
+            "xy.z",
+        ] {
+            assert!(!scope.allows(outside), "{outside}");
+        }
+        assert!(matches!(
+            scope.check("team-b.s"),
+            Err(Error::PermissionDenied(m)) if m.contains("team-a")
+        ));
+        assert!(Scope::All.allows("anything"));
+    }
+}
