@@ -23,7 +23,7 @@ while [ $# -gt 0 ]; do
     *) targets+=("$1"); shift ;;
   esac
 done
-[ ${#targets[@]} -gt 0 ] || targets=(image_decode request_convert)
+[ ${#targets[@]} -gt 0 ] || targets=(image_decode request_convert message_frames)
 
 log() { printf 'fuzz: %s\n' "$*" >&2; }
 rustup run nightly rustc --version >/dev/null 2>&1 \

@@ -14,7 +14,7 @@ use crate::{
     core,
     head::HeadRef,
     proto,
-    wire::convert,
+    wire::{self, convert},
 };
 
 /// An encoded image through the server's decoding and preprocessing, with
@@ -130,5 +130,24 @@ fn image_descriptor() -> BackboneDescriptor {
         image_size: 32,
         max_sequence_length: 0,
         ..text_descriptor()
+    }
+}
+
+/// A request body's bytes through the message-framing scanner, cut into
+/// chunks of sizes the first byte picks: stalled and oversized streams, prefixes
+/// split anywhere. The bytes of the message under way never exceed what its
+/// prefix declared.
+pub fn message_frames(data: &[u8]) {
+    const LIMIT: usize = 1 << 16;
+    let Some((&chunking, body)) = data.split_first() else {
+        return;
+    };
+    let chunk = usize::from(chunking % 64) + 1;
+    let mut scanner = wire::framing::FrameScanner::new(LIMIT);
+    for piece in body.chunks(chunk) {
+        if scanner.scan(piece).is_err() {
+            return;
+        }
+        assert!(scanner.pending() <= LIMIT + 5);
     }
 }

@@ -221,6 +221,23 @@ async fn every_rpc_answers_bad_input_with_its_documented_code() {
             embed(LITE0, vec![image_input(png_claiming(0))]),
             invalid,
         ),
+    ];
+    // Slivers in every format the server decodes (the fuzz seeds), far beyond
+    // limits.max_image_aspect_ratio.
+    for seed in [
+        "sliver-1x3000.png",
+        "sliver-3000x1.jpg",
+        "sliver-1x3000.webp",
+    ] {
+        let bytes = std::fs::read(repo_root().join("fuzz/corpus/image_decode").join(seed))
+            .expect("sliver seed");
+        embed_cases.push((
+            "extreme aspect ratio",
+            embed(LITE0, vec![image_input(bytes)]),
+            invalid,
+        ));
+    }
+    embed_cases.extend(vec![
         (
             "unknown pooling value",
             proto::EmbedRequest {
@@ -258,7 +275,7 @@ async fn every_rpc_answers_bad_input_with_its_documented_code() {
             ),
             Code::Ok,
         ),
-    ];
+    ]);
     // Over the 64 KB message limit.
     embed_cases.push((
         "over max_message_bytes",

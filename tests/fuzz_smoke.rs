@@ -251,3 +251,12 @@ fn request_convert_survives_its_corpus_and_mutations() {
     seeds.extend(generated.into_iter().map(|(_, bytes)| bytes));
     run("request_convert", &seeds, fuzz_targets::request_convert);
 }
+
+#[test]
+fn message_frames_survive_their_corpus_and_mutations() {
+    run(
+        "message_frames",
+        &corpus("message_frames"),
+        fuzz_targets::message_frames,
+    );
+}

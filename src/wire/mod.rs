@@ -3,4 +3,5 @@
 //! protobuf.
 
 pub mod convert;
+pub mod framing;
 pub mod heads;
