@@ -3,10 +3,10 @@
 //! All names live here so that dashboards, alerts and code agree; a test compares
 //! the deploy files against what a running server exports.
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
-use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// gRPC calls finished, by `service`, `method` and `code` (e.g. `OK`, `NOT_FOUND`).
 pub const GRPC_REQUESTS_TOTAL: &str = "tlserve_grpc_requests_total";
@@ -65,11 +65,11 @@ const BATCH_TOKEN_BUCKETS: &[f64] = &[
     16.0, 64.0, 256.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0, 65536.0,
 ];
 
-/// Installs the global recorder and serves `/metrics` on `addr`. Call once per
-/// process.
-pub fn install_exporter(addr: SocketAddr) -> Result<(), BuildError> {
-    PrometheusBuilder::new()
-        .with_http_listener(addr)
+/// Installs the global recorder and returns the handle that renders it; the
+/// transport serves it on the metrics port. Call once per process, inside a
+/// tokio runtime (a task keeps the histograms' upkeep).
+pub fn install_recorder() -> Result<PrometheusHandle, BuildError> {
+    let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(BATCH_ITEMS.into()), BATCH_ITEM_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(BATCH_TOKENS.into()), BATCH_TOKEN_BUCKETS)?
@@ -78,9 +78,17 @@ pub fn install_exporter(addr: SocketAddr) -> Result<(), BuildError> {
             Matcher::Full(TRAINING_JOB_DURATION_SECONDS.into()),
             TRAINING_BUCKETS,
         )?
-        .install()?;
+        .install_recorder()?;
     describe();
-    Ok(())
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            ticks.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    Ok(handle)
 }
 
 fn describe() {

@@ -45,9 +45,17 @@ async fn silent_connections_are_closed_and_bounded() {
         TestServer::minilm_config("", "")
     ))
     .await;
-    // Twice the connection limit, none of which ever sends a byte.
-    let mut silent: Vec<TcpStream> = (0..16)
-        .map(|_| TcpStream::connect(server.grpc).expect("connect"))
+    // Twice the connection limit on the gRPC port and on the metrics port,
+    // none of which ever sends a byte.
+    let mut silent: Vec<TcpStream> = (0..32)
+        .map(|i| {
+            let port = if i % 2 == 0 {
+                server.grpc
+            } else {
+                server.metrics
+            };
+            TcpStream::connect(port).expect("connect")
+        })
         .collect();
     let started = Instant::now();
     for socket in &mut silent {
@@ -74,6 +82,7 @@ async fn silent_connections_are_closed_and_bounded() {
         started.elapsed()
     );
     still_serves(&server).await;
+    assert!(server.scrape().contains("tlserve_panics_total 0"));
 }
 
 #[tokio::test]

@@ -256,7 +256,7 @@ fn parse_tokens(text: &str, origin: &str) -> Result<Vec<Token>, AuthSetupError> 
             [name, roles, secret, namespaces] => (name, roles, secret, Some(namespaces)),
             _ => {
                 return Err(AuthSetupError(format!(
-                    "{at}: expected `NAME ROLES TOKEN [NAMESPACES]` (three or four fields)"
+                    "{at}: expected `NAME ROLES TOKEN [NAMESPACES]`: three fields, or four with namespaces"
                 )))
             }
         };

@@ -6,6 +6,7 @@ mod deadline;
 mod embedder;
 pub mod listener;
 mod message_limit;
+mod metrics_port;
 mod models;
 mod predictor;
 pub mod request_layer;
@@ -239,6 +240,7 @@ async fn start_health_port(
         impl tonic_health::pb::health_server::Health,
     >,
     limits: listener::ConnectionLimits,
+    body_limits: Arc<BodyLimits>,
 ) -> Result<Option<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>, ServeError> {
     let Some(addr) = config.server.health_listen else {
         return Ok(None);
@@ -246,9 +248,22 @@ async fn start_health_port(
     let listener = bind(addr, "Health (plaintext)").await?;
     Ok(Some(tokio::spawn(
         tonic::transport::Server::builder()
+            .max_concurrent_streams(config.server.max_concurrent_streams_per_connection)
+            // Public by design (probes), bounded like the main port.
+            .layer(RequestLayer::new(body_limits, None))
             .add_service(health_service)
             .serve_with_incoming(listener::incoming(listener, limits, "health")),
     )))
+}
+
+/// What request bodies may hold; shared by every port.
+fn body_limits(config: &Config) -> Arc<BodyLimits> {
+    Arc::new(BodyLimits::new(
+        config.limits.max_message_bytes,
+        Duration::from_secs_f64(config.limits.message_timeout_seconds),
+        config.limits.max_buffered_bytes_per_connection,
+        config.limits.max_buffered_request_bytes,
+    ))
 }
 
 /// Server reflection, v1 and v1alpha: grpcurl before 1.8.8 and many other
@@ -307,11 +322,24 @@ pub async fn run(
     let authenticator = authenticator(&config)?;
     let tls = config.server.tls.as_ref().map(tls_config).transpose()?;
     let listener = bind(config.server.listen, "gRPC").await?;
-    if let Some(addr) = config.server.metrics_listen {
-        metrics::install_exporter(addr).map_err(|source| ServeError::Metrics { addr, source })?;
-        metrics::spawn_process_sampler(Duration::from_secs(5));
-        tracing::info!(address = %addr, "metrics at /metrics");
-    }
+    let connection_limits = listener::ConnectionLimits {
+        max_connections: config.server.max_connections,
+        first_byte_timeout: config.server.connection_first_byte_timeout(),
+    };
+    let metrics_port = match config.server.metrics_listen {
+        Some(addr) => {
+            let handle = metrics::install_recorder()
+                .map_err(|source| ServeError::Metrics { addr, source })?;
+            metrics::spawn_process_sampler(Duration::from_secs(5));
+            let listener = bind(addr, "metrics (/metrics)").await?;
+            Some(tokio::spawn(metrics_port::serve(
+                listener,
+                handle,
+                connection_limits,
+            )))
+        }
+        None => None,
+    };
     let domain = Domain::build(&config)?;
     let refresher = HeadStore::refresh_periodically(&domain.store);
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -322,11 +350,14 @@ pub async fn run(
         .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
         .await;
     let loader = start_loading(&domain, &health);
-    let connection_limits = listener::ConnectionLimits {
-        max_connections: config.server.max_connections,
-        first_byte_timeout: config.server.connection_first_byte_timeout(),
-    };
-    let health_port = start_health_port(&config, health_service.clone(), connection_limits).await?;
+    let body_limits = body_limits(&config);
+    let health_port = start_health_port(
+        &config,
+        health_service.clone(),
+        connection_limits,
+        Arc::clone(&body_limits),
+    )
+    .await?;
     let (reflection_v1, reflection_v1alpha) = reflection()?;
 
     let (embedder, models, trainer, predictor) = services(&domain);
@@ -337,15 +368,7 @@ pub async fn run(
         builder = builder.tls_config(tls)?;
     }
     let serve = builder
-        .layer(RequestLayer::new(
-            Arc::new(BodyLimits::new(
-                config.limits.max_message_bytes,
-                Duration::from_secs_f64(config.limits.message_timeout_seconds),
-                config.limits.max_buffered_bytes_per_connection,
-                config.limits.max_buffered_request_bytes,
-            )),
-            authenticator,
-        ))
+        .layer(RequestLayer::new(body_limits, authenticator))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -368,7 +391,13 @@ pub async fn run(
     // of the grace period, and record the others as failed, for their clients
     // to read after the restart.
     domain.jobs.finish_or_fail_by(drain.grace_end()).await;
-    if let Some(task) = health_port {
+    for task in [
+        health_port.map(|t| t.abort_handle()),
+        metrics_port.map(|t| t.abort_handle()),
+    ]
+    .into_iter()
+    .flatten()
+    {
         task.abort();
     }
     loader.abort();

@@ -30,7 +30,7 @@ use super::{
     deadline::{self, Deadline},
     listener::ConnectionInfo,
     message_limit::{BodyLimits, LimitedBody},
-    status::code_name,
+    status::{code_name, DETAIL_HEADER},
 };
 use crate::{core::Scope, metrics, telemetry, Error};
 
@@ -170,7 +170,8 @@ where
                     parts.headers.insert(REQUEST_ID_HEADER, value);
                 }
                 if let Some(code) = grpc_status(&parts.headers) {
-                    call.finish(code, grpc_message(&parts.headers).as_deref());
+                    let message = logged_message(&mut parts.headers);
+                    call.finish(code, message.as_deref());
                 }
                 let body = ObservedBody { inner: body, call };
                 Ok(http::Response::from_parts(parts, Body::new(body)))
@@ -277,16 +278,29 @@ fn grpc_status(headers: &HeaderMap) -> Option<Code> {
     value.parse::<i32>().ok().map(Code::from_i32)
 }
 
+/// What the log says of a call's outcome: a server fault's details (taken
+/// out of the response, see status::DETAIL_HEADER), else the status message.
+fn logged_message(headers: &mut HeaderMap) -> Option<String> {
+    match headers.remove(DETAIL_HEADER) {
+        Some(detail) => Some(percent_decoded(detail.as_bytes())),
+        None => grpc_message(headers),
+    }
+}
+
 /// The status message, percent-decoded as the gRPC spec encodes it.
 fn grpc_message(headers: &HeaderMap) -> Option<String> {
-    let raw = headers.get("grpc-message")?.as_bytes();
+    Some(percent_decoded(headers.get("grpc-message")?.as_bytes()))
+}
+
+fn percent_decoded(raw: &[u8]) -> String {
     let mut bytes = Vec::with_capacity(raw.len());
     let mut i = 0;
     while i < raw.len() {
         let hex = |b: u8| (b as char).to_digit(16);
         match raw[i..] {
             [b'%', high, low, ..] if hex(high).is_some() && hex(low).is_some() => {
-                bytes.push((hex(high)? * 16 + hex(low)?) as u8);
+                let value = hex(high).unwrap_or(0) * 16 + hex(low).unwrap_or(0);
+                bytes.push(value as u8);
                 i += 3;
             }
             _ => {
@@ -295,7 +309,7 @@ fn grpc_message(headers: &HeaderMap) -> Option<String> {
             }
         }
     }
-    Some(String::from_utf8_lossy(&bytes).into_owned())
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 /// The facts of one call, recorded once when its status is known.
@@ -366,12 +380,13 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
-        let polled = this.inner.poll_frame(cx);
-        match &polled {
+        let mut polled = this.inner.poll_frame(cx);
+        match &mut polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(trailers) = frame.trailers_ref() {
+                if let Some(trailers) = frame.trailers_mut() {
                     if let Some(code) = grpc_status(trailers) {
-                        this.call.finish(code, grpc_message(trailers).as_deref());
+                        let message = logged_message(trailers);
+                        this.call.finish(code, message.as_deref());
                     }
                 }
             }

@@ -9,8 +9,41 @@ impl From<Error> for Status {
     /// Not logged here: the request layer logs every call once, with its
     /// request id, code and message.
     fn from(err: Error) -> Self {
-        Status::new(code_of(&err), bounded(err.to_string()))
+        let code = code_of(&err);
+        if code != Code::Internal {
+            return Status::new(code, bounded(err.to_string()));
+        }
+        // A server fault's details (file paths, library messages) are for the
+        // operator: they travel to the request layer in a header that it logs
+        // and removes, and the client reads a message without them.
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        if let Ok(detail) = encode_detail(&err.to_string()).parse() {
+            metadata.insert(DETAIL_HEADER, detail);
+        }
+        Status::with_metadata(code, INTERNAL_MESSAGE, metadata)
     }
+}
+
+/// What a client reads of a server fault.
+pub const INTERNAL_MESSAGE: &str =
+    "internal error: the server's log has the details under this call's request id";
+
+/// The response header that carries a server fault's details from the handler
+/// to the request layer, which logs it and takes it out.
+pub const DETAIL_HEADER: &str = "x-tlserve-error-detail";
+
+/// `text`, cut, with every byte outside printable ASCII percent-encoded, as a
+/// header value allows.
+fn encode_detail(text: &str) -> String {
+    let mut out = String::new();
+    for byte in bounded(text.to_owned()).bytes() {
+        if (0x20..0x7f).contains(&byte) && byte != b'%' {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
 }
 
 /// Longest status message, in characters. Messages may quote what a client
@@ -89,6 +122,30 @@ mod tests {
             reason: "text is empty".into(),
         });
         assert_eq!(status.message(), "input 3: text is empty");
+    }
+
+    #[test]
+    fn server_faults_keep_their_details_from_the_client() {
+        let status = Status::from(Error::Storage(
+            "cannot write /srv/heads/x/1: disk full".into(),
+        ));
+        assert_eq!(status.code(), Code::Internal);
+        assert_eq!(status.message(), INTERNAL_MESSAGE);
+        let detail = status
+            .metadata()
+            .get(DETAIL_HEADER)
+            .unwrap()
+            .to_str()
+            .unwrap();
+        assert_eq!(detail, "head store: cannot write /srv/heads/x/1: disk full");
+        let status = Status::from(Error::Internal("caf\u{e9}\n".into()));
+        let detail = status
+            .metadata()
+            .get(DETAIL_HEADER)
+            .unwrap()
+            .to_str()
+            .unwrap();
+        assert_eq!(detail, "internal error: caf%C3%A9%0A");
     }
 
     #[test]
