@@ -575,21 +575,6 @@ async fn every_rpc_answers_bad_input_with_its_documented_code() {
     assert!(server.scrape().contains("tlserve_panics_total 0"));
 }
 
-/// A valid 8-bit grayscale PNG of `width` x `height` black pixels: a few KB
-/// on the wire however long its longer side.
-fn gray_png(width: u32, height: u32) -> Vec<u8> {
-    use image::{
-        codecs::png::{CompressionType, FilterType, PngEncoder},
-        ImageEncoder,
-    };
-    let mut bytes = Vec::new();
-    let pixels = vec![0u8; width as usize * height as usize];
-    PngEncoder::new_with_quality(&mut bytes, CompressionType::Best, FilterType::NoFilter)
-        .write_image(&pixels, width, height, image::ExtendedColorType::L8)
-        .expect("encode");
-    bytes
-}
-
 #[tokio::test]
 async fn slivers_within_the_pixel_limit_are_refused_and_the_server_lives() {
     // Default image limits: 25,000,000 pixels, aspect ratio 32.

@@ -174,20 +174,6 @@ async fn client_strings_cannot_forge_or_flood_log_lines() {
     assert!(longest < 4_000, "a log line of {longest} bytes");
 }
 
-/// A valid 8-bit grayscale PNG of `width` x `height` black pixels, a few KB.
-fn gray_png(width: u32, height: u32) -> Vec<u8> {
-    use image::{
-        codecs::png::{CompressionType, FilterType, PngEncoder},
-        ImageEncoder,
-    };
-    let mut bytes = Vec::new();
-    let pixels = vec![0u8; width as usize * height as usize];
-    PngEncoder::new_with_quality(&mut bytes, CompressionType::Best, FilterType::NoFilter)
-        .write_image(&pixels, width, height, image::ExtendedColorType::L8)
-        .expect("encode");
-    bytes
-}
-
 /// CPU seconds (user + system) the process has used, from /proc.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc stat");

@@ -439,3 +439,18 @@ pub fn load_report(server: &TestServer, args: &[&str]) -> serde_json::Value {
     );
     serde_json::from_slice(&output.stdout).expect("JSON report")
 }
+
+/// A valid 8-bit grayscale PNG of `width` x `height` black pixels: a few KB
+/// on the wire however large it decodes.
+pub fn gray_png(width: u32, height: u32) -> Vec<u8> {
+    use image::{
+        codecs::png::{CompressionType, FilterType, PngEncoder},
+        ImageEncoder,
+    };
+    let mut bytes = Vec::new();
+    let pixels = vec![0u8; width as usize * height as usize];
+    PngEncoder::new_with_quality(&mut bytes, CompressionType::Best, FilterType::NoFilter)
+        .write_image(&pixels, width, height, image::ExtendedColorType::L8)
+        .expect("encode");
+    bytes
+}
