@@ -6,7 +6,7 @@
 use tlserve::{
     head::{
         model::HeadWeights, store::HeadStore, FeatureSettings, HeadKind, HeadMetadata, HeadMetrics,
-        PoolingName, TrainingParams,
+        TrainingParams,
     },
     nn::Dense,
 };
@@ -36,7 +36,7 @@ fn main() {
             backbone: "all-MiniLM-L6-v2".into(),
             backbone_fingerprint: "f".repeat(64),
             features: FeatureSettings {
-                pooling: PoolingName::Mean,
+                pooling: tlserve::backbone::Pooling::Mean,
                 normalize: true,
             },
             input_dim: inputs,

@@ -22,7 +22,7 @@ use std::{
     str::FromStr,
 };
 
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// Prefix of environment variables that override file settings.
 pub const ENV_PREFIX: &str = "TLSERVE__";
@@ -431,8 +431,9 @@ impl ImageConfig {
     }
 }
 
-/// How the token vectors of a text become one vector.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+/// How the token vectors of a text become one vector. Also stored with each
+/// head (head.json), in the same lower-case names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Pooling {
     /// Mean of the token vectors, padding excluded.

@@ -66,24 +66,14 @@ pub struct HeadMetrics {
 /// same.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FeatureSettings {
-    pub pooling: PoolingName,
+    pub pooling: Pooling,
     pub normalize: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PoolingName {
-    Mean,
-    Cls,
 }
 
 impl From<EmbedOptions> for FeatureSettings {
     fn from(options: EmbedOptions) -> Self {
         Self {
-            pooling: match options.pooling {
-                Pooling::Mean => PoolingName::Mean,
-                Pooling::Cls => PoolingName::Cls,
-            },
+            pooling: options.pooling,
             normalize: options.normalize,
         }
     }
@@ -92,10 +82,7 @@ impl From<EmbedOptions> for FeatureSettings {
 impl From<FeatureSettings> for EmbedOptions {
     fn from(settings: FeatureSettings) -> Self {
         Self {
-            pooling: match settings.pooling {
-                PoolingName::Mean => Pooling::Mean,
-                PoolingName::Cls => Pooling::Cls,
-            },
+            pooling: settings.pooling,
             normalize: settings.normalize,
         }
     }

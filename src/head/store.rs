@@ -507,7 +507,7 @@ fn read_version(dir: &Path, name: &str, version: u32) -> Result<StoredHead> {
 mod tests {
     use super::*;
     use crate::{
-        head::{FeatureSettings, HeadKind, HeadMetrics, PoolingName, TrainingParams},
+        head::{FeatureSettings, HeadKind, HeadMetrics, TrainingParams},
         nn::Dense,
     };
 
@@ -518,7 +518,7 @@ mod tests {
             backbone: "bb".into(),
             backbone_fingerprint: "fp".into(),
             features: FeatureSettings {
-                pooling: PoolingName::Mean,
+                pooling: crate::backbone::Pooling::Mean,
                 normalize: true,
             },
             input_dim: 2,
