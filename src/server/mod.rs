@@ -256,6 +256,23 @@ async fn start_health_port(
     )))
 }
 
+/// Installs the metrics recorder and serves it on `server.metrics_listen`.
+async fn start_metrics_port(
+    config: &Config,
+    limits: listener::ConnectionLimits,
+) -> Result<Option<tokio::task::JoinHandle<()>>, ServeError> {
+    let Some(addr) = config.server.metrics_listen else {
+        return Ok(None);
+    };
+    let handle =
+        metrics::install_recorder().map_err(|source| ServeError::Metrics { addr, source })?;
+    metrics::spawn_process_sampler(Duration::from_secs(5));
+    let listener = bind(addr, "metrics (/metrics)").await?;
+    Ok(Some(tokio::spawn(metrics_port::serve(
+        listener, handle, limits,
+    ))))
+}
+
 /// What request bodies may hold; shared by every port.
 fn body_limits(config: &Config) -> Arc<BodyLimits> {
     Arc::new(BodyLimits::new(
@@ -326,20 +343,7 @@ pub async fn run(
         max_connections: config.server.max_connections,
         first_byte_timeout: config.server.connection_first_byte_timeout(),
     };
-    let metrics_port = match config.server.metrics_listen {
-        Some(addr) => {
-            let handle = metrics::install_recorder()
-                .map_err(|source| ServeError::Metrics { addr, source })?;
-            metrics::spawn_process_sampler(Duration::from_secs(5));
-            let listener = bind(addr, "metrics (/metrics)").await?;
-            Some(tokio::spawn(metrics_port::serve(
-                listener,
-                handle,
-                connection_limits,
-            )))
-        }
-        None => None,
-    };
+    let metrics_port = start_metrics_port(&config, connection_limits).await?;
     let domain = Domain::build(&config)?;
     let refresher = HeadStore::refresh_periodically(&domain.store);
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -391,13 +395,10 @@ pub async fn run(
     // of the grace period, and record the others as failed, for their clients
     // to read after the restart.
     domain.jobs.finish_or_fail_by(drain.grace_end()).await;
-    for task in [
-        health_port.map(|t| t.abort_handle()),
-        metrics_port.map(|t| t.abort_handle()),
-    ]
-    .into_iter()
-    .flatten()
-    {
+    if let Some(task) = health_port {
+        task.abort();
+    }
+    if let Some(task) = metrics_port {
         task.abort();
     }
     loader.abort();
