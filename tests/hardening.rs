@@ -338,3 +338,53 @@ async fn stalled_half_sent_messages_are_bounded_and_timed_out() {
     drop(senders);
     still_serves(&server).await;
 }
+
+#[tokio::test]
+async fn a_version_folder_at_the_top_of_the_range_fails_publishing_plainly() {
+    let store = tempfile::tempdir().expect("store dir");
+    std::fs::create_dir_all(store.path().join("full").join(u32::MAX.to_string()))
+        .expect("version folder");
+    let server = TestServer::start(&format!(
+        "{}\n[heads]\nstore_dir = \"{}\"\n",
+        TestServer::minilm_config("", ""),
+        store.path().display()
+    ))
+    .await;
+    let examples = ["good film", "great acting", "awful plot", "dull scenes"]
+        .iter()
+        .enumerate()
+        .map(|(i, text)| proto::Example {
+            input: Some(text_input(text)),
+            label: if i < 2 { "pos" } else { "neg" }.into(),
+        })
+        .collect();
+    let mut events = TrainerClient::new(server.channel().await)
+        .train_head(proto::TrainHeadRequest {
+            backbone: MINILM.into(),
+            head_name: "full".into(),
+            data: Some(proto::train_head_request::Data::Examples(
+                proto::ExampleSet { examples },
+            )),
+            ..Default::default()
+        })
+        .await
+        .expect("TrainHead")
+        .into_inner();
+    let mut last = None;
+    while let Some(event) = events.message().await.expect("events") {
+        last = Some(event);
+    }
+    let last = last.expect("a final event");
+    assert_eq!(last.state(), proto::JobState::Failed, "{last:?}");
+    assert!(
+        last.error.contains("every version number"),
+        "{}",
+        last.error
+    );
+    assert!(
+        !last.error.contains(&*store.path().to_string_lossy()),
+        "the store's path reached the client: {}",
+        last.error
+    );
+    still_serves(&server).await;
+}

@@ -597,7 +597,7 @@ impl JobManager {
         let stage = match outcome {
             Ok(head) => Stage::Succeeded(head),
             Err(Error::Cancelled(reason)) => Stage::Cancelled(reason),
-            Err(err) => Stage::Failed(err.to_string()),
+            Err(err) => Stage::Failed(client_reason(&job.id, &err)),
         };
         let state = stage.state();
         let final_metrics = match &stage {
@@ -665,6 +665,20 @@ impl JobManager {
     async fn publish(&self, meta: HeadMetadata, weights: HeadWeights) -> Result<Arc<StoredHead>> {
         let store = Arc::clone(&self.store);
         run_blocking("publishing a head", move || store.publish(meta, weights)).await?
+    }
+}
+
+/// Why a job failed, as its clients read it. A server fault's details (file
+/// paths, library messages) go to the log under the job's id instead.
+fn client_reason(job: &str, err: &Error) -> String {
+    match err {
+        Error::Storage(_) | Error::Internal(_) | Error::Inference(_) | Error::ModelLoad(_) => {
+            tracing::error!(job, error = %err, "training job failed on a server fault");
+            format!(
+                "the server failed while running the job; its log has the details under job {job}"
+            )
+        }
+        other => other.to_string(),
     }
 }
 
