@@ -71,7 +71,7 @@ impl proto::trainer_server::Trainer for TrainerService {
         &self,
         request: Request<proto::TrainHeadRequest>,
     ) -> Result<Response<Self::TrainHeadStream>, Status> {
-        let request = convert::train_request(request.into_inner());
+        let request = convert::train_request(request.into_inner())?;
         let (_id, receiver) = self.trainer.train(request).await?;
         Ok(Response::new(event_stream(None, Some(receiver))))
     }
