@@ -131,7 +131,7 @@ SETS = {
     "rotten-tomatoes": (rotten_tomatoes, 8000),
     "bbc-news": (bbc_news, 2225),
     "roget-50": (roget, 6000),
-    "fashion-mnist": (fashion_mnist, 2000),
+    "fashion-mnist": (fashion_mnist, 1600),
 }
 
 

@@ -648,7 +648,10 @@ mod tests {
             })
             .collect();
         let err = check_label_counts(&examples, &TrainingParams::default()).unwrap_err();
-        assert!(err.to_string().contains("label `b` has a single example"), "{err}");
+        assert!(
+            err.to_string().contains("label `b` has a single example"),
+            "{err}"
+        );
         let without = TrainingParams {
             cv_folds: 0,
             ..TrainingParams::default()

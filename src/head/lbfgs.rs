@@ -84,7 +84,9 @@ fn direction(gradient: &[f64], pairs: &VecDeque<Pair>) -> Vec<f64> {
     }
     for (pair, alpha) in pairs.iter().zip(alphas.into_iter().rev()) {
         let beta = pair.rho * dot(&pair.y, &q);
-        q.iter_mut().zip(&pair.s).for_each(|(q, s)| *q += (alpha - beta) * s);
+        q.iter_mut()
+            .zip(&pair.s)
+            .for_each(|(q, s)| *q += (alpha - beta) * s);
     }
     q.iter_mut().for_each(|q| *q = -*q);
     q
@@ -193,7 +195,11 @@ fn remember(pairs: &mut VecDeque<Pair>, from: &Point, to: &Point, memory: usize)
         if pairs.len() == memory {
             pairs.pop_front();
         }
-        pairs.push_back(Pair { s, y, rho: 1.0 / sy });
+        pairs.push_back(Pair {
+            s,
+            y,
+            rho: 1.0 / sy,
+        });
     }
 }
 
@@ -248,13 +254,7 @@ mod tests {
             relative_decrease: 0.0,
             ..Options::default()
         };
-        let min = minimize(
-            &mut f,
-            vec![-1.2, 1.0],
-            &options,
-            &CancellationToken::new(),
-        )
-        .unwrap();
+        let min = minimize(&mut f, vec![-1.2, 1.0], &options, &CancellationToken::new()).unwrap();
         assert!((min.x[0] - 1.0).abs() < 1e-5 && (min.x[1] - 1.0).abs() < 1e-5);
     }
 

@@ -35,7 +35,9 @@ use crate::{nn::Dense, Error, Result};
 /// in half decades (scikit-learn's LogisticRegressionCV spans 10^-4 .. 10^4
 /// in 10 steps).
 fn c_grid() -> Vec<f64> {
-    (0..=14).map(|i| 10f64.powf(-3.0 + 0.5 * f64::from(i))).collect()
+    (0..=14)
+        .map(|i| 10f64.powf(-3.0 + 0.5 * f64::from(i)))
+        .collect()
 }
 
 /// Path points without a better out-of-fold loss before the path stops.
@@ -91,7 +93,7 @@ impl Folded {
     }
 
     fn all(&self) -> Vec<Range<usize>> {
-        vec![0..self.len()]
+        std::iter::once(0..self.len()).collect()
     }
 }
 
@@ -326,7 +328,14 @@ impl<'a> Problem<'a> {
 
     /// Turns one row of logits into its residual `scale * (p - onehot(y))`,
     /// adds it to the bias gradient, and returns the row's cross-entropy.
-    fn residual(&self, row: &mut [f32], b: &[f64], y: usize, scale: f64, grad_b: &mut [f64]) -> f64 {
+    fn residual(
+        &self,
+        row: &mut [f32],
+        b: &[f64],
+        y: usize,
+        scale: f64,
+        grad_b: &mut [f64],
+    ) -> f64 {
         let mut max = f64::NEG_INFINITY;
         for (j, v) in row.iter().enumerate() {
             if self.active[j] {
@@ -391,7 +400,10 @@ impl<'a> Problem<'a> {
                 count += labels.len();
             }
         }
-        (loss / count.max(1) as f64, correct as f64 / count.max(1) as f64)
+        (
+            loss / count.max(1) as f64,
+            correct as f64 / count.max(1) as f64,
+        )
     }
 }
 
@@ -491,7 +503,8 @@ fn choose_penalty(
         report(steps, &point, &summary, planned, on_step);
         thetas.clone_from(&point.thetas);
         let better = best.as_ref().is_none_or(|(b, _)| {
-            summary.accuracy > b.accuracy || (summary.accuracy == b.accuracy && summary.loss < b.loss)
+            summary.accuracy > b.accuracy
+                || (summary.accuracy == b.accuracy && summary.loss < b.loss)
         });
         let improved = summary.accuracy > best_accuracy || summary.loss < best_loss;
         best_accuracy = best_accuracy.max(summary.accuracy);
@@ -723,11 +736,19 @@ mod tests {
         let (w, b) = reference_optimum(set, l2);
         let out = layer(&head);
         for (got, want) in out.weight.iter().zip(&w) {
-            assert!((f64::from(*got) - want).abs() < 2e-3, "{:?} vs {w:?}", out.weight);
+            assert!(
+                (f64::from(*got) - want).abs() < 2e-3,
+                "{:?} vs {w:?}",
+                out.weight
+            );
         }
         // The bias is defined up to a constant; both sum to zero here.
         for (got, want) in out.bias.iter().zip(&b) {
-            assert!((f64::from(*got) - want).abs() < 2e-3, "{:?} vs {b:?}", out.bias);
+            assert!(
+                (f64::from(*got) - want).abs() < 2e-3,
+                "{:?} vs {b:?}",
+                out.bias
+            );
         }
     }
 

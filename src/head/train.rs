@@ -284,9 +284,7 @@ pub fn train(
         ));
     }
     match (params.solver, kind) {
-        (Solver::Lbfgs, HeadKind::Linear) => {
-            logistic::train_linear(set, params, cancel, on_step)
-        }
+        (Solver::Lbfgs, HeadKind::Linear) => logistic::train_linear(set, params, cancel, on_step),
         (Solver::Lbfgs, HeadKind::Mlp { .. }) => Err(Error::InvalidArgument(
             "the lbfgs solver trains linear heads; an MLP head trains with adamw".into(),
         )),
@@ -482,8 +480,8 @@ impl Run<'_> {
                 }
             }
         }
-        let (_, metrics, weights) = best
-            .ok_or_else(|| Error::InvalidArgument("training needs at least one epoch".into()))?;
+        let (_, metrics, weights) =
+            best.ok_or_else(|| Error::InvalidArgument("training needs at least one epoch".into()))?;
         Ok(RunResult {
             weights,
             metrics,
@@ -603,6 +601,53 @@ mod tests {
         p.early_stopping_patience = 3;
         let (_, epochs) = run(&set, &HeadKind::Linear, &p);
         assert!(epochs.len() < 500, "ran {} epochs", epochs.len());
+    }
+
+    #[test]
+    fn early_stopping_picks_the_epochs_then_a_refit_trains_on_every_example() {
+        // A fifth of the labels flipped: validation loss soon stops improving.
+        let mut set = blobs(200, 7);
+        let mut rng = Rng(8);
+        for label in &mut set.labels {
+            if rng.next_f32() < 0.2 {
+                *label = 1 - *label;
+            }
+        }
+        let kind = HeadKind::Mlp {
+            hidden_size: 16,
+            dropout: 0.0,
+        };
+        let mut p = params(4);
+        p.epochs = 200;
+        p.learning_rate = 0.01;
+        p.early_stopping_patience = 3;
+        p.refit = true;
+        let mut steps = Vec::new();
+        let trained = train(
+            &set,
+            &kind,
+            &p,
+            &CancellationToken::new(),
+            &mut |m, planned| steps.push((m.epoch, planned, m.validation_loss.is_some())),
+        )
+        .unwrap();
+        // The search ran some epochs with validation, the refit as many as
+        // the best epoch, without, its numbers continuing the count.
+        let searched = steps.iter().filter(|s| s.2).count();
+        assert!(searched < 200, "early stopping never stopped");
+        let refit: Vec<_> = steps[searched..].to_vec();
+        let best = searched - p.early_stopping_patience;
+        assert_eq!(refit.len(), best, "{steps:?}");
+        assert!(refit.iter().all(|s| !s.2 && s.1 == searched + best));
+        let numbers: Vec<usize> = steps.iter().map(|s| s.0).collect();
+        assert_eq!(numbers, (1..=steps.len()).collect::<Vec<_>>());
+        assert_eq!(
+            (trained.train_examples, trained.validation_examples),
+            (200, 20)
+        );
+        let m = &trained.metrics;
+        assert!(m.validation_accuracy.unwrap() >= 0.6, "{m:?}");
+        assert!(m.validation_ece.is_some(), "{m:?}");
     }
 
     #[test]
