@@ -74,9 +74,12 @@ pub fn request_convert(data: &[u8]) {
         2 => {
             if let Ok(request) = proto::TrainHeadRequest::decode(body) {
                 let _ = HeadRef::parse(&request.head_name);
-                let request = convert::train_request(request);
-                let _ = core::head_kind(request.head);
-                let _ = core::training_params(&request.options);
+                let Ok(request) = convert::train_request(request) else {
+                    return;
+                };
+                if let Ok(kind) = core::head_kind(request.head) {
+                    let _ = core::training_params(&request.options, &kind);
+                }
                 if let Some(core::TrainingData::Examples(examples)) = request.data {
                     for (index, example) in examples.into_iter().enumerate() {
                         if let Ok(input) = example.input {

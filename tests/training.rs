@@ -234,6 +234,71 @@ async fn a_trained_head_classifies_held_out_sentences_and_persists() {
     assert_eq!(listed.heads[0].metrics, head.metrics);
 }
 
+/// With no training options, a linear head is solved to convergence: the
+/// penalty chosen by 5-fold cross-validation (one TRAINING step per strength
+/// tried, then the refit on every example), out-of-fold validation metrics
+/// with their calibration error. A label seen once cannot be cross-validated
+/// and is refused at once.
+#[tokio::test]
+async fn a_head_without_options_is_cross_validated_and_refit_on_every_example() {
+    let store = tempfile::tempdir().expect("store dir");
+    let server = TestServer::start(&config_with_store(store.path(), "")).await;
+    let train_rows = read_tsv("topics_train.tsv");
+    let test_rows = read_tsv("topics_test.tsv");
+    let mut request = train_request("default", &train_rows, 3);
+    request.training = None;
+
+    let events = train(&server, request.clone()).await;
+    let done = events.last().unwrap();
+    assert_eq!(done.state(), JobState::Succeeded, "{done:?}");
+    let steps: Vec<&proto::TrainEvent> = events
+        .iter()
+        .filter(|e| e.state() == JobState::Training && e.epoch > 0)
+        .collect();
+    let numbers: Vec<u32> = steps.iter().map(|e| e.epoch).collect();
+    assert_eq!(numbers, (1..=steps.len() as u32).collect::<Vec<_>>());
+    assert!(steps.iter().all(|e| e.total_epochs == 16), "{steps:?}");
+
+    let head = done.head.as_ref().expect("the published head");
+    let training = head.training.as_ref().expect("training config");
+    assert_eq!(training.solver(), proto::Solver::Lbfgs);
+    assert_eq!(training.cv_folds, 5);
+    assert!(training.l2 > 0.0, "{training:?}");
+    assert_eq!((head.train_examples, head.validation_examples), (160, 160));
+    let metrics = head.metrics.as_ref().expect("metrics");
+    assert!(metrics.validation_accuracy.unwrap() >= 0.85, "{metrics:?}");
+    let ece = metrics.validation_ece.expect("calibration error");
+    assert!((0.0..0.2).contains(&ece), "{metrics:?}");
+
+    let texts: Vec<&str> = test_rows.iter().map(|(_, t)| t.as_str()).collect();
+    let response = predict(&server, "default", &texts, 1).await;
+    let correct = response
+        .predictions
+        .iter()
+        .zip(&test_rows)
+        .filter(|(p, (label, _))| &p.labels[0].label == label)
+        .count();
+    let accuracy = correct as f64 / test_rows.len() as f64;
+    eprintln!("held-out accuracy of the default head: {accuracy:.3}");
+    assert!(accuracy >= 0.85, "held-out accuracy {accuracy}");
+
+    let mut once = train_rows[..8].to_vec();
+    once.push(("rare".into(), "A label seen only once.".into()));
+    let mut request = train_request("once", &once, 0);
+    request.training = None;
+    let status = trainer(&server)
+        .await
+        .train_head(request)
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("`rare` has a single example"),
+        "{}",
+        status.message()
+    );
+}
+
 #[tokio::test]
 async fn the_same_seed_gives_the_same_head_and_versions_increase() {
     let store = tempfile::tempdir().expect("store dir");

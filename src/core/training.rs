@@ -1,7 +1,10 @@
 //! Training-job submission and dataset upload: every training parameter's
 //! default and bound in one place, labels checked, examples bounded.
 
-use std::{collections::BTreeSet, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use tokio::sync::broadcast;
 
@@ -10,7 +13,7 @@ use crate::{
     backbone::Input,
     config::{is_valid_name, HeadsConfig},
     datasets::{Dataset, DatasetStore, PendingUpload},
-    head::{HeadKind, TrainingParams},
+    head::{HeadKind, Solver, TrainingParams},
     jobs::{Example, JobEvent, JobInfo, JobManager, JobRequest},
     Error, Result,
 };
@@ -28,15 +31,23 @@ pub enum HeadSpec {
 /// Training options as a client gives them; `None` takes the default.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TrainingOptions {
+    /// None: L-BFGS for a linear head unless a mini-batch option (epochs,
+    /// learning rate, batch size, weight decay, validation fraction, early
+    /// stopping) is given; AdamW otherwise.
+    pub solver: Option<Solver>,
     pub epochs: Option<usize>,
     pub learning_rate: Option<f64>,
     pub batch_size: Option<usize>,
-    pub weight_decay: f64,
+    pub weight_decay: Option<f64>,
     pub validation_fraction: Option<f64>,
     /// Train on every example and report no validation metrics.
     pub no_validation: bool,
-    /// 0: never stop early.
-    pub early_stopping_patience: usize,
+    /// None: 10 when early stopping chooses the epochs, else never.
+    pub early_stopping_patience: Option<usize>,
+    /// L-BFGS: the L2 penalty; None: chosen by cross-validation.
+    pub l2: Option<f64>,
+    /// L-BFGS: folds of the cross-validation.
+    pub cv_folds: Option<usize>,
     pub balance_classes: bool,
     pub seed: u64,
     /// Fine-tuning: encoder layers to train with the head (0: frozen features).
@@ -71,19 +82,35 @@ pub struct TrainRequest {
     pub labels: Vec<String>,
 }
 
-/// The bounds of every training parameter, and the defaults this layer adds
-/// to [`TrainingParams::default`].
+/// The bounds and defaults of every training parameter.
 pub mod bounds {
     /// Most epochs of one job.
     pub const MAX_EPOCHS: usize = 10_000;
+    /// AdamW without given epochs: at most this many, early stopping picks.
+    pub const DEFAULT_MAX_EPOCHS: usize = 200;
+    /// AdamW without given epochs: epochs without a better validation loss
+    /// before the run stops.
+    pub const DEFAULT_EARLY_STOPPING_PATIENCE: usize = 10;
     /// Learning rates are in (0, MAX_LEARNING_RATE].
     pub const MAX_LEARNING_RATE: f64 = 10.0;
+    /// AdamW's peak learning rate.
+    pub const DEFAULT_LEARNING_RATE: f64 = 1e-3;
     /// Largest mini-batch.
     pub const MAX_BATCH_SIZE: usize = 65_536;
+    pub const DEFAULT_BATCH_SIZE: usize = 32;
     /// Weight decay is in [0, MAX_WEIGHT_DECAY].
     pub const MAX_WEIGHT_DECAY: f64 = 1.0;
+    /// AdamW's decoupled weight decay for MLP heads when none is given
+    /// (linear heads get none: their penalty is L-BFGS's `l2`).
+    pub const DEFAULT_MLP_WEIGHT_DECAY: f64 = 1e-2;
     /// The validation share is in [0, MAX_VALIDATION_FRACTION].
     pub const MAX_VALIDATION_FRACTION: f64 = 0.5;
+    pub const DEFAULT_VALIDATION_FRACTION: f64 = 0.1;
+    /// L-BFGS penalties are in (0, MAX_L2].
+    pub const MAX_L2: f64 = 1e4;
+    /// Cross-validation folds are in [2, MAX_CV_FOLDS].
+    pub const MAX_CV_FOLDS: usize = 20;
+    pub const DEFAULT_CV_FOLDS: usize = 5;
     /// Hidden width of an MLP head when none is given.
     pub const DEFAULT_MLP_HIDDEN: usize = 256;
     /// Widest MLP hidden layer.
@@ -122,26 +149,105 @@ pub fn head_kind(spec: Option<HeadSpec>) -> Result<HeadKind> {
 
 /// Training parameters with the documented defaults applied and the ranges
 /// checked.
-pub fn training_params(options: &TrainingOptions) -> Result<TrainingParams> {
+pub fn training_params(options: &TrainingOptions, kind: &HeadKind) -> Result<TrainingParams> {
+    let base = TrainingParams {
+        solver: solver(options, kind)?,
+        balance_classes: options.balance_classes,
+        seed: options.seed,
+        cv_folds: 0,
+        ..TrainingParams::default()
+    };
+    match base.solver {
+        Solver::Lbfgs => lbfgs_params(options, base),
+        Solver::Adamw => adamw_params(options, kind, base),
+    }
+}
+
+/// The names of the AdamW options a client set.
+fn minibatch_options(options: &TrainingOptions) -> Vec<&'static str> {
+    [
+        ("epochs", options.epochs.is_some()),
+        ("learning_rate", options.learning_rate.is_some()),
+        ("batch_size", options.batch_size.is_some()),
+        ("weight_decay", options.weight_decay.is_some()),
+        ("validation_fraction", options.validation_fraction.is_some()),
+        (
+            "early_stopping_patience",
+            options.early_stopping_patience.is_some(),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(name, set)| set.then_some(name))
+    .collect()
+}
+
+/// The solver asked for, or the one the head and options call for.
+fn solver(options: &TrainingOptions, kind: &HeadKind) -> Result<Solver> {
+    let minibatch = minibatch_options(options);
+    match (options.solver, kind) {
+        (Some(Solver::Lbfgs), HeadKind::Mlp { .. }) => Err(invalid(
+            "solver lbfgs trains linear heads; an MLP head trains with adamw",
+        )),
+        (Some(Solver::Lbfgs), _) if !minibatch.is_empty() => Err(invalid(format!(
+            "{} belong to solver adamw, not lbfgs",
+            minibatch.join(", ")
+        ))),
+        (Some(solver), _) => Ok(solver),
+        (None, HeadKind::Linear) if minibatch.is_empty() => Ok(Solver::Lbfgs),
+        (None, _) => Ok(Solver::Adamw),
+    }
+}
+
+fn lbfgs_params(options: &TrainingOptions, base: TrainingParams) -> Result<TrainingParams> {
     use bounds::*;
-    let defaults = TrainingParams::default();
-    let epochs = options.epochs.unwrap_or(defaults.epochs);
+    let l2 = options.l2.unwrap_or(0.0);
+    if options.l2.is_some() && !(l2.is_finite() && l2 > 0.0 && l2 <= MAX_L2) {
+        return Err(invalid(format!("l2 must be in (0, {MAX_L2}]")));
+    }
+    let cv_folds = match (options.no_validation, options.cv_folds) {
+        (true, Some(_)) => return Err(invalid("cv_folds and no_validation contradict each other")),
+        (true, None) => 0,
+        (false, folds) => folds.unwrap_or(DEFAULT_CV_FOLDS),
+    };
+    if !options.no_validation && !(2..=MAX_CV_FOLDS).contains(&cv_folds) {
+        return Err(invalid(format!("cv_folds must be in [2, {MAX_CV_FOLDS}]")));
+    }
+    Ok(TrainingParams {
+        l2,
+        cv_folds,
+        ..base
+    })
+}
+
+fn adamw_params(
+    options: &TrainingOptions,
+    kind: &HeadKind,
+    base: TrainingParams,
+) -> Result<TrainingParams> {
+    use bounds::*;
+    if options.l2.is_some() || options.cv_folds.is_some() {
+        return Err(invalid("l2 and cv_folds belong to solver lbfgs, not adamw"));
+    }
+    let epochs = options.epochs.unwrap_or(DEFAULT_MAX_EPOCHS);
     if epochs > MAX_EPOCHS {
         return Err(invalid(format!("epochs must be at most {MAX_EPOCHS}")));
     }
-    let learning_rate = options.learning_rate.unwrap_or(defaults.learning_rate);
+    let learning_rate = options.learning_rate.unwrap_or(DEFAULT_LEARNING_RATE);
     if !(learning_rate.is_finite() && learning_rate > 0.0 && learning_rate <= MAX_LEARNING_RATE) {
         return Err(invalid(format!(
             "learning_rate must be in (0, {MAX_LEARNING_RATE}]"
         )));
     }
-    let batch_size = options.batch_size.unwrap_or(defaults.batch_size);
+    let batch_size = options.batch_size.unwrap_or(DEFAULT_BATCH_SIZE);
     if batch_size > MAX_BATCH_SIZE {
         return Err(invalid(format!(
             "batch_size must be at most {MAX_BATCH_SIZE}"
         )));
     }
-    let weight_decay = options.weight_decay;
+    let weight_decay = options.weight_decay.unwrap_or(match kind {
+        HeadKind::Linear => 0.0,
+        HeadKind::Mlp { .. } => DEFAULT_MLP_WEIGHT_DECAY,
+    });
     if !(weight_decay.is_finite() && (0.0..=MAX_WEIGHT_DECAY).contains(&weight_decay)) {
         return Err(invalid(format!(
             "weight_decay must be in [0, {MAX_WEIGHT_DECAY}]"
@@ -152,7 +258,7 @@ pub fn training_params(options: &TrainingOptions) -> Result<TrainingParams> {
     } else {
         options
             .validation_fraction
-            .unwrap_or(defaults.validation_fraction)
+            .unwrap_or(DEFAULT_VALIDATION_FRACTION)
     };
     if !(validation_fraction.is_finite()
         && (0.0..=MAX_VALIDATION_FRACTION).contains(&validation_fraction))
@@ -161,16 +267,45 @@ pub fn training_params(options: &TrainingOptions) -> Result<TrainingParams> {
             "validation_fraction must be in [0, {MAX_VALIDATION_FRACTION}]"
         )));
     }
+    // Without given epochs, early stopping on the held-out rows picks them
+    // and a refit then trains on every row; given epochs are run as asked.
+    let chosen_epochs = options.epochs.is_none() && validation_fraction > 0.0;
+    let default_patience = if chosen_epochs {
+        DEFAULT_EARLY_STOPPING_PATIENCE
+    } else {
+        0
+    };
     Ok(TrainingParams {
         epochs,
         learning_rate,
         batch_size,
         weight_decay,
         validation_fraction,
-        early_stopping_patience: options.early_stopping_patience,
-        balance_classes: options.balance_classes,
-        seed: options.seed,
+        early_stopping_patience: options.early_stopping_patience.unwrap_or(default_patience),
+        refit: chosen_epochs,
+        ..base
     })
+}
+
+/// Refuses a set that cross-validation cannot split: a label with a single
+/// example would be missing from the data of the fold that validates it.
+fn check_label_counts(examples: &[Example], params: &TrainingParams) -> Result<()> {
+    if params.solver != Solver::Lbfgs || params.cv_folds == 0 {
+        return Ok(());
+    }
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for example in examples {
+        *counts.entry(example.label.as_str()).or_default() += 1;
+    }
+    match counts.iter().find(|(_, &count)| count == 1) {
+        Some((label, _)) => Err(invalid(format!(
+            "label `{label}` has a single example: the default training \
+             cross-validates, which needs at least two examples of each label; \
+             add examples, or set no_validation to train on every example with \
+             a fixed penalty"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Starts training jobs and keeps uploaded datasets for them.
@@ -220,7 +355,9 @@ impl Trainer {
         let plan = self.plan(&request)?;
         scope.check(&request.head_name)?;
         let (examples, dataset) = self.resolve_data(request.data)?;
-        let submitted = match self.labels(request.labels, &examples) {
+        let checked = check_label_counts(&examples, &plan.params)
+            .and_then(|()| self.labels(request.labels, &examples));
+        let submitted = match checked {
             Ok(labels) => {
                 let job = JobRequest {
                     backbone: request.backbone,
@@ -260,10 +397,9 @@ impl Trainer {
                     .into(),
             ));
         }
-        Ok(JobPlan {
-            kind: head_kind(request.head.clone())?,
-            params: training_params(&request.options)?,
-        })
+        let kind = head_kind(request.head.clone())?;
+        let params = training_params(&request.options, &kind)?;
+        Ok(JobPlan { kind, params })
     }
 
     /// The job's examples, and the uploaded dataset they were taken from.
@@ -444,17 +580,17 @@ mod tests {
 
     #[test]
     fn training_defaults_and_ranges() {
-        let params = training_params(&TrainingOptions::default()).unwrap();
+        let linear = HeadKind::Linear;
+        let params = training_params(&TrainingOptions::default(), &linear).unwrap();
         assert_eq!(params, TrainingParams::default());
+        assert_eq!((params.solver, params.cv_folds), (Solver::Lbfgs, 5));
 
         let no_validation = TrainingOptions {
             no_validation: true,
             ..Default::default()
         };
-        assert_eq!(
-            training_params(&no_validation).unwrap().validation_fraction,
-            0.0
-        );
+        let params = training_params(&no_validation, &linear).unwrap();
+        assert_eq!((params.solver, params.cv_folds), (Solver::Lbfgs, 0));
 
         for bad in [
             TrainingOptions {
@@ -474,13 +610,85 @@ mod tests {
                 ..Default::default()
             },
             TrainingOptions {
-                weight_decay: f64::INFINITY,
+                weight_decay: Some(f64::INFINITY),
+                ..Default::default()
+            },
+            TrainingOptions {
+                l2: Some(-1.0),
+                ..Default::default()
+            },
+            TrainingOptions {
+                cv_folds: Some(1),
+                ..Default::default()
+            },
+            TrainingOptions {
+                solver: Some(Solver::Lbfgs),
+                epochs: Some(5),
+                ..Default::default()
+            },
+            TrainingOptions {
+                solver: Some(Solver::Adamw),
+                l2: Some(0.1),
                 ..Default::default()
             },
         ] {
-            let err = training_params(&bad).unwrap_err();
+            let err = training_params(&bad, &linear).unwrap_err();
             assert!(matches!(err, Error::InvalidArgument(_)), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn asking_for_epochs_or_an_mlp_trains_with_adamw() {
+        let given = TrainingOptions {
+            epochs: Some(40),
+            ..Default::default()
+        };
+        let params = training_params(&given, &HeadKind::Linear).unwrap();
+        assert_eq!(params.solver, Solver::Adamw);
+        assert_eq!((params.epochs, params.early_stopping_patience), (40, 0));
+        assert!(!params.refit);
+        assert_eq!(params.validation_fraction, 0.1);
+
+        let mlp = HeadKind::Mlp {
+            hidden_size: 64,
+            dropout: 0.1,
+        };
+        let params = training_params(&TrainingOptions::default(), &mlp).unwrap();
+        assert_eq!(params.solver, Solver::Adamw);
+        assert_eq!(params.epochs, bounds::DEFAULT_MAX_EPOCHS);
+        assert_eq!(
+            params.early_stopping_patience,
+            bounds::DEFAULT_EARLY_STOPPING_PATIENCE
+        );
+        assert!(params.refit);
+        assert_eq!(params.weight_decay, bounds::DEFAULT_MLP_WEIGHT_DECAY);
+
+        let lbfgs_mlp = TrainingOptions {
+            solver: Some(Solver::Lbfgs),
+            ..Default::default()
+        };
+        assert!(training_params(&lbfgs_mlp, &mlp).is_err());
+    }
+
+    #[test]
+    fn a_label_seen_once_is_refused_when_cross_validating() {
+        let examples: Vec<Example> = ["a", "a", "b"]
+            .iter()
+            .map(|label| Example {
+                input: Input::Text("x".into()),
+                label: (*label).into(),
+            })
+            .collect();
+        let err = check_label_counts(&examples, &TrainingParams::default()).unwrap_err();
+        assert!(
+            err.to_string().contains("label `b` has a single example"),
+            "{err}"
+        );
+        let without = TrainingParams {
+            cv_folds: 0,
+            ..TrainingParams::default()
+        };
+        assert!(check_label_counts(&examples, &without).is_ok());
     }
 
     #[test]

@@ -2,9 +2,17 @@
 //! served next to the backbone. Many heads share one resident backbone.
 //!
 //! `model` holds the weights and applies them (with the building blocks of
-//! [`crate::nn`]), `train` the training loop, `store` the crash-safe on-disk store.
+//! [`crate::nn`]); `train` trains them: linear heads by default with
+//! `logistic` (softmax regression solved to convergence by `lbfgs`, its
+//! penalty chosen by cross-validation), MLP heads and explicit mini-batch
+//! runs with AdamW; `calibration` measures and corrects their confidence;
+//! `store` is the crash-safe on-disk store.
 
+pub mod calibration;
+pub mod lbfgs;
+pub mod logistic;
 pub mod model;
+pub(crate) mod rng;
 pub mod store;
 pub mod train;
 
@@ -22,37 +30,91 @@ pub enum HeadKind {
     Mlp { hidden_size: usize, dropout: f32 },
 }
 
-/// Hyper-parameters of a training run, every default applied.
+/// How a head's weights are found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Solver {
+    /// Full-batch L-BFGS on the L2-penalised cross-entropy of a linear head,
+    /// to convergence; the penalty chosen by cross-validation, then a refit
+    /// on every example.
+    Lbfgs,
+    /// Mini-batch AdamW with a cosine learning-rate schedule.
+    Adamw,
+}
+
+impl Solver {
+    /// What heads stored before solvers could be chosen were trained with.
+    fn stored_before_choice() -> Self {
+        Solver::Adamw
+    }
+}
+
+/// Hyper-parameters of a training run, every default applied. A stored head
+/// keeps the values its run settled on (the chosen `l2`, the folds used).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainingParams {
+    #[serde(default = "Solver::stored_before_choice")]
+    pub solver: Solver,
+    /// AdamW: passes over the training examples (the most, with early stopping).
     pub epochs: usize,
+    /// AdamW: the peak learning rate, decayed to 0 by a cosine over `epochs`.
     pub learning_rate: f64,
     pub batch_size: usize,
+    /// AdamW: decoupled weight decay.
     pub weight_decay: f64,
-    /// 0 when the run trained without validation.
+    /// AdamW: share held out for validation; 0 when the run trained without.
     pub validation_fraction: f64,
-    /// 0 means never stop early.
+    /// AdamW: 0 means never stop early.
     pub early_stopping_patience: usize,
+    /// AdamW: after early stopping found the best epoch, train again on every
+    /// example (held-out ones included) for that many epochs.
+    #[serde(default)]
+    pub refit: bool,
+    /// L-BFGS: strength of the L2 penalty on the weights, `mean loss +
+    /// l2 / 2 * |W|^2` on all examples; 0 in a request: chosen by
+    /// cross-validation.
+    #[serde(default)]
+    pub l2: f64,
+    /// L-BFGS: folds of the cross-validation that chooses `l2` and measures
+    /// the head; 0 without validation.
+    #[serde(default)]
+    pub cv_folds: usize,
     pub balance_classes: bool,
     pub seed: u64,
 }
 
 impl Default for TrainingParams {
+    /// A linear head with no options: L-BFGS, penalty by 5-fold cross-validation.
     fn default() -> Self {
         Self {
-            epochs: 20,
-            learning_rate: 1e-3,
-            batch_size: 32,
+            solver: Solver::Lbfgs,
+            epochs: 0,
+            learning_rate: 0.0,
+            batch_size: 0,
             weight_decay: 0.0,
-            validation_fraction: 0.1,
+            validation_fraction: 0.0,
             early_stopping_patience: 0,
+            refit: false,
+            l2: 0.0,
+            cv_folds: 5,
             balance_classes: false,
             seed: 0,
         }
     }
 }
 
-/// Loss and accuracy of a head at one epoch.
+impl TrainingParams {
+    /// The planned number of progress steps: epochs for AdamW (a refit adds
+    /// its own), fits along the penalty path plus the refit for L-BFGS.
+    pub fn planned_steps(&self) -> usize {
+        match self.solver {
+            Solver::Adamw => self.epochs,
+            Solver::Lbfgs => logistic::planned_steps(self),
+        }
+    }
+}
+
+/// Loss and accuracy of a head at one step of training (an epoch, or a fit).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct HeadMetrics {
     pub epoch: usize,
@@ -60,6 +122,13 @@ pub struct HeadMetrics {
     pub train_accuracy: f32,
     pub validation_loss: Option<f32>,
     pub validation_accuracy: Option<f32>,
+    /// Expected calibration error of the validation predictions (15 bins).
+    #[serde(default)]
+    pub validation_ece: Option<f32>,
+    /// The temperature the head's logits were divided by; None when
+    /// temperature scaling did not help.
+    #[serde(default)]
+    pub temperature: Option<f32>,
 }
 
 /// How the backbone's features were computed for the head; Predict must use the

@@ -71,16 +71,27 @@ impl HeadWeights {
         }
     }
 
-    /// Class probabilities (softmax) of one feature vector.
-    pub fn probabilities(&self, features: &[f32]) -> Vec<f32> {
-        let logits = match self {
+    /// Class scores (logits) of one feature vector.
+    pub fn logits(&self, features: &[f32]) -> Vec<f32> {
+        match self {
             HeadWeights::Linear { output } => output.apply(features),
             HeadWeights::Mlp { hidden, output } => {
                 let h: Vec<f32> = hidden.apply(features).into_iter().map(relu).collect();
                 output.apply(&h)
             }
-        };
-        softmax(&logits)
+        }
+    }
+
+    /// Class probabilities (softmax) of one feature vector.
+    pub fn probabilities(&self, features: &[f32]) -> Vec<f32> {
+        softmax(&self.logits(features))
+    }
+
+    /// Divides the logits by `temperature` (folded into the output layer).
+    pub fn cool(&mut self, temperature: f32) {
+        let (HeadWeights::Linear { output } | HeadWeights::Mlp { output, .. }) = self;
+        output.weight.iter_mut().for_each(|w| *w /= temperature);
+        output.bias.iter_mut().for_each(|b| *b /= temperature);
     }
 
     pub fn to_tensors(&self) -> Result<HashMap<String, Tensor>> {

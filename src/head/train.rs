@@ -1,14 +1,25 @@
-//! Training a head on feature vectors with candle: AdamW on a (class-weighted)
-//! cross-entropy, mini-batches, a held-out validation split, early stopping, and
-//! every random choice drawn from the job's seed, so the same seed on the same
-//! data gives the same head.
+//! Training a head on feature vectors. [`train`] picks the solver: linear
+//! heads by default go to [`super::logistic`] (softmax regression solved to
+//! convergence by L-BFGS, the penalty chosen by cross-validation); MLP heads
+//! and runs that ask for epochs train here with candle: AdamW on a
+//! (class-weighted) cross-entropy, mini-batches, a cosine learning-rate
+//! schedule, a held-out validation split, the best epoch's weights kept,
+//! early stopping, and, when early stopping chose the number of epochs, a
+//! refit on every example for that many. Every random choice is drawn from
+//! the job's seed, so the same seed on the same data gives the same head.
 
 use tokio_util::sync::CancellationToken;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{Optimizer, ParamsAdamW};
 
-use super::{model::HeadWeights, HeadKind, HeadMetrics, TrainingParams};
+use super::{
+    calibration::{Calibration, Scores},
+    logistic,
+    model::HeadWeights,
+    rng::Rng,
+    HeadKind, HeadMetrics, Solver, TrainingParams,
+};
 use crate::{nn::Dense, Error, Result};
 
 /// Labelled feature vectors.
@@ -31,39 +42,22 @@ impl TrainingSet {
     }
 }
 
+/// A trained head and how it was measured.
 pub struct TrainedHead {
     pub weights: HeadWeights,
-    /// The metrics of the epoch whose weights were kept.
+    /// The published weights' metrics: validation figures from the held-out
+    /// rows or the cross-validation, training figures from the final fit.
     pub metrics: HeadMetrics,
+    /// Examples the published weights were fitted on.
     pub train_examples: usize,
+    /// Examples the validation metrics were measured on.
     pub validation_examples: usize,
+    /// The parameters with what the run settled on (chosen penalty, folds).
+    pub params: TrainingParams,
 }
 
-/// A small, seedable generator (SplitMix64): reproducible across platforms and
-/// versions, unlike candle's device RNG.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    fn next_f32(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-    }
-
-    fn shuffle<T>(&mut self, items: &mut [T]) {
-        for i in (1..items.len()).rev() {
-            let j = (self.next_u64() % (i as u64 + 1)) as usize;
-            items.swap(i, j);
-        }
-    }
-}
+/// Sees each step's metrics and the planned number of steps.
+pub type OnStep<'a> = dyn FnMut(&HeadMetrics, usize) + 'a;
 
 /// A trainable dense layer.
 struct Layer {
@@ -265,96 +259,235 @@ fn epoch_metrics(
         train_accuracy,
         validation_loss,
         validation_accuracy,
+        ..HeadMetrics::default()
     })
 }
 
-/// Trains a head; `on_epoch` sees each epoch's metrics; `cancel` stops at the next
-/// mini-batch with [`Error::Cancelled`].
+/// Trains a head; `on_step` sees each step's metrics (an epoch, or a fit of
+/// the L-BFGS path) with the planned number of steps; `cancel` stops at the
+/// next mini-batch or L-BFGS iteration with [`Error::Cancelled`].
 pub fn train(
     set: &TrainingSet,
     kind: &HeadKind,
     params: &TrainingParams,
     cancel: &CancellationToken,
-    on_epoch: &mut dyn FnMut(&HeadMetrics),
+    on_step: &mut OnStep,
 ) -> Result<TrainedHead> {
     if set.classes < 2 || set.len() < 2 {
         return Err(Error::InvalidArgument(
             "training needs at least two examples and two labels".into(),
         ));
     }
-    let mut rng = Rng(params.seed);
-    let (validation_rows, mut train_rows) = split_rows(set.len(), params, &mut rng);
-    let validation_len = validation_rows.len();
+    if set.labels.iter().any(|&y| y as usize >= set.classes) {
+        return Err(Error::InvalidArgument(
+            "an example's label is not among the head's labels".into(),
+        ));
+    }
+    match (params.solver, kind) {
+        (Solver::Lbfgs, HeadKind::Linear) => logistic::train_linear(set, params, cancel, on_step),
+        (Solver::Lbfgs, HeadKind::Mlp { .. }) => Err(Error::InvalidArgument(
+            "the lbfgs solver trains linear heads; an MLP head trains with adamw".into(),
+        )),
+        (Solver::Adamw, _) => train_adamw(set, kind, params, cancel, on_step),
+    }
+}
 
-    let (x_train, y_train) = gather(set, &train_rows)?;
+/// Mini-batch AdamW: a run on the training rows, checked against the
+/// held-out rows; then, when asked, a refit on every row for the best
+/// epoch's number of epochs.
+fn train_adamw(
+    set: &TrainingSet,
+    kind: &HeadKind,
+    params: &TrainingParams,
+    cancel: &CancellationToken,
+    on_step: &mut OnStep,
+) -> Result<TrainedHead> {
+    let mut rng = Rng(params.seed);
+    let (validation_rows, train_rows) = split_rows(set.len(), params, &mut rng);
     let validation = if validation_rows.is_empty() {
         None
     } else {
         Some(gather(set, &validation_rows)?)
     };
-    let class_weights = class_weights(set, &train_rows, params.balance_classes)?;
-    let uniform = Tensor::ones(set.classes, DType::F32, &Device::Cpu)?;
-
-    let network = Network::new(kind, set.dim, set.classes, &mut rng)?;
-    let mut optimizer = candle_nn::AdamW::new(
-        network.vars(),
-        ParamsAdamW {
-            lr: params.learning_rate,
-            weight_decay: params.weight_decay,
-            ..Default::default()
-        },
-    )?;
-
-    let mut best: Option<(f32, HeadMetrics, HeadWeights)> = None;
-    let mut epochs_without_improvement = 0;
-    for epoch in 1..=params.epochs {
-        rng.shuffle(&mut train_rows);
-        for rows in train_rows.chunks(params.batch_size.max(1)) {
-            if cancel.is_cancelled() {
-                return Err(Error::Cancelled("the job was cancelled".into()));
-            }
-            let (x, y) = gather(set, rows)?;
-            let logits = network.forward(&x, Some(&mut rng))?;
-            let loss = weighted_cross_entropy(&logits, &y, &class_weights)?;
-            optimizer.backward_step(&loss)?;
-        }
-
-        let metrics = epoch_metrics(
-            epoch,
-            &network,
-            (&x_train, &y_train),
-            validation.as_ref(),
-            &uniform,
-        )?;
-        let validation_loss = metrics.validation_loss;
-        on_epoch(&metrics);
-
-        // Keep the weights of the best epoch: lowest validation loss, or the last
-        // epoch when there is no validation set.
-        let score = validation_loss.unwrap_or(f32::NEG_INFINITY);
-        let improved = best
-            .as_ref()
-            .is_none_or(|(b, _, _)| score < *b || validation_loss.is_none());
-        if improved {
-            best = Some((score, metrics, network.snapshot()?));
-            epochs_without_improvement = 0;
-        } else {
-            epochs_without_improvement += 1;
-            if params.early_stopping_patience > 0
-                && epochs_without_improvement >= params.early_stopping_patience
-            {
-                break;
-            }
-        }
+    let search = Run {
+        rows: train_rows,
+        validation: validation.as_ref(),
+        epochs: params.epochs,
+        offset: 0,
+        planned: params.epochs,
     }
-    let (_, metrics, weights) =
-        best.ok_or_else(|| Error::InvalidArgument("training needs at least one epoch".into()))?;
-    Ok(TrainedHead {
-        weights,
-        metrics,
-        train_examples: train_rows.len(),
-        validation_examples: validation_len,
-    })
+    .execute(set, kind, params, &mut rng, cancel, on_step)?;
+    let calibration = calibrate(set, &validation_rows, &search.weights);
+    if !params.refit || validation.is_none() {
+        return Ok(calibrated(
+            TrainedHead {
+                weights: search.weights,
+                metrics: search.metrics,
+                train_examples: set.len() - validation_rows.len(),
+                validation_examples: validation_rows.len(),
+                params: params.clone(),
+            },
+            calibration,
+        ));
+    }
+    // The held-out rows chose the number of epochs; now they train too.
+    let best_epoch = search.metrics.epoch;
+    let refit = Run {
+        rows: (0..set.len()).collect(),
+        validation: None,
+        epochs: best_epoch,
+        offset: search.epochs_run,
+        planned: search.epochs_run + best_epoch,
+    }
+    .execute(set, kind, params, &mut rng, cancel, on_step)?;
+    Ok(calibrated(
+        TrainedHead {
+            weights: refit.weights,
+            metrics: HeadMetrics {
+                validation_loss: search.metrics.validation_loss,
+                validation_accuracy: search.metrics.validation_accuracy,
+                ..refit.metrics
+            },
+            train_examples: set.len(),
+            validation_examples: validation_rows.len(),
+            params: params.clone(),
+        },
+        calibration,
+    ))
+}
+
+/// Calibration of the kept weights on the held-out rows; None without any.
+fn calibrate(set: &TrainingSet, rows: &[usize], weights: &HeadWeights) -> Option<Calibration> {
+    if rows.is_empty() {
+        return None;
+    }
+    let mut logits = Vec::with_capacity(rows.len() * set.classes);
+    for &r in rows {
+        logits.extend(weights.logits(&set.features[r * set.dim..(r + 1) * set.dim]));
+    }
+    let labels: Vec<u32> = rows.iter().map(|&r| set.labels[r]).collect();
+    Some(
+        Scores {
+            logits: &logits,
+            classes: set.classes,
+            labels: &labels,
+        }
+        .calibrate(),
+    )
+}
+
+/// The head with its logits cooled when that helped, and its calibration
+/// error; the validation loss is the calibrated one.
+fn calibrated(mut head: TrainedHead, calibration: Option<Calibration>) -> TrainedHead {
+    if let Some(c) = calibration {
+        if let Some(t) = c.temperature {
+            head.weights.cool(t as f32);
+            head.metrics.temperature = Some(t as f32);
+            head.metrics.validation_loss = Some(c.loss as f32);
+        }
+        head.metrics.validation_ece = Some(c.ece as f32);
+    }
+    head
+}
+
+/// The learning rate of epoch `epoch` (from 1): a cosine from the peak down
+/// towards 0 over the planned epochs. A refit replays the same rates.
+fn scheduled_rate(params: &TrainingParams, epoch: usize) -> f64 {
+    let progress = (epoch - 1) as f64 / params.epochs.max(1) as f64;
+    params.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+}
+
+/// One pass of training from fresh weights.
+struct Run<'a> {
+    rows: Vec<usize>,
+    validation: Option<&'a (Tensor, Tensor)>,
+    epochs: usize,
+    /// Added to epoch numbers in reports (a refit continues the count).
+    offset: usize,
+    planned: usize,
+}
+
+/// The weights kept by a run, their metrics, and the epochs it ran.
+struct RunResult {
+    weights: HeadWeights,
+    metrics: HeadMetrics,
+    epochs_run: usize,
+}
+
+impl Run<'_> {
+    fn execute(
+        mut self,
+        set: &TrainingSet,
+        kind: &HeadKind,
+        params: &TrainingParams,
+        rng: &mut Rng,
+        cancel: &CancellationToken,
+        on_step: &mut OnStep,
+    ) -> Result<RunResult> {
+        let (x_train, y_train) = gather(set, &self.rows)?;
+        let class_weights = class_weights(set, &self.rows, params.balance_classes)?;
+        let uniform = Tensor::ones(set.classes, DType::F32, &Device::Cpu)?;
+        let network = Network::new(kind, set.dim, set.classes, rng)?;
+        let mut optimizer = candle_nn::AdamW::new(
+            network.vars(),
+            ParamsAdamW {
+                lr: params.learning_rate,
+                weight_decay: params.weight_decay,
+                ..Default::default()
+            },
+        )?;
+        let mut best: Option<(f32, HeadMetrics, HeadWeights)> = None;
+        let mut epochs_without_improvement = 0;
+        let mut epochs_run = 0;
+        for epoch in 1..=self.epochs {
+            optimizer.set_learning_rate(scheduled_rate(params, epoch));
+            rng.shuffle(&mut self.rows);
+            for rows in self.rows.chunks(params.batch_size.max(1)) {
+                if cancel.is_cancelled() {
+                    return Err(Error::Cancelled("the job was cancelled".into()));
+                }
+                let (x, y) = gather(set, rows)?;
+                let logits = network.forward(&x, Some(rng))?;
+                let loss = weighted_cross_entropy(&logits, &y, &class_weights)?;
+                optimizer.backward_step(&loss)?;
+            }
+            epochs_run = epoch;
+            let metrics = epoch_metrics(
+                self.offset + epoch,
+                &network,
+                (&x_train, &y_train),
+                self.validation,
+                &uniform,
+            )?;
+            let validation_loss = metrics.validation_loss;
+            on_step(&metrics, self.planned);
+
+            // Keep the weights of the best epoch: lowest validation loss, or the
+            // last epoch when there is no validation set.
+            let score = validation_loss.unwrap_or(f32::NEG_INFINITY);
+            let improved = best
+                .as_ref()
+                .is_none_or(|(b, _, _)| score < *b || validation_loss.is_none());
+            if improved {
+                best = Some((score, metrics, network.snapshot()?));
+                epochs_without_improvement = 0;
+            } else {
+                epochs_without_improvement += 1;
+                if params.early_stopping_patience > 0
+                    && epochs_without_improvement >= params.early_stopping_patience
+                {
+                    break;
+                }
+            }
+        }
+        let (_, metrics, weights) =
+            best.ok_or_else(|| Error::InvalidArgument("training needs at least one epoch".into()))?;
+        Ok(RunResult {
+            weights,
+            metrics,
+            epochs_run,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -383,11 +516,14 @@ mod tests {
         }
     }
 
+    /// Mini-batch AdamW with a fixed number of epochs and no weight decay.
     fn params(seed: u64) -> TrainingParams {
         TrainingParams {
+            solver: Solver::Adamw,
             epochs: 30,
             learning_rate: 0.05,
             batch_size: 16,
+            validation_fraction: 0.1,
             seed,
             ..TrainingParams::default()
         }
@@ -399,7 +535,7 @@ mod tests {
         params: &TrainingParams,
     ) -> (TrainedHead, Vec<HeadMetrics>) {
         let mut seen = Vec::new();
-        let trained = train(set, kind, params, &CancellationToken::new(), &mut |m| {
+        let trained = train(set, kind, params, &CancellationToken::new(), &mut |m, _| {
             seen.push(m.clone())
         })
         .unwrap();
@@ -468,6 +604,53 @@ mod tests {
     }
 
     #[test]
+    fn early_stopping_picks_the_epochs_then_a_refit_trains_on_every_example() {
+        // A fifth of the labels flipped: validation loss soon stops improving.
+        let mut set = blobs(200, 7);
+        let mut rng = Rng(8);
+        for label in &mut set.labels {
+            if rng.next_f32() < 0.2 {
+                *label = 1 - *label;
+            }
+        }
+        let kind = HeadKind::Mlp {
+            hidden_size: 16,
+            dropout: 0.0,
+        };
+        let mut p = params(4);
+        p.epochs = 200;
+        p.learning_rate = 0.01;
+        p.early_stopping_patience = 3;
+        p.refit = true;
+        let mut steps = Vec::new();
+        let trained = train(
+            &set,
+            &kind,
+            &p,
+            &CancellationToken::new(),
+            &mut |m, planned| steps.push((m.epoch, planned, m.validation_loss.is_some())),
+        )
+        .unwrap();
+        // The search ran some epochs with validation, the refit as many as
+        // the best epoch, without, its numbers continuing the count.
+        let searched = steps.iter().filter(|s| s.2).count();
+        assert!(searched < 200, "early stopping never stopped");
+        let refit: Vec<_> = steps[searched..].to_vec();
+        let best = searched - p.early_stopping_patience;
+        assert_eq!(refit.len(), best, "{steps:?}");
+        assert!(refit.iter().all(|s| !s.2 && s.1 == searched + best));
+        let numbers: Vec<usize> = steps.iter().map(|s| s.0).collect();
+        assert_eq!(numbers, (1..=steps.len()).collect::<Vec<_>>());
+        assert_eq!(
+            (trained.train_examples, trained.validation_examples),
+            (200, 20)
+        );
+        let m = &trained.metrics;
+        assert!(m.validation_accuracy.unwrap() >= 0.6, "{m:?}");
+        assert!(m.validation_ece.is_some(), "{m:?}");
+    }
+
+    #[test]
     fn cancellation_stops_training() {
         let set = blobs(40, 5);
         let result = train(
@@ -479,7 +662,7 @@ mod tests {
                 token.cancel();
                 token
             },
-            &mut |_| {},
+            &mut |_, _| {},
         );
         assert!(matches!(result, Err(Error::Cancelled(_))));
     }

@@ -201,7 +201,7 @@ impl Job {
             time: now,
             stage: Stage::Queued,
             progress: Progress {
-                total_epochs: request.params.epochs as u32,
+                total_epochs: request.params.planned_steps() as u32,
                 ..Progress::default()
             },
         };
@@ -653,7 +653,7 @@ impl JobManager {
             input_dim: dim,
             labels: request.labels.clone(),
             kind: request.kind.clone(),
-            training: request.params.clone(),
+            training: trained.params,
             metrics: trained.metrics,
             train_examples: trained.train_examples as u64,
             validation_examples: trained.validation_examples as u64,
@@ -755,23 +755,23 @@ async fn embed_distinct(
     Ok(vectors)
 }
 
-/// Trains the head on a blocking thread, reporting each epoch.
+/// Trains the head on a blocking thread, reporting each step (an epoch, or
+/// a fit of the L-BFGS path) as an epoch.
 async fn train_on(job: &Arc<Job>, set: TrainingSet, request: &JobRequest) -> Result<TrainedHead> {
     job.emit(Some(Stage::Training), |_| {});
     let training_job = Arc::clone(job);
     let kind = request.kind.clone();
     let params = request.params.clone();
     run_blocking("training a head", move || {
-        let total = params.epochs as u32;
         train::train(
             &set,
             &kind,
             &params,
             &training_job.cancel,
-            &mut |metrics: &HeadMetrics| {
+            &mut |metrics: &HeadMetrics, planned: usize| {
                 training_job.emit(None, |progress| {
                     progress.epoch = metrics.epoch as u32;
-                    progress.total_epochs = total;
+                    progress.total_epochs = planned as u32;
                     progress.metrics = Some(metrics.clone());
                 })
             },

@@ -75,7 +75,7 @@ impl proto::trainer_server::Trainer for TrainerService {
         request: Request<proto::TrainHeadRequest>,
     ) -> Result<Response<Self::TrainHeadStream>, Status> {
         let scope = scope_of(&request);
-        let request = convert::train_request(request.into_inner());
+        let request = convert::train_request(request.into_inner())?;
         let (_id, receiver) = self.trainer.train(request, &scope).await?;
         Ok(Response::new(event_stream(None, Some(receiver))))
     }

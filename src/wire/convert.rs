@@ -8,6 +8,7 @@ use crate::{
     backbone::{Input, Modality, Pooling},
     batching::Priority,
     core::{self, HeadSpec, RawExample, TrainingData, TrainingOptions},
+    head::Solver,
     proto, Error, Result,
 };
 
@@ -180,19 +181,34 @@ fn set<T: PartialEq + Default>(value: T) -> Option<T> {
     (value != T::default()).then_some(value)
 }
 
-pub fn training_options(config: proto::TrainingConfig) -> TrainingOptions {
-    TrainingOptions {
+/// The requested solver; None: the core picks.
+pub fn solver_of(solver: i32) -> Result<Option<Solver>> {
+    match proto::Solver::try_from(solver) {
+        Ok(proto::Solver::Unspecified) => Ok(None),
+        Ok(proto::Solver::Lbfgs) => Ok(Some(Solver::Lbfgs)),
+        Ok(proto::Solver::Adamw) => Ok(Some(Solver::Adamw)),
+        Err(_) => Err(Error::InvalidArgument(format!(
+            "solver {solver} is not a known value"
+        ))),
+    }
+}
+
+pub fn training_options(config: proto::TrainingConfig) -> Result<TrainingOptions> {
+    Ok(TrainingOptions {
+        solver: solver_of(config.solver)?,
         epochs: set(config.epochs).map(|v| v as usize),
         learning_rate: set(config.learning_rate).map(f64::from),
         batch_size: set(config.batch_size).map(|v| v as usize),
-        weight_decay: f64::from(config.weight_decay),
+        weight_decay: set(config.weight_decay).map(f64::from),
         validation_fraction: set(config.validation_fraction).map(f64::from),
         no_validation: config.no_validation,
-        early_stopping_patience: config.early_stopping_patience as usize,
+        early_stopping_patience: set(config.early_stopping_patience).map(|v| v as usize),
+        l2: set(config.l2).map(f64::from),
+        cv_folds: set(config.cv_folds).map(|v| v as usize),
         balance_classes: config.balance_classes,
         seed: config.seed,
         unfreeze_top_layers: config.unfreeze_top_layers as usize,
-    }
+    })
 }
 
 fn head_spec(spec: Option<proto::HeadSpec>) -> Option<HeadSpec> {
@@ -206,19 +222,19 @@ fn head_spec(spec: Option<proto::HeadSpec>) -> Option<HeadSpec> {
     }
 }
 
-pub fn train_request(request: proto::TrainHeadRequest) -> core::TrainRequest {
+pub fn train_request(request: proto::TrainHeadRequest) -> Result<core::TrainRequest> {
     use proto::train_head_request::Data;
-    core::TrainRequest {
+    Ok(core::TrainRequest {
         backbone: request.backbone,
         head_name: request.head_name,
         head: head_spec(request.spec),
-        options: training_options(request.training.unwrap_or_default()),
+        options: training_options(request.training.unwrap_or_default())?,
         data: request.data.map(|data| match data {
             Data::Examples(set) => TrainingData::Examples(raw_examples(set.examples)),
             Data::DatasetId(id) => TrainingData::Dataset(id),
         }),
         labels: request.labels,
-    }
+    })
 }
 
 #[cfg(test)]
@@ -271,9 +287,14 @@ mod tests {
 
     #[test]
     fn zero_training_fields_take_the_defaults() {
-        let options = training_options(proto::TrainingConfig::default());
+        let options = training_options(proto::TrainingConfig::default()).unwrap();
         assert_eq!(options, TrainingOptions::default());
-        let params = core::training_params(&options).unwrap();
+        let params = core::training_params(&options, &crate::head::HeadKind::Linear).unwrap();
         assert_eq!(params, crate::head::TrainingParams::default());
+        let unknown = proto::TrainingConfig {
+            solver: 42,
+            ..Default::default()
+        };
+        assert!(training_options(unknown).is_err());
     }
 }

@@ -4,7 +4,7 @@ use std::time::{Duration, SystemTime};
 
 use super::convert;
 use crate::{
-    head::{store::StoredHead, HeadKind, HeadMetrics, TrainingParams},
+    head::{store::StoredHead, HeadKind, HeadMetrics, Solver, TrainingParams},
     jobs::{JobEvent, JobInfo, JobState},
     proto,
     registry::{BackboneState, BackboneStatus},
@@ -37,11 +37,17 @@ pub fn training_config(params: &TrainingParams) -> proto::TrainingConfig {
         batch_size: params.batch_size as u32,
         weight_decay: params.weight_decay as f32,
         validation_fraction: params.validation_fraction as f32,
-        no_validation: params.validation_fraction == 0.0,
+        no_validation: params.validation_fraction == 0.0 && params.cv_folds == 0,
         early_stopping_patience: params.early_stopping_patience as u32,
         balance_classes: params.balance_classes,
         seed: params.seed,
         unfreeze_top_layers: 0,
+        solver: match params.solver {
+            Solver::Lbfgs => proto::Solver::Lbfgs,
+            Solver::Adamw => proto::Solver::Adamw,
+        } as i32,
+        l2: params.l2 as f32,
+        cv_folds: params.cv_folds as u32,
     }
 }
 
@@ -52,6 +58,8 @@ pub fn head_metrics(metrics: &HeadMetrics) -> proto::HeadMetrics {
         validation_loss: metrics.validation_loss,
         validation_accuracy: metrics.validation_accuracy,
         epoch: metrics.epoch as u32,
+        validation_ece: metrics.validation_ece,
+        temperature: metrics.temperature,
     }
 }
 
