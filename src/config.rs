@@ -195,10 +195,12 @@ pub struct LimitsConfig {
     pub max_message_bytes: usize,
     /// A request message must arrive whole this long after its first byte.
     pub message_timeout_seconds: f64,
-    /// Most bytes of unfinished request messages one connection may hold.
-    pub max_buffered_bytes_per_connection: usize,
-    /// Most bytes of unfinished request messages all connections may hold.
-    pub max_buffered_request_bytes: usize,
+    /// Most bytes of unfinished request messages one connection may hold;
+    /// unset: twice `max_message_bytes`.
+    pub max_buffered_bytes_per_connection: Option<usize>,
+    /// Most bytes of unfinished request messages all connections may hold;
+    /// unset: 32 times `max_message_bytes`.
+    pub max_buffered_request_bytes: Option<usize>,
     /// Most inputs in one Embed or Predict request.
     pub max_inputs_per_request: usize,
     /// Longest text input, in characters (Unicode scalar values).
@@ -224,9 +226,8 @@ impl Default for LimitsConfig {
         Self {
             max_message_bytes: 16 * 1024 * 1024,
             message_timeout_seconds: 60.0,
-            // Two of the largest messages per connection; 32 in all.
-            max_buffered_bytes_per_connection: 32 * 1024 * 1024,
-            max_buffered_request_bytes: 512 * 1024 * 1024,
+            max_buffered_bytes_per_connection: None,
+            max_buffered_request_bytes: None,
             max_inputs_per_request: 512,
             // Far beyond any model's context (MiniLM sees 256 tokens), small
             // enough that tokenizing one never takes long.
@@ -242,6 +243,22 @@ impl Default for LimitsConfig {
             // about a second of one core.
             max_head_multiply_adds: 4_000_000_000,
         }
+    }
+}
+
+impl LimitsConfig {
+    /// Bytes of unfinished messages one connection may hold: as set, or two of
+    /// the largest messages.
+    pub fn buffered_bytes_per_connection(&self) -> usize {
+        self.max_buffered_bytes_per_connection
+            .unwrap_or(self.max_message_bytes.saturating_mul(2))
+    }
+
+    /// Bytes of unfinished messages all connections may hold: as set, or 32 of
+    /// the largest messages.
+    pub fn buffered_request_bytes(&self) -> usize {
+        self.max_buffered_request_bytes
+            .unwrap_or(self.max_message_bytes.saturating_mul(32))
     }
 }
 
@@ -843,8 +860,8 @@ fn validate_limits(limits: &LimitsConfig) -> Result<(), String> {
     if limits.max_message_bytes < 1024 {
         return Err("limits.max_message_bytes must be at least 1024".into());
     }
-    if limits.max_buffered_bytes_per_connection < limits.max_message_bytes
-        || limits.max_buffered_request_bytes < limits.max_buffered_bytes_per_connection
+    if limits.buffered_bytes_per_connection() < limits.max_message_bytes
+        || limits.buffered_request_bytes() < limits.buffered_bytes_per_connection()
     {
         return Err(
             "limits: max_message_bytes <= max_buffered_bytes_per_connection <= \

@@ -278,8 +278,8 @@ fn body_limits(config: &Config) -> Arc<BodyLimits> {
     Arc::new(BodyLimits::new(
         config.limits.max_message_bytes,
         Duration::from_secs_f64(config.limits.message_timeout_seconds),
-        config.limits.max_buffered_bytes_per_connection,
-        config.limits.max_buffered_request_bytes,
+        config.limits.buffered_bytes_per_connection(),
+        config.limits.buffered_request_bytes(),
     ))
 }
 
