@@ -350,14 +350,7 @@ async fn a_version_folder_at_the_top_of_the_range_fails_publishing_plainly() {
         store.path().display()
     ))
     .await;
-    let examples = ["good film", "great acting", "awful plot", "dull scenes"]
-        .iter()
-        .enumerate()
-        .map(|(i, text)| proto::Example {
-            input: Some(text_input(text)),
-            label: if i < 2 { "pos" } else { "neg" }.into(),
-        })
-        .collect();
+    let examples = four_reviews();
     let mut events = TrainerClient::new(server.channel().await)
         .train_head(proto::TrainHeadRequest {
             backbone: MINILM.into(),

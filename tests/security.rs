@@ -321,14 +321,7 @@ async fn train_as(
     token: &str,
     head: &str,
 ) -> Result<(String, proto::JobState), Status> {
-    let examples = ["good film", "great acting", "awful plot", "dull scenes"]
-        .iter()
-        .enumerate()
-        .map(|(i, text)| proto::Example {
-            input: Some(text_input(text)),
-            label: if i < 2 { "pos" } else { "neg" }.into(),
-        })
-        .collect();
+    let examples = four_reviews();
     let mut stream = TrainerClient::new(with_token(channel.clone(), Some(token)))
         .train_head(proto::TrainHeadRequest {
             backbone: MINILM.into(),

@@ -454,3 +454,15 @@ pub fn gray_png(width: u32, height: u32) -> Vec<u8> {
         .expect("encode");
     bytes
 }
+
+/// Four labelled sentences, two per label: the smallest set a job accepts.
+pub fn four_reviews() -> Vec<proto::Example> {
+    ["good film", "great acting", "awful plot", "dull scenes"]
+        .iter()
+        .enumerate()
+        .map(|(i, text)| proto::Example {
+            input: Some(text_input(text)),
+            label: if i < 2 { "pos" } else { "neg" }.into(),
+        })
+        .collect()
+}
