@@ -1,4 +1,25 @@
 //! The command-line client: talks gRPC to a running server and prints JSON.
+//!
+//! The verbs that move data sets live in small modules: reading examples
+//! (`text_files`, `image_folder`, `data`), the hold-out `split`, `upload`,
+//! following a job (`watch`), and `evaluate` with its `metrics`.
+
+pub mod chunks;
+pub mod data;
+pub mod evaluate;
+pub mod examples;
+pub mod image_folder;
+pub mod metrics;
+pub mod progress;
+pub mod split;
+pub mod text_files;
+pub mod train;
+pub mod upload;
+pub mod watch;
+
+pub use data::DataSource;
+pub use train::{train, training_config, TrainCommand, TrainingFlags};
+pub use watch::{watch, Detached};
 
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
@@ -95,7 +116,7 @@ pub async fn backbones(channel: Channel) -> Result<Value> {
 }
 
 /// A head as JSON for the command line.
-fn head_json(head: &proto::HeadInfo) -> Value {
+pub fn head_json(head: &proto::HeadInfo) -> Value {
     let metrics = head.metrics.unwrap_or_default();
     json!({
         "name": head.name,
@@ -112,100 +133,6 @@ fn head_json(head: &proto::HeadInfo) -> Value {
             "validation_accuracy": metrics.validation_accuracy,
         },
     })
-}
-
-/// What `tlserve train` asks for.
-pub struct TrainCommand {
-    pub backbone: String,
-    pub head: String,
-    /// (label, text) pairs.
-    pub examples: Vec<(String, String)>,
-    pub epochs: u32,
-    pub learning_rate: f32,
-    pub seed: u64,
-    pub mlp_hidden: Option<u32>,
-}
-
-/// Runs a training job, showing its progress on stderr, and returns the head.
-pub async fn train(channel: Channel, command: TrainCommand) -> Result<Value> {
-    use proto::trainer_client::TrainerClient;
-    use std::io::Write;
-
-    let spec = command.mlp_hidden.map(|hidden_size| proto::HeadSpec {
-        kind: Some(proto::head_spec::Kind::Mlp(proto::MlpHead {
-            hidden_size,
-            dropout: 0.1,
-        })),
-    });
-    let request = proto::TrainHeadRequest {
-        backbone: command.backbone,
-        head_name: command.head,
-        spec,
-        training: Some(proto::TrainingConfig {
-            epochs: command.epochs,
-            learning_rate: command.learning_rate,
-            seed: command.seed,
-            ..Default::default()
-        }),
-        data: Some(proto::train_head_request::Data::Examples(
-            proto::ExampleSet {
-                examples: command
-                    .examples
-                    .into_iter()
-                    .map(|(label, text)| proto::Example {
-                        input: Some(proto::Input {
-                            kind: Some(proto::input::Kind::Text(text)),
-                        }),
-                        label,
-                    })
-                    .collect(),
-            },
-        )),
-        labels: vec![],
-    };
-    let mut stream = TrainerClient::new(channel)
-        .train_head(request)
-        .await
-        .map_err(describe)?
-        .into_inner();
-    let mut stderr = std::io::stderr();
-    while let Some(event) = stream.message().await.map_err(describe)? {
-        let line = match event.state() {
-            proto::JobState::Queued => format!("job {}: queued", event.job_id),
-            proto::JobState::Embedding => {
-                format!("embedding {}/{} inputs", event.embedded, event.total_inputs)
-            }
-            proto::JobState::Training => {
-                let m = event.metrics.unwrap_or_default();
-                match m.validation_accuracy {
-                    Some(acc) => format!(
-                        "epoch {}/{}: loss {:.4}, validation accuracy {:.3}",
-                        event.epoch, event.total_epochs, m.train_loss, acc
-                    ),
-                    None => format!(
-                        "epoch {}/{}: loss {:.4}",
-                        event.epoch, event.total_epochs, m.train_loss
-                    ),
-                }
-            }
-            proto::JobState::Succeeded => {
-                let _ = writeln!(stderr, "\rdone{:60}", "");
-                return match event.head {
-                    Some(head) => Ok(head_json(&head)),
-                    None => Err(anyhow::anyhow!("the job succeeded without a head")),
-                };
-            }
-            proto::JobState::Failed | proto::JobState::Cancelled => {
-                let _ = writeln!(stderr);
-                anyhow::bail!("{}: {}", event.state().as_str_name(), event.error);
-            }
-            proto::JobState::Unspecified => continue,
-        };
-        // One line that updates in place: a person watches it, logs do not.
-        let _ = write!(stderr, "\r{line:<70}");
-        let _ = stderr.flush();
-    }
-    anyhow::bail!("the event stream ended before the job did")
 }
 
 pub async fn predict(

@@ -49,6 +49,93 @@ struct EmbedArgs {
     texts: Vec<String>,
 }
 
+/// Where labelled examples come from (`train`, `evaluate`).
+#[derive(clap::Args)]
+#[group(skip)]
+#[command(group(clap::ArgGroup::new("data").required(true).args(["images", "examples"])))]
+struct DataArgs {
+    /// A folder with one subfolder per class, named as its label, holding
+    /// PNG, JPEG or WebP images (the layout of Keras' image_dataset_from_directory
+    /// and torchvision's ImageFolder).
+    #[arg(long, value_name = "DIR")]
+    images: Option<PathBuf>,
+    /// A text file: `LABEL<TAB>TEXT` lines (.tsv, .txt), CSV (.csv) or JSON
+    /// Lines (.jsonl, .ndjson).
+    #[arg(long, value_name = "FILE")]
+    examples: Option<PathBuf>,
+    /// The text file's format, when its extension does not say it.
+    #[arg(long, value_enum, requires = "examples")]
+    format: Option<FormatArg>,
+    /// CSV column (header name, or number from 1) or JSON field holding the
+    /// text; default: `text` (CSV without a header: column 2).
+    #[arg(long, value_name = "COLUMN", requires = "examples")]
+    text_column: Option<client::text_files::Column>,
+    /// CSV column or JSON field holding the label; default: `label` (CSV
+    /// without a header: column 1).
+    #[arg(long, value_name = "COLUMN", requires = "examples")]
+    label_column: Option<client::text_files::Column>,
+    /// Go on without images that cannot be read (each is reported) instead of
+    /// stopping.
+    #[arg(long, requires = "images")]
+    skip_bad: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FormatArg {
+    Tsv,
+    Csv,
+    Jsonl,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SolverArg {
+    Lbfgs,
+    Adamw,
+}
+
+/// Training options; each one left out is not sent and takes the server's
+/// default (see the README's "Training heads").
+#[derive(clap::Args)]
+struct TrainingArgs {
+    /// The solver; default: L-BFGS for a linear head unless an AdamW option
+    /// is given, AdamW otherwise.
+    #[arg(long, value_enum)]
+    solver: Option<SolverArg>,
+    /// AdamW: passes over the examples; default: chosen by early stopping.
+    #[arg(long)]
+    epochs: Option<u32>,
+    /// AdamW: the peak learning rate.
+    #[arg(long)]
+    learning_rate: Option<f32>,
+    /// AdamW: examples per step.
+    #[arg(long)]
+    batch_size: Option<u32>,
+    /// AdamW: decoupled weight decay.
+    #[arg(long)]
+    weight_decay: Option<f32>,
+    /// AdamW: share of the examples held out for validation, in (0, 0.5].
+    #[arg(long)]
+    validation_fraction: Option<f32>,
+    /// Train on every example and report no validation metrics.
+    #[arg(long)]
+    no_validation: bool,
+    /// AdamW: epochs without a better validation loss before stopping.
+    #[arg(long)]
+    early_stopping_patience: Option<u32>,
+    /// L-BFGS: the L2 penalty; default: chosen by cross-validation.
+    #[arg(long)]
+    l2: Option<f32>,
+    /// L-BFGS: folds of the cross-validation.
+    #[arg(long)]
+    cv_folds: Option<u32>,
+    /// Weight each label by the inverse of its frequency.
+    #[arg(long)]
+    balance_classes: bool,
+    /// Seed of every random choice of the job (and of --holdout's split).
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
 #[derive(clap::Args)]
 struct TrainArgs {
     #[command(flatten)]
@@ -58,18 +145,39 @@ struct TrainArgs {
     /// Name to publish the head under.
     #[arg(long)]
     head: String,
-    /// The examples: one `LABEL<TAB>TEXT` per line.
-    #[arg(long)]
-    examples: PathBuf,
-    #[arg(long, default_value_t = 20)]
-    epochs: u32,
-    #[arg(long, default_value_t = 0.001)]
-    learning_rate: f32,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Train an MLP head with this hidden size instead of a linear head.
+    #[command(flatten)]
+    data: DataArgs,
+    #[command(flatten)]
+    training: TrainingArgs,
+    /// Train an MLP head with this hidden size (dropout 0.1) instead of a
+    /// linear head.
     #[arg(long)]
     mlp_hidden: Option<u32>,
+    /// Hold out this share of each label's examples (a seeded, stratified
+    /// split) and evaluate the published head on them at the end.
+    #[arg(long, value_name = "SHARE")]
+    holdout: Option<f64>,
+    /// Sets whose encoded examples pass this many bytes are uploaded in
+    /// chunks (UploadDataset) instead of sent in the TrainHead request.
+    #[arg(long, value_name = "BYTES", default_value_t = 4 * 1024 * 1024)]
+    upload_threshold_bytes: usize,
+}
+
+#[derive(clap::Args)]
+struct EvaluateArgs {
+    #[command(flatten)]
+    server: ServerAddr,
+    /// The head: `name`, `name@version`, or a built-in one.
+    #[arg(long)]
+    head: String,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Inputs per Predict request.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    batch_size: u32,
+    /// Print the metrics as JSON instead of tables.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -112,9 +220,22 @@ enum Command {
     /// JSON. Without TEXT or --image arguments, every non-empty line of standard
     /// input is one text.
     Embed(EmbedArgs),
-    /// Train a head on a running server from a file of `LABEL<TAB>TEXT` lines;
-    /// shows progress on stderr and prints the published head as JSON.
+    /// Train a head on a running server from an image folder or a text file;
+    /// large sets are uploaded in chunks. Shows the upload's and the job's
+    /// progress on stderr and prints the published head as JSON. Ctrl-C asks
+    /// whether to cancel the job or leave it running.
     Train(TrainArgs),
+    /// Follow a training job to its end (re-attach after Ctrl-C) and print
+    /// the published head as JSON.
+    Watch {
+        #[command(flatten)]
+        server: ServerAddr,
+        /// The job's id, as `tlserve train` printed it.
+        job: String,
+    },
+    /// Measure a head on labelled examples: accuracy, per-label precision,
+    /// recall and F1, and the confusion matrix.
+    Evaluate(EvaluateArgs),
     /// Predict labels with a trained head (`name` or `name@version`) or a
     /// backbone's built-in one (`efficientnet-lite0/imagenet`). Without TEXT or
     /// --image arguments, every non-empty line of standard input is one text.
@@ -265,27 +386,6 @@ fn print_json(value: &serde_json::Value) -> Result<()> {
     Ok(())
 }
 
-/// `LABEL<TAB>TEXT` lines, blank lines skipped.
-fn read_labelled_lines(path: &std::path::Path) -> Result<Vec<(String, String)>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut rows = Vec::new();
-    for (number, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let (label, sentence) = line.split_once('\t').with_context(|| {
-            format!(
-                "{} line {}: expected LABEL<TAB>TEXT",
-                path.display(),
-                number + 1
-            )
-        })?;
-        rows.push((label.to_owned(), sentence.to_owned()));
-    }
-    Ok(rows)
-}
-
 /// The load run's corpus: the file's non-blank lines, or built-in sentences.
 fn corpus_texts(path: Option<&std::path::Path>) -> Result<Vec<String>> {
     Ok(match path {
@@ -346,18 +446,86 @@ async fn embed(args: EmbedArgs) -> Result<()> {
     print_json(&client::embed(channel, command).await?)
 }
 
+impl DataArgs {
+    fn source(self) -> client::DataSource {
+        use client::text_files::{Columns, TextFormat};
+        match (self.images, self.examples) {
+            (Some(dir), _) => client::DataSource::Images {
+                dir,
+                skip_bad: self.skip_bad,
+            },
+            // clap requires one of the two.
+            (None, path) => client::DataSource::Text {
+                path: path.unwrap_or_default(),
+                format: self.format.map(|format| match format {
+                    FormatArg::Tsv => TextFormat::Tsv,
+                    FormatArg::Csv => TextFormat::Csv,
+                    FormatArg::Jsonl => TextFormat::Jsonl,
+                }),
+                columns: Columns {
+                    text: self.text_column,
+                    label: self.label_column,
+                },
+            },
+        }
+    }
+}
+
+impl TrainingArgs {
+    fn flags(self) -> client::TrainingFlags {
+        client::TrainingFlags {
+            solver: self.solver.map(|solver| match solver {
+                SolverArg::Lbfgs => proto::Solver::Lbfgs,
+                SolverArg::Adamw => proto::Solver::Adamw,
+            }),
+            epochs: self.epochs,
+            learning_rate: self.learning_rate,
+            batch_size: self.batch_size,
+            weight_decay: self.weight_decay,
+            validation_fraction: self.validation_fraction,
+            no_validation: self.no_validation,
+            early_stopping_patience: self.early_stopping_patience,
+            l2: self.l2,
+            cv_folds: self.cv_folds,
+            balance_classes: self.balance_classes,
+            seed: self.seed,
+        }
+    }
+}
+
 async fn train(args: TrainArgs) -> Result<()> {
+    let training = client::training_config(&args.training.flags())?;
+    let spec = args.mlp_hidden.map(|hidden_size| proto::HeadSpec {
+        kind: Some(proto::head_spec::Kind::Mlp(proto::MlpHead {
+            hidden_size,
+            dropout: 0.1,
+        })),
+    });
     let command = client::TrainCommand {
         backbone: args.backbone,
         head: args.head,
-        examples: read_labelled_lines(&args.examples)?,
-        epochs: args.epochs,
-        learning_rate: args.learning_rate,
-        seed: args.seed,
-        mlp_hidden: args.mlp_hidden,
+        examples: client::data::load(&args.data.source())?,
+        spec,
+        training,
+        holdout: args.holdout,
+        upload_threshold_bytes: args.upload_threshold_bytes,
+        evaluate_batch_size: 64,
     };
     let channel = client::connect(&args.server.addr).await?;
     print_json(&client::train(channel, command).await?)
+}
+
+async fn evaluate(args: EvaluateArgs) -> Result<()> {
+    let examples = client::data::load(&args.data.source())?;
+    let channel = client::connect(&args.server.addr).await?;
+    let result =
+        client::evaluate::evaluate(channel, &args.head, examples, args.batch_size as usize).await?;
+    if args.json {
+        print_json(&result.to_json())
+    } else {
+        print!("{}", result.table());
+        Ok(())
+    }
 }
 
 async fn load_test(args: LoadArgs) -> Result<()> {
@@ -392,6 +560,12 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Embed(args) => embed(args).await?,
         Command::Train(args) => train(args).await?,
+        Command::Watch { server, job } => {
+            let channel = client::connect(&server.addr).await?;
+            let head = client::watch(channel, job).await?;
+            print_json(&client::head_json(&head))?;
+        }
+        Command::Evaluate(args) => evaluate(args).await?,
         Command::Predict {
             server,
             head,
@@ -443,9 +617,16 @@ async fn run(cli: Cli) -> Result<()> {
 async fn main() -> ExitCode {
     match run(Cli::parse()).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            ExitCode::FAILURE
-        }
+        Err(err) => match err.downcast_ref::<client::Detached>() {
+            // Not a failure of the job: the user chose to stop watching it.
+            Some(detached) => {
+                eprintln!("{detached}");
+                ExitCode::from(130)
+            }
+            None => {
+                eprintln!("error: {err:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
