@@ -18,7 +18,7 @@ pub mod upload;
 pub mod watch;
 
 pub use data::DataSource;
-pub use train::{train, training_config, TrainCommand, TrainingFlags};
+pub use train::{train, training_config, TrainCommand, Trained, TrainingFlags};
 pub use watch::{watch, Detached};
 
 use anyhow::{Context, Result};

@@ -161,6 +161,10 @@ struct TrainArgs {
     /// chunks (UploadDataset) instead of sent in the TrainHead request.
     #[arg(long, value_name = "BYTES", default_value_t = 4 * 1024 * 1024)]
     upload_threshold_bytes: usize,
+    /// Print the job's id once it has started and leave it running, instead
+    /// of following it (`tlserve watch JOB` follows it later).
+    #[arg(long, conflicts_with = "holdout")]
+    detach: bool,
 }
 
 #[derive(clap::Args)]
@@ -510,9 +514,16 @@ async fn train(args: TrainArgs) -> Result<()> {
         holdout: args.holdout,
         upload_threshold_bytes: args.upload_threshold_bytes,
         evaluate_batch_size: 64,
+        detach: args.detach,
     };
     let channel = client::connect(&args.server.addr).await?;
-    print_json(&client::train(channel, command).await?)
+    match client::train(channel, command).await? {
+        client::Trained::Head(head) => print_json(&head),
+        client::Trained::Started { job_id } => {
+            println!("{job_id}");
+            Ok(())
+        }
+    }
 }
 
 async fn evaluate(args: EvaluateArgs) -> Result<()> {

@@ -45,8 +45,13 @@ fn readme_commands(name: &str) -> Vec<String> {
     commands
 }
 
-/// Runs a README command; returns its standard output.
+/// Runs a README command in the repository; returns its standard output.
 fn run(command: &str, server: &TestServer) -> String {
+    run_in(command, server, &repo_root())
+}
+
+/// Runs a README command in `dir`; returns its standard output.
+fn run_in(command: &str, server: &TestServer, dir: &std::path::Path) -> String {
     let command = command.replace("localhost:50051", &server.grpc.to_string());
     let venv_bin = python().parent().expect("bin").to_owned();
     let tlserve_bin = std::path::Path::new(env!("CARGO_BIN_EXE_tlserve"))
@@ -61,7 +66,7 @@ fn run(command: &str, server: &TestServer) -> String {
     );
     let output = Command::new("sh")
         .args(["-c", &command])
-        .current_dir(repo_root())
+        .current_dir(dir)
         .env("PATH", path)
         .env("TLSERVE_ADDR", server.url())
         .output()
@@ -253,4 +258,67 @@ async fn image_examples_classify_and_embed_real_photos() {
         }
     }
     assert_eq!(commands.len(), 3);
+}
+
+#[tokio::test]
+async fn cli_data_set_examples_train_evaluate_upload_and_watch() {
+    let server = TestServer::start_minilm().await;
+    let commands = readme_commands("cli-files");
+    for command in &commands {
+        let out = run(command, &server);
+        if command.starts_with("tlserve evaluate") && !command.contains("--json") {
+            assert!(out.starts_with("head topics-csv@1\naccuracy "), "{out}");
+            assert!(out.contains("true \\ predicted"), "{out}");
+            continue;
+        }
+        let json: Value = serde_json::from_str(&out).expect("the CLI prints JSON");
+        if command.contains("--holdout 0.2") {
+            assert_eq!(json["name"], "topics-csv");
+            // 40 examples of each of 4 topics, a fifth of each held out.
+            assert_eq!(json["train_examples"], 128, "{out}");
+            assert_eq!(json["holdout"]["examples"], 32, "{out}");
+        } else if command.starts_with("tlserve evaluate") {
+            assert_eq!(json["examples"], 40, "{out}");
+            let accuracy = json["accuracy"].as_f64().expect("accuracy");
+            assert!(
+                accuracy >= 0.8,
+                "a topic head sorts held-out sentences: {out}"
+            );
+        } else if command.contains("--upload-threshold-bytes") {
+            assert_eq!(json["name"], "topics-uploaded");
+            assert_eq!(json["train_examples"], 160, "{out}");
+        } else if command.starts_with("tlserve watch") {
+            assert_eq!(json["name"], "topics-later", "{out}");
+            assert_eq!(json["version"], 1, "{out}");
+        } else {
+            panic!("no check for README command `{command}`");
+        }
+    }
+    assert_eq!(commands.len(), 5);
+}
+
+#[tokio::test]
+async fn cli_image_folder_examples_train_and_evaluate() {
+    let server = TestServer::start(&format!("[limits]\n{}", lite0_backbone_toml())).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let classes = [("cat", [200, 120, 40]), ("dog", [60, 60, 200])];
+    colour_folder(&dir.path().join("photos"), &classes, 8, 64, 1);
+    colour_folder(&dir.path().join("photos-test"), &classes, 3, 64, 2);
+    let commands = readme_commands("cli-image-folders");
+    for command in &commands {
+        let out = run_in(command, &server, dir.path());
+        let json: Value = serde_json::from_str(&out).expect("the CLI prints JSON");
+        if command.starts_with("tlserve train") {
+            assert_eq!(json["name"], "pets");
+            assert_eq!(json["labels"], serde_json::json!(["cat", "dog"]));
+            assert_eq!(json["train_examples"], 12, "{out}");
+            assert_eq!(json["holdout"]["examples"], 4, "{out}");
+        } else if command.starts_with("tlserve evaluate") {
+            assert_eq!(json["examples"], 6, "{out}");
+            assert_eq!(json["head"], "pets", "{out}");
+        } else {
+            panic!("no check for README command `{command}`");
+        }
+    }
+    assert_eq!(commands.len(), 2);
 }

@@ -660,15 +660,7 @@ async fn a_head_trained_on_other_backbone_weights_is_refused() {
 async fn wait_for_state(server: &TestServer, job_id: &str, state: JobState) -> proto::TrainEvent {
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
-        let jobs = trainer(server)
-            .await
-            .list_jobs(proto::ListJobsRequest {
-                include_finished: true,
-            })
-            .await
-            .expect("ListJobs")
-            .into_inner()
-            .jobs;
+        let jobs = all_jobs(server).await;
         let job = jobs.iter().find(|j| j.job_id == job_id).expect("listed");
         let last = job.last_event.clone().expect("an event");
         let ended = matches!(

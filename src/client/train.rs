@@ -86,6 +86,16 @@ pub struct TrainCommand {
     pub upload_threshold_bytes: usize,
     /// Predict batch size for the hold-out evaluation.
     pub evaluate_batch_size: usize,
+    /// Return once the job has started, with its id, instead of following it.
+    pub detach: bool,
+}
+
+/// How `tlserve train` ended.
+pub enum Trained {
+    /// The published head as JSON (with its hold-out evaluation under `holdout`).
+    Head(Value),
+    /// The job runs on without a watcher.
+    Started { job_id: String },
 }
 
 /// The job's data: inline, or uploaded first when larger than `threshold`.
@@ -104,8 +114,13 @@ async fn training_data(
 }
 
 /// Runs a training job, showing its progress on stderr, and returns the
-/// published head as JSON (with its hold-out evaluation under `holdout`).
-pub async fn train(channel: Channel, command: TrainCommand) -> Result<Value> {
+/// published head, or with `detach` the started job's id.
+pub async fn train(channel: Channel, command: TrainCommand) -> Result<Trained> {
+    if command.detach && command.holdout.is_some() {
+        bail!(
+            "--holdout evaluates the head at the end of the job: it needs a watcher, not --detach"
+        );
+    }
     let (examples, holdout) = match command.holdout {
         Some(share) => {
             let split = split::stratified(command.examples, share, command.training.seed)?;
@@ -127,11 +142,21 @@ pub async fn train(channel: Channel, command: TrainCommand) -> Result<Value> {
         data: Some(data),
         labels: vec![],
     };
-    let events = TrainerClient::new(channel.clone())
+    let mut events = TrainerClient::new(channel.clone())
         .train_head(request)
         .await
         .map_err(describe)?
         .into_inner();
+    if command.detach {
+        // The job runs on the server whether or not anyone follows its events.
+        let first = events.message().await.map_err(describe)?;
+        let Some(first) = first else {
+            bail!("the server started no job");
+        };
+        return Ok(Trained::Started {
+            job_id: first.job_id,
+        });
+    }
     let head = watch::follow(channel.clone(), events).await?;
     let mut json = head_json(&head);
     if !holdout.is_empty() {
@@ -141,7 +166,7 @@ pub async fn train(channel: Channel, command: TrainCommand) -> Result<Value> {
         eprint!("{}", evaluation.table());
         json["holdout"] = evaluation.to_json();
     }
-    Ok(json)
+    Ok(Trained::Head(json))
 }
 
 #[cfg(test)]

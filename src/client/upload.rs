@@ -15,7 +15,15 @@ pub const CHUNK_BYTES: usize = 1024 * 1024;
 /// Examples per chunk at most, whatever their size.
 const CHUNK_EXAMPLES: usize = 4096;
 
-const MIB: f64 = 1024.0 * 1024.0;
+/// A size for a person: KiB below a MiB, MiB above.
+fn size(bytes: usize) -> String {
+    const KIB: f64 = 1024.0;
+    if (bytes as f64) < KIB * KIB {
+        format!("{:.1} KiB", bytes as f64 / KIB)
+    } else {
+        format!("{:.1} MiB", bytes as f64 / (KIB * KIB))
+    }
+}
 
 /// Uploads `examples` and returns the dataset the server made of them.
 pub async fn upload(channel: Channel, examples: Vec<proto::Example>) -> Result<proto::Dataset> {
@@ -32,10 +40,13 @@ pub async fn upload(channel: Channel, examples: Vec<proto::Example>) -> Result<p
         sent += range.len();
         sent_bytes += sizes[range.clone()].iter().sum::<usize>();
         status.update(&format!(
-            "uploading {sent}/{total} examples ({:.1}/{:.1} MiB)",
-            sent_bytes as f64 / MIB,
-            total_bytes as f64 / MIB
+            "uploading {sent}/{total} examples ({} of {})",
+            size(sent_bytes),
+            size(total_bytes)
         ));
+        if sent == total {
+            status.end();
+        }
         proto::UploadDatasetRequest {
             examples: rest.by_ref().take(range.len()).collect(),
         }
@@ -46,10 +57,19 @@ pub async fn upload(channel: Channel, examples: Vec<proto::Example>) -> Result<p
         .map_err(describe)?
         .into_inner();
     eprintln!(
-        "\nuploaded {} examples ({:.1} MiB) as dataset {}",
+        "uploaded {} examples ({}) as dataset {}",
         dataset.example_count,
-        total_bytes as f64 / MIB,
+        size(total_bytes),
         dataset.dataset_id
     );
     Ok(dataset)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_read_in_kib_or_mib() {
+        assert_eq!(super::size(1536), "1.5 KiB");
+        assert_eq!(super::size(3 * 1024 * 1024), "3.0 MiB");
+    }
 }

@@ -91,13 +91,16 @@ fn progress_line(event: &proto::TrainEvent) -> String {
             format!("embedding {}/{} inputs", event.embedded, event.total_inputs)
         }
         JobState::Training => {
-            let m = event.metrics.unwrap_or_default();
+            // The first TRAINING event announces the stage, before any step.
+            let Some(m) = event.metrics else {
+                return format!("training ({} steps planned)", event.total_epochs);
+            };
             let mut line = format!(
                 "epoch {}/{}: loss {:.4}, accuracy {:.3}",
                 event.epoch, event.total_epochs, m.train_loss, m.train_accuracy
             );
             if let (Some(loss), Some(accuracy)) = (m.validation_loss, m.validation_accuracy) {
-                line += &format!(", validation loss {loss:.4}, accuracy {accuracy:.3}");
+                line += &format!(", validation loss {loss:.4}, validation accuracy {accuracy:.3}");
             }
             line
         }
@@ -228,7 +231,9 @@ mod tests {
         (embedding.embedded, embedding.total_inputs) = (3, 10);
         assert_eq!(progress_line(&embedding), "embedding 3/10 inputs");
         let mut epoch = event(JobState::Training);
-        (epoch.epoch, epoch.total_epochs) = (2, 5);
+        (epoch.epoch, epoch.total_epochs) = (0, 5);
+        assert_eq!(progress_line(&epoch), "training (5 steps planned)");
+        epoch.epoch = 2;
         epoch.metrics = Some(proto::HeadMetrics {
             train_loss: 0.5,
             train_accuracy: 0.75,
@@ -238,7 +243,7 @@ mod tests {
         });
         assert_eq!(
             progress_line(&epoch),
-            "epoch 2/5: loss 0.5000, accuracy 0.750, validation loss 0.6250, accuracy 0.500"
+            "epoch 2/5: loss 0.5000, accuracy 0.750, validation loss 0.6250, validation accuracy 0.500"
         );
     }
 

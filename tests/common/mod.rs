@@ -466,3 +466,58 @@ pub fn four_reviews() -> Vec<proto::Example> {
         })
         .collect()
 }
+
+/// Every job the server knows, those that have ended included.
+pub async fn all_jobs(server: &TestServer) -> Vec<proto::JobInfo> {
+    proto::trainer_client::TrainerClient::new(server.channel().await)
+        .list_jobs(proto::ListJobsRequest {
+            include_finished: true,
+        })
+        .await
+        .expect("ListJobs")
+        .into_inner()
+        .jobs
+}
+
+/// One image file of an image-folder test set.
+pub struct LabelledImage {
+    pub label: String,
+    pub path: PathBuf,
+}
+
+/// Writes `per_class` noisy `side` x `side` images of each (label, colour)
+/// under `root/<label>/`, cycling through PNG, JPEG and WebP, and returns
+/// them in the order written. Noise makes each image distinct and keeps PNG
+/// and WebP files large (about 3 bytes a pixel).
+pub fn colour_folder(
+    root: &Path,
+    classes: &[(&str, [u8; 3])],
+    per_class: usize,
+    side: u32,
+    seed: u64,
+) -> Vec<LabelledImage> {
+    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+    let mut noise = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 33) % 81) as i16 - 40
+    };
+    let mut written = Vec::new();
+    for (label, colour) in classes {
+        std::fs::create_dir_all(root.join(label)).expect("class folder");
+        for i in 0..per_class {
+            let image = image::RgbImage::from_fn(side, side, |_, _| {
+                image::Rgb(colour.map(|c| (i16::from(c) + noise()).clamp(0, 255) as u8))
+            });
+            let extension = ["png", "jpg", "webp"][i % 3];
+            let path = root.join(label).join(format!("{i}.{extension}"));
+            image.save(&path).expect("write image");
+            written.push(LabelledImage {
+                label: label.to_string(),
+                path,
+            });
+        }
+    }
+    written
+}
