@@ -42,12 +42,12 @@ impl HeadEvaluation {
 
     /// The head and its metrics as tables for a terminal.
     pub fn table(&self) -> String {
-        format!(
-            "head {}@{}\n{}",
-            self.head,
-            self.version,
-            self.evaluation.table()
-        )
+        // A built-in head has no versions (0).
+        let head = match self.version {
+            0 => self.head.clone(),
+            version => format!("{}@{version}", self.head),
+        };
+        format!("head {head}\n{}", self.evaluation.table())
     }
 }
 

@@ -112,40 +112,45 @@ pub fn parse_tsv(text: &str, origin: &str) -> Result<Vec<Example>> {
     Ok(examples)
 }
 
-/// The (text, label) column indices of a CSV file and whether its first row
-/// is a header: it is when it names both columns (by default `text` and
-/// `label`). Without one, columns are numbers; by default the label is the
-/// first and the text the second, as in `LABEL<TAB>TEXT` files.
-fn csv_columns(first: &csv::StringRecord, columns: &Columns) -> Result<(usize, usize, bool)> {
-    let named = |column: &Option<Column>, default: &str| match column {
-        None => Some(default.to_owned()),
-        Some(Column::Name(name)) => Some(name.clone()),
+/// The name a header must hold for `column`: the one given, or `default`
+/// when none is; None for a column given by number.
+fn header_name<'a>(column: &'a Option<Column>, default: &'a str) -> Option<&'a str> {
+    match column {
+        None => Some(default),
+        Some(Column::Name(name)) => Some(name),
         Some(Column::Number(_)) => None,
-    };
-    let position = |name: &str| first.iter().position(|cell| cell.trim() == name);
-    let text_name = named(&columns.text, "text");
-    let label_name = named(&columns.label, "label");
-    let header = [&text_name, &label_name]
-        .iter()
-        .all(|name| name.as_deref().is_none_or(|n| position(n).is_some()))
-        && (text_name.is_some() || label_name.is_some());
-    let index = |column: &Option<Column>, name: &Option<String>, default: usize| match column {
-        Some(Column::Number(number)) => Ok(number - 1),
-        _ if header => Ok(name.as_deref().and_then(position).unwrap_or(default)),
-        None => Ok(default),
-        Some(Column::Name(name)) => Err(name.clone()),
-    };
-    match (
-        index(&columns.text, &text_name, 1),
-        index(&columns.label, &label_name, 0),
+    }
+}
+
+/// The (text, label) column indices of a CSV file and whether its first row
+/// is a header: it is when it names every column not given by number (by
+/// default `text` and `label`). Without one, columns are numbers; by default
+/// the label is the first and the text the second, as in `LABEL<TAB>TEXT`
+/// files.
+fn csv_columns(first: &csv::StringRecord, columns: &Columns) -> Result<(usize, usize, bool)> {
+    let find = |name: &str| first.iter().position(|cell| cell.trim() == name);
+    let names = [
+        header_name(&columns.text, "text"),
+        header_name(&columns.label, "label"),
+    ];
+    let header =
+        names.iter().any(Option::is_some) && names.iter().flatten().all(|n| find(n).is_some());
+    let locate = |column: &Option<Column>, name: Option<&str>, default: usize| match (
+        column,
+        name.filter(|_| header).and_then(find),
     ) {
-        (Ok(text), Ok(label)) => Ok((text, label, header)),
-        (Err(name), _) | (_, Err(name)) => bail!(
+        (Some(Column::Number(number)), _) => Ok(number - 1),
+        (_, Some(at)) => Ok(at),
+        (None, None) => Ok(default),
+        (Some(Column::Name(name)), None) => bail!(
             "the first row ({}) names no column `{name}`; give --text-column and \
-             --label-column as names from the header or as column numbers (from 1)",
+                 --label-column as names from the header or as column numbers (from 1)",
             first.iter().collect::<Vec<_>>().join(",")
         ),
-    }
+    };
+    let text = locate(&columns.text, names[0], 1)?;
+    let label = locate(&columns.label, names[1], 0)?;
+    Ok((text, label, header))
 }
 
 /// CSV rows; see [`csv_columns`] for how the columns are found.

@@ -2,7 +2,7 @@
 //! when large, the job followed to its end, and optionally evaluated on a
 //! stratified hold-out share.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use prost::Message;
 use serde_json::Value;
 use tonic::transport::Channel;
@@ -162,7 +162,13 @@ pub async fn train(channel: Channel, command: TrainCommand) -> Result<Trained> {
     if !holdout.is_empty() {
         let version = format!("{}@{}", head.name, head.version);
         let evaluation =
-            evaluate::evaluate(channel, &version, holdout, command.evaluate_batch_size).await?;
+            evaluate::evaluate(channel, &version, holdout, command.evaluate_batch_size)
+                .await
+                .with_context(|| {
+                    format!(
+                        "{version} is published, but evaluating it on the held-out examples failed"
+                    )
+                })?;
         eprint!("{}", evaluation.table());
         json["holdout"] = evaluation.to_json();
     }

@@ -63,7 +63,7 @@ async fn choose(job_id: &str, interrupts: &mut Interrupts) -> Choice {
     if !std::io::stdin().is_terminal() {
         return Choice::Leave;
     }
-    eprint!("\ncancel job {job_id}? [y/N] ");
+    eprint!("cancel job {job_id}? [y/N] ");
     let (answer, answered) = tokio::sync::oneshot::channel();
     // A plain thread, not the blocking pool: the runtime would wait for a
     // read that never ends before it lets the process exit.
