@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
-# Embedding throughput, tlserve vs sentence-transformers (PyTorch CPU), on the same
-# corpus, the same model files and the same batch sizes, in one run.
+# Embedding throughput, tlserve vs sentence-transformers (PyTorch CPU) and ONNX
+# Runtime (CPUExecutionProvider, the engine text-embeddings-inference runs on
+# CPU), on the same corpus, the same model files and the same batch sizes, in
+# one run; then the accuracy of every engine against the float64 reference.
 #
 # Steps: build the fixed corpus (scripts/bench-corpus.sh); run tlserve's
-# `bench-embed` subcommand once per BERT engine (--engines); run
-# scripts/bench/peer_embed.py in the peer virtualenv; print a markdown table
-# with the ratios. Everything runs one after the other, never together: both want every core, and candle's thread
-# pool in particular loses badly to any other load, which is also why the load
-# average is recorded before each side and a warning is printed above 0.5.
+# `bench-embed` subcommand once per BERT engine (--engines) and, for the native
+# engine, per precision (--precisions); run scripts/bench/peer_embed.py and
+# scripts/bench/peer_onnx.py (which exports the model to ONNX and quantizes it,
+# once, into target/bench/onnx) in the peer virtualenv; print markdown tables
+# with the ratios; score every engine's embeddings of the corpus with
+# scripts/bench/embed_accuracy.py. Everything runs one after the other, never
+# together: all want every core, and candle's thread pool in particular loses
+# badly to any other load, which is also why the load average is recorded
+# before each side and a warning is printed above 0.5.
 #
 # Both sides print JSON lines of the same shape:
 #   {"engine": E, "batch_size": B, "sentences": N, "seconds": T,
@@ -28,7 +34,10 @@
 #   --engines LIST       tlserve BERT engines to measure (default: native,candle):
 #                        native is the packed CPU forward pass, candle the
 #                        candle-transformers BertModel it replaces on CPU
-#   --no-peer            run tlserve only
+#   --precisions LIST    the native engine's precisions (default: f32,int8,bf16)
+#   --onnx-variants LIST ONNX Runtime models (default: fp32,int8,int8-per-channel;
+#                        "none" skips ONNX Runtime)
+#   --no-peer            run tlserve only (no peers, no accuracy table)
 #   --setup-peer         create the peer virtualenv (or install what an existing
 #                        one lacks), then exit
 # Environment: TLSERVE_PEER_VENV (default: ~/.cache/tlserve-peer-venv),
@@ -54,6 +63,12 @@ peer_packages=(
   # Decodes and resizes the photos for the image peer, scripts/bench/peer_vision.py
   # (scripts/bench-vision.sh); the version the tests' reference uses.
   "Pillow==13.0.0"
+  # ONNX Runtime, the engine text-embeddings-inference runs on CPU: the model is
+  # exported to ONNX (torch.onnx.export, which needs onnx and onnxscript) in this
+  # venv and run with the CPUExecutionProvider, float and dynamically quantized.
+  "onnxruntime==1.32.0"
+  "onnx==1.23.2"
+  "onnxscript==0.7.2"
 )
 
 batch_sizes="1,8,32,128"
@@ -63,6 +78,8 @@ config="config/tlserve.toml"
 run_peer=1
 setup_only=0
 engines="native,candle"
+precisions="f32,int8,bf16"
+onnx_variants="fp32,int8,int8-per-channel"
 
 log() { printf 'bench-embed: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -76,6 +93,8 @@ while [ $# -gt 0 ]; do
     --threads)     [ $# -ge 2 ] || die "$1 needs a value"; threads="$2"; shift 2 ;;
     --config)      [ $# -ge 2 ] || die "$1 needs a value"; config="$2"; shift 2 ;;
     --engines)     [ $# -ge 2 ] || die "$1 needs a value"; engines="$2"; shift 2 ;;
+    --precisions)  [ $# -ge 2 ] || die "$1 needs a value"; precisions="$2"; shift 2 ;;
+    --onnx-variants) [ $# -ge 2 ] || die "$1 needs a value"; onnx_variants="$2"; shift 2 ;;
     --no-peer)     run_peer=0; shift ;;
     --setup-peer)  setup_only=1; shift ;;
     -h|--help)     usage; exit 0 ;;
@@ -87,6 +106,9 @@ done
 [[ "$min_seconds" =~ ^[0-9]+([.][0-9]+)?$ ]] || die "--min-seconds wants a number, got '$min_seconds'"
 [[ "$threads" =~ ^[1-9][0-9]*$ ]] || die "--threads wants a positive integer, got '$threads'"
 [[ "$engines" =~ ^(native|candle)(,(native|candle))*$ ]] || die "--engines wants native and/or candle, got '$engines'"
+[[ "$precisions" =~ ^(f32|int8|bf16)(,(f32|int8|bf16))*$ ]] || die "--precisions wants f32, int8 and/or bf16, got '$precisions'"
+[[ "$onnx_variants" =~ ^(none|(fp32|int8|int8-per-channel)(,(fp32|int8|int8-per-channel))*)$ ]] \
+  || die "--onnx-variants wants fp32, int8, int8-per-channel or none, got '$onnx_variants'"
 
 # Creates the peer virtualenv, or installs into an existing one what it lacks of
 # peer_packages (pip leaves what is already at the pinned version alone; the
@@ -104,7 +126,7 @@ setup_peer() {
 
 peer_ready() {
   [ -x "$peer_venv/bin/python" ] \
-    && "$peer_venv/bin/python" -c 'import torch, sentence_transformers' >/dev/null 2>&1
+    && "$peer_venv/bin/python" -c 'import torch, sentence_transformers, onnxruntime, onnx' >/dev/null 2>&1
 }
 
 if [ "$setup_only" = 1 ]; then
@@ -130,109 +152,158 @@ corpus_stats="$("$root/scripts/bench-corpus.sh" "$corpus")"
 
 cpu_model="$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//' || true)"
 machine="nproc $(nproc), CPU ${cpu_model:-unknown}, $(rustc --version 2>/dev/null || echo 'rustc: not found')"
+# The flags that decide which kernels run (AVX2, AVX-512, VNNI, BF16, AMX).
+cpu_flags="$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' \
+  | grep -E '^(avx2|fma|avx512f|avx512bw|avx512_vnni|avx512_bf16|amx_tile|amx_int8|amx_bf16)$' \
+  | tr '\n' ' ' | sed 's/ $//')"
 
 # Build first, so that compiling is neither timed nor running next to either engine.
 log "building tlserve (release)"
 cargo build --release --quiet
 
-peer_out="$bench_dir/embed-peer.jsonl"
-rm -f "$bench_dir"/embed-tlserve-*.jsonl "$peer_out"
+results="$bench_dir/embed-results"
+embeddings="$bench_dir/embed-vectors"
+rm -rf "$results" "$embeddings"
+mkdir -p "$results" "$embeddings"
+
+# The tlserve runs: (engine, precision) pairs, labelled "native", "native-int8", ...
+runs=()
+for engine in ${engines//,/ }; do
+  if [ "$engine" = native ]; then
+    for precision in ${precisions//,/ }; do
+      runs+=("$engine:$precision")
+    done
+  else
+    runs+=("$engine:f32")
+  fi
+done
 
 # candle sizes its CPU thread pool from CANDLE_NUM_THREADS, else RAYON_NUM_THREADS
 # (else the number of cores), which is how --threads reaches tlserve; both
-# engines run on that pool. The engine of the first backbone (MiniLM in the
-# default config) is chosen by an environment override.
+# engines run on that pool. The engine and precision of the first backbone
+# (MiniLM in the default config) are chosen by environment overrides.
 load_tlserve=""
-for engine in ${engines//,/ }; do
-  load_tlserve="$load_tlserve $engine: $(loadavg);"
-  check_load "before tlserve ($engine)"
-  log "running tlserve bench-embed, $engine engine (batch sizes $batch_sizes, at least ${min_seconds}s each)"
-  CANDLE_NUM_THREADS="$threads" RAYON_NUM_THREADS="$threads" TLSERVE__BACKBONES__0__ENGINE="$engine" \
-    cargo run --release --quiet -- bench-embed \
+labels=""
+for run in "${runs[@]}"; do
+  engine="${run%%:*}"; precision="${run##*:}"
+  label="$engine"; [ "$precision" = f32 ] || label="$engine-$precision"
+  labels="$labels,tlserve $label"
+  load_tlserve="$load_tlserve $label: $(loadavg);"
+  check_load "before tlserve ($label)"
+  log "running tlserve bench-embed, $label (batch sizes $batch_sizes, at least ${min_seconds}s each)"
+  CANDLE_NUM_THREADS="$threads" RAYON_NUM_THREADS="$threads" \
+    TLSERVE__BACKBONES__0__ENGINE="$engine" TLSERVE__BACKBONES__0__PRECISION="$precision" \
+    target/release/tlserve bench-embed \
     --config "$config" --backbone "$backbone" --corpus "$corpus" \
-    --batch-sizes "$batch_sizes" --min-seconds "$min_seconds" > "$bench_dir/embed-tlserve-$engine.jsonl" \
-    || die "tlserve bench-embed ($engine) failed"
+    --batch-sizes "$batch_sizes" --min-seconds "$min_seconds" \
+    --embeddings-out "$embeddings/tlserve $label.jsonl" > "$results/tlserve $label.jsonl" \
+    || die "tlserve bench-embed ($label) failed"
 done
 
 load_peer="n/a"
 if [ "$run_peer" = 1 ]; then
-  load_peer="$(loadavg)"
+  load_peer="sentence-transformers: $(loadavg);"
   check_load "before sentence-transformers"
   log "running sentence-transformers (batch sizes $batch_sizes, at least ${min_seconds}s each)"
   "$peer_venv/bin/python" "$root/scripts/bench/peer_embed.py" \
     --model-dir "$models_dir/$backbone" --corpus "$corpus" \
     --batch-sizes "$batch_sizes" --min-seconds "$min_seconds" --threads "$threads" \
-    > "$peer_out" || die "peer_embed.py failed"
+    > "$results/sentence-transformers.jsonl" || die "peer_embed.py failed"
+  labels="$labels,sentence-transformers"
+  if [ "$onnx_variants" != none ]; then
+    load_peer="$load_peer onnxruntime: $(loadavg)"
+    check_load "before ONNX Runtime"
+    log "running ONNX Runtime ($onnx_variants; batch sizes $batch_sizes, at least ${min_seconds}s each)"
+    "$peer_venv/bin/python" "$root/scripts/bench/peer_onnx.py" \
+      --model-dir "$models_dir/$backbone" --corpus "$corpus" --work-dir "$bench_dir/onnx" \
+      --variants "$onnx_variants" --embeddings-dir "$embeddings" \
+      --batch-sizes "$batch_sizes" --min-seconds "$min_seconds" --threads "$threads" \
+      > "$results/onnxruntime.jsonl" || die "peer_onnx.py failed"
+    for variant in ${onnx_variants//,/ }; do labels="$labels,onnxruntime-$variant"; done
+  fi
 fi
 
-# Joins both result files by batch size into the markdown report. Fails when an
+# Joins the result files by batch size into markdown tables. Fails when an
 # engine left out a requested batch size or printed something malformed, rather
 # than printing a table with holes.
-"$python" - "$bench_dir" "$engines" "$peer_out" "$batch_sizes" "$run_peer" "$threads" \
-  > "$bench_dir/embed-report.md" <<'PY'
-import json, sys
+"$python" - "$results" "${labels#,}" "$batch_sizes" "$threads" > "$bench_dir/embed-report.md" <<'PY'
+import glob, json, os, sys
 
-bench_dir, engines, peer_path, sizes, run_peer, requested = sys.argv[1:7]
-engines = engines.split(",")
-run_peer = run_peer == "1"
+results, labels, sizes, requested = sys.argv[1:5]
+labels = labels.split(",")
 sizes = [int(s) for s in sizes.split(",")]
 
-def load(path, engine):
-    rows = {}
+rows = {}  # label -> batch size -> record
+for path in sorted(glob.glob(os.path.join(results, "*.jsonl"))):
+    tlserve = os.path.basename(path)[: -len(".jsonl")]
     with open(path, encoding="utf-8") as f:
         for line in f:
             line = line.strip()
             if not line.startswith("{"):
-                continue  # tolerate stray log lines; the JSON ones carry the data
+                continue  # stray log lines
             rec = json.loads(line)
-            if rec.get("engine") != engine:
-                sys.exit(f"{path}: expected engine {engine!r}, got {rec.get('engine')!r}")
+            if "engine" not in rec:
+                continue  # profiles
             for key in ("batch_size", "sentences", "seconds", "sentences_per_sec", "threads"):
                 if key not in rec:
                     sys.exit(f"{path}: record without {key!r}: {line}")
-            rows[int(rec["batch_size"])] = rec
-    missing = [s for s in sizes if s not in rows]
+            label = tlserve if rec["engine"] == "tlserve" else rec["engine"]
+            rows.setdefault(label, {})[int(rec["batch_size"])] = rec
+for label in labels:
+    missing = [s for s in sizes if s not in rows.get(label, {})]
     if missing:
-        sys.exit(f"{path}: no result for batch sizes {missing}")
-    return rows
+        sys.exit(f"{label}: no result for batch sizes {missing}")
 
-tl = {e: load(f"{bench_dir}/embed-tlserve-{e}.jsonl", "tlserve") for e in engines}
-peer = load(peer_path, "sentence-transformers") if run_peer else {}
-
-def threads(rows):
-    return ", ".join(sorted({str(r["threads"]) for r in rows.values()})) or "n/a"
-
-head = " | ".join(f"tlserve {e} sent/s" for e in engines)
-ratios = " | ".join(f"{e} / peer" for e in engines)
-print(f"| batch | {head} | sentence-transformers sent/s | {ratios} |")
-print("|---:|" + "---:|" * (2 * len(engines) + 1))
-for s in sizes:
-    ts = [tl[e][s]["sentences_per_sec"] for e in engines]
-    cells = " | ".join(f"{t:.1f}" for t in ts)
-    if s in peer:
-        p = peer[s]["sentences_per_sec"]
-        rs = " | ".join(f"{t / p:.2f}x" for t in ts)
-        print(f"| {s} | {cells} | {p:.1f} | {rs} |")
-    else:
-        print(f"| {s} | {cells} | n/a | " + " | ".join("n/a" for _ in ts) + " |")
+print("Sentences per second:")
 print()
-all_tl = {f"{e}-{k}": v for e in engines for k, v in tl[e].items()}
-print(f"- threads: tlserve {threads(all_tl)}, sentence-transformers {threads(peer)} (requested {requested})")
-if peer:
-    v = next(iter(peer.values())).get("versions", {})
-    print("- peer versions: " + ", ".join(f"{k} {v[k]}" for k in sorted(v)))
-tv = next(iter(tl[engines[0]].values())).get("versions")
-if tv:
-    print("- tlserve versions: " + ", ".join(f"{k} {tv[k]}" for k in sorted(tv)))
+print("| batch | " + " | ".join(labels) + " |")
+print("|---:|" + "---:|" * len(labels))
+for s in sizes:
+    print(f"| {s} | " + " | ".join(f"{rows[l][s]['sentences_per_sec']:.1f}" for l in labels) + " |")
+print()
+ours = [l for l in labels if l.startswith("tlserve ")]
+peers = [l for l in labels if not l.startswith("tlserve ")]
+if peers:
+    print("Ratios, tlserve / peer (same run):")
+    print()
+    pairs = [(o, p) for o in ours for p in peers]
+    print("| batch | " + " | ".join(f"{o[8:]} / {p}" for o, p in pairs) + " |")
+    print("|---:|" + "---:|" * len(pairs))
+    for s in sizes:
+        cells = (rows[o][s]["sentences_per_sec"] / rows[p][s]["sentences_per_sec"] for o, p in pairs)
+        print(f"| {s} | " + " | ".join(f"{c:.2f}x" for c in cells) + " |")
+    print()
+threads = sorted({str(r["threads"]) for l in labels for r in rows[l].values()})
+print(f"- threads: {', '.join(threads)} (requested {requested})")
+for label in peers:
+    v = next(iter(rows[label].values())).get("versions", {})
+    print(f"- {label} versions: " + ", ".join(f"{k} {v[k]}" for k in sorted(v)))
 PY
 
+accuracy=""
+if [ "$run_peer" = 1 ]; then
+  log "scoring every engine's embeddings against the float64 reference"
+  specs=()
+  for file in "$embeddings"/*.jsonl; do specs+=("$(basename "$file" .jsonl)=$file"); done
+  accuracy="$("$peer_venv/bin/python" "$root/scripts/bench/embed_accuracy.py" \
+    --model-dir "$models_dir/$backbone" --corpus "$corpus" "${specs[@]}")" \
+    || die "embed_accuracy.py failed"
+fi
+
 {
-  echo "## Embedding throughput: tlserve vs sentence-transformers ($backbone)"
+  echo "## Embedding throughput: tlserve vs sentence-transformers and ONNX Runtime ($backbone)"
   echo
   cat "$bench_dir/embed-report.md"
   echo "- corpus: $corpus ($corpus_stats)"
   echo "- batch sizes $batch_sizes, at least ${min_seconds}s and one full corpus pass each"
   echo "- machine: $machine"
-  echo "- load average (1/5/15 min): at start $load_start; before tlserve:$load_tlserve before sentence-transformers $load_peer"
+  echo "- CPU flags: $cpu_flags"
+  echo "- load average (1/5/15 min): at start $load_start; before tlserve:$load_tlserve before the peers: $load_peer"
+  if [ -n "$accuracy" ]; then
+    echo
+    echo "Accuracy against the float64 reference:"
+    echo
+    echo "$accuracy"
+  fi
 } | tee "$bench_dir/embed-report.md.tmp"
 mv "$bench_dir/embed-report.md.tmp" "$bench_dir/embed-report.md"

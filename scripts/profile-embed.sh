@@ -7,16 +7,19 @@
 # linux-perf) and perf_event_paranoid <= 2 or root.
 #
 # Usage: scripts/profile-embed.sh [--batch-sizes 1,32] [--engines native,candle]
+#                                 [--precision f32|int8|bf16]  (native engine)
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 batch_sizes="1,32"
 engines="native,candle"
+precision="f32"
 while [ $# -gt 0 ]; do
   case "$1" in
     --batch-sizes) batch_sizes="$2"; shift 2 ;;
     --engines) engines="$2"; shift 2 ;;
+    --precision) precision="$2"; shift 2 ;;
     *) echo "profile-embed: unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -30,15 +33,17 @@ cargo build --release --locked --quiet
 
 for engine in ${engines//,/ }; do
   for batch in ${batch_sizes//,/ }; do
-    data="$out/$engine-b$batch.data"
+    data="$out/$engine-$precision-b$batch.data"
     profile_flag=()
     [ "$engine" = native ] && profile_flag=(--profile)
     echo "== $engine, batch $batch" >&2
-    TLSERVE__BACKBONES__0__ENGINE="$engine" perf record -q -e cpu-clock -F 499 -o "$data" -- \
+    precision_of_run="f32"; [ "$engine" = native ] && precision_of_run="$precision"
+    TLSERVE__BACKBONES__0__ENGINE="$engine" TLSERVE__BACKBONES__0__PRECISION="$precision_of_run" perf record -q -e cpu-clock -F 499 -o "$data" -- \
       target/release/tlserve bench-embed --backbone all-MiniLM-L6-v2 \
       --corpus target/bench/corpus.txt --batch-sizes "$batch" --min-seconds 5 "${profile_flag[@]}"
-    perf report -i "$data" --stdio --sort symbol 2>/dev/null > "$out/$engine-b$batch.txt"
-    printf '{"engine": "%s", "batch_size": %s, "perf_shares": %s}\n' "$engine" "$batch" \
-      "$(python3 scripts/bench/perf_categories.py < "$out/$engine-b$batch.txt")"
+    perf report -i "$data" --stdio --sort symbol 2>/dev/null > "${data%.data}.txt"
+    printf '{"engine": "%s", "precision": "%s", "batch_size": %s, "perf_shares": %s}\n' \
+      "$engine" "$precision_of_run" "$batch" \
+      "$(python3 scripts/bench/perf_categories.py < "${data%.data}.txt")"
   done
 done

@@ -25,6 +25,9 @@ pub struct BenchOptions<'a> {
     pub min_seconds: f64,
     /// Also print where the native BERT engine spent its time.
     pub profile: bool,
+    /// Before timing, write the embedding of every corpus line here, in order,
+    /// one JSON array per line (accuracy comparisons between engines).
+    pub embeddings_out: Option<&'a Path>,
 }
 
 /// Stops a measurement after this many passes over the corpus even when
@@ -73,6 +76,9 @@ pub fn run(config: &Config, options: &BenchOptions<'_>) -> Result<()> {
         ImageLimits::from_config(&config.limits),
     )?;
     let threads = candle_core::utils::get_num_threads();
+    if let Some(path) = options.embeddings_out {
+        write_embeddings(model.as_ref(), &corpus, path)?;
+    }
 
     for &batch_size in options.batch_sizes {
         if batch_size == 0 {
@@ -102,6 +108,7 @@ pub fn run(config: &Config, options: &BenchOptions<'_>) -> Result<()> {
                 "seconds": seconds,
                 (format!("{unit}_per_sec")): count as f64 / seconds,
                 "threads": threads,
+                "precision": model.descriptor().dtype,
             })
         );
         if let Some(profile) = bert_native::take_profile().filter(|p| p.passes > 0) {
@@ -142,6 +149,18 @@ fn print_profile(batch_size: usize, seconds: f64, profile: &bert_native::Profile
     );
 }
 
+fn write_embeddings(model: &dyn Backbone, corpus: &[Input], path: &Path) -> Result<()> {
+    let mut lines = String::new();
+    for start in (0..corpus.len()).step_by(32) {
+        let batch = embed_batch(model, corpus, start, 32.min(corpus.len() - start))?;
+        for vector in batch {
+            lines.push_str(&serde_json::to_string(&vector)?);
+            lines.push('\n');
+        }
+    }
+    std::fs::write(path, lines).with_context(|| format!("cannot write {}", path.display()))
+}
+
 /// Prepares (tokenizes or decodes) and embeds `batch_size` inputs starting at
 /// `offset`, cycling through the corpus; preparing counts, as it does for the peer.
 fn embed_batch(
@@ -149,7 +168,7 @@ fn embed_batch(
     corpus: &[Input],
     offset: usize,
     batch_size: usize,
-) -> Result<()> {
+) -> Result<Vec<Vec<f32>>> {
     let options = model.descriptor().default_options;
     let prepared = (0..batch_size)
         .map(|i| {
@@ -161,6 +180,5 @@ fn embed_batch(
         .iter()
         .map(|input| EmbedItem { input, options })
         .collect();
-    model.embed(&items)?;
-    Ok(())
+    Ok(model.embed(&items)?)
 }

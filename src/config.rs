@@ -393,6 +393,42 @@ impl Engine {
     }
 }
 
+/// Number format of the matrix products of a backbone's forward pass (the
+/// native BERT engine); docs/PERFORMANCE.md has the speed and accuracy of each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// bf16 where the CPU has AMX-BF16 (as accurate as f32 for retrieval and
+    /// heads, and several times faster there: docs/PERFORMANCE.md), f32
+    /// elsewhere.
+    #[default]
+    Auto,
+    /// Single precision throughout.
+    F32,
+    /// Weights and inputs of the dense layers rounded to bfloat16, sums in f32:
+    /// fast with AVX-512 BF16, emulated (slower than f32) without.
+    Bf16,
+    /// Weights quantized to int8 per output channel at load time, inputs per
+    /// row before each product, exact integer sums (AVX-512 VNNI, AVX2).
+    Int8,
+}
+
+impl Precision {
+    /// bf16 or int8: settings only the native BERT engine honours.
+    pub fn is_reduced(self) -> bool {
+        matches!(self, Precision::Bf16 | Precision::Int8)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::Auto => "auto",
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+            Precision::Int8 => "int8",
+        }
+    }
+}
+
 /// Which VGG16 layer gives the features.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -577,6 +613,9 @@ pub struct BackboneConfig {
     /// BERT: which implementation computes it.
     #[serde(default)]
     pub engine: Engine,
+    /// BERT, native engine: the number format of the dense layers.
+    #[serde(default)]
+    pub precision: Precision,
     /// Worker threads computing passes side by side (docs/PERFORMANCE.md): 1
     /// gives each pass every core (lowest latency); one per core gives the
     /// most throughput under load.
@@ -636,6 +675,9 @@ impl BackboneConfig {
         {
             return Err("`image` settings apply to image backbones only".into());
         }
+        if self.precision.is_reduced() && self.engine == Engine::Candle {
+            return Err("`precision` applies to the native engine; candle computes in f32".into());
+        }
         Ok(())
     }
 
@@ -643,6 +685,9 @@ impl BackboneConfig {
     fn validate_image_settings(&self) -> Result<(), String> {
         if self.engine != Engine::Auto {
             return Err("`engine` applies to BERT backbones only".into());
+        }
+        if self.precision.is_reduced() {
+            return Err("`precision` applies to BERT backbones (native engine) only".into());
         }
         if self.max_sequence_length.is_some() {
             return Err("max_sequence_length applies to text backbones only".into());
@@ -718,8 +763,11 @@ fn default_max_batch_tokens() -> usize {
     8192
 }
 
+/// 0: a free worker takes whatever is queued at once. A lone request no longer
+/// waits for company that is not coming, and under load batches still form
+/// while the previous pass runs (docs/BENCHMARKS.md, "One client's latency").
 fn default_max_queue_delay_ms() -> f64 {
-    2.0
+    0.0
 }
 
 fn default_max_queue_items() -> usize {
@@ -1043,6 +1091,48 @@ mod tests {
         assert_eq!(config.logging.format, LogFormat::Json);
         assert_eq!(config.limits.max_inputs_per_request, 8);
         assert!(!config.backbones[0].normalize);
+    }
+
+    #[test]
+    fn precision_is_read_and_refused_where_it_does_not_apply() {
+        let config = Config::from_toml(
+            MINIMAL,
+            Path::new("."),
+            env(&[("TLSERVE__BACKBONES__0__PRECISION", "int8")]),
+        )
+        .unwrap();
+        assert_eq!(config.backbones[0].precision, Precision::Int8);
+        assert_eq!(
+            Config::from_toml(MINIMAL, Path::new("."), env(&[]))
+                .unwrap()
+                .backbones[0]
+                .precision,
+            Precision::Auto
+        );
+        let refused = [
+            ("TLSERVE__BACKBONES__0__ENGINE", "candle", "native engine"),
+            (
+                "TLSERVE__BACKBONES__0__ARCHITECTURE",
+                "resnet50",
+                "BERT backbones",
+            ),
+        ];
+        for (key, value, message) in refused {
+            let err = Config::from_toml(
+                MINIMAL,
+                Path::new("."),
+                env(&[("TLSERVE__BACKBONES__0__PRECISION", "bf16"), (key, value)]),
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains(message), "{key}={value}: {err}");
+        }
+        let err = Config::from_toml(
+            MINIMAL,
+            Path::new("."),
+            env(&[("TLSERVE__BACKBONES__0__PRECISION", "fp8")]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("`auto`, `f32`, `bf16`, `int8`"), "{err}");
     }
 
     #[test]

@@ -296,6 +296,9 @@ enum Command {
         /// Also print, per batch size, where the native BERT engine's time went.
         #[arg(long)]
         profile: bool,
+        /// Write every corpus line's embedding here first (JSON lines).
+        #[arg(long)]
+        embeddings_out: Option<PathBuf>,
     },
 }
 
@@ -609,6 +612,7 @@ async fn run(cli: Cli) -> Result<()> {
             batch_sizes,
             min_seconds,
             profile,
+            embeddings_out,
         } => {
             let config = load_config(&config)?;
             let options = bench::BenchOptions {
@@ -617,6 +621,7 @@ async fn run(cli: Cli) -> Result<()> {
                 batch_sizes: &batch_sizes,
                 min_seconds,
                 profile,
+                embeddings_out: embeddings_out.as_deref(),
             };
             bench::run(&config, &options)?;
         }

@@ -75,7 +75,7 @@ fn library_mean_pooled_unit_vectors_match_the_reference() {
 }
 
 fn mean_pooled_unit_vectors(engine: &str, sentences: &[String], reference: &Reference) {
-    let model = load_minilm_on(engine);
+    let model = load_minilm_f32_on(engine);
     assert_eq!(model.descriptor().max_sequence_length, MAX_LEN);
 
     let mut truncated = 0;
@@ -110,6 +110,94 @@ fn mean_pooled_unit_vectors(engine: &str, sentences: &[String], reference: &Refe
     }
 }
 
+/// The engines in single precision (the default, `auto`, may pick bf16).
+fn load_minilm_f32_on(engine: &str) -> std::sync::Arc<dyn Backbone> {
+    load_minilm_with(&format!("engine = \"{engine}\"\nprecision = \"f32\""))
+}
+
+/// `auto` is bf16 where AMX-BF16 runs it and f32 elsewhere; the default
+/// configuration must still meet the f32 tolerance.
+#[test]
+fn the_default_precision_is_what_this_cpu_runs_best_and_meets_the_f32_tolerance() {
+    use tlserve::config::Precision;
+    let expected = tlserve::nn::resolve_precision(Precision::Auto);
+    assert!(matches!(expected, Precision::F32 | Precision::Bf16));
+    let model = load_minilm();
+    assert_eq!(model.descriptor().dtype, expected.as_str());
+    let sentences = sentences();
+    let reference = reference(&sentences, "mean", true, MAX_LEN);
+    let options = EmbedOptions {
+        pooling: Pooling::Mean,
+        normalize: true,
+    };
+    let ours = embed_all(model.as_ref(), &sentences, options);
+    assert_close(
+        &format!("default ({})", expected.as_str()),
+        &ours,
+        &reference.embeddings,
+    );
+}
+
+/// Reduced precision (docs/PERFORMANCE.md): each text's vector against the
+/// float64 reference, and the neighbours each text finds among the others.
+/// Tolerances: lowest cosine 0.99 (int8) and 0.999 (bf16); every text's
+/// nearest neighbour and at least 90% of its 5 nearest the reference's.
+#[test]
+fn reduced_precision_stays_close_to_the_reference() {
+    let sentences = sentences();
+    let reference = reference(&sentences, "mean", true, MAX_LEN);
+    let options = EmbedOptions {
+        pooling: Pooling::Mean,
+        normalize: true,
+    };
+    for (precision, min_cosine) in [("int8", 0.99), ("bf16", 0.999)] {
+        let model = load_minilm_with(&format!("precision = \"{precision}\""));
+        assert_eq!(model.descriptor().dtype, precision);
+        let ours = embed_all(model.as_ref(), &sentences, options);
+        let cosines: Vec<f64> = ours
+            .iter()
+            .zip(&reference.embeddings)
+            .map(|(a, b)| cosine(a, b))
+            .collect();
+        let lowest = cosines.iter().copied().fold(f64::INFINITY, f64::min);
+        let mean = cosines.iter().sum::<f64>() / cosines.len() as f64;
+        let as_f64: Vec<Vec<f64>> = ours
+            .iter()
+            .map(|v| v.iter().map(|&x| f64::from(x)).collect())
+            .collect();
+        let (top1, top5) = neighbour_agreement(&as_f64, &reference.embeddings, 5);
+        eprintln!(
+            "{precision}: cosine to the float64 reference lowest {lowest:.5}, mean {mean:.5}; \
+             nearest neighbour agrees {top1:.3}, 5 nearest {top5:.3}"
+        );
+        assert!(lowest >= min_cosine, "{precision}: lowest cosine {lowest}");
+        assert_eq!(top1, 1.0, "{precision}: nearest neighbours differ");
+        assert!(top5 >= 0.9, "{precision}: 5 nearest agree {top5}");
+    }
+}
+
+/// For each vector, its `k` nearest others (by dot product of unit vectors)
+/// under `ours` and `reference`: the share of texts whose nearest is the same,
+/// and the mean share of the `k` nearest in common.
+fn neighbour_agreement(ours: &[Vec<f64>], reference: &[Vec<f64>], k: usize) -> (f64, f64) {
+    let nearest = |set: &[Vec<f64>], i: usize| -> Vec<usize> {
+        let mut others: Vec<(usize, f64)> = (0..set.len())
+            .filter(|&j| j != i)
+            .map(|j| (j, set[i].iter().zip(&set[j]).map(|(a, b)| a * b).sum()))
+            .collect();
+        others.sort_by(|a, b| b.1.total_cmp(&a.1));
+        others.into_iter().take(k).map(|(j, _)| j).collect()
+    };
+    let n = ours.len();
+    let (mut same_first, mut common) = (0usize, 0usize);
+    for i in 0..n {
+        let (a, b) = (nearest(ours, i), nearest(reference, i));
+        same_first += usize::from(a[0] == b[0]);
+        common += a.iter().filter(|j| b.contains(j)).count();
+    }
+    (same_first as f64 / n as f64, common as f64 / (n * k) as f64)
+}
+
 #[test]
 fn library_cls_pooling_without_normalization_matches_the_reference() {
     let sentences = sentences();
@@ -119,7 +207,7 @@ fn library_cls_pooling_without_normalization_matches_the_reference() {
         normalize: false,
     };
     for engine in ENGINES {
-        let model = load_minilm_on(engine);
+        let model = load_minilm_f32_on(engine);
         let ours = embed_all(model.as_ref(), &sentences, options);
         assert_close(&format!("{engine}, cls"), &ours, &reference.embeddings);
         for (a, b) in ours.iter().zip(&reference.embeddings) {

@@ -14,7 +14,9 @@ import re
 import sys
 
 CATEGORIES = [
-    ("matmul", re.compile(r"gemm")),
+    ("matmul", re.compile(r"gemm|amx::|int8::x86::(vnni|avx2)|bf16::x86::kernel|portable_tile")),
+    # int8 / bf16: converting inputs before and rescaling results after the products
+    ("quantize_rescale", re.compile(r"quantize_rows|convert_rows|rescale_rows|add_bias")),
     ("gelu_erf", re.compile(r"erf")),
     ("softmax_exp", re.compile(r"expf|xflowf|__exp")),
     ("copies_layout", re.compile(r"memmove|memcpy|copy_strided|copy2d|index_select|contiguous")),

@@ -17,7 +17,7 @@ use super::{
     TokenizedText,
 };
 use crate::{
-    config::{BackboneConfig, Engine},
+    config::{BackboneConfig, Engine, Precision},
     Error, Result,
 };
 
@@ -67,8 +67,19 @@ impl BertBackbone {
                 "the native engine runs on CPU; use engine = \"candle\" on a GPU".into(),
             ));
         }
+        // What `auto` resolves to on this CPU (f32 for candle, which has no other).
+        let precision = match engine {
+            Engine::Native => crate::nn::resolve_precision(config.precision),
+            _ => Precision::F32,
+        };
+        if engine == Engine::Candle && config.precision.is_reduced() {
+            return Err(Error::ModelLoad(format!(
+                "precision = \"{}\" needs the native engine, which runs on CPU",
+                config.precision.as_str()
+            )));
+        }
         let loaded = match engine {
-            Engine::Native => NativeBert::load(vars, &model_config).map(Network::Native),
+            Engine::Native => NativeBert::load(vars, &model_config, precision).map(Network::Native),
             _ => BertModel::load(vars, &model_config).map(Network::Candle),
         };
         let network = loaded.map_err(|err| {
@@ -86,7 +97,7 @@ impl BertBackbone {
             modality: Modality::Text,
             dimension: model_config.hidden_size,
             device: config.device.to_string(),
-            dtype: "f32".to_owned(),
+            dtype: precision.as_str().to_owned(),
             max_sequence_length: max_len,
             image_size: 0,
             default_options: EmbedOptions {
@@ -97,7 +108,13 @@ impl BertBackbone {
             fingerprint: source::fingerprint(&files.weights)?,
             source: files.origin.clone(),
         };
-        tracing::info!(backbone = %config.name, engine = engine.as_str(), "BERT engine");
+        tracing::info!(
+            backbone = %config.name,
+            engine = engine.as_str(),
+            precision = precision.as_str(),
+            kernel = kernel_name(precision),
+            "BERT engine"
+        );
         Ok(Self {
             network,
             encoder,
@@ -278,6 +295,15 @@ fn max_sequence_length(
         )));
     }
     Ok(chosen)
+}
+
+/// The instructions the dense layers of `precision` run with on this CPU.
+fn kernel_name(precision: Precision) -> &'static str {
+    match precision {
+        Precision::Auto | Precision::F32 => "gemm (f32)",
+        Precision::Int8 => crate::nn::int8::Int8Kernel::detect().as_str(),
+        Precision::Bf16 => crate::nn::bf16::Bf16Kernel::detect().as_str(),
+    }
 }
 
 #[cfg(test)]

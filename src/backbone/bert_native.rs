@@ -32,15 +32,18 @@ use candle_transformers::models::bert::Config as BertConfig;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use crate::nn::{flat, gelu_in_place, softmax_in_place, Dense, LayerNorm};
+use crate::{
+    config::Precision,
+    nn::{flat, gelu_in_place, softmax_in_place, Dense, LayerNorm, Linear},
+};
 
 struct Layer {
     /// Query, key and value stacked: `[3h, h]`.
-    qkv: Dense,
-    attention_output: Dense,
+    qkv: Linear,
+    attention_output: Linear,
     attention_norm: LayerNorm,
-    intermediate: Dense,
-    output: Dense,
+    intermediate: Linear,
+    output: Linear,
     output_norm: LayerNorm,
 }
 
@@ -143,9 +146,15 @@ impl SharedOut {
 }
 
 impl NativeBert {
-    pub fn load(vb: VarBuilder, config: &BertConfig) -> candle_core::Result<Self> {
+    /// Loads the weights; the dense layers of the encoder are converted to
+    /// `precision` (embeddings, layer norms and attention stay f32).
+    pub fn load(
+        vb: VarBuilder,
+        config: &BertConfig,
+        precision: Precision,
+    ) -> candle_core::Result<Self> {
         let h = config.hidden_size;
-        if h % config.num_attention_heads != 0 {
+        if !h.is_multiple_of(config.num_attention_heads) {
             candle_core::bail!(
                 "hidden size {h} is not a multiple of {} heads",
                 config.num_attention_heads
@@ -162,19 +171,27 @@ impl NativeBert {
             let attention = layer.pp("attention");
             let own = attention.pp("self");
             layers.push(Layer {
-                qkv: Dense::concat(vec![
-                    Dense::load(&own.pp("query"), h, h)?,
-                    Dense::load(&own.pp("key"), h, h)?,
-                    Dense::load(&own.pp("value"), h, h)?,
-                ]),
-                attention_output: Dense::load(&attention.pp("output.dense"), h, h)?,
+                qkv: Linear::new(
+                    Dense::concat(vec![
+                        Dense::load(&own.pp("query"), h, h)?,
+                        Dense::load(&own.pp("key"), h, h)?,
+                        Dense::load(&own.pp("value"), h, h)?,
+                    ]),
+                    precision,
+                ),
+                attention_output: Linear::new(
+                    Dense::load(&attention.pp("output.dense"), h, h)?,
+                    precision,
+                ),
                 attention_norm: LayerNorm::load(&attention.pp("output.LayerNorm"), h, eps)?,
-                intermediate: Dense::load(
-                    &layer.pp("intermediate.dense"),
-                    h,
-                    config.intermediate_size,
-                )?,
-                output: Dense::load(&layer.pp("output.dense"), config.intermediate_size, h)?,
+                intermediate: Linear::new(
+                    Dense::load(&layer.pp("intermediate.dense"), h, config.intermediate_size)?,
+                    precision,
+                ),
+                output: Linear::new(
+                    Dense::load(&layer.pp("output.dense"), config.intermediate_size, h)?,
+                    precision,
+                ),
                 output_norm: LayerNorm::load(&layer.pp("output.LayerNorm"), h, eps)?,
             });
         }

@@ -338,8 +338,13 @@ pub fn load_minilm() -> std::sync::Arc<dyn tlserve::backbone::Backbone> {
 
 /// MiniLM in process on one engine: `native`, `candle` or `auto`.
 pub fn load_minilm_on(engine: &str) -> std::sync::Arc<dyn tlserve::backbone::Backbone> {
+    load_minilm_with(&format!("engine = \"{engine}\""))
+}
+
+/// MiniLM in process with `settings` (lines of its `[[backbones]]` table).
+pub fn load_minilm_with(settings: &str) -> std::sync::Arc<dyn tlserve::backbone::Backbone> {
     let config = tlserve::config::Config::from_toml(
-        &TestServer::minilm_config("", &format!("engine = \"{engine}\"")),
+        &TestServer::minilm_config("", settings),
         Path::new("."),
         std::iter::empty(),
     )

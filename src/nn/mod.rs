@@ -9,6 +9,13 @@ use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use gemm::Parallelism;
 
+use crate::config::Precision;
+
+mod amx;
+pub mod bf16;
+pub mod int8;
+mod tiling;
+
 /// A dense layer: `y = x W^T + b` with `weight` `[outputs, inputs]`, row-major.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Dense {
@@ -99,6 +106,43 @@ impl Dense {
             );
         }
         out
+    }
+}
+
+/// A dense layer in the number format its backbone is configured for.
+#[derive(Debug, Clone)]
+pub enum Linear {
+    F32(Dense),
+    Bf16(bf16::Bf16Dense),
+    Int8(int8::Int8Dense),
+}
+
+/// What `auto` means on this CPU: bf16 where AMX-BF16 runs it, else f32.
+pub fn resolve_precision(precision: Precision) -> Precision {
+    match precision {
+        Precision::Auto if bf16::Bf16Kernel::detect() == bf16::Bf16Kernel::Amx => Precision::Bf16,
+        Precision::Auto => Precision::F32,
+        other => other,
+    }
+}
+
+impl Linear {
+    /// Converts `dense` to `precision` (once, at load time).
+    pub fn new(dense: Dense, precision: Precision) -> Self {
+        match resolve_precision(precision) {
+            Precision::Auto | Precision::F32 => Self::F32(dense),
+            Precision::Bf16 => Self::Bf16(bf16::Bf16Dense::from_dense(&dense)),
+            Precision::Int8 => Self::Int8(int8::Int8Dense::from_dense(&dense)),
+        }
+    }
+
+    /// `x` is `[rows, inputs]`, the result `[rows, outputs]`.
+    pub fn forward(&self, x: &[f32], threads: usize) -> Vec<f32> {
+        match self {
+            Self::F32(dense) => dense.forward(x, threads),
+            Self::Bf16(dense) => dense.forward(x, threads),
+            Self::Int8(dense) => dense.forward(x, threads),
+        }
     }
 }
 
