@@ -1132,7 +1132,10 @@ mod tests {
             env(&[("TLSERVE__BACKBONES__0__PRECISION", "fp8")]),
         )
         .unwrap_err();
-        assert!(err.to_string().contains("`auto`, `f32`, `bf16`, `int8`"), "{err}");
+        assert!(
+            err.to_string().contains("`auto`, `f32`, `bf16`, `int8`"),
+            "{err}"
+        );
     }
 
     #[test]

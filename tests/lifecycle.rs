@@ -42,7 +42,8 @@ async fn health_reports_every_service_and_listing_describes_the_backbone() {
     assert_eq!(info.dimension, 384);
     assert_eq!(info.max_sequence_length, 256);
     assert_eq!(info.device, "cpu");
-    assert_eq!(info.dtype, "f32");
+    // `precision = "auto"`: bf16 where the CPU has AMX-BF16, f32 elsewhere.
+    assert_eq!(info.dtype, default_text_dtype());
     assert_eq!(info.default_pooling(), proto::Pooling::Mean);
     assert!(info.default_normalize);
     // sha256 of the real model.safetensors, as pinned by scripts/fetch-models.sh.
@@ -129,7 +130,11 @@ async fn metrics_count_calls_by_code_and_describe_backbones() {
         r#"tlserve_inference_items_total{backbone="all-MiniLM-L6-v2"} 2"#,
         r#"tlserve_inference_batches_total{backbone="all-MiniLM-L6-v2"} 1"#,
         r#"tlserve_model_load_duration_seconds{backbone="all-MiniLM-L6-v2"}"#,
-        r#"tlserve_backbone_info{backbone="all-MiniLM-L6-v2",architecture="bert",device="cpu",dtype="f32",dimension="384"} 1"#,
+        format!(
+            r#"tlserve_backbone_info{{backbone="all-MiniLM-L6-v2",architecture="bert",device="cpu",dtype="{}",dimension="384"}} 1"#,
+            default_text_dtype()
+        )
+        .as_str(),
         "tlserve_process_resident_memory_bytes ",
         "tlserve_process_cpu_seconds_total ",
     ] {
@@ -166,4 +171,9 @@ async fn the_request_id_is_echoed_or_generated() {
         .expect("a generated request id");
     assert_eq!(generated.len(), 36, "a uuid: {generated}");
     assert!(server.logs().contains("test-req-42"));
+}
+
+/// What the default precision of a BERT backbone resolves to on this CPU.
+fn default_text_dtype() -> &'static str {
+    tlserve::nn::resolve_precision(tlserve::config::Precision::Auto).as_str()
 }
