@@ -28,7 +28,7 @@
 //! head | head models, their training, the crash-safe head store
 //! batching | one bounded queue per backbone, batch formation, worker threads
 //! backbone | trait Backbone, one file per architecture, preprocessing; the only layer that knows tensor layouts
-//! nn | numeric building blocks shared by backbones and heads
+//! nn | numeric building blocks shared by backbones and heads; f32, bf16 and int8 dense layers with CPU kernels chosen at run time
 //! metrics, telemetry | every metric name and the exporter; logging
 //! fsutil, task, sync | durable writes, blocking work off the runtime, locks
 //! config | plain data: the configuration, parsed and validated at start-up

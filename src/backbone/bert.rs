@@ -300,7 +300,8 @@ fn max_sequence_length(
 /// The instructions the dense layers of `precision` run with on this CPU.
 fn kernel_name(precision: Precision) -> &'static str {
     match precision {
-        Precision::Auto | Precision::F32 => "gemm (f32)",
+        Precision::Auto | Precision::F32 => crate::nn::packed::F32Kernel::detect()
+            .map_or("gemm (f32)", crate::nn::packed::F32Kernel::as_str),
         Precision::Int8 => crate::nn::int8::Int8Kernel::detect().as_str(),
         Precision::Bf16 => crate::nn::bf16::Bf16Kernel::detect().as_str(),
     }

@@ -274,33 +274,14 @@ mod x86 {
     /// # Safety
     /// The CPU has AVX-512 F/BF16; the tile lies inside its buffers.
     pub(super) unsafe fn tile(layer: &Bf16Dense, tile: &Tile) {
-        macro_rules! rows {
-            ($panels:literal) => {
-                match tile.at.rows {
-                    4 => kernel::<4, $panels>(layer, tile),
-                    3 => kernel::<3, $panels>(layer, tile),
-                    2 => kernel::<2, $panels>(layer, tile),
-                    _ => kernel::<1, $panels>(layer, tile),
-                }
-            };
-        }
-        match tile.at.panels {
-            4 => rows!(4),
-            3 => rows!(3),
-            2 => rows!(2),
-            _ => rows!(1),
-        }
+        crate::nn::tiling::with_tile_shape!(kernel, layer, tile)
     }
 
     #[target_feature(enable = "avx512f,avx512bf16")]
     unsafe fn kernel<const R: usize, const P: usize>(layer: &Bf16Dense, tile: &Tile) {
         let depth = layer.weights.depth;
         let a = tile.rows.as_ptr().add(tile.at.first_row * depth);
-        let w = layer
-            .weights
-            .values
-            .as_ptr()
-            .add(tile.at.first_panel * LANES * depth);
+        let w = layer.weights.panel(tile.at.first_panel);
         let mut acc = [[_mm512_setzero_ps(); P]; R];
         for step in 0..depth / GROUP {
             let mut weights = [_mm512_setzero_si512(); P];
@@ -342,33 +323,7 @@ mod x86 {
 mod tests {
     use super::*;
 
-    fn layer(inputs: usize, outputs: usize) -> Dense {
-        Dense {
-            weight: (0..inputs * outputs)
-                .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.3)
-                .collect(),
-            bias: (0..outputs).map(|o| o as f32 * 0.01).collect(),
-            inputs,
-            outputs,
-        }
-    }
-
-    fn inputs(rows: usize, inputs: usize) -> Vec<f32> {
-        (0..rows * inputs)
-            .map(|i| (i * 104_729 % 997) as f32 / 498.5 - 1.0)
-            .collect()
-    }
-
-    #[test]
-    fn conversion_rounds_to_nearest_even() {
-        assert_eq!(to_bf16(1.0), 0x3f80);
-        // 1 + 2^-8 lies halfway between 1 and 1 + 2^-7: ties go to even (1.0).
-        assert_eq!(to_bf16(1.0 + 2f32.powi(-8)), 0x3f80);
-        assert_eq!(to_bf16(1.0 + 3.0 * 2f32.powi(-8)), 0x3f82);
-        assert_eq!(from_bf16(to_bf16(-2.5)), -2.5);
-        assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
-        assert_eq!(from_bf16(to_bf16(f32::INFINITY)), f32::INFINITY);
-    }
+    use crate::nn::tiling::fixtures::{inputs, layer};
 
     fn kernels() -> Vec<Bf16Kernel> {
         let mut kernels = vec![];

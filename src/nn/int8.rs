@@ -496,33 +496,14 @@ mod x86 {
     /// # Safety
     /// The CPU has AVX-512 F/BW/VNNI; the tile lies inside its buffers.
     pub(super) unsafe fn vnni_tile(layer: &Int8Dense, tile: &Tile) {
-        macro_rules! rows {
-            ($panels:literal) => {
-                match tile.at.rows {
-                    4 => vnni::<4, $panels>(layer, tile),
-                    3 => vnni::<3, $panels>(layer, tile),
-                    2 => vnni::<2, $panels>(layer, tile),
-                    _ => vnni::<1, $panels>(layer, tile),
-                }
-            };
-        }
-        match tile.at.panels {
-            4 => rows!(4),
-            3 => rows!(3),
-            2 => rows!(2),
-            _ => rows!(1),
-        }
+        crate::nn::tiling::with_tile_shape!(vnni, layer, tile)
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     unsafe fn vnni<const R: usize, const P: usize>(layer: &Int8Dense, tile: &Tile) {
         let depth = layer.weights.depth;
         let a = tile.rows.values.as_ptr().add(tile.at.first_row * depth);
-        let w = layer
-            .weights
-            .values
-            .as_ptr()
-            .add(tile.at.first_panel * LANES * depth);
+        let w = layer.weights.panel(tile.at.first_panel);
         let mut acc = [[_mm512_setzero_si512(); P]; R];
         for step in 0..depth / GROUP {
             let mut weights = [_mm512_setzero_si512(); P];
@@ -594,11 +575,7 @@ mod x86 {
     unsafe fn avx2<const R: usize>(layer: &Int8Dense, tile: &Tile) {
         let depth = layer.weights.depth;
         let a = tile.rows.values.as_ptr().add(tile.at.first_row * depth);
-        let w = layer
-            .weights
-            .values
-            .as_ptr()
-            .add(tile.at.first_panel * LANES * depth);
+        let w = layer.weights.panel(tile.at.first_panel);
         let mut acc = [[_mm256_setzero_si256(); 4]; R];
         for step in 0..depth / GROUP {
             let mut inputs = [_mm256_setzero_si256(); R];

@@ -14,6 +14,7 @@ use crate::config::Precision;
 mod amx;
 pub mod bf16;
 pub mod int8;
+pub mod packed;
 mod tiling;
 
 /// A dense layer: `y = x W^T + b` with `weight` `[outputs, inputs]`, row-major.
@@ -113,6 +114,8 @@ impl Dense {
 #[derive(Debug, Clone)]
 pub enum Linear {
     F32(Dense),
+    /// f32 on weights packed at load (CPUs with AVX2 + FMA or AVX-512).
+    F32Packed(packed::PackedDense),
     Bf16(bf16::Bf16Dense),
     Int8(int8::Int8Dense),
 }
@@ -130,7 +133,10 @@ impl Linear {
     /// Converts `dense` to `precision` (once, at load time).
     pub fn new(dense: Dense, precision: Precision) -> Self {
         match resolve_precision(precision) {
-            Precision::Auto | Precision::F32 => Self::F32(dense),
+            Precision::Auto | Precision::F32 => match packed::F32Kernel::detect() {
+                Some(kernel) => Self::F32Packed(packed::PackedDense::with_kernel(&dense, kernel)),
+                None => Self::F32(dense),
+            },
             Precision::Bf16 => Self::Bf16(bf16::Bf16Dense::from_dense(&dense)),
             Precision::Int8 => Self::Int8(int8::Int8Dense::from_dense(&dense)),
         }
@@ -140,6 +146,7 @@ impl Linear {
     pub fn forward(&self, x: &[f32], threads: usize) -> Vec<f32> {
         match self {
             Self::F32(dense) => dense.forward(x, threads),
+            Self::F32Packed(dense) => dense.forward(x, threads),
             Self::Bf16(dense) => dense.forward(x, threads),
             Self::Int8(dense) => dense.forward(x, threads),
         }

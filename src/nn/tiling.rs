@@ -52,6 +52,11 @@ impl<T: Copy + Default> Panels<T> {
         }
     }
 
+    /// Where panel `first` starts (a kernel reads panels from there on).
+    pub fn panel(&self, first: usize) -> *const T {
+        self.values[first * LANES * self.depth..].as_ptr()
+    }
+
     /// The weight of `column` for input `i`.
     pub fn get(&self, column: usize, i: usize) -> T {
         let panel = (column / LANES) * LANES * self.depth;
@@ -124,6 +129,33 @@ pub(super) fn for_each_tile(
     }
 }
 
+/// Calls `$kernel::<R, P>($layer, $tile)` with the tile's rows and panels
+/// (1 to 4 each) as constants, so that each shape gets its own code with
+/// fixed register counts.
+macro_rules! with_tile_shape {
+    ($kernel:ident, $layer:expr, $tile:expr) => {
+        match ($tile.at.rows.min(4), $tile.at.panels.min(4)) {
+            (4, 4) => $kernel::<4, 4>($layer, $tile),
+            (3, 4) => $kernel::<3, 4>($layer, $tile),
+            (2, 4) => $kernel::<2, 4>($layer, $tile),
+            (1, 4) => $kernel::<1, 4>($layer, $tile),
+            (4, 3) => $kernel::<4, 3>($layer, $tile),
+            (3, 3) => $kernel::<3, 3>($layer, $tile),
+            (2, 3) => $kernel::<2, 3>($layer, $tile),
+            (1, 3) => $kernel::<1, 3>($layer, $tile),
+            (4, 2) => $kernel::<4, 2>($layer, $tile),
+            (3, 2) => $kernel::<3, 2>($layer, $tile),
+            (2, 2) => $kernel::<2, 2>($layer, $tile),
+            (1, 2) => $kernel::<1, 2>($layer, $tile),
+            (4, _) => $kernel::<4, 1>($layer, $tile),
+            (3, _) => $kernel::<3, 1>($layer, $tile),
+            (2, _) => $kernel::<2, 1>($layer, $tile),
+            (_, _) => $kernel::<1, 1>($layer, $tile),
+        }
+    };
+}
+pub(super) use with_tile_shape;
+
 /// A vector padded with zeros to whole panels, so that kernels load whole
 /// registers of per-column values.
 pub(super) fn padded<T: Copy + Default>(values: &[T]) -> Vec<T> {
@@ -138,6 +170,31 @@ pub(super) fn lane_mask(valid: usize) -> u16 {
         u16::MAX
     } else {
         (1u16 << valid) - 1
+    }
+}
+
+/// Layers and inputs the kernels' tests share.
+#[cfg(test)]
+pub(super) mod fixtures {
+    use crate::nn::Dense;
+
+    /// Weights in [-0.3, 0.3], varied; small increasing biases.
+    pub fn layer(inputs: usize, outputs: usize) -> Dense {
+        Dense {
+            weight: (0..inputs * outputs)
+                .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.3)
+                .collect(),
+            bias: (0..outputs).map(|o| o as f32 * 0.01).collect(),
+            inputs,
+            outputs,
+        }
+    }
+
+    /// Values in [-1, 1], varied.
+    pub fn inputs(rows: usize, inputs: usize) -> Vec<f32> {
+        (0..rows * inputs)
+            .map(|i| (i * 104_729 % 997) as f32 / 498.5 - 1.0)
+            .collect()
     }
 }
 
