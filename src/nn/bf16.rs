@@ -325,6 +325,17 @@ mod tests {
 
     use crate::nn::tiling::fixtures::{inputs, layer};
 
+    #[test]
+    fn conversion_rounds_to_nearest_even() {
+        assert_eq!(to_bf16(1.0), 0x3f80);
+        // 1 + 2^-8 lies halfway between 1 and 1 + 2^-7: ties go to even (1.0).
+        assert_eq!(to_bf16(1.0 + 2f32.powi(-8)), 0x3f80);
+        assert_eq!(to_bf16(1.0 + 3.0 * 2f32.powi(-8)), 0x3f82);
+        assert_eq!(from_bf16(to_bf16(-2.5)), -2.5);
+        assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
+        assert_eq!(from_bf16(to_bf16(f32::INFINITY)), f32::INFINITY);
+    }
+
     fn kernels() -> Vec<Bf16Kernel> {
         let mut kernels = vec![];
         if has_bf16_instructions() {

@@ -306,11 +306,7 @@ fn quantize_rows_for(kernel: Int8Kernel, x: &[f32], inputs: usize, depth: usize)
 /// zero rows to whole AMX tiles.
 #[inline(always)]
 fn quantize_rows(x: &[f32], inputs: usize, depth: usize) -> QuantizedRows {
-    let rows = x.len() / inputs;
-    let mut values = vec![0u8; rows.next_multiple_of(PADDED_ROWS) * depth];
-    let mut scales = Vec::with_capacity(rows);
-    let mut offsets = Vec::with_capacity(rows);
-    for (row, out) in x.chunks_exact(inputs).zip(values.chunks_exact_mut(depth)) {
+    quantize_rows_with(x, inputs, depth, |row, out| {
         let (min, max) = range(row);
         let (scale, offset) = row_code(min, max);
         let inverse = 1.0 / scale;
@@ -318,6 +314,25 @@ fn quantize_rows(x: &[f32], inputs: usize, depth: usize) -> QuantizedRows {
             // Non-negative, so adding one half and truncating rounds to nearest.
             *q = ((v - offset) * inverse + 0.5).clamp(0.0, 255.0) as u8;
         }
+        (scale, offset)
+    })
+}
+
+/// Codes every row with `code_row(row, codes) -> (scale, offset)`, into a
+/// buffer padded with zero rows to whole AMX tiles.
+#[inline(always)]
+fn quantize_rows_with(
+    x: &[f32],
+    inputs: usize,
+    depth: usize,
+    mut code_row: impl FnMut(&[f32], &mut [u8]) -> (f32, f32),
+) -> QuantizedRows {
+    let rows = x.len() / inputs;
+    let mut values = vec![0u8; rows.next_multiple_of(PADDED_ROWS) * depth];
+    let mut scales = Vec::with_capacity(rows);
+    let mut offsets = Vec::with_capacity(rows);
+    for (row, out) in x.chunks_exact(inputs).zip(values.chunks_exact_mut(depth)) {
+        let (scale, offset) = code_row(row, out);
         scales.push(scale);
         offsets.push(offset);
     }
@@ -374,7 +389,6 @@ mod x86 {
 
     use super::{
         super::amx, lane_mask, quantize_rows, Int8Dense, QuantizedRows, Tile, TileAt, GROUP, LANES,
-        PADDED_ROWS,
     };
 
     /// [`quantize_rows`] with AVX-512: the same arithmetic (so the same codes),
@@ -387,22 +401,15 @@ mod x86 {
         inputs: usize,
         depth: usize,
     ) -> QuantizedRows {
-        let rows = x.len() / inputs;
-        let mut values = vec![0u8; rows.next_multiple_of(PADDED_ROWS) * depth];
-        let mut scales = Vec::with_capacity(rows);
-        let mut offsets = Vec::with_capacity(rows);
-        for (row, out) in x.chunks_exact(inputs).zip(values.chunks_exact_mut(depth)) {
-            let (min, max) = range_avx512(row);
-            let (scale, offset) = super::row_code(min, max);
-            codes_avx512(row, offset, 1.0 / scale, out);
-            scales.push(scale);
-            offsets.push(offset);
-        }
-        QuantizedRows {
-            values,
-            scales,
-            offsets,
-        }
+        super::quantize_rows_with(x, inputs, depth, |row, out| {
+            // SAFETY: the caller's contract: the CPU has AVX-512 F/BW.
+            unsafe {
+                let (min, max) = range_avx512(row);
+                let (scale, offset) = super::row_code(min, max);
+                codes_avx512(row, offset, 1.0 / scale, out);
+                (scale, offset)
+            }
+        })
     }
 
     #[target_feature(enable = "avx512f")]
