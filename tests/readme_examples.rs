@@ -1,11 +1,12 @@
-//! Runs the grpcurl, CLI, Python and Node.js examples of README.md against a
-//! real server, so the README stays true. Polyglot proof: grpcurl (Go, via
-//! reflection with no proto files), a Python grpcio client and a Node.js
-//! grpc-js client get the same vectors as the Rust client.
+//! Runs the grpcurl, CLI, Python, Node.js and OpenAI-API examples of README.md
+//! against a real server, so the README stays true. Polyglot proof: grpcurl (Go,
+//! via reflection with no proto files), a Python grpcio client, a Node.js
+//! grpc-js client, curl and the `openai` SDK on the HTTP port get the same
+//! vectors as the Rust client.
 //!
 //! README blocks marked `<!-- tested:NAME -->` hold one command per line (a
 //! trailing `\` continues a line). Commands run with `sh -c`, with the server's
-//! address put in place of `localhost:50051`.
+//! addresses put in place of `localhost:50051` (gRPC) and `localhost:8080` (HTTP).
 
 mod common;
 
@@ -53,7 +54,9 @@ fn run(command: &str, server: &TestServer) -> String {
 
 /// Runs a README command in `dir`; returns its standard output.
 fn run_in(command: &str, server: &TestServer, dir: &std::path::Path) -> String {
-    let command = command.replace("localhost:50051", &server.grpc.to_string());
+    let command = command
+        .replace("localhost:50051", &server.grpc.to_string())
+        .replace("localhost:8080", &server.http.to_string());
     let venv_bin = python().parent().expect("bin").to_owned();
     let tlserve_bin = std::path::Path::new(env!("CARGO_BIN_EXE_tlserve"))
         .parent()
@@ -213,6 +216,21 @@ async fn python_client_gets_the_same_vectors() {
     let json: Value = serde_json::from_str(&out).expect("the Python client prints JSON");
     assert_eq!(json["dimension"], 384);
     assert_same_vector("python", &json["embeddings"][0], &expected);
+}
+
+#[tokio::test]
+async fn openai_examples_get_the_grpc_vector() {
+    let server = TestServer::start_minilm().await;
+    let expected = rust_vector(&server, SAMPLE).await;
+    let commands = readme_commands("openai");
+    assert_eq!(commands.len(), 2);
+    let curl: Value = serde_json::from_str(&run(&commands[0], &server)).expect("curl prints JSON");
+    assert_eq!(curl["model"], MINILM);
+    assert_same_vector("curl", &curl["data"][0]["embedding"], &expected);
+    let command = commands[1].replacen("python ", &format!("{} ", python().display()), 1);
+    let sdk: Value =
+        serde_json::from_str(&run(&command, &server)).expect("the SDK client prints JSON");
+    assert_same_vector("openai", &sdk["embeddings"][0], &expected);
 }
 
 /// Checks that Node.js and the client's packages are installed; panics with
