@@ -1,7 +1,8 @@
 # The two commands that set up everything on a fresh machine.
 .PHONY: serve test lint bench
 
-# Fetch the default models if missing, build, and serve on :50051 (metrics :9090).
+# Fetch the default models if missing, build, and serve gRPC on :50051, HTTP
+# (OpenAI-compatible API, console) on :8080, metrics on :9090.
 serve:
 	scripts/serve.sh
 
