@@ -21,28 +21,8 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 log() { printf 'setup-tools: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-need_apt() {
-  command -v apt-get >/dev/null \
-    || die "apt-get not found: install $1 by hand (a Debian-based machine is expected)"
-  [ "$(id -u)" -eq 0 ] || die "installing $1 needs root (apt-get): run as root, or install it first"
-}
-
-apt_updated=0
-apt_update() {
-  if [ "$apt_updated" -eq 0 ]; then
-    log "apt-get update"
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 || die "apt-get update failed"
-    apt_updated=1
-  fi
-}
-
-apt_install() {
-  need_apt "$*"
-  apt_update
-  log "apt-get install $*"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >&2 \
-    || die "apt-get install $* failed (see the output above)"
-}
+# shellcheck source=scripts/lib/apt.sh
+source "$root/scripts/lib/apt.sh"
 
 # Debian's prometheus package would start a Prometheus server listening on
 # every interface (port 9090) from its maintainer scripts. Only promtool is

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test: installs what the tests need (the real models, the test
-# photos, the Python test tools, promtool and kubectl for the deploy checks),
+# photos, the Python test tools, promtool and kubectl for the deploy checks,
+# headless Chromium for the web console's browser test),
 # then the unit and integration tests, which start real servers on loopback
 # ports. One release build serves the tests and the server alike.
 set -euo pipefail
@@ -10,4 +11,5 @@ scripts/fetch-models.sh
 scripts/fetch-test-images.sh
 scripts/setup-python.sh
 scripts/setup-tools.sh
+scripts/setup-browser.sh
 cargo test --release --locked "$@"
