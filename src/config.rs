@@ -70,6 +70,15 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Address of the Prometheus `/metrics` HTTP port; unset disables it.
     pub metrics_listen: Option<SocketAddr>,
+    /// Address of the HTTP port: the OpenAI-compatible embeddings API
+    /// (`POST /v1/embeddings`, `GET /v1/models`), the web console (`/console/`)
+    /// and gRPC-Web for it, behind the same tokens and limits as the gRPC port;
+    /// unset disables it.
+    pub http_listen: Option<SocketAddr>,
+    /// Origins (`https://app.example.com`) whose pages may call the gRPC port
+    /// with gRPC-Web from a browser (CORS); `*` allows any. Empty: none, and
+    /// pages use the console's own origin, the HTTP port.
+    pub cors_allowed_origins: Vec<String>,
     /// After a shutdown signal, Health reports NOT_SERVING for this long before the
     /// server stops accepting calls, so load balancers can take it out of rotation.
     pub drain_delay_seconds: f64,
@@ -146,6 +155,8 @@ impl Default for ServerConfig {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 50051)),
             metrics_listen: Some(SocketAddr::from(([0, 0, 0, 0], 9090))),
+            http_listen: Some(SocketAddr::from(([0, 0, 0, 0], 8080))),
+            cors_allowed_origins: Vec::new(),
             drain_delay_seconds: 0.0,
             shutdown_grace_seconds: 30.0,
             model_cache_dir: None,
@@ -899,6 +910,18 @@ fn validate_server(server: &ServerConfig) -> Result<(), String> {
     }
     if server.max_concurrent_streams_per_connection == 0 {
         return Err("server.max_concurrent_streams_per_connection must be at least 1".into());
+    }
+    for origin in &server.cors_allowed_origins {
+        let well_formed = origin == "*"
+            || (origin.starts_with("http://") || origin.starts_with("https://"))
+                && !origin.ends_with('/')
+                && origin.bytes().all(|b| b.is_ascii_graphic());
+        if !well_formed {
+            return Err(format!(
+                "server.cors_allowed_origins: `{origin}` is not an origin: write \
+                 scheme://host[:port] with no path, e.g. https://app.example.com, or *"
+            ));
+        }
     }
     Ok(())
 }

@@ -18,7 +18,7 @@
 //!
 //! ```text
 //! client, loadgen, bench, fuzz_targets | tools: the CLI's client verbs, load generator, in-process benchmark, fuzz entry points
-//! server | gRPC transport: tonic services, health, reflection, auth, limits, connections; errors become codes
+//! server | transports: gRPC (tonic services, health, reflection) and gRPC-Web, the HTTP port (OpenAI-compatible API, console); auth, limits, connections; errors become codes and statuses
 //! wire | protobuf messages to and from the core's types
 //! proto | the generated `tlserve.v1` contract
 //! core | the use cases: embed, predict, training-job submission, dataset upload, the catalog

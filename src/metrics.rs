@@ -12,6 +12,12 @@ use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, Promet
 pub const GRPC_REQUESTS_TOTAL: &str = "tlserve_grpc_requests_total";
 /// Time from a call's arrival to its final status, by `service`, `method`, `code`.
 pub const GRPC_REQUEST_DURATION_SECONDS: &str = "tlserve_grpc_request_duration_seconds";
+/// HTTP requests answered on the HTTP port (OpenAI-compatible API, console),
+/// by `route` (e.g. `/v1/embeddings`; `other` for unknown paths) and `status`.
+/// gRPC-Web calls count as gRPC calls.
+pub const HTTP_REQUESTS_TOTAL: &str = "tlserve_http_requests_total";
+/// Time from an HTTP request's arrival to its response, by `route`, `status`.
+pub const HTTP_REQUEST_DURATION_SECONDS: &str = "tlserve_http_request_duration_seconds";
 /// Duration of one forward pass, by `backbone`.
 pub const INFERENCE_DURATION_SECONDS: &str = "tlserve_inference_duration_seconds";
 /// Inputs computed by forward passes, by `backbone`.
@@ -93,6 +99,12 @@ pub fn install_recorder() -> Result<PrometheusHandle, BuildError> {
 
 fn describe() {
     describe_counter!(GRPC_REQUESTS_TOTAL, "gRPC calls finished");
+    describe_counter!(HTTP_REQUESTS_TOTAL, "HTTP requests answered");
+    describe_histogram!(
+        HTTP_REQUEST_DURATION_SECONDS,
+        metrics::Unit::Seconds,
+        "HTTP request latency"
+    );
     describe_histogram!(
         GRPC_REQUEST_DURATION_SECONDS,
         metrics::Unit::Seconds,
@@ -152,6 +164,12 @@ pub fn record_grpc(service: &str, method: &str, code: &'static str, elapsed: Dur
     ];
     counter!(GRPC_REQUESTS_TOTAL, &labels).increment(1);
     histogram!(GRPC_REQUEST_DURATION_SECONDS, &labels).record(elapsed.as_secs_f64());
+}
+
+pub fn record_http(route: &'static str, status: u16, elapsed: Duration) {
+    let labels = [("route", route.to_owned()), ("status", status.to_string())];
+    counter!(HTTP_REQUESTS_TOTAL, &labels).increment(1);
+    histogram!(HTTP_REQUEST_DURATION_SECONDS, &labels).record(elapsed.as_secs_f64());
 }
 
 pub fn record_forward_pass(backbone: &str, items: usize, padded_tokens: usize, elapsed: Duration) {

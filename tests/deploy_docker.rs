@@ -221,7 +221,7 @@ fn dockerfiles_pass_hadolint_and_build_the_documented_images() {
                 .collect();
             assert_eq!(
                 exposed,
-                BTreeSet::from(["50051".to_owned(), "9090".to_owned()]),
+                BTreeSet::from(["50051".to_owned(), "9090".to_owned(), "8080".to_owned()]),
                 "{path}"
             );
             let entrypoint: Value = serde_json::from_str(
@@ -257,6 +257,7 @@ fn dockerfiles_pass_hadolint_and_build_the_documented_images() {
             .unwrap_or_else(|err| panic!("{path}: the server rejects the image's config: {err}"));
         assert_eq!(config.server.listen.port(), 50051);
         assert_eq!(config.server.metrics_listen.map(|a| a.port()), Some(9090));
+        assert_eq!(config.server.http_listen.map(|a| a.port()), Some(8080));
         assert!(
             config.server.listen.ip().is_unspecified(),
             "reachable from outside the container"

@@ -570,6 +570,10 @@ async fn the_kubernetes_config_boots_the_server_which_drains_within_the_grace_pe
             format!("\"127.0.0.1:{}\"", free_port()),
         ),
         (
+            "TLSERVE__SERVER__HTTP_LISTEN",
+            format!("\"127.0.0.1:{}\"", free_port()),
+        ),
+        (
             "TLSERVE__BACKBONES__0__SOURCE",
             format!("{{ path = \"{}\" }}", minilm_dir().display()),
         ),

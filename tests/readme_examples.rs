@@ -1,10 +1,12 @@
-//! Runs the grpcurl, CLI and Python examples of README.md against a real server,
-//! so the README stays true. Polyglot proof: grpcurl (Go, via reflection with no
-//! proto files) and a Python grpcio client get the same vectors as the Rust client.
+//! Runs the grpcurl, CLI, Python, Node.js and OpenAI-API examples of README.md
+//! against a real server, so the README stays true. Polyglot proof: grpcurl (Go,
+//! via reflection with no proto files), a Python grpcio client, a Node.js
+//! grpc-js client, curl and the `openai` SDK on the HTTP port get the same
+//! vectors as the Rust client.
 //!
 //! README blocks marked `<!-- tested:NAME -->` hold one command per line (a
 //! trailing `\` continues a line). Commands run with `sh -c`, with the server's
-//! address put in place of `localhost:50051`.
+//! addresses put in place of `localhost:50051` (gRPC) and `localhost:8080` (HTTP).
 
 mod common;
 
@@ -52,7 +54,9 @@ fn run(command: &str, server: &TestServer) -> String {
 
 /// Runs a README command in `dir`; returns its standard output.
 fn run_in(command: &str, server: &TestServer, dir: &std::path::Path) -> String {
-    let command = command.replace("localhost:50051", &server.grpc.to_string());
+    let command = command
+        .replace("localhost:50051", &server.grpc.to_string())
+        .replace("localhost:8080", &server.http.to_string());
     let venv_bin = python().parent().expect("bin").to_owned();
     let tlserve_bin = std::path::Path::new(env!("CARGO_BIN_EXE_tlserve"))
         .parent()
@@ -212,6 +216,124 @@ async fn python_client_gets_the_same_vectors() {
     let json: Value = serde_json::from_str(&out).expect("the Python client prints JSON");
     assert_eq!(json["dimension"], 384);
     assert_same_vector("python", &json["embeddings"][0], &expected);
+}
+
+#[tokio::test]
+async fn openai_examples_get_the_grpc_vector() {
+    let server = TestServer::start_minilm().await;
+    let expected = rust_vector(&server, SAMPLE).await;
+    let commands = readme_commands("openai");
+    assert_eq!(commands.len(), 2);
+    let curl: Value = serde_json::from_str(&run(&commands[0], &server)).expect("curl prints JSON");
+    assert_eq!(curl["model"], MINILM);
+    assert_same_vector("curl", &curl["data"][0]["embedding"], &expected);
+    let command = commands[1].replacen("python ", &format!("{} ", python().display()), 1);
+    let sdk: Value =
+        serde_json::from_str(&run(&command, &server)).expect("the SDK client prints JSON");
+    assert_same_vector("openai", &sdk["embeddings"][0], &expected);
+}
+
+/// Checks that Node.js and the client's packages are installed; panics with
+/// the fix (scripts/setup-node.sh) when they are not.
+fn assert_node_client_installed() {
+    let version = Command::new("node")
+        .arg("--version")
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned());
+    let Some(version) = version else {
+        panic!("node is not on PATH: run scripts/setup-node.sh");
+    };
+    let major: u32 = version
+        .trim_start_matches('v')
+        .split('.')
+        .next()
+        .and_then(|major| major.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        major >= 18,
+        "node {version} is too old for examples/node (18 or newer): run scripts/setup-node.sh"
+    );
+    for package in ["@grpc/grpc-js", "@grpc/proto-loader"] {
+        let dir = repo_root().join("examples/node/node_modules").join(package);
+        assert!(
+            dir.join("package.json").is_file(),
+            "{} is missing: run scripts/setup-node.sh",
+            dir.display()
+        );
+    }
+}
+
+/// The distinct labels of a JSON Lines file of `{"text", "label"}` objects, sorted.
+fn jsonl_labels(path: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(repo_file(path)).expect("examples file");
+    let labels: std::collections::BTreeSet<String> = text
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| {
+            let row: Value = serde_json::from_str(line).expect("a JSON line");
+            row["label"].as_str().expect("a label").to_owned()
+        })
+        .collect();
+    labels.into_iter().collect()
+}
+
+#[tokio::test]
+async fn node_client_embeds_trains_and_predicts() {
+    assert_node_client_installed();
+    let server = TestServer::start_minilm().await;
+    let expected = rust_vector(&server, SAMPLE).await;
+    let labels = jsonl_labels("examples/node/reviews.jsonl");
+    assert_eq!(labels, ["negative", "positive"]);
+    let commands = readme_commands("node");
+    for command in &commands {
+        if command.ends_with("npm ci") {
+            // scripts/setup-node.sh has run this very `npm ci` (checked above);
+            // running it again would need the registry and replace node_modules.
+            continue;
+        }
+        let out = run(command, &server);
+        let json: Value = serde_json::from_str(&out).expect("the Node.js client prints JSON");
+        if command.contains(" embed ") {
+            assert_eq!(json["dimension"], 384, "{out}");
+            assert!(command.contains(SAMPLE), "the example embeds {SAMPLE:?}");
+            assert_same_vector("node", &json["embeddings"][0], &expected);
+        } else if command.contains(" train ") {
+            assert_eq!(json["state"], "JOB_STATE_SUCCEEDED", "{out}");
+            assert_eq!(json["head"], "reviews", "{out}");
+            assert_eq!(json["version"], 1, "{out}");
+            assert_eq!(json["labels"], serde_json::json!(labels), "{out}");
+        } else if command.contains(" predict ") {
+            assert_eq!(json["head"], "reviews", "{out}");
+            assert_eq!(json["version"], 1, "{out}");
+            let predictions = json["predictions"].as_array().expect("predictions");
+            assert_eq!(predictions.len(), 2, "{out}");
+            let best: Vec<&str> = predictions
+                .iter()
+                .map(|p| p["labels"][0]["label"].as_str().expect("a label"))
+                .collect();
+            assert!(
+                best.iter().all(|label| labels.iter().any(|l| l == label)),
+                "{out}"
+            );
+            assert_eq!(best, ["positive", "negative"], "{out}");
+        } else {
+            panic!("no check for README command `{command}`");
+        }
+    }
+    assert_eq!(commands.len(), 4);
+
+    // A failed call: the status code's name and message on stderr, exit 1.
+    let failed = Command::new("node")
+        .arg(repo_file("examples/node/client.js"))
+        .args(["--addr", &server.grpc.to_string()])
+        .args(["predict", "--head", "no-such-head", "text"])
+        .output()
+        .expect("run node");
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert_eq!(failed.status.code(), Some(1), "{stderr}");
+    assert!(stderr.starts_with("error: NOT_FOUND: "), "{stderr}");
 }
 
 #[tokio::test]

@@ -1,5 +1,6 @@
-# Installing Debian packages from the setup scripts. Source it after defining
-# `log` and `die` (they prefix messages with the script's name).
+# apt-get helpers for the setup scripts that install a missing system tool
+# from Debian's packages (setup-tools.sh, setup-node.sh, setup-browser.sh).
+# Source it after defining log and die. Installing needs root, as on CI.
 
 # need_apt WHAT: fails with the fix unless apt-get can install WHAT here.
 need_apt() {
@@ -9,7 +10,6 @@ need_apt() {
 }
 
 apt_updated=0
-# Refreshes the package lists, once per run.
 apt_update() {
   if [ "$apt_updated" -eq 0 ]; then
     log "apt-get update"
@@ -18,7 +18,7 @@ apt_update() {
   fi
 }
 
-# apt_install PACKAGE...: installs them without recommended extras.
+# apt_install PACKAGE...: installs the packages without recommended extras.
 apt_install() {
   need_apt "$*"
   apt_update

@@ -163,6 +163,9 @@ impl Backbone for BertBackbone {
     fn prepare(&self, index: usize, input: Input, truncate: bool) -> Result<Prepared> {
         match input {
             Input::Text(text) => Ok(Prepared::Text(self.encoder.encode(index, &text, truncate)?)),
+            Input::TokenIds(ids) => {
+                Ok(Prepared::Text(self.encoder.from_ids(index, ids, truncate)?))
+            }
             other => Err(Error::InvalidInput {
                 index,
                 reason: format!(

@@ -43,7 +43,13 @@ pub struct EmbedOptions {
 pub enum Input {
     Text(String),
     Image(Vec<u8>),
-    Tensor { shape: Vec<usize>, values: Vec<f32> },
+    Tensor {
+        shape: Vec<usize>,
+        values: Vec<f32>,
+    },
+    /// Ids of the backbone's own tokenizer, the whole sequence the model sees
+    /// (special tokens included, as the tokenizer adds them to a text).
+    TokenIds(Vec<u32>),
 }
 
 impl Input {
@@ -52,6 +58,7 @@ impl Input {
             Input::Text(_) => "text",
             Input::Image(_) => "an image",
             Input::Tensor { .. } => "a tensor",
+            Input::TokenIds(_) => "token ids",
         }
     }
 }

@@ -75,4 +75,44 @@ impl TextEncoder {
             truncated,
         })
     }
+
+    /// Takes ids a client tokenized itself as the whole sequence, after checking
+    /// each against the vocabulary; a sequence beyond the maximum length is cut
+    /// when `truncate` allows, else refused.
+    pub fn from_ids(
+        &self,
+        index: usize,
+        mut ids: Vec<u32>,
+        truncate: bool,
+    ) -> Result<TokenizedText> {
+        if ids.is_empty() {
+            return Err(Error::InvalidInput {
+                index,
+                reason: "token ids are empty".into(),
+            });
+        }
+        let vocabulary = self.tokenizer.get_vocab_size(true);
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocabulary) {
+            return Err(Error::InvalidInput {
+                index,
+                reason: format!(
+                    "token id {bad} is outside the backbone's vocabulary of {vocabulary} ids"
+                ),
+            });
+        }
+        let truncated = ids.len() > self.max_len;
+        if truncated && !truncate {
+            return Err(Error::InvalidInput {
+                index,
+                reason: format!(
+                    "{} token ids; the backbone takes at most {}: shorten them or set \
+                     truncate to true",
+                    ids.len(),
+                    self.max_len
+                ),
+            });
+        }
+        ids.truncate(self.max_len);
+        Ok(TokenizedText { ids, truncated })
+    }
 }

@@ -198,7 +198,7 @@ impl Backbone for VisionBackbone {
                 }
                 Ok(Prepared::Image(Arc::new(values)))
             }
-            Input::Text(_) => Err(Error::InvalidInput {
+            Input::Text(_) | Input::TokenIds(_) => Err(Error::InvalidInput {
                 index,
                 reason: format!(
                     "backbone `{}` takes images (or preprocessed tensors), not text",

@@ -19,6 +19,9 @@ pub struct EmbedRequest {
     pub pooling: Option<Pooling>,
     pub normalize: Option<bool>,
     pub truncate: Option<bool>,
+    /// The length the client expects the vectors to have; only the backbone's
+    /// own dimension is honoured (no backbone here is trained to be cut short).
+    pub dimensions: Option<usize>,
     pub priority: Priority,
     pub deadline: Option<Instant>,
 }
@@ -60,6 +63,7 @@ impl Embedder {
         let loaded = self.registry.get(&request.backbone)?;
         check_request_inputs(&request.inputs, &self.limits)?;
         let descriptor = loaded.backbone.descriptor();
+        check_dimensions(request.dimensions, descriptor)?;
         let options = embed_options(request.pooling, request.normalize, descriptor)?;
         let truncate = request.truncate.unwrap_or(descriptor.default_truncate);
         let embedded = loaded
@@ -85,6 +89,17 @@ impl Embedder {
                 })
                 .collect(),
         })
+    }
+}
+
+fn check_dimensions(dimensions: Option<usize>, descriptor: &BackboneDescriptor) -> Result<()> {
+    match dimensions {
+        Some(asked) if asked != descriptor.dimension => Err(Error::InvalidArgument(format!(
+            "dimensions: backbone `{}` gives vectors of {} dimensions and was not trained \
+             to be shortened (Matryoshka); ask for {} or leave dimensions unset",
+            descriptor.name, descriptor.dimension, descriptor.dimension
+        ))),
+        _ => Ok(()),
     }
 }
 

@@ -23,9 +23,21 @@ pub fn check_request_inputs(inputs: &[Input], limits: &LimitsConfig) -> Result<(
     Ok(())
 }
 
-/// Checks one input's size: a text's length in characters. `index` names it in
-/// the error.
+/// Checks one input's size: a text's length in characters, or the number of
+/// token ids (bounded like characters: a token covers at least one). `index`
+/// names it in the error.
 pub fn check_input(index: usize, input: &Input, max_text_chars: usize) -> Result<()> {
+    if let Input::TokenIds(ids) = input {
+        if ids.len() > max_text_chars {
+            return Err(Error::InvalidInput {
+                index,
+                reason: format!(
+                    "{} token ids; at most {max_text_chars} are accepted (limits.max_text_chars)",
+                    ids.len()
+                ),
+            });
+        }
+    }
     if let Input::Text(text) = input {
         // Tokenizing costs time in proportion to the text, truncated or not.
         // A character takes at least one byte, so only a text longer in bytes

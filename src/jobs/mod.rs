@@ -808,6 +808,7 @@ enum InputKey {
     Text(String),
     Bytes(Vec<u8>),
     Tensor(Vec<usize>, Vec<u32>),
+    TokenIds(Vec<u32>),
 }
 
 impl InputKey {
@@ -818,6 +819,7 @@ impl InputKey {
             Input::Tensor { shape, values } => {
                 InputKey::Tensor(shape.clone(), values.iter().map(|v| v.to_bits()).collect())
             }
+            Input::TokenIds(ids) => InputKey::TokenIds(ids.clone()),
         }
     }
 }

@@ -178,7 +178,12 @@ impl Authenticator {
 
     /// Checks the `authorization: Bearer <token>` header of a call to `path`.
     pub fn check(&self, path: &str, headers: &HeaderMap) -> Decision {
-        let requirement = self.requirement(path);
+        self.check_requirement(self.requirement(path), headers)
+    }
+
+    /// Checks the `authorization: Bearer <token>` header against what a call
+    /// requires; for transports whose paths are not gRPC methods.
+    pub fn check_requirement(&self, requirement: Requirement, headers: &HeaderMap) -> Decision {
         if requirement == Requirement::Public {
             return Decision::Allow(None);
         }

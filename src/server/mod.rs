@@ -4,9 +4,9 @@
 pub mod auth;
 mod deadline;
 mod embedder;
+mod http_ports;
 pub mod listener;
 mod message_limit;
-mod metrics_port;
 mod models;
 mod predictor;
 pub mod request_layer;
@@ -16,6 +16,7 @@ mod trainer;
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
 use tonic_health::{server::HealthReporter, ServingStatus};
 use tonic_reflection::server::{v1, v1alpha};
@@ -256,7 +257,8 @@ async fn start_health_port(
     )))
 }
 
-/// Installs the metrics recorder and serves it on `server.metrics_listen`.
+/// Installs the metrics recorder and serves it on `server.metrics_listen`
+/// until the task is aborted.
 async fn start_metrics_port(
     config: &Config,
     limits: listener::ConnectionLimits,
@@ -268,9 +270,111 @@ async fn start_metrics_port(
         metrics::install_recorder().map_err(|source| ServeError::Metrics { addr, source })?;
     metrics::spawn_process_sampler(Duration::from_secs(5));
     let listener = bind(addr, "metrics (/metrics)").await?;
-    Ok(Some(tokio::spawn(metrics_port::serve(
-        listener, handle, limits,
+    Ok(Some(tokio::spawn(http_ports::serve(
+        listener,
+        http_ports::metrics_router(handle),
+        limits,
+        "metrics",
+        CancellationToken::new(),
+        Duration::ZERO,
     ))))
+}
+
+/// What the HTTP API port needs besides the domain.
+struct HttpPort<'a> {
+    config: &'a Config,
+    limits: listener::ConnectionLimits,
+    body_limits: Arc<BodyLimits>,
+    auth: Option<Arc<auth::Authenticator>>,
+    stop: CancellationToken,
+    grace: Duration,
+}
+
+/// Serves the OpenAI-compatible API, the console and gRPC-Web on
+/// `server.http_listen` until `stop`, then for up to `grace`.
+async fn start_http_port(
+    port: HttpPort<'_>,
+    domain: &Domain,
+) -> Result<Option<tokio::task::JoinHandle<()>>, ServeError> {
+    let Some(addr) = port.config.server.http_listen else {
+        return Ok(None);
+    };
+    let listener = bind(addr, "HTTP (OpenAI API /v1, console /console/)").await?;
+    let state = http_ports::ApiState {
+        embedder: Arc::clone(&domain.embedder),
+        catalog: Arc::clone(&domain.catalog),
+        auth: port.auth.clone(),
+        limits: port.config.limits.clone(),
+        started_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    };
+    let grpc_web = grpc_web_service(domain, port.body_limits, port.auth);
+    let router = http_ports::api_router(state, grpc_web);
+    Ok(Some(tokio::spawn(http_ports::serve(
+        listener,
+        router,
+        port.limits,
+        "http",
+        port.stop,
+        port.grace,
+    ))))
+}
+
+/// CORS for gRPC-Web calls from the listed origins' pages: preflights are
+/// answered here, before authentication (browsers send no token with them).
+fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use http::header::{HeaderName, AUTHORIZATION, CONTENT_TYPE};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| o.parse().ok()))
+    };
+    let named = |names: &[&'static str]| -> Vec<HeaderName> {
+        names.iter().map(|n| HeaderName::from_static(n)).collect()
+    };
+    let mut allowed_headers = named(&["x-grpc-web", "x-user-agent", "grpc-timeout"]);
+    allowed_headers.extend([
+        CONTENT_TYPE,
+        AUTHORIZATION,
+        HeaderName::from_static(request_layer::REQUEST_ID_HEADER),
+    ]);
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([http::Method::POST])
+            .allow_headers(allowed_headers)
+            .expose_headers(named(&[
+                "grpc-status",
+                "grpc-message",
+                "grpc-status-details-bin",
+                request_layer::REQUEST_ID_HEADER,
+            ]))
+            .max_age(Duration::from_secs(24 * 3600)),
+    )
+}
+
+/// The four tlserve services behind gRPC-Web and the request layer, for the
+/// HTTP port.
+fn grpc_web_service(
+    domain: &Domain,
+    body_limits: Arc<BodyLimits>,
+    auth: Option<Arc<auth::Authenticator>>,
+) -> http_ports::GrpcWeb {
+    let (embedder, models, trainer, predictor) = services(domain);
+    let routes = tonic::service::Routes::new(embedder)
+        .add_service(models)
+        .add_service(trainer)
+        .add_service(predictor);
+    let stack = tower::ServiceBuilder::new()
+        .layer(tonic_web::GrpcWebLayer::new())
+        .layer(RequestLayer::new(body_limits, auth))
+        .service(routes);
+    tower::util::BoxCloneSyncService::new(stack)
 }
 
 /// What request bodies may hold; shared by every port.
@@ -366,12 +470,30 @@ pub async fn run(
 
     let (embedder, models, trainer, predictor) = services(&domain);
     let drain = Drain::new(&config);
+    let http_port = start_http_port(
+        HttpPort {
+            config: &config,
+            limits: connection_limits,
+            body_limits: Arc::clone(&body_limits),
+            auth: authenticator.clone(),
+            stop: drain.stopped.clone(),
+            grace: drain.grace,
+        },
+        &domain,
+    )
+    .await?;
+    // HTTP/1.1 as well as HTTP/2, for gRPC-Web clients (browsers).
     let mut builder = tonic::transport::Server::builder()
+        .accept_http1(true)
         .max_concurrent_streams(config.server.max_concurrent_streams_per_connection);
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }
     let serve = builder
+        .layer(tower::util::option_layer(cors(
+            &config.server.cors_allowed_origins,
+        )))
+        .layer(tonic_web::GrpcWebLayer::new())
         .layer(RequestLayer::new(body_limits, authenticator))
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -395,6 +517,11 @@ pub async fn run(
     // of the grace period, and record the others as failed, for their clients
     // to read after the restart.
     domain.jobs.finish_or_fail_by(drain.grace_end()).await;
+    if let Some(task) = http_port {
+        // Its own drain (stop accepting, finish within the grace) has run
+        // alongside the gRPC port's; this only waits for it to end.
+        let _ = tokio::time::timeout_at(drain.grace_end().into(), task).await;
+    }
     if let Some(task) = health_port {
         task.abort();
     }
@@ -417,6 +544,8 @@ struct Drain {
     grace_ends: Arc<std::sync::OnceLock<std::time::Instant>>,
     stopping: tokio::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
     stopping_tx: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    /// Cancelled when new calls stop, for the ports that are not tonic's.
+    stopped: CancellationToken,
 }
 
 impl Drain {
@@ -428,6 +557,7 @@ impl Drain {
             grace_ends: Arc::new(std::sync::OnceLock::new()),
             stopping: tokio::sync::Mutex::new(Some(stopping_rx)),
             stopping_tx: std::sync::Mutex::new(Some(stopping_tx)),
+            stopped: CancellationToken::new(),
         }
     }
 
@@ -441,12 +571,14 @@ impl Drain {
         let (drain_delay, grace) = (self.drain_delay, self.grace);
         let grace_ends = Arc::clone(&self.grace_ends);
         let stopping_tx = crate::sync::lock(&self.stopping_tx).take();
+        let stopped = self.stopped.clone();
         async move {
             shutdown.await;
             tracing::info!("shutdown requested: reporting NOT_SERVING and draining");
             set_health(&health, ServingStatus::NotServing).await;
             tokio::time::sleep(drain_delay).await;
             let _ = grace_ends.set(std::time::Instant::now() + grace);
+            stopped.cancel();
             if let Some(tx) = stopping_tx {
                 let _ = tx.send(());
             }

@@ -264,7 +264,7 @@ fn deadline_exceeded(started: Instant) -> http::Response<Body> {
 }
 
 /// The client's request id when it sent a sane one, else a new one.
-fn request_id(headers: &HeaderMap) -> Arc<str> {
+pub fn request_id(headers: &HeaderMap) -> Arc<str> {
     headers
         .get(REQUEST_ID_HEADER)
         .and_then(|v| v.to_str().ok())

@@ -51,7 +51,7 @@ fn encode_detail(text: &str) -> String {
 /// 4 MB response header.
 pub const MAX_MESSAGE_CHARS: usize = 1024;
 
-fn bounded(mut message: String) -> String {
+pub fn bounded(mut message: String) -> String {
     if let Some((cut, _)) = message.char_indices().nth(MAX_MESSAGE_CHARS) {
         message.truncate(cut);
         message.push_str("...");

@@ -109,6 +109,7 @@ pub fn embed_request(
         backbone: request.backbone,
         normalize: request.normalize,
         truncate: request.truncate,
+        dimensions: None,
         deadline,
     })
 }

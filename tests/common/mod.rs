@@ -68,11 +68,22 @@ pub fn grpcurl() -> PathBuf {
     path
 }
 
+/// A loopback port free now. The kernel may hand a just-released port out
+/// again, so ports this process already gave out are skipped: servers started
+/// side by side never get the same one.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free loopback port")
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A `tlserve serve` child process on loopback ports.
@@ -80,6 +91,8 @@ pub struct TestServer {
     child: Child,
     pub grpc: SocketAddr,
     pub metrics: SocketAddr,
+    /// The HTTP port: OpenAI-compatible API, console, gRPC-Web.
+    pub http: SocketAddr,
     log: tempfile::NamedTempFile,
     _config_dir: tempfile::TempDir,
 }
@@ -118,10 +131,12 @@ source = {{ path = "{path}" }}
     pub fn spawn(config_tail: &str, env: &[(&str, &str)]) -> Self {
         let grpc: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let metrics: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let http: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let dir = tempfile::tempdir().expect("temp dir");
         let config_path = dir.path().join("tlserve.toml");
         let config = format!(
             "[server]\nlisten = \"{grpc}\"\nmetrics_listen = \"{metrics}\"\n\
+             http_listen = \"{http}\"\n\
              shutdown_grace_seconds = 60\n{config_tail}"
         );
         std::fs::write(&config_path, config).expect("write config");
@@ -140,6 +155,7 @@ source = {{ path = "{path}" }}
             child,
             grpc,
             metrics,
+            http,
             log,
             _config_dir: dir,
         }
@@ -151,6 +167,15 @@ source = {{ path = "{path}" }}
 
     pub fn logs(&self) -> String {
         std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    /// Whether the process has ended (a zombie until it is waited for).
+    pub fn has_exited(&self) -> bool {
+        std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).map_or(true, |stat| {
+            // The state follows the parenthesised command name.
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X'))
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -185,6 +210,7 @@ source = {{ path = "{path}" }}
             if self.health("").await == Some(status) {
                 return;
             }
+            assert!(!self.has_exited(), "the server exited:\n{}", self.logs());
             assert!(
                 Instant::now() < deadline,
                 "server did not reach {status:?}:\n{}",

@@ -1,0 +1,159 @@
+//! The HTTP/1.1 ports: the HTTP API port (OpenAI-compatible embeddings, the
+//! web console and gRPC-Web for it) and the Prometheus `/metrics` port.
+//!
+//! Both accept through the same listener as the gRPC port (connection bound,
+//! first-byte timeout, no Nagle), give every request's headers a deadline so a
+//! slow or silent client cannot pin sockets, and on shutdown stop accepting and
+//! let requests in flight finish within the grace period.
+
+mod console;
+mod errors;
+mod observe;
+mod openai;
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    extract::Request,
+    response::{IntoResponse, Response},
+    routing::{get, post},
+    Router,
+};
+use hyper::server::conn::http1;
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    server::graceful::GracefulShutdown,
+    service::TowerToHyperService,
+};
+use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+use super::{
+    auth::Authenticator,
+    listener::{self, ConnectionLimits},
+};
+use crate::{config::LimitsConfig, core};
+
+pub use errors::ApiError;
+
+/// A request's headers must arrive within this long.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the HTTP API's handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    pub embedder: Arc<core::Embedder>,
+    pub catalog: Arc<core::Catalog>,
+    /// None: authentication off.
+    pub auth: Option<Arc<Authenticator>>,
+    pub limits: LimitsConfig,
+    /// When the server started, for `/v1/models`' `created`.
+    pub started_unix: u64,
+}
+
+/// The gRPC services as one tower service that also speaks gRPC-Web (the
+/// request layer inside it: same tokens, limits, metrics as the gRPC port).
+pub type GrpcWeb = tower::util::BoxCloneSyncService<
+    http::Request<axum::body::Body>,
+    http::Response<tonic::body::Body>,
+    std::convert::Infallible,
+>;
+
+/// The HTTP API port's routes.
+pub fn api_router(state: ApiState, grpc_web: GrpcWeb) -> Router {
+    Router::new()
+        .route("/v1/embeddings", post(openai::embeddings))
+        .route("/v1/models", get(openai::models))
+        .route("/", get(console::redirect_to_console))
+        .route("/console", get(console::redirect_to_console))
+        .route("/console/", get(console::index))
+        .route("/console/{*path}", get(console::asset))
+        .fallback(move |request: Request| grpc_web_or_not_found(request, grpc_web.clone()))
+        .layer(axum::middleware::from_fn(observe::observe))
+        .with_state(state)
+}
+
+/// gRPC-Web calls (by content type) go to the gRPC services; anything else
+/// is a path this port does not serve.
+async fn grpc_web_or_not_found(request: Request, grpc_web: GrpcWeb) -> Response {
+    if !observe::is_grpc_web(&request) {
+        return ApiError::not_found(format!(
+            "{} {} is not served here: see /v1/embeddings, /v1/models and /console/",
+            request.method(),
+            request.uri().path()
+        ))
+        .into_response();
+    }
+    match grpc_web.oneshot(request).await {
+        Ok(response) => response.into_response(),
+        Err(never) => match never {},
+    }
+}
+
+/// The `/metrics` port's routes.
+pub fn metrics_router(handle: metrics_exporter_prometheus::PrometheusHandle) -> Router {
+    Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let text = handle.render();
+                async move {
+                    (
+                        [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                        text,
+                    )
+                }
+            }),
+        )
+        .fallback(|| async {
+            (
+                http::StatusCode::NOT_FOUND,
+                "only GET /metrics is served here\n",
+            )
+        })
+}
+
+/// Serves `router` on `listener` until `stop` is cancelled, then lets the
+/// requests in flight finish for up to `grace`.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: ConnectionLimits,
+    port: &'static str,
+    stop: CancellationToken,
+    grace: Duration,
+) {
+    let mut incoming = listener::incoming(listener, limits, port);
+    let graceful = GracefulShutdown::new();
+    loop {
+        let accepted = tokio::select! {
+            accepted = incoming.next() => accepted,
+            () = stop.cancelled() => break,
+        };
+        let Some(accepted) = accepted else { break };
+        let Ok(connection) = accepted else { continue };
+        let service = TowerToHyperService::new(router.clone());
+        let connection = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_TIMEOUT)
+            .serve_connection(TokioIo::new(connection), service);
+        let watched = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(err) = watched.await {
+                tracing::debug!(port, error = %err, "HTTP connection ended");
+            }
+        });
+    }
+    drop(incoming);
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            port,
+            "HTTP requests still running after the grace period were cut off"
+        );
+    }
+}

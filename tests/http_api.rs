@@ -1,0 +1,622 @@
+//! The HTTP port and gRPC-Web against a real server on loopback: the official
+//! `openai` Python package gets the vectors gRPC Embed gives; errors come in
+//! OpenAI's shape with the matching status; tokens, limits, request ids and
+//! metrics hold as on the gRPC port; gRPC-Web calls (binary and base64 text)
+//! on both ports answer what gRPC does; the console's files are served.
+
+mod common;
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    process::Command,
+};
+
+use base64::Engine;
+use common::*;
+use prost::Message;
+use serde_json::{json, Value};
+use tlserve::proto;
+
+const SAMPLE: [&str; 2] = [
+    "A cat sits on the mat.",
+    "Stock markets fell sharply today.",
+];
+const INFER_TOKEN: &str = "infer-token-0123456789";
+const TRAIN_TOKEN: &str = "train-token-0123456789";
+
+/// One HTTP/1.1 answer.
+struct Answer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|err| {
+            panic!("not JSON ({err}): {}", String::from_utf8_lossy(&self.body))
+        })
+    }
+}
+
+/// Sends one request over a fresh connection and reads the whole answer.
+fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Answer {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).expect("send head");
+    stream.write_all(body).expect("send body");
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).expect("read answer");
+    parse_answer(&raw)
+}
+
+fn parse_answer(raw: &[u8]) -> Answer {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("end of headers");
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    if chunked {
+        body = dechunk(&body);
+    }
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut raw: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    loop {
+        let line_end = raw
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .expect("chunk size");
+        let size_text = String::from_utf8_lossy(&raw[..line_end]);
+        let size = usize::from_str_radix(size_text.trim(), 16).expect("hex chunk size");
+        if size == 0 {
+            return body;
+        }
+        let start = line_end + 2;
+        body.extend_from_slice(&raw[start..start + size]);
+        raw = &raw[start + size + 2..];
+    }
+}
+
+fn post_json(addr: SocketAddr, path: &str, body: &Value, token: Option<&str>) -> Answer {
+    let bearer = token.map(|t| format!("Bearer {t}"));
+    let mut headers = vec![("content-type", "application/json")];
+    if let Some(bearer) = &bearer {
+        headers.push(("authorization", bearer.as_str()));
+    }
+    request(addr, "POST", path, &headers, body.to_string().as_bytes())
+}
+
+/// Runs tests/clients/openai_embed.py (the `openai` package) with `args`.
+fn openai_sdk(server: &TestServer, args: &[&str], token: Option<&str>) -> (i32, Value) {
+    let mut command = Command::new(python());
+    command
+        .arg(repo_file("tests/clients/openai_embed.py"))
+        .arg("--base-url")
+        .arg(format!("http://{}/v1", server.http))
+        .args(args);
+    if let Some(token) = token {
+        command.env("TLSERVE_TOKEN", token);
+    }
+    let output = command.output().expect("run the openai client");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let parsed = serde_json::from_str(stdout.trim()).unwrap_or_else(|err| {
+        panic!(
+            "openai client printed no JSON ({err}): {stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    (output.status.code().unwrap_or(-1), parsed)
+}
+
+fn vectors(value: &Value) -> Vec<Vec<f32>> {
+    serde_json::from_value(value.clone()).expect("a list of float lists")
+}
+
+fn max_difference(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| {
+            assert_eq!(x.len(), y.len());
+            x.iter().zip(y).map(|(p, q)| (p - q).abs())
+        })
+        .fold(0.0, f32::max)
+}
+
+async fn grpc_embed(server: &TestServer) -> proto::EmbedResponse {
+    server
+        .embedder()
+        .await
+        .embed(embed_request(&SAMPLE))
+        .await
+        .expect("Embed")
+        .into_inner()
+}
+
+fn token_ids(text: &str) -> String {
+    let mut tokenizer =
+        tokenizers::Tokenizer::from_file(minilm_dir().join("tokenizer.json")).expect("tokenizer");
+    // tokenizer.json pads to 128: ids sent are all the model sees, so none.
+    tokenizer.with_padding(None);
+    let encoding = tokenizer.encode(text, true).expect("encode");
+    let ids: Vec<String> = encoding.get_ids().iter().map(u32::to_string).collect();
+    ids.join(",")
+}
+
+#[tokio::test]
+async fn the_openai_sdk_gets_the_vectors_of_grpc_embed() {
+    let server = TestServer::start_minilm().await;
+    let expected = grpc_embed(&server).await;
+    let expected_vectors: Vec<Vec<f32>> = expected
+        .embeddings
+        .iter()
+        .map(|e| e.values.clone())
+        .collect();
+    let tokens: u64 = expected
+        .embeddings
+        .iter()
+        .map(|e| u64::from(e.tokens))
+        .sum();
+
+    // The SDK's default (base64, decoded by the SDK) and plain JSON floats.
+    for format in [None, Some("float")] {
+        let mut args = vec!["--model", MINILM];
+        if let Some(format) = format {
+            args.extend(["--encoding-format", format]);
+        }
+        args.extend(SAMPLE);
+        let (code, answer) = openai_sdk(&server, &args, None);
+        assert_eq!(code, 0, "{answer}");
+        assert_eq!(answer["model"], MINILM);
+        assert_eq!(answer["usage"]["prompt_tokens"], tokens);
+        // Same server, same forward pass: only float printing may differ.
+        let difference = max_difference(&vectors(&answer["embeddings"]), &expected_vectors);
+        assert!(difference < 1e-6, "{format:?}: differs by {difference}");
+    }
+
+    // Token ids of the backbone's own tokenizer are the text as the model sees it.
+    let ids: Vec<String> = SAMPLE.iter().map(|t| token_ids(t)).collect();
+    let mut args = vec!["--model", MINILM, "--token-ids"];
+    args.extend(ids.iter().map(String::as_str));
+    let (code, answer) = openai_sdk(&server, &args, None);
+    assert_eq!(code, 0, "{answer}");
+    let difference = max_difference(&vectors(&answer["embeddings"]), &expected_vectors);
+    assert!(difference < 1e-6, "token ids: differs by {difference}");
+
+    // Errors reach the SDK as its own exception types.
+    let (code, answer) = openai_sdk(&server, &["--model", "text-embedding-3-small", "x"], None);
+    assert_eq!(code, 2);
+    assert_eq!(answer["error"], "NotFoundError", "{answer}");
+    let (code, answer) = openai_sdk(
+        &server,
+        &["--model", MINILM, "--dimensions", "128", "x"],
+        None,
+    );
+    assert_eq!(code, 2);
+    assert_eq!(answer["error"], "BadRequestError", "{answer}");
+}
+
+#[tokio::test]
+async fn http_errors_have_the_openai_shape_and_status() {
+    let server =
+        TestServer::start(&TestServer::minilm_config("max_message_bytes = 4096", "")).await;
+    let embeddings = |body: Value| post_json(server.http, "/v1/embeddings", &body, None);
+    let cases = [
+        (
+            json!({"model": "nope", "input": "x"}),
+            404,
+            Some("model_not_found"),
+        ),
+        (json!({"model": MINILM, "input": []}), 400, None),
+        (json!({"model": MINILM, "input": ""}), 400, None),
+        (json!({"model": MINILM, "input": [1, "mixed"]}), 400, None),
+        (json!({"model": MINILM, "input": [[999999999]]}), 400, None),
+        (
+            json!({"model": MINILM, "input": "x", "dimensions": 7}),
+            400,
+            None,
+        ),
+        (
+            json!({"model": MINILM, "input": "x", "encoding_format": "hex"}),
+            400,
+            None,
+        ),
+        (json!({"input": "x"}), 400, None),
+        (
+            json!({"model": MINILM, "input": "x".repeat(5000)}),
+            413,
+            None,
+        ),
+    ];
+    for (body, status, code) in cases {
+        let answer = embeddings(body.clone());
+        assert_eq!(
+            answer.status,
+            status,
+            "{body}: {}",
+            String::from_utf8_lossy(&answer.body)
+        );
+        let error = &answer.json()["error"];
+        assert!(
+            error["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{error}"
+        );
+        assert!(error["type"].is_string(), "{error}");
+        if let Some(code) = code {
+            assert_eq!(error["code"], code);
+        }
+        assert!(answer.header("x-request-id").is_some());
+    }
+    let malformed = request(server.http, "POST", "/v1/embeddings", &[], b"{not json");
+    assert_eq!(malformed.status, 400);
+    let unknown = request(server.http, "GET", "/v2/anything", &[], b"");
+    assert_eq!(unknown.status, 404);
+    assert!(unknown.json()["error"]["message"].is_string());
+
+    // A client's request id comes back; a good call answers in OpenAI's shape.
+    let answer = request(
+        server.http,
+        "POST",
+        "/v1/embeddings",
+        &[
+            ("x-request-id", "client-chosen-id-42"),
+            ("content-type", "application/json"),
+        ],
+        json!({"model": MINILM, "input": SAMPLE[0]})
+            .to_string()
+            .as_bytes(),
+    );
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.header("x-request-id"), Some("client-chosen-id-42"));
+    let body = answer.json();
+    assert_eq!(body["object"], "list");
+    assert_eq!(body["data"][0]["object"], "embedding");
+    assert_eq!(body["data"][0]["index"], 0);
+    assert_eq!(
+        body["data"][0]["embedding"].as_array().map(Vec::len),
+        Some(384)
+    );
+
+    let models = request(server.http, "GET", "/v1/models", &[], b"").json();
+    assert_eq!(models["object"], "list");
+    assert_eq!(models["data"][0]["id"], MINILM);
+    assert_eq!(models["data"][0]["object"], "model");
+
+    // Counted per route and status.
+    let scrape = server.scrape();
+    let ok = r#"tlserve_http_requests_total{route="/v1/embeddings",status="200"}"#;
+    assert!(metric(&scrape, ok) >= 1.0, "{scrape}");
+    let not_found = r#"tlserve_http_requests_total{route="/v1/embeddings",status="404"}"#;
+    assert!(metric(&scrape, not_found) >= 1.0);
+    assert!(
+        metric(
+            &scrape,
+            r#"tlserve_http_requests_total{route="other",status="404"}"#
+        ) >= 1.0
+    );
+}
+
+async fn start_with_tokens() -> TestServer {
+    let tail = format!(
+        "{}\n[auth]\nenabled = true\n",
+        TestServer::minilm_config("", "")
+    );
+    let tokens = format!("web infer {INFER_TOKEN}; trainer train {TRAIN_TOKEN}");
+    let server = TestServer::spawn(&tail, &[("TLSERVE_AUTH_TOKENS", tokens.as_str())]);
+    server
+        .wait_until(tonic_health::pb::health_check_response::ServingStatus::Serving)
+        .await;
+    server
+}
+
+#[tokio::test]
+async fn tokens_and_roles_guard_the_http_port() {
+    let server = start_with_tokens().await;
+    let body = json!({"model": MINILM, "input": SAMPLE[0]});
+    let none = post_json(server.http, "/v1/embeddings", &body, None);
+    assert_eq!(none.status, 401);
+    assert_eq!(none.json()["error"]["code"], "invalid_api_key");
+    let wrong = post_json(
+        server.http,
+        "/v1/embeddings",
+        &body,
+        Some("wrong-token-0123456789"),
+    );
+    assert_eq!(wrong.status, 401);
+    let train_only = post_json(server.http, "/v1/embeddings", &body, Some(TRAIN_TOKEN));
+    assert_eq!(train_only.status, 403);
+    assert_eq!(train_only.json()["error"]["type"], "permission_error");
+    let allowed = post_json(server.http, "/v1/embeddings", &body, Some(INFER_TOKEN));
+    assert_eq!(allowed.status, 200);
+    assert_eq!(
+        request(server.http, "GET", "/v1/models", &[], b"").status,
+        401
+    );
+    let (code, answer) = openai_sdk(&server, &["--model", MINILM, "x"], Some(INFER_TOKEN));
+    assert_eq!(code, 0, "{answer}");
+    let (code, answer) = openai_sdk(&server, &["--model", MINILM, "x"], None);
+    assert_eq!(
+        (code, answer["error"].as_str()),
+        (2, Some("AuthenticationError"))
+    );
+
+    // The console's files hold no data: served without a token.
+    let page = request(
+        server.http,
+        "GET",
+        "/console/proto/tlserve/v1/trainer.proto",
+        &[],
+        b"",
+    );
+    assert_eq!(page.status, 200);
+    assert!(String::from_utf8_lossy(&page.body).contains("service Trainer"));
+    assert!(page.header("content-security-policy").is_some());
+    let root = request(server.http, "GET", "/", &[], b"");
+    assert_eq!(root.status, 308);
+    assert_eq!(root.header("location"), Some("/console/"));
+
+    // gRPC-Web is held to the same tokens as gRPC.
+    for port in [server.grpc, server.http] {
+        let refused = grpc_web_embed(port, "application/grpc-web+proto", None);
+        assert_eq!(refused.status, Some(16), "UNAUTHENTICATED on {port}");
+        let allowed = grpc_web_embed(port, "application/grpc-web+proto", Some(INFER_TOKEN));
+        assert_eq!(allowed.status, Some(0), "{:?}", allowed.message);
+    }
+}
+
+/// A gRPC-Web call's outcome.
+struct WebCall {
+    messages: Vec<Vec<u8>>,
+    status: Option<i32>,
+    message: Option<String>,
+}
+
+/// One request message in gRPC(-Web) framing: flag 0, length, message.
+fn web_frame(message: &proto::EmbedRequest) -> Vec<u8> {
+    let message = message.encode_to_vec();
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&message);
+    framed
+}
+
+/// Calls Embed with gRPC-Web (`+proto` binary or `-text` base64 framing).
+fn grpc_web_embed(addr: SocketAddr, content_type: &str, token: Option<&str>) -> WebCall {
+    let framed = web_frame(&embed_request(&SAMPLE));
+    let text = content_type.contains("text");
+    let body = if text {
+        base64::engine::general_purpose::STANDARD
+            .encode(&framed)
+            .into_bytes()
+    } else {
+        framed
+    };
+    let bearer = token.map(|t| format!("Bearer {t}"));
+    // Browsers' gRPC-Web libraries ask for the framing they sent.
+    let mut headers = vec![
+        ("content-type", content_type),
+        ("accept", content_type),
+        ("x-grpc-web", "1"),
+    ];
+    if let Some(bearer) = &bearer {
+        headers.push(("authorization", bearer.as_str()));
+    }
+    let answer = request(addr, "POST", "/tlserve.v1.Embedder/Embed", &headers, &body);
+    assert_eq!(
+        answer.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    let payload = if text {
+        decode_base64_frames(&answer.body)
+    } else {
+        answer.body.clone()
+    };
+    let mut call = WebCall {
+        messages: Vec::new(),
+        status: answer.header("grpc-status").and_then(|s| s.parse().ok()),
+        message: answer.header("grpc-message").map(str::to_owned),
+    };
+    read_web_frames(&payload, &mut call);
+    call
+}
+
+/// A `-text` body: each frame is base64 on its own, padding included, so
+/// the body is decoded piece by piece, each piece ending after its padding.
+fn decode_base64_frames(body: &[u8]) -> Vec<u8> {
+    let mut decoded = Vec::new();
+    let mut start = 0;
+    for i in 0..body.len() {
+        let piece_ends = body[i] == b'=' && body.get(i + 1).is_none_or(|&next| next != b'=');
+        if piece_ends || i + 1 == body.len() {
+            let piece = &body[start..=i];
+            decoded.extend(
+                base64::engine::general_purpose::STANDARD
+                    .decode(piece)
+                    .expect("base64 body"),
+            );
+            start = i + 1;
+        }
+    }
+    decoded
+}
+
+/// Data frames are messages; the frame flagged 0x80 holds the trailers.
+fn read_web_frames(mut payload: &[u8], call: &mut WebCall) {
+    while payload.len() >= 5 {
+        let flag = payload[0];
+        let length = u32::from_be_bytes([payload[1], payload[2], payload[3], payload[4]]) as usize;
+        let frame = &payload[5..5 + length];
+        if flag & 0x80 == 0 {
+            call.messages.push(frame.to_vec());
+        } else {
+            for line in String::from_utf8_lossy(frame).lines() {
+                match line.split_once(':') {
+                    Some(("grpc-status", v)) => call.status = v.trim().parse().ok(),
+                    Some(("grpc-message", v)) => call.message = Some(v.trim().to_owned()),
+                    _ => {}
+                }
+            }
+        }
+        payload = &payload[5 + length..];
+    }
+}
+
+const APP_ORIGIN: &str = "https://app.example.com";
+
+#[tokio::test]
+async fn grpc_web_answers_like_grpc_on_both_ports() {
+    let server = TestServer::start_minilm().await;
+    let expected = grpc_embed(&server).await;
+    let cases = [
+        (server.grpc, "application/grpc-web+proto"),
+        (server.grpc, "application/grpc-web-text"),
+        (server.http, "application/grpc-web+proto"),
+        (server.http, "application/grpc-web-text"),
+    ];
+    for (port, content_type) in cases {
+        let call = grpc_web_embed(port, content_type, None);
+        assert_eq!(
+            call.status,
+            Some(0),
+            "{port} {content_type}: {:?}",
+            call.message
+        );
+        assert_eq!(call.messages.len(), 1);
+        let answer = proto::EmbedResponse::decode(call.messages[0].as_slice()).expect("decode");
+        assert_eq!(answer, expected, "{port} {content_type}");
+    }
+    // A refusal keeps its gRPC code.
+    let mut unknown = embed_request(&SAMPLE);
+    unknown.backbone = "nope".into();
+    let framed = web_frame(&unknown);
+    let answer = request(
+        server.http,
+        "POST",
+        "/tlserve.v1.Embedder/Embed",
+        &[("content-type", "application/grpc-web+proto")],
+        &framed,
+    );
+    let mut call = WebCall {
+        messages: Vec::new(),
+        status: answer.header("grpc-status").and_then(|s| s.parse().ok()),
+        message: None,
+    };
+    read_web_frames(&answer.body, &mut call);
+    assert_eq!(call.status, Some(5), "NOT_FOUND");
+
+    // Counted with the gRPC calls, not as HTTP requests.
+    let scrape = server.scrape();
+    let series =
+        r#"tlserve_grpc_requests_total{service="tlserve.v1.Embedder",method="Embed",code="OK"}"#;
+    assert!(metric(&scrape, series) >= 5.0, "{scrape}");
+    assert!(!scrape.contains(r#"route="other""#), "{scrape}");
+}
+
+/// A browser's CORS preflight for a gRPC-Web call from `origin`.
+fn preflight(addr: SocketAddr, origin: &str) -> Answer {
+    request(
+        addr,
+        "OPTIONS",
+        "/tlserve.v1.Embedder/Embed",
+        &[
+            ("origin", origin),
+            ("access-control-request-method", "POST"),
+            (
+                "access-control-request-headers",
+                "content-type,x-grpc-web,authorization",
+            ),
+        ],
+        b"",
+    )
+}
+
+#[tokio::test]
+async fn only_listed_origins_may_call_the_grpc_port_from_a_page() {
+    let tail = format!(
+        "cors_allowed_origins = [\"{APP_ORIGIN}\"]\n{}",
+        TestServer::minilm_config("", "")
+    );
+    let server = TestServer::start(&tail).await;
+    let allowed = preflight(server.grpc, APP_ORIGIN);
+    assert!(allowed.status < 300, "{}", allowed.status);
+    assert_eq!(
+        allowed.header("access-control-allow-origin"),
+        Some(APP_ORIGIN)
+    );
+    let headers = allowed
+        .header("access-control-allow-headers")
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    assert!(
+        headers.contains("authorization") && headers.contains("x-grpc-web"),
+        "{headers}"
+    );
+    let other = preflight(server.grpc, "https://elsewhere.example.org");
+    assert_eq!(other.header("access-control-allow-origin"), None);
+
+    // The call itself: its status headers are readable by the page.
+    let framed = web_frame(&embed_request(&SAMPLE));
+    let answer = request(
+        server.grpc,
+        "POST",
+        "/tlserve.v1.Embedder/Embed",
+        &[
+            ("content-type", "application/grpc-web+proto"),
+            ("origin", APP_ORIGIN),
+        ],
+        &framed,
+    );
+    assert_eq!(answer.status, 200);
+    assert_eq!(
+        answer.header("access-control-allow-origin"),
+        Some(APP_ORIGIN)
+    );
+    let exposed = answer
+        .header("access-control-expose-headers")
+        .unwrap_or_default();
+    assert!(exposed.contains("grpc-status"), "{exposed}");
+}
