@@ -185,6 +185,11 @@ fn make_pki(dir: &Path) -> Pki {
     let ca_key = KeyPair::generate().expect("CA key");
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // Distinct names: OpenSSL (curl) takes a certificate whose issuer equals
+    // its subject for self-signed, and rcgen gives every certificate the same.
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "tlserve test CA");
     let ca = ca_params.self_signed(&ca_key).expect("CA");
     let issuer = rcgen::Issuer::new(ca_params, ca_key);
 
@@ -256,6 +261,57 @@ async fn wait_serving_over_tls(server: &TestServer, pki: &Pki, with_client_cert:
     }
 }
 
+/// The status curl reads for GET /v1/models at `url` with `options`; None
+/// when no HTTP answer comes back (refused, handshake failed).
+fn curl_status(url: &str, options: &[&std::ffi::OsStr]) -> Option<u16> {
+    let output = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "10",
+        ])
+        .args(options)
+        .arg(format!("{url}/v1/models"))
+        .output()
+        .expect("run curl");
+    let code: u16 = String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .ok()?;
+    (output.status.success() && code != 0).then_some(code)
+}
+
+/// The HTTP port over TLS, trusting the test CA, optionally with a client
+/// certificate.
+fn https_status(server: &TestServer, pki: &Pki, client: Option<(&Path, &Path)>) -> Option<u16> {
+    let port = server.http.port();
+    let resolve = format!("localhost:{port}:127.0.0.1");
+    let mut options: Vec<&std::ffi::OsStr> = vec![
+        "--cacert".as_ref(),
+        pki.ca.as_os_str(),
+        "--resolve".as_ref(),
+        resolve.as_ref(),
+    ];
+    if let Some((cert, key)) = client {
+        options.extend([
+            "--cert".as_ref(),
+            cert.as_os_str(),
+            "--key".as_ref(),
+            key.as_os_str(),
+        ]);
+    }
+    curl_status(&format!("https://localhost:{port}"), &options)
+}
+
+/// The HTTP port in plaintext.
+fn plain_http_status(server: &TestServer) -> Option<u16> {
+    curl_status(&format!("http://{}", server.http), &[])
+}
+
 #[tokio::test]
 async fn tls_and_mutual_tls() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -280,6 +336,13 @@ async fn tls_and_mutual_tls() {
         None,
         "plaintext must not be answered"
     );
+    // The HTTP port speaks TLS with the same certificate.
+    assert_eq!(https_status(&server, &pki, None), Some(200));
+    assert_eq!(
+        plain_http_status(&server),
+        None,
+        "plaintext HTTP must not be answered"
+    );
     drop(server);
 
     // Mutual TLS: without a client certificate the handshake fails. Probes
@@ -301,6 +364,19 @@ async fn tls_and_mutual_tls() {
         health_at(&format!("http://{health_addr}"), "").await,
         Some(ServingStatus::Serving),
         "the plaintext Health port answers probes"
+    );
+    let client_cert = dir.path().join("client.pem");
+    let client_key = dir.path().join("client.key");
+    std::fs::write(&client_cert, &pki.client_cert).expect("write");
+    std::fs::write(&client_key, &pki.client_key).expect("write");
+    assert_eq!(
+        https_status(&server, &pki, Some((&client_cert, &client_key))),
+        Some(200)
+    );
+    assert_eq!(
+        https_status(&server, &pki, None),
+        None,
+        "the HTTP port asks for a client certificate too"
     );
     let anonymous = tls_channel(&server, &pki, false).await;
     let refused = match anonymous {

@@ -63,6 +63,8 @@ pub enum ServeError {
     HeadStore(crate::Error),
     #[error("authentication: {0}")]
     Auth(#[from] auth::AuthSetupError),
+    #[error(transparent)]
+    HttpTls(#[from] http_ports::HttpTlsError),
     #[error("TLS: cannot read {path}: {source}")]
     TlsFile {
         path: std::path::PathBuf,
@@ -270,11 +272,15 @@ async fn start_metrics_port(
         metrics::install_recorder().map_err(|source| ServeError::Metrics { addr, source })?;
     metrics::spawn_process_sampler(Duration::from_secs(5));
     let listener = bind(addr, "metrics (/metrics)").await?;
+    let port = http_ports::Port {
+        router: http_ports::metrics_router(handle),
+        limits,
+        name: "metrics",
+        tls: None,
+    };
     Ok(Some(tokio::spawn(http_ports::serve(
         listener,
-        http_ports::metrics_router(handle),
-        limits,
-        "metrics",
+        port,
         CancellationToken::new(),
         Duration::ZERO,
     ))))
@@ -299,6 +305,16 @@ async fn start_http_port(
     let Some(addr) = port.config.server.http_listen else {
         return Ok(None);
     };
+    let tls = port
+        .config
+        .server
+        .tls
+        .as_ref()
+        .map(http_ports::tls_acceptor)
+        .transpose()?;
+    if tls.is_some() {
+        tracing::info!("TLS on the HTTP port, with the gRPC port's certificate");
+    }
     let listener = bind(addr, "HTTP (OpenAI API /v1, console /console/)").await?;
     let state = http_ports::ApiState {
         embedder: Arc::clone(&domain.embedder),
@@ -310,14 +326,14 @@ async fn start_http_port(
             .map_or(0, |d| d.as_secs()),
     };
     let grpc_web = grpc_web_service(domain, port.body_limits, port.auth);
-    let router = http_ports::api_router(state, grpc_web);
+    let served = http_ports::Port {
+        router: http_ports::api_router(state, grpc_web),
+        limits: port.limits,
+        name: "http",
+        tls,
+    };
     Ok(Some(tokio::spawn(http_ports::serve(
-        listener,
-        router,
-        port.limits,
-        "http",
-        port.stop,
-        port.grace,
+        listener, served, port.stop, port.grace,
     ))))
 }
 

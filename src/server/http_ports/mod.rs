@@ -10,6 +10,7 @@ mod console;
 mod errors;
 mod observe;
 mod openai;
+mod tls;
 
 use std::{sync::Arc, time::Duration};
 
@@ -37,6 +38,7 @@ use super::{
 use crate::{config::LimitsConfig, core};
 
 pub use errors::ApiError;
+pub use tls::{acceptor as tls_acceptor, HttpTlsError};
 
 /// A request's headers must arrive within this long.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -115,17 +117,21 @@ pub fn metrics_router(handle: metrics_exporter_prometheus::PrometheusHandle) -> 
         })
 }
 
-/// Serves `router` on `listener` until `stop` is cancelled, then lets the
+/// One HTTP port: what it serves and how.
+pub struct Port {
+    pub router: Router,
+    pub limits: ConnectionLimits,
+    /// Names the port in logs.
+    pub name: &'static str,
+    /// TLS with the gRPC port's certificate; None: plaintext.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// Serves `port` on `listener` until `stop` is cancelled, then lets the
 /// requests in flight finish for up to `grace`.
-pub async fn serve(
-    listener: TcpListener,
-    router: Router,
-    limits: ConnectionLimits,
-    port: &'static str,
-    stop: CancellationToken,
-    grace: Duration,
-) {
-    let mut incoming = listener::incoming(listener, limits, port);
+pub async fn serve(listener: TcpListener, port: Port, stop: CancellationToken, grace: Duration) {
+    let name = port.name;
+    let mut incoming = listener::incoming(listener, port.limits, name);
     let graceful = GracefulShutdown::new();
     loop {
         let accepted = tokio::select! {
@@ -134,15 +140,28 @@ pub async fn serve(
         };
         let Some(accepted) = accepted else { break };
         let Ok(connection) = accepted else { continue };
-        let service = TowerToHyperService::new(router.clone());
-        let connection = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_TIMEOUT)
-            .serve_connection(TokioIo::new(connection), service);
-        let watched = graceful.watch(connection);
+        let service = TowerToHyperService::new(port.router.clone());
+        let watcher = graceful.watcher();
+        let tls = port.tls.clone();
         tokio::spawn(async move {
-            if let Err(err) = watched.await {
-                tracing::debug!(port, error = %err, "HTTP connection ended");
+            let served = match tls {
+                None => watcher.watch(http1_connection(connection, service)).await,
+                Some(acceptor) => {
+                    // The handshake, like the headers, must not take forever.
+                    let handshake =
+                        tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(connection));
+                    match handshake.await {
+                        Ok(Ok(secured)) => watcher.watch(http1_connection(secured, service)).await,
+                        Ok(Err(err)) => {
+                            tracing::debug!(port = name, error = %err, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_elapsed) => return,
+                    }
+                }
+            };
+            if let Err(err) = served {
+                tracing::debug!(port = name, error = %err, "HTTP connection ended");
             }
         });
     }
@@ -152,8 +171,23 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!(
-            port,
+            port = name,
             "HTTP requests still running after the grace period were cut off"
         );
     }
+}
+
+/// An HTTP/1.1 connection over `io` whose request headers must arrive within
+/// HEADER_TIMEOUT.
+fn http1_connection<I>(
+    io: I,
+    service: TowerToHyperService<Router>,
+) -> http1::Connection<TokioIo<I>, TowerToHyperService<Router>>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(TokioIo::new(io), service)
 }
