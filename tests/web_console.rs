@@ -1,15 +1,15 @@
 //! The web console in a real browser: headless Chromium (Debian's chromium and
 //! chromium-driver, driven by selenium from tests/clients/console_browser.py) opens
-//! `/console/` on the server's HTTP port and works it as a person would, all over
-//! gRPC-Web. With bearer tokens on, it sees the listing refused as UNAUTHENTICATED,
-//! pastes a token, finds the MiniLM backbone, trains a small head from
-//! tests/data/console_reviews.csv to SUCCEEDED with a point on the loss and accuracy
-//! curves for every epoch, gets the confusion matrix of the examples it held out,
-//! and predicts a typed text. Without tokens, it trains an EfficientNet-Lite0 head
-//! from a folder of images and predicts a chosen image.
+//! `/console/` on the HTTP port of a server with bearer tokens on and works it as a
+//! person would, all over gRPC-Web: it sees the listing refused as UNAUTHENTICATED,
+//! pastes a token, finds the backbone, trains a small head to SUCCEEDED with a point
+//! on the loss and accuracy curves for every epoch, gets the confusion matrix of the
+//! examples it held out, and predicts. Once with MiniLM from
+//! tests/data/console_reviews.csv and a typed text, once with EfficientNet-Lite0
+//! from a folder of images and a chosen image.
 //!
 //! Test artifact: a PNG screenshot of every step is written to
-//! `target/test-artifacts/web-console/<run>/` (in the cargo target directory), for
+//! `target/test-artifacts/web-console/<head>/` (in the cargo target directory), for
 //! people to look at; where a run fails, `failure.png` there shows the page at that
 //! moment.
 //!
@@ -96,23 +96,28 @@ fn run_browser(args: &[&str], limit: Duration) -> (bool, String, String) {
     (status.is_some_and(|s| s.success()), read(&out), stderr)
 }
 
+/// Every run trains a linear head with AdamW for this many epochs (learning
+/// rate 0.05, batches of 8), after holding out 0.2 of each label's examples.
+const EPOCHS: u64 = 10;
+
 /// One trip through the console: what to train on, and what to predict.
 struct Run<'a> {
-    /// The folder of its screenshots, below `target/test-artifacts/web-console/`.
-    name: &'a str,
     /// `--examples FILE` or `--images DIR`.
     data: [&'a str; 2],
     backbone: &'a str,
+    /// The head's name, also the folder of the run's screenshots below
+    /// `target/test-artifacts/web-console/`.
     head: &'a str,
-    epochs: u64,
-    batch_size: u32,
     /// `--predict-text TEXT` or `--predict-image FILE`.
     predict: [&'a str; 2],
-    /// What the page should show: the examples read, the labels (sorted), the
-    /// examples held out (0.2 of each label's), the label predicted first.
+    expect: Expect<'a>,
+}
+
+/// What the page should show: the examples read (as many of each label), the
+/// labels (sorted), the label predicted first.
+struct Expect<'a> {
     examples: u64,
     labels: [&'a str; 2],
-    held_out: u64,
     predicted: &'a str,
 }
 
@@ -121,8 +126,8 @@ struct Run<'a> {
 /// log when it fails.
 fn browse(server: &TestServer, run: &Run) -> serde_json::Value {
     let url = format!("http://{}/console/", server.http);
-    let artifacts = artifacts_dir(run.name);
-    let (epochs, batch_size) = (run.epochs.to_string(), run.batch_size.to_string());
+    let artifacts = artifacts_dir(run.head);
+    let epochs = EPOCHS.to_string();
     let mut args = vec![
         "--url",
         &url,
@@ -137,7 +142,7 @@ fn browse(server: &TestServer, run: &Run) -> serde_json::Value {
         "--learning-rate",
         "0.05",
         "--batch-size",
-        &batch_size,
+        "8",
     ];
     args.extend(run.data);
     args.extend(run.predict);
@@ -154,7 +159,7 @@ fn browse(server: &TestServer, run: &Run) -> serde_json::Value {
         .unwrap_or_else(|err| panic!("the browser script's report is not JSON ({err}): {stdout}"));
     eprintln!(
         "web console ({}): trained in {}s, whole run {:.1}s in chromium {}; screenshots in {}",
-        run.name,
+        run.head,
         report["train_seconds"],
         started.elapsed().as_secs_f64(),
         report["chromium"],
@@ -172,18 +177,19 @@ fn check_run(report: &serde_json::Value, run: &Run) {
     let refused = report["without_token"].as_str().expect("without_token");
     assert!(refused.starts_with("UNAUTHENTICATED: "), "{refused}");
     assert_eq!(report["backbone_state"], "ready");
-    assert_eq!(report["examples"], run.examples, "{report:#}");
+    let expect = &run.expect;
+    assert_eq!(report["examples"], expect.examples, "{report:#}");
     let curves = &report["curves"];
     for curve in ["curve-train-loss", "curve-train-accuracy"] {
-        assert_eq!(curves[curve]["points"], run.epochs, "{curve}: {curves:#}");
-        assert_eq!(curves[curve]["dots"], run.epochs, "{curve}: {curves:#}");
+        assert_eq!(curves[curve]["points"], EPOCHS, "{curve}: {curves:#}");
+        assert_eq!(curves[curve]["dots"], EPOCHS, "{curve}: {curves:#}");
     }
-    assert_eq!(curves["rows"], run.epochs, "{curves:#}");
+    assert_eq!(curves["rows"], EPOCHS, "{curves:#}");
 
     let matrix = &report["confusion"];
     assert_eq!(
         matrix["columns"],
-        serde_json::json!(run.labels),
+        serde_json::json!(expect.labels),
         "{matrix:#}"
     );
     let counted: u64 = matrix["rows"]
@@ -193,7 +199,10 @@ fn check_run(report: &serde_json::Value, run: &Run) {
         .flat_map(|row| row["counts"].as_array().expect("counts").iter())
         .map(|count| count.as_u64().expect("a count"))
         .sum();
-    assert_eq!(counted, run.held_out, "{matrix:#}");
+    // 0.2 of each label's examples, rounded.
+    let labels = expect.labels.len() as u64;
+    let held_out = labels * (expect.examples as f64 / labels as f64 * 0.2).round() as u64;
+    assert_eq!(counted, held_out, "{matrix:#}");
     // The matrix is the point, not the head's quality: it only has to beat a coin.
     let accuracy = matrix["accuracy"].as_f64().expect("accuracy");
     assert!(accuracy > 0.5, "held-out accuracy {accuracy}: {matrix:#}");
@@ -211,7 +220,7 @@ fn check_run(report: &serde_json::Value, run: &Run) {
         "the heads table lists {heads:?}"
     );
     let prediction = report["prediction"].as_array().expect("prediction");
-    assert_eq!(prediction[0]["label"], run.predicted, "{prediction:?}");
+    assert_eq!(prediction[0]["label"], expect.predicted, "{prediction:?}");
 }
 
 #[tokio::test]
@@ -237,38 +246,34 @@ async fn console_trains_heads_from_a_text_file_and_an_image_folder() {
     let probe = colour_folder(&dir.path().join("probe"), &classes[1..], 1, 64, 9);
 
     let text = Run {
-        name: "text-file",
         data: ["--examples", examples.to_str().expect("UTF-8 path")],
         backbone: MINILM,
         head: "console-reviews",
-        epochs: 12,
-        batch_size: 8,
         predict: [
             "--predict-text",
             "The soup was cold and the waiter ignored us all evening.",
         ],
-        examples: 40,
-        labels: ["negative", "positive"],
-        held_out: 8,
-        predicted: "negative",
+        expect: Expect {
+            examples: 40,
+            labels: ["negative", "positive"],
+            predicted: "negative",
+        },
     };
     check_run(&browse(&server, &text), &text);
 
     let images = Run {
-        name: "image-folder",
         data: ["--images", photos.to_str().expect("UTF-8 path")],
         backbone: LITE0,
         head: "console-colours",
-        epochs: 6,
-        batch_size: 4,
         predict: [
             "--predict-image",
             probe[0].path.to_str().expect("UTF-8 path"),
         ],
-        examples: 16,
-        labels: ["blue", "red"],
-        held_out: 4,
-        predicted: "red",
+        expect: Expect {
+            examples: 16,
+            labels: ["blue", "red"],
+            predicted: "red",
+        },
     };
     check_run(&browse(&server, &images), &images);
 
