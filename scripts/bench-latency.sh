@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What one client meets: sequential Embed calls of 1, 8 and 32 sentences from a
-# lone client, Python grpcio, tlserve's own Rust client and the `openai` SDK on
-# the OpenAI-compatible HTTP API, against a fresh
+# lone client, Python grpcio, tlserve's own Rust client, and on the
+# OpenAI-compatible HTTP API the `openai` SDK and plain http.client, against a fresh
 # `tlserve serve` on loopback, next to the in-process forward pass of the same
 # batches (`tlserve bench-embed`). Run once per max_queue_delay_ms setting, to
 # see what waiting for company that is not coming costs a lone request.
@@ -61,8 +61,8 @@ comma_batches="$(echo "$batches" | tr ' ' ',')"
 "$bin" bench-embed --config "$work/tlserve.toml" --backbone all-MiniLM-L6-v2 \
   --corpus "$corpus" --batch-sizes "$comma_batches" --min-seconds 3 >"$work/inprocess.jsonl" 2>/dev/null
 
-echo "| max_queue_delay_ms | sentences per call | forward pass ms | Rust client p50 / p99 ms | Python grpcio p50 / p99 ms | Python p50 above the pass, ms | Python openai (HTTP) p50 / p99 ms |"
-echo "|---:|---:|---:|---:|---:|---:|---:|"
+echo "| max_queue_delay_ms | sentences per call | forward pass ms | Rust client p50 / p99 ms | Python grpcio p50 / p99 ms | Python p50 above the pass, ms | Python openai SDK (HTTP) p50 / p99 ms | Python http.client (HTTP) p50 / p99 ms |"
+echo "|---:|---:|---:|---:|---:|---:|---:|---:|"
 for delay in $delays; do
   grpc_port="$(free_port)"; metrics_port="$(free_port)"; http_port="$(free_port)"
   TLSERVE__SERVER__LISTEN="127.0.0.1:$grpc_port" \
@@ -81,8 +81,10 @@ for delay in $delays; do
       --batch "$batch" --requests "$requests" >"$work/python.json"
     "$python" scripts/bench/latency_openai.py --base-url "http://127.0.0.1:$http_port/v1" \
       --corpus "$corpus" --batch "$batch" --requests "$requests" >"$work/openai.json"
+    "$python" scripts/bench/latency_openai.py --base-url "http://127.0.0.1:$http_port/v1" \
+      --client http --corpus "$corpus" --batch "$batch" --requests "$requests" >"$work/http.json"
     python3 - "$work/inprocess.jsonl" "$work/rust.json" "$work/python.json" "$delay" "$batch" \
-      "$work/openai.json" <<'PY'
+      "$work/openai.json" "$work/http.json" <<'PY'
 import json, sys
 inprocess = {}
 for line in open(sys.argv[1]):
@@ -96,9 +98,10 @@ pass_ms = 1e3 * batch / row["sentences_per_sec"]
 rust = json.load(open(sys.argv[2]))["latency_ms"]
 python = json.loads(open(sys.argv[3]).read())
 sdk = json.loads(open(sys.argv[6]).read())
+raw = json.loads(open(sys.argv[7]).read())
 print(f"| {sys.argv[4]} | {batch} | {pass_ms:.1f} | {rust['p50']:.1f} / {rust['p99']:.1f} "
       f"| {python['p50_ms']:.1f} / {python['p99_ms']:.1f} | {python['p50_ms'] - pass_ms:.1f} "
-      f"| {sdk['p50_ms']:.1f} / {sdk['p99_ms']:.1f} |")
+      f"| {sdk['p50_ms']:.1f} / {sdk['p99_ms']:.1f} | {raw['p50_ms']:.1f} / {raw['p99_ms']:.1f} |")
 PY
   done
   kill -TERM "$pid"; wait "$pid" || true
