@@ -490,24 +490,19 @@ fn the_deployment_agrees_with_the_server_config_and_the_image() {
             "a drain keeps at least one pod serving"
         );
 
-        // GPU: one GPU, GPU nodes only, the device from the environment.
+        // GPU: one GPU (which alone keeps the pod on GPU nodes: a node label
+        // is an optional component), the device and GPU batching from the
+        // environment, a writable kernel cache.
         let limits = &container["resources"]["limits"];
         if overlay == "gpu" {
             assert_eq!(limits["nvidia.com/gpu"].to_string().trim_matches('"'), "1");
             assert!(list(&pod["tolerations"], "tolerations")
                 .iter()
                 .any(|t| t["key"] == "nvidia.com/gpu" && t["effect"] == "NoSchedule"));
-            assert!(!pod["nodeSelector"]
-                .as_object()
-                .expect("nodeSelector")
-                .is_empty());
-            assert_eq!(
-                rendered.server_env(),
-                [(
-                    "TLSERVE__BACKBONES__0__DEVICE".to_owned(),
-                    "cuda:0".to_owned()
-                )]
-            );
+            assert!(pod["nodeSelector"].is_null() && pod["runtimeClassName"].is_null());
+            let backbone = &config.backbones[0];
+            assert!(backbone.max_batch_size > 32, "{}", at("GPU batch size"));
+            assert_writable_cuda_cache(&rendered);
         } else {
             assert!(limits["nvidia.com/gpu"].is_null());
             assert!(pod["tolerations"].is_null() && pod["nodeSelector"].is_null());
@@ -681,4 +676,71 @@ async fn the_kubernetes_config_boots_the_server_which_drains_within_the_grace_pe
         took >= drain.saturating_sub(Duration::from_millis(500)),
         "exited after {took:?}, before the drain delay ({drain:?}) ended"
     );
+}
+
+/// CUDA_CACHE_PATH names a mounted, writable volume: the root filesystem is
+/// read-only, and a lost cache means compiling the kernels at every start.
+fn assert_writable_cuda_cache(rendered: &Rendered) {
+    let container = rendered.container();
+    let env = list(&container["env"], "env");
+    let path = env
+        .iter()
+        .find(|v| v["name"] == "CUDA_CACHE_PATH")
+        .map(|v| text(&v["value"], "CUDA_CACHE_PATH"))
+        .expect("CUDA_CACHE_PATH in the GPU container");
+    let mount = list(&container["volumeMounts"], "volumeMounts")
+        .into_iter()
+        .find(|m| m["mountPath"] == path)
+        .unwrap_or_else(|| panic!("no volume mounted at CUDA_CACHE_PATH {path}"));
+    assert_ne!(mount["readOnly"], true, "the CUDA cache must be writable");
+    let volume = rendered.volume(text(&mount["name"], "mount name"));
+    assert!(volume["emptyDir"].is_object(), "{volume}");
+}
+
+/// The path from `from` to `to`, both absolute: kustomize takes only
+/// relative paths to other kustomizations.
+fn relative_path(from: &Path, to: &Path) -> PathBuf {
+    let from: Vec<_> = from.components().collect();
+    let to: Vec<_> = to.components().collect();
+    let common = from.iter().zip(&to).take_while(|(a, b)| a == b).count();
+    let mut path = PathBuf::new();
+    for _ in common..from.len() {
+        path.push("..");
+    }
+    to[common..].iter().for_each(|c| path.push(c));
+    path
+}
+
+#[test]
+fn the_optional_gpu_components_add_a_node_label_and_a_runtime_class() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+    let k8s = repo_file("deploy/k8s");
+    let to = |path: &str| {
+        relative_path(dir.path(), &k8s.join(path))
+            .display()
+            .to_string()
+    };
+    let kustomization = format!(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n\
+         resources:\n  - {}\ncomponents:\n  - {}\n  - {}\n",
+        to("overlays/gpu"),
+        to("components/gpu-node-label"),
+        to("components/nvidia-runtime-class"),
+    );
+    std::fs::write(dir.path().join("kustomization.yaml"), kustomization).expect("write");
+    let yaml = run_ok(
+        Command::new(kubectl()).arg("kustomize").arg(dir.path()),
+        None,
+    );
+    let deployment = yaml_documents(&yaml)
+        .into_iter()
+        .find(|o| o["kind"] == "Deployment")
+        .expect("a Deployment");
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert_eq!(pod["nodeSelector"]["nvidia.com/gpu.present"], "true");
+    assert_eq!(pod["runtimeClassName"], "nvidia");
+    // The rest of the GPU overlay is still there.
+    assert!(list(&pod["tolerations"], "tolerations")
+        .iter()
+        .any(|t| t["key"] == "nvidia.com/gpu"));
 }
