@@ -689,7 +689,7 @@ fn assert_writable_cuda_cache(rendered: &Rendered) {
         .map(|v| text(&v["value"], "CUDA_CACHE_PATH"))
         .expect("CUDA_CACHE_PATH in the GPU container");
     let mount = list(&container["volumeMounts"], "volumeMounts")
-        .into_iter()
+        .iter()
         .find(|m| m["mountPath"] == path)
         .unwrap_or_else(|| panic!("no volume mounted at CUDA_CACHE_PATH {path}"));
     assert_ne!(mount["readOnly"], true, "the CUDA cache must be writable");
