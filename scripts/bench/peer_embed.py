@@ -53,6 +53,8 @@ def parse_args():
                         "pass if smaller (default: 200000)")
     p.add_argument("--max-seq-length", type=positive_int, default=256,
                    help="token limit, as in the model's sentence_bert_config.json (default: 256)")
+    p.add_argument("--device", default="cpu",
+                   help="torch device: cpu (default) or cuda, cuda:0 ... for the GPU check")
     return p.parse_args()
 
 
@@ -65,7 +67,7 @@ def read_corpus(path):
     return lines
 
 
-def build_model(model_dir, max_seq_length):
+def build_model(model_dir, max_seq_length, device):
     from sentence_transformers import SentenceTransformer
 
     try:  # sentence-transformers >= 6 moved the modules; the old path warns
@@ -76,11 +78,22 @@ def build_model(model_dir, max_seq_length):
 
     # Assembled module by module, as the folder has no modules.json: this is the
     # pipeline sentence-transformers would build for all-MiniLM-L6-v2 from the hub.
-    transformer = Transformer(model_dir, max_seq_length=max_seq_length)
+    # f32 whatever the file stores: recent transformers keep a checkpoint's own
+    # dtype (f16 for the GPU check's halved weights), and tlserve computes in f32.
+    import torch
+    import transformers
+
+    dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    try:  # sentence-transformers >= 6 renamed model_args
+        transformer = Transformer(model_dir, max_seq_length=max_seq_length,
+                                  model_kwargs={dtype_key: torch.float32})
+    except TypeError:
+        transformer = Transformer(model_dir, max_seq_length=max_seq_length,
+                                  model_args={dtype_key: torch.float32})
     dimension = getattr(transformer, "get_embedding_dimension", None) \
         or transformer.get_word_embedding_dimension
     pooling = Pooling(dimension(), "mean")
-    return SentenceTransformer(modules=[transformer, pooling, Normalize()], device="cpu")
+    return SentenceTransformer(modules=[transformer, pooling, Normalize()], device=device)
 
 
 def versions():
@@ -156,7 +169,7 @@ def main():
     import torch
 
     torch.set_num_threads(args.threads)
-    model = build_model(args.model_dir, args.max_seq_length)
+    model = build_model(args.model_dir, args.max_seq_length, args.device)
     model.eval()
     info = versions()
     threads = torch.get_num_threads()
