@@ -34,7 +34,9 @@ python="$TLSERVE_VENV/bin/python"
 if [ -z "$binary" ]; then
   [ -x scripts/build-cuda.sh ] || die "scripts/build-cuda.sh is missing: pass --binary"
   log "building the CUDA binary (scripts/build-cuda.sh)"
-  binary="$(scripts/build-cuda.sh | tail -n 1)"
+  # It prints shell assignments, the binary's path among them.
+  eval "$(scripts/build-cuda.sh)"
+  binary="${TLSERVE_CUDA_BIN:?scripts/build-cuda.sh named no binary}"
 fi
 [ -x "$binary" ] || die "no executable at $binary"
 
