@@ -31,22 +31,11 @@ die() { log "error: $*"; exit 1; }
 [ -f "$requirements" ] || die "missing $requirements"
 command -v "$python" >/dev/null || die "'$python' not found; set PYTHON to a Python 3 interpreter"
 
+# shellcheck source=scripts/lib/venv.sh
+source "$root/scripts/lib/venv.sh"
+
 venv_python="$venv/bin/python"
-
-# A venv whose interpreter no longer runs (e.g. the base Python was upgraded
-# or removed) cannot be repaired in place, so it is rebuilt. Only directories
-# that really are venvs (pyvenv.cfg) are ever deleted.
-if [ -e "$venv" ] && ! "$venv_python" -c 'import sys' >/dev/null 2>&1; then
-  [ -f "$venv/pyvenv.cfg" ] || die "$venv exists but is not a virtualenv; remove it or set TLSERVE_VENV"
-  log "rebuilding broken virtualenv at $venv"
-  rm -rf "$venv"
-fi
-
-if [ ! -e "$venv" ]; then
-  log "creating virtualenv at $venv"
-  "$python" -m venv "$venv" \
-    || die "'$python -m venv' failed (on Debian/Ubuntu install the python3-venv package)"
-fi
+ensure_venv "$venv" "$python" TLSERVE_VENV
 
 # The import check catches a venv whose packages were changed by hand after
 # the stamp was written.
