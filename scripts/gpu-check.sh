@@ -41,6 +41,11 @@ model="$here/model"
 corpus="$here/bench/corpus.txt"
 [ -x "$bin" ] && [ -f "$model/model.safetensors" ] && [ -f "$corpus" ] \
   || die "run this from the folder scripts/gpu-check-prepare.sh made"
+# The CUDA build links the driver (libcuda.so.1) and CUDA 13's cuBLAS, cuRAND
+# and runtime: the machine's driver and toolkit must provide them.
+missing="$(ldd "$bin" 2>/dev/null | awk '/not found/ { print $1 }' | tr '\n' ' ')"
+[ -z "$missing" ] || die "bin/tlserve cannot find ${missing}: install the NVIDIA driver and the \
+CUDA 13 libraries, or add their folder to LD_LIBRARY_PATH"
 "$python" -c 'import torch, sentence_transformers' 2>/dev/null \
   || die "$python lacks torch or sentence-transformers: pass --python"
 gpu_name="none"
