@@ -110,15 +110,8 @@ async fn exercised_server_scrape() -> String {
     assert_eq!(last, Some(proto::JobState::Succeeded), "{}", server.logs());
 
     // One request on the HTTP port (OpenAI-compatible API).
-    let mut http = std::net::TcpStream::connect(server.http).expect("connect to the HTTP port");
-    let request = format!(
-        "GET /v1/models HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-        server.http
-    );
-    std::io::Write::write_all(&mut http, request.as_bytes()).expect("send");
-    let mut answer = String::new();
-    std::io::Read::read_to_string(&mut http, &mut answer).expect("read");
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let answer = common::http_client::request(server.http, "GET", "/v1/models", &[], b"");
+    assert_eq!(answer.status, 200);
 
     // Some series appear a moment later: the dropped queue item once the worker
     // reaches it, the process figures at the sampler's next tick.

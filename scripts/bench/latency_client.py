@@ -33,6 +33,33 @@ def percentile(sorted_ms, q):
     return sorted_ms[index]
 
 
+def measure(call, sentences, args, prepare=lambda texts: texts):
+    """Times `call(prepare(texts))` for `args.requests` calls of `args.batch`
+    sentences, taken in corpus order, after `args.warmup` unmeasured ones;
+    only `call` is timed. Returns the sorted round trips in milliseconds."""
+    timings = []
+    for i in range(args.warmup + args.requests):
+        start = (i * args.batch) % len(sentences)
+        request = prepare((sentences[start:] + sentences)[: args.batch])
+        began = time.perf_counter()
+        call(request)
+        if i >= args.warmup:
+            timings.append((time.perf_counter() - began) * 1e3)
+    return sorted(timings)
+
+
+def report(client, batch, timings):
+    """Prints the one JSON line the benchmark scripts read."""
+    print(json.dumps({
+        "client": client,
+        "batch": batch,
+        "requests": len(timings),
+        "p50_ms": round(percentile(timings, 0.50), 2),
+        "p99_ms": round(percentile(timings, 0.99), 2),
+        "mean_ms": round(statistics.fmean(timings), 2),
+    }))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--addr", required=True)
@@ -52,26 +79,15 @@ def main() -> int:
 
         with grpc.insecure_channel(args.addr) as channel:
             stub = embedder_pb2_grpc.EmbedderStub(channel)
-            timings = []
-            for i in range(args.warmup + args.requests):
-                start = (i * args.batch) % len(sentences)
-                texts = (sentences[start:] + sentences)[: args.batch]
-                request = embedder_pb2.EmbedRequest(
+            timings = measure(
+                lambda request: stub.Embed(request, timeout=30),
+                sentences,
+                args,
+                prepare=lambda texts: embedder_pb2.EmbedRequest(
                     backbone=args.backbone, inputs=[inputs_pb2.Input(text=t) for t in texts]
-                )
-                began = time.perf_counter()
-                stub.Embed(request, timeout=30)
-                if i >= args.warmup:
-                    timings.append((time.perf_counter() - began) * 1e3)
-    timings.sort()
-    print(json.dumps({
-        "client": "python-grpcio",
-        "batch": args.batch,
-        "requests": len(timings),
-        "p50_ms": round(percentile(timings, 0.50), 2),
-        "p99_ms": round(percentile(timings, 0.99), 2),
-        "mean_ms": round(statistics.fmean(timings), 2),
-    }))
+                ),
+            )
+    report("python-grpcio", args.batch, timings)
     return 0
 
 

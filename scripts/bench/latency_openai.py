@@ -14,14 +14,12 @@ share of the round trip without the SDK's own work. Prints one JSON line:
 import argparse
 import http.client
 import json
-import statistics
 import sys
-import time
 import urllib.parse
 
 import openai
 
-from latency_client import percentile
+from latency_client import measure, report
 
 
 def sdk_caller(args):
@@ -59,23 +57,8 @@ def main() -> int:
     sentences = [l.strip() for l in open(args.corpus, encoding="utf-8") if l.strip()]
 
     embed = sdk_caller(args) if args.client == "sdk" else http_caller(args)
-    timings = []
-    for i in range(args.warmup + args.requests):
-        start = (i * args.batch) % len(sentences)
-        texts = (sentences[start:] + sentences)[: args.batch]
-        began = time.perf_counter()
-        embed(texts)
-        if i >= args.warmup:
-            timings.append((time.perf_counter() - began) * 1e3)
-    timings.sort()
-    print(json.dumps({
-        "client": "python-openai" if args.client == "sdk" else "python-http",
-        "batch": args.batch,
-        "requests": len(timings),
-        "p50_ms": round(percentile(timings, 0.50), 2),
-        "p99_ms": round(percentile(timings, 0.99), 2),
-        "mean_ms": round(statistics.fmean(timings), 2),
-    }))
+    timings = measure(embed, sentences, args)
+    report("python-openai" if args.client == "sdk" else "python-http", args.batch, timings)
     return 0
 
 

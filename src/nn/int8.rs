@@ -473,31 +473,34 @@ mod x86 {
     #[target_feature(enable = "avx512f")]
     /// `sums[2 * row_tile + panel]` holds a 16 x 16 accumulator tile.
     unsafe fn rescale_rows(layer: &Int8Dense, tile: &Tile, sums: &amx::Sums, panels: usize) {
-        let first_column = tile.at.first_panel * LANES;
         for r in 0..tile.at.rows {
-            let row = tile.at.first_row + r;
-            let row_scale = _mm512_set1_ps(tile.rows.scales[row]);
-            let row_offset = _mm512_set1_ps(tile.rows.offsets[row]);
             for p in 0..panels {
                 let panel = &sums[2 * (r / amx::TILE_ROWS) + p];
-                let c = p * LANES;
-                let column = first_column + c;
                 let acc = _mm512_loadu_si512(panel[(r % amx::TILE_ROWS) * LANES..].as_ptr().cast());
-                let scale = _mm512_mul_ps(
-                    row_scale,
-                    _mm512_loadu_ps(layer.scales.as_ptr().add(column)),
-                );
-                let offset_weights = _mm512_loadu_ps(layer.offset_weights.as_ptr().add(column));
-                let bias = _mm512_loadu_ps(layer.bias.as_ptr().add(column));
-                let shifted = _mm512_fmadd_ps(row_offset, offset_weights, bias);
-                let value = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), scale, shifted);
-                _mm512_mask_storeu_ps(
-                    tile.out.add(r * tile.out_stride + c),
-                    lane_mask(tile.columns - c),
-                    value,
-                );
+                store_rescaled(layer, tile, r, p, acc);
             }
         }
+    }
+
+    /// Writes one row's 16 columns of panel `p` from their i32 sums: the row's
+    /// and the columns' scales, the zero-point correction and the bias, masked
+    /// to the valid columns. Shared by the AMX and VNNI kernels.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store_rescaled(layer: &Int8Dense, tile: &Tile, r: usize, p: usize, acc: __m512i) {
+        let row = tile.at.first_row + r;
+        let c = p * LANES;
+        let column = tile.at.first_panel * LANES + c;
+        let scale = _mm512_mul_ps(
+            _mm512_set1_ps(tile.rows.scales[row]),
+            _mm512_loadu_ps(layer.scales.as_ptr().add(column)),
+        );
+        let offset_weights = _mm512_loadu_ps(layer.offset_weights.as_ptr().add(column));
+        let bias = _mm512_loadu_ps(layer.bias.as_ptr().add(column));
+        let shifted = _mm512_fmadd_ps(_mm512_set1_ps(tile.rows.offsets[row]), offset_weights, bias);
+        let value = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), scale, shifted);
+        let mask = lane_mask(tile.columns - c);
+        _mm512_mask_storeu_ps(tile.out.add(r * tile.out_stride + c), mask, value);
     }
 
     /// # Safety
@@ -528,24 +531,9 @@ mod x86 {
                 }
             }
         }
-        let first_column = tile.at.first_panel * LANES;
         for (r, acc) in acc.iter().enumerate() {
-            let row = tile.at.first_row + r;
-            let row_scale = _mm512_set1_ps(tile.rows.scales[row]);
-            let row_offset = _mm512_set1_ps(tile.rows.offsets[row]);
             for (p, acc) in acc.iter().enumerate() {
-                let c = p * LANES;
-                let column = first_column + c;
-                let scale = _mm512_mul_ps(
-                    row_scale,
-                    _mm512_loadu_ps(layer.scales.as_ptr().add(column)),
-                );
-                let offset_weights = _mm512_loadu_ps(layer.offset_weights.as_ptr().add(column));
-                let bias = _mm512_loadu_ps(layer.bias.as_ptr().add(column));
-                let shifted = _mm512_fmadd_ps(row_offset, offset_weights, bias);
-                let value = _mm512_fmadd_ps(_mm512_cvtepi32_ps(*acc), scale, shifted);
-                let mask = lane_mask(tile.columns - c);
-                _mm512_mask_storeu_ps(tile.out.add(r * tile.out_stride + c), mask, value);
+                store_rescaled(layer, tile, r, p, *acc);
             }
         }
     }

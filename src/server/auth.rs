@@ -75,6 +75,20 @@ pub enum Decision {
     PermissionDenied(String),
 }
 
+impl Decision {
+    /// The allowed token's name (None when none was needed), or the error
+    /// that refuses the call, whatever transport answers it.
+    pub fn into_result(self) -> Result<Option<String>, crate::Error> {
+        match self {
+            Decision::Allow(token) => Ok(token),
+            Decision::Unauthenticated(reason) => {
+                Err(crate::Error::Unauthenticated(reason.to_owned()))
+            }
+            Decision::PermissionDenied(reason) => Err(crate::Error::PermissionDenied(reason)),
+        }
+    }
+}
+
 pub struct Authenticator {
     tokens: Vec<Token>,
     public_health: bool,

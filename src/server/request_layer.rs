@@ -26,7 +26,7 @@ use tower::{Layer, Service};
 use tracing::Instrument;
 
 use super::{
-    auth::{Authenticator, Decision},
+    auth::Authenticator,
     deadline::{self, Deadline},
     listener::ConnectionInfo,
     message_limit::{BodyLimits, LimitedBody},
@@ -192,17 +192,14 @@ impl RequestLayer {
         let Some(auth) = self.auth.as_ref() else {
             return Ok(Scope::All);
         };
-        match auth.check(request.uri().path(), request.headers()) {
-            Decision::Allow(None) => Ok(Scope::All),
-            Decision::Allow(Some(token)) => {
+        match auth
+            .check(request.uri().path(), request.headers())
+            .into_result()?
+        {
+            None => Ok(Scope::All),
+            Some(token) => {
                 span.record("token", token.as_str());
                 Ok(auth.scope(&token))
-            }
-            Decision::Unauthenticated(reason) => Err(tonic::Status::from(Error::Unauthenticated(
-                reason.to_owned(),
-            ))),
-            Decision::PermissionDenied(reason) => {
-                Err(tonic::Status::from(Error::PermissionDenied(reason)))
             }
         }
     }

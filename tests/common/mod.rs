@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+pub mod http_client;
+
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},

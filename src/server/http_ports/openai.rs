@@ -26,7 +26,7 @@ use crate::{
     batching::Priority,
     config::Modality,
     core,
-    server::auth::{Decision, Requirement, Role},
+    server::auth::{Requirement, Role},
     Error,
 };
 
@@ -212,16 +212,13 @@ fn authorize(state: &ApiState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(auth) = &state.auth else {
         return Ok(());
     };
-    match auth.check_requirement(Requirement::Role(Role::Infer), headers) {
-        Decision::Allow(token) => {
-            if let Some(token) = token {
-                tracing::Span::current().record("token", token.as_str());
-            }
-            Ok(())
-        }
-        Decision::Unauthenticated(reason) => Err(Error::Unauthenticated(reason.into()).into()),
-        Decision::PermissionDenied(reason) => Err(Error::PermissionDenied(reason).into()),
+    let token = auth
+        .check_requirement(Requirement::Role(Role::Infer), headers)
+        .into_result()?;
+    if let Some(token) = token {
+        tracing::Span::current().record("token", token.as_str());
     }
+    Ok(())
 }
 
 /// The request body, within `limits.max_message_bytes` and
