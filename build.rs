@@ -51,9 +51,16 @@ fn write_console_assets(out: &Path) -> Result<(), Box<dyn std::error::Error>> {
     entries.sort();
     let mut code = String::from("pub static CONSOLE_ASSETS: &[(&str, &[u8])] = &[\n");
     for (path, file) in entries {
+        // Relative to the manifest at compile time, not an absolute path: a
+        // target folder shared by two checkouts keeps this file from the
+        // first, and absolute paths would then point into it.
+        let relative = file
+            .strip_prefix(&root)?
+            .to_string_lossy()
+            .replace('\\', "/");
         code.push_str(&format!(
-            "    ({path:?}, include_bytes!({:?})),\n",
-            file.display()
+            "    ({path:?}, include_bytes!(concat!(env!(\"CARGO_MANIFEST_DIR\"), {:?}))),\n",
+            format!("/{relative}")
         ));
     }
     code.push_str("];\n");

@@ -3,7 +3,7 @@
 # without a GPU or an installed CUDA toolkit, so that CI can check that the
 # feature still compiles and links.
 #
-#   1. A virtualenv outside the repository gets NVIDIA's CUDA 13.4 toolkit
+#   1. A virtualenv outside the repository gets NVIDIA's CUDA 13.0 toolkit
 #      wheels from PyPI (nvcc, headers, cudart, cuBLAS, cuRAND, NVRTC), the
 #      exact versions pinned in scripts/requirements-cuda.txt.
 #   2. A CUDA_HOME with a toolkit's shape (bin/nvcc, include/, lib/, lib64/)
@@ -55,7 +55,7 @@ python="${PYTHON:-python3}"
 requirements="$root/scripts/requirements-cuda.txt"
 stamp="$venv/.tlserve-requirements"
 # The CUDA release the wheels are pinned to, checked against `nvcc --version`.
-cuda_release=13.4
+cuda_release=13.0
 
 log() { printf 'build-cuda: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -83,7 +83,11 @@ total_start="$(date +%s)"
 command -v "$python" >/dev/null || die "'$python' not found; set PYTHON to a Python 3 interpreter"
 command -v cargo >/dev/null || die "cargo not found: install Rust (rustup) first"
 # nvcc compiles the host side of the kernels with the system C++ compiler.
-command -v g++ >/dev/null || die "g++ not found: nvcc needs a host C++ compiler (Debian: apt-get install g++)"
+if ! command -v g++ >/dev/null; then
+  # shellcheck source=scripts/lib/apt.sh
+  source "$root/scripts/lib/apt.sh"
+  apt_install g++
+fi
 case "$venv" in
   "$root"|"$root"/*) die "TLSERVE_CUDA_VENV=$venv is inside the repository; the wheels take over 1 GB, put it elsewhere" ;;
 esac
@@ -161,10 +165,22 @@ step_done
 # --- 3. the build --------------------------------------------------------------
 step "cargo build --release --locked --features cuda (compute capability $compute_cap)"
 export CUDA_COMPUTE_CAP="$compute_cap"
+# cudarc picks its bindings from `nvcc --version` and candle-kernels compiles
+# its PTX with nvcc, but neither build script reruns when nvcc changes at the
+# same path: a target folder built with another toolkit would keep PTX the
+# driver may refuse. The toolkit and capability of the last build are recorded
+# beside it, and both crates are rebuilt when they differ.
+toolkit_stamp="$target_dir/.tlserve-cuda-toolkit"
+toolkit="$(grep -o 'V[0-9][0-9.]*' <<<"$nvcc_version" | head -n1) sm_$compute_cap"
+if [ -d "$target_dir/release" ] && [ "$(cat "$toolkit_stamp" 2>/dev/null)" != "$toolkit" ]; then
+  log "toolkit or capability changed (now $toolkit): rebuilding cudarc and candle-kernels"
+  (cd "$root" && CARGO_TARGET_DIR="$target_dir" cargo clean --release -p cudarc -p candle-kernels) >&2
+fi
 (cd "$root" && CARGO_TARGET_DIR="$target_dir" cargo build --release --locked --features cuda) \
   || die "cargo build --features cuda failed (see above)"
 binary="$target_dir/release/tlserve"
 [ -x "$binary" ] || die "no binary at $binary after the build"
+echo "$toolkit" >"$toolkit_stamp"
 step_done
 
 # --- 4. the binary loads ---------------------------------------------------------

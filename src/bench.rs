@@ -23,6 +23,9 @@ pub struct BenchOptions<'a> {
     pub corpus: &'a Path,
     pub batch_sizes: &'a [usize],
     pub min_seconds: f64,
+    /// Untimed passes over the corpus at each batch size before it is timed
+    /// (0: one untimed batch).
+    pub warm_passes: usize,
     /// Also print where the native BERT engine spent its time.
     pub profile: bool,
     /// Before timing, write the embedding of every corpus line here, in order,
@@ -84,8 +87,14 @@ pub fn run(config: &Config, options: &BenchOptions<'_>) -> Result<()> {
         if batch_size == 0 {
             bail!("batch sizes must be at least 1");
         }
-        // One untimed batch first: lets allocations and the thread pool settle.
-        embed_batch(model.as_ref(), &corpus, 0, batch_size)?;
+        // Untimed work first: one batch lets allocations and the thread pool
+        // settle; whole passes also let per-shape tuning finish.
+        let warm_up = (options.warm_passes * corpus.len()).max(1);
+        let mut start = 0;
+        while start < warm_up {
+            embed_batch(model.as_ref(), &corpus, start, batch_size)?;
+            start += batch_size;
+        }
         let min = Duration::from_secs_f64(options.min_seconds);
         if options.profile {
             bert_native::start_profile();

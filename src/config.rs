@@ -390,7 +390,8 @@ pub enum Engine {
     Auto,
     /// Our packed CPU forward pass (src/backbone/bert_native.rs).
     Native,
-    /// candle-transformers' BertModel: any device.
+    /// A graph of candle operations (src/backbone/bert_graph.rs): any device,
+    /// f32, f16 or bf16.
     Candle,
 }
 
@@ -404,20 +405,26 @@ impl Engine {
     }
 }
 
-/// Number format of the matrix products of a backbone's forward pass (the
-/// native BERT engine); docs/PERFORMANCE.md has the speed and accuracy of each.
+/// Number format of a BERT backbone's forward pass: of the dense layers on the
+/// native (CPU) engine, of the whole graph on the candle engine (GPUs);
+/// docs/PERFORMANCE.md has the speed and accuracy of each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
-    /// bf16 where the CPU has AMX-BF16 (as accurate as f32 for retrieval and
-    /// heads, and several times faster there: docs/PERFORMANCE.md), f32
-    /// elsewhere.
+    /// Native engine: bf16 where the CPU has AMX-BF16 (as accurate as f32 for
+    /// retrieval and heads, and several times faster there:
+    /// docs/PERFORMANCE.md), f32 elsewhere. Candle engine: f16 on a GPU, f32
+    /// on the CPU.
     #[default]
     Auto,
     /// Single precision throughout.
     F32,
-    /// Weights and inputs of the dense layers rounded to bfloat16, sums in f32:
-    /// fast with AVX-512 BF16, emulated (slower than f32) without.
+    /// Candle engine only (meant for GPUs): weights and activations in IEEE
+    /// half precision; layer norms and softmax accumulate in f32.
+    F16,
+    /// Native engine: weights and inputs of the dense layers rounded to
+    /// bfloat16, sums in f32: fast with AVX-512 BF16, emulated (slower than
+    /// f32) without. Candle engine: weights and activations in bfloat16.
     Bf16,
     /// Weights quantized to int8 per output channel at load time, inputs per
     /// row before each product, exact integer sums (AVX-512 VNNI, AVX2).
@@ -425,15 +432,26 @@ pub enum Precision {
 }
 
 impl Precision {
-    /// bf16 or int8: settings only the native BERT engine honours.
+    /// Anything but f32 or auto: settings only BERT backbones honour.
     pub fn is_reduced(self) -> bool {
-        matches!(self, Precision::Bf16 | Precision::Int8)
+        matches!(self, Precision::F16 | Precision::Bf16 | Precision::Int8)
+    }
+
+    /// Whether the native (CPU) engine computes in this format.
+    pub fn native_engine_runs(self) -> bool {
+        self != Precision::F16
+    }
+
+    /// Whether the candle engine computes in this format.
+    pub fn candle_engine_runs(self) -> bool {
+        self != Precision::Int8
     }
 
     pub fn as_str(self) -> &'static str {
         match self {
             Precision::Auto => "auto",
             Precision::F32 => "f32",
+            Precision::F16 => "f16",
             Precision::Bf16 => "bf16",
             Precision::Int8 => "int8",
         }
@@ -624,7 +642,8 @@ pub struct BackboneConfig {
     /// BERT: which implementation computes it.
     #[serde(default)]
     pub engine: Engine,
-    /// BERT, native engine: the number format of the dense layers.
+    /// BERT: the number format of the forward pass (f32, f16 and bf16 on the
+    /// candle engine, f32, bf16 and int8 on the native one).
     #[serde(default)]
     pub precision: Precision,
     /// Worker threads computing passes side by side (docs/PERFORMANCE.md): 1
@@ -686,8 +705,22 @@ impl BackboneConfig {
         {
             return Err("`image` settings apply to image backbones only".into());
         }
-        if self.precision.is_reduced() && self.engine == Engine::Candle {
-            return Err("`precision` applies to the native engine; candle computes in f32".into());
+        // The engine `auto` picks is known here: native on the CPU, candle elsewhere.
+        let candle = self.engine == Engine::Candle
+            || (self.engine == Engine::Auto && self.device != DeviceSpec::Cpu);
+        if candle && !self.precision.candle_engine_runs() {
+            return Err(format!(
+                "precision = \"{}\" runs on the native engine (CPU); the candle engine \
+                 computes in f32, f16 or bf16",
+                self.precision.as_str()
+            ));
+        }
+        if !candle && !self.precision.native_engine_runs() {
+            return Err(format!(
+                "precision = \"{}\" runs on the candle engine (GPUs); the native engine \
+                 computes in f32, bf16 or int8",
+                self.precision.as_str()
+            ));
         }
         Ok(())
     }
@@ -1132,22 +1165,45 @@ mod tests {
                 .precision,
             Precision::Auto
         );
+        // Each engine takes the formats it computes in; `auto` is candle on a GPU.
+        let with = |pairs: &[(&str, &str)]| Config::from_toml(MINIMAL, Path::new("."), env(pairs));
+        let precision = "TLSERVE__BACKBONES__0__PRECISION";
+        let engine = "TLSERVE__BACKBONES__0__ENGINE";
+        let device = "TLSERVE__BACKBONES__0__DEVICE";
+        for accepted in [
+            &[(precision, "bf16"), (engine, "candle")][..],
+            &[(precision, "f16"), (engine, "candle")],
+            &[(precision, "f16"), (device, "cuda:0")],
+            &[(precision, "bf16"), (device, "cuda")],
+            &[(precision, "bf16")],
+        ] {
+            assert!(with(accepted).is_ok(), "{accepted:?}");
+        }
         let refused = [
-            ("TLSERVE__BACKBONES__0__ENGINE", "candle", "native engine"),
             (
-                "TLSERVE__BACKBONES__0__ARCHITECTURE",
-                "resnet50",
+                &[(precision, "int8"), (engine, "candle")][..],
+                "runs on the native engine",
+            ),
+            (
+                &[(precision, "int8"), (device, "cuda:0")],
+                "runs on the native engine",
+            ),
+            (&[(precision, "f16")], "runs on the candle engine"),
+            (
+                &[(precision, "f16"), (engine, "native")],
+                "runs on the candle engine",
+            ),
+            (
+                &[
+                    (precision, "bf16"),
+                    ("TLSERVE__BACKBONES__0__ARCHITECTURE", "resnet50"),
+                ],
                 "BERT backbones",
             ),
         ];
-        for (key, value, message) in refused {
-            let err = Config::from_toml(
-                MINIMAL,
-                Path::new("."),
-                env(&[("TLSERVE__BACKBONES__0__PRECISION", "bf16"), (key, value)]),
-            )
-            .unwrap_err();
-            assert!(err.to_string().contains(message), "{key}={value}: {err}");
+        for (pairs, message) in refused {
+            let err = with(pairs).unwrap_err();
+            assert!(err.to_string().contains(message), "{pairs:?}: {err}");
         }
         let err = Config::from_toml(
             MINIMAL,
@@ -1156,7 +1212,8 @@ mod tests {
         )
         .unwrap_err();
         assert!(
-            err.to_string().contains("`auto`, `f32`, `bf16`, `int8`"),
+            err.to_string()
+                .contains("`auto`, `f32`, `f16`, `bf16`, `int8`"),
             "{err}"
         );
     }

@@ -293,6 +293,11 @@ enum Command {
         /// Measure each batch size for at least this long (and one corpus pass).
         #[arg(long, default_value_t = 5.0)]
         min_seconds: f64,
+        /// Untimed passes over the corpus at each batch size before timing it
+        /// (0: one untimed batch). GPU libraries that tune per shape (PyTorch's
+        /// half precision) need one to measure a service's steady state.
+        #[arg(long, default_value_t = 0)]
+        warm_passes: usize,
         /// Also print, per batch size, where the native BERT engine's time went.
         #[arg(long)]
         profile: bool,
@@ -611,6 +616,7 @@ async fn run(cli: Cli) -> Result<()> {
             corpus,
             batch_sizes,
             min_seconds,
+            warm_passes,
             profile,
             embeddings_out,
         } => {
@@ -620,6 +626,7 @@ async fn run(cli: Cli) -> Result<()> {
                 corpus: &corpus,
                 batch_sizes: &batch_sizes,
                 min_seconds,
+                warm_passes,
                 profile,
                 embeddings_out: embeddings_out.as_deref(),
             };

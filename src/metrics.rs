@@ -54,6 +54,12 @@ pub const PANICS_TOTAL: &str = "tlserve_panics_total";
 /// 1 for each loaded backbone, with `backbone`, `architecture`, `device`, `dtype`
 /// and `dimension` labels.
 pub const BACKBONE_INFO: &str = "tlserve_backbone_info";
+/// GPU memory a backbone took at load and warm-up (weights, pooled
+/// activations, library workspace; not the CUDA context). Not set for CPU
+/// backbones.
+pub const BACKBONE_DEVICE_MEMORY_BYTES: &str = "tlserve_backbone_device_memory_bytes";
+/// The metrics only a server with a GPU backbone exports.
+pub const GPU_ONLY: &[&str] = &[BACKBONE_DEVICE_MEMORY_BYTES];
 
 /// Latency buckets from 1 ms to 60 s: covers a cached single embedding as well as a
 /// large batch on a slow CPU.
@@ -135,6 +141,11 @@ fn describe() {
         "Seconds the last load of a backbone took"
     );
     describe_gauge!(BACKBONE_INFO, "Loaded backbones and their properties");
+    describe_gauge!(
+        BACKBONE_DEVICE_MEMORY_BYTES,
+        metrics::Unit::Bytes,
+        "GPU memory each backbone took at load"
+    );
     describe_gauge!(TRAINING_JOBS, "Training jobs by state");
     describe_histogram!(
         TRAINING_JOB_DURATION_SECONDS,
@@ -215,6 +226,15 @@ pub fn record_backbone_loaded(backbone: BackboneLabels<'_>, elapsed: Duration) {
         "dimension" => backbone.dimension.to_string(),
     )
     .set(1.0);
+}
+
+pub fn record_backbone_device_memory(backbone: &str, device: &str, bytes: u64) {
+    gauge!(
+        BACKBONE_DEVICE_MEMORY_BYTES,
+        "backbone" => backbone.to_owned(),
+        "device" => device.to_owned(),
+    )
+    .set(bytes as f64);
 }
 
 pub fn set_training_jobs(state: &'static str, count: usize) {

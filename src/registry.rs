@@ -209,7 +209,10 @@ impl BackboneRegistry {
         tracing::info!(backbone = %name, architecture = config.architecture.as_str(),
             device = %config.device, "loading backbone");
         let started = Instant::now();
-        let backbone = backbone::load(config, self.cache_dir.as_deref(), self.image_limits)?;
+        let backbone::Loaded {
+            backbone,
+            device_memory_bytes,
+        } = backbone::load_measured(config, self.cache_dir.as_deref(), self.image_limits)?;
         let elapsed = started.elapsed();
         let queue =
             BackboneQueue::start(Arc::clone(&backbone), BatchLimits::from_config(config))
@@ -225,6 +228,11 @@ impl BackboneRegistry {
             },
             elapsed,
         );
+        if let Some(bytes) = device_memory_bytes {
+            metrics::record_backbone_device_memory(&descriptor.name, &descriptor.device, bytes);
+            tracing::info!(backbone = %name, device = %descriptor.device,
+                mebibytes = bytes / (1 << 20), "device memory held");
+        }
         tracing::info!(backbone = %name, seconds = elapsed.as_secs_f64(),
             dimension = descriptor.dimension, source = %descriptor.source,
             fingerprint = %descriptor.fingerprint, "backbone ready");

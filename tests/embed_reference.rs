@@ -61,8 +61,8 @@ fn corpus_is_varied_enough() {
     );
 }
 
-/// Both engines: the native packed forward pass (the default on CPU) and
-/// candle-transformers' BertModel.
+/// Both engines: the native packed forward pass (the default on CPU) and the
+/// graph of candle operations (the engine of GPUs).
 const ENGINES: [&str; 2] = ["native", "candle"];
 
 #[test]
@@ -140,8 +140,12 @@ fn the_default_precision_is_what_this_cpu_runs_best_and_meets_the_f32_tolerance(
 
 /// Reduced precision (docs/PERFORMANCE.md): each text's vector against the
 /// float64 reference, and the neighbours each text finds among the others.
-/// Tolerances: lowest cosine 0.99 (int8) and 0.999 (bf16); every text's
-/// nearest neighbour and at least 90% of its 5 nearest the reference's.
+/// Tolerances: lowest cosine 0.99 (int8, native engine), 0.999 (bf16 dense
+/// layers on the native engine; the whole graph in f16 on the candle engine,
+/// as on a GPU) and 0.998 (the whole graph in bf16: every activation stored
+/// with 8 significant bits, the longest texts lose the most); every text's
+/// nearest neighbour the reference's (one text in 20 may differ in bf16), and
+/// at least 90% of its 5 nearest.
 #[test]
 fn reduced_precision_stays_close_to_the_reference() {
     let sentences = sentences();
@@ -150,9 +154,18 @@ fn reduced_precision_stays_close_to_the_reference() {
         pooling: Pooling::Mean,
         normalize: true,
     };
-    for (precision, min_cosine) in [("int8", 0.99), ("bf16", 0.999)] {
-        let model = load_minilm_with(&format!("precision = \"{precision}\""));
-        assert_eq!(model.descriptor().dtype, precision);
+    let cases = [
+        ("native", "int8", 0.99, 1.0),
+        ("native", "bf16", 0.999, 1.0),
+        ("candle", "f16", 0.999, 1.0),
+        ("candle", "bf16", 0.998, 0.95),
+    ];
+    for (engine, precision, min_cosine, min_top1) in cases {
+        let model = load_minilm_with(&format!(
+            "engine = \"{engine}\"\nprecision = \"{precision}\""
+        ));
+        let precision = format!("{engine} {precision}");
+        assert_eq!(format!("{engine} {}", model.descriptor().dtype), precision);
         let ours = embed_all(model.as_ref(), &sentences, options);
         let cosines: Vec<f64> = ours
             .iter()
@@ -171,7 +184,10 @@ fn reduced_precision_stays_close_to_the_reference() {
              nearest neighbour agrees {top1:.3}, 5 nearest {top5:.3}"
         );
         assert!(lowest >= min_cosine, "{precision}: lowest cosine {lowest}");
-        assert_eq!(top1, 1.0, "{precision}: nearest neighbours differ");
+        assert!(
+            top1 >= min_top1,
+            "{precision}: nearest neighbours agree {top1}"
+        );
         assert!(top5 >= 0.9, "{precision}: 5 nearest agree {top5}");
     }
 }

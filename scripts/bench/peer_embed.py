@@ -55,6 +55,12 @@ def parse_args():
                    help="token limit, as in the model's sentence_bert_config.json (default: 256)")
     p.add_argument("--device", default="cpu",
                    help="torch device: cpu (default) or cuda, cuda:0 ... for the GPU check")
+    p.add_argument("--warm-passes", type=int, default=0,
+                   help="untimed passes over the corpus at each batch size before timing it "
+                        "(default 0: one untimed batch); PyTorch's half precision tunes "
+                        "per shape on the GPU and needs one")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="the model's float type (default: float32; half types for GPUs)")
     return p.parse_args()
 
 
@@ -67,7 +73,7 @@ def read_corpus(path):
     return lines
 
 
-def build_model(model_dir, max_seq_length, device):
+def build_model(model_dir, max_seq_length, device, dtype_name):
     from sentence_transformers import SentenceTransformer
 
     try:  # sentence-transformers >= 6 moved the modules; the old path warns
@@ -78,18 +84,19 @@ def build_model(model_dir, max_seq_length, device):
 
     # Assembled module by module, as the folder has no modules.json: this is the
     # pipeline sentence-transformers would build for all-MiniLM-L6-v2 from the hub.
-    # f32 whatever the file stores: recent transformers keep a checkpoint's own
-    # dtype (f16 for the GPU check's halved weights), and tlserve computes in f32.
+    # The asked float type whatever the file stores: recent transformers keep a
+    # checkpoint's own dtype (f16 for the GPU check's halved weights).
     import torch
     import transformers
 
+    dtype = getattr(torch, dtype_name)
     dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     try:  # sentence-transformers >= 6 renamed model_args
         transformer = Transformer(model_dir, max_seq_length=max_seq_length,
-                                  model_kwargs={dtype_key: torch.float32})
+                                  model_kwargs={dtype_key: dtype})
     except TypeError:
         transformer = Transformer(model_dir, max_seq_length=max_seq_length,
-                                  model_args={dtype_key: torch.float32})
+                                  model_args={dtype_key: dtype})
     dimension = getattr(transformer, "get_embedding_dimension", None) \
         or transformer.get_word_embedding_dimension
     pooling = Pooling(dimension(), "mean")
@@ -127,21 +134,23 @@ def encode(model, batch):
                         show_progress_bar=False)
 
 
-def check_output(embeddings, rows):
+def check_output(embeddings, rows, tolerance):
     # A benchmark of a broken pipeline is worthless: insist on unit vectors of
-    # the model's width before timing anything.
+    # the model's width before timing anything (within the float type's rounding).
     if embeddings.shape[0] != rows or embeddings.ndim != 2:
         sys.exit(f"peer_embed: encode returned shape {embeddings.shape} for {rows} sentences")
     norms = (embeddings.astype("float64") ** 2).sum(axis=1) ** 0.5
-    if not all(math.isfinite(x) and abs(x - 1.0) < 1e-3 for x in norms):
+    if not all(math.isfinite(x) and abs(x - 1.0) < tolerance for x in norms):
         sys.exit(f"peer_embed: embeddings are not unit-normalised (norms {norms[:4]}...)")
 
 
-def measure(model, corpus, size, min_seconds, max_sentences):
+def measure(model, corpus, size, min_seconds, max_sentences, warm_passes):
     stream = batches(corpus, size)
-    # One untimed batch at this size: the first call at a new shape pays for
-    # allocations that a long-running service pays once.
-    encode(model, next(stream))
+    # Untimed batches at this size: the first call at a new shape pays for
+    # allocations (and on a GPU, in half precision, for tuning) that a
+    # long-running service pays once.
+    for _ in range(max(1, warm_passes * len(corpus) // size)):
+        encode(model, next(stream))
     stream = batches(corpus, size)
 
     done = 0
@@ -169,16 +178,17 @@ def main():
     import torch
 
     torch.set_num_threads(args.threads)
-    model = build_model(args.model_dir, args.max_seq_length, args.device)
+    model = build_model(args.model_dir, args.max_seq_length, args.device, args.dtype)
     model.eval()
     info = versions()
     threads = torch.get_num_threads()
 
     with torch.inference_mode():
         warm = corpus[:64]
-        check_output(encode(model, warm), len(warm))
+        check_output(encode(model, warm), len(warm), 1e-3 if args.dtype == "float32" else 1e-2)
         for size in args.batch_sizes:
-            sentences, seconds = measure(model, corpus, size, args.min_seconds, max_sentences)
+            sentences, seconds = measure(model, corpus, size, args.min_seconds, max_sentences,
+                                         args.warm_passes)
             print(json.dumps({
                 "engine": "sentence-transformers",
                 "batch_size": size,
@@ -186,6 +196,7 @@ def main():
                 "seconds": round(seconds, 6),
                 "sentences_per_sec": round(sentences / seconds, 3),
                 "threads": threads,
+                "dtype": args.dtype,
                 "versions": info,
             }), flush=True)
 

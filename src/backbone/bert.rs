@@ -1,13 +1,14 @@
 //! BERT-family text encoders (BERT, MiniLM, sentence-transformers models), on
 //! one of two engines: our packed CPU forward pass (`bert_native`, the default
-//! on CPU) or candle-transformers' `BertModel` (any device, and the plain path
-//! to compare against).
+//! on CPU) or a graph of candle tensor operations (`bert_graph`: any device and
+//! float type, the engine of GPUs).
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config as BertConfig};
+use candle_transformers::models::bert::Config as BertConfig;
 use serde::Deserialize;
 
+use super::bert_graph::{self, BertGraph};
 use super::bert_native::NativeBert;
 use super::{
     candle_device,
@@ -23,7 +24,7 @@ use crate::{
 
 /// The network that computes token vectors.
 enum Network {
-    Candle(BertModel),
+    Candle(BertGraph),
     Native(NativeBert),
 }
 
@@ -49,38 +50,25 @@ impl BertBackbone {
         })?;
         let model_config: BertConfig = read_json(&text_files.config)?;
         let max_len = max_sequence_length(config, files, &model_config)?;
+        let (engine, precision) = engine_and_precision(config, &device)?;
+        // The native engine converts f32 weights itself; candle's graph runs in
+        // the float type its weights are loaded as.
+        let dtype = match engine {
+            Engine::Native => DType::F32,
+            _ => bert_graph::dtype_of(precision).unwrap_or(DType::F32),
+        };
 
         // SAFETY: the weights file is memory-mapped; it must not be modified while
         // the server runs, which holds for model folders that are only ever
         // replaced as a whole (scripts/fetch-models.sh) or read-only volumes.
         let vars =
-            unsafe { VarBuilder::from_mmaped_safetensors(&[&files.weights], DType::F32, &device) }
+            unsafe { VarBuilder::from_mmaped_safetensors(&[&files.weights], dtype, &device) }
                 .map_err(|err| {
                     Error::ModelLoad(format!("cannot map {}: {err}", files.weights.display()))
                 })?;
-        let engine = match (config.engine, device.is_cpu()) {
-            (Engine::Auto, true) | (Engine::Native, _) => Engine::Native,
-            _ => Engine::Candle,
-        };
-        if engine == Engine::Native && !device.is_cpu() {
-            return Err(Error::ModelLoad(
-                "the native engine runs on CPU; use engine = \"candle\" on a GPU".into(),
-            ));
-        }
-        // What `auto` resolves to on this CPU (f32 for candle, which has no other).
-        let precision = match engine {
-            Engine::Native => crate::nn::resolve_precision(config.precision),
-            _ => Precision::F32,
-        };
-        if engine == Engine::Candle && config.precision.is_reduced() {
-            return Err(Error::ModelLoad(format!(
-                "precision = \"{}\" needs the native engine, which runs on CPU",
-                config.precision.as_str()
-            )));
-        }
         let loaded = match engine {
             Engine::Native => NativeBert::load(vars, &model_config, precision).map(Network::Native),
-            _ => BertModel::load(vars, &model_config).map(Network::Candle),
+            _ => BertGraph::load(vars, &model_config).map(Network::Candle),
         };
         let network = loaded.map_err(|err| {
             Error::ModelLoad(format!(
@@ -112,7 +100,7 @@ impl BertBackbone {
             backbone = %config.name,
             engine = engine.as_str(),
             precision = precision.as_str(),
-            kernel = kernel_name(precision),
+            kernel = kernel_name(engine, precision),
             "BERT engine"
         );
         Ok(Self {
@@ -130,7 +118,7 @@ impl BertBackbone {
         self.descriptor.dimension
     }
 
-    fn forward(&self, model: &BertModel, texts: &[&TokenizedText]) -> Result<(Tensor, Tensor)> {
+    fn forward(&self, model: &BertGraph, texts: &[&TokenizedText]) -> Result<(Tensor, Tensor)> {
         let len = texts.iter().map(|t| t.ids.len()).max().unwrap_or(0);
         let mut ids = Vec::with_capacity(texts.len() * len);
         let mut mask = Vec::with_capacity(texts.len() * len);
@@ -144,8 +132,7 @@ impl BertBackbone {
         let shape = (texts.len(), len);
         let ids = Tensor::from_vec(ids, shape, &self.device)?;
         let mask = Tensor::from_vec(mask, shape, &self.device)?;
-        let token_types = ids.zeros_like()?;
-        let hidden = model.forward(&ids, &token_types, Some(&mask))?;
+        let hidden = model.forward(&ids, &mask)?;
         Ok((hidden, mask.to_dtype(DType::F32)?))
     }
 }
@@ -300,13 +287,52 @@ fn max_sequence_length(
     Ok(chosen)
 }
 
-/// The instructions the dense layers of `precision` run with on this CPU.
-fn kernel_name(precision: Precision) -> &'static str {
+/// The engine `config.engine` resolves to on `device`, and the number format
+/// `config.precision` resolves to on that engine (`auto`: bf16 on CPUs with
+/// AMX-BF16, else f32, for the native engine; f16 on a GPU, else f32, for
+/// candle's, as sentence-transformers and text-embeddings-inference serve GPUs).
+fn engine_and_precision(config: &BackboneConfig, device: &Device) -> Result<(Engine, Precision)> {
+    let engine = match (config.engine, device.is_cpu()) {
+        (Engine::Auto, true) | (Engine::Native, _) => Engine::Native,
+        _ => Engine::Candle,
+    };
+    if engine == Engine::Native && !device.is_cpu() {
+        return Err(Error::ModelLoad(
+            "the native engine runs on CPU; use engine = \"candle\" on a GPU".into(),
+        ));
+    }
+    let runs = match engine {
+        Engine::Native => config.precision.native_engine_runs(),
+        _ => config.precision.candle_engine_runs(),
+    };
+    if !runs {
+        return Err(Error::ModelLoad(format!(
+            "the {} engine does not compute in precision = \"{}\"",
+            engine.as_str(),
+            config.precision.as_str()
+        )));
+    }
+    let precision = match (engine, config.precision) {
+        (Engine::Native, chosen) => crate::nn::resolve_precision(chosen),
+        (_, Precision::Auto) if device.is_cpu() => Precision::F32,
+        (_, Precision::Auto) => Precision::F16,
+        (_, chosen) => chosen,
+    };
+    Ok((engine, precision))
+}
+
+/// What computes the dense layers: candle's kernels for its device, or the
+/// instructions the native engine uses for `precision` on this CPU.
+fn kernel_name(engine: Engine, precision: Precision) -> &'static str {
+    if engine != Engine::Native {
+        return "candle";
+    }
     match precision {
         Precision::Auto | Precision::F32 => crate::nn::packed::F32Kernel::detect()
             .map_or("gemm (f32)", crate::nn::packed::F32Kernel::as_str),
         Precision::Int8 => crate::nn::int8::Int8Kernel::detect().as_str(),
         Precision::Bf16 => crate::nn::bf16::Bf16Kernel::detect().as_str(),
+        Precision::F16 => "none (f16 runs on the candle engine)",
     }
 }
 

@@ -7,10 +7,13 @@
 //! backbone around a network, `source` weight lookup.
 
 pub mod bert;
+pub mod bert_graph;
 pub mod bert_native;
+pub mod device_memory;
 pub mod efficientnet;
 pub mod image;
 pub mod layers;
+pub mod lora;
 pub mod pytorch_legacy;
 pub mod resnet;
 pub mod source;
@@ -198,6 +201,35 @@ pub fn candle_device(spec: DeviceSpec) -> Result<Device> {
 /// Fetches weights if needed, loads the model onto its device and warms it up.
 /// Blocking: call it from a blocking thread.
 pub fn load(
+    config: &BackboneConfig,
+    cache_dir: Option<&std::path::Path>,
+    image_limits: image::ImageLimits,
+) -> Result<Arc<dyn Backbone>> {
+    load_measured(config, cache_dir, image_limits).map(|loaded| loaded.backbone)
+}
+
+/// A loaded backbone and the accelerator memory its load took.
+pub struct Loaded {
+    pub backbone: Arc<dyn Backbone>,
+    /// Bytes of GPU memory (see [`device_memory`]); `None` on the CPU.
+    pub device_memory_bytes: Option<u64>,
+}
+
+/// [`load`], measuring the accelerator memory the backbone holds afterwards.
+pub fn load_measured(
+    config: &BackboneConfig,
+    cache_dir: Option<&std::path::Path>,
+    image_limits: image::ImageLimits,
+) -> Result<Loaded> {
+    let probe = device_memory::DeviceMemoryProbe::start(config.device);
+    let backbone = load_and_warm_up(config, cache_dir, image_limits)?;
+    Ok(Loaded {
+        backbone,
+        device_memory_bytes: probe.and_then(device_memory::DeviceMemoryProbe::finish),
+    })
+}
+
+fn load_and_warm_up(
     config: &BackboneConfig,
     cache_dir: Option<&std::path::Path>,
     image_limits: image::ImageLimits,

@@ -188,14 +188,28 @@ impl Shared {
     }
 }
 
-/// Closes the queue when the last handle goes: the worker finishes what was
-/// admitted, then exits.
-struct CloseOnDrop(Arc<Shared>);
+/// Closes the queue when the last handle goes: the workers finish what was
+/// admitted and exit, and the drop waits for them. The workers hold the
+/// backbone, so it is released before the handle's owner goes on: at shutdown,
+/// before the process exits. A GPU backbone released by a worker thread while
+/// the main thread was already running the CUDA libraries' exit handlers
+/// crashed the process (SIGSEGV after "server stopped").
+struct CloseOnDrop {
+    shared: Arc<Shared>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+}
 
 impl Drop for CloseOnDrop {
     fn drop(&mut self) {
-        self.0.lanes().closed = true;
-        self.0.wake.notify_all();
+        self.shared.lanes().closed = true;
+        self.shared.wake.notify_all();
+        let current = std::thread::current().id();
+        for worker in self.workers.drain(..) {
+            // A worker never holds a handle, but joining oneself would hang.
+            if worker.thread().id() != current && worker.join().is_err() {
+                tracing::error!(backbone = %self.shared.name, "a queue worker panicked");
+            }
+        }
     }
 }
 
@@ -214,15 +228,22 @@ impl BackboneQueue {
             lanes: Mutex::new(Lanes::default()),
             wake: Condvar::new(),
         });
+        let mut handle = CloseOnDrop {
+            shared: Arc::clone(&shared),
+            workers: Vec::new(),
+        };
         for index in 0..shared.limits.workers.max(1) {
             let worker_shared = Arc::clone(&shared);
             let backbone = Arc::clone(&backbone);
-            std::thread::Builder::new()
-                .name(format!("backbone-{}-{index}", shared.name))
-                .spawn(move || worker::run(backbone, worker_shared))?;
+            // On an error, dropping `handle` stops the workers already started.
+            handle.workers.push(
+                std::thread::Builder::new()
+                    .name(format!("backbone-{}-{index}", shared.name))
+                    .spawn(move || worker::run(backbone, worker_shared))?,
+            );
         }
         Ok(Self {
-            shared: Arc::new(CloseOnDrop(shared)),
+            shared: Arc::new(handle),
         })
     }
 
@@ -234,7 +255,7 @@ impl BackboneQueue {
         priority: Priority,
         deadline: Option<Instant>,
     ) -> Result<Vec<Vec<f32>>> {
-        let shared = &self.shared.0;
+        let shared = &self.shared.shared;
         let now = Instant::now();
         if deadline.is_some_and(|d| d <= now) {
             metrics::record_queue_rejection(&shared.name, "deadline");

@@ -334,14 +334,68 @@ mod tests {
         ));
     }
 
-    /// Returns zero vectors; on its first pass an online request "arrives".
-    struct ArrivingOnline {
-        shared: Arc<Shared>,
+    fn test_descriptor() -> crate::backbone::BackboneDescriptor {
+        crate::backbone::BackboneDescriptor {
+            name: "test".into(),
+            architecture: crate::config::Architecture::Bert,
+            modality: crate::backbone::Modality::Text,
+            dimension: 1,
+            device: "cpu".into(),
+            dtype: "f32".into(),
+            max_sequence_length: 512,
+            image_size: 0,
+            default_options: EmbedOptions {
+                pooling: Pooling::Mean,
+                normalize: true,
+            },
+            default_truncate: true,
+            fingerprint: String::new(),
+            source: String::new(),
+        }
+    }
+
+    /// The queue's last handle returns only once its workers have exited and
+    /// released the backbone: at shutdown a GPU model is freed before the
+    /// process runs the CUDA libraries' exit handlers.
+    #[test]
+    fn dropping_the_last_queue_handle_waits_for_the_backbone_to_be_released() {
+        let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let backbone: Arc<dyn Backbone> = Arc::new(Fake {
+            arriving: None,
+            passes: Mutex::new(Vec::new()),
+            released: Some(Arc::clone(&released)),
+            descriptor: test_descriptor(),
+        });
+        let limits = shared(8, 10_000).limits;
+        let queue = crate::batching::BackboneQueue::start(backbone, limits).expect("start");
+        let second_handle = queue.clone();
+        drop(queue);
+        assert!(!released.load(std::sync::atomic::Ordering::SeqCst));
+        drop(second_handle);
+        assert!(released.load(std::sync::atomic::Ordering::SeqCst));
+    }
+
+    /// Returns zero vectors and records each pass's size; with `arriving`,
+    /// an online request "arrives" on its first pass; with `released`, it
+    /// records its release, slowly, as a GPU model's is.
+    struct Fake {
+        arriving: Option<Arc<Shared>>,
         passes: Mutex<Vec<usize>>,
+        released: Option<Arc<std::sync::atomic::AtomicBool>>,
         descriptor: crate::backbone::BackboneDescriptor,
     }
 
-    impl Backbone for ArrivingOnline {
+    impl Drop for Fake {
+        fn drop(&mut self) {
+            if let Some(released) = &self.released {
+                // A drop that did not wait would return long before this.
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                released.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    }
+
+    impl Backbone for Fake {
         fn descriptor(&self) -> &crate::backbone::BackboneDescriptor {
             &self.descriptor
         }
@@ -361,9 +415,9 @@ mod tests {
 
         fn embed(&self, items: &[EmbedItem<'_>]) -> Result<Vec<Vec<f32>>> {
             let mut passes = self.passes.lock().unwrap();
-            if passes.is_empty() {
+            if let (true, Some(shared)) = (passes.is_empty(), &self.arriving) {
                 // Dropped receiver: the arriving request only needs to be waiting.
-                drop(push(&self.shared, false, &[6], None));
+                drop(push(shared, false, &[6], None));
             }
             passes.push(items.len());
             Ok(vec![vec![0.0]; items.len()])
@@ -376,26 +430,11 @@ mod tests {
         let mut bulk = push(&shared, true, &[5, 5, 300, 300], None);
         let batch = next_batch(&shared).expect("a batch");
         assert_eq!(batch.len(), 4);
-        let backbone = ArrivingOnline {
-            shared: Arc::clone(&shared),
+        let backbone = Fake {
+            arriving: Some(Arc::clone(&shared)),
             passes: Mutex::new(Vec::new()),
-            descriptor: crate::backbone::BackboneDescriptor {
-                name: "test".into(),
-                architecture: crate::config::Architecture::Bert,
-                modality: crate::backbone::Modality::Text,
-                dimension: 1,
-                device: "cpu".into(),
-                dtype: "f32".into(),
-                max_sequence_length: 512,
-                image_size: 0,
-                default_options: EmbedOptions {
-                    pooling: Pooling::Mean,
-                    normalize: true,
-                },
-                default_truncate: true,
-                fingerprint: String::new(),
-                source: String::new(),
-            },
+            released: None,
+            descriptor: test_descriptor(),
         };
         compute(&backbone, &shared, batch);
         // One pass (the two short items), then the long ones went back in line

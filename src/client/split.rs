@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Result};
 
 use super::examples::Example;
-use crate::head::rng::Rng;
+use crate::nn::rng::Rng;
 
 /// Examples to train on and examples held out to evaluate on.
 #[derive(Debug, Default)]

@@ -176,7 +176,7 @@ mod tests {
     /// Two classes whose true probability of class 0 is sigmoid(z); the
     /// logits given are `scale * z`.
     fn scores(scale: f32, n: usize) -> (Vec<f32>, Vec<u32>) {
-        let mut rng = crate::head::rng::Rng(5);
+        let mut rng = crate::nn::rng::Rng(5);
         let mut logits = Vec::new();
         let mut labels = Vec::new();
         for _ in 0..n {

@@ -25,11 +25,13 @@ use super::{
     calibration::{Calibration, Scores},
     lbfgs::{self, Minimum},
     model::HeadWeights,
-    rng::Rng,
     train::{TrainedHead, TrainingSet},
     HeadMetrics, TrainingParams,
 };
-use crate::{nn::Dense, Error, Result};
+use crate::{
+    nn::{rng::Rng, Dense},
+    Error, Result,
+};
 
 /// The inverse strengths `C` tried, strongest penalty first: 10^-3 .. 10^4
 /// in half decades (scikit-learn's LogisticRegressionCV spans 10^-4 .. 10^4

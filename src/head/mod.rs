@@ -12,7 +12,6 @@ pub mod calibration;
 pub mod lbfgs;
 pub mod logistic;
 pub mod model;
-pub(crate) mod rng;
 pub mod store;
 pub mod train;
 

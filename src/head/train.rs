@@ -17,10 +17,12 @@ use super::{
     calibration::{Calibration, Scores},
     logistic,
     model::HeadWeights,
-    rng::Rng,
     HeadKind, HeadMetrics, Solver, TrainingParams,
 };
-use crate::{nn::Dense, Error, Result};
+use crate::{
+    nn::{rng::Rng, Dense},
+    Error, Result,
+};
 
 /// Labelled feature vectors.
 pub struct TrainingSet {

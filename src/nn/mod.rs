@@ -15,6 +15,7 @@ mod amx;
 pub mod bf16;
 pub mod int8;
 pub mod packed;
+pub mod rng;
 mod tiling;
 
 /// A dense layer: `y = x W^T + b` with `weight` `[outputs, inputs]`, row-major.
@@ -133,10 +134,16 @@ impl Linear {
     /// Converts `dense` to `precision` (once, at load time).
     pub fn new(dense: Dense, precision: Precision) -> Self {
         match resolve_precision(precision) {
-            Precision::Auto | Precision::F32 => match packed::F32Kernel::detect() {
-                Some(kernel) => Self::F32Packed(packed::PackedDense::with_kernel(&dense, kernel)),
-                None => Self::F32(dense),
-            },
+            // f16 is refused before the native engine loads (it is the candle
+            // engine's format); f32 is the nearest this engine has.
+            Precision::Auto | Precision::F32 | Precision::F16 => {
+                match packed::F32Kernel::detect() {
+                    Some(kernel) => {
+                        Self::F32Packed(packed::PackedDense::with_kernel(&dense, kernel))
+                    }
+                    None => Self::F32(dense),
+                }
+            }
             Precision::Bf16 => Self::Bf16(bf16::Bf16Dense::from_dense(&dense)),
             Precision::Int8 => Self::Int8(int8::Int8Dense::from_dense(&dense)),
         }

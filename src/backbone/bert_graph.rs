@@ -1,0 +1,725 @@
+//! BERT's forward pass as a graph of candle tensor operations: any device
+//! (CPU, CUDA) and any float type (f32, f16, bf16). The engine behind
+//! `engine = "candle"` and every GPU backbone.
+//!
+//! Why not candle-transformers' `BertModel`: it builds the attention mask as
+//! `(1 - mask) * f32::MIN` in the model's float type, and f32::MIN rounds to
+//! minus infinity in f16 and bf16, so every real token's bias becomes
+//! `0 * -inf = NaN` as soon as a batch holds padding. Here the bias is the
+//! float type's own most negative finite value. The query, key and value
+//! projections are also one matrix product (one GEMM launch instead of three),
+//! and every product runs on `[tokens, features]` matrices rather than a
+//! broadcast batch of them.
+//!
+//! Fine-tuning runs the same graph with [`Kernels::Differentiable`] (candle's
+//! fused layer norm and softmax have no backward pass: gradients silently stop
+//! at them) and low-rank adapters ([`super::lora`]) on the top layers.
+//!
+//! Weight names follow PyTorch's (Hugging Face `BertModel`), with or without the
+//! `bert.` prefix of checkpoints saved from a task model.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{Embedding, VarBuilder};
+use candle_transformers::models::bert::{Config as BertConfig, HiddenAct};
+
+use super::lora::{adapted, LayerAdapters};
+
+/// How layer norms and softmax are computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    /// candle's fused kernels: the fastest, but without a backward pass.
+    Fused,
+    /// Plain tensor operations that candle's autograd differentiates.
+    Differentiable,
+}
+
+/// `x · wᵀ + b` on the last dimension, computed as one 2-D product.
+struct Dense {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Dense {
+    fn load(vb: &VarBuilder, inputs: usize, outputs: usize) -> candle_core::Result<Self> {
+        Ok(Self {
+            weight: vb.get((outputs, inputs), "weight")?,
+            bias: vb.get(outputs, "bias")?,
+        })
+    }
+
+    /// One layer whose outputs are those of `parts`, in order.
+    fn concat(parts: &[Dense]) -> candle_core::Result<Self> {
+        let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
+        let biases: Vec<&Tensor> = parts.iter().map(|p| &p.bias).collect();
+        Ok(Self {
+            weight: Tensor::cat(&weights, 0)?,
+            bias: Tensor::cat(&biases, 0)?,
+        })
+    }
+
+    /// `x`: `[tokens, inputs]` → `[tokens, outputs]`.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)
+    }
+}
+
+/// Layer normalisation over the last dimension, with a learned scale and shift.
+struct Norm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl Norm {
+    fn load(vb: VarBuilder, size: usize, eps: f64) -> candle_core::Result<Self> {
+        Ok(Self {
+            weight: vb.get(size, "weight")?,
+            bias: vb.get(size, "bias")?,
+            eps,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, kernels: Kernels) -> candle_core::Result<Tensor> {
+        match kernels {
+            Kernels::Fused => candle_nn::ops::layer_norm(
+                &x.contiguous()?,
+                &self.weight,
+                &self.bias,
+                self.eps as f32,
+            ),
+            Kernels::Differentiable => {
+                let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+                let variance = centered.sqr()?.mean_keepdim(D::Minus1)?;
+                centered
+                    .broadcast_div(&(variance + self.eps)?.sqrt()?)?
+                    .broadcast_mul(&self.weight)?
+                    .broadcast_add(&self.bias)
+            }
+        }
+    }
+}
+
+struct Layer {
+    qkv: Dense,
+    attention_output: Dense,
+    attention_norm: Norm,
+    intermediate: Dense,
+    output: Dense,
+    output_norm: Norm,
+}
+
+impl Layer {
+    fn load(vb: VarBuilder, config: &BertConfig) -> candle_core::Result<Self> {
+        let (h, eps) = (config.hidden_size, config.layer_norm_eps);
+        let attention = vb.pp("attention");
+        let own = attention.pp("self");
+        Ok(Self {
+            qkv: Dense::concat(&[
+                Dense::load(&own.pp("query"), h, h)?,
+                Dense::load(&own.pp("key"), h, h)?,
+                Dense::load(&own.pp("value"), h, h)?,
+            ])?,
+            attention_output: Dense::load(&attention.pp("output.dense"), h, h)?,
+            attention_norm: Norm::load(attention.pp("output.LayerNorm"), h, eps)?,
+            intermediate: Dense::load(&vb.pp("intermediate.dense"), h, config.intermediate_size)?,
+            output: Dense::load(&vb.pp("output.dense"), config.intermediate_size, h)?,
+            output_norm: Norm::load(vb.pp("output.LayerNorm"), h, eps)?,
+        })
+    }
+}
+
+/// The shape of one batch: `batch` texts padded to `len` tokens.
+#[derive(Clone, Copy)]
+struct Shape {
+    batch: usize,
+    len: usize,
+}
+
+pub struct BertGraph {
+    word: Embedding,
+    position: Embedding,
+    token_type: Embedding,
+    embedding_norm: Norm,
+    layers: Vec<Layer>,
+    activation: HiddenAct,
+    hidden: usize,
+    intermediate: usize,
+    heads: usize,
+    dtype: DType,
+}
+
+impl BertGraph {
+    /// Loads the weights from `vb`, whose float type and device the forward
+    /// pass then runs in.
+    pub fn load(vb: VarBuilder, config: &BertConfig) -> candle_core::Result<Self> {
+        let h = config.hidden_size;
+        if config.num_attention_heads == 0 || !h.is_multiple_of(config.num_attention_heads) {
+            candle_core::bail!(
+                "hidden size {h} is not a multiple of {} heads",
+                config.num_attention_heads
+            );
+        }
+        let dtype = vb.dtype();
+        // Checkpoints saved from a task model (BertForSequenceClassification, ...)
+        // nest the encoder under the model type.
+        let vb = match &config.model_type {
+            Some(prefix) if !vb.contains_tensor("embeddings.word_embeddings.weight") => {
+                vb.pp(prefix)
+            }
+            _ => vb,
+        };
+        let embeddings = vb.pp("embeddings");
+        let table = |name: &str, rows: usize| -> candle_core::Result<Embedding> {
+            Ok(Embedding::new(
+                embeddings.pp(name).get((rows, h), "weight")?,
+                h,
+            ))
+        };
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| Layer::load(vb.pp("encoder.layer").pp(i), config))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            word: table("word_embeddings", config.vocab_size)?,
+            position: table("position_embeddings", config.max_position_embeddings)?,
+            token_type: table("token_type_embeddings", config.type_vocab_size)?,
+            embedding_norm: Norm::load(embeddings.pp("LayerNorm"), h, config.layer_norm_eps)?,
+            layers,
+            activation: config.hidden_act,
+            hidden: h,
+            intermediate: config.intermediate_size,
+            heads: config.num_attention_heads,
+            dtype,
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.hidden
+    }
+
+    pub fn intermediate_size(&self) -> usize {
+        self.intermediate
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Token vectors, in f32 (f64 for an f64 model): `ids` and `mask` are
+    /// `[batch, len]` u32 (mask 1 for real tokens, 0 for padding); the result
+    /// is `[batch, len, hidden]`.
+    pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_adapted(ids, mask, &[], Kernels::Fused)
+    }
+
+    /// [`Self::forward`] with `adapters` on the top layers (the last of them
+    /// on the last layer) and the layer norms and softmax of `kernels`.
+    pub fn forward_adapted(
+        &self,
+        ids: &Tensor,
+        mask: &Tensor,
+        adapters: &[LayerAdapters],
+        kernels: Kernels,
+    ) -> candle_core::Result<Tensor> {
+        let first_adapted = self
+            .layers
+            .len()
+            .checked_sub(adapters.len())
+            .ok_or_else(|| candle_core::Error::Msg("more adapted layers than layers".into()))?;
+        let (batch, len) = ids.dims2()?;
+        let shape = Shape { batch, len };
+        let device = ids.device();
+        let positions = Tensor::arange(0u32, len as u32, device)?;
+        let embedded = self
+            .word
+            .forward(ids)?
+            .broadcast_add(&self.position.forward(&positions)?)?
+            .broadcast_add(
+                &self
+                    .token_type
+                    .forward(&Tensor::zeros(1, DType::U32, device)?)?,
+            )?;
+        let mut x = self
+            .embedding_norm
+            .forward(&embedded, kernels)?
+            .reshape((batch * len, self.hidden))?;
+        let bias = self.attention_bias(mask, device)?;
+        for (index, layer) in self.layers.iter().enumerate() {
+            let adapter = index
+                .checked_sub(first_adapted)
+                .and_then(|i| adapters.get(i));
+            x = self.layer_forward(layer, adapter, &x, &bias, shape, kernels)?;
+        }
+        // Half types come back as f32; f64 (gradient checks) stays f64.
+        let out = match self.dtype {
+            DType::F64 => DType::F64,
+            _ => DType::F32,
+        };
+        x.reshape((batch, len, self.hidden))?.to_dtype(out)
+    }
+
+    /// `[batch, 1, 1, len]`: 0 on real tokens, the float type's most negative
+    /// finite value on padding (never -inf: `0 * -inf` would be NaN).
+    fn attention_bias(&self, mask: &Tensor, device: &Device) -> candle_core::Result<Tensor> {
+        let lowest = match self.dtype {
+            DType::F16 => -65504.0,                     // half::f16::MIN
+            DType::BF16 => -3.389_531_389_251_535_5e38, // half::bf16::MIN
+            _ => f64::from(f32::MIN),
+        };
+        let (batch, len) = mask.dims2()?;
+        let padding = (1.0 - mask.to_dtype(DType::F32)?)?;
+        (padding * lowest)?
+            .to_dtype(self.dtype)?
+            .to_device(device)?
+            .reshape((batch, 1, 1, len))
+    }
+
+    fn layer_forward(
+        &self,
+        layer: &Layer,
+        adapters: Option<&LayerAdapters>,
+        x: &Tensor,
+        bias: &Tensor,
+        shape: Shape,
+        kernels: Kernels,
+    ) -> candle_core::Result<Tensor> {
+        let qkv = self.qkv(layer, adapters, x)?;
+        let context = self.attention(&qkv, bias, shape, kernels)?;
+        let attention_output = adapted(
+            adapters.and_then(|a| a.attention_output.as_ref()),
+            &context,
+            layer.attention_output.forward(&context)?,
+        )?;
+        let attended = layer
+            .attention_norm
+            .forward(&(attention_output + x)?, kernels)?;
+        let inner = adapted(
+            adapters.and_then(|a| a.intermediate.as_ref()),
+            &attended,
+            layer.intermediate.forward(&attended)?,
+        )?;
+        let inner = match self.activation {
+            HiddenAct::Gelu => inner.gelu_erf()?,
+            HiddenAct::GeluApproximate => inner.gelu()?,
+            HiddenAct::Relu => inner.relu()?,
+        };
+        let output = adapted(
+            adapters.and_then(|a| a.output.as_ref()),
+            &inner,
+            layer.output.forward(&inner)?,
+        )?;
+        layer.output_norm.forward(&(output + attended)?, kernels)
+    }
+
+    /// The fused query/key/value product, `[tokens, 3 * hidden]`, with the
+    /// adapters' updates of its three parts added.
+    fn qkv(
+        &self,
+        layer: &Layer,
+        adapters: Option<&LayerAdapters>,
+        x: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let base = layer.qkv.forward(x)?;
+        let Some(adapters) = adapters.filter(|a| a.adapts_attention_inputs()) else {
+            return Ok(base);
+        };
+        let zeros = || Tensor::zeros((x.dim(0)?, self.hidden), base.dtype(), base.device());
+        let update = |adapter: &Option<super::lora::LowRank>| match adapter {
+            Some(adapter) => adapter.delta(x),
+            None => zeros(),
+        };
+        let updates = [
+            update(&adapters.query)?,
+            update(&adapters.key)?,
+            update(&adapters.value)?,
+        ];
+        base + Tensor::cat(&updates, 1)?
+    }
+
+    /// Scaled dot-product attention of `qkv` (`[tokens, 3 * hidden]`), per head.
+    fn attention(
+        &self,
+        qkv: &Tensor,
+        bias: &Tensor,
+        shape: Shape,
+        kernels: Kernels,
+    ) -> candle_core::Result<Tensor> {
+        let Shape { batch, len } = shape;
+        let head_size = self.hidden / self.heads;
+        let qkv = qkv.reshape((batch, len, 3, self.heads, head_size))?;
+        // [batch, heads, len, head_size] each.
+        let part = |i: usize| {
+            qkv.narrow(2, i, 1)?
+                .squeeze(2)?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (query, key, value) = (part(0)?, part(1)?, part(2)?);
+        let scale = 1.0 / (head_size as f64).sqrt();
+        let scores = (query.matmul(&key.t()?)? * scale)?.broadcast_add(bias)?;
+        let weights = match kernels {
+            Kernels::Fused => candle_nn::ops::softmax_last_dim(&scores)?,
+            Kernels::Differentiable => candle_nn::ops::softmax(&scores, D::Minus1)?,
+        };
+        weights
+            .matmul(&value)?
+            .transpose(1, 2)?
+            .reshape((batch * len, self.hidden))
+    }
+}
+
+/// The float type a `precision` setting asks candle for.
+pub fn dtype_of(precision: crate::config::Precision) -> Option<DType> {
+    use crate::config::Precision;
+    match precision {
+        Precision::F32 => Some(DType::F32),
+        Precision::F16 => Some(DType::F16),
+        Precision::Bf16 => Some(DType::BF16),
+        Precision::Auto | Precision::Int8 => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use candle_core::{DType, Device, Tensor};
+    use candle_nn::VarBuilder;
+    use candle_transformers::models::bert::{BertModel, Config as BertConfig};
+
+    use super::{BertGraph, Kernels};
+    use crate::backbone::lora::{LayerAdapters, LowRank};
+    use crate::nn::rng::Rng;
+
+    /// A two-layer BERT of width 16 with seeded random weights under
+    /// PyTorch's names, built by candle-transformers' loader's own list.
+    fn tiny() -> (BertConfig, HashMap<String, Tensor>) {
+        let config = BertConfig {
+            vocab_size: 50,
+            hidden_size: 16,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            intermediate_size: 32,
+            max_position_embeddings: 24,
+            type_vocab_size: 2,
+            ..BertConfig::default()
+        };
+        let (h, i) = (config.hidden_size, config.intermediate_size);
+        let mut shapes: Vec<(String, Vec<usize>)> = vec![
+            (
+                "embeddings.word_embeddings.weight".into(),
+                vec![config.vocab_size, h],
+            ),
+            ("embeddings.position_embeddings.weight".into(), vec![24, h]),
+            ("embeddings.token_type_embeddings.weight".into(), vec![2, h]),
+            ("embeddings.LayerNorm.weight".into(), vec![h]),
+            ("embeddings.LayerNorm.bias".into(), vec![h]),
+        ];
+        for layer in 0..config.num_hidden_layers {
+            let p = format!("encoder.layer.{layer}");
+            for (name, shape) in [
+                ("attention.self.query", vec![h, h]),
+                ("attention.self.key", vec![h, h]),
+                ("attention.self.value", vec![h, h]),
+                ("attention.output.dense", vec![h, h]),
+                ("intermediate.dense", vec![i, h]),
+                ("output.dense", vec![h, i]),
+            ] {
+                shapes.push((format!("{p}.{name}.bias"), vec![shape[0]]));
+                shapes.push((format!("{p}.{name}.weight"), shape));
+            }
+            for norm in ["attention.output.LayerNorm", "output.LayerNorm"] {
+                shapes.push((format!("{p}.{norm}.weight"), vec![h]));
+                shapes.push((format!("{p}.{norm}.bias"), vec![h]));
+            }
+        }
+        // A fixed linear congruential sequence: the same weights on every run.
+        let mut state = 12345u64;
+        let mut next = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.4
+        };
+        let tensors = shapes
+            .into_iter()
+            .map(|(name, shape)| {
+                let n: usize = shape.iter().product();
+                let mut values: Vec<f32> = (0..n).map(|_| next()).collect();
+                if name.ends_with("LayerNorm.weight") {
+                    values.iter_mut().for_each(|v| *v += 1.0);
+                }
+                let tensor = Tensor::from_vec(values, shape, &Device::Cpu).expect("tensor");
+                (name, tensor)
+            })
+            .collect();
+        (config, tensors)
+    }
+
+    /// Two texts, the second padded: ids and mask `[2, 6]`.
+    fn batch() -> (Tensor, Tensor) {
+        let ids = Tensor::new(&[[1u32, 7, 9, 3, 4, 2], [1, 11, 2, 0, 0, 0]], &Device::Cpu);
+        let mask = Tensor::new(&[[1u32, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], &Device::Cpu);
+        (ids.expect("ids"), mask.expect("mask"))
+    }
+
+    fn graph(dtype: DType) -> BertGraph {
+        let (config, tensors) = tiny();
+        BertGraph::load(
+            VarBuilder::from_tensors(tensors, dtype, &Device::Cpu),
+            &config,
+        )
+        .expect("load")
+    }
+
+    fn rows(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().and_then(|t| t.to_vec1()).expect("values")
+    }
+
+    /// Against candle-transformers' BertModel (an independent implementation)
+    /// in f32: token vectors of real tokens agree to 1e-5 (padding rows are
+    /// never pooled).
+    #[test]
+    fn f32_graph_matches_candle_transformers() {
+        let (config, tensors) = tiny();
+        let reference = BertModel::load(
+            VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
+            &config,
+        )
+        .expect("reference");
+        let (ids, mask) = batch();
+        let expected = reference
+            .forward(&ids, &ids.zeros_like().expect("types"), Some(&mask))
+            .expect("reference forward");
+        let ours = graph(DType::F32).forward(&ids, &mask).expect("forward");
+        assert_eq!(ours.dims(), &[2, 6, 16]);
+        let real = [(0, 6), (1, 3)];
+        for (text, len) in real {
+            let a = rows(&ours.get(text).unwrap().narrow(0, 0, len).unwrap());
+            let b = rows(&expected.get(text).unwrap().narrow(0, 0, len).unwrap());
+            let worst = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-5, "text {text}: largest difference {worst}");
+        }
+    }
+
+    /// LoRA adapters on all six projections of the top `layers` layers, `A`
+    /// and `B` drawn from `seed` (a trained state; a new adapter's `B` is 0).
+    fn adapters(graph: &BertGraph, layers: usize, seed: u64) -> Vec<LayerAdapters> {
+        let mut rng = Rng(seed);
+        let (h, i) = (graph.hidden_size(), graph.intermediate_size());
+        let spec = (graph.dtype(), &Device::Cpu);
+        let mut lora = |inputs: usize, outputs: usize| {
+            let adapter = LowRank::new((inputs, outputs), 2, 4.0, &mut rng, spec).expect("adapter");
+            let b = Tensor::from_vec(
+                rng.uniform(outputs * 2, -0.3, 0.3),
+                (outputs, 2),
+                &Device::Cpu,
+            )
+            .and_then(|b| b.to_dtype(spec.0))
+            .expect("b");
+            adapter.b.set(&b).expect("set b");
+            Some(adapter)
+        };
+        (0..layers)
+            .map(|_| LayerAdapters {
+                query: lora(h, h),
+                key: lora(h, h),
+                value: lora(h, h),
+                attention_output: lora(h, h),
+                intermediate: lora(h, i),
+                output: lora(i, h),
+            })
+            .collect()
+    }
+
+    /// The plain operations compute what the fused kernels do (f32, 1e-5).
+    #[test]
+    fn differentiable_kernels_match_the_fused_ones() {
+        let (ids, mask) = batch();
+        let model = graph(DType::F32);
+        let fused = rows(&model.forward(&ids, &mask).expect("fused"));
+        let plain = rows(
+            &model
+                .forward_adapted(&ids, &mask, &[], Kernels::Differentiable)
+                .expect("plain"),
+        );
+        let worst = fused
+            .iter()
+            .zip(&plain)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-5, "largest difference {worst}");
+    }
+
+    /// A new adapter (B = 0) leaves every output exactly as it was.
+    #[test]
+    fn new_adapters_reproduce_the_base_model_exactly() {
+        let (ids, mask) = batch();
+        let model = graph(DType::F32);
+        let mut adapters = adapters(&model, 2, 7);
+        for layer in &mut adapters {
+            for adapter in [
+                &mut layer.query,
+                &mut layer.key,
+                &mut layer.value,
+                &mut layer.attention_output,
+                &mut layer.intermediate,
+                &mut layer.output,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                adapter
+                    .b
+                    .set(&adapter.b.zeros_like().expect("zeros"))
+                    .expect("set");
+            }
+        }
+        for kernels in [Kernels::Fused, Kernels::Differentiable] {
+            let base = rows(
+                &model
+                    .forward_adapted(&ids, &mask, &[], kernels)
+                    .expect("base"),
+            );
+            let adapted = rows(
+                &model
+                    .forward_adapted(&ids, &mask, &adapters, kernels)
+                    .expect("adapted"),
+            );
+            assert_eq!(base, adapted, "{kernels:?}");
+        }
+    }
+
+    /// A fixed random projection of the real tokens' vectors: a scalar loss
+    /// that every adapter influences.
+    fn loss(model: &BertGraph, adapters: &[LayerAdapters]) -> Tensor {
+        let (ids, mask) = batch();
+        let out = model
+            .forward_adapted(&ids, &mask, adapters, Kernels::Differentiable)
+            .expect("forward")
+            .to_dtype(DType::F64)
+            .expect("f64");
+        let mut rng = Rng(99);
+        let weights = Tensor::from_vec(
+            rng.uniform(2 * 6 * 16, -1.0, 1.0)
+                .into_iter()
+                .map(f64::from)
+                .collect::<Vec<_>>(),
+            (2, 6, 16),
+            &Device::Cpu,
+        )
+        .expect("weights");
+        let real = mask
+            .to_dtype(DType::F64)
+            .and_then(|m| m.unsqueeze(2))
+            .expect("mask");
+        (out * weights)
+            .and_then(|x| x.broadcast_mul(&real))
+            .and_then(|x| x.sum_all())
+            .expect("loss")
+    }
+
+    /// Every adapter matrix of every adapted layer gets a finite, non-zero
+    /// gradient through the differentiable graph; the frozen weights none.
+    #[test]
+    fn every_adapter_matrix_gets_a_gradient() {
+        let model = graph(DType::F32);
+        let adapters = adapters(&model, 2, 3);
+        let grads = loss(&model, &adapters).backward().expect("backward");
+        let vars: Vec<&candle_core::Var> = adapters.iter().flat_map(LayerAdapters::vars).collect();
+        assert_eq!(vars.len(), 2 * 6 * 2);
+        for (n, var) in vars.iter().enumerate() {
+            let grad = grads.get(var.as_tensor()).expect("a gradient");
+            let values = rows(grad);
+            assert!(
+                values.iter().all(|v| v.is_finite()),
+                "matrix {n}: not finite"
+            );
+            assert!(values.iter().any(|v| *v != 0.0), "matrix {n}: all zero");
+        }
+        let frozen = &model.layers[1].qkv.weight;
+        assert!(
+            grads.get(frozen).is_none(),
+            "frozen weights take no gradient"
+        );
+    }
+
+    /// The gradient candle's autograd computes equals central finite
+    /// differences of the loss, in f64 (step 1e-6): relative error under 1e-5
+    /// on three entries of each adapter matrix, relative to the larger of the
+    /// two and 1e-3. Not tighter: candle's GELU derivative rounds 1/sqrt(2π) to
+    /// six digits (relative error 7e-7), and errors of 1.4e-6 were seen.
+    #[test]
+    fn adapter_gradients_match_finite_differences() {
+        let model = graph(DType::F64);
+        let adapters = adapters(&model, 2, 11);
+        let grads = loss(&model, &adapters).backward().expect("backward");
+        let value =
+            |adapters: &[LayerAdapters]| loss(&model, adapters).to_scalar::<f64>().expect("scalar");
+        let step = 1e-6;
+        for (n, var) in adapters.iter().flat_map(LayerAdapters::vars).enumerate() {
+            let original = var.as_tensor().copy().expect("copy");
+            let shape = original.shape().clone();
+            let flat: Vec<f64> = original
+                .flatten_all()
+                .and_then(|t| t.to_vec1())
+                .expect("values");
+            let analytic: Vec<f64> = grads
+                .get(var.as_tensor())
+                .expect("gradient")
+                .flatten_all()
+                .and_then(|t| t.to_vec1())
+                .expect("gradient values");
+            for entry in [0, flat.len() / 2, flat.len() - 1] {
+                let at = |delta: f64| {
+                    let mut moved = flat.clone();
+                    moved[entry] += delta;
+                    var.set(&Tensor::from_vec(moved, &shape, &Device::Cpu).expect("moved"))
+                        .expect("set");
+                    value(&adapters)
+                };
+                let numeric = (at(step) - at(-step)) / (2.0 * step);
+                var.set(&original).expect("restore");
+                let scale = numeric.abs().max(analytic[entry].abs()).max(1e-3);
+                let error = (numeric - analytic[entry]).abs() / scale;
+                assert!(
+                    error < 1e-5,
+                    "matrix {n} entry {entry}: autograd {} vs finite differences {numeric}",
+                    analytic[entry]
+                );
+            }
+        }
+    }
+
+    /// Half precision with padding stays finite (the mask bias is the type's
+    /// lowest finite value) and close to f32: relative error under 2% per
+    /// real token vector.
+    #[test]
+    fn half_precision_with_padding_is_finite_and_close_to_f32() {
+        let (ids, mask) = batch();
+        let full = graph(DType::F32).forward(&ids, &mask).expect("f32");
+        for dtype in [DType::F16, DType::BF16] {
+            let half = graph(dtype).forward(&ids, &mask).expect("half");
+            assert_eq!(half.dtype(), DType::F32, "results come back as f32");
+            for (text, len) in [(0, 6), (1, 3)] {
+                let a = rows(&half.get(text).unwrap().narrow(0, 0, len).unwrap());
+                let b = rows(&full.get(text).unwrap().narrow(0, 0, len).unwrap());
+                assert!(a.iter().all(|v| v.is_finite()), "{dtype:?}: not finite");
+                let diff: f32 = a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum();
+                let size: f32 = b.iter().map(|y| y * y).sum();
+                let relative = (diff / size).sqrt();
+                assert!(
+                    relative < 0.02,
+                    "{dtype:?} text {text}: relative error {relative}"
+                );
+            }
+        }
+    }
+}

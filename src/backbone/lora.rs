@@ -1,0 +1,103 @@
+//! Low-rank adapters (LoRA, Hu et al. 2021): a frozen dense layer `W` is used as
+//! `W + scale · B·A`, with `A` `[rank, inputs]` and `B` `[outputs, rank]` the
+//! only trained matrices and `scale = alpha / rank`, as the Python `peft`
+//! package defines it. `B` starts at zero, so a new adapter changes nothing
+//! until it is trained.
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::nn::rng::Rng;
+
+/// The update of one dense layer: `x·Aᵀ·Bᵀ·scale` is added to its output.
+pub struct LowRank {
+    pub a: Var,
+    pub b: Var,
+    pub scale: f64,
+}
+
+impl LowRank {
+    /// A new adapter as `peft` initialises one: `A` from Kaiming-uniform
+    /// bounds (`±sqrt(1 / inputs)` for its a = sqrt(5)), `B` zero; `A` drawn
+    /// from `rng`, so a seed gives the same adapter everywhere.
+    pub fn new(
+        shape: (usize, usize),
+        rank: usize,
+        alpha: f64,
+        rng: &mut Rng,
+        (dtype, device): (DType, &Device),
+    ) -> candle_core::Result<Self> {
+        let (inputs, outputs) = shape;
+        let bound = (1.0 / inputs as f64).sqrt() as f32;
+        let a = Tensor::from_vec(
+            rng.uniform(rank * inputs, -bound, bound),
+            (rank, inputs),
+            device,
+        )?
+        .to_dtype(dtype)?;
+        Ok(Self {
+            a: Var::from_tensor(&a)?,
+            b: Var::zeros((outputs, rank), dtype, device)?,
+            scale: alpha / rank as f64,
+        })
+    }
+
+    /// `x`: `[tokens, inputs]` → the update `[tokens, outputs]`.
+    pub fn delta(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.matmul(&self.a.as_tensor().t()?)?
+            .matmul(&self.b.as_tensor().t()?)?
+            * self.scale
+    }
+
+    /// `base` (the frozen layer's output for `x`) with this update added.
+    pub fn apply(&self, x: &Tensor, base: Tensor) -> candle_core::Result<Tensor> {
+        base + self.delta(x)?
+    }
+
+    pub fn vars(&self) -> [&Var; 2] {
+        [&self.a, &self.b]
+    }
+}
+
+/// The adapters of one encoder layer; `None` leaves a projection as it is.
+#[derive(Default)]
+pub struct LayerAdapters {
+    pub query: Option<LowRank>,
+    pub key: Option<LowRank>,
+    pub value: Option<LowRank>,
+    pub attention_output: Option<LowRank>,
+    /// The feed-forward input (`intermediate.dense`).
+    pub intermediate: Option<LowRank>,
+    /// The feed-forward output (`output.dense`).
+    pub output: Option<LowRank>,
+}
+
+impl LayerAdapters {
+    /// Every trained matrix of the layer.
+    pub fn vars(&self) -> Vec<&Var> {
+        [
+            &self.query,
+            &self.key,
+            &self.value,
+            &self.attention_output,
+            &self.intermediate,
+            &self.output,
+        ]
+        .into_iter()
+        .flatten()
+        .flat_map(LowRank::vars)
+        .collect()
+    }
+
+    /// Whether any of query, key or value is adapted.
+    pub fn adapts_attention_inputs(&self) -> bool {
+        self.query.is_some() || self.key.is_some() || self.value.is_some()
+    }
+}
+
+/// `base` plus `adapter`'s update for `x`, or `base` itself.
+pub fn adapted(adapter: Option<&LowRank>, x: &Tensor, base: Tensor) -> candle_core::Result<Tensor> {
+    match adapter {
+        Some(adapter) => adapter.apply(x, base),
+        None => Ok(base),
+    }
+}
