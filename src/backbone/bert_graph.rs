@@ -196,6 +196,11 @@ impl BertGraph {
         self.dtype
     }
 
+    /// Where the weights live, and the forward pass runs.
+    pub fn device(&self) -> Device {
+        self.word.embeddings().device().clone()
+    }
+
     pub fn hidden_size(&self) -> usize {
         self.hidden
     }
@@ -224,11 +229,25 @@ impl BertGraph {
         adapters: &[LayerAdapters],
         kernels: Kernels,
     ) -> candle_core::Result<Tensor> {
-        let first_adapted = self
+        let split = self
             .layers
             .len()
             .checked_sub(adapters.len())
             .ok_or_else(|| candle_core::Error::Msg("more adapted layers than layers".into()))?;
+        let bottom = self.forward_bottom(ids, mask, split, kernels)?;
+        self.forward_top(&bottom, mask, adapters, kernels)
+    }
+
+    /// The embeddings and the first `layers` encoder layers, unadapted: the
+    /// part of a fine-tuned model that stays frozen, computed once per text.
+    /// `[batch, len, hidden]` in the model's float type.
+    pub fn forward_bottom(
+        &self,
+        ids: &Tensor,
+        mask: &Tensor,
+        layers: usize,
+        kernels: Kernels,
+    ) -> candle_core::Result<Tensor> {
         let (batch, len) = ids.dims2()?;
         let shape = Shape { batch, len };
         let device = ids.device();
@@ -247,11 +266,33 @@ impl BertGraph {
             .forward(&embedded, kernels)?
             .reshape((batch * len, self.hidden))?;
         let bias = self.attention_bias(mask, device)?;
-        for (index, layer) in self.layers.iter().enumerate() {
-            let adapter = index
-                .checked_sub(first_adapted)
-                .and_then(|i| adapters.get(i));
-            x = self.layer_forward(layer, adapter, &x, &bias, shape, kernels)?;
+        for layer in self.layers.iter().take(layers) {
+            x = self.layer_forward(layer, None, &x, &bias, shape, kernels)?;
+        }
+        x.reshape((batch, len, self.hidden))
+    }
+
+    /// The last `adapters.len()` layers, adapted, from `hidden` (what
+    /// [`Self::forward_bottom`] gave for the same `mask`): token vectors in f32
+    /// (f64 for an f64 model), `[batch, len, hidden]`.
+    pub fn forward_top(
+        &self,
+        hidden: &Tensor,
+        mask: &Tensor,
+        adapters: &[LayerAdapters],
+        kernels: Kernels,
+    ) -> candle_core::Result<Tensor> {
+        let (batch, len, _) = hidden.dims3()?;
+        let shape = Shape { batch, len };
+        let split = self
+            .layers
+            .len()
+            .checked_sub(adapters.len())
+            .ok_or_else(|| candle_core::Error::Msg("more adapted layers than layers".into()))?;
+        let bias = self.attention_bias(mask, hidden.device())?;
+        let mut x = hidden.reshape((batch * len, self.hidden))?;
+        for (layer, adapter) in self.layers[split..].iter().zip(adapters) {
+            x = self.layer_forward(layer, Some(adapter), &x, &bias, shape, kernels)?;
         }
         // Half types come back as f32; f64 (gradient checks) stays f64.
         let out = match self.dtype {
@@ -383,20 +424,20 @@ pub fn dtype_of(precision: crate::config::Precision) -> Option<DType> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
+    //! A tiny random BERT for the tests of the layers that use this graph.
+
     use std::collections::HashMap;
 
     use candle_core::{DType, Device, Tensor};
     use candle_nn::VarBuilder;
-    use candle_transformers::models::bert::{BertModel, Config as BertConfig};
+    use candle_transformers::models::bert::Config as BertConfig;
 
-    use super::{BertGraph, Kernels};
-    use crate::backbone::lora::{LayerAdapters, LowRank};
-    use crate::nn::rng::Rng;
+    use super::BertGraph;
 
     /// A two-layer BERT of width 16 with seeded random weights under
     /// PyTorch's names, built by candle-transformers' loader's own list.
-    fn tiny() -> (BertConfig, HashMap<String, Tensor>) {
+    pub fn tiny_weights() -> (BertConfig, HashMap<String, Tensor>) {
         let config = BertConfig {
             vocab_size: 50,
             hidden_size: 16,
@@ -459,6 +500,27 @@ mod tests {
         (config, tensors)
     }
 
+    /// [`tiny_weights`] as a graph computing in `dtype`.
+    pub fn tiny(dtype: DType) -> BertGraph {
+        let (config, tensors) = tiny_weights();
+        BertGraph::load(
+            VarBuilder::from_tensors(tensors, dtype, &Device::Cpu),
+            &config,
+        )
+        .expect("load")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+    use candle_nn::VarBuilder;
+    use candle_transformers::models::bert::BertModel;
+
+    use super::{BertGraph, Kernels};
+    use crate::backbone::lora::{LayerAdapters, LowRank};
+    use crate::nn::rng::Rng;
+
     /// Two texts, the second padded: ids and mask `[2, 6]`.
     fn batch() -> (Tensor, Tensor) {
         let ids = Tensor::new(&[[1u32, 7, 9, 3, 4, 2], [1, 11, 2, 0, 0, 0]], &Device::Cpu);
@@ -467,12 +529,7 @@ mod tests {
     }
 
     fn graph(dtype: DType) -> BertGraph {
-        let (config, tensors) = tiny();
-        BertGraph::load(
-            VarBuilder::from_tensors(tensors, dtype, &Device::Cpu),
-            &config,
-        )
-        .expect("load")
+        super::testing::tiny(dtype)
     }
 
     fn rows(t: &Tensor) -> Vec<f32> {
@@ -484,7 +541,7 @@ mod tests {
     /// never pooled).
     #[test]
     fn f32_graph_matches_candle_transformers() {
-        let (config, tensors) = tiny();
+        let (config, tensors) = super::testing::tiny_weights();
         let reference = BertModel::load(
             VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
             &config,

@@ -9,6 +9,7 @@
 //! `store` is the crash-safe on-disk store.
 
 pub mod calibration;
+pub mod finetune;
 pub mod lbfgs;
 pub mod logistic;
 pub mod model;

@@ -1,0 +1,396 @@
+//! The training run: the head fitted on frozen features, then adapters and
+//! head trained together with AdamW on a warm-up-then-linear-decay schedule,
+//! the epoch with the best validation loss kept.
+
+use candle_core::{Tensor, Var, D};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use tokio_util::sync::CancellationToken;
+
+use super::cache::{pooled, to_f32, Bottoms};
+use super::{FineTuneParams, FineTuned, LoraTargets, Progress, TextExamples};
+use crate::backbone::bert_graph::{BertGraph, Kernels};
+use crate::backbone::lora::{LayerAdapters, LowRank};
+use crate::head::{model::HeadWeights, train, HeadKind, HeadMetrics, TrainingParams};
+use crate::nn::{rng::Rng, Dense};
+use crate::{Error, Result};
+
+/// Examples per forward pass when measuring (no gradients kept).
+const EVAL_BATCH: usize = 64;
+
+pub struct Run<'a> {
+    graph: &'a BertGraph,
+    examples: &'a TextExamples,
+    params: &'a FineTuneParams,
+    bottoms: Bottoms,
+    train_rows: Vec<usize>,
+    validation_rows: Vec<usize>,
+    rng: Rng,
+}
+
+/// The head as trainable variables: `[classes, hidden]` and `[classes]`.
+struct Head {
+    weight: Var,
+    bias: Var,
+}
+
+impl Head {
+    fn logits(&self, features: &Tensor) -> Result<Tensor> {
+        Ok(features
+            .matmul(&self.weight.as_tensor().t()?)?
+            .broadcast_add(self.bias.as_tensor())?)
+    }
+}
+
+impl<'a> Run<'a> {
+    pub fn new(
+        graph: &'a BertGraph,
+        examples: &'a TextExamples,
+        params: &'a FineTuneParams,
+        bottoms: Bottoms,
+    ) -> Result<Self> {
+        let mut rng = Rng(params.seed);
+        let mut order: Vec<usize> = (0..examples.labels.len()).collect();
+        rng.shuffle(&mut order);
+        let held_out = if params.validation_fraction > 0.0 {
+            ((order.len() as f64 * params.validation_fraction).round() as usize)
+                .clamp(1, order.len() - 2)
+        } else {
+            0
+        };
+        let train_rows = order.split_off(held_out);
+        Ok(Self {
+            graph,
+            examples,
+            params,
+            bottoms,
+            train_rows,
+            validation_rows: order,
+            rng,
+        })
+    }
+
+    pub fn execute(
+        mut self,
+        cancel: &CancellationToken,
+        on_progress: &mut dyn FnMut(&Progress),
+    ) -> Result<FineTuned> {
+        let unadapted: Vec<LayerAdapters> = (0..self.params.lora.layers)
+            .map(|_| LayerAdapters::default())
+            .collect();
+        let head = self.frozen_head(&unadapted, cancel)?;
+        let frozen_metrics = self.measure(0, &unadapted, &head, None)?;
+        on_progress(&Progress::Epoch(frozen_metrics.clone()));
+        let adapters = self.new_adapters()?;
+        let metrics = self.train(&adapters, &head, &frozen_metrics, cancel, on_progress)?;
+        Ok(FineTuned {
+            head: head_weights(&head)?,
+            adapters,
+            metrics,
+            frozen_metrics,
+        })
+    }
+
+    /// The linear head the default solver fits on the training rows' frozen
+    /// features.
+    fn frozen_head(&self, unadapted: &[LayerAdapters], cancel: &CancellationToken) -> Result<Head> {
+        let set = train::TrainingSet {
+            features: self.features(&self.train_rows, unadapted)?,
+            dim: self.graph.hidden_size(),
+            labels: self
+                .train_rows
+                .iter()
+                .map(|&r| self.examples.labels[r])
+                .collect(),
+            classes: self.examples.classes,
+        };
+        let params = TrainingParams {
+            seed: self.params.seed,
+            ..TrainingParams::default()
+        };
+        let trained = train::train(&set, &HeadKind::Linear, &params, cancel, &mut |_, _| {})?;
+        let HeadWeights::Linear { output } = trained.weights else {
+            return Err(Error::Internal("the frozen head is not linear".into()));
+        };
+        let device = self.graph.device();
+        let dtype = self.graph.dtype();
+        let weight = Tensor::from_vec(output.weight, (output.outputs, output.inputs), &device)?;
+        let bias = Tensor::from_vec(output.bias, output.outputs, &device)?;
+        Ok(Head {
+            weight: Var::from_tensor(&weight.to_dtype(dtype)?)?,
+            bias: Var::from_tensor(&bias.to_dtype(dtype)?)?,
+        })
+    }
+
+    /// New adapters (B = 0) on the targets of the top layers.
+    fn new_adapters(&mut self) -> Result<Vec<LayerAdapters>> {
+        let lora = self.params.lora;
+        let (h, i) = (self.graph.hidden_size(), self.graph.intermediate_size());
+        let spec = (self.graph.dtype(), &self.graph.device());
+        let rng = &mut self.rng;
+        let mut adapter = |wanted: bool, shape: (usize, usize)| -> Result<Option<LowRank>> {
+            Ok(if wanted {
+                Some(LowRank::new(
+                    shape,
+                    lora.rank,
+                    lora.alpha,
+                    rng,
+                    (spec.0, spec.1),
+                )?)
+            } else {
+                None
+            })
+        };
+        let LoraTargets {
+            query,
+            key,
+            value,
+            attention_output,
+            intermediate,
+            output,
+        } = lora.targets;
+        (0..lora.layers)
+            .map(|_| {
+                Ok(LayerAdapters {
+                    query: adapter(query, (h, h))?,
+                    key: adapter(key, (h, h))?,
+                    value: adapter(value, (h, h))?,
+                    attention_output: adapter(attention_output, (h, h))?,
+                    intermediate: adapter(intermediate, (h, i))?,
+                    output: adapter(output, (i, h))?,
+                })
+            })
+            .collect()
+    }
+
+    /// The epochs of AdamW; returns the kept epoch's metrics, its weights set.
+    fn train(
+        &mut self,
+        adapters: &[LayerAdapters],
+        head: &Head,
+        frozen: &HeadMetrics,
+        cancel: &CancellationToken,
+        on_progress: &mut dyn FnMut(&Progress),
+    ) -> Result<HeadMetrics> {
+        let params = self.params;
+        let mut vars: Vec<Var> = adapters.iter().flat_map(|a| a.vars()).cloned().collect();
+        let optimiser = |vars: Vec<Var>, lr: f64| {
+            AdamW::new(
+                vars,
+                ParamsAdamW {
+                    lr,
+                    weight_decay: params.weight_decay,
+                    ..ParamsAdamW::default()
+                },
+            )
+        };
+        let mut adapter_opt = optimiser(vars.clone(), params.learning_rate)?;
+        let mut head_opt = optimiser(
+            vec![head.weight.clone(), head.bias.clone()],
+            params.head_learning_rate,
+        )?;
+        vars.extend([head.weight.clone(), head.bias.clone()]);
+        let batches = self.train_rows.len().div_ceil(params.batch_size);
+        let schedule = Schedule {
+            steps: batches * params.epochs,
+            warmup: params.warmup_fraction,
+        };
+        // The frozen head is the first candidate: fine-tuning must beat it.
+        let mut best = (frozen.clone(), snapshot(&vars)?);
+        let mut stale = 0;
+        for epoch in 1..=params.epochs {
+            let mut rows = self.train_rows.clone();
+            self.rng.shuffle(&mut rows);
+            let (mut loss_sum, mut correct) = (0.0, 0usize);
+            for (index, batch) in rows.chunks(params.batch_size).enumerate() {
+                if cancel.is_cancelled() {
+                    return Err(Error::Cancelled("fine-tuning was cancelled".into()));
+                }
+                let step = (epoch - 1) * batches + index + 1;
+                let factor = schedule.factor(step);
+                adapter_opt.set_learning_rate(params.learning_rate * factor);
+                head_opt.set_learning_rate(params.head_learning_rate * factor);
+                let (loss, right) = self.step(
+                    batch,
+                    adapters,
+                    head,
+                    &mut [&mut adapter_opt, &mut head_opt],
+                )?;
+                loss_sum += f64::from(loss) * batch.len() as f64;
+                correct += right;
+                on_progress(&Progress::Step {
+                    step,
+                    steps: schedule.steps,
+                    loss,
+                });
+            }
+            let n = self.train_rows.len() as f64;
+            let trained = ((loss_sum / n) as f32, (correct as f64 / n) as f32);
+            let metrics = self.measure(epoch, adapters, head, Some(trained))?;
+            on_progress(&Progress::Epoch(metrics.clone()));
+            if better(&metrics, &best.0) {
+                best = (metrics, snapshot(&vars)?);
+                stale = 0;
+            } else {
+                stale += 1;
+                if params.patience > 0 && stale >= params.patience {
+                    break;
+                }
+            }
+        }
+        restore(&vars, &best.1)?;
+        Ok(best.0)
+    }
+
+    /// One optimiser step on `batch`: its loss and how many it got right.
+    fn step(
+        &self,
+        batch: &[usize],
+        adapters: &[LayerAdapters],
+        head: &Head,
+        optimisers: &mut [&mut AdamW],
+    ) -> Result<(f32, usize)> {
+        let (hidden, mask) = self.bottoms.batch(batch)?;
+        let out = self
+            .graph
+            .forward_top(&hidden, &mask, adapters, Kernels::Differentiable)?;
+        let logits = head.logits(&pooled(&out.to_dtype(self.graph.dtype())?, &mask)?)?;
+        let labels = self.labels(batch)?;
+        let loss =
+            candle_nn::loss::cross_entropy(&logits.to_dtype(candle_core::DType::F32)?, &labels)?;
+        let grads = loss.backward()?;
+        for optimiser in optimisers.iter_mut() {
+            optimiser.step(&grads)?;
+        }
+        let value = loss.to_scalar::<f32>()?;
+        if !value.is_finite() {
+            return Err(Error::Internal("the training loss is not finite".into()));
+        }
+        Ok((value, correct(&logits, batch, self.examples)?))
+    }
+
+    fn labels(&self, rows: &[usize]) -> Result<Tensor> {
+        let labels: Vec<u32> = rows.iter().map(|&r| self.examples.labels[r]).collect();
+        Ok(Tensor::from_vec(labels, rows.len(), &self.graph.device())?)
+    }
+
+    /// Pooled features of `rows` through the adapted top, fused kernels.
+    fn features(&self, rows: &[usize], adapters: &[LayerAdapters]) -> Result<Vec<f32>> {
+        let mut features = Vec::with_capacity(rows.len() * self.graph.hidden_size());
+        for chunk in rows.chunks(EVAL_BATCH) {
+            let (hidden, mask) = self.bottoms.batch(chunk)?;
+            let out = self
+                .graph
+                .forward_top(&hidden, &mask, adapters, Kernels::Fused)?;
+            features.extend(to_f32(&pooled(&out, &mask)?.detach())?);
+        }
+        Ok(features)
+    }
+
+    /// Loss and accuracy on the held-out rows (and the given training
+    /// figures, or those of the training rows when measuring the frozen head).
+    fn measure(
+        &self,
+        epoch: usize,
+        adapters: &[LayerAdapters],
+        head: &Head,
+        trained: Option<(f32, f32)>,
+    ) -> Result<HeadMetrics> {
+        let (train_loss, train_accuracy) = match trained {
+            Some(figures) => figures,
+            None => self.loss_and_accuracy(&self.train_rows, adapters, head)?,
+        };
+        let validation = if self.validation_rows.is_empty() {
+            None
+        } else {
+            Some(self.loss_and_accuracy(&self.validation_rows, adapters, head)?)
+        };
+        Ok(HeadMetrics {
+            epoch,
+            train_loss,
+            train_accuracy,
+            validation_loss: validation.map(|v| v.0),
+            validation_accuracy: validation.map(|v| v.1),
+            ..HeadMetrics::default()
+        })
+    }
+
+    fn loss_and_accuracy(
+        &self,
+        rows: &[usize],
+        adapters: &[LayerAdapters],
+        head: &Head,
+    ) -> Result<(f32, f32)> {
+        let features = self.features(rows, adapters)?;
+        let dim = self.graph.hidden_size();
+        let features = Tensor::from_vec(features, (rows.len(), dim), &self.graph.device())?
+            .to_dtype(self.graph.dtype())?;
+        let logits = head.logits(&features)?.detach();
+        let labels = self.labels(rows)?;
+        let loss =
+            candle_nn::loss::cross_entropy(&logits.to_dtype(candle_core::DType::F32)?, &labels)?;
+        let right = correct(&logits, rows, self.examples)?;
+        Ok((loss.to_scalar::<f32>()?, right as f32 / rows.len() as f32))
+    }
+}
+
+/// How many rows the logits classify as labelled.
+fn correct(logits: &Tensor, rows: &[usize], examples: &TextExamples) -> Result<usize> {
+    let predicted: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+    Ok(predicted
+        .iter()
+        .zip(rows)
+        .filter(|(p, &r)| **p == examples.labels[r])
+        .count())
+}
+
+/// Lower validation loss wins; without validation, the later epoch does.
+fn better(candidate: &HeadMetrics, best: &HeadMetrics) -> bool {
+    match (candidate.validation_loss, best.validation_loss) {
+        (Some(new), Some(old)) => new < old,
+        _ => true,
+    }
+}
+
+/// Linear warm-up to the peak, then linear decay to 0 at the last step.
+struct Schedule {
+    steps: usize,
+    warmup: f64,
+}
+
+impl Schedule {
+    fn factor(&self, step: usize) -> f64 {
+        let warmup = (self.steps as f64 * self.warmup).ceil().max(1.0);
+        let step = step as f64;
+        if step <= warmup {
+            step / warmup
+        } else {
+            ((self.steps as f64 - step + 1.0) / (self.steps as f64 - warmup + 1.0)).max(0.0)
+        }
+    }
+}
+
+fn snapshot(vars: &[Var]) -> Result<Vec<Tensor>> {
+    Ok(vars
+        .iter()
+        .map(|v| v.as_tensor().copy())
+        .collect::<candle_core::Result<_>>()?)
+}
+
+fn restore(vars: &[Var], values: &[Tensor]) -> Result<()> {
+    for (var, value) in vars.iter().zip(values) {
+        var.set(value)?;
+    }
+    Ok(())
+}
+
+fn head_weights(head: &Head) -> Result<HeadWeights> {
+    let (outputs, inputs) = head.weight.as_tensor().dims2()?;
+    Ok(HeadWeights::Linear {
+        output: Dense {
+            weight: to_f32(head.weight.as_tensor())?,
+            bias: to_f32(head.bias.as_tensor())?,
+            inputs,
+            outputs,
+        },
+    })
+}
