@@ -305,6 +305,68 @@ enum Command {
         #[arg(long)]
         embeddings_out: Option<PathBuf>,
     },
+    /// Measure LoRA fine-tuning against the default frozen-feature head, in
+    /// process, on labelled texts (`LABEL<TAB>TEXT` lines): both fitted on
+    /// --train, measured on --test; prints one JSON line.
+    BenchFinetune(FineTuneBenchArgs),
+}
+
+#[derive(clap::Args)]
+struct FineTuneBenchArgs {
+    #[arg(long, env = "TLSERVE_CONFIG", default_value = "config/tlserve.toml")]
+    config: PathBuf,
+    #[arg(long)]
+    backbone: String,
+    #[arg(long)]
+    train: PathBuf,
+    #[arg(long)]
+    test: PathBuf,
+    /// Adapted encoder layers, from the top; default: all.
+    #[arg(long)]
+    layers: Option<usize>,
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    #[arg(long, default_value_t = 16.0)]
+    alpha: f64,
+    /// Adapted projections: any of query, key, value, attention_output,
+    /// intermediate, output.
+    #[arg(long, value_delimiter = ',', default_value = "query,value")]
+    targets: Vec<String>,
+    #[arg(long, default_value_t = 3)]
+    epochs: usize,
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 5e-4)]
+    learning_rate: f64,
+    #[arg(long, default_value_t = 1e-3)]
+    head_learning_rate: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl FineTuneBenchArgs {
+    fn run(self) -> anyhow::Result<()> {
+        let config = load_config(&self.config)?;
+        let targets = tlserve::head::finetune::LoraTargets::from_names(&self.targets)?;
+        let adjust = |params: &mut tlserve::head::finetune::FineTuneParams| {
+            params.lora.layers = self.layers.unwrap_or(params.lora.layers);
+            params.lora.rank = self.rank;
+            params.lora.alpha = self.alpha;
+            params.lora.targets = targets;
+            params.epochs = self.epochs;
+            params.batch_size = self.batch_size;
+            params.learning_rate = self.learning_rate;
+            params.head_learning_rate = self.head_learning_rate;
+            params.seed = self.seed;
+        };
+        let options = bench::finetune::FineTuneBenchOptions {
+            backbone: &self.backbone,
+            train: &self.train,
+            test: &self.test,
+            adjust: &adjust,
+        };
+        bench::finetune::run(&config, &options)
+    }
 }
 
 #[derive(clap::Args)]
@@ -632,6 +694,7 @@ async fn run(cli: Cli) -> Result<()> {
             };
             bench::run(&config, &options)?;
         }
+        Command::BenchFinetune(args) => tokio::task::block_in_place(|| args.run())?,
     }
     Ok(())
 }

@@ -470,3 +470,42 @@ fn is_final(state: proto::JobState) -> bool {
         proto::JobState::Succeeded | proto::JobState::Failed | proto::JobState::Cancelled
     )
 }
+
+/// `tlserve bench-finetune` fits the default frozen head and a LoRA
+/// fine-tuned one on the same training file and measures both on the test
+/// file, with real MiniLM weights: one JSON line with both accuracies. The
+/// topics are easy, so both must classify most of the held-out texts.
+#[test]
+fn bench_finetune_measures_lora_against_the_frozen_head() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("tlserve.toml");
+    std::fs::write(&config, TestServer::minilm_config("", "")).expect("config");
+    let output = Command::new(env!("CARGO_BIN_EXE_tlserve"))
+        .args([
+            "bench-finetune",
+            "--config",
+            path_str(&config),
+            "--backbone",
+            MINILM,
+        ])
+        .args([
+            "--train",
+            path_str(&repo_file("tests/data/topics_train.tsv")),
+        ])
+        .args(["--test", path_str(&repo_file("tests/data/topics_test.tsv"))])
+        .args(["--layers", "1", "--epochs", "2", "--learning-rate", "2e-3"])
+        .output()
+        .expect("run tlserve bench-finetune");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("epoch 0:"), "progress is shown: {stderr}");
+    let result: Value = serde_json::from_slice(&output.stdout).expect("one JSON object");
+    assert_eq!(result["train_examples"], 160);
+    assert_eq!(result["test_examples"], 40);
+    assert_eq!(result["classes"], 4);
+    assert_eq!(result["lora"]["layers"], 1);
+    for key in ["frozen_test_accuracy", "lora_test_accuracy"] {
+        let accuracy = result[key].as_f64().expect(key);
+        assert!(accuracy >= 0.85, "{key} {accuracy}: {result}");
+    }
+}

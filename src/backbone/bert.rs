@@ -36,6 +36,41 @@ pub struct BertBackbone {
     descriptor: BackboneDescriptor,
 }
 
+/// A BERT backbone's weights as a trainable graph (f32, on the configured
+/// device) with its tokenizer: what fine-tuning starts from.
+pub struct TrainableBert {
+    pub graph: BertGraph,
+    pub encoder: TextEncoder,
+}
+
+impl TrainableBert {
+    pub fn load(config: &BackboneConfig, cache_dir: Option<&std::path::Path>) -> Result<Self> {
+        let files = source::resolve(&config.source, cache_dir, super::Modality::Text)?;
+        let device = candle_device(config.device)?;
+        let text_files = files.text.as_ref().ok_or_else(|| {
+            Error::ModelLoad("a BERT backbone needs config.json and tokenizer.json".into())
+        })?;
+        let model_config: BertConfig = read_json(&text_files.config)?;
+        let max_len = max_sequence_length(config, &files, &model_config)?;
+        // SAFETY: as in `BertBackbone::load`.
+        let vars =
+            unsafe { VarBuilder::from_mmaped_safetensors(&[&files.weights], DType::F32, &device) }
+                .map_err(|err| {
+                    Error::ModelLoad(format!("cannot map {}: {err}", files.weights.display()))
+                })?;
+        let graph = BertGraph::load(vars, &model_config).map_err(|err| {
+            Error::ModelLoad(format!(
+                "{} does not hold BERT weights: {err}",
+                files.weights.display()
+            ))
+        })?;
+        Ok(Self {
+            graph,
+            encoder: TextEncoder::from_file(&text_files.tokenizer, max_len)?,
+        })
+    }
+}
+
 /// The part of sentence-transformers' sentence_bert_config.json we use.
 #[derive(Deserialize)]
 struct SentenceConfig {

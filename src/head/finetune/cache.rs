@@ -80,7 +80,7 @@ impl Bottoms {
 }
 
 /// Token ids padded with 0 and their mask, `[texts, longest]` each.
-fn padded_ids(texts: &[&[u32]], graph: &BertGraph) -> Result<(Tensor, Tensor)> {
+pub fn padded_ids(texts: &[&[u32]], graph: &BertGraph) -> Result<(Tensor, Tensor)> {
     let len = texts.iter().map(|t| t.len()).max().unwrap_or(0);
     let mut ids = Vec::with_capacity(texts.len() * len);
     let mut mask = Vec::with_capacity(texts.len() * len);

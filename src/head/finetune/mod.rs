@@ -16,7 +16,7 @@ mod steps;
 use tokio_util::sync::CancellationToken;
 
 use super::{model::HeadWeights, HeadMetrics};
-use crate::backbone::bert_graph::BertGraph;
+use crate::backbone::bert_graph::{BertGraph, Kernels};
 use crate::backbone::lora::LayerAdapters;
 use crate::{Error, Result};
 
@@ -48,13 +48,65 @@ impl Default for LoraTargets {
 }
 
 impl LoraTargets {
+    /// The projections' names, as the CLI and the JSON reports spell them.
+    pub const NAMES: [&'static str; 6] = [
+        "query",
+        "key",
+        "value",
+        "attention_output",
+        "intermediate",
+        "output",
+    ];
+
+    fn flags(&self) -> [bool; 6] {
+        [
+            self.query,
+            self.key,
+            self.value,
+            self.attention_output,
+            self.intermediate,
+            self.output,
+        ]
+    }
+
+    /// The targets named in `names` (each of [`Self::NAMES`]), none else.
+    pub fn from_names<S: AsRef<str>>(names: &[S]) -> Result<Self> {
+        let mut flags = [false; 6];
+        for name in names {
+            let index = Self::NAMES
+                .iter()
+                .position(|n| *n == name.as_ref())
+                .ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "lora.targets: unknown projection `{}` (one of {})",
+                        name.as_ref(),
+                        Self::NAMES.join(", ")
+                    ))
+                })?;
+            flags[index] = true;
+        }
+        let [query, key, value, attention_output, intermediate, output] = flags;
+        Ok(Self {
+            query,
+            key,
+            value,
+            attention_output,
+            intermediate,
+            output,
+        })
+    }
+
+    /// The names of the chosen projections.
+    pub fn names(&self) -> Vec<&'static str> {
+        Self::NAMES
+            .iter()
+            .zip(self.flags())
+            .filter_map(|(name, on)| on.then_some(*name))
+            .collect()
+    }
+
     pub fn any(&self) -> bool {
-        self.query
-            || self.key
-            || self.value
-            || self.attention_output
-            || self.intermediate
-            || self.output
+        self.flags().iter().any(|&on| on)
     }
 }
 
@@ -93,7 +145,8 @@ impl FineTuneParams {
     /// Defaults for a backbone of `layers` encoder layers: rank 8 (alpha 16)
     /// on query and value of every layer, 3 epochs of batches of 16, learning
     /// rates 5e-4 (adapters) and 1e-3 (head), weight decay 0.01, 10% warm-up,
-    /// 10% held out, patience 1.
+    /// 10% held out, patience 2 (the frozen head is the first candidate, and
+    /// an epoch under warm-up seldom beats it).
     pub fn defaults(layers: usize) -> Self {
         Self {
             lora: LoraSettings {
@@ -109,7 +162,7 @@ impl FineTuneParams {
             weight_decay: 0.01,
             warmup_fraction: 0.1,
             validation_fraction: 0.1,
-            patience: 1,
+            patience: 2,
             seed: 0,
         }
     }
@@ -244,6 +297,24 @@ pub fn fine_tune(
     let split = graph.num_layers() - params.lora.layers;
     let bottoms = cache::Bottoms::compute(graph, &examples.ids, split, cancel)?;
     steps::Run::new(graph, examples, params, bottoms)?.execute(cancel, on_progress)
+}
+
+/// Pooled, unit-length features of `ids` through `graph` with `adapters` on
+/// its top layers (none: the frozen features), row after row: what a
+/// fine-tuned head classifies.
+pub fn adapted_features(
+    graph: &BertGraph,
+    adapters: &[LayerAdapters],
+    ids: &[Vec<u32>],
+) -> Result<Vec<f32>> {
+    let mut features = Vec::with_capacity(ids.len() * graph.hidden_size());
+    for chunk in ids.chunks(32) {
+        let texts: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
+        let (ids, mask) = cache::padded_ids(&texts, graph)?;
+        let out = graph.forward_adapted(&ids, &mask, adapters, Kernels::Fused)?;
+        features.extend(cache::to_f32(&cache::pooled(&out, &mask)?)?);
+    }
+    Ok(features)
 }
 
 #[cfg(test)]

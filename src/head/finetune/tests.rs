@@ -155,6 +155,20 @@ fn cancel_stops_within_an_epoch() {
     assert_eq!(steps, 3);
 }
 
+/// Targets by name, and back.
+#[test]
+fn targets_are_named() {
+    let targets = super::LoraTargets::from_names(&["query", "output"]).expect("names");
+    assert!(targets.query && targets.output && !targets.value);
+    assert_eq!(targets.names(), vec!["query", "output"]);
+    assert_eq!(
+        super::LoraTargets::default().names(),
+        vec!["query", "value"]
+    );
+    let err = super::LoraTargets::from_names(&["dense"]).expect_err("refused");
+    assert!(err.to_string().contains("lora.targets"), "{err}");
+}
+
 /// Bounds are checked before any work, naming the field.
 #[test]
 fn bad_settings_are_refused_by_name() {

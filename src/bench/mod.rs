@@ -3,7 +3,9 @@
 //! same format as the sentence-transformers peer script (scripts/bench/), so the two
 //! can be compared in one run. For an image backbone the corpus lists image files
 //! (paths relative to the corpus file), and decoding and preprocessing count, as
-//! tokenization does for text.
+//! tokenization does for text. [`finetune`]: `tlserve bench-finetune`.
+
+pub mod finetune;
 
 use std::{
     path::Path,
@@ -37,12 +39,20 @@ pub struct BenchOptions<'a> {
 /// `min_seconds` has not passed, to keep the run bounded.
 const MAX_PASSES: usize = 50;
 
-pub fn run(config: &Config, options: &BenchOptions<'_>) -> Result<()> {
-    let backbone_config = config
+/// The configuration of the backbone named `name`.
+fn backbone_config<'a>(
+    config: &'a Config,
+    name: &str,
+) -> Result<&'a crate::config::BackboneConfig> {
+    config
         .backbones
         .iter()
-        .find(|b| b.name == options.backbone)
-        .with_context(|| format!("backbone `{}` is not in the config", options.backbone))?;
+        .find(|b| b.name == name)
+        .with_context(|| format!("backbone `{name}` is not in the config"))
+}
+
+pub fn run(config: &Config, options: &BenchOptions<'_>) -> Result<()> {
+    let backbone_config = backbone_config(config, options.backbone)?;
     let lines: Vec<String> = std::fs::read_to_string(options.corpus)
         .with_context(|| format!("cannot read corpus {}", options.corpus.display()))?
         .lines()

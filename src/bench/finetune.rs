@@ -1,0 +1,182 @@
+//! `tlserve bench-finetune`: what LoRA fine-tuning gains over the default
+//! frozen-feature head, on the same labelled texts and the same split. Both
+//! heads are fitted on the training file and measured on the test file;
+//! prints one JSON object with both accuracies and times.
+
+use std::{path::Path, time::Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    backbone::bert::TrainableBert,
+    client::{examples::ExampleInput, text_files::parse_tsv},
+    config::Config,
+    head::{
+        finetune::{self, FineTuneParams, Progress, TextExamples},
+        model::HeadWeights,
+        train::{self, TrainingSet},
+        HeadKind, TrainingParams,
+    },
+};
+
+pub struct FineTuneBenchOptions<'a> {
+    pub backbone: &'a str,
+    /// `LABEL<TAB>TEXT` lines, as `tlserve train` reads them.
+    pub train: &'a Path,
+    pub test: &'a Path,
+    /// Applied to the backbone's defaults ([`FineTuneParams::defaults`]).
+    pub adjust: &'a dyn Fn(&mut FineTuneParams),
+}
+
+pub fn run(config: &Config, options: &FineTuneBenchOptions<'_>) -> Result<()> {
+    let backbone = super::backbone_config(config, options.backbone)?;
+    let model = TrainableBert::load(backbone, config.server.model_cache_dir.as_deref())?;
+    let (train_texts, train_labels) = read_tsv(options.train)?;
+    let (test_texts, test_labels) = read_tsv(options.test)?;
+    let mut classes: Vec<String> = train_labels.clone();
+    classes.sort();
+    classes.dedup();
+    let index = |labels: &[String]| -> Result<Vec<u32>> {
+        labels
+            .iter()
+            .map(|l| {
+                classes.binary_search(l).map(|i| i as u32).map_err(|_| {
+                    anyhow::anyhow!("test label `{l}` is not among the training labels")
+                })
+            })
+            .collect()
+    };
+    let train = TextExamples {
+        ids: tokenize(&model, &train_texts)?,
+        labels: index(&train_labels)?,
+        classes: classes.len(),
+    };
+    let test_ids = tokenize(&model, &test_texts)?;
+    let test_labels = index(&test_labels)?;
+    let mut params = FineTuneParams::defaults(model.graph.num_layers());
+    (options.adjust)(&mut params);
+
+    let started = Instant::now();
+    let frozen_head = frozen_head(&model, &train, params.seed)?;
+    let frozen_features = finetune::adapted_features(&model.graph, &[], &test_ids)?;
+    let frozen_accuracy = accuracy(&frozen_head, &frozen_features, &test_labels);
+    let frozen_seconds = started.elapsed().as_secs_f64();
+
+    let started = Instant::now();
+    let tuned = finetune::fine_tune(
+        &model.graph,
+        &train,
+        &params,
+        &CancellationToken::new(),
+        &mut report,
+    )?;
+    let tuned_features = finetune::adapted_features(&model.graph, &tuned.adapters, &test_ids)?;
+    let tuned_accuracy = accuracy(&tuned.head, &tuned_features, &test_labels);
+    println!(
+        "{}",
+        json!({
+            "backbone": options.backbone,
+            "train_examples": train.labels.len(),
+            "test_examples": test_labels.len(),
+            "classes": classes.len(),
+            "frozen_test_accuracy": frozen_accuracy,
+            "frozen_seconds": frozen_seconds,
+            "lora_test_accuracy": tuned_accuracy,
+            "lora_seconds": started.elapsed().as_secs_f64(),
+            "lora_kept_epoch": tuned.metrics.epoch,
+            "lora": {
+                "layers": params.lora.layers, "rank": params.lora.rank, "alpha": params.lora.alpha,
+                "targets": params.lora.targets.names(),
+                "epochs": params.epochs, "batch_size": params.batch_size,
+                "learning_rate": params.learning_rate, "head_learning_rate": params.head_learning_rate,
+                "seed": params.seed,
+            },
+            "threads": candle_core::utils::get_num_threads(),
+        })
+    );
+    Ok(())
+}
+
+/// Progress on stderr: every epoch, and every 25th step.
+fn report(progress: &Progress) {
+    match progress {
+        Progress::Step { step, steps, loss } if step % 25 == 0 || step == steps => {
+            eprintln!("step {step}/{steps}: loss {loss:.4}");
+        }
+        Progress::Step { .. } => {}
+        Progress::Epoch(m) => eprintln!(
+            "epoch {}: train loss {:.4}, accuracy {:.4}; held out loss {:?}, accuracy {:?}",
+            m.epoch, m.train_loss, m.train_accuracy, m.validation_loss, m.validation_accuracy
+        ),
+    }
+}
+
+/// The default TrainHead head (linear, L-BFGS, penalty by cross-validation)
+/// on every training example's frozen features.
+fn frozen_head(model: &TrainableBert, train: &TextExamples, seed: u64) -> Result<HeadWeights> {
+    let set = TrainingSet {
+        features: finetune::adapted_features(&model.graph, &[], &train.ids)?,
+        dim: model.graph.hidden_size(),
+        labels: train.labels.clone(),
+        classes: train.classes,
+    };
+    let params = TrainingParams {
+        seed,
+        ..TrainingParams::default()
+    };
+    let trained = train::train(
+        &set,
+        &HeadKind::Linear,
+        &params,
+        &CancellationToken::new(),
+        &mut |_, _| {},
+    )?;
+    Ok(trained.weights)
+}
+
+fn accuracy(head: &HeadWeights, features: &[f32], labels: &[u32]) -> f64 {
+    let dim = head.input_dim();
+    let right = features
+        .chunks_exact(dim)
+        .zip(labels)
+        .filter(|(row, &label)| {
+            let logits = head.logits(row);
+            let best = logits
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map(|(i, _)| i as u32);
+            best == Some(label)
+        })
+        .count();
+    right as f64 / labels.len().max(1) as f64
+}
+
+fn tokenize(model: &TrainableBert, texts: &[String]) -> Result<Vec<Vec<u32>>> {
+    texts
+        .iter()
+        .enumerate()
+        .map(|(i, text)| Ok(model.encoder.encode(i, text, true)?.ids))
+        .collect()
+}
+
+/// Texts and labels of a `LABEL<TAB>TEXT` file, as `tlserve train` reads it.
+fn read_tsv(path: &Path) -> Result<(Vec<String>, Vec<String>)> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut texts = Vec::new();
+    let mut labels = Vec::new();
+    for example in parse_tsv(&text, &path.display().to_string())? {
+        let ExampleInput::Text(text) = example.input else {
+            bail!(
+                "{}: only texts can fine-tune a text backbone",
+                path.display()
+            );
+        };
+        texts.push(text);
+        labels.push(example.label);
+    }
+    Ok((texts, labels))
+}
