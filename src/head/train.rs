@@ -69,7 +69,7 @@ struct Layer {
 
 impl Layer {
     /// PyTorch's default initialisation: uniform in ±1/sqrt(fan_in).
-    fn new(inputs: usize, outputs: usize, rng: &mut Rng) -> Result<Self> {
+    fn new(inputs: usize, outputs: usize, rng: &mut Rng, device: &Device) -> Result<Self> {
         let bound = 1.0 / (inputs as f32).sqrt();
         let mut draw = |n: usize| -> Vec<f32> {
             (0..n)
@@ -77,8 +77,8 @@ impl Layer {
                 .collect()
         };
         Ok(Self {
-            weight: Var::from_vec(draw(inputs * outputs), (outputs, inputs), &Device::Cpu)?,
-            bias: Var::from_vec(draw(outputs), outputs, &Device::Cpu)?,
+            weight: Var::from_vec(draw(inputs * outputs), (outputs, inputs), device)?,
+            bias: Var::from_vec(draw(outputs), outputs, device)?,
         })
     }
 
@@ -103,18 +103,19 @@ struct Network {
 }
 
 impl Network {
-    fn new(kind: &HeadKind, dim: usize, classes: usize, rng: &mut Rng) -> Result<Self> {
+    fn new(kind: &HeadKind, set: &TrainingSet, rng: &mut Rng, device: &Device) -> Result<Self> {
+        let (dim, classes) = (set.dim, set.classes);
         Ok(match kind {
             HeadKind::Linear => Self {
                 hidden: None,
-                output: Layer::new(dim, classes, rng)?,
+                output: Layer::new(dim, classes, rng, device)?,
             },
             HeadKind::Mlp {
                 hidden_size,
                 dropout,
             } => Self {
-                hidden: Some((Layer::new(dim, *hidden_size, rng)?, *dropout)),
-                output: Layer::new(*hidden_size, classes, rng)?,
+                hidden: Some((Layer::new(dim, *hidden_size, rng, device)?, *dropout)),
+                output: Layer::new(*hidden_size, classes, rng, device)?,
             },
         })
     }
@@ -145,7 +146,7 @@ impl Network {
                                 }
                             })
                             .collect();
-                        h.mul(&Tensor::from_vec(mask, h.shape(), &Device::Cpu)?)?
+                        h.mul(&Tensor::from_vec(mask, h.shape(), h.device())?)?
                     }
                     _ => h,
                 }
@@ -167,7 +168,7 @@ impl Network {
 }
 
 /// Rows of the set as tensors.
-fn gather(set: &TrainingSet, rows: &[usize]) -> Result<(Tensor, Tensor)> {
+fn gather(set: &TrainingSet, rows: &[usize], device: &Device) -> Result<(Tensor, Tensor)> {
     let mut x = Vec::with_capacity(rows.len() * set.dim);
     let mut y = Vec::with_capacity(rows.len());
     for &r in rows {
@@ -175,8 +176,8 @@ fn gather(set: &TrainingSet, rows: &[usize]) -> Result<(Tensor, Tensor)> {
         y.push(set.labels[r]);
     }
     Ok((
-        Tensor::from_vec(x, (rows.len(), set.dim), &Device::Cpu)?,
-        Tensor::from_vec(y, rows.len(), &Device::Cpu)?,
+        Tensor::from_vec(x, (rows.len(), set.dim), device)?,
+        Tensor::from_vec(y, rows.len(), device)?,
     ))
 }
 
@@ -220,7 +221,12 @@ fn split_rows(len: usize, params: &TrainingParams, rng: &mut Rng) -> (Vec<usize>
 }
 
 /// Per-class loss weights: inverse class frequency when `balance`, else 1.
-fn class_weights(set: &TrainingSet, train_rows: &[usize], balance: bool) -> Result<Tensor> {
+fn class_weights(
+    set: &TrainingSet,
+    train_rows: &[usize],
+    balance: bool,
+    device: &Device,
+) -> Result<Tensor> {
     let mut counts = vec![0usize; set.classes];
     for &r in train_rows {
         counts[set.labels[r] as usize] += 1;
@@ -235,7 +241,7 @@ fn class_weights(set: &TrainingSet, train_rows: &[usize], balance: bool) -> Resu
             }
         })
         .collect();
-    Ok(Tensor::from_vec(weights, set.classes, &Device::Cpu)?)
+    Ok(Tensor::from_vec(weights, set.classes, device)?)
 }
 
 /// Loss and accuracy after an epoch, on the training rows and, when there
@@ -265,13 +271,29 @@ fn epoch_metrics(
     })
 }
 
-/// Trains a head; `on_step` sees each step's metrics (an epoch, or a fit of
-/// the L-BFGS path) with the planned number of steps; `cancel` stops at the
-/// next mini-batch or L-BFGS iteration with [`Error::Cancelled`].
+/// Trains a head on the CPU; `on_step` sees each step's metrics (an epoch,
+/// or a fit of the L-BFGS path) with the planned number of steps; `cancel`
+/// stops at the next mini-batch or L-BFGS iteration with
+/// [`Error::Cancelled`].
 pub fn train(
     set: &TrainingSet,
     kind: &HeadKind,
     params: &TrainingParams,
+    cancel: &CancellationToken,
+    on_step: &mut OnStep,
+) -> Result<TrainedHead> {
+    train_on_device(set, kind, params, &Device::Cpu, cancel, on_step)
+}
+
+/// [`train`], with the AdamW solver's tensors on `device` (the backbone's:
+/// a GPU when it serves from one). The L-BFGS solver runs on the CPU in any
+/// case: its features are already in host memory, it works in f64, and its
+/// products are small enough that a device would spend more on the copies.
+pub fn train_on_device(
+    set: &TrainingSet,
+    kind: &HeadKind,
+    params: &TrainingParams,
+    device: &Device,
     cancel: &CancellationToken,
     on_step: &mut OnStep,
 ) -> Result<TrainedHead> {
@@ -290,7 +312,7 @@ pub fn train(
         (Solver::Lbfgs, HeadKind::Mlp { .. }) => Err(Error::InvalidArgument(
             "the lbfgs solver trains linear heads; an MLP head trains with adamw".into(),
         )),
-        (Solver::Adamw, _) => train_adamw(set, kind, params, cancel, on_step),
+        (Solver::Adamw, _) => train_adamw(set, kind, params, device, cancel, on_step),
     }
 }
 
@@ -301,6 +323,7 @@ fn train_adamw(
     set: &TrainingSet,
     kind: &HeadKind,
     params: &TrainingParams,
+    device: &Device,
     cancel: &CancellationToken,
     on_step: &mut OnStep,
 ) -> Result<TrainedHead> {
@@ -309,9 +332,10 @@ fn train_adamw(
     let validation = if validation_rows.is_empty() {
         None
     } else {
-        Some(gather(set, &validation_rows)?)
+        Some(gather(set, &validation_rows, device)?)
     };
     let search = Run {
+        device,
         rows: train_rows,
         validation: validation.as_ref(),
         epochs: params.epochs,
@@ -335,6 +359,7 @@ fn train_adamw(
     // The held-out rows chose the number of epochs; now they train too.
     let best_epoch = search.metrics.epoch;
     let refit = Run {
+        device,
         rows: (0..set.len()).collect(),
         validation: None,
         epochs: best_epoch,
@@ -401,6 +426,8 @@ fn scheduled_rate(params: &TrainingParams, epoch: usize) -> f64 {
 
 /// One pass of training from fresh weights.
 struct Run<'a> {
+    /// Where the head trains: the backbone's device.
+    device: &'a Device,
     rows: Vec<usize>,
     validation: Option<&'a (Tensor, Tensor)>,
     epochs: usize,
@@ -426,10 +453,10 @@ impl Run<'_> {
         cancel: &CancellationToken,
         on_step: &mut OnStep,
     ) -> Result<RunResult> {
-        let (x_train, y_train) = gather(set, &self.rows)?;
-        let class_weights = class_weights(set, &self.rows, params.balance_classes)?;
-        let uniform = Tensor::ones(set.classes, DType::F32, &Device::Cpu)?;
-        let network = Network::new(kind, set.dim, set.classes, rng)?;
+        let (x_train, y_train) = gather(set, &self.rows, self.device)?;
+        let class_weights = class_weights(set, &self.rows, params.balance_classes, self.device)?;
+        let uniform = Tensor::ones(set.classes, DType::F32, self.device)?;
+        let network = Network::new(kind, set, rng, self.device)?;
         let mut optimizer = candle_nn::AdamW::new(
             network.vars(),
             ParamsAdamW {
@@ -448,7 +475,7 @@ impl Run<'_> {
                 if cancel.is_cancelled() {
                     return Err(Error::Cancelled("the job was cancelled".into()));
                 }
-                let (x, y) = gather(set, rows)?;
+                let (x, y) = gather(set, rows, self.device)?;
                 let logits = network.forward(&x, Some(rng))?;
                 let loss = weighted_cross_entropy(&logits, &y, &class_weights)?;
                 optimizer.backward_step(&loss)?;

@@ -642,7 +642,7 @@ impl JobManager {
             labels: distinct.labels,
             classes: request.labels.len(),
         };
-        let trained = train_on(job, set, &request).await?;
+        let trained = train_on(job, set, &request, training_device(&descriptor.device)).await?;
         job.check_cancelled()?;
         let meta = HeadMetadata {
             name: request.head_name.clone(),
@@ -757,16 +757,22 @@ async fn embed_distinct(
 
 /// Trains the head on a blocking thread, reporting each step (an epoch, or
 /// a fit of the L-BFGS path) as an epoch.
-async fn train_on(job: &Arc<Job>, set: TrainingSet, request: &JobRequest) -> Result<TrainedHead> {
+async fn train_on(
+    job: &Arc<Job>,
+    set: TrainingSet,
+    request: &JobRequest,
+    device: candle_core::Device,
+) -> Result<TrainedHead> {
     job.emit(Some(Stage::Training), |_| {});
     let training_job = Arc::clone(job);
     let kind = request.kind.clone();
     let params = request.params.clone();
     run_blocking("training a head", move || {
-        train::train(
+        train::train_on_device(
             &set,
             &kind,
             &params,
+            &device,
             &training_job.cancel,
             &mut |metrics: &HeadMetrics, planned: usize| {
                 training_job.emit(None, |progress| {
@@ -778,6 +784,17 @@ async fn train_on(job: &Arc<Job>, set: TrainingSet, request: &JobRequest) -> Res
         )
     })
     .await?
+}
+
+/// Where a head of a backbone on `device` (as its descriptor names it)
+/// trains: that device, or the CPU when it cannot be opened here (the head
+/// then trains more slowly, but trains).
+fn training_device(device: &str) -> candle_core::Device {
+    device
+        .parse::<crate::config::DeviceSpec>()
+        .ok()
+        .and_then(|spec| crate::backbone::candle_device(spec).ok())
+        .unwrap_or(candle_core::Device::Cpu)
 }
 
 /// Bulk work waits for room instead of failing when online traffic fills the
@@ -821,5 +838,21 @@ impl InputKey {
             }
             Input::TokenIds(ids) => InputKey::TokenIds(ids.clone()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::training_device;
+
+    /// A head trains on its backbone's device, and on the CPU when that
+    /// device cannot be opened (a GPU named in a build or on a machine
+    /// without one).
+    #[test]
+    fn heads_train_on_the_backbones_device_or_the_cpu() {
+        assert!(training_device("cpu").is_cpu());
+        assert!(training_device("not a device").is_cpu());
+        #[cfg(not(feature = "cuda"))]
+        assert!(training_device("cuda:0").is_cpu(), "no CUDA in this build");
     }
 }

@@ -107,11 +107,18 @@ impl<'a> Run<'a> {
             seed: self.params.seed,
             ..TrainingParams::default()
         };
-        let trained = train::train(&set, &HeadKind::Linear, &params, cancel, &mut |_, _| {})?;
+        let device = self.graph.device();
+        let trained = train::train_on_device(
+            &set,
+            &HeadKind::Linear,
+            &params,
+            &device,
+            cancel,
+            &mut |_, _| {},
+        )?;
         let HeadWeights::Linear { output } = trained.weights else {
             return Err(Error::Internal("the frozen head is not linear".into()));
         };
-        let device = self.graph.device();
         let dtype = self.graph.dtype();
         let weight = Tensor::from_vec(output.weight, (output.outputs, output.inputs), &device)?;
         let bias = Tensor::from_vec(output.bias, output.outputs, &device)?;
