@@ -342,6 +342,10 @@ struct FineTuneBenchArgs {
     head_learning_rate: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Also write the adapters in the Python peft package's layout, and the
+    /// test texts' adapted features (features.jsonl), into this folder.
+    #[arg(long)]
+    export_peft: Option<PathBuf>,
 }
 
 impl FineTuneBenchArgs {
@@ -364,6 +368,7 @@ impl FineTuneBenchArgs {
             train: &self.train,
             test: &self.test,
             adjust: &adjust,
+            export_peft: self.export_peft.as_deref(),
         };
         bench::finetune::run(&config, &options)
     }

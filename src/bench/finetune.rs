@@ -28,6 +28,9 @@ pub struct FineTuneBenchOptions<'a> {
     pub test: &'a Path,
     /// Applied to the backbone's defaults ([`FineTuneParams::defaults`]).
     pub adjust: &'a dyn Fn(&mut FineTuneParams),
+    /// Where to write the adapters in peft's layout, with the adapted
+    /// features of the test texts (features.jsonl) to compare against peft.
+    pub export_peft: Option<&'a Path>,
 }
 
 pub fn run(config: &Config, options: &FineTuneBenchOptions<'_>) -> Result<()> {
@@ -74,6 +77,9 @@ pub fn run(config: &Config, options: &FineTuneBenchOptions<'_>) -> Result<()> {
     )?;
     let tuned_features = finetune::adapted_features(&model.graph, &tuned.adapters, &test_ids)?;
     let tuned_accuracy = accuracy(&tuned.head, &tuned_features, &test_labels);
+    if let Some(dir) = options.export_peft {
+        export(dir, &tuned.adapters, &params, &model.graph, &tuned_features)?;
+    }
     println!(
         "{}",
         json!({
@@ -97,6 +103,30 @@ pub fn run(config: &Config, options: &FineTuneBenchOptions<'_>) -> Result<()> {
         })
     );
     Ok(())
+}
+
+/// The adapters in peft's layout, and the test texts' adapted features, one
+/// JSON array per line.
+fn export(
+    dir: &Path,
+    adapters: &[crate::backbone::lora::LayerAdapters],
+    params: &FineTuneParams,
+    graph: &crate::backbone::bert_graph::BertGraph,
+    features: &[f32],
+) -> Result<()> {
+    let settings = crate::backbone::lora::PeftSettings {
+        rank: params.lora.rank,
+        alpha: params.lora.alpha,
+        first_layer: graph.num_layers() - params.lora.layers,
+    };
+    crate::backbone::lora::export_peft(adapters, &settings, dir)?;
+    let mut lines = String::new();
+    for row in features.chunks_exact(graph.hidden_size()) {
+        lines.push_str(&serde_json::to_string(row)?);
+        lines.push('\n');
+    }
+    let path = dir.join("features.jsonl");
+    std::fs::write(&path, lines).with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Progress on stderr: every epoch, and every 25th step.
