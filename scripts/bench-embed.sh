@@ -66,6 +66,8 @@ peer_packages=(
   # ONNX Runtime, the engine text-embeddings-inference runs on CPU: the model is
   # exported to ONNX (torch.onnx.export, which needs onnx and onnxscript) in this
   # venv and run with the CPUExecutionProvider, float and dynamically quantized.
+  # The LoRA reference of scripts/bench-finetune.sh --peer (scripts/bench/peer_finetune.py).
+  "peft==0.21.2"
   "onnxruntime==1.32.0"
   "onnx==1.23.2"
   "onnxscript==0.7.2"
