@@ -658,6 +658,16 @@ pub struct BackboneConfig {
 }
 
 impl BackboneConfig {
+    /// The engine a BERT backbone runs on: `auto` is native on the CPU and
+    /// candle elsewhere.
+    pub fn resolved_engine(&self) -> Engine {
+        match (self.engine, self.device) {
+            (Engine::Auto, DeviceSpec::Cpu) => Engine::Native,
+            (Engine::Auto, _) => Engine::Candle,
+            (chosen, _) => chosen,
+        }
+    }
+
     /// Everything about one backbone that can be checked without the others;
     /// `limits` are the request limits its queue must accommodate.
     fn validate(&self, limits: &LimitsConfig) -> Result<(), String> {
@@ -705,9 +715,7 @@ impl BackboneConfig {
         {
             return Err("`image` settings apply to image backbones only".into());
         }
-        // The engine `auto` picks is known here: native on the CPU, candle elsewhere.
-        let candle = self.engine == Engine::Candle
-            || (self.engine == Engine::Auto && self.device != DeviceSpec::Cpu);
+        let candle = self.resolved_engine() == Engine::Candle;
         if candle && !self.precision.candle_engine_runs() {
             return Err(format!(
                 "precision = \"{}\" runs on the native engine (CPU); the candle engine \

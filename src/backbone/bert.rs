@@ -31,8 +31,6 @@ enum Network {
 pub struct BertBackbone {
     network: Network,
     encoder: TextEncoder,
-    device: Device,
-    pad_id: u32,
     descriptor: BackboneDescriptor,
 }
 
@@ -45,29 +43,63 @@ pub struct TrainableBert {
 
 impl TrainableBert {
     pub fn load(config: &BackboneConfig, cache_dir: Option<&std::path::Path>) -> Result<Self> {
-        let files = source::resolve(&config.source, cache_dir, super::Modality::Text)?;
+        let files = source::resolve(&config.source, cache_dir, Modality::Text)?;
         let device = candle_device(config.device)?;
-        let text_files = files.text.as_ref().ok_or_else(|| {
-            Error::ModelLoad("a BERT backbone needs config.json and tokenizer.json".into())
-        })?;
-        let model_config: BertConfig = read_json(&text_files.config)?;
-        let max_len = max_sequence_length(config, &files, &model_config)?;
-        // SAFETY: as in `BertBackbone::load`.
-        let vars =
-            unsafe { VarBuilder::from_mmaped_safetensors(&[&files.weights], DType::F32, &device) }
-                .map_err(|err| {
-                    Error::ModelLoad(format!("cannot map {}: {err}", files.weights.display()))
-                })?;
-        let graph = BertGraph::load(vars, &model_config).map_err(|err| {
-            Error::ModelLoad(format!(
-                "{} does not hold BERT weights: {err}",
-                files.weights.display()
-            ))
-        })?;
+        let opened = Opened::read(config, &files)?;
+        let graph = BertGraph::load(opened.weights(DType::F32, &device)?, &opened.model)
+            .map_err(|err| opened.mismatch(err))?;
         Ok(Self {
             graph,
-            encoder: TextEncoder::from_file(&text_files.tokenizer, max_len)?,
+            encoder: opened.encoder()?,
         })
+    }
+}
+
+/// A BERT model folder's configuration, read and checked: what both loaders
+/// need before the weights.
+struct Opened<'a> {
+    files: &'a ModelFiles,
+    text: &'a source::TextFiles,
+    model: BertConfig,
+    max_len: usize,
+}
+
+impl<'a> Opened<'a> {
+    fn read(config: &BackboneConfig, files: &'a ModelFiles) -> Result<Self> {
+        let text = files.text.as_ref().ok_or_else(|| {
+            Error::ModelLoad("a BERT backbone needs config.json and tokenizer.json".into())
+        })?;
+        let model: BertConfig = read_json(&text.config)?;
+        let max_len = max_sequence_length(config, files, &model)?;
+        Ok(Self {
+            files,
+            text,
+            model,
+            max_len,
+        })
+    }
+
+    /// The weights, memory-mapped, as `dtype` on `device`.
+    fn weights(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        let path = &self.files.weights;
+        // SAFETY: the weights file is memory-mapped; it must not be modified while
+        // the server runs, which holds for model folders that are only ever
+        // replaced as a whole (scripts/fetch-models.sh) or read-only volumes.
+        unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, device) }
+            .map_err(|err| Error::ModelLoad(format!("cannot map {}: {err}", path.display())))
+    }
+
+    /// The error for weights that do not fit the configuration.
+    fn mismatch(&self, err: candle_core::Error) -> Error {
+        Error::ModelLoad(format!(
+            "{} does not hold BERT weights matching {}: {err}",
+            self.files.weights.display(),
+            self.text.config.display()
+        ))
+    }
+
+    fn encoder(&self) -> Result<TextEncoder> {
+        TextEncoder::from_file(&self.text.tokenizer, self.max_len)
     }
 }
 
@@ -80,11 +112,7 @@ struct SentenceConfig {
 impl BertBackbone {
     pub fn load(config: &BackboneConfig, files: &ModelFiles) -> Result<Self> {
         let device = candle_device(config.device)?;
-        let text_files = files.text.as_ref().ok_or_else(|| {
-            Error::ModelLoad("a BERT backbone needs config.json and tokenizer.json".into())
-        })?;
-        let model_config: BertConfig = read_json(&text_files.config)?;
-        let max_len = max_sequence_length(config, files, &model_config)?;
+        let opened = Opened::read(config, files)?;
         let (engine, precision) = engine_and_precision(config, &device)?;
         // The native engine converts f32 weights itself; candle's graph runs in
         // the float type its weights are loaded as.
@@ -92,27 +120,15 @@ impl BertBackbone {
             Engine::Native => DType::F32,
             _ => bert_graph::dtype_of(precision).unwrap_or(DType::F32),
         };
-
-        // SAFETY: the weights file is memory-mapped; it must not be modified while
-        // the server runs, which holds for model folders that are only ever
-        // replaced as a whole (scripts/fetch-models.sh) or read-only volumes.
-        let vars =
-            unsafe { VarBuilder::from_mmaped_safetensors(&[&files.weights], dtype, &device) }
-                .map_err(|err| {
-                    Error::ModelLoad(format!("cannot map {}: {err}", files.weights.display()))
-                })?;
+        let vars = opened.weights(dtype, &device)?;
+        let model_config = &opened.model;
         let loaded = match engine {
-            Engine::Native => NativeBert::load(vars, &model_config, precision).map(Network::Native),
-            _ => BertGraph::load(vars, &model_config).map(Network::Candle),
+            Engine::Native => NativeBert::load(vars, model_config, precision).map(Network::Native),
+            _ => BertGraph::load(vars, model_config).map(Network::Candle),
         };
-        let network = loaded.map_err(|err| {
-            Error::ModelLoad(format!(
-                "{} does not hold BERT weights matching {}: {err}",
-                files.weights.display(),
-                text_files.config.display()
-            ))
-        })?;
-        let encoder = TextEncoder::from_file(&text_files.tokenizer, max_len)?;
+        let network = loaded.map_err(|err| opened.mismatch(err))?;
+        let encoder = opened.encoder()?;
+        let max_len = opened.max_len;
 
         let descriptor = BackboneDescriptor {
             name: config.name.clone(),
@@ -141,32 +157,19 @@ impl BertBackbone {
         Ok(Self {
             network,
             encoder,
-            device,
-            pad_id: u32::try_from(model_config.pad_token_id).unwrap_or(0),
             descriptor,
         })
     }
 
-    /// Token vectors of a batch, padded to its longest text: `[batch, len, hidden]`,
-    /// and the attention mask `[batch, len]` (1 for real tokens) as f32.
     fn hidden(&self) -> usize {
         self.descriptor.dimension
     }
 
+    /// Token vectors of a batch, padded to its longest text: `[batch, len, hidden]`,
+    /// and the attention mask `[batch, len]` (1 for real tokens) as f32.
     fn forward(&self, model: &BertGraph, texts: &[&TokenizedText]) -> Result<(Tensor, Tensor)> {
-        let len = texts.iter().map(|t| t.ids.len()).max().unwrap_or(0);
-        let mut ids = Vec::with_capacity(texts.len() * len);
-        let mut mask = Vec::with_capacity(texts.len() * len);
-        for text in texts {
-            let pad = len - text.ids.len();
-            ids.extend_from_slice(&text.ids);
-            ids.extend(std::iter::repeat_n(self.pad_id, pad));
-            mask.extend(std::iter::repeat_n(1u32, text.ids.len()));
-            mask.extend(std::iter::repeat_n(0u32, pad));
-        }
-        let shape = (texts.len(), len);
-        let ids = Tensor::from_vec(ids, shape, &self.device)?;
-        let mask = Tensor::from_vec(mask, shape, &self.device)?;
+        let ids: Vec<&[u32]> = texts.iter().map(|t| t.ids.as_slice()).collect();
+        let (ids, mask) = model.padded_batch(&ids)?;
         let hidden = model.forward(&ids, &mask)?;
         Ok((hidden, mask.to_dtype(DType::F32)?))
     }
@@ -327,10 +330,7 @@ fn max_sequence_length(
 /// AMX-BF16, else f32, for the native engine; f16 on a GPU, else f32, for
 /// candle's, as sentence-transformers and text-embeddings-inference serve GPUs).
 fn engine_and_precision(config: &BackboneConfig, device: &Device) -> Result<(Engine, Precision)> {
-    let engine = match (config.engine, device.is_cpu()) {
-        (Engine::Auto, true) | (Engine::Native, _) => Engine::Native,
-        _ => Engine::Candle,
-    };
+    let engine = config.resolved_engine();
     if engine == Engine::Native && !device.is_cpu() {
         return Err(Error::ModelLoad(
             "the native engine runs on CPU; use engine = \"candle\" on a GPU".into(),

@@ -145,6 +145,7 @@ pub struct BertGraph {
     hidden: usize,
     intermediate: usize,
     heads: usize,
+    pad_id: u32,
     dtype: DType,
 }
 
@@ -187,6 +188,7 @@ impl BertGraph {
             activation: config.hidden_act,
             hidden: h,
             intermediate: config.intermediate_size,
+            pad_id: u32::try_from(config.pad_token_id).unwrap_or(0),
             heads: config.num_attention_heads,
             dtype,
         })
@@ -220,6 +222,35 @@ impl BertGraph {
         self.forward_adapted(ids, mask, &[], Kernels::Fused)
     }
 
+    /// Token ids of `texts` padded with the model's pad id to the longest, and
+    /// their mask (1 on real tokens): `[texts, longest]` u32 each, on the
+    /// model's device: the inputs of [`Self::forward`].
+    pub fn padded_batch(&self, texts: &[&[u32]]) -> candle_core::Result<(Tensor, Tensor)> {
+        let len = texts.iter().map(|t| t.len()).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(texts.len() * len);
+        let mut mask = Vec::with_capacity(texts.len() * len);
+        for text in texts {
+            let pad = len - text.len();
+            ids.extend_from_slice(text);
+            ids.extend(std::iter::repeat_n(self.pad_id, pad));
+            mask.extend(std::iter::repeat_n(1u32, text.len()));
+            mask.extend(std::iter::repeat_n(0u32, pad));
+        }
+        let device = self.device();
+        Ok((
+            Tensor::from_vec(ids, (texts.len(), len), &device)?,
+            Tensor::from_vec(mask, (texts.len(), len), &device)?,
+        ))
+    }
+
+    /// The first layer that `adapters` (for the top layers) adapt.
+    fn first_adapted(&self, adapters: &[LayerAdapters]) -> candle_core::Result<usize> {
+        self.layers
+            .len()
+            .checked_sub(adapters.len())
+            .ok_or_else(|| candle_core::Error::Msg("more adapted layers than layers".into()))
+    }
+
     /// [`Self::forward`] with `adapters` on the top layers (the last of them
     /// on the last layer) and the layer norms and softmax of `kernels`.
     pub fn forward_adapted(
@@ -229,12 +260,7 @@ impl BertGraph {
         adapters: &[LayerAdapters],
         kernels: Kernels,
     ) -> candle_core::Result<Tensor> {
-        let split = self
-            .layers
-            .len()
-            .checked_sub(adapters.len())
-            .ok_or_else(|| candle_core::Error::Msg("more adapted layers than layers".into()))?;
-        let bottom = self.forward_bottom(ids, mask, split, kernels)?;
+        let bottom = self.forward_bottom(ids, mask, self.first_adapted(adapters)?, kernels)?;
         self.forward_top(&bottom, mask, adapters, kernels)
     }
 
@@ -284,11 +310,7 @@ impl BertGraph {
     ) -> candle_core::Result<Tensor> {
         let (batch, len, _) = hidden.dims3()?;
         let shape = Shape { batch, len };
-        let split = self
-            .layers
-            .len()
-            .checked_sub(adapters.len())
-            .ok_or_else(|| candle_core::Error::Msg("more adapted layers than layers".into()))?;
+        let split = self.first_adapted(adapters)?;
         let bias = self.attention_bias(mask, hidden.device())?;
         let mut x = hidden.reshape((batch * len, self.hidden))?;
         for (layer, adapter) in self.layers[split..].iter().zip(adapters) {

@@ -72,8 +72,8 @@ pub struct LayerAdapters {
 }
 
 impl LayerAdapters {
-    /// Every trained matrix of the layer.
-    pub fn vars(&self) -> Vec<&Var> {
+    /// The six slots, in the order of [`PEFT_MODULES`].
+    fn slots(&self) -> [&Option<LowRank>; 6] {
         [
             &self.query,
             &self.key,
@@ -82,10 +82,15 @@ impl LayerAdapters {
             &self.intermediate,
             &self.output,
         ]
-        .into_iter()
-        .flatten()
-        .flat_map(LowRank::vars)
-        .collect()
+    }
+
+    /// Every trained matrix of the layer.
+    pub fn vars(&self) -> Vec<&Var> {
+        self.slots()
+            .into_iter()
+            .flatten()
+            .flat_map(LowRank::vars)
+            .collect()
     }
 
     /// Whether any of query, key or value is adapted.
@@ -110,7 +115,8 @@ pub struct PeftSettings {
     pub first_layer: usize,
 }
 
-/// The module path (under a Hugging Face `BertModel`) of each adapter slot.
+/// The module path (under a Hugging Face `BertModel`) of each adapter slot,
+/// in the order of [`LayerAdapters::slots`].
 const PEFT_MODULES: [&str; 6] = [
     "attention.self.query",
     "attention.self.key",
@@ -135,15 +141,7 @@ pub fn export_peft(
     let mut modules = Vec::new();
     for (offset, layer) in adapters.iter().enumerate() {
         let index = settings.first_layer + offset;
-        let slots = [
-            &layer.query,
-            &layer.key,
-            &layer.value,
-            &layer.attention_output,
-            &layer.intermediate,
-            &layer.output,
-        ];
-        for (module, slot) in PEFT_MODULES.iter().zip(slots) {
+        for (module, slot) in PEFT_MODULES.iter().zip(layer.slots()) {
             let Some(adapter) = slot else { continue };
             let prefix = format!("base_model.model.encoder.layer.{index}.{module}");
             for (name, var) in [("lora_A", &adapter.a), ("lora_B", &adapter.b)] {

@@ -33,7 +33,7 @@ impl Bottoms {
                 return Err(Error::Cancelled("fine-tuning was cancelled".into()));
             }
             let texts: Vec<&[u32]> = chunk.iter().map(|&i| ids[i].as_slice()).collect();
-            let (ids, mask) = padded_ids(&texts, graph)?;
+            let (ids, mask) = graph.padded_batch(&texts)?;
             let hidden = graph.forward_bottom(&ids, &mask, layers, Kernels::Fused)?;
             for (row, (&index, text)) in chunk.iter().zip(&texts).enumerate() {
                 // A copy: a view would keep the whole padded pass alive.
@@ -77,26 +77,6 @@ impl Bottoms {
             Tensor::from_vec(mask, (examples.len(), len), &device)?,
         ))
     }
-}
-
-/// Token ids padded with 0 and their mask, `[texts, longest]` each.
-pub fn padded_ids(texts: &[&[u32]], graph: &BertGraph) -> Result<(Tensor, Tensor)> {
-    let len = texts.iter().map(|t| t.len()).max().unwrap_or(0);
-    let mut ids = Vec::with_capacity(texts.len() * len);
-    let mut mask = Vec::with_capacity(texts.len() * len);
-    for text in texts {
-        ids.extend(
-            text.iter()
-                .copied()
-                .chain(std::iter::repeat_n(0, len - text.len())),
-        );
-        mask.extend((0..len).map(|t| u32::from(t < text.len())));
-    }
-    let device = graph.device();
-    Ok((
-        Tensor::from_vec(ids, (texts.len(), len), &device)?,
-        Tensor::from_vec(mask, (texts.len(), len), &device)?,
-    ))
 }
 
 /// Mean of the real tokens' vectors, scaled to unit length (the backbone's

@@ -310,7 +310,7 @@ pub fn adapted_features(
     let mut features = Vec::with_capacity(ids.len() * graph.hidden_size());
     for chunk in ids.chunks(32) {
         let texts: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
-        let (ids, mask) = cache::padded_ids(&texts, graph)?;
+        let (ids, mask) = graph.padded_batch(&texts)?;
         let out = graph.forward_adapted(&ids, &mask, adapters, Kernels::Fused)?;
         features.extend(cache::to_f32(&cache::pooled(&out, &mask)?)?);
     }
