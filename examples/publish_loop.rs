@@ -47,8 +47,9 @@ fn main() {
             train_examples: 1,
             validation_examples: 0,
             created_at_ms: 0,
+            fine_tuning: None,
         };
-        let head = store.publish(meta, weights.clone()).expect("publish");
+        let head = store.publish(meta, weights.clone(), None).expect("publish");
         println!("{}", head.meta.version);
     }
 }

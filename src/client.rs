@@ -18,7 +18,7 @@ pub mod upload;
 pub mod watch;
 
 pub use data::DataSource;
-pub use train::{train, training_config, TrainCommand, Trained, TrainingFlags};
+pub use train::{train, training_config, FineTuningFlags, TrainCommand, Trained, TrainingFlags};
 pub use watch::{watch, Detached};
 
 use anyhow::{Context, Result};
@@ -48,6 +48,8 @@ pub struct EmbedCommand {
     pub pooling: proto::Pooling,
     pub normalize: Option<bool>,
     pub truncate: Option<bool>,
+    /// A fine-tuned head whose adapted features are asked for.
+    pub head: Option<String>,
 }
 
 pub async fn embed(channel: Channel, command: EmbedCommand) -> Result<Value> {
@@ -58,6 +60,7 @@ pub async fn embed(channel: Channel, command: EmbedCommand) -> Result<Value> {
         normalize: command.normalize,
         truncate: command.truncate,
         priority: proto::Priority::Online as i32,
+        head: command.head.unwrap_or_default(),
     };
     let response = EmbedderClient::new(channel)
         .max_decoding_message_size(usize::MAX)
@@ -132,6 +135,28 @@ pub fn head_json(head: &proto::HeadInfo) -> Value {
             "validation_loss": metrics.validation_loss,
             "validation_accuracy": metrics.validation_accuracy,
         },
+        "fine_tuning": head.fine_tuning.as_ref().map(fine_tuning_json),
+    })
+}
+
+/// A fine-tuned head's record; null for a head on frozen features.
+fn fine_tuning_json(tuning: &proto::FineTuning) -> Value {
+    let method = match &tuning.method {
+        Some(proto::fine_tuning::Method::Lora(lora)) => json!({
+            "lora": {
+                "layers": lora.layers,
+                "rank": lora.rank,
+                "alpha": lora.alpha,
+                "dropout": lora.dropout,
+                "targets": lora.targets,
+            }
+        }),
+        None => Value::Null,
+    };
+    json!({
+        "method": method,
+        "backbone_learning_rate": tuning.backbone_learning_rate,
+        "warmup_fraction": tuning.warmup_fraction,
     })
 }
 

@@ -305,6 +305,10 @@ pub struct HeadsConfig {
     pub max_dataset_bytes: usize,
     /// An upload that sends nothing for this long is ended.
     pub upload_idle_timeout_seconds: f64,
+    /// Fine-tuning: most bytes of the frozen bottom's hidden states kept for
+    /// every epoch of one job; beyond it they are computed again per batch
+    /// (slower, in constant memory). 0 always recomputes.
+    pub fine_tune_cache_bytes: usize,
 }
 
 impl HeadsConfig {
@@ -330,6 +334,7 @@ impl Default for HeadsConfig {
             max_upload_bytes: 256 * 1024 * 1024,
             max_dataset_bytes: 1024 * 1024 * 1024,
             upload_idle_timeout_seconds: 30.0,
+            fine_tune_cache_bytes: 2 * 1024 * 1024 * 1024,
         }
     }
 }
@@ -633,6 +638,11 @@ pub struct BackboneConfig {
     /// RESOURCE_EXHAUSTED at once.
     #[serde(default = "default_max_queue_items")]
     pub max_queue_items: usize,
+    /// Most distinct fine-tuned adapters in one batch: each adds its low-rank
+    /// updates to its own rows, so many small groups cost more per input
+    /// than few large ones. Inputs of further adapters wait for the next batch.
+    #[serde(default = "default_max_adapters_per_batch")]
+    pub max_adapters_per_batch: usize,
     /// Image backbones: preprocessing, defaulting to the architecture's.
     #[serde(default)]
     pub image: ImageConfig,
@@ -779,8 +789,14 @@ impl BackboneConfig {
         {
             return Err("workers must be in [1, 256] and threads_per_worker in [1, 1024]".into());
         }
-        if self.max_batch_size == 0 || self.max_batch_tokens == 0 {
-            return Err("max_batch_size and max_batch_tokens must be at least 1".into());
+        if self.max_batch_size == 0
+            || self.max_batch_tokens == 0
+            || self.max_adapters_per_batch == 0
+        {
+            return Err(
+                "max_batch_size, max_batch_tokens and max_adapters_per_batch must be at least 1"
+                    .into(),
+            );
         }
         if !(self.max_queue_delay_ms.is_finite()
             && (0.0..=10_000.0).contains(&self.max_queue_delay_ms))
@@ -824,6 +840,10 @@ fn default_max_queue_delay_ms() -> f64 {
 
 fn default_max_queue_items() -> usize {
     2048
+}
+
+fn default_max_adapters_per_batch() -> usize {
+    8
 }
 
 impl Config {

@@ -115,6 +115,7 @@ fn text_descriptor() -> BackboneDescriptor {
         dtype: "f32".into(),
         max_sequence_length: 16,
         image_size: 0,
+        encoder_layers: 2,
         default_options: EmbedOptions {
             pooling: Pooling::Mean,
             normalize: true,
@@ -132,6 +133,7 @@ fn image_descriptor() -> BackboneDescriptor {
         modality: Modality::Image,
         image_size: 32,
         max_sequence_length: 0,
+        encoder_layers: 0,
         ..text_descriptor()
     }
 }

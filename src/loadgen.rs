@@ -33,6 +33,8 @@ pub struct LoadOptions {
     pub inputs_per_request: usize,
     pub texts: Vec<String>,
     pub priority: proto::Priority,
+    /// A fine-tuned head whose adapted features every request asks for.
+    pub head: Option<String>,
     /// Per-request deadline sent to the server.
     pub timeout: Option<Duration>,
 }
@@ -173,6 +175,7 @@ fn request_for(options: &LoadOptions, n: usize) -> proto::EmbedRequest {
         backbone: options.backbone.clone(),
         inputs,
         priority: options.priority as i32,
+        head: options.head.clone().unwrap_or_default(),
         ..Default::default()
     }
 }

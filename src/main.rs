@@ -46,6 +46,10 @@ struct EmbedArgs {
     /// An image file (PNG, JPEG, WebP) for an image backbone; repeatable.
     #[arg(long = "image", value_name = "FILE")]
     images: Vec<PathBuf>,
+    /// A fine-tuned head (`name` or `name@version`): the features of its
+    /// adapted backbone instead of the frozen backbone's.
+    #[arg(long)]
+    head: Option<String>,
     texts: Vec<String>,
 }
 
@@ -134,6 +138,77 @@ struct TrainingArgs {
     /// Seed of every random choice of the job (and of --holdout's split).
     #[arg(long)]
     seed: Option<u64>,
+    #[command(flatten)]
+    fine_tuning: FineTuningArgs,
+}
+
+/// What of the backbone trains with the head.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum MethodArg {
+    /// The backbone stays frozen; the head trains on its features.
+    Frozen,
+    /// LoRA adapters on the backbone's top layers train with the head.
+    Lora,
+}
+
+/// Fine-tuning options of `tlserve train`; the LoRA ones need `--method lora`.
+#[derive(clap::Args)]
+struct FineTuningArgs {
+    /// frozen: train on the backbone's features (default); lora: fine-tune
+    /// low-rank adapters of its top layers together with a linear head.
+    #[arg(long, value_enum, default_value = "frozen")]
+    method: MethodArg,
+    /// LoRA: top encoder layers adapted; default: all.
+    #[arg(long)]
+    layers: Option<u32>,
+    /// LoRA: rank of each adapter; default: 8.
+    #[arg(long)]
+    rank: Option<u32>,
+    /// LoRA: updates are scaled by alpha / rank; default: twice the rank.
+    #[arg(long)]
+    alpha: Option<f32>,
+    /// LoRA: dropout on each adapter's input while training; default: 0.
+    #[arg(long)]
+    lora_dropout: Option<f32>,
+    /// LoRA: adapted projections, comma-separated (query, key, value,
+    /// attention_output, intermediate, output); default: query,value.
+    #[arg(long, value_delimiter = ',')]
+    targets: Vec<String>,
+    /// LoRA: peak learning rate of the adapters; default: 0.0005
+    /// (--learning-rate is the head's).
+    #[arg(long)]
+    backbone_learning_rate: Option<f32>,
+    /// LoRA: share of the steps spent warming up; default: 0.1.
+    #[arg(long)]
+    warmup_fraction: Option<f32>,
+}
+
+impl FineTuningArgs {
+    fn flags(self) -> Result<Option<client::FineTuningFlags>> {
+        let flags = client::FineTuningFlags {
+            layers: self.layers,
+            rank: self.rank,
+            alpha: self.alpha,
+            dropout: self.lora_dropout,
+            targets: self.targets,
+            backbone_learning_rate: self.backbone_learning_rate,
+            warmup_fraction: self.warmup_fraction,
+        };
+        let lora_flag_given = flags.layers.is_some()
+            || flags.rank.is_some()
+            || flags.alpha.is_some()
+            || flags.dropout.is_some()
+            || !flags.targets.is_empty()
+            || flags.backbone_learning_rate.is_some()
+            || flags.warmup_fraction.is_some();
+        match self.method {
+            MethodArg::Lora => Ok(Some(flags)),
+            MethodArg::Frozen if lora_flag_given => {
+                anyhow::bail!("the LoRA options need --method lora")
+            }
+            MethodArg::Frozen => Ok(None),
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -210,6 +285,9 @@ struct LoadArgs {
     /// Deadline of each request, in milliseconds.
     #[arg(long)]
     timeout_ms: Option<u64>,
+    /// Ask for the adapted features of this fine-tuned head (Embed's `head`).
+    #[arg(long)]
+    head: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -520,6 +598,7 @@ async fn embed(args: EmbedArgs) -> Result<()> {
         },
         normalize: args.normalize,
         truncate: args.truncate,
+        head: args.head,
     };
     let channel = client::connect(&args.server.addr).await?;
     print_json(&client::embed(channel, command).await?)
@@ -551,8 +630,8 @@ impl DataArgs {
 }
 
 impl TrainingArgs {
-    fn flags(self) -> client::TrainingFlags {
-        client::TrainingFlags {
+    fn flags(self) -> Result<client::TrainingFlags> {
+        Ok(client::TrainingFlags {
             solver: self.solver.map(|solver| match solver {
                 SolverArg::Lbfgs => proto::Solver::Lbfgs,
                 SolverArg::Adamw => proto::Solver::Adamw,
@@ -568,12 +647,13 @@ impl TrainingArgs {
             cv_folds: self.cv_folds,
             balance_classes: self.balance_classes,
             seed: self.seed,
-        }
+            fine_tuning: self.fine_tuning.flags()?,
+        })
     }
 }
 
 async fn train(args: TrainArgs) -> Result<()> {
-    let training = client::training_config(&args.training.flags())?;
+    let training = client::training_config(&args.training.flags()?)?;
     let spec = args.mlp_hidden.map(|hidden_size| proto::HeadSpec {
         kind: Some(proto::head_spec::Kind::Mlp(proto::MlpHead {
             hidden_size,
@@ -628,6 +708,7 @@ async fn load_test(args: LoadArgs) -> Result<()> {
             PriorityArg::Bulk => proto::Priority::Bulk,
         },
         timeout: args.timeout_ms.map(std::time::Duration::from_millis),
+        head: args.head,
     };
     print_load_report(&loadgen::run(options).await?)
 }

@@ -26,6 +26,9 @@ pub const INFERENCE_ITEMS_TOTAL: &str = "tlserve_inference_items_total";
 pub const INFERENCE_BATCHES_TOTAL: &str = "tlserve_inference_batches_total";
 /// Inputs per forward pass, by `backbone`.
 pub const BATCH_ITEMS: &str = "tlserve_batch_items";
+/// Distinct fine-tuned adapters per batch (0: frozen features only), by
+/// `backbone`.
+pub const BATCH_ADAPTERS: &str = "tlserve_batch_adapters";
 /// Padded tokens per forward pass (inputs times the longest input), by `backbone`.
 pub const BATCH_TOKENS: &str = "tlserve_batch_tokens";
 /// Inputs waiting in a backbone's queue, by `backbone`.
@@ -44,6 +47,8 @@ pub const TRAINING_JOBS: &str = "tlserve_training_jobs";
 pub const TRAINING_JOB_DURATION_SECONDS: &str = "tlserve_training_job_duration_seconds";
 /// Head versions in the head store.
 pub const HEADS: &str = "tlserve_heads";
+/// Bytes of the fine-tuned heads' adapters held in memory with their heads.
+pub const HEAD_ADAPTER_BYTES: &str = "tlserve_head_adapter_bytes";
 /// Resident memory of the process (Linux /proc), sampled every few seconds.
 pub const PROCESS_RESIDENT_MEMORY_BYTES: &str = "tlserve_process_resident_memory_bytes";
 /// CPU time the process has used, user plus system, in whole seconds.
@@ -69,6 +74,7 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 /// Powers of two up to the largest batches a backbone accepts.
 const BATCH_ITEM_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+const BATCH_ADAPTER_BUCKETS: &[f64] = &[0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
 /// Training jobs take seconds to an hour.
 const TRAINING_BUCKETS: &[f64] = &[
     1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
@@ -84,6 +90,7 @@ pub fn install_recorder() -> Result<PrometheusHandle, BuildError> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(BATCH_ITEMS.into()), BATCH_ITEM_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(BATCH_ADAPTERS.into()), BATCH_ADAPTER_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(BATCH_TOKENS.into()), BATCH_TOKEN_BUCKETS)?
         // Full matchers are tried before suffix ones.
         .set_buckets_for_metric(
@@ -125,6 +132,7 @@ fn describe() {
     describe_counter!(INFERENCE_BATCHES_TOTAL, "Forward passes run");
     describe_histogram!(BATCH_ITEMS, "Inputs per forward pass");
     describe_histogram!(BATCH_TOKENS, "Padded tokens per forward pass");
+    describe_histogram!(BATCH_ADAPTERS, "Distinct fine-tuned adapters per batch");
     describe_gauge!(QUEUE_DEPTH, "Inputs waiting in a backbone queue");
     describe_histogram!(
         QUEUE_WAIT_SECONDS,
@@ -153,6 +161,10 @@ fn describe() {
         "Wall time of finished training jobs"
     );
     describe_gauge!(HEADS, "Head versions in the head store");
+    describe_gauge!(
+        HEAD_ADAPTER_BYTES,
+        "Bytes of fine-tuned adapters held in memory with their heads"
+    );
     describe_gauge!(
         PROCESS_RESIDENT_MEMORY_BYTES,
         metrics::Unit::Bytes,
@@ -190,6 +202,10 @@ pub fn record_forward_pass(backbone: &str, items: usize, padded_tokens: usize, e
     counter!(INFERENCE_BATCHES_TOTAL, &labels).increment(1);
     histogram!(BATCH_ITEMS, &labels).record(items as f64);
     histogram!(BATCH_TOKENS, &labels).record(padded_tokens as f64);
+}
+
+pub fn record_batch_adapters(backbone: &str, adapters: usize) {
+    histogram!(BATCH_ADAPTERS, "backbone" => backbone.to_owned()).record(adapters as f64);
 }
 
 pub fn set_queue_depth(backbone: &str, items: usize) {
@@ -243,6 +259,10 @@ pub fn set_training_jobs(state: &'static str, count: usize) {
 
 pub fn record_training_job(state: &'static str, elapsed: Duration) {
     histogram!(TRAINING_JOB_DURATION_SECONDS, "state" => state).record(elapsed.as_secs_f64());
+}
+
+pub fn set_head_adapter_bytes(bytes: usize) {
+    gauge!(HEAD_ADAPTER_BYTES).set(bytes as f64);
 }
 
 pub fn set_heads(count: usize) {

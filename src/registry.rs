@@ -13,6 +13,8 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     backbone::{
         self,
+        adapter::Adapter,
+        bert::TrainableBert,
         image::{DecodeBudget, ImageLimits},
         Backbone, EmbedOptions, Input, Prepared,
     },
@@ -81,10 +83,17 @@ impl LoadedBackbone {
         &self,
         inputs: Vec<Input>,
         options: EmbedOptions,
+        adapter: Option<Arc<Adapter>>,
         truncate: bool,
         priority: Priority,
         deadline: Option<Instant>,
     ) -> Result<Embedded> {
+        if adapter.is_some() && !self.backbone.takes_adapters() {
+            return Err(Error::FailedPrecondition(format!(
+                "backbone `{}` does not run fine-tuned adapters",
+                self.backbone.descriptor().name
+            )));
+        }
         let prepared = self.prepare(inputs, truncate, 0, deadline).await?;
         let facts = prepared
             .iter()
@@ -92,7 +101,7 @@ impl LoadedBackbone {
             .collect();
         let vectors = self
             .queue
-            .embed(prepared, options, priority, deadline)
+            .embed(prepared, options, adapter, priority, deadline)
             .await?;
         Ok(Embedded { vectors, facts })
     }
@@ -166,6 +175,30 @@ impl BackboneRegistry {
                 reason: reason.clone(),
             }),
         }
+    }
+
+    /// The weights of serving backbone `name` as a trainable graph with its
+    /// tokenizer, read again from its files: what fine-tuning starts from.
+    /// Blocking (it maps and hashes the weights): call it off the runtime.
+    pub fn trainable(&self, name: &str) -> Result<TrainableBert> {
+        let serving = self.get(name)?;
+        let config = &self.slots[name].config;
+        if !serving.backbone.takes_adapters() {
+            return Err(Error::FailedPrecondition(format!(
+                "backbone `{name}` cannot be fine-tuned (only BERT text backbones can); \
+                 train a head on its frozen features instead"
+            )));
+        }
+        let model = TrainableBert::load(config, self.cache_dir.as_deref())?;
+        let fingerprint = &serving.backbone.descriptor().fingerprint;
+        if &model.fingerprint != fingerprint {
+            return Err(Error::FailedPrecondition(format!(
+                "the weights of backbone `{name}` changed on disk since it was loaded \
+                 (fingerprint {fingerprint}, the files now have {}); restart the server",
+                model.fingerprint
+            )));
+        }
+        Ok(model)
     }
 
     /// All configured backbones in name order.

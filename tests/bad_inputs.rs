@@ -74,6 +74,24 @@ fn train(
     }
 }
 
+/// Training with the given fine-tuning.
+fn lora(tuning: proto::FineTuning) -> proto::TrainingConfig {
+    proto::TrainingConfig {
+        fine_tuning: Some(tuning),
+        ..Default::default()
+    }
+}
+
+/// LoRA fine-tuning with defaults, changed by `change`.
+fn lora_with(change: impl FnOnce(&mut proto::LoraFineTuning)) -> proto::TrainingConfig {
+    let mut settings = proto::LoraFineTuning::default();
+    change(&mut settings);
+    lora(proto::FineTuning {
+        method: Some(proto::fine_tuning::Method::Lora(settings)),
+        ..Default::default()
+    })
+}
+
 fn two_labels() -> Vec<(&'static str, &'static str)> {
     vec![("a", "first text"), ("b", "second text")]
 }
@@ -346,23 +364,23 @@ async fn every_rpc_answers_bad_input_with_its_documented_code() {
     for (what, request, expected) in [
         (
             "path tricks in the head name",
-            train("../evil", ok_training, &two_labels()),
+            train("../evil", ok_training.clone(), &two_labels()),
             invalid,
         ),
         (
             "empty head name",
-            train("", ok_training, &two_labels()),
+            train("", ok_training.clone(), &two_labels()),
             invalid,
         ),
-        ("no examples", train("h", ok_training, &[]), invalid),
+        ("no examples", train("h", ok_training.clone(), &[]), invalid),
         (
             "one label only",
-            train("h", ok_training, &[("a", "x"), ("a", "y")]),
+            train("h", ok_training.clone(), &[("a", "x"), ("a", "y")]),
             invalid,
         ),
         (
             "empty label",
-            train("h", ok_training, &[("", "x"), ("b", "y")]),
+            train("h", ok_training.clone(), &[("", "x"), ("b", "y")]),
             invalid,
         ),
         (
@@ -383,7 +401,7 @@ async fn every_rpc_answers_bad_input_with_its_documented_code() {
                 "h",
                 proto::TrainingConfig {
                     learning_rate: f32::NAN,
-                    ..ok_training
+                    ..ok_training.clone()
                 },
                 &two_labels(),
             ),
@@ -395,7 +413,7 @@ async fn every_rpc_answers_bad_input_with_its_documented_code() {
                 "h",
                 proto::TrainingConfig {
                     learning_rate: -1.0,
-                    ..ok_training
+                    ..ok_training.clone()
                 },
                 &two_labels(),
             ),
@@ -407,7 +425,7 @@ async fn every_rpc_answers_bad_input_with_its_documented_code() {
                 "h",
                 proto::TrainingConfig {
                     validation_fraction: 2.0,
-                    ..ok_training
+                    ..ok_training.clone()
                 },
                 &two_labels(),
             ),
@@ -419,7 +437,7 @@ async fn every_rpc_answers_bad_input_with_its_documented_code() {
                 "h",
                 proto::TrainingConfig {
                     weight_decay: f32::INFINITY,
-                    ..ok_training
+                    ..ok_training.clone()
                 },
                 &two_labels(),
             ),
@@ -431,7 +449,7 @@ async fn every_rpc_answers_bad_input_with_its_documented_code() {
                 "h",
                 proto::TrainingConfig {
                     batch_size: u32::MAX,
-                    ..ok_training
+                    ..ok_training.clone()
                 },
                 &two_labels(),
             ),
@@ -443,17 +461,66 @@ async fn every_rpc_answers_bad_input_with_its_documented_code() {
                 "h",
                 proto::TrainingConfig {
                     unfreeze_top_layers: 2,
-                    ..ok_training
+                    ..ok_training.clone()
                 },
                 &two_labels(),
             ),
             Code::Unimplemented,
         ),
         (
+            "fine-tuning without a method",
+            train("h", lora(proto::FineTuning::default()), &two_labels()),
+            invalid,
+        ),
+        (
+            "LoRA rank beyond the backbone's width",
+            train("h", lora_with(|l| l.rank = 100_000), &two_labels()),
+            invalid,
+        ),
+        (
+            "LoRA on more layers than the backbone has",
+            train("h", lora_with(|l| l.layers = 99), &two_labels()),
+            invalid,
+        ),
+        (
+            "LoRA on an unknown projection",
+            train(
+                "h",
+                lora_with(|l| l.targets = vec!["nope".into()]),
+                &two_labels(),
+            ),
+            invalid,
+        ),
+        (
+            "LoRA dropout of 1",
+            train("h", lora_with(|l| l.dropout = 1.0), &two_labels()),
+            invalid,
+        ),
+        (
+            "LoRA with the L-BFGS solver",
+            train(
+                "h",
+                proto::TrainingConfig {
+                    solver: proto::Solver::Lbfgs as i32,
+                    ..lora_with(|_| {})
+                },
+                &two_labels(),
+            ),
+            invalid,
+        ),
+        (
+            "LoRA on an image backbone",
+            proto::TrainHeadRequest {
+                backbone: LITE0.into(),
+                ..train("h", lora_with(|_| {}), &two_labels())
+            },
+            Code::FailedPrecondition,
+        ),
+        (
             "unknown backbone",
             proto::TrainHeadRequest {
                 backbone: "nope".into(),
-                ..train("h", ok_training, &two_labels())
+                ..train("h", ok_training.clone(), &two_labels())
             },
             Code::NotFound,
         ),
@@ -461,7 +528,7 @@ async fn every_rpc_answers_bad_input_with_its_documented_code() {
             "no data at all",
             proto::TrainHeadRequest {
                 data: None,
-                ..train("h", ok_training, &two_labels())
+                ..train("h", ok_training.clone(), &two_labels())
             },
             invalid,
         ),
@@ -469,7 +536,7 @@ async fn every_rpc_answers_bad_input_with_its_documented_code() {
             "unknown dataset",
             proto::TrainHeadRequest {
                 data: Some(proto::train_head_request::Data::DatasetId("nope".into())),
-                ..train("h", ok_training, &two_labels())
+                ..train("h", ok_training.clone(), &two_labels())
             },
             Code::NotFound,
         ),

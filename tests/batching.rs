@@ -28,6 +28,7 @@ fn unbatched(model: &dyn Backbone, texts: &[String]) -> Vec<Vec<f32>> {
                 .embed(&[EmbedItem {
                     input: &prepared,
                     options,
+                    adapter: None,
                 }])
                 .expect("embed")
                 .remove(0)

@@ -27,7 +27,11 @@ fn embed_all(model: &dyn Backbone, sentences: &[String], options: EmbedOptions) 
         .collect();
     let items: Vec<_> = prepared
         .iter()
-        .map(|input| EmbedItem { input, options })
+        .map(|input| EmbedItem {
+            input,
+            options,
+            adapter: None,
+        })
         .collect();
     model.embed(&items).expect("embed")
 }

@@ -164,6 +164,7 @@ fn request_seeds() -> Vec<(String, Vec<u8>)> {
                     normalize: Some(false),
                     truncate: Some(true),
                     priority: 2,
+                    ..Default::default()
                 }
                 .encode_to_vec(),
             ),

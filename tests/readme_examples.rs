@@ -420,6 +420,42 @@ async fn cli_data_set_examples_train_evaluate_upload_and_watch() {
 }
 
 #[tokio::test]
+async fn cli_fine_tuning_examples_train_lora_and_embed() {
+    let server = TestServer::start_minilm().await;
+    let commands = readme_commands("cli-fine-tuning");
+    for command in &commands {
+        let out = run(command, &server);
+        let json: Value = serde_json::from_str(&out).expect("the CLI prints JSON");
+        if command.starts_with("tlserve train") {
+            assert_eq!(json["name"], "topics-lora", "{out}");
+            let lora = &json["fine_tuning"]["method"]["lora"];
+            assert_eq!(
+                (lora["layers"].as_u64(), lora["rank"].as_u64()),
+                (Some(2), Some(8)),
+                "{out}"
+            );
+            let accuracy = json["holdout"]["accuracy"]
+                .as_f64()
+                .expect("hold-out accuracy");
+            assert!(accuracy >= 0.8, "{out}");
+        } else if command.starts_with("tlserve embed") {
+            let text = command.rsplit('"').nth(1).expect("the quoted text");
+            let frozen = rust_vector(&server, text).await;
+            let adapted: Vec<f32> =
+                serde_json::from_value(json["embeddings"][0]["values"].clone()).expect("a vector");
+            assert_eq!(adapted.len(), frozen.len());
+            assert_ne!(
+                adapted, frozen,
+                "the adapted features differ from the frozen ones"
+            );
+        } else {
+            panic!("no check for README command `{command}`");
+        }
+    }
+    assert_eq!(commands.len(), 2);
+}
+
+#[tokio::test]
 async fn cli_image_folder_examples_train_and_evaluate() {
     let server = TestServer::start(&format!("[limits]\n{}", lite0_backbone_toml())).await;
     let dir = tempfile::tempdir().expect("temp dir");

@@ -67,7 +67,11 @@ fn lite0_matches_the_numpy_reference_on_real_photos() {
             .collect();
         let items: Vec<EmbedItem> = prepared
             .iter()
-            .map(|input| EmbedItem { input, options })
+            .map(|input| EmbedItem {
+                input,
+                options,
+                adapter: None,
+            })
             .collect();
         backbone.embed(&items).expect("embed")
     };

@@ -3,11 +3,12 @@
 //! on CPU) or a graph of candle tensor operations (`bert_graph`: any device and
 //! float type, the engine of GPUs).
 
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{DType, Device, IndexOp};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::Config as BertConfig;
 use serde::Deserialize;
 
+use super::adapter::Adapter;
 use super::bert_graph::{self, BertGraph};
 use super::bert_native::NativeBert;
 use super::{
@@ -39,6 +40,8 @@ pub struct BertBackbone {
 pub struct TrainableBert {
     pub graph: BertGraph,
     pub encoder: TextEncoder,
+    /// sha256 of the weights file, as a serving backbone's descriptor has it.
+    pub fingerprint: String,
 }
 
 impl TrainableBert {
@@ -51,6 +54,7 @@ impl TrainableBert {
         Ok(Self {
             graph,
             encoder: opened.encoder()?,
+            fingerprint: source::fingerprint(&files.weights)?,
         })
     }
 }
@@ -139,6 +143,7 @@ impl BertBackbone {
             dtype: precision.as_str().to_owned(),
             max_sequence_length: max_len,
             image_size: 0,
+            encoder_layers: model_config.num_hidden_layers,
             default_options: EmbedOptions {
                 pooling: config.pooling,
                 normalize: config.normalize,
@@ -163,15 +168,6 @@ impl BertBackbone {
 
     fn hidden(&self) -> usize {
         self.descriptor.dimension
-    }
-
-    /// Token vectors of a batch, padded to its longest text: `[batch, len, hidden]`,
-    /// and the attention mask `[batch, len]` (1 for real tokens) as f32.
-    fn forward(&self, model: &BertGraph, texts: &[&TokenizedText]) -> Result<(Tensor, Tensor)> {
-        let ids: Vec<&[u32]> = texts.iter().map(|t| t.ids.as_slice()).collect();
-        let (ids, mask) = model.padded_batch(&ids)?;
-        let hidden = model.forward(&ids, &mask)?;
-        Ok((hidden, mask.to_dtype(DType::F32)?))
     }
 }
 
@@ -202,10 +198,11 @@ impl Backbone for BertBackbone {
         }
     }
 
+    fn takes_adapters(&self) -> bool {
+        true
+    }
+
     fn embed(&self, items: &[EmbedItem<'_>]) -> Result<Vec<Vec<f32>>> {
-        if items.is_empty() {
-            return Ok(Vec::new());
-        }
         let texts: Vec<&TokenizedText> = items
             .iter()
             .map(|item| match item.input {
@@ -213,79 +210,118 @@ impl Backbone for BertBackbone {
                 Prepared::Image(_) => Err(Error::Inference("image item in a text batch".into())),
             })
             .collect::<Result<_>>()?;
-        let model = match &self.network {
-            Network::Candle(model) => model,
-            Network::Native(native) => return native_embed(native, &texts, items, self.hidden()),
-        };
-        let (hidden, mask) = self.forward(model, &texts)?;
-
-        // Pool once per kind the batch needs; items of one batch may differ.
-        let wants = |pooling| items.iter().any(|item| item.options.pooling == pooling);
-        let mut mean = if wants(Pooling::Mean) {
-            let mask = mask.unsqueeze(2)?;
-            let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
-            Some(summed.broadcast_div(&mask.sum(1)?)?.to_vec2::<f32>()?)
-        } else {
-            None
-        };
-        let mut cls = if wants(Pooling::Cls) {
-            Some(hidden.i((.., 0))?.to_vec2::<f32>()?)
-        } else {
-            None
-        };
-
-        let mut out = Vec::with_capacity(items.len());
-        for (i, item) in items.iter().enumerate() {
-            let pooled = match item.options.pooling {
-                Pooling::Mean => mean.as_mut(),
-                Pooling::Cls => cls.as_mut(),
+        // Items with the same adapter run as neighbours (the frozen ones
+        // first); the answers go back in the items' order.
+        let mut order: Vec<usize> = (0..items.len()).collect();
+        order.sort_by_key(|&i| items[i].adapter.map_or(0, |a| a as *const Adapter as usize));
+        let mut out: Vec<Vec<f32>> = vec![Vec::new(); items.len()];
+        match &self.network {
+            Network::Native(native) => {
+                let ids: Vec<&[u32]> = order.iter().map(|&i| texts[i].ids.as_slice()).collect();
+                let adapters: Vec<Option<&Adapter>> =
+                    order.iter().map(|&i| items[i].adapter).collect();
+                let tokens = native.forward_adapted(&ids, &adapters)?;
+                let hidden = self.hidden();
+                let mut start = 0;
+                for &i in &order {
+                    let len = texts[i].ids.len();
+                    let rows = &tokens[start * hidden..(start + len) * hidden];
+                    start += len;
+                    out[i] = finish(
+                        pool_packed(rows, hidden, items[i].options.pooling),
+                        items[i],
+                    );
+                }
             }
-            // Each row belongs to exactly one item: move it out instead of copying.
-            .map(|rows| std::mem::take(&mut rows[i]))
-            .ok_or_else(|| Error::Inference("pooling was not computed".into()))?;
-            out.push(if item.options.normalize {
-                l2_normalize(pooled)
-            } else {
-                pooled
-            });
+            Network::Candle(model) => {
+                for group in order.chunk_by(|&a, &b| same_adapter(items[a], items[b])) {
+                    let pooled = candle_group(model, &texts, items, group)?;
+                    for (&i, vector) in group.iter().zip(pooled) {
+                        out[i] = finish(vector, items[i]);
+                    }
+                }
+            }
         }
         Ok(out)
     }
 }
 
-/// Pools and normalizes the packed token vectors of the native engine.
-fn native_embed(
-    native: &NativeBert,
+fn same_adapter(a: EmbedItem<'_>, b: EmbedItem<'_>) -> bool {
+    match (a.adapter, b.adapter) {
+        (None, None) => true,
+        (Some(a), Some(b)) => std::ptr::eq(a, b),
+        _ => false,
+    }
+}
+
+/// Pooled vectors of `group` (indices into `items`, one adapter or none),
+/// through candle's graph padded to the group's longest text.
+fn candle_group(
+    model: &BertGraph,
     texts: &[&TokenizedText],
     items: &[EmbedItem<'_>],
-    hidden: usize,
+    group: &[usize],
 ) -> Result<Vec<Vec<f32>>> {
-    let ids: Vec<&[u32]> = texts.iter().map(|t| t.ids.as_slice()).collect();
-    let tokens = native.forward(&ids)?;
-    let mut start = 0;
-    let mut out = Vec::with_capacity(items.len());
-    for (text, item) in texts.iter().zip(items) {
-        let rows = &tokens[start * hidden..(start + text.ids.len()) * hidden];
-        start += text.ids.len();
-        let pooled = match item.options.pooling {
-            Pooling::Cls => rows[..hidden].to_vec(),
-            Pooling::Mean => {
-                let mut sum = vec![0f32; hidden];
-                for row in rows.chunks_exact(hidden) {
-                    sum.iter_mut().zip(row).for_each(|(s, v)| *s += v);
-                }
-                let n = text.ids.len() as f32;
-                sum.iter_mut().for_each(|s| *s /= n);
-                sum
+    let ids: Vec<&[u32]> = group.iter().map(|&i| texts[i].ids.as_slice()).collect();
+    let (ids, mask) = model.padded_batch(&ids)?;
+    let adapters = match group.first().and_then(|&i| items[i].adapter) {
+        Some(adapter) => adapter.to_graph(model.dtype(), &model.device())?,
+        None => Vec::new(),
+    };
+    let hidden = model.forward_adapted(&ids, &mask, &adapters, bert_graph::Kernels::Fused)?;
+    let mask = mask.to_dtype(DType::F32)?;
+    // Pool once per kind the group needs; items of one group may differ.
+    let wants = |pooling| group.iter().any(|&i| items[i].options.pooling == pooling);
+    let mut mean = if wants(Pooling::Mean) {
+        let mask = mask.unsqueeze(2)?;
+        let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
+        Some(summed.broadcast_div(&mask.sum(1)?)?.to_vec2::<f32>()?)
+    } else {
+        None
+    };
+    let mut cls = if wants(Pooling::Cls) {
+        Some(hidden.i((.., 0))?.to_vec2::<f32>()?)
+    } else {
+        None
+    };
+    group
+        .iter()
+        .enumerate()
+        .map(|(row, &i)| {
+            match items[i].options.pooling {
+                Pooling::Mean => mean.as_mut(),
+                Pooling::Cls => cls.as_mut(),
             }
-        };
-        out.push(if item.options.normalize {
-            l2_normalize(pooled)
-        } else {
-            pooled
-        });
+            // Each row belongs to exactly one item: move it out instead of copying.
+            .map(|rows| std::mem::take(&mut rows[row]))
+            .ok_or_else(|| Error::Inference("pooling was not computed".into()))
+        })
+        .collect()
+}
+
+/// The pooled vector of one text's packed token rows.
+fn pool_packed(rows: &[f32], hidden: usize, pooling: Pooling) -> Vec<f32> {
+    match pooling {
+        Pooling::Cls => rows[..hidden].to_vec(),
+        Pooling::Mean => {
+            let mut sum = vec![0f32; hidden];
+            for row in rows.chunks_exact(hidden) {
+                sum.iter_mut().zip(row).for_each(|(s, v)| *s += v);
+            }
+            let n = (rows.len() / hidden).max(1) as f32;
+            sum.iter_mut().for_each(|s| *s /= n);
+            sum
+        }
     }
-    Ok(out)
+}
+
+/// Normalizes a pooled vector when its item asks for it.
+fn finish(pooled: Vec<f32>, item: EmbedItem<'_>) -> Vec<f32> {
+    if item.options.normalize {
+        l2_normalize(pooled)
+    } else {
+        pooled
+    }
 }
 
 /// Scales to unit length; a zero vector stays zero (as torch's normalize with eps).

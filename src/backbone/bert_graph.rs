@@ -29,7 +29,8 @@ use super::lora::{adapted, LayerAdapters};
 pub enum Kernels {
     /// candle's fused kernels: the fastest, but without a backward pass.
     Fused,
-    /// Plain tensor operations that candle's autograd differentiates.
+    /// Plain tensor operations that candle's autograd differentiates: the
+    /// training pass, in which adapters also apply their dropout.
     Differentiable,
 }
 
@@ -349,12 +350,14 @@ impl BertGraph {
         shape: Shape,
         kernels: Kernels,
     ) -> candle_core::Result<Tensor> {
-        let qkv = self.qkv(layer, adapters, x)?;
+        let training = kernels == Kernels::Differentiable;
+        let qkv = self.qkv(layer, adapters, x, training)?;
         let context = self.attention(&qkv, bias, shape, kernels)?;
         let attention_output = adapted(
             adapters.and_then(|a| a.attention_output.as_ref()),
             &context,
             layer.attention_output.forward(&context)?,
+            training,
         )?;
         let attended = layer
             .attention_norm
@@ -363,6 +366,7 @@ impl BertGraph {
             adapters.and_then(|a| a.intermediate.as_ref()),
             &attended,
             layer.intermediate.forward(&attended)?,
+            training,
         )?;
         let inner = match self.activation {
             HiddenAct::Gelu => inner.gelu_erf()?,
@@ -373,6 +377,7 @@ impl BertGraph {
             adapters.and_then(|a| a.output.as_ref()),
             &inner,
             layer.output.forward(&inner)?,
+            training,
         )?;
         layer.output_norm.forward(&(output + attended)?, kernels)
     }
@@ -384,6 +389,7 @@ impl BertGraph {
         layer: &Layer,
         adapters: Option<&LayerAdapters>,
         x: &Tensor,
+        training: bool,
     ) -> candle_core::Result<Tensor> {
         let base = layer.qkv.forward(x)?;
         let Some(adapters) = adapters.filter(|a| a.adapts_attention_inputs()) else {
@@ -391,7 +397,7 @@ impl BertGraph {
         };
         let zeros = || Tensor::zeros((x.dim(0)?, self.hidden), base.dtype(), base.device());
         let update = |adapter: &Option<super::lora::LowRank>| match adapter {
-            Some(adapter) => adapter.delta(x),
+            Some(adapter) => adapter.delta(x, training),
             None => zeros(),
         };
         let updates = [

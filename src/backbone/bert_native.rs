@@ -32,6 +32,7 @@ use candle_transformers::models::bert::Config as BertConfig;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::adapter::Adapter;
 use crate::{
     config::Precision,
     nn::{flat, gelu_in_place, softmax_in_place, Dense, LayerNorm, Linear},
@@ -49,6 +50,7 @@ struct Layer {
 
 pub struct NativeBert {
     hidden: usize,
+    intermediate: usize,
     heads: usize,
     max_positions: usize,
     word: Vec<f32>,
@@ -129,6 +131,36 @@ impl Stopwatch {
     }
 }
 
+/// The token rows of a pass that one adapter adapts.
+struct AdapterRows<'a> {
+    adapter: &'a Adapter,
+    rows: std::ops::Range<usize>,
+}
+
+/// Adds the update of slot `slot` of layer `layer` of every group's adapter
+/// on the group's rows: `input` is the dense layer's input (`[tokens,
+/// inputs]`), the destination its output (row stride, first column).
+fn add_updates(
+    groups: &[AdapterRows<'_>],
+    layer: usize,
+    slot: usize,
+    input: &[f32],
+    (out, stride, column): (&mut [f32], usize, usize),
+) {
+    for group in groups {
+        let Some(weights) = group.adapter.layer(layer).and_then(|s| s[slot].as_ref()) else {
+            continue;
+        };
+        let rows = group.rows.len();
+        weights.add_update(
+            &input[group.rows.start * weights.inputs..],
+            rows,
+            group.adapter.scale(),
+            (&mut out[group.rows.start * stride..], stride, column),
+        );
+    }
+}
+
 /// A raw pointer that may cross threads: attention tasks write disjoint blocks
 /// of one buffer.
 #[derive(Clone, Copy)]
@@ -197,6 +229,7 @@ impl NativeBert {
         }
         Ok(Self {
             hidden: h,
+            intermediate: config.intermediate_size,
             heads: config.num_attention_heads,
             max_positions: config.max_position_embeddings,
             word: flat(
@@ -218,7 +251,24 @@ impl NativeBert {
     /// Token vectors of the texts, packed: `[sum of lengths, hidden]`, text
     /// after text. Runs on the current rayon pool, else candle's.
     pub fn forward(&self, texts: &[&[u32]]) -> candle_core::Result<Vec<f32>> {
+        self.forward_adapted(texts, &vec![None; texts.len()])
+    }
+
+    /// [`Self::forward`] with each text's LoRA adapter (or none) on the top
+    /// layers. Every base product still runs once over all the tokens of the
+    /// pass; each adapter adds its low-rank update on its own texts' rows
+    /// (the S-LoRA / Punica way of serving many adapters on one base).
+    /// Texts that share an adapter should be neighbours: each run of them is
+    /// one update.
+    pub fn forward_adapted(
+        &self,
+        texts: &[&[u32]],
+        adapters: &[Option<&Adapter>],
+    ) -> candle_core::Result<Vec<f32>> {
         let vocab = self.word.len() / self.hidden;
+        if adapters.len() != texts.len() {
+            candle_core::bail!("{} adapters for {} texts", adapters.len(), texts.len());
+        }
         for text in texts {
             if text.len() > self.max_positions {
                 candle_core::bail!(
@@ -231,10 +281,63 @@ impl NativeBert {
                 candle_core::bail!("token id {id} is outside the vocabulary");
             }
         }
-        Ok(super::on_thread_pool(|| self.forward_on_pool(texts)))
+        let groups = self.adapter_groups(texts, adapters)?;
+        Ok(super::on_thread_pool(|| {
+            self.forward_on_pool(texts, &groups)
+        }))
     }
 
-    fn forward_on_pool(&self, texts: &[&[u32]]) -> Vec<f32> {
+    /// Runs of neighbouring texts with the same adapter, as token ranges.
+    fn adapter_groups<'a>(
+        &self,
+        texts: &[&[u32]],
+        adapters: &[Option<&'a Adapter>],
+    ) -> candle_core::Result<Vec<AdapterRows<'a>>> {
+        let mut groups: Vec<AdapterRows<'a>> = Vec::new();
+        let mut start = 0;
+        for (text, adapter) in texts.iter().zip(adapters) {
+            let end = start + text.len();
+            if let Some(adapter) = adapter {
+                self.check_adapter(adapter)?;
+                match groups.last_mut() {
+                    Some(last)
+                        if std::ptr::eq(last.adapter, *adapter) && last.rows.end == start =>
+                    {
+                        last.rows.end = end
+                    }
+                    _ => groups.push(AdapterRows {
+                        adapter,
+                        rows: start..end,
+                    }),
+                }
+            }
+            start = end;
+        }
+        Ok(groups)
+    }
+
+    /// Whether `adapter`'s matrices fit this model's layers.
+    fn check_adapter(&self, adapter: &Adapter) -> candle_core::Result<()> {
+        let (h, inner) = (self.hidden, self.intermediate);
+        let shapes = [(h, h), (h, h), (h, h), (h, h), (h, inner), (inner, h)];
+        let fits = adapter.first_layer + adapter.layers.len() <= self.layers.len()
+            && adapter.layers.iter().all(|slots| {
+                slots.iter().zip(shapes).all(|(slot, (inputs, outputs))| {
+                    slot.as_ref().is_none_or(|w| {
+                        w.inputs == inputs
+                            && w.outputs == outputs
+                            && w.a.len() == w.rank * inputs
+                            && w.b.len() == outputs * w.rank
+                    })
+                })
+            });
+        if !fits {
+            candle_core::bail!("the adapter does not fit this model's layers");
+        }
+        Ok(())
+    }
+
+    fn forward_on_pool(&self, texts: &[&[u32]], groups: &[AdapterRows<'_>]) -> Vec<f32> {
         let threads = rayon::current_num_threads();
         let h = self.hidden;
         let mut offsets = Vec::with_capacity(texts.len() + 1);
@@ -244,8 +347,50 @@ impl NativeBert {
         }
         let tokens = offsets[texts.len()];
         let mut watch = Stopwatch::start();
+        let mut x = self.embed_tokens(texts, tokens);
+        watch.lap(|p| &mut p.embeddings);
 
-        // Embeddings: word + position + token type 0, then layer norm.
+        for (index, layer) in self.layers.iter().enumerate() {
+            let update = |slot: usize, input: &[f32], out: &mut [f32], stride: usize, column| {
+                add_updates(groups, index, slot, input, (out, stride, column));
+            };
+            let mut qkv = layer.qkv.forward(&x, threads);
+            for slot in 0..3 {
+                update(slot, &x, &mut qkv, 3 * h, slot * h);
+            }
+            watch.lap(|p| &mut p.qkv_projection);
+            let context = self.attention(&qkv, &offsets);
+            watch.lap(|p| &mut p.attention);
+            let mut attended = layer.attention_output.forward(&context, threads);
+            update(3, &context, &mut attended, h, 0);
+            watch.lap(|p| &mut p.attention_output);
+            attended
+                .par_chunks_mut(h)
+                .zip(x.par_chunks(h))
+                .for_each(|(row, residual)| layer.attention_norm.apply(row, Some(residual)));
+            watch.lap(|p| &mut p.layer_norms);
+            let mut inner = layer.intermediate.forward(&attended, threads);
+            update(4, &attended, &mut inner, self.intermediate, 0);
+            watch.lap(|p| &mut p.feed_forward_in);
+            inner.par_chunks_mut(4096).for_each(gelu_in_place);
+            watch.lap(|p| &mut p.gelu);
+            let mut out = layer.output.forward(&inner, threads);
+            update(5, &inner, &mut out, h, 0);
+            watch.lap(|p| &mut p.feed_forward_out);
+            out.par_chunks_mut(h)
+                .zip(attended.par_chunks(h))
+                .for_each(|(row, residual)| layer.output_norm.apply(row, Some(residual)));
+            watch.lap(|p| &mut p.layer_norms);
+            x = out;
+        }
+        watch.finish(tokens);
+        x
+    }
+
+    /// Word + position + token type 0 embeddings of every token, then layer
+    /// norm: `[tokens, hidden]`.
+    fn embed_tokens(&self, texts: &[&[u32]], tokens: usize) -> Vec<f32> {
+        let h = self.hidden;
         let positions: Vec<(u32, usize)> = texts
             .iter()
             .flat_map(|text| text.iter().enumerate().map(|(p, &id)| (id, p)))
@@ -261,33 +406,6 @@ impl NativeBert {
                 }
                 self.embedding_norm.apply(row, None);
             });
-        watch.lap(|p| &mut p.embeddings);
-
-        for layer in &self.layers {
-            let qkv = layer.qkv.forward(&x, threads);
-            watch.lap(|p| &mut p.qkv_projection);
-            let context = self.attention(&qkv, &offsets);
-            watch.lap(|p| &mut p.attention);
-            let mut attended = layer.attention_output.forward(&context, threads);
-            watch.lap(|p| &mut p.attention_output);
-            attended
-                .par_chunks_mut(h)
-                .zip(x.par_chunks(h))
-                .for_each(|(row, residual)| layer.attention_norm.apply(row, Some(residual)));
-            watch.lap(|p| &mut p.layer_norms);
-            let mut inner = layer.intermediate.forward(&attended, threads);
-            watch.lap(|p| &mut p.feed_forward_in);
-            inner.par_chunks_mut(4096).for_each(gelu_in_place);
-            watch.lap(|p| &mut p.gelu);
-            let mut out = layer.output.forward(&inner, threads);
-            watch.lap(|p| &mut p.feed_forward_out);
-            out.par_chunks_mut(h)
-                .zip(attended.par_chunks(h))
-                .for_each(|(row, residual)| layer.output_norm.apply(row, Some(residual)));
-            watch.lap(|p| &mut p.layer_norms);
-            x = out;
-        }
-        watch.finish(tokens);
         x
     }
 

@@ -13,6 +13,31 @@ pub struct LowRank {
     pub a: Var,
     pub b: Var,
     pub scale: f64,
+    /// Dropout on `x` in training passes, as `peft`'s `lora_dropout`.
+    pub dropout: Option<Dropout>,
+}
+
+/// Inverted dropout with its own seeded generator, so that a seed gives the
+/// same run (candle's own dropout draws from an unseeded generator).
+pub struct Dropout {
+    rate: f64,
+    rng: std::sync::Mutex<Rng>,
+}
+
+impl Dropout {
+    /// `x` with each value zeroed at `rate`, the others scaled by
+    /// `1 / (1 - rate)`.
+    fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let keep = 1.0 - self.rate;
+        let draws = crate::sync::lock(&self.rng).uniform(x.elem_count(), 0.0, 1.0);
+        let scale = (1.0 / keep) as f32;
+        let mask: Vec<f32> = draws
+            .into_iter()
+            .map(|u| if f64::from(u) < keep { scale } else { 0.0 })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x * mask
+    }
 }
 
 impl LowRank {
@@ -38,19 +63,50 @@ impl LowRank {
             a: Var::from_tensor(&a)?,
             b: Var::zeros((outputs, rank), dtype, device)?,
             scale: alpha / rank as f64,
+            dropout: None,
         })
     }
 
-    /// `x`: `[tokens, inputs]` → the update `[tokens, outputs]`.
-    pub fn delta(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// The adapter with dropout at `rate` on its input in training passes,
+    /// drawn from `seed`; a rate of 0 is none.
+    pub fn with_dropout(mut self, rate: f64, seed: u64) -> Self {
+        self.dropout = (rate > 0.0).then(|| Dropout {
+            rate,
+            rng: std::sync::Mutex::new(Rng(seed)),
+        });
+        self
+    }
+
+    /// An adapter with the given matrices (`a` `[rank, inputs]`, `b`
+    /// `[outputs, rank]`), trainable again.
+    pub fn from_tensors(a: &Tensor, b: &Tensor, scale: f64) -> candle_core::Result<Self> {
+        Ok(Self {
+            a: Var::from_tensor(a)?,
+            b: Var::from_tensor(b)?,
+            scale,
+            dropout: None,
+        })
+    }
+
+    /// `x`: `[tokens, inputs]` → the update `[tokens, outputs]`; a training
+    /// pass drops inputs out first, if the adapter has dropout.
+    pub fn delta(&self, x: &Tensor, training: bool) -> candle_core::Result<Tensor> {
+        let dropped;
+        let x = match (&self.dropout, training) {
+            (Some(dropout), true) => {
+                dropped = dropout.apply(x)?;
+                &dropped
+            }
+            _ => x,
+        };
         x.matmul(&self.a.as_tensor().t()?)?
             .matmul(&self.b.as_tensor().t()?)?
             * self.scale
     }
 
     /// `base` (the frozen layer's output for `x`) with this update added.
-    pub fn apply(&self, x: &Tensor, base: Tensor) -> candle_core::Result<Tensor> {
-        base + self.delta(x)?
+    pub fn apply(&self, x: &Tensor, base: Tensor, training: bool) -> candle_core::Result<Tensor> {
+        base + self.delta(x, training)?
     }
 
     pub fn vars(&self) -> [&Var; 2] {
@@ -72,8 +128,8 @@ pub struct LayerAdapters {
 }
 
 impl LayerAdapters {
-    /// The six slots, in the order of [`PEFT_MODULES`].
-    fn slots(&self) -> [&Option<LowRank>; 6] {
+    /// The six slots, in the order of [`super::adapter::MODULES`].
+    pub fn slots(&self) -> [&Option<LowRank>; 6] {
         [
             &self.query,
             &self.key,
@@ -100,157 +156,14 @@ impl LayerAdapters {
 }
 
 /// `base` plus `adapter`'s update for `x`, or `base` itself.
-pub fn adapted(adapter: Option<&LowRank>, x: &Tensor, base: Tensor) -> candle_core::Result<Tensor> {
+pub fn adapted(
+    adapter: Option<&LowRank>,
+    x: &Tensor,
+    base: Tensor,
+    training: bool,
+) -> candle_core::Result<Tensor> {
     match adapter {
-        Some(adapter) => adapter.apply(x, base),
+        Some(adapter) => adapter.apply(x, base, training),
         None => Ok(base),
-    }
-}
-
-/// How adapters were set up, as the Python `peft` package records it.
-pub struct PeftSettings {
-    pub rank: usize,
-    pub alpha: f64,
-    /// The encoder layer the first of the adapters belongs to.
-    pub first_layer: usize,
-}
-
-/// The module path (under a Hugging Face `BertModel`) of each adapter slot,
-/// in the order of [`LayerAdapters::slots`].
-const PEFT_MODULES: [&str; 6] = [
-    "attention.self.query",
-    "attention.self.key",
-    "attention.self.value",
-    "attention.output.dense",
-    "intermediate.dense",
-    "output.dense",
-];
-
-/// Writes `adapters` into `dir` as `peft` saves a LoRA adapter of a
-/// `BertModel`: adapter_config.json, and adapter_model.safetensors with
-/// `base_model.model.encoder.layer.{i}.{module}.lora_A.weight` (`[rank,
-/// inputs]`) and `lora_B.weight` (`[outputs, rank]`) in f32. The targets are
-/// one regular expression over the adapted modules' full names, since peft's
-/// suffix matching cannot tell `attention.output.dense` from `output.dense`.
-pub fn export_peft(
-    adapters: &[LayerAdapters],
-    settings: &PeftSettings,
-    dir: &std::path::Path,
-) -> crate::Result<()> {
-    let mut tensors = std::collections::HashMap::new();
-    let mut modules = Vec::new();
-    for (offset, layer) in adapters.iter().enumerate() {
-        let index = settings.first_layer + offset;
-        for (module, slot) in PEFT_MODULES.iter().zip(layer.slots()) {
-            let Some(adapter) = slot else { continue };
-            let prefix = format!("base_model.model.encoder.layer.{index}.{module}");
-            for (name, var) in [("lora_A", &adapter.a), ("lora_B", &adapter.b)] {
-                let tensor = var
-                    .as_tensor()
-                    .to_dtype(DType::F32)?
-                    .to_device(&Device::Cpu)?;
-                tensors.insert(format!("{prefix}.{name}.weight"), tensor);
-            }
-            modules.push(format!(
-                "encoder\\.layer\\.{index}\\.{}",
-                module.replace('.', "\\.")
-            ));
-        }
-    }
-    let storage = |err: std::io::Error| {
-        crate::Error::Storage(format!(
-            "cannot write the adapter to {}: {err}",
-            dir.display()
-        ))
-    };
-    std::fs::create_dir_all(dir).map_err(storage)?;
-    candle_core::safetensors::save(&tensors, dir.join("adapter_model.safetensors"))?;
-    let config = serde_json::json!({
-        "peft_type": "LORA",
-        "task_type": null,
-        "r": settings.rank,
-        "lora_alpha": settings.alpha,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": false,
-        "target_modules": format!(".*({})", modules.join("|")),
-        "inference_mode": true,
-        "init_lora_weights": true,
-        "use_rslora": false,
-        "modules_to_save": null,
-    });
-    let text = serde_json::to_string_pretty(&config)
-        .map_err(|err| crate::Error::Internal(format!("adapter_config.json: {err}")))?;
-    std::fs::write(dir.join("adapter_config.json"), text).map_err(storage)?;
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use candle_core::{DType, Device};
-
-    use super::{export_peft, LayerAdapters, LowRank, PeftSettings};
-    use crate::nn::rng::Rng;
-
-    /// The export holds peft's tensor names and shapes, and a config whose
-    /// target expression names exactly the adapted modules.
-    #[test]
-    fn peft_export_uses_peft_names_shapes_and_targets() {
-        let mut rng = Rng(1);
-        let spec = (DType::F32, &Device::Cpu);
-        let adapters = vec![LayerAdapters {
-            query: Some(LowRank::new((16, 16), 4, 8.0, &mut rng, spec).expect("q")),
-            output: Some(LowRank::new((32, 16), 4, 8.0, &mut rng, spec).expect("o")),
-            ..LayerAdapters::default()
-        }];
-        let dir = tempfile::tempdir().expect("temp dir");
-        let settings = PeftSettings {
-            rank: 4,
-            alpha: 8.0,
-            first_layer: 5,
-        };
-        export_peft(&adapters, &settings, dir.path()).expect("export");
-        let tensors = candle_core::safetensors::load(
-            dir.path().join("adapter_model.safetensors"),
-            &Device::Cpu,
-        )
-        .expect("safetensors");
-        let shape = |name: &str| tensors[name].dims().to_vec();
-        let q = "base_model.model.encoder.layer.5.attention.self.query";
-        let o = "base_model.model.encoder.layer.5.output.dense";
-        assert_eq!(shape(&format!("{q}.lora_A.weight")), [4, 16]);
-        assert_eq!(shape(&format!("{q}.lora_B.weight")), [16, 4]);
-        assert_eq!(shape(&format!("{o}.lora_A.weight")), [4, 32]);
-        assert_eq!(shape(&format!("{o}.lora_B.weight")), [16, 4]);
-        assert_eq!(tensors.len(), 4);
-        let config: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(dir.path().join("adapter_config.json")).expect("config"),
-        )
-        .expect("JSON");
-        assert_eq!(config["peft_type"], "LORA");
-        assert_eq!(config["r"], 4);
-        assert_eq!(config["lora_alpha"], 8.0);
-        let targets = regex_lite(config["target_modules"].as_str().expect("targets"));
-        assert!(targets("encoder.layer.5.attention.self.query"));
-        assert!(targets("encoder.layer.5.output.dense"));
-        assert!(!targets("encoder.layer.5.attention.output.dense"));
-        assert!(!targets("encoder.layer.4.attention.self.query"));
-    }
-
-    /// Whether a module name ends with one of the alternatives of `.*(a|b)`
-    /// (the only shape export_peft writes), as peft's full match of the
-    /// expression on the module's name decides: the name ends with an
-    /// alternative at a dot or at its start.
-    fn regex_lite(expression: &str) -> impl Fn(&str) -> bool {
-        let inner = expression
-            .strip_prefix(".*(")
-            .and_then(|e| e.strip_suffix(')'))
-            .expect("the shape export_peft writes");
-        let alternatives: Vec<String> = inner.split('|').map(|a| a.replace("\\.", ".")).collect();
-        move |name: &str| {
-            alternatives
-                .iter()
-                .any(|a| name == a || name.ends_with(&format!(".{a}")))
-        }
     }
 }

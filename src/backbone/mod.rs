@@ -6,6 +6,7 @@
 //! preprocessing, `layers` the convolutional building blocks, `vision` the image
 //! backbone around a network, `source` weight lookup.
 
+pub mod adapter;
 pub mod bert;
 pub mod bert_graph;
 pub mod bert_native;
@@ -123,6 +124,9 @@ impl BuiltinClassifier {
 pub struct EmbedItem<'a> {
     pub input: &'a Prepared,
     pub options: EmbedOptions,
+    /// The fine-tuned adapter whose features the request asks for; None: the
+    /// frozen backbone's. Only backbones that can be fine-tuned take one.
+    pub adapter: Option<&'a adapter::Adapter>,
 }
 
 /// What a loaded backbone is, for listings, metrics and defaults.
@@ -138,6 +142,9 @@ pub struct BackboneDescriptor {
     pub max_sequence_length: usize,
     /// Image backbones: the side of the square input the network takes; 0 for text.
     pub image_size: usize,
+    /// Encoder layers that fine-tuning can adapt; 0 for a backbone that cannot
+    /// be fine-tuned.
+    pub encoder_layers: usize,
     pub default_options: EmbedOptions,
     pub default_truncate: bool,
     /// sha256 of the weights file, hex.
@@ -156,6 +163,11 @@ pub trait Backbone: Send + Sync {
 
     /// One forward pass over a batch; returns one vector per item, in order.
     fn embed(&self, items: &[EmbedItem<'_>]) -> Result<Vec<Vec<f32>>>;
+
+    /// Whether items may carry a fine-tuned adapter (see [`EmbedItem`]).
+    fn takes_adapters(&self) -> bool {
+        false
+    }
 
     /// Whether a forward pass computes every item at the length of the longest
     /// (padding), so that the batcher should split batches by length.
@@ -263,6 +275,7 @@ fn warm_up(backbone: &dyn Backbone) -> Result<()> {
     backbone.embed(&[EmbedItem {
         input: &prepared,
         options: descriptor.default_options,
+        adapter: None,
     }])?;
     Ok(())
 }

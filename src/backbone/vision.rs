@@ -81,6 +81,7 @@ impl VisionBackbone {
             dtype: "f32".to_owned(),
             max_sequence_length: 0,
             image_size: preprocessing.crop as usize,
+            encoder_layers: 0,
             default_options: EmbedOptions {
                 pooling: Pooling::Mean,
                 normalize: config.normalize,
@@ -211,6 +212,9 @@ impl Backbone for VisionBackbone {
     fn embed(&self, items: &[EmbedItem<'_>]) -> Result<Vec<Vec<f32>>> {
         if items.is_empty() {
             return Ok(Vec::new());
+        }
+        if items.iter().any(|item| item.adapter.is_some()) {
+            return Err(Error::Inference("image backbones take no adapters".into()));
         }
         let side = self.side();
         let mut pixels = Vec::with_capacity(items.len() * 3 * side * side);
@@ -390,7 +394,11 @@ mod tests {
             .collect();
         let items: Vec<EmbedItem> = prepared
             .iter()
-            .map(|input| EmbedItem { input, options })
+            .map(|input| EmbedItem {
+                input,
+                options,
+                adapter: None,
+            })
             .collect();
         let batch = backbone.embed(&items).unwrap();
         assert_eq!(batch.len(), 3);

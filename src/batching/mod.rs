@@ -25,7 +25,7 @@ use std::{
 use tokio::sync::oneshot;
 
 use crate::{
-    backbone::{Backbone, EmbedOptions, Prepared},
+    backbone::{adapter::Adapter, Backbone, EmbedOptions, Prepared},
     config::BackboneConfig,
     metrics, Error, Result,
 };
@@ -52,6 +52,8 @@ pub struct BatchLimits {
     pub max_batch_tokens: usize,
     pub max_queue_delay: Duration,
     pub max_queue_items: usize,
+    /// Distinct fine-tuned adapters in one batch.
+    pub max_adapters_per_batch: usize,
 }
 
 impl BatchLimits {
@@ -70,6 +72,7 @@ impl BatchLimits {
             max_batch_tokens: config.max_batch_tokens,
             max_queue_delay: Duration::from_secs_f64(config.max_queue_delay_ms / 1e3),
             max_queue_items: config.max_queue_items,
+            max_adapters_per_batch: config.max_adapters_per_batch,
         }
     }
 }
@@ -77,6 +80,8 @@ impl BatchLimits {
 /// Shared by every item of one request; answers the caller once.
 struct RequestState {
     options: EmbedOptions,
+    /// The fine-tuned adapter every item of the request runs with.
+    adapter: Option<Arc<Adapter>>,
     priority: Priority,
     deadline: Option<Instant>,
     enqueued: Instant,
@@ -252,6 +257,7 @@ impl BackboneQueue {
         &self,
         items: Vec<Prepared>,
         options: EmbedOptions,
+        adapter: Option<Arc<Adapter>>,
         priority: Priority,
         deadline: Option<Instant>,
     ) -> Result<Vec<Vec<f32>>> {
@@ -268,6 +274,7 @@ impl BackboneQueue {
         let (reply, receiver) = oneshot::channel();
         let request = Arc::new(RequestState {
             options,
+            adapter,
             priority,
             deadline,
             enqueued: now,

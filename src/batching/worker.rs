@@ -5,7 +5,7 @@ use std::{panic::AssertUnwindSafe, sync::Arc, time::Instant};
 
 use super::{partition, BatchLimits, Lanes, Priority, Shared, Unit};
 use crate::{
-    backbone::{Backbone, EmbedItem},
+    backbone::{adapter::Adapter, Backbone, EmbedItem},
     metrics, Error,
 };
 
@@ -70,6 +70,7 @@ fn next_batch(shared: &Shared) -> Option<Vec<Unit>> {
     let now = Instant::now();
     let mut batch: Vec<Unit> = Vec::new();
     let mut longest = 0;
+    let mut adapters: Vec<*const Adapter> = Vec::new();
     while let Some(front) = lanes.online.front().or_else(|| lanes.bulk.front()) {
         if let Some(reason) = front.request.drop_reason(now) {
             if let Some(reason) = reason {
@@ -81,13 +82,19 @@ fn next_batch(shared: &Shared) -> Option<Vec<Unit>> {
         let tokens = front.item.tokens();
         let grown = longest.max(tokens);
         let over_tokens = !batch.is_empty() && (batch.len() + 1) * grown > limits.max_batch_tokens;
-        if batch.len() == limits.max_batch_size || over_tokens {
+        let adapter = front.request.adapter.as_ref().map(Arc::as_ptr);
+        let new_adapter = adapter.filter(|a| !adapters.contains(a));
+        let over_adapters =
+            new_adapter.is_some() && adapters.len() == limits.max_adapters_per_batch;
+        if batch.len() == limits.max_batch_size || over_tokens || over_adapters {
             break;
         }
         longest = grown;
+        adapters.extend(new_adapter);
         batch.extend(lanes.pop());
     }
     metrics::set_queue_depth(&shared.name, lanes.len());
+    metrics::record_batch_adapters(&shared.name, adapters.len());
     Some(batch)
 }
 
@@ -174,6 +181,7 @@ fn run_pass(
         .map(|&i| EmbedItem {
             input: &batch[i].item,
             options: batch[i].request.options,
+            adapter: batch[i].request.adapter.as_deref(),
         })
         .collect();
     let padded_tokens = items.len() * group.iter().map(|&i| lengths[i]).max().unwrap_or(0);
@@ -238,6 +246,7 @@ mod tests {
                 max_batch_tokens,
                 max_queue_delay: Duration::ZERO,
                 max_queue_items: 1000,
+                max_adapters_per_batch: 2,
             },
             lanes: Mutex::new(Lanes::default()),
             wake: Condvar::new(),
@@ -246,12 +255,24 @@ mod tests {
 
     /// Adds a request whose items have the given token counts; returns its reply.
     fn push(shared: &Shared, bulk: bool, lengths: &[usize], deadline: Option<Instant>) -> Reply {
+        push_adapted(shared, bulk, lengths, deadline, None)
+    }
+
+    /// [`push`] for the features of `adapter`.
+    fn push_adapted(
+        shared: &Shared,
+        bulk: bool,
+        lengths: &[usize],
+        deadline: Option<Instant>,
+        adapter: Option<Arc<Adapter>>,
+    ) -> Reply {
         let (reply, receiver) = oneshot::channel();
         let request = Arc::new(RequestState {
             options: EmbedOptions {
                 pooling: Pooling::Mean,
                 normalize: true,
             },
+            adapter,
             priority: if bulk {
                 Priority::Bulk
             } else {
@@ -314,6 +335,33 @@ mod tests {
         assert_eq!(lengths(&next_batch(&shared).expect("batch")), vec![300]);
     }
 
+    /// Inputs of a third adapter wait for the next batch when two are the
+    /// limit; more inputs of adapters already in the batch and frozen inputs
+    /// still join it.
+    #[test]
+    fn a_batch_closes_at_its_adapter_limit() {
+        let adapter = || {
+            Some(Arc::new(Adapter {
+                rank: 1,
+                alpha: 1.0,
+                first_layer: 0,
+                layers: Vec::new(),
+            }))
+        };
+        let (first, second, third) = (adapter(), adapter(), adapter());
+        let shared = shared(10, 10_000);
+        let _a = push_adapted(&shared, false, &[1, 1], None, first.clone());
+        let _b = push_adapted(&shared, false, &[2], None, second);
+        let _f = push(&shared, false, &[3], None);
+        let _c = push_adapted(&shared, false, &[4], None, third);
+        let _d = push_adapted(&shared, false, &[5], None, first);
+        assert_eq!(
+            lengths(&next_batch(&shared).expect("batch")),
+            vec![1, 1, 2, 3]
+        );
+        assert_eq!(lengths(&next_batch(&shared).expect("batch")), vec![4, 5]);
+    }
+
     #[test]
     fn expired_and_abandoned_requests_are_dropped_before_compute() {
         let shared = shared(8, 10_000);
@@ -344,6 +392,7 @@ mod tests {
             dtype: "f32".into(),
             max_sequence_length: 512,
             image_size: 0,
+            encoder_layers: 0,
             default_options: EmbedOptions {
                 pooling: Pooling::Mean,
                 normalize: true,

@@ -63,7 +63,7 @@ pub fn run(config: &Config, options: &FineTuneBenchOptions<'_>) -> Result<()> {
 
     let started = Instant::now();
     let frozen_head = frozen_head(&model, &train, params.seed)?;
-    let frozen_features = finetune::adapted_features(&model.graph, &[], &test_ids)?;
+    let frozen_features = finetune::adapted_features(&model.graph, None, &test_ids)?;
     let frozen_accuracy = accuracy(&frozen_head, &frozen_features, &test_labels);
     let frozen_seconds = started.elapsed().as_secs_f64();
 
@@ -72,13 +72,19 @@ pub fn run(config: &Config, options: &FineTuneBenchOptions<'_>) -> Result<()> {
         &model.graph,
         &train,
         &params,
+        config.heads.fine_tune_cache_bytes,
         &CancellationToken::new(),
         &mut report,
     )?;
-    let tuned_features = finetune::adapted_features(&model.graph, &tuned.adapters, &test_ids)?;
+    let tuned_features = finetune::adapted_features(&model.graph, Some(&tuned.adapter), &test_ids)?;
     let tuned_accuracy = accuracy(&tuned.head, &tuned_features, &test_labels);
     if let Some(dir) = options.export_peft {
-        export(dir, &tuned.adapters, &params, &model.graph, &tuned_features)?;
+        export(
+            dir,
+            &tuned.adapter,
+            model.graph.hidden_size(),
+            &tuned_features,
+        )?;
     }
     println!(
         "{}",
@@ -109,19 +115,13 @@ pub fn run(config: &Config, options: &FineTuneBenchOptions<'_>) -> Result<()> {
 /// JSON array per line.
 fn export(
     dir: &Path,
-    adapters: &[crate::backbone::lora::LayerAdapters],
-    params: &FineTuneParams,
-    graph: &crate::backbone::bert_graph::BertGraph,
+    adapter: &crate::backbone::adapter::Adapter,
+    hidden: usize,
     features: &[f32],
 ) -> Result<()> {
-    let settings = crate::backbone::lora::PeftSettings {
-        rank: params.lora.rank,
-        alpha: params.lora.alpha,
-        first_layer: graph.num_layers() - params.lora.layers,
-    };
-    crate::backbone::lora::export_peft(adapters, &settings, dir)?;
+    adapter.export_peft(dir)?;
     let mut lines = String::new();
-    for row in features.chunks_exact(graph.hidden_size()) {
+    for row in features.chunks_exact(hidden) {
         lines.push_str(&serde_json::to_string(row)?);
         lines.push('\n');
     }
@@ -147,7 +147,7 @@ fn report(progress: &Progress) {
 /// on every training example's frozen features.
 fn frozen_head(model: &TrainableBert, train: &TextExamples, seed: u64) -> Result<HeadWeights> {
     let set = TrainingSet {
-        features: finetune::adapted_features(&model.graph, &[], &train.ids)?,
+        features: finetune::adapted_features(&model.graph, None, &train.ids)?,
         dim: model.graph.hidden_size(),
         labels: train.labels.clone(),
         classes: train.classes,

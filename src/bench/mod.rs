@@ -197,7 +197,11 @@ fn embed_batch(
         .collect::<crate::Result<Vec<_>>>()?;
     let items: Vec<EmbedItem<'_>> = prepared
         .iter()
-        .map(|input| EmbedItem { input, options })
+        .map(|input| EmbedItem {
+            input,
+            options,
+            adapter: None,
+        })
         .collect();
     Ok(model.embed(&items)?)
 }

@@ -31,6 +31,37 @@ pub struct TrainingFlags {
     pub cv_folds: Option<u32>,
     pub balance_classes: bool,
     pub seed: Option<u64>,
+    /// Fine-tune LoRA adapters with the head; None: frozen features.
+    pub fine_tuning: Option<FineTuningFlags>,
+}
+
+/// LoRA fine-tuning options as the command line gives them.
+#[derive(Debug, Clone, Default)]
+pub struct FineTuningFlags {
+    pub layers: Option<u32>,
+    pub rank: Option<u32>,
+    pub alpha: Option<f32>,
+    pub dropout: Option<f32>,
+    /// Empty: the server's default (query and value).
+    pub targets: Vec<String>,
+    pub backbone_learning_rate: Option<f32>,
+    pub warmup_fraction: Option<f32>,
+}
+
+/// The FineTuning message of `flags`.
+fn fine_tuning(flags: &FineTuningFlags) -> Result<proto::FineTuning> {
+    Ok(proto::FineTuning {
+        method: Some(proto::fine_tuning::Method::Lora(proto::LoraFineTuning {
+            layers: wire_value("layers", flags.layers)?,
+            rank: wire_value("rank", flags.rank)?,
+            alpha: wire_value("alpha", flags.alpha)?,
+            // 0 is both the default and what it says: no dropout.
+            dropout: flags.dropout.unwrap_or_default(),
+            targets: flags.targets.clone(),
+        })),
+        backbone_learning_rate: wire_value("backbone-learning-rate", flags.backbone_learning_rate)?,
+        warmup_fraction: flags.warmup_fraction,
+    })
 }
 
 /// A flag's value for the wire, where 0 means "the server's default": a
@@ -69,6 +100,7 @@ pub fn training_config(flags: &TrainingFlags) -> Result<proto::TrainingConfig> {
         solver: flags.solver.unwrap_or(proto::Solver::Unspecified) as i32,
         l2: wire_value("l2", flags.l2)?,
         cv_folds: wire_value("cv-folds", flags.cv_folds)?,
+        fine_tuning: flags.fine_tuning.as_ref().map(fine_tuning).transpose()?,
     })
 }
 

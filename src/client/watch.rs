@@ -91,6 +91,12 @@ fn progress_line(event: &proto::TrainEvent) -> String {
             format!("embedding {}/{} inputs", event.embedded, event.total_inputs)
         }
         JobState::Training => {
+            if let Some(loss) = event.step_loss {
+                return format!(
+                    "step {}/{}: batch loss {loss:.4} (epoch {} of {} done)",
+                    event.step, event.total_steps, event.epoch, event.total_epochs
+                );
+            }
             // The first TRAINING event announces the stage, before any step.
             let Some(m) = event.metrics else {
                 return format!("training ({} steps planned)", event.total_epochs);
@@ -106,6 +112,12 @@ fn progress_line(event: &proto::TrainEvent) -> String {
         }
         state => state.as_str_name().to_owned(),
     }
+}
+
+/// Whether a log shows this training event: every epoch, and a fine-tuning
+/// step now and then.
+fn logged_step(event: &proto::TrainEvent) -> bool {
+    event.step_loss.is_none() || event.step.is_multiple_of(25) || event.step == event.total_steps
 }
 
 /// Shows one event; returns the head once the job has succeeded, an error
@@ -143,8 +155,9 @@ fn show(
     let line = progress_line(&event);
     if status.is_terminal() {
         status.update(&line);
-    } else if state != *last || state == JobState::Training {
-        // In a log: each new stage and each epoch, not every embedding step.
+    } else if state != *last || (state == JobState::Training && logged_step(&event)) {
+        // In a log: each new stage and each epoch, not every embedding step,
+        // and every 25th fine-tuning step.
         status.println(&line);
     }
     *last = state;
@@ -245,6 +258,15 @@ mod tests {
             progress_line(&epoch),
             "epoch 2/5: loss 0.5000, accuracy 0.750, validation loss 0.6250, validation accuracy 0.500"
         );
+        let mut step = epoch.clone();
+        (step.step, step.total_steps, step.step_loss) = (30, 60, Some(0.25));
+        assert_eq!(
+            progress_line(&step),
+            "step 30/60: batch loss 0.2500 (epoch 2 of 5 done)"
+        );
+        assert!(logged_step(&epoch) && !logged_step(&step));
+        step.step = 50;
+        assert!(logged_step(&step));
     }
 
     #[test]

@@ -2,11 +2,12 @@
 
 use std::{sync::Arc, time::Instant};
 
-use super::inputs::check_request_inputs;
+use super::{inputs::check_request_inputs, lookup::stored_head, Scope};
 use crate::{
-    backbone::{BackboneDescriptor, EmbedOptions, Input, Modality, Pooling},
+    backbone::{adapter::Adapter, BackboneDescriptor, EmbedOptions, Input, Modality, Pooling},
     batching::Priority,
     config::LimitsConfig,
+    head::store::HeadStore,
     registry::BackboneRegistry,
     Error, Result,
 };
@@ -24,6 +25,9 @@ pub struct EmbedRequest {
     pub dimensions: Option<usize>,
     pub priority: Priority,
     pub deadline: Option<Instant>,
+    /// A fine-tuned head (`name` or `name@version`) of this backbone whose
+    /// adapted features are asked for; None: the frozen backbone's.
+    pub head: Option<String>,
 }
 
 /// One input's vector and what the model saw of it.
@@ -43,18 +47,28 @@ pub struct EmbedResponse {
     pub embeddings: Vec<Embedding>,
 }
 
-/// Embeds inputs with the resident backbones.
+/// Embeds inputs with the resident backbones, and fine-tuned heads' adapters.
 pub struct Embedder {
     registry: Arc<BackboneRegistry>,
+    store: Arc<HeadStore>,
     limits: LimitsConfig,
 }
 
 impl Embedder {
-    pub fn new(registry: Arc<BackboneRegistry>, limits: LimitsConfig) -> Self {
-        Self { registry, limits }
+    pub fn new(
+        registry: Arc<BackboneRegistry>,
+        store: Arc<HeadStore>,
+        limits: LimitsConfig,
+    ) -> Self {
+        Self {
+            registry,
+            store,
+            limits,
+        }
     }
 
-    pub async fn embed(&self, request: EmbedRequest) -> Result<EmbedResponse> {
+    /// The features of `request.inputs`; a head must be in `scope`.
+    pub async fn embed(&self, request: EmbedRequest, scope: &Scope) -> Result<EmbedResponse> {
         if request.backbone.is_empty() {
             return Err(Error::InvalidArgument(
                 "backbone is empty: name one from Models.ListBackbones".into(),
@@ -62,6 +76,10 @@ impl Embedder {
         }
         let loaded = self.registry.get(&request.backbone)?;
         check_request_inputs(&request.inputs, &self.limits)?;
+        let adapter = match &request.head {
+            Some(head) => Some(self.adapter(&request.backbone, head, scope).await?),
+            None => None,
+        };
         let descriptor = loaded.backbone.descriptor();
         check_dimensions(request.dimensions, descriptor)?;
         let options = embed_options(request.pooling, request.normalize, descriptor)?;
@@ -70,6 +88,7 @@ impl Embedder {
             .embed(
                 request.inputs,
                 options,
+                adapter,
                 truncate,
                 request.priority,
                 request.deadline,
@@ -88,6 +107,27 @@ impl Embedder {
                     truncated,
                 })
                 .collect(),
+        })
+    }
+}
+
+impl Embedder {
+    /// The adapter of fine-tuned head `head` of backbone `backbone`.
+    async fn adapter(&self, backbone: &str, head: &str, scope: &Scope) -> Result<Arc<Adapter>> {
+        let (_, stored) = stored_head(&self.store, &self.registry, head, scope).await?;
+        let meta = &stored.meta;
+        if meta.backbone != backbone {
+            return Err(Error::InvalidArgument(format!(
+                "head {}@{} runs on backbone `{}`, not `{backbone}`",
+                meta.name, meta.version, meta.backbone
+            )));
+        }
+        stored.adapter.clone().ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "head {}@{} was trained on frozen features, which Embed gives without \
+                 a head; name a fine-tuned head",
+                meta.name, meta.version
+            ))
         })
     }
 }

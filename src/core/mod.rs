@@ -6,13 +6,16 @@
 //! answer. Defaults and bounds of every request parameter live here.
 
 mod embed;
+mod fine_tuning;
 mod heads;
 mod inputs;
+mod lookup;
 mod predict;
 mod scope;
 mod training;
 
 pub use embed::{embed_options, EmbedRequest, EmbedResponse, Embedder, Embedding};
+pub use fine_tuning::{FineTuningOptions, LoraOptions};
 pub use heads::Catalog;
 pub use inputs::{check_input, check_request_inputs};
 pub use predict::{LabelScore, PredictRequest, PredictResponse, Predictor};

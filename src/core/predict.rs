@@ -5,13 +5,12 @@
 use std::{sync::Arc, time::Instant};
 
 use crate::{
-    backbone::{BuiltinClassifier, EmbedOptions, Input},
+    backbone::{adapter::Adapter, BuiltinClassifier, EmbedOptions, Input},
     batching::Priority,
     config::{is_valid_name, LimitsConfig},
     head::{
         model::HeadWeights,
         store::{HeadStore, StoredHead},
-        HeadRef,
     },
     nn::Dense,
     registry::{BackboneRegistry, LoadedBackbone},
@@ -19,7 +18,7 @@ use crate::{
     Error, Result,
 };
 
-use super::{inputs::check_request_inputs, Scope};
+use super::{inputs::check_request_inputs, lookup::stored_head, Scope};
 
 /// What a client asks Predict for.
 #[derive(Debug, Clone)]
@@ -102,6 +101,7 @@ impl Predictor {
             .embed(
                 request.inputs,
                 head.options(),
+                head.adapter(),
                 truncate,
                 request.priority,
                 request.deadline,
@@ -124,32 +124,9 @@ impl Predictor {
         })
     }
 
-    /// A trained head from the store, with its backbone. A head in memory is
-    /// served without touching the disk; a miss reads the disk off the runtime.
+    /// A trained head from the store, with its backbone.
     async fn stored(&self, text: &str, scope: &Scope) -> Result<(Arc<LoadedBackbone>, Head)> {
-        let reference = HeadRef::parse(text).map_err(Error::InvalidArgument)?;
-        scope.check(&reference.name)?;
-        let head = match self.store.cached(&reference) {
-            Some(head) => head,
-            None => {
-                let store = Arc::clone(&self.store);
-                run_blocking("reading the head store", move || store.get(&reference)).await??
-            }
-        };
-        let meta = &head.meta;
-        let loaded = self.registry.get(&meta.backbone)?;
-        let descriptor = loaded.backbone.descriptor();
-        if descriptor.fingerprint != meta.backbone_fingerprint {
-            return Err(Error::FailedPrecondition(format!(
-                "head {}@{} was trained on other weights of backbone `{}` \
-                 (fingerprint {}, the backbone now has {}); retrain it",
-                meta.name,
-                meta.version,
-                meta.backbone,
-                meta.backbone_fingerprint,
-                descriptor.fingerprint
-            )));
-        }
+        let (loaded, head) = stored_head(&self.store, &self.registry, text, scope).await?;
         Ok((loaded, Head::Stored(head)))
     }
 
@@ -208,6 +185,14 @@ impl Head {
         match self {
             Head::Stored(head) => head.meta.version,
             Head::Builtin { .. } => 0,
+        }
+    }
+
+    /// The fine-tuned adapter the head's features come through, if any.
+    fn adapter(&self) -> Option<Arc<Adapter>> {
+        match self {
+            Head::Stored(head) => head.adapter.clone(),
+            Head::Builtin { .. } => None,
         }
     }
 

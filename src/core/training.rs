@@ -8,12 +8,16 @@ use std::{
 
 use tokio::sync::broadcast;
 
-use super::{inputs::check_input, Scope};
+use super::{
+    fine_tuning::{fine_tune_params, FineTuningOptions},
+    inputs::check_input,
+    Scope,
+};
 use crate::{
     backbone::Input,
     config::{is_valid_name, HeadsConfig},
     datasets::{Dataset, DatasetStore, PendingUpload},
-    head::{HeadKind, Solver, TrainingParams},
+    head::{finetune::FineTuneParams, HeadKind, Solver, TrainingParams},
     jobs::{Example, JobEvent, JobInfo, JobManager, JobRequest},
     Error, Result,
 };
@@ -50,8 +54,11 @@ pub struct TrainingOptions {
     pub cv_folds: Option<usize>,
     pub balance_classes: bool,
     pub seed: u64,
-    /// Fine-tuning: encoder layers to train with the head (0: frozen features).
+    /// Fine-tuning: encoder layers to train in full with the head (0: none).
     pub unfreeze_top_layers: usize,
+    /// Fine-tune LoRA adapters of the backbone with the head; None: train on
+    /// frozen features.
+    pub fine_tuning: Option<FineTuningOptions>,
 }
 
 /// Where a job's examples come from.
@@ -321,6 +328,7 @@ pub struct Trainer {
 struct JobPlan {
     kind: HeadKind,
     params: TrainingParams,
+    fine_tune: Option<FineTuneParams>,
 }
 
 /// A dataset upload in progress: examples are checked, counted and their
@@ -366,6 +374,7 @@ impl Trainer {
                     params: plan.params,
                     examples,
                     labels,
+                    fine_tune: plan.fine_tune,
                 };
                 self.jobs.submit(job).await
             }
@@ -390,16 +399,29 @@ impl Trainer {
                 request.head_name
             )));
         }
+        let kind = head_kind(request.head.clone())?;
+        if let Some(tuning) = &request.options.fine_tuning {
+            let fine_tune = fine_tune_params(tuning, &request.options, &kind)?;
+            let (params, _) = fine_tune.record();
+            return Ok(JobPlan {
+                kind,
+                params,
+                fine_tune: Some(fine_tune),
+            });
+        }
         if request.options.unfreeze_top_layers > 0 {
             return Err(Error::Unimplemented(
-                "fine-tuning (unfreeze_top_layers > 0) is not available yet; \
-                 train on frozen features with unfreeze_top_layers = 0"
+                "training the top layers in full (unfreeze_top_layers > 0) is not available \
+                 yet; fine-tune with LoRA adapters (fine_tuning.lora) instead"
                     .into(),
             ));
         }
-        let kind = head_kind(request.head.clone())?;
         let params = training_params(&request.options, &kind)?;
-        Ok(JobPlan { kind, params })
+        Ok(JobPlan {
+            kind,
+            params,
+            fine_tune: None,
+        })
     }
 
     /// The job's examples, and the uploaded dataset they were taken from.

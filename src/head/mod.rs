@@ -176,6 +176,10 @@ pub struct HeadMetadata {
     pub validation_examples: u64,
     /// Milliseconds since the Unix epoch.
     pub created_at_ms: u64,
+    /// How the backbone's part of a fine-tuned head was trained; None for a
+    /// head on frozen features. A fine-tuned head's file holds its adapter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fine_tuning: Option<finetune::FineTuning>,
 }
 
 /// A head name with an optional version: `name` or `name@version`.

@@ -14,7 +14,8 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use super::{model::HeadWeights, HeadMetadata, HeadRef};
+use super::{finetune::Method, model::HeadWeights, HeadMetadata, HeadRef};
+use crate::backbone::adapter::Adapter;
 use crate::{config::is_valid_name, fsutil, sync::lock, Error, Result};
 
 const METADATA_FILE: &str = "head.json";
@@ -27,6 +28,8 @@ use crate::fsutil::TEMP_PREFIX;
 pub struct StoredHead {
     pub meta: HeadMetadata,
     pub weights: HeadWeights,
+    /// A fine-tuned head's adapter of the backbone's top layers.
+    pub adapter: Option<Arc<Adapter>>,
 }
 
 pub struct HeadStore {
@@ -127,7 +130,7 @@ impl HeadStore {
             } else {
                 heads.insert(name.to_owned(), versions);
             }
-            crate::metrics::set_heads(heads.values().map(BTreeMap::len).sum());
+            report_sizes(&heads);
         }
         self.mark_scanned(name);
     }
@@ -258,8 +261,18 @@ impl HeadStore {
     }
 
     /// Publishes a new version of `meta.name` (its `version` field is assigned
-    /// here) and returns it.
-    pub fn publish(&self, mut meta: HeadMetadata, weights: HeadWeights) -> Result<Arc<StoredHead>> {
+    /// here), with a fine-tuned head's adapter, and returns it.
+    pub fn publish(
+        &self,
+        mut meta: HeadMetadata,
+        weights: HeadWeights,
+        adapter: Option<Adapter>,
+    ) -> Result<Arc<StoredHead>> {
+        if meta.fine_tuning.is_some() != adapter.is_some() {
+            return Err(Error::Internal(
+                "a head has an adapter exactly when it was fine-tuned".into(),
+            ));
+        }
         let _writer = crate::sync::lock(&self.writer);
         if !is_valid_name(&meta.name) {
             return Err(Error::InvalidArgument(format!(
@@ -283,7 +296,7 @@ impl HeadStore {
             self.refresh_name_locked(&meta.name);
             let version = self.next_version(&meta.name, &name_dir)?;
             meta.version = version;
-            match self.write_version(&name_dir, &meta, &weights) {
+            match self.write_version(&name_dir, &meta, &weights, adapter.as_ref()) {
                 Ok(()) => break version,
                 Err(err) if attempts < 8 && name_dir.join(version.to_string()).exists() => {
                     tracing::debug!(head = %meta.name, version, error = %err,
@@ -293,13 +306,17 @@ impl HeadStore {
             }
         };
 
-        let head = Arc::new(StoredHead { meta, weights });
+        let head = Arc::new(StoredHead {
+            meta,
+            weights,
+            adapter: adapter.map(Arc::new),
+        });
         let mut heads = crate::sync::write(&self.heads);
         heads
             .entry(head.meta.name.clone())
             .or_default()
             .insert(version, Arc::clone(&head));
-        crate::metrics::set_heads(heads.values().map(BTreeMap::len).sum());
+        report_sizes(&heads);
         drop(heads);
         tracing::info!(head = %head.meta.name, version, "head published");
         Ok(head)
@@ -312,6 +329,7 @@ impl HeadStore {
         name_dir: &Path,
         meta: &HeadMetadata,
         weights: &HeadWeights,
+        adapter: Option<&Adapter>,
     ) -> Result<()> {
         let temp = self
             .root
@@ -322,7 +340,11 @@ impl HeadStore {
                 .map_err(|err| Error::Storage(format!("cannot encode metadata: {err}")))?;
             write_synced(&temp.join(METADATA_FILE), &json)?;
             let weights_path = temp.join(WEIGHTS_FILE);
-            candle_core::safetensors::save(&weights.to_tensors()?, &weights_path)
+            let mut tensors = weights.to_tensors()?;
+            if let Some(adapter) = adapter {
+                tensors.extend(adapter.to_tensors()?);
+            }
+            candle_core::safetensors::save(&tensors, &weights_path)
                 .map_err(|err| Error::Storage(format!("cannot write weights: {err}")))?;
             File::open(&weights_path)
                 .and_then(|f| f.sync_all())
@@ -383,7 +405,7 @@ impl HeadStore {
                 heads.remove(&reference.name);
             }
         }
-        crate::metrics::set_heads(heads.values().map(BTreeMap::len).sum());
+        report_sizes(&heads);
         tracing::info!(head = %reference.name, versions = ?versions, "head versions deleted");
         Ok(versions)
     }
@@ -427,6 +449,18 @@ impl HeadStore {
 }
 
 /// Removes temporary folders old enough to be crash leftovers.
+/// Exports how many head versions are in memory, and their adapters' bytes.
+fn report_sizes(heads: &BTreeMap<String, Versions>) {
+    let versions = heads.values().flat_map(BTreeMap::values);
+    let adapter_bytes = versions
+        .clone()
+        .filter_map(|head| head.adapter.as_deref())
+        .map(Adapter::size_bytes)
+        .sum();
+    crate::metrics::set_heads(versions.count());
+    crate::metrics::set_head_adapter_bytes(adapter_bytes);
+}
+
 fn remove_leftovers(root: &Path) {
     for entry in fs::read_dir(root).into_iter().flatten().flatten() {
         if !entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
@@ -500,7 +534,28 @@ fn read_version(dir: &Path, name: &str, version: u32) -> Result<StoredHead> {
             dir.display()
         )));
     }
-    Ok(StoredHead { meta, weights })
+    let adapter = match &meta.fine_tuning {
+        None => None,
+        Some(tuning) => {
+            let Method::Lora(lora) = tuning.method;
+            let adapter = Adapter::from_tensors(&tensors, lora.rank, lora.alpha)?;
+            let fits = adapter
+                .as_ref()
+                .is_some_and(|a| a.layers.len() == lora.layers);
+            if !fits {
+                return Err(Error::Storage(format!(
+                    "the adapter in {} does not match its metadata",
+                    dir.display()
+                )));
+            }
+            adapter.map(Arc::new)
+        }
+    };
+    Ok(StoredHead {
+        meta,
+        weights,
+        adapter,
+    })
 }
 
 #[cfg(test)]
@@ -529,6 +584,7 @@ mod tests {
             train_examples: 10,
             validation_examples: 2,
             created_at_ms: 1,
+            fine_tuning: None,
         };
         let weights = HeadWeights::Linear {
             output: Dense {
@@ -552,7 +608,7 @@ mod tests {
         let (meta, weights) = head("sentiment");
         assert_eq!(
             store
-                .publish(meta.clone(), weights.clone())
+                .publish(meta.clone(), weights.clone(), None)
                 .unwrap()
                 .meta
                 .version,
@@ -560,13 +616,15 @@ mod tests {
         );
         assert_eq!(
             store
-                .publish(meta.clone(), weights.clone())
+                .publish(meta.clone(), weights.clone(), None)
                 .unwrap()
                 .meta
                 .version,
             2
         );
-        store.publish(head("topic").0, weights.clone()).unwrap();
+        store
+            .publish(head("topic").0, weights.clone(), None)
+            .unwrap();
 
         let reopened = HeadStore::open(dir.path(), 100).unwrap();
         assert_eq!(
@@ -581,7 +639,10 @@ mod tests {
 
         assert_eq!(reopened.delete(&reference("sentiment@2")).unwrap(), vec![2]);
         // Versions never go back, even after the latest was deleted.
-        assert_eq!(reopened.publish(meta, weights).unwrap().meta.version, 3);
+        assert_eq!(
+            reopened.publish(meta, weights, None).unwrap().meta.version,
+            3
+        );
         assert_eq!(
             reopened.delete(&reference("sentiment")).unwrap(),
             vec![1, 3]
@@ -601,7 +662,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = HeadStore::open(dir.path(), 100).unwrap();
         let (meta, weights) = head("good");
-        store.publish(meta, weights).unwrap();
+        store.publish(meta, weights, None).unwrap();
         // An old interrupted publish, one that may still be running on another
         // replica, and a version with corrupt metadata.
         let crashed = dir.path().join(".tmp-crashed");
@@ -620,7 +681,10 @@ mod tests {
         assert!(dir.path().join(".tmp-in-flight").exists());
         // The broken version's number is not reused.
         let (meta, weights) = head("good");
-        assert_eq!(reopened.publish(meta, weights).unwrap().meta.version, 8);
+        assert_eq!(
+            reopened.publish(meta, weights, None).unwrap().meta.version,
+            8
+        );
     }
 
     #[test]
@@ -631,9 +695,9 @@ mod tests {
         b.refresh_interval = Duration::ZERO;
         let (meta, weights) = head("shared");
 
-        a.publish(meta.clone(), weights.clone()).unwrap();
+        a.publish(meta.clone(), weights.clone(), None).unwrap();
         assert_eq!(b.get(&reference("shared")).unwrap().meta.version, 1);
-        a.publish(meta.clone(), weights.clone()).unwrap();
+        a.publish(meta.clone(), weights.clone(), None).unwrap();
         assert_eq!(b.get(&reference("shared")).unwrap().meta.version, 2);
         assert_eq!(b.list(None, true).len(), 2);
         a.delete(&reference("shared@2")).unwrap();
@@ -643,13 +707,13 @@ mod tests {
         // Both publish at once: each gets its own version.
         let (va, vb) = std::thread::scope(|scope| {
             let ta = scope.spawn(|| {
-                a.publish(meta.clone(), weights.clone())
+                a.publish(meta.clone(), weights.clone(), None)
                     .unwrap()
                     .meta
                     .version
             });
             let tb = scope.spawn(|| {
-                b.publish(meta.clone(), weights.clone())
+                b.publish(meta.clone(), weights.clone(), None)
                     .unwrap()
                     .meta
                     .version
@@ -665,9 +729,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = HeadStore::open(dir.path(), 1).unwrap();
         let (meta, weights) = head("one");
-        store.publish(meta.clone(), weights.clone()).unwrap();
+        store.publish(meta.clone(), weights.clone(), None).unwrap();
         assert!(matches!(
-            store.publish(meta, weights),
+            store.publish(meta, weights, None),
             Err(Error::LimitExceeded(_))
         ));
     }
@@ -678,7 +742,7 @@ mod tests {
         let store = HeadStore::open(dir.path(), 100).unwrap();
         fs::create_dir_all(dir.path().join("full").join(u32::MAX.to_string())).unwrap();
         let (meta, weights) = head("full");
-        let err = store.publish(meta, weights).unwrap_err();
+        let err = store.publish(meta, weights, None).unwrap_err();
         assert!(
             matches!(&err, Error::LimitExceeded(m) if m.contains("every version")),
             "{err}"
@@ -705,7 +769,7 @@ mod tests {
         let a = HeadStore::open(dir.path(), 100).unwrap();
         let b = HeadStore::open(dir.path(), 100).unwrap();
         let (meta, weights) = head("seen");
-        a.publish(meta, weights).unwrap();
+        a.publish(meta, weights, None).unwrap();
         assert_eq!(a.cached(&reference("seen")).unwrap().meta.version, 1);
         // b has not looked at the disk since it opened.
         assert!(b.cached(&reference("seen")).is_none());

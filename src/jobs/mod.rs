@@ -6,6 +6,7 @@
 //! trained on a blocking thread and published to the head store. At most
 //! `max_concurrent_jobs` run at once; the others wait QUEUED.
 
+mod fine_tune;
 pub mod journal;
 
 use std::{
@@ -19,9 +20,10 @@ use tokio::sync::{broadcast, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    backbone::{EmbedOptions, Input, Prepared},
+    backbone::{adapter::Adapter, BackboneDescriptor, EmbedOptions, Input, Prepared},
     batching::{BackboneQueue, Priority},
     head::{
+        finetune::FineTuneParams,
         model::HeadWeights,
         store::{HeadStore, StoredHead},
         train::{self, TrainedHead, TrainingSet},
@@ -51,6 +53,9 @@ pub struct JobRequest {
     pub examples: Vec<Example>,
     /// The head's label order; every example's label is in it.
     pub labels: Vec<String>,
+    /// Fine-tune the backbone's top layers with the head; None: train the
+    /// head on frozen features.
+    pub fine_tune: Option<FineTuneParams>,
 }
 
 /// Where a job stands; stored in its record (lower-case names).
@@ -130,6 +135,11 @@ pub struct Progress {
     /// The epoch just finished and the planned number.
     pub epoch: u32,
     pub total_epochs: u32,
+    /// Fine-tuning: the optimiser step just taken (from 1), the planned
+    /// number, and that step's training loss.
+    pub step: u32,
+    pub total_steps: u32,
+    pub step_loss: Option<f32>,
     /// The latest epoch's metrics (the published head's, once it succeeded).
     pub metrics: Option<HeadMetrics>,
 }
@@ -366,6 +376,8 @@ pub struct JobLimits {
     pub max_concurrent_jobs: usize,
     pub max_queued_jobs: usize,
     pub finished_jobs_kept: usize,
+    /// Bytes of a fine-tuning job's frozen hidden states kept across epochs.
+    pub fine_tune_cache_bytes: usize,
 }
 
 pub struct JobManager {
@@ -491,7 +503,11 @@ impl JobManager {
         request: JobRequest,
     ) -> Result<(Arc<str>, broadcast::Receiver<JobEvent>)> {
         // Fail fast on what can be known now; loading problems surface as FAILED.
-        self.registry.get(&request.backbone)?;
+        let loaded = self.registry.get(&request.backbone)?;
+        let mut request = request;
+        if let Some(params) = &mut request.fine_tune {
+            fit_to_backbone(params, loaded.backbone.descriptor())?;
+        }
         let id: Arc<str> = Arc::from(uuid::Uuid::new_v4().to_string());
         let job = Arc::new(Job::new(Arc::clone(&id), &request));
         let receiver = job.events.subscribe();
@@ -623,8 +639,11 @@ impl JobManager {
         }
     }
 
-    /// Embeds the examples, trains the head and publishes it.
+    /// Embeds the examples, trains the head and publishes it; or fine-tunes.
     async fn execute(&self, job: &Arc<Job>, request: JobRequest) -> Result<Arc<StoredHead>> {
+        if let Some(params) = request.fine_tune {
+            return self.fine_tune(job, request, params).await;
+        }
         let loaded = self.registry.get(&request.backbone)?;
         let descriptor = loaded.backbone.descriptor().clone();
         let options = descriptor.default_options;
@@ -658,13 +677,22 @@ impl JobManager {
             train_examples: trained.train_examples as u64,
             validation_examples: trained.validation_examples as u64,
             created_at_ms: journal::millis(SystemTime::now()),
+            fine_tuning: None,
         };
-        self.publish(meta, trained.weights).await
+        self.publish(meta, trained.weights, None).await
     }
 
-    async fn publish(&self, meta: HeadMetadata, weights: HeadWeights) -> Result<Arc<StoredHead>> {
+    async fn publish(
+        &self,
+        meta: HeadMetadata,
+        weights: HeadWeights,
+        adapter: Option<Adapter>,
+    ) -> Result<Arc<StoredHead>> {
         let store = Arc::clone(&self.store);
-        run_blocking("publishing a head", move || store.publish(meta, weights)).await?
+        run_blocking("publishing a head", move || {
+            store.publish(meta, weights, adapter)
+        })
+        .await?
     }
 }
 
@@ -742,17 +770,39 @@ async fn embed_distinct(
         let prepared = loaded
             .prepare(chunk.to_vec(), true, chunk_index * EMBED_CHUNK, None)
             .await
-            .map_err(|err| match err {
-                Error::InvalidInput { index, reason } => {
-                    Error::InvalidArgument(format!("distinct example input {index}: {reason}"))
-                }
-                other => other,
-            })?;
+            .map_err(example_error)?;
         vectors.extend(embed_patiently(&loaded.queue, prepared, options).await?);
         let done = vectors.len() as u64;
         job.emit(None, |progress| progress.embedded = done);
     }
     Ok(vectors)
+}
+
+/// Completes fine-tuning settings for the backbone (`lora.layers` 0: all of
+/// its layers) and checks them against it.
+fn fit_to_backbone(params: &mut FineTuneParams, descriptor: &BackboneDescriptor) -> Result<()> {
+    if descriptor.encoder_layers == 0 {
+        return Err(Error::FailedPrecondition(format!(
+            "backbone `{}` cannot be fine-tuned (only BERT text backbones can); train a \
+             head on its frozen features instead",
+            descriptor.name
+        )));
+    }
+    if params.lora.layers == 0 {
+        params.lora.layers = descriptor.encoder_layers;
+    }
+    params.validate(descriptor.encoder_layers, descriptor.dimension)
+}
+
+/// An input that cannot be prepared fails the job as an invalid argument,
+/// naming it among the job's distinct inputs.
+fn example_error(err: Error) -> Error {
+    match err {
+        Error::InvalidInput { index, reason } => {
+            Error::InvalidArgument(format!("distinct example input {index}: {reason}"))
+        }
+        other => other,
+    }
 }
 
 /// Trains the head on a blocking thread, reporting each step (an epoch, or
@@ -807,7 +857,7 @@ async fn embed_patiently(
     let mut backoff = Duration::from_millis(20);
     loop {
         match queue
-            .embed(prepared.clone(), options, Priority::Bulk, None)
+            .embed(prepared.clone(), options, None, Priority::Bulk, None)
             .await
         {
             Err(Error::QueueFull(_)) => {

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::deadline;
+use super::{deadline, request_layer::scope_of};
 use crate::{core::Embedder, proto, wire::convert};
 
 pub struct EmbedderService {
@@ -24,8 +24,9 @@ impl proto::embedder_server::Embedder for EmbedderService {
         request: Request<proto::EmbedRequest>,
     ) -> Result<Response<proto::EmbedResponse>, Status> {
         let deadline = deadline::of(&request);
+        let scope = scope_of(&request);
         let request = convert::embed_request(request.into_inner(), deadline)?;
-        let response = self.embedder.embed(request).await?;
+        let response = self.embedder.embed(request, &scope).await?;
         Ok(Response::new(convert::embed_response(response)))
     }
 }

@@ -151,6 +151,7 @@ impl Domain {
                 max_concurrent_jobs: heads.max_concurrent_jobs,
                 max_queued_jobs: heads.max_queued_jobs,
                 finished_jobs_kept: heads.finished_jobs_kept,
+                fine_tune_cache_bytes: heads.fine_tune_cache_bytes,
             },
             Some(journal),
         ));
@@ -162,7 +163,11 @@ impl Domain {
         }));
         let limits = config.limits.clone();
         Ok(Self {
-            embedder: Arc::new(core::Embedder::new(Arc::clone(&registry), limits.clone())),
+            embedder: Arc::new(core::Embedder::new(
+                Arc::clone(&registry),
+                Arc::clone(&store),
+                limits.clone(),
+            )),
             predictor: Arc::new(core::Predictor::new(
                 Arc::clone(&registry),
                 Arc::clone(&store),

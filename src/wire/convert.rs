@@ -7,7 +7,9 @@ use std::time::Instant;
 use crate::{
     backbone::{Input, Modality, Pooling},
     batching::Priority,
-    core::{self, HeadSpec, RawExample, TrainingData, TrainingOptions},
+    core::{
+        self, FineTuningOptions, HeadSpec, LoraOptions, RawExample, TrainingData, TrainingOptions,
+    },
     head::Solver,
     proto, Error, Result,
 };
@@ -111,6 +113,7 @@ pub fn embed_request(
         truncate: request.truncate,
         dimensions: None,
         deadline,
+        head: (!request.head.is_empty()).then_some(request.head),
     })
 }
 
@@ -209,6 +212,27 @@ pub fn training_options(config: proto::TrainingConfig) -> Result<TrainingOptions
         balance_classes: config.balance_classes,
         seed: config.seed,
         unfreeze_top_layers: config.unfreeze_top_layers as usize,
+        fine_tuning: config.fine_tuning.map(fine_tuning_options).transpose()?,
+    })
+}
+
+fn fine_tuning_options(tuning: proto::FineTuning) -> Result<FineTuningOptions> {
+    use proto::fine_tuning::Method;
+    let Some(Method::Lora(lora)) = tuning.method else {
+        return Err(Error::InvalidArgument(
+            "fine_tuning.method is unset: set fine_tuning.lora".into(),
+        ));
+    };
+    Ok(FineTuningOptions {
+        lora: LoraOptions {
+            layers: set(lora.layers).map(|v| v as usize),
+            rank: set(lora.rank).map(|v| v as usize),
+            alpha: set(lora.alpha).map(f64::from),
+            dropout: set(lora.dropout).map(f64::from),
+            targets: lora.targets,
+        },
+        backbone_learning_rate: set(tuning.backbone_learning_rate).map(f64::from),
+        warmup_fraction: tuning.warmup_fraction.map(f64::from),
     })
 }
 

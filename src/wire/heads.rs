@@ -4,7 +4,11 @@ use std::time::{Duration, SystemTime};
 
 use super::convert;
 use crate::{
-    head::{store::StoredHead, HeadKind, HeadMetrics, Solver, TrainingParams},
+    head::{
+        finetune::{FineTuning, Method},
+        store::StoredHead,
+        HeadKind, HeadMetrics, Solver, TrainingParams,
+    },
     jobs::{JobEvent, JobInfo, JobState},
     proto,
     registry::{BackboneState, BackboneStatus},
@@ -48,6 +52,28 @@ pub fn training_config(params: &TrainingParams) -> proto::TrainingConfig {
         } as i32,
         l2: params.l2 as f32,
         cv_folds: params.cv_folds as u32,
+        fine_tuning: None,
+    }
+}
+
+/// A fine-tuned head's record, defaults filled in.
+pub fn fine_tuning(tuning: &FineTuning) -> proto::FineTuning {
+    let Method::Lora(lora) = tuning.method;
+    proto::FineTuning {
+        method: Some(proto::fine_tuning::Method::Lora(proto::LoraFineTuning {
+            layers: lora.layers as u32,
+            rank: lora.rank as u32,
+            alpha: lora.alpha as f32,
+            dropout: lora.dropout as f32,
+            targets: lora
+                .targets
+                .names()
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
+        })),
+        backbone_learning_rate: tuning.backbone_learning_rate as f32,
+        warmup_fraction: Some(tuning.warmup_fraction as f32),
     }
 }
 
@@ -72,13 +98,17 @@ pub fn head_info(head: &StoredHead) -> proto::HeadInfo {
         backbone_fingerprint: meta.backbone_fingerprint.clone(),
         labels: meta.labels.clone(),
         spec: Some(head_spec(&meta.kind)),
-        training: Some(training_config(&meta.training)),
+        training: Some(proto::TrainingConfig {
+            fine_tuning: meta.fine_tuning.as_ref().map(fine_tuning),
+            ..training_config(&meta.training)
+        }),
         metrics: Some(head_metrics(&meta.metrics)),
         train_examples: meta.train_examples,
         validation_examples: meta.validation_examples,
         created_at: Some(timestamp(
             SystemTime::UNIX_EPOCH + Duration::from_millis(meta.created_at_ms),
         )),
+        fine_tuning: meta.fine_tuning.as_ref().map(fine_tuning),
     }
 }
 
@@ -106,6 +136,9 @@ pub fn train_event(event: &JobEvent) -> proto::TrainEvent {
         metrics: progress.metrics.as_ref().map(head_metrics),
         head: event.head().map(|head| head_info(head)),
         error: event.error().unwrap_or_default().to_owned(),
+        step: progress.step,
+        total_steps: progress.total_steps,
+        step_loss: progress.step_loss,
     }
 }
 

@@ -1,5 +1,6 @@
 //! The frozen bottom's hidden states, computed once per text and kept for
-//! every epoch, and the padded batches built from them.
+//! every epoch within a memory budget (beyond it, computed again per batch),
+//! and the padded batches built from them.
 
 use candle_core::{DType, Tensor};
 use tokio_util::sync::CancellationToken;
@@ -11,20 +12,42 @@ use crate::{Error, Result};
 /// pass pads little.
 const PASS: usize = 32;
 
-/// One `[tokens, hidden]` tensor per text, in the model's float type.
-pub struct Bottoms {
-    rows: Vec<Tensor>,
-    hidden: usize,
+/// The frozen bottom's hidden states of every text: one `[tokens, hidden]`
+/// tensor per text in the model's float type, kept when they fit the memory
+/// budget, else computed again for each batch that needs them.
+pub struct Bottoms<'a> {
+    graph: &'a BertGraph,
+    ids: &'a [Vec<u32>],
+    layers: usize,
+    /// None: over the budget, recomputed per batch.
+    rows: Option<Vec<Tensor>>,
 }
 
-impl Bottoms {
-    /// The bottom `layers` layers of `graph` over every text of `ids`.
+impl<'a> Bottoms<'a> {
+    /// Bytes the bottoms of `ids` would take, kept.
+    pub fn size_bytes(graph: &BertGraph, ids: &[Vec<u32>]) -> usize {
+        let tokens: usize = ids.iter().map(Vec::len).sum();
+        tokens * graph.hidden_size() * graph.dtype().size_in_bytes()
+    }
+
+    /// The bottom `layers` layers of `graph` over every text of `ids`,
+    /// computed now when they fit in `budget_bytes`.
     pub fn compute(
-        graph: &BertGraph,
-        ids: &[Vec<u32>],
+        graph: &'a BertGraph,
+        ids: &'a [Vec<u32>],
         layers: usize,
+        budget_bytes: usize,
         cancel: &CancellationToken,
     ) -> Result<Self> {
+        let mut bottoms = Self {
+            graph,
+            ids,
+            layers,
+            rows: None,
+        };
+        if Self::size_bytes(graph, ids) > budget_bytes {
+            return Ok(bottoms);
+        }
         let mut order: Vec<usize> = (0..ids.len()).collect();
         order.sort_by_key(|&i| ids[i].len());
         let mut rows: Vec<Option<Tensor>> = vec![None; ids.len()];
@@ -32,51 +55,71 @@ impl Bottoms {
             if cancel.is_cancelled() {
                 return Err(Error::Cancelled("fine-tuning was cancelled".into()));
             }
-            let texts: Vec<&[u32]> = chunk.iter().map(|&i| ids[i].as_slice()).collect();
-            let (ids, mask) = graph.padded_batch(&texts)?;
-            let hidden = graph.forward_bottom(&ids, &mask, layers, Kernels::Fused)?;
-            for (row, (&index, text)) in chunk.iter().zip(&texts).enumerate() {
+            let (hidden, _) = bottoms.computed(chunk)?;
+            for (row, &index) in chunk.iter().enumerate() {
                 // A copy: a view would keep the whole padded pass alive.
-                rows[index] = Some(hidden.get(row)?.narrow(0, 0, text.len())?.copy()?);
+                rows[index] = Some(hidden.get(row)?.narrow(0, 0, ids[index].len())?.copy()?);
             }
         }
-        Ok(Self {
-            rows: rows.into_iter().flatten().collect(),
-            hidden: graph.hidden_size(),
-        })
+        bottoms.rows = Some(rows.into_iter().flatten().collect());
+        Ok(bottoms)
     }
 
-    /// The hidden states of `examples`, padded with zeros to the longest:
-    /// `[batch, len, hidden]`, and the mask `[batch, len]` (u32, 1 on real
-    /// tokens).
-    pub fn batch(&self, examples: &[usize]) -> Result<(Tensor, Tensor)> {
-        let len = examples
-            .iter()
-            .map(|&i| self.rows[i].dim(0))
-            .collect::<candle_core::Result<Vec<_>>>()?
-            .into_iter()
-            .max()
-            .unwrap_or(0);
-        let mut padded = Vec::with_capacity(examples.len());
-        let mut mask = Vec::with_capacity(examples.len() * len);
-        for &i in examples {
-            let row = &self.rows[i];
-            let tokens = row.dim(0)?;
-            padded.push(if tokens < len {
-                let zeros = Tensor::zeros((len - tokens, self.hidden), row.dtype(), row.device())?;
-                Tensor::cat(&[row, &zeros], 0)?
-            } else {
-                row.clone()
-            });
-            mask.extend((0..len).map(|t| u32::from(t < tokens)));
-        }
-        let device = self.rows.first().map(Tensor::device).cloned();
-        let device = device.ok_or_else(|| Error::InvalidArgument("no examples".into()))?;
-        Ok((
-            Tensor::stack(&padded, 0)?,
-            Tensor::from_vec(mask, (examples.len(), len), &device)?,
-        ))
+    /// Whether the hidden states are kept (else recomputed per batch).
+    pub fn kept(&self) -> bool {
+        self.rows.is_some()
     }
+
+    /// The hidden states of `examples`, padded to the longest: `[batch, len,
+    /// hidden]`, and the mask `[batch, len]` (u32, 1 on real tokens).
+    pub fn batch(&self, examples: &[usize]) -> Result<(Tensor, Tensor)> {
+        match &self.rows {
+            Some(rows) => padded(rows, examples, self.graph.hidden_size()),
+            None => self.computed(examples),
+        }
+    }
+
+    /// One forward pass of the bottom over `examples`.
+    fn computed(&self, examples: &[usize]) -> Result<(Tensor, Tensor)> {
+        let texts: Vec<&[u32]> = examples.iter().map(|&i| self.ids[i].as_slice()).collect();
+        let (ids, mask) = self.graph.padded_batch(&texts)?;
+        let hidden = self
+            .graph
+            .forward_bottom(&ids, &mask, self.layers, Kernels::Fused)?;
+        Ok((hidden, mask))
+    }
+}
+
+/// Kept rows of `examples`, padded with zeros to the longest (what the
+/// padding holds does not matter: the mask hides it from attention and
+/// pooling).
+fn padded(rows: &[Tensor], examples: &[usize], hidden: usize) -> Result<(Tensor, Tensor)> {
+    let len = examples
+        .iter()
+        .map(|&i| rows[i].dim(0))
+        .collect::<candle_core::Result<Vec<_>>>()?
+        .into_iter()
+        .max()
+        .unwrap_or(0);
+    let mut batch = Vec::with_capacity(examples.len());
+    let mut mask = Vec::with_capacity(examples.len() * len);
+    for &i in examples {
+        let row = &rows[i];
+        let tokens = row.dim(0)?;
+        batch.push(if tokens < len {
+            let zeros = Tensor::zeros((len - tokens, hidden), row.dtype(), row.device())?;
+            Tensor::cat(&[row, &zeros], 0)?
+        } else {
+            row.clone()
+        });
+        mask.extend((0..len).map(|t| u32::from(t < tokens)));
+    }
+    let device = rows.first().map(Tensor::device).cloned();
+    let device = device.ok_or_else(|| Error::InvalidArgument("no examples".into()))?;
+    Ok((
+        Tensor::stack(&batch, 0)?,
+        Tensor::from_vec(mask, (examples.len(), len), &device)?,
+    ))
 }
 
 /// Mean of the real tokens' vectors, scaled to unit length (the backbone's

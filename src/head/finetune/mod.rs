@@ -15,13 +15,17 @@ mod steps;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{model::HeadWeights, HeadMetrics};
+use serde::{Deserialize, Serialize};
+
+use super::{model::HeadWeights, HeadMetrics, Solver, TrainingParams};
+use crate::backbone::adapter::Adapter;
 use crate::backbone::bert_graph::{BertGraph, Kernels};
-use crate::backbone::lora::LayerAdapters;
 use crate::{Error, Result};
 
-/// Which projections of each adapted layer get an adapter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which projections of each adapted layer get an adapter; recorded as the
+/// list of their names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "Vec<String>", try_from = "Vec<String>")]
 pub struct LoraTargets {
     pub query: bool,
     pub key: bool,
@@ -110,14 +114,50 @@ impl LoraTargets {
     }
 }
 
+impl From<LoraTargets> for Vec<String> {
+    fn from(targets: LoraTargets) -> Self {
+        targets.names().into_iter().map(str::to_owned).collect()
+    }
+}
+
+impl TryFrom<Vec<String>> for LoraTargets {
+    type Error = Error;
+
+    fn try_from(names: Vec<String>) -> Result<Self> {
+        Self::from_names(&names)
+    }
+}
+
 /// The adapters: on the top `layers` encoder layers, of rank `rank`, their
-/// updates scaled by `alpha / rank`.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// updates scaled by `alpha / rank`; while training, each adapter's input is
+/// dropped out at the rate `dropout` (as `peft`'s `lora_dropout`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct LoraSettings {
     pub layers: usize,
     pub rank: usize,
     pub alpha: f64,
+    #[serde(default)]
+    pub dropout: f64,
     pub targets: LoraTargets,
+}
+
+/// How a fine-tuned head's backbone part was trained: what its record keeps
+/// beside the head's own training settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FineTuning {
+    pub method: Method,
+    /// Peak learning rate of the backbone's trained part.
+    pub backbone_learning_rate: f64,
+    /// Share of the steps over which the learning rates rise to their peak.
+    pub warmup_fraction: f64,
+}
+
+/// What of the backbone trains.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Method {
+    /// Low-rank adapters on the top layers.
+    Lora(LoraSettings),
 }
 
 /// Hyper-parameters of a fine-tuning run.
@@ -153,6 +193,7 @@ impl FineTuneParams {
                 layers,
                 rank: 8,
                 alpha: 16.0,
+                dropout: 0.0,
                 targets: LoraTargets::default(),
             },
             epochs: 3,
@@ -167,26 +208,73 @@ impl FineTuneParams {
         }
     }
 
-    /// Each bound, naming the field it concerns.
-    fn validate(&self, graph: &BertGraph) -> Result<()> {
+    /// The run's settings as a head's record keeps them: the head's own
+    /// (AdamW) and the backbone's part.
+    pub fn record(&self) -> (TrainingParams, FineTuning) {
+        let training = TrainingParams {
+            solver: Solver::Adamw,
+            epochs: self.epochs,
+            learning_rate: self.head_learning_rate,
+            batch_size: self.batch_size,
+            weight_decay: self.weight_decay,
+            validation_fraction: self.validation_fraction,
+            early_stopping_patience: self.patience,
+            refit: false,
+            l2: 0.0,
+            cv_folds: 0,
+            balance_classes: false,
+            seed: self.seed,
+        };
+        let tuning = FineTuning {
+            method: Method::Lora(self.lora),
+            backbone_learning_rate: self.learning_rate,
+            warmup_fraction: self.warmup_fraction,
+        };
+        (training, tuning)
+    }
+
+    /// The run's settings from a record made by [`Self::record`].
+    pub fn from_record(training: &TrainingParams, tuning: &FineTuning) -> Self {
+        let Method::Lora(lora) = tuning.method;
+        Self {
+            lora,
+            epochs: training.epochs,
+            batch_size: training.batch_size,
+            learning_rate: tuning.backbone_learning_rate,
+            head_learning_rate: training.learning_rate,
+            weight_decay: training.weight_decay,
+            warmup_fraction: tuning.warmup_fraction,
+            validation_fraction: training.validation_fraction,
+            patience: training.early_stopping_patience,
+            seed: training.seed,
+        }
+    }
+
+    /// Each bound, naming the field it concerns, for a backbone of `layers`
+    /// encoder layers of width `hidden`.
+    pub fn validate(&self, layers: usize, hidden: usize) -> Result<()> {
         let invalid = |message: String| Err(Error::InvalidArgument(message));
         let lora = &self.lora;
-        if lora.layers == 0 || lora.layers > graph.num_layers() {
+        if lora.layers == 0 || lora.layers > layers {
             return invalid(format!(
-                "lora.layers must be in [1, {}] (the backbone's encoder layers), got {}",
-                graph.num_layers(),
+                "lora.layers must be in [1, {layers}] (the backbone's encoder layers), got {}",
                 lora.layers
             ));
         }
-        if lora.rank == 0 || lora.rank > graph.hidden_size() {
+        if lora.rank == 0 || lora.rank > hidden {
             return invalid(format!(
-                "lora.rank must be in [1, {}], got {}",
-                graph.hidden_size(),
+                "lora.rank must be in [1, {hidden}], got {}",
                 lora.rank
             ));
         }
         if !(lora.alpha.is_finite() && lora.alpha > 0.0) {
             return invalid(format!("lora.alpha must be positive, got {}", lora.alpha));
+        }
+        if !(0.0..1.0).contains(&lora.dropout) {
+            return invalid(format!(
+                "lora.dropout must be in [0, 1), got {}",
+                lora.dropout
+            ));
         }
         if !lora.targets.any() {
             return invalid("lora.targets must name at least one projection".into());
@@ -257,27 +345,32 @@ pub enum Progress {
     Epoch(HeadMetrics),
 }
 
-/// The result: adapters for the top layers (the last for the last layer),
-/// the linear head on the adapted features, and the chosen epoch's metrics.
+/// The result: the adapter of the top layers, the linear head on the adapted
+/// features, and the chosen epoch's metrics.
 pub struct FineTuned {
-    pub adapters: Vec<LayerAdapters>,
+    pub adapter: Adapter,
     pub head: HeadWeights,
     pub metrics: HeadMetrics,
     /// The head fitted on frozen features, before fine-tuning, measured the
     /// same way: what fine-tuning improved on.
     pub frozen_metrics: HeadMetrics,
+    /// Examples trained on, and held out to choose the epoch.
+    pub train_examples: usize,
+    pub validation_examples: usize,
 }
 
-/// Fine-tunes `graph`'s top layers and a head on `examples`; `cancel` stops at
-/// the next step with [`Error::Cancelled`].
+/// Fine-tunes `graph`'s top layers and a head on `examples`, keeping the
+/// frozen bottom's hidden states when they fit in `cache_budget_bytes`;
+/// `cancel` stops at the next step with [`Error::Cancelled`].
 pub fn fine_tune(
     graph: &BertGraph,
     examples: &TextExamples,
     params: &FineTuneParams,
+    cache_budget_bytes: usize,
     cancel: &CancellationToken,
     on_progress: &mut dyn FnMut(&Progress),
 ) -> Result<FineTuned> {
-    params.validate(graph)?;
+    params.validate(graph.num_layers(), graph.hidden_size())?;
     if examples.classes < 2 || examples.labels.len() < 4 {
         return Err(Error::InvalidArgument(
             "fine-tuning needs at least four examples and two labels".into(),
@@ -295,23 +388,33 @@ pub fn fine_tune(
         ));
     }
     let split = graph.num_layers() - params.lora.layers;
-    let bottoms = cache::Bottoms::compute(graph, &examples.ids, split, cancel)?;
+    let bottoms = cache::Bottoms::compute(graph, &examples.ids, split, cache_budget_bytes, cancel)?;
+    tracing::info!(
+        texts = examples.ids.len(),
+        bytes = cache::Bottoms::size_bytes(graph, &examples.ids),
+        kept = bottoms.kept(),
+        "frozen bottom of the fine-tuning set"
+    );
     steps::Run::new(graph, examples, params, bottoms)?.execute(cancel, on_progress)
 }
 
-/// Pooled, unit-length features of `ids` through `graph` with `adapters` on
+/// Pooled, unit-length features of `ids` through `graph` with `adapter` on
 /// its top layers (none: the frozen features), row after row: what a
 /// fine-tuned head classifies.
 pub fn adapted_features(
     graph: &BertGraph,
-    adapters: &[LayerAdapters],
+    adapter: Option<&Adapter>,
     ids: &[Vec<u32>],
 ) -> Result<Vec<f32>> {
+    let adapters = match adapter {
+        Some(adapter) => adapter.to_graph(graph.dtype(), &graph.device())?,
+        None => Vec::new(),
+    };
     let mut features = Vec::with_capacity(ids.len() * graph.hidden_size());
     for chunk in ids.chunks(32) {
         let texts: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
         let (ids, mask) = graph.padded_batch(&texts)?;
-        let out = graph.forward_adapted(&ids, &mask, adapters, Kernels::Fused)?;
+        let out = graph.forward_adapted(&ids, &mask, &adapters, Kernels::Fused)?;
         features.extend(cache::to_f32(&cache::pooled(&out, &mask)?)?);
     }
     Ok(features)

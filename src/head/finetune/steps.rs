@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::cache::{pooled, to_f32, Bottoms};
 use super::{FineTuneParams, FineTuned, LoraTargets, Progress, TextExamples};
+use crate::backbone::adapter::Adapter;
 use crate::backbone::bert_graph::{BertGraph, Kernels};
 use crate::backbone::lora::{LayerAdapters, LowRank};
 use crate::head::{model::HeadWeights, train, HeadKind, HeadMetrics, TrainingParams};
@@ -21,7 +22,7 @@ pub struct Run<'a> {
     graph: &'a BertGraph,
     examples: &'a TextExamples,
     params: &'a FineTuneParams,
-    bottoms: Bottoms,
+    bottoms: Bottoms<'a>,
     train_rows: Vec<usize>,
     validation_rows: Vec<usize>,
     rng: Rng,
@@ -46,7 +47,7 @@ impl<'a> Run<'a> {
         graph: &'a BertGraph,
         examples: &'a TextExamples,
         params: &'a FineTuneParams,
-        bottoms: Bottoms,
+        bottoms: Bottoms<'a>,
     ) -> Result<Self> {
         let mut rng = Rng(params.seed);
         let mut order: Vec<usize> = (0..examples.labels.len()).collect();
@@ -82,11 +83,15 @@ impl<'a> Run<'a> {
         on_progress(&Progress::Epoch(frozen_metrics.clone()));
         let adapters = self.new_adapters()?;
         let metrics = self.train(&adapters, &head, &frozen_metrics, cancel, on_progress)?;
+        let lora = &self.params.lora;
+        let first_layer = self.graph.num_layers() - lora.layers;
         Ok(FineTuned {
             head: head_weights(&head)?,
-            adapters,
+            adapter: Adapter::from_trained(&adapters, lora.rank, lora.alpha, first_layer)?,
             metrics,
             frozen_metrics,
+            train_examples: self.train_rows.len(),
+            validation_examples: self.validation_rows.len(),
         })
     }
 
@@ -136,13 +141,8 @@ impl<'a> Run<'a> {
         let rng = &mut self.rng;
         let mut adapter = |wanted: bool, shape: (usize, usize)| -> Result<Option<LowRank>> {
             Ok(if wanted {
-                Some(LowRank::new(
-                    shape,
-                    lora.rank,
-                    lora.alpha,
-                    rng,
-                    (spec.0, spec.1),
-                )?)
+                let adapter = LowRank::new(shape, lora.rank, lora.alpha, rng, (spec.0, spec.1))?;
+                Some(adapter.with_dropout(lora.dropout, rng.next_u64()))
             } else {
                 None
             })

@@ -51,12 +51,20 @@ fn params() -> FineTuneParams {
     params
 }
 
+/// Keeps every hidden state of the bottom.
+const UNLIMITED: usize = usize::MAX;
+
 fn run(params: &FineTuneParams) -> (super::FineTuned, Vec<Progress>) {
+    run_with_budget(params, UNLIMITED)
+}
+
+fn run_with_budget(params: &FineTuneParams, budget: usize) -> (super::FineTuned, Vec<Progress>) {
     let mut events = Vec::new();
     let tuned = fine_tune(
         &tiny(DType::F32),
         &examples(),
         params,
+        budget,
         &CancellationToken::new(),
         &mut |p| events.push(p.clone()),
     )
@@ -109,15 +117,12 @@ fn the_same_seed_gives_the_same_result() {
     params.epochs = 2;
     let values = |tuned: &super::FineTuned| -> Vec<f32> {
         let mut out: Vec<f32> = tuned
-            .adapters
+            .adapter
+            .layers
             .iter()
-            .flat_map(|a| a.vars())
-            .flat_map(|v| {
-                v.as_tensor()
-                    .flatten_all()
-                    .and_then(|t| t.to_vec1())
-                    .expect("values")
-            })
+            .flatten()
+            .flatten()
+            .flat_map(|w| w.a.iter().chain(&w.b).copied())
             .collect();
         if let crate::head::model::HeadWeights::Linear { output } = &tuned.head {
             out.extend(&output.weight);
@@ -132,6 +137,51 @@ fn the_same_seed_gives_the_same_result() {
     assert_ne!(values(&first), values(&other));
 }
 
+/// Over the memory budget the bottom is computed again for every batch; the
+/// run comes out the same (to rounding: the passes pad differently).
+#[test]
+fn a_bottom_over_the_budget_is_recomputed_with_the_same_result() {
+    let mut params = params();
+    params.epochs = 2;
+    let (kept, _) = run(&params);
+    let (recomputed, _) = run_with_budget(&params, 0);
+    let (
+        crate::head::model::HeadWeights::Linear { output: a },
+        crate::head::model::HeadWeights::Linear { output: b },
+    ) = (&kept.head, &recomputed.head)
+    else {
+        panic!("linear heads");
+    };
+    let gap = a
+        .weight
+        .iter()
+        .zip(&b.weight)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(gap < 1e-4, "head weights differ by {gap}");
+    let loss = |t: &super::FineTuned| t.metrics.validation_loss.expect("validation");
+    assert!((loss(&kept) - loss(&recomputed)).abs() < 1e-4);
+}
+
+/// Adapter dropout is drawn from the seed too: a run repeats exactly, and
+/// differs from one without dropout.
+#[test]
+fn dropout_repeats_with_its_seed() {
+    let mut params = params();
+    params.epochs = 1;
+    params.lora.dropout = 0.2;
+    let weights = |tuned: &super::FineTuned| match &tuned.head {
+        crate::head::model::HeadWeights::Linear { output } => output.weight.clone(),
+        _ => panic!("a linear head"),
+    };
+    let (first, _) = run(&params);
+    let (second, _) = run(&params);
+    assert_eq!(weights(&first), weights(&second));
+    params.lora.dropout = 0.0;
+    let (without, _) = run(&params);
+    assert_ne!(weights(&first), weights(&without));
+}
+
 /// A cancel during an epoch stops the run at the next step.
 #[test]
 fn cancel_stops_within_an_epoch() {
@@ -141,6 +191,7 @@ fn cancel_stops_within_an_epoch() {
         &tiny(DType::F32),
         &examples(),
         &params(),
+        UNLIMITED,
         &cancel,
         &mut |p| {
             if matches!(p, Progress::Step { .. }) {
@@ -192,6 +243,7 @@ fn bad_settings_are_refused_by_name() {
             &graph,
             &examples(),
             &params,
+            UNLIMITED,
             &CancellationToken::new(),
             &mut |_| {},
         )

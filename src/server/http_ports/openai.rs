@@ -112,16 +112,21 @@ async fn embed(state: &ApiState, request: Request) -> Result<EmbeddingsResponse,
     let inputs = inputs(parsed.input)?;
     let answer = state
         .embedder
-        .embed(core::EmbedRequest {
-            backbone: parsed.model,
-            inputs,
-            pooling: None,
-            normalize: None,
-            truncate: None,
-            dimensions: parsed.dimensions,
-            priority: Priority::Online,
-            deadline: None,
-        })
+        .embed(
+            core::EmbedRequest {
+                backbone: parsed.model,
+                inputs,
+                pooling: None,
+                normalize: None,
+                truncate: None,
+                dimensions: parsed.dimensions,
+                priority: Priority::Online,
+                deadline: None,
+                head: None,
+            },
+            // No head is named, so no head's scope applies.
+            &core::Scope::All,
+        )
         .await?;
     let tokens: u64 = answer.embeddings.iter().map(|e| u64::from(e.tokens)).sum();
     Ok(EmbeddingsResponse {
