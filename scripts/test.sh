@@ -13,4 +13,5 @@ scripts/setup-python.sh
 scripts/setup-node.sh
 scripts/setup-tools.sh
 scripts/setup-browser.sh
+scripts/setup-peft.sh
 cargo test --release --locked "$@"

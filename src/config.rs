@@ -309,6 +309,9 @@ pub struct HeadsConfig {
     /// every epoch of one job; beyond it they are computed again per batch
     /// (slower, in constant memory). 0 always recomputes.
     pub fine_tune_cache_bytes: usize,
+    /// Fine-tuned heads' adapters kept in memory at once; the least recently
+    /// used is dropped and read again from the store when next asked for.
+    pub max_resident_adapters: usize,
 }
 
 impl HeadsConfig {
@@ -335,6 +338,7 @@ impl Default for HeadsConfig {
             max_dataset_bytes: 1024 * 1024 * 1024,
             upload_idle_timeout_seconds: 30.0,
             fine_tune_cache_bytes: 2 * 1024 * 1024 * 1024,
+            max_resident_adapters: 128,
         }
     }
 }
@@ -1040,13 +1044,15 @@ fn validate_heads(heads: &HeadsConfig) -> Result<(), String> {
         return Err("heads.upload_idle_timeout_seconds must be in (0, 3600]".into());
     }
     if heads.max_concurrent_jobs == 0
+        || heads.max_resident_adapters == 0
         || heads.max_examples_per_job < 2
         || heads.max_labels < 2
         || heads.max_label_chars == 0
         || heads.max_heads == 0
     {
         return Err(
-            "heads: max_concurrent_jobs, max_heads and max_label_chars must be at least 1, \
+            "heads: max_concurrent_jobs, max_heads, max_label_chars and max_resident_adapters \
+             must be at least 1, \
              max_examples_per_job and max_labels at least 2"
                 .into(),
         );

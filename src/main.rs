@@ -339,6 +339,20 @@ enum Command {
         #[command(flatten)]
         server: ServerAddr,
     },
+    /// Write a fine-tuned head's LoRA adapter in the layout of the Python
+    /// `peft` package (adapter_config.json, adapter_model.safetensors), read
+    /// from the head store of the config; `PeftModel.from_pretrained(base,
+    /// DIR)` then loads it on the backbone's Hugging Face model.
+    ExportAdapter {
+        #[arg(long, env = "TLSERVE_CONFIG", default_value = "config/tlserve.toml")]
+        config: PathBuf,
+        /// `name` (the latest version) or `name@version`.
+        #[arg(long)]
+        head: String,
+        /// The folder to write (created if needed).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
     /// Convert a legacy (non-zip) PyTorch .pth state dict into safetensors.
     Convert {
         /// The legacy .pth file.
@@ -652,6 +666,29 @@ impl TrainingArgs {
     }
 }
 
+/// Exports a stored fine-tuned head's adapter for `peft`; reads the store
+/// without opening it, so it may run beside a server.
+fn export_adapter(config: &Path, head: &str, out: &Path) -> Result<serde_json::Value> {
+    let config = tlserve::config::Config::load(config)?;
+    let reference = tlserve::head::HeadRef::parse(head).map_err(anyhow::Error::msg)?;
+    let (stored, adapter) = tlserve::head::store::read_head(&config.heads.store_dir, &reference)?;
+    let meta = &stored.meta;
+    let adapter = adapter.with_context(|| {
+        format!(
+            "head {}@{} was trained on frozen features: it has no adapter",
+            meta.name, meta.version
+        )
+    })?;
+    adapter.export_peft(out)?;
+    Ok(serde_json::json!({
+        "head": meta.name,
+        "version": meta.version,
+        "backbone": meta.backbone,
+        "backbone_fingerprint": meta.backbone_fingerprint,
+        "out": out,
+    }))
+}
+
 async fn train(args: TrainArgs) -> Result<()> {
     let training = client::training_config(&args.training.flags()?)?;
     let spec = args.mlp_hidden.map(|hidden_size| proto::HeadSpec {
@@ -747,6 +784,9 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Heads { server } => {
             let channel = client::connect(&server.addr).await?;
             print_json(&client::heads(channel).await?)?;
+        }
+        Command::ExportAdapter { config, head, out } => {
+            print_json(&export_adapter(&config, &head, &out)?)?;
         }
         Command::Convert { legacy_pth, out } => {
             let count =

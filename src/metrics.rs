@@ -47,8 +47,13 @@ pub const TRAINING_JOBS: &str = "tlserve_training_jobs";
 pub const TRAINING_JOB_DURATION_SECONDS: &str = "tlserve_training_job_duration_seconds";
 /// Head versions in the head store.
 pub const HEADS: &str = "tlserve_heads";
-/// Bytes of the fine-tuned heads' adapters held in memory with their heads.
-pub const HEAD_ADAPTER_BYTES: &str = "tlserve_head_adapter_bytes";
+/// Fine-tuned heads' adapters resident in memory (bounded by
+/// heads.max_resident_adapters), and their bytes.
+pub const ADAPTERS_RESIDENT: &str = "tlserve_adapters_resident";
+pub const ADAPTER_BYTES: &str = "tlserve_adapter_bytes";
+/// Adapters read from the head store on demand (first use, or after being
+/// dropped as the least recently used).
+pub const ADAPTER_LOADS_TOTAL: &str = "tlserve_adapter_loads_total";
 /// Resident memory of the process (Linux /proc), sampled every few seconds.
 pub const PROCESS_RESIDENT_MEMORY_BYTES: &str = "tlserve_process_resident_memory_bytes";
 /// CPU time the process has used, user plus system, in whole seconds.
@@ -161,9 +166,11 @@ fn describe() {
         "Wall time of finished training jobs"
     );
     describe_gauge!(HEADS, "Head versions in the head store");
-    describe_gauge!(
-        HEAD_ADAPTER_BYTES,
-        "Bytes of fine-tuned adapters held in memory with their heads"
+    describe_gauge!(ADAPTERS_RESIDENT, "Fine-tuned adapters resident in memory");
+    describe_gauge!(ADAPTER_BYTES, "Bytes of the resident fine-tuned adapters");
+    describe_counter!(
+        ADAPTER_LOADS_TOTAL,
+        "Adapters read from the head store on demand"
     );
     describe_gauge!(
         PROCESS_RESIDENT_MEMORY_BYTES,
@@ -261,8 +268,13 @@ pub fn record_training_job(state: &'static str, elapsed: Duration) {
     histogram!(TRAINING_JOB_DURATION_SECONDS, "state" => state).record(elapsed.as_secs_f64());
 }
 
-pub fn set_head_adapter_bytes(bytes: usize) {
-    gauge!(HEAD_ADAPTER_BYTES).set(bytes as f64);
+pub fn set_resident_adapters(count: usize, bytes: usize) {
+    gauge!(ADAPTERS_RESIDENT).set(count as f64);
+    gauge!(ADAPTER_BYTES).set(bytes as f64);
+}
+
+pub fn record_adapter_loads(loads: u64) {
+    counter!(ADAPTER_LOADS_TOTAL).increment(loads);
 }
 
 pub fn set_heads(count: usize) {

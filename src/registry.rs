@@ -13,10 +13,9 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     backbone::{
         self,
-        adapter::Adapter,
         bert::TrainableBert,
         image::{DecodeBudget, ImageLimits},
-        Backbone, EmbedOptions, Input, Prepared,
+        Backbone, Input, Prepared, Want,
     },
     batching::{BackboneQueue, BatchLimits, Priority},
     config::BackboneConfig,
@@ -82,13 +81,12 @@ impl LoadedBackbone {
     pub async fn embed(
         &self,
         inputs: Vec<Input>,
-        options: EmbedOptions,
-        adapter: Option<Arc<Adapter>>,
+        want: Want,
         truncate: bool,
         priority: Priority,
         deadline: Option<Instant>,
     ) -> Result<Embedded> {
-        if adapter.is_some() && !self.backbone.takes_adapters() {
+        if (want.adapter.is_some() || want.capture.is_some()) && !self.backbone.takes_adapters() {
             return Err(Error::FailedPrecondition(format!(
                 "backbone `{}` does not run fine-tuned adapters",
                 self.backbone.descriptor().name
@@ -99,10 +97,7 @@ impl LoadedBackbone {
             .iter()
             .map(|p| (p.tokens() as u32, p.truncated()))
             .collect();
-        let vectors = self
-            .queue
-            .embed(prepared, options, adapter, priority, deadline)
-            .await?;
+        let vectors = self.queue.embed(prepared, want, priority, deadline).await?;
         Ok(Embedded { vectors, facts })
     }
 }

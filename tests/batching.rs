@@ -29,6 +29,7 @@ fn unbatched(model: &dyn Backbone, texts: &[String]) -> Vec<Vec<f32>> {
                     input: &prepared,
                     options,
                     adapter: None,
+                    capture: None,
                 }])
                 .expect("embed")
                 .remove(0)

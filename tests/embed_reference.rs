@@ -31,6 +31,7 @@ fn embed_all(model: &dyn Backbone, sentences: &[String], options: EmbedOptions) 
             input,
             options,
             adapter: None,
+            capture: None,
         })
         .collect();
     model.embed(&items).expect("embed")

@@ -920,11 +920,9 @@ fn cosine32(a: &[f32], b: &[f32]) -> f64 {
 /// The adapted features of `texts` as the training code computes them (the
 /// candle graph with the stored adapter): the reference for the server's.
 fn training_features(store: &Path, head: &str, texts: &[&str]) -> Vec<Vec<f32>> {
-    let heads = tlserve::head::store::HeadStore::open(store, 100).expect("store");
-    let stored = heads
-        .get(&tlserve::head::HeadRef::parse(head).expect("reference"))
-        .expect("stored head");
-    let adapter = stored.adapter.as_deref().expect("an adapter");
+    let reference = tlserve::head::HeadRef::parse(head).expect("reference");
+    let (_, adapter) = tlserve::head::store::read_head(store, &reference).expect("stored head");
+    let adapter = adapter.as_ref().expect("an adapter");
     let config = tlserve::config::Config::from_toml(
         &TestServer::minilm_config("", ""),
         Path::new("."),
@@ -965,12 +963,22 @@ async fn lora_fine_tuning_trains_serves_and_persists() {
         .map(|(_, row)| row)
         .take(40)
         .collect();
+    let items = r#"tlserve_inference_items_total{backbone="all-MiniLM-L6-v2"}"#;
+    let items_before = metric(&server.scrape(), items);
     let events = train(&server, lora_request("tuned", &rows)).await;
     assert_eq!(
         events.last().unwrap().state(),
         JobState::Succeeded,
         "{events:?}"
     );
+    // The frozen bottom of every distinct text came through the backbone's
+    // queue, reported as the embedding stage.
+    let embedded = events
+        .iter()
+        .rfind(|e| e.state() == JobState::Embedding)
+        .expect("an embedding stage");
+    assert_eq!((embedded.embedded, embedded.total_inputs), (40, 40));
+    assert!(metric(&server.scrape(), items) - items_before >= 40.0);
     let steps: Vec<u32> = events
         .iter()
         .filter(|e| e.step_loss.is_some())
@@ -1069,4 +1077,109 @@ async fn lora_fine_tuning_trains_serves_and_persists() {
     let server = TestServer::start(&config).await;
     let again = predict(&server, "tuned", &texts, 1).await;
     assert_eq!(again.predictions, response.predictions);
+}
+
+/// A fine-tuned head's adapter, exported by `tlserve export-adapter`, loads
+/// in the Python `peft` package on the same base model, and peft's adapted
+/// features match the server's Embed with the head to cosine >= 0.9999 (the
+/// server in f32); with the adapter disabled peft gives the base features,
+/// which are further away, so the match is the adapter's.
+#[tokio::test]
+async fn a_lora_export_loads_in_peft_with_the_same_features() {
+    let store = tempfile::tempdir().expect("store dir");
+    let config = config_with_store_and_backbone(store.path(), "", "precision = \"f32\"");
+    let server = TestServer::start(&config).await;
+    let rows: Vec<_> = read_tsv("topics_train.tsv").into_iter().take(40).collect();
+    let mut request = lora_request("exported", &rows);
+    if let Some(proto::fine_tuning::Method::Lora(lora)) = request
+        .training
+        .as_mut()
+        .and_then(|t| t.fine_tuning.as_mut())
+        .and_then(|f| f.method.as_mut())
+    {
+        lora.targets = tlserve::head::finetune::LoraTargets::NAMES
+            .map(String::from)
+            .to_vec();
+    }
+    let events = train(&server, request).await;
+    assert_eq!(events.last().unwrap().state(), JobState::Succeeded);
+
+    let config_file = store.path().join("export.toml");
+    std::fs::write(&config_file, &config).expect("config file");
+    let out = store.path().join("peft");
+    let exported = std::process::Command::new(env!("CARGO_BIN_EXE_tlserve"))
+        .args(["export-adapter", "--head", "exported", "--config"])
+        .arg(&config_file)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("run tlserve export-adapter");
+    assert!(
+        exported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&exported.stderr)
+    );
+
+    let test_rows = read_tsv("topics_test.tsv");
+    let texts: Vec<&str> = test_rows.iter().take(8).map(|(_, t)| t.as_str()).collect();
+    let peft = run_reference_with(
+        &peft_python(),
+        "peft_features.py",
+        &serde_json::json!({
+            "model_dir": minilm_dir(),
+            "adapter_dir": out,
+            "texts": texts,
+        }),
+    );
+    assert_eq!(peft["adapted_modules"], 12, "six projections of two layers");
+    let served = embed_with(&server, &texts, "exported").await;
+    let vectors = |key: &str| -> Vec<Vec<f32>> {
+        serde_json::from_value(peft[key].clone()).expect("vectors")
+    };
+    let (adapted, base) = (vectors("adapted"), vectors("base"));
+    let (mut lowest, mut lowest_base) = (1.0f64, 1.0f64);
+    for ((ours, theirs), plain) in served.iter().zip(&adapted).zip(&base) {
+        lowest = lowest.min(cosine32(ours, theirs));
+        lowest_base = lowest_base.min(cosine32(ours, plain));
+    }
+    eprintln!("peft vs tlserve: lowest cosine {lowest:.7}; without the adapter {lowest_base:.5}");
+    assert!(lowest >= 0.9999, "peft vs tlserve cosine {lowest}");
+    assert!(
+        lowest_base < 0.9999,
+        "the adapter moved the features ({lowest_base})"
+    );
+}
+
+/// With room for one resident adapter, serving two fine-tuned heads in turn
+/// drops and reloads adapters from the store (counted in the metrics), and
+/// the answers stay what they were.
+#[tokio::test]
+async fn adapters_beyond_the_resident_bound_are_reloaded_from_the_store() {
+    let store = tempfile::tempdir().expect("store dir");
+    let config = config_with_store(store.path(), "max_resident_adapters = 1");
+    let server = TestServer::start(&config).await;
+    let rows: Vec<_> = read_tsv("topics_train.tsv").into_iter().take(40).collect();
+    for (seed, head) in [(1, "first"), (2, "second")] {
+        let mut request = lora_request(head, &rows);
+        request.training.as_mut().expect("training").seed = seed;
+        let events = train(&server, request).await;
+        assert_eq!(events.last().unwrap().state(), JobState::Succeeded);
+    }
+    let scrape = server.scrape();
+    assert_eq!(metric(&scrape, "tlserve_adapters_resident"), 1.0);
+    let loads = || metric(&server.scrape(), "tlserve_adapter_loads_total");
+    let before = loads();
+    let texts = [
+        "The goalkeeper saved a penalty.",
+        "Whisk the eggs with sugar.",
+    ];
+    let first = predict(&server, "first", &texts, 0).await;
+    let second = predict(&server, "second", &texts, 0).await;
+    let again = predict(&server, "first", &texts, 0).await;
+    assert_eq!(again.predictions, first.predictions);
+    assert_ne!(first.predictions, second.predictions, "two different heads");
+    assert!(
+        loads() - before >= 2.0,
+        "each switch reads an adapter again"
+    );
 }

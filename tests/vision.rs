@@ -71,6 +71,7 @@ fn lite0_matches_the_numpy_reference_on_real_photos() {
                 input,
                 options,
                 adapter: None,
+                capture: None,
             })
             .collect();
         backbone.embed(&items).expect("embed")

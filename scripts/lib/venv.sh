@@ -20,3 +20,27 @@ ensure_venv() {
       || die "'$python -m venv' failed (on Debian/Ubuntu install the python3-venv package)"
   fi
 }
+
+# install_pinned VENV REQUIREMENTS MODULES [PIP_ARGS...]: installs the pinned
+# REQUIREMENTS (wheels only, plus PIP_ARGS) into VENV unless the stamp file
+# inside it records the same requirements and MODULES (a comma-separated
+# list for `import`) still import; then checks that the installed packages
+# are consistent and writes the stamp.
+install_pinned() {
+  local venv="$1" requirements="$2" modules="$3"
+  shift 3
+  local stamp="$venv/.tlserve-requirements" check
+  if cmp -s "$requirements" "$stamp" \
+     && "$venv/bin/python" -c "import $modules" >/dev/null 2>&1; then
+    log "virtualenv already matches $(basename "$requirements")"
+    return 0
+  fi
+  log "installing pinned packages from $(basename "$requirements")"
+  rm -f "$stamp"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+    --require-virtualenv --only-binary=:all: "$@" -r "$requirements" >&2 \
+    || die "pip install -r $requirements failed (see pip output above)"
+  check="$("$venv/bin/python" -m pip check --disable-pip-version-check 2>&1)" \
+    || die "installed packages have inconsistent dependencies: $check"
+  cp "$requirements" "$stamp"
+}

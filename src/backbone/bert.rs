@@ -210,33 +210,25 @@ impl Backbone for BertBackbone {
                 Prepared::Image(_) => Err(Error::Inference("image item in a text batch".into())),
             })
             .collect::<Result<_>>()?;
-        // Items with the same adapter run as neighbours (the frozen ones
-        // first); the answers go back in the items' order.
+        // Items with the same adapter (and capture) run as neighbours, the
+        // frozen ones first; the answers go back in the items' order.
         let mut order: Vec<usize> = (0..items.len()).collect();
-        order.sort_by_key(|&i| items[i].adapter.map_or(0, |a| a as *const Adapter as usize));
+        order.sort_by_key(|&i| {
+            let adapter = items[i].adapter.map_or(0, |a| a as *const Adapter as usize);
+            (adapter, items[i].capture)
+        });
         let mut out: Vec<Vec<f32>> = vec![Vec::new(); items.len()];
         match &self.network {
             Network::Native(native) => {
-                let ids: Vec<&[u32]> = order.iter().map(|&i| texts[i].ids.as_slice()).collect();
-                let adapters: Vec<Option<&Adapter>> =
-                    order.iter().map(|&i| items[i].adapter).collect();
-                let tokens = native.forward_adapted(&ids, &adapters)?;
-                let hidden = self.hidden();
-                let mut start = 0;
-                for &i in &order {
-                    let len = texts[i].ids.len();
-                    let rows = &tokens[start * hidden..(start + len) * hidden];
-                    start += len;
-                    out[i] = finish(
-                        pool_packed(rows, hidden, items[i].options.pooling),
-                        items[i],
-                    );
-                }
+                native_embed(native, &texts, items, &order, &mut out, self.hidden())?
             }
             Network::Candle(model) => {
-                for group in order.chunk_by(|&a, &b| same_adapter(items[a], items[b])) {
-                    let pooled = candle_group(model, &texts, items, group)?;
-                    for (&i, vector) in group.iter().zip(pooled) {
+                let alike = |&a: &usize, &b: &usize| {
+                    same_adapter(items[a], items[b]) && items[a].capture == items[b].capture
+                };
+                for group in order.chunk_by(alike) {
+                    let vectors = candle_group(model, &texts, items, group)?;
+                    for (&i, vector) in group.iter().zip(vectors) {
                         out[i] = finish(vector, items[i]);
                     }
                 }
@@ -244,6 +236,38 @@ impl Backbone for BertBackbone {
         }
         Ok(out)
     }
+}
+
+/// One packed pass of the native engine over `items` in `order`, each
+/// answer (pooled vector or captured token vectors) into `out`.
+fn native_embed(
+    native: &NativeBert,
+    texts: &[&TokenizedText],
+    items: &[EmbedItem<'_>],
+    order: &[usize],
+    out: &mut [Vec<f32>],
+    hidden: usize,
+) -> Result<()> {
+    let ids: Vec<&[u32]> = order.iter().map(|&i| texts[i].ids.as_slice()).collect();
+    let adapters: Vec<Option<&Adapter>> = order.iter().map(|&i| items[i].adapter).collect();
+    let captures: Vec<Option<usize>> = order.iter().map(|&i| items[i].capture).collect();
+    let (tokens, mut captured) = native.forward_captured(&ids, &adapters, &captures)?;
+    let mut start = 0;
+    for (position, &i) in order.iter().enumerate() {
+        let len = texts[i].ids.len();
+        out[i] = match captured[position].take() {
+            Some(rows) => rows,
+            None => {
+                let rows = &tokens[start * hidden..(start + len) * hidden];
+                finish(
+                    pool_packed(rows, hidden, items[i].options.pooling),
+                    items[i],
+                )
+            }
+        };
+        start += len;
+    }
+    Ok(())
 }
 
 fn same_adapter(a: EmbedItem<'_>, b: EmbedItem<'_>) -> bool {
@@ -254,7 +278,8 @@ fn same_adapter(a: EmbedItem<'_>, b: EmbedItem<'_>) -> bool {
     }
 }
 
-/// Pooled vectors of `group` (indices into `items`, one adapter or none),
+/// Pooled vectors of `group` (indices into `items`: one adapter or none,
+/// and one capture or none; a capture gives token vectors instead),
 /// through candle's graph padded to the group's longest text.
 fn candle_group(
     model: &BertGraph,
@@ -264,6 +289,17 @@ fn candle_group(
 ) -> Result<Vec<Vec<f32>>> {
     let ids: Vec<&[u32]> = group.iter().map(|&i| texts[i].ids.as_slice()).collect();
     let (ids, mask) = model.padded_batch(&ids)?;
+    if let Some(layers) = group.first().and_then(|&i| items[i].capture) {
+        let hidden = model.forward_bottom(&ids, &mask, layers, bert_graph::Kernels::Fused)?;
+        return group
+            .iter()
+            .enumerate()
+            .map(|(row, &i)| {
+                let rows = hidden.get(row)?.narrow(0, 0, texts[i].ids.len())?;
+                Ok(rows.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+            })
+            .collect();
+    }
     let adapters = match group.first().and_then(|&i| items[i].adapter) {
         Some(adapter) => adapter.to_graph(model.dtype(), &model.device())?,
         None => Vec::new(),
@@ -315,9 +351,10 @@ fn pool_packed(rows: &[f32], hidden: usize, pooling: Pooling) -> Vec<f32> {
     }
 }
 
-/// Normalizes a pooled vector when its item asks for it.
+/// Normalizes a pooled vector when its item asks for it (captured token
+/// vectors stay as they are).
 fn finish(pooled: Vec<f32>, item: EmbedItem<'_>) -> Vec<f32> {
-    if item.options.normalize {
+    if item.options.normalize && item.capture.is_none() {
         l2_normalize(pooled)
     } else {
         pooled

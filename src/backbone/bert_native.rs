@@ -131,6 +131,10 @@ impl Stopwatch {
     }
 }
 
+/// A pass's packed token vectors (empty when the pass stopped early for its
+/// captures), and each text's captured vectors.
+pub type Captured = (Vec<f32>, Vec<Option<Vec<f32>>>);
+
 /// The token rows of a pass that one adapter adapts.
 struct AdapterRows<'a> {
     adapter: &'a Adapter,
@@ -265,9 +269,32 @@ impl NativeBert {
         texts: &[&[u32]],
         adapters: &[Option<&Adapter>],
     ) -> candle_core::Result<Vec<f32>> {
+        let captures = vec![None; texts.len()];
+        Ok(self.forward_captured(texts, adapters, &captures)?.0)
+    }
+
+    /// [`Self::forward_adapted`], also capturing the token vectors of each
+    /// text whose `captures` entry is `Some(k)`: those after its first `k`
+    /// layers (0: the embeddings), `[len, hidden]`. When every text asks for
+    /// a capture the pass stops at the highest, and the packed output is
+    /// empty: what a fine-tuning job's frozen bottom needs.
+    pub fn forward_captured(
+        &self,
+        texts: &[&[u32]],
+        adapters: &[Option<&Adapter>],
+        captures: &[Option<usize>],
+    ) -> candle_core::Result<Captured> {
         let vocab = self.word.len() / self.hidden;
-        if adapters.len() != texts.len() {
-            candle_core::bail!("{} adapters for {} texts", adapters.len(), texts.len());
+        if adapters.len() != texts.len() || captures.len() != texts.len() {
+            candle_core::bail!(
+                "{} adapters and {} captures for {} texts",
+                adapters.len(),
+                captures.len(),
+                texts.len()
+            );
+        }
+        if let Some(k) = captures.iter().flatten().find(|&&k| k > self.layers.len()) {
+            candle_core::bail!("no layer {k} to capture in {} layers", self.layers.len());
         }
         for text in texts {
             if text.len() > self.max_positions {
@@ -283,7 +310,7 @@ impl NativeBert {
         }
         let groups = self.adapter_groups(texts, adapters)?;
         Ok(super::on_thread_pool(|| {
-            self.forward_on_pool(texts, &groups)
+            self.forward_on_pool(texts, &groups, captures)
         }))
     }
 
@@ -337,7 +364,12 @@ impl NativeBert {
         Ok(())
     }
 
-    fn forward_on_pool(&self, texts: &[&[u32]], groups: &[AdapterRows<'_>]) -> Vec<f32> {
+    fn forward_on_pool(
+        &self,
+        texts: &[&[u32]],
+        groups: &[AdapterRows<'_>],
+        captures: &[Option<usize>],
+    ) -> Captured {
         let threads = rayon::current_num_threads();
         let h = self.hidden;
         let mut offsets = Vec::with_capacity(texts.len() + 1);
@@ -349,8 +381,21 @@ impl NativeBert {
         let mut watch = Stopwatch::start();
         let mut x = self.embed_tokens(texts, tokens);
         watch.lap(|p| &mut p.embeddings);
+        let mut captured: Vec<Option<Vec<f32>>> = vec![None; texts.len()];
+        let take = |at: usize, x: &[f32], captured: &mut Vec<Option<Vec<f32>>>| {
+            for (text, capture) in captures.iter().enumerate() {
+                if *capture == Some(at) {
+                    captured[text] = Some(x[offsets[text] * h..offsets[text + 1] * h].to_vec());
+                }
+            }
+        };
+        let last = match captures.iter().all(Option::is_some) && !captures.is_empty() {
+            true => captures.iter().flatten().copied().max().unwrap_or(0),
+            false => self.layers.len(),
+        };
 
-        for (index, layer) in self.layers.iter().enumerate() {
+        for (index, layer) in self.layers.iter().enumerate().take(last) {
+            take(index, &x, &mut captured);
             let update = |slot: usize, input: &[f32], out: &mut [f32], stride: usize, column| {
                 add_updates(groups, index, slot, input, (out, stride, column));
             };
@@ -383,8 +428,12 @@ impl NativeBert {
             watch.lap(|p| &mut p.layer_norms);
             x = out;
         }
+        take(last, &x, &mut captured);
         watch.finish(tokens);
-        x
+        if last < self.layers.len() {
+            x.clear();
+        }
+        (x, captured)
     }
 
     /// Word + position + token type 0 embeddings of every token, then layer
@@ -492,3 +541,6 @@ impl NativeBert {
         context
     }
 }
+
+#[cfg(test)]
+mod tests;

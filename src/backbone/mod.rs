@@ -127,6 +127,48 @@ pub struct EmbedItem<'a> {
     /// The fine-tuned adapter whose features the request asks for; None: the
     /// frozen backbone's. Only backbones that can be fine-tuned take one.
     pub adapter: Option<&'a adapter::Adapter>,
+    /// Some(k): instead of a pooled vector, the token vectors after the first
+    /// `k` encoder layers (0: the embeddings), `[tokens, hidden]` row after
+    /// row: a fine-tuning job's frozen bottom. Only backbones that can be
+    /// fine-tuned compute them.
+    pub capture: Option<usize>,
+}
+
+/// What a request wants of each of its inputs: features with these options
+/// (through a fine-tuned adapter, or the frozen backbone), or hidden states.
+#[derive(Debug, Clone)]
+pub struct Want {
+    pub options: EmbedOptions,
+    pub adapter: Option<Arc<adapter::Adapter>>,
+    /// See [`EmbedItem::capture`].
+    pub capture: Option<usize>,
+}
+
+impl Want {
+    /// The frozen backbone's features.
+    pub fn features(options: EmbedOptions) -> Self {
+        Self {
+            options,
+            adapter: None,
+            capture: None,
+        }
+    }
+
+    /// The features through `adapter` (None: the frozen backbone's).
+    pub fn adapted(options: EmbedOptions, adapter: Option<Arc<adapter::Adapter>>) -> Self {
+        Self {
+            adapter,
+            ..Self::features(options)
+        }
+    }
+
+    /// The token vectors after the first `layers` encoder layers.
+    pub fn hidden_states(options: EmbedOptions, layers: usize) -> Self {
+        Self {
+            capture: Some(layers),
+            ..Self::features(options)
+        }
+    }
 }
 
 /// What a loaded backbone is, for listings, metrics and defaults.
@@ -164,7 +206,8 @@ pub trait Backbone: Send + Sync {
     /// One forward pass over a batch; returns one vector per item, in order.
     fn embed(&self, items: &[EmbedItem<'_>]) -> Result<Vec<Vec<f32>>>;
 
-    /// Whether items may carry a fine-tuned adapter (see [`EmbedItem`]).
+    /// Whether items may carry a fine-tuned adapter or ask for hidden states
+    /// (see [`EmbedItem`]).
     fn takes_adapters(&self) -> bool {
         false
     }
@@ -276,6 +319,7 @@ fn warm_up(backbone: &dyn Backbone) -> Result<()> {
         input: &prepared,
         options: descriptor.default_options,
         adapter: None,
+        capture: None,
     }])?;
     Ok(())
 }

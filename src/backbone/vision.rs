@@ -213,8 +213,13 @@ impl Backbone for VisionBackbone {
         if items.is_empty() {
             return Ok(Vec::new());
         }
-        if items.iter().any(|item| item.adapter.is_some()) {
-            return Err(Error::Inference("image backbones take no adapters".into()));
+        if items
+            .iter()
+            .any(|item| item.adapter.is_some() || item.capture.is_some())
+        {
+            return Err(Error::Inference(
+                "image backbones take no adapters and give no hidden states".into(),
+            ));
         }
         let side = self.side();
         let mut pixels = Vec::with_capacity(items.len() * 3 * side * side);
@@ -398,6 +403,7 @@ mod tests {
                 input,
                 options,
                 adapter: None,
+                capture: None,
             })
             .collect();
         let batch = backbone.embed(&items).unwrap();

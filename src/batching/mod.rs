@@ -25,7 +25,7 @@ use std::{
 use tokio::sync::oneshot;
 
 use crate::{
-    backbone::{adapter::Adapter, Backbone, EmbedOptions, Prepared},
+    backbone::{Backbone, Prepared, Want},
     config::BackboneConfig,
     metrics, Error, Result,
 };
@@ -79,9 +79,8 @@ impl BatchLimits {
 
 /// Shared by every item of one request; answers the caller once.
 struct RequestState {
-    options: EmbedOptions,
-    /// The fine-tuned adapter every item of the request runs with.
-    adapter: Option<Arc<Adapter>>,
+    /// What every item of the request asks for.
+    want: Want,
     priority: Priority,
     deadline: Option<Instant>,
     enqueued: Instant,
@@ -256,8 +255,7 @@ impl BackboneQueue {
     pub async fn embed(
         &self,
         items: Vec<Prepared>,
-        options: EmbedOptions,
-        adapter: Option<Arc<Adapter>>,
+        want: Want,
         priority: Priority,
         deadline: Option<Instant>,
     ) -> Result<Vec<Vec<f32>>> {
@@ -273,8 +271,7 @@ impl BackboneQueue {
         let count = items.len();
         let (reply, receiver) = oneshot::channel();
         let request = Arc::new(RequestState {
-            options,
-            adapter,
+            want,
             priority,
             deadline,
             enqueued: now,

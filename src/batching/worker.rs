@@ -82,7 +82,7 @@ fn next_batch(shared: &Shared) -> Option<Vec<Unit>> {
         let tokens = front.item.tokens();
         let grown = longest.max(tokens);
         let over_tokens = !batch.is_empty() && (batch.len() + 1) * grown > limits.max_batch_tokens;
-        let adapter = front.request.adapter.as_ref().map(Arc::as_ptr);
+        let adapter = front.request.want.adapter.as_ref().map(Arc::as_ptr);
         let new_adapter = adapter.filter(|a| !adapters.contains(a));
         let over_adapters =
             new_adapter.is_some() && adapters.len() == limits.max_adapters_per_batch;
@@ -180,8 +180,9 @@ fn run_pass(
         .iter()
         .map(|&i| EmbedItem {
             input: &batch[i].item,
-            options: batch[i].request.options,
-            adapter: batch[i].request.adapter.as_deref(),
+            options: batch[i].request.want.options,
+            adapter: batch[i].request.want.adapter.as_deref(),
+            capture: batch[i].request.want.capture,
         })
         .collect();
     let padded_tokens = items.len() * group.iter().map(|&i| lengths[i]).max().unwrap_or(0);
@@ -229,7 +230,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        backbone::{EmbedOptions, Pooling, Prepared, TokenizedText},
+        backbone::{EmbedOptions, Pooling, Prepared, TokenizedText, Want},
         batching::{Collector, RequestState},
         Result,
     };
@@ -268,11 +269,13 @@ mod tests {
     ) -> Reply {
         let (reply, receiver) = oneshot::channel();
         let request = Arc::new(RequestState {
-            options: EmbedOptions {
-                pooling: Pooling::Mean,
-                normalize: true,
-            },
-            adapter,
+            want: Want::adapted(
+                EmbedOptions {
+                    pooling: Pooling::Mean,
+                    normalize: true,
+                },
+                adapter,
+            ),
             priority: if bulk {
                 Priority::Bulk
             } else {

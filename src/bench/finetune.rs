@@ -72,7 +72,9 @@ pub fn run(config: &Config, options: &FineTuneBenchOptions<'_>) -> Result<()> {
         &model.graph,
         &train,
         &params,
-        config.heads.fine_tune_cache_bytes,
+        finetune::BottomSource::Compute {
+            budget_bytes: config.heads.fine_tune_cache_bytes,
+        },
         &CancellationToken::new(),
         &mut report,
     )?;

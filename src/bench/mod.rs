@@ -201,6 +201,7 @@ fn embed_batch(
             input,
             options,
             adapter: None,
+            capture: None,
         })
         .collect();
     Ok(model.embed(&items)?)

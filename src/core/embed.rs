@@ -2,9 +2,15 @@
 
 use std::{sync::Arc, time::Instant};
 
-use super::{inputs::check_request_inputs, lookup::stored_head, Scope};
+use super::{
+    inputs::check_request_inputs,
+    lookup::{adapter_of, stored_head},
+    Scope,
+};
 use crate::{
-    backbone::{adapter::Adapter, BackboneDescriptor, EmbedOptions, Input, Modality, Pooling},
+    backbone::{
+        adapter::Adapter, BackboneDescriptor, EmbedOptions, Input, Modality, Pooling, Want,
+    },
     batching::Priority,
     config::LimitsConfig,
     head::store::HeadStore,
@@ -87,8 +93,7 @@ impl Embedder {
         let embedded = loaded
             .embed(
                 request.inputs,
-                options,
-                adapter,
+                Want::adapted(options, adapter),
                 truncate,
                 request.priority,
                 request.deadline,
@@ -122,7 +127,7 @@ impl Embedder {
                 meta.name, meta.version, meta.backbone
             )));
         }
-        stored.adapter.clone().ok_or_else(|| {
+        adapter_of(&self.store, &stored).await?.ok_or_else(|| {
             Error::InvalidArgument(format!(
                 "head {}@{} was trained on frozen features, which Embed gives without \
                  a head; name a fine-tuned head",

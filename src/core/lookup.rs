@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use super::Scope;
 use crate::{
+    backbone::adapter::Adapter,
     head::{
         store::{HeadStore, StoredHead},
         HeadRef,
@@ -48,4 +49,20 @@ pub async fn stored_head(
         )));
     }
     Ok((loaded, head))
+}
+
+/// A fine-tuned head's adapter, from memory or read from the store off the
+/// runtime; None for a head on frozen features.
+pub async fn adapter_of(
+    store: &Arc<HeadStore>,
+    head: &Arc<StoredHead>,
+) -> Result<Option<Arc<Adapter>>> {
+    if head.meta.fine_tuning.is_none() {
+        return Ok(None);
+    }
+    if let Some(adapter) = store.cached_adapter(head) {
+        return Ok(Some(adapter));
+    }
+    let (store, head) = (Arc::clone(store), Arc::clone(head));
+    run_blocking("reading an adapter", move || store.adapter(&head)).await?
 }

@@ -5,7 +5,7 @@
 use std::{sync::Arc, time::Instant};
 
 use crate::{
-    backbone::{adapter::Adapter, BuiltinClassifier, EmbedOptions, Input},
+    backbone::{BuiltinClassifier, EmbedOptions, Input, Want},
     batching::Priority,
     config::{is_valid_name, LimitsConfig},
     head::{
@@ -18,7 +18,11 @@ use crate::{
     Error, Result,
 };
 
-use super::{inputs::check_request_inputs, lookup::stored_head, Scope};
+use super::{
+    inputs::check_request_inputs,
+    lookup::{adapter_of, stored_head},
+    Scope,
+};
 
 /// What a client asks Predict for.
 #[derive(Debug, Clone)]
@@ -95,13 +99,16 @@ impl Predictor {
                 self.limits.max_head_multiply_adds
             )));
         }
+        let adapter = match &head {
+            Head::Stored(stored) => adapter_of(&self.store, stored).await?,
+            Head::Builtin { .. } => None,
+        };
         let descriptor = loaded.backbone.descriptor();
         let truncate = request.truncate.unwrap_or(descriptor.default_truncate);
         let embedded = loaded
             .embed(
                 request.inputs,
-                head.options(),
-                head.adapter(),
+                Want::adapted(head.options(), adapter),
                 truncate,
                 request.priority,
                 request.deadline,
@@ -185,14 +192,6 @@ impl Head {
         match self {
             Head::Stored(head) => head.meta.version,
             Head::Builtin { .. } => 0,
-        }
-    }
-
-    /// The fine-tuned adapter the head's features come through, if any.
-    fn adapter(&self) -> Option<Arc<Adapter>> {
-        match self {
-            Head::Stored(head) => head.adapter.clone(),
-            Head::Builtin { .. } => None,
         }
     }
 

@@ -8,6 +8,7 @@
 //! runs with AdamW; `calibration` measures and corrects their confidence;
 //! `store` is the crash-safe on-disk store.
 
+pub mod adapters;
 pub mod calibration;
 pub mod finetune;
 pub mod lbfgs;

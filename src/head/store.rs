@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use super::{finetune::Method, model::HeadWeights, HeadMetadata, HeadRef};
+use super::{adapters::AdapterCache, finetune::Method, model::HeadWeights, HeadMetadata, HeadRef};
 use crate::backbone::adapter::Adapter;
 use crate::{config::is_valid_name, fsutil, sync::lock, Error, Result};
 
@@ -28,8 +28,6 @@ use crate::fsutil::TEMP_PREFIX;
 pub struct StoredHead {
     pub meta: HeadMetadata,
     pub weights: HeadWeights,
-    /// A fine-tuned head's adapter of the backbone's top layers.
-    pub adapter: Option<Arc<Adapter>>,
 }
 
 pub struct HeadStore {
@@ -44,7 +42,12 @@ pub struct HeadStore {
     /// Serialises publishing and deleting, which allocate versions and move folders.
     writer: Mutex<()>,
     max_heads: usize,
+    /// Fine-tuned heads' adapters, a bounded number resident.
+    adapters: AdapterCache,
 }
+
+/// Adapters resident at once unless configured (heads.max_resident_adapters).
+pub const DEFAULT_RESIDENT_ADAPTERS: usize = 128;
 
 fn io_err(what: &str, path: &Path, err: std::io::Error) -> Error {
     Error::Storage(format!("{what} {}: {err}", path.display()))
@@ -78,6 +81,16 @@ impl HeadStore {
     /// be read is logged and skipped, never fatal: one bad head must not keep the
     /// server from serving the others.
     pub fn open(root: &Path, max_heads: usize) -> Result<Self> {
+        Self::open_with_adapters(root, max_heads, DEFAULT_RESIDENT_ADAPTERS)
+    }
+
+    /// [`HeadStore::open`] keeping at most `resident_adapters` fine-tuned
+    /// adapters in memory.
+    pub fn open_with_adapters(
+        root: &Path,
+        max_heads: usize,
+        resident_adapters: usize,
+    ) -> Result<Self> {
         fs::create_dir_all(root).map_err(|err| io_err("cannot create", root, err))?;
         remove_leftovers(root);
         let store = Self {
@@ -88,6 +101,7 @@ impl HeadStore {
             refresh_interval: REFRESH_INTERVAL,
             writer: Mutex::new(()),
             max_heads,
+            adapters: AdapterCache::new(resident_adapters),
         };
         store.refresh_all()?;
         let count = store.count();
@@ -114,7 +128,7 @@ impl HeadStore {
     /// [`HeadStore::refresh_name`] for a caller that holds the writer lock.
     fn refresh_name_locked(&self, name: &str) {
         let known = self.read().get(name).cloned().unwrap_or_default();
-        let (versions, failures) = scan_name(&self.root.join(name), name, &known);
+        let (versions, failures) = scan_name(&self.root.join(name), name, &known, &self.adapters);
         let mut broken = crate::sync::lock(&self.broken);
         for (version, err) in failures {
             if broken.insert((name.to_owned(), version)) {
@@ -125,6 +139,7 @@ impl HeadStore {
         drop(broken);
         {
             let mut heads = crate::sync::write(&self.heads);
+            self.adapters.retain(name, |v| versions.contains_key(&v));
             if versions.is_empty() {
                 heads.remove(name);
             } else {
@@ -306,11 +321,10 @@ impl HeadStore {
             }
         };
 
-        let head = Arc::new(StoredHead {
-            meta,
-            weights,
-            adapter: adapter.map(Arc::new),
-        });
+        if let Some(adapter) = adapter {
+            self.adapters.insert(&meta.name, version, Arc::new(adapter));
+        }
+        let head = Arc::new(StoredHead { meta, weights });
         let mut heads = crate::sync::write(&self.heads);
         heads
             .entry(head.meta.name.clone())
@@ -370,6 +384,33 @@ impl HeadStore {
         written
     }
 
+    /// A fine-tuned head's adapter if it is resident; None otherwise (also
+    /// for a head on frozen features).
+    pub fn cached_adapter(&self, head: &StoredHead) -> Option<Arc<Adapter>> {
+        self.adapters.get(&head.meta.name, head.meta.version)
+    }
+
+    /// A fine-tuned head's adapter, read from the store when it is not
+    /// resident (blocking); None for a head on frozen features.
+    pub fn adapter(&self, head: &StoredHead) -> Result<Option<Arc<Adapter>>> {
+        let meta = &head.meta;
+        if meta.fine_tuning.is_none() {
+            return Ok(None);
+        }
+        if let Some(adapter) = self.cached_adapter(head) {
+            return Ok(Some(adapter));
+        }
+        let dir = self.root.join(&meta.name).join(meta.version.to_string());
+        let (_, adapter) = read_version(&dir, &meta.name, meta.version)?;
+        let adapter = Arc::new(
+            adapter.ok_or_else(|| Error::Storage(format!("{} lost its adapter", dir.display())))?,
+        );
+        crate::metrics::record_adapter_loads(1);
+        self.adapters
+            .insert(&meta.name, meta.version, Arc::clone(&adapter));
+        Ok(Some(adapter))
+    }
+
     /// Deletes one version, or every version when the reference names none.
     pub fn delete(&self, reference: &HeadRef) -> Result<Vec<u32>> {
         let _writer = crate::sync::lock(&self.writer);
@@ -405,6 +446,8 @@ impl HeadStore {
                 heads.remove(&reference.name);
             }
         }
+        self.adapters
+            .retain(&reference.name, |v| !versions.contains(&v));
         report_sizes(&heads);
         tracing::info!(head = %reference.name, versions = ?versions, "head versions deleted");
         Ok(versions)
@@ -448,19 +491,12 @@ impl HeadStore {
     }
 }
 
-/// Removes temporary folders old enough to be crash leftovers.
-/// Exports how many head versions are in memory, and their adapters' bytes.
+/// Exports how many head versions are in memory.
 fn report_sizes(heads: &BTreeMap<String, Versions>) {
-    let versions = heads.values().flat_map(BTreeMap::values);
-    let adapter_bytes = versions
-        .clone()
-        .filter_map(|head| head.adapter.as_deref())
-        .map(Adapter::size_bytes)
-        .sum();
-    crate::metrics::set_heads(versions.count());
-    crate::metrics::set_head_adapter_bytes(adapter_bytes);
+    crate::metrics::set_heads(heads.values().map(BTreeMap::len).sum());
 }
 
+/// Removes temporary folders old enough to be crash leftovers.
 fn remove_leftovers(root: &Path) {
     for entry in fs::read_dir(root).into_iter().flatten().flatten() {
         if !entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
@@ -484,7 +520,12 @@ fn remove_leftovers(root: &Path) {
 
 /// The loadable versions of one name on disk, and the versions that failed to
 /// load with why; versions in `known` are reused rather than read again.
-fn scan_name(dir: &Path, name: &str, known: &Versions) -> (Versions, Vec<(u32, Error)>) {
+fn scan_name(
+    dir: &Path,
+    name: &str,
+    known: &Versions,
+    adapters: &AdapterCache,
+) -> (Versions, Vec<(u32, Error)>) {
     let mut versions = Versions::new();
     let mut failures = Vec::new();
     for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
@@ -500,7 +541,10 @@ fn scan_name(dir: &Path, name: &str, known: &Versions) -> (Versions, Vec<(u32, E
             continue;
         }
         match read_version(&entry.path(), name, version) {
-            Ok(head) => {
+            Ok((head, adapter)) => {
+                if let Some(adapter) = adapter {
+                    adapters.offer(name, version, Arc::new(adapter));
+                }
                 versions.insert(version, Arc::new(head));
             }
             Err(err) => failures.push((version, err)),
@@ -509,7 +553,38 @@ fn scan_name(dir: &Path, name: &str, known: &Versions) -> (Versions, Vec<(u32, E
     (versions, failures)
 }
 
-fn read_version(dir: &Path, name: &str, version: u32) -> Result<StoredHead> {
+/// Reads one head version from the store at `root` without opening the
+/// store (nothing is written or cleaned): the latest version when the
+/// reference names none. For tools that run beside a server.
+pub fn read_head(root: &Path, reference: &HeadRef) -> Result<(StoredHead, Option<Adapter>)> {
+    let name_dir = root.join(&reference.name);
+    let version = match reference.version {
+        Some(version) => version,
+        None => {
+            let (versions, _) = scan_name(
+                &name_dir,
+                &reference.name,
+                &Versions::new(),
+                &AdapterCache::new(1),
+            );
+            *versions.keys().next_back().ok_or_else(|| {
+                Error::HeadNotFound(format!("{} in {}", reference.name, root.display()))
+            })?
+        }
+    };
+    let dir = name_dir.join(version.to_string());
+    if !dir.is_dir() {
+        return Err(Error::HeadNotFound(format!(
+            "{}@{version} in {}",
+            reference.name,
+            root.display()
+        )));
+    }
+    read_version(&dir, &reference.name, version)
+}
+
+/// One version's head, and its adapter if it was fine-tuned.
+fn read_version(dir: &Path, name: &str, version: u32) -> Result<(StoredHead, Option<Adapter>)> {
     let meta_path = dir.join(METADATA_FILE);
     let text =
         fs::read_to_string(&meta_path).map_err(|err| io_err("cannot read", &meta_path, err))?;
@@ -548,14 +623,10 @@ fn read_version(dir: &Path, name: &str, version: u32) -> Result<StoredHead> {
                     dir.display()
                 )));
             }
-            adapter.map(Arc::new)
+            adapter
         }
     };
-    Ok(StoredHead {
-        meta,
-        weights,
-        adapter,
-    })
+    Ok((StoredHead { meta, weights }, adapter))
 }
 
 #[cfg(test)]
@@ -599,6 +670,81 @@ mod tests {
 
     fn reference(text: &str) -> HeadRef {
         HeadRef::parse(text).unwrap()
+    }
+
+    /// A fine-tuned head: its record and a one-layer adapter whose values
+    /// start at `seed`.
+    fn tuned(name: &str, seed: f32) -> (HeadMetadata, HeadWeights, Adapter) {
+        use crate::backbone::adapter::LowRankWeights;
+        use crate::head::finetune::{FineTuneParams, LoraSettings, LoraTargets};
+        let (mut meta, weights) = head(name);
+        let mut params = FineTuneParams::defaults(1);
+        params.lora = LoraSettings {
+            layers: 1,
+            rank: 1,
+            alpha: 2.0,
+            dropout: 0.0,
+            targets: LoraTargets::default(),
+        };
+        let (training, tuning) = params.record();
+        (meta.training, meta.fine_tuning) = (training, Some(tuning));
+        let mut slots: crate::backbone::adapter::LayerSlots = Default::default();
+        slots[0] = Some(LowRankWeights {
+            a: vec![seed, seed + 1.0],
+            b: vec![seed + 2.0, seed + 3.0],
+            rank: 1,
+            inputs: 2,
+            outputs: 2,
+        });
+        let adapter = Adapter {
+            rank: 1,
+            alpha: 2.0,
+            first_layer: 5,
+            layers: vec![slots],
+        };
+        (meta, weights, adapter)
+    }
+
+    /// Beyond the resident bound the least recently used adapter is dropped
+    /// and read back from disk, the same; a reopened store reads them too.
+    #[test]
+    fn adapters_beyond_the_bound_are_read_back_from_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = HeadStore::open_with_adapters(dir.path(), 10, 1).unwrap();
+        let (meta, weights, first_adapter) = tuned("first", 1.0);
+        let first = store
+            .publish(meta, weights, Some(first_adapter.clone()))
+            .unwrap();
+        let (meta, weights, second_adapter) = tuned("second", 5.0);
+        let second = store
+            .publish(meta, weights, Some(second_adapter.clone()))
+            .unwrap();
+        assert!(
+            store.cached_adapter(&first).is_none(),
+            "dropped for the second"
+        );
+        let read = store.adapter(&first).unwrap().expect("an adapter");
+        assert_eq!(*read, first_adapter);
+        assert!(
+            store.cached_adapter(&second).is_none(),
+            "dropped for the first"
+        );
+        assert_eq!(*store.adapter(&second).unwrap().unwrap(), second_adapter);
+        let (meta, weights) = head("frozen");
+        let frozen = store.publish(meta, weights, None).unwrap();
+        assert!(store.adapter(&frozen).unwrap().is_none());
+        let (meta, weights, _) = tuned("lost", 0.0);
+        assert!(
+            store.publish(meta, weights, None).is_err(),
+            "a record without its adapter"
+        );
+
+        let reopened = HeadStore::open_with_adapters(dir.path(), 10, 4).unwrap();
+        let head = reopened.get(&reference("first")).unwrap();
+        assert_eq!(
+            *reopened.cached_adapter(&head).expect("loaded"),
+            first_adapter
+        );
     }
 
     #[test]

@@ -6,9 +6,9 @@ use std::{sync::Arc, time::SystemTime};
 
 use super::{distinct_inputs, journal, Job, JobManager, JobRequest, Stage, EMBED_CHUNK};
 use crate::{
-    backbone::{EmbedOptions, Pooling, Prepared},
+    backbone::{EmbedOptions, Pooling, Prepared, Want},
     head::{
-        finetune::{self, FineTuneParams, FineTuned, Progress, TextExamples},
+        finetune::{self, BottomSource, FineTuneParams, FineTuned, Progress, TextExamples},
         store::StoredHead,
         HeadMetadata,
     },
@@ -35,20 +35,36 @@ impl JobManager {
         let loaded = self.registry.get(&request.backbone)?;
         let descriptor = loaded.backbone.descriptor().clone();
         let distinct = distinct_inputs(&request)?;
-        let tokens = tokenize(job, &loaded, &distinct.inputs).await?;
+        let prepared = prepare(job, &loaded, &distinct.inputs).await?;
+        let tokens: Vec<Vec<u32>> = prepared.iter().map(token_ids).collect();
+        let ids: Vec<Vec<u32>> = distinct
+            .rows
+            .iter()
+            .map(|&row| tokens[row].clone())
+            .collect();
+        // Kept bottoms cost f32 token vectors; beyond the budget the
+        // training computes them again for every batch instead.
+        let kept_bytes: usize = ids.iter().map(Vec::len).sum::<usize>()
+            * descriptor.dimension
+            * std::mem::size_of::<f32>();
+        let bottoms = if kept_bytes <= self.limits.fine_tune_cache_bytes {
+            let split = descriptor.encoder_layers - params.lora.layers;
+            let rows = hidden_states(job, &loaded, prepared, split).await?;
+            BottomSource::Given(distinct.rows.iter().map(|&row| rows[row].clone()).collect())
+        } else {
+            BottomSource::Compute { budget_bytes: 0 }
+        };
         let examples = TextExamples {
-            ids: distinct
-                .rows
-                .iter()
-                .map(|&row| tokens[row].clone())
-                .collect(),
+            ids,
             labels: distinct.labels,
             classes: request.labels.len(),
         };
         job.emit(Some(Stage::Training), |progress| {
             progress.total_epochs = params.epochs as u32;
         });
-        let tuned = self.train(job, &request.backbone, examples, params).await?;
+        let tuned = self
+            .train(job, &request.backbone, (examples, bottoms), params)
+            .await?;
         job.check_cancelled()?;
         let (training, tuning) = params.record();
         let meta = HeadMetadata {
@@ -76,12 +92,11 @@ impl JobManager {
         &self,
         job: &Arc<Job>,
         backbone: &str,
-        examples: TextExamples,
+        (examples, bottoms): (TextExamples, BottomSource),
         params: FineTuneParams,
     ) -> Result<FineTuned> {
         let registry = Arc::clone(&self.registry);
         let backbone = backbone.to_owned();
-        let budget = self.limits.fine_tune_cache_bytes;
         let job = Arc::clone(job);
         run_blocking("fine-tuning a backbone", move || {
             let model = registry.trainable(&backbone)?;
@@ -89,7 +104,7 @@ impl JobManager {
                 &model.graph,
                 &examples,
                 &params,
-                budget,
+                bottoms,
                 &job.cancel,
                 &mut |progress| report(&job, progress),
             )
@@ -114,35 +129,56 @@ fn report(job: &Job, progress: &Progress) {
     }
 }
 
-/// The distinct inputs as token ids of the backbone's tokenizer, in chunks
-/// off the runtime, reporting progress as the embedding stage does.
-async fn tokenize(
+/// The distinct inputs prepared (tokenized) by the backbone, off the runtime.
+async fn prepare(
     job: &Job,
     loaded: &LoadedBackbone,
     inputs: &[crate::backbone::Input],
-) -> Result<Vec<Vec<u32>>> {
-    job.emit(Some(Stage::Embedding), |progress| {
-        progress.total_inputs = inputs.len() as u64
-    });
-    let mut tokens = Vec::with_capacity(inputs.len());
+) -> Result<Vec<Prepared>> {
+    let mut prepared = Vec::with_capacity(inputs.len());
     for (chunk_index, chunk) in inputs.chunks(EMBED_CHUNK).enumerate() {
         job.check_cancelled()?;
-        let prepared = loaded
+        let items = loaded
             .prepare(chunk.to_vec(), true, chunk_index * EMBED_CHUNK, None)
             .await
             .map_err(super::example_error)?;
-        for item in prepared {
-            match item {
-                Prepared::Text(text) => tokens.push(text.ids),
-                Prepared::Image(_) => {
-                    return Err(Error::FailedPrecondition(
-                        "only text backbones can be fine-tuned".into(),
-                    ))
-                }
-            }
+        if items.iter().any(|item| matches!(item, Prepared::Image(_))) {
+            return Err(Error::FailedPrecondition(
+                "only text backbones can be fine-tuned".into(),
+            ));
         }
-        let done = tokens.len() as u64;
+        prepared.extend(items);
+    }
+    Ok(prepared)
+}
+
+fn token_ids(prepared: &Prepared) -> Vec<u32> {
+    match prepared {
+        Prepared::Text(text) => text.ids.clone(),
+        Prepared::Image(_) => Vec::new(),
+    }
+}
+
+/// The frozen bottom's token vectors of every prepared input, computed by
+/// the serving engine through the backbone's queue at bulk priority (as a
+/// frozen-feature job embeds), in chunks, reporting progress.
+async fn hidden_states(
+    job: &Job,
+    loaded: &LoadedBackbone,
+    prepared: Vec<Prepared>,
+    layers: usize,
+) -> Result<Vec<Vec<f32>>> {
+    let total = prepared.len() as u64;
+    job.emit(Some(Stage::Embedding), |progress| {
+        progress.total_inputs = total
+    });
+    let want = Want::hidden_states(FEATURES, layers);
+    let mut rows = Vec::with_capacity(prepared.len());
+    for chunk in prepared.chunks(EMBED_CHUNK) {
+        job.check_cancelled()?;
+        rows.extend(super::embed_patiently(&loaded.queue, chunk.to_vec(), &want).await?);
+        let done = rows.len() as u64;
         job.emit(None, |progress| progress.embedded = done);
     }
-    Ok(tokens)
+    Ok(rows)
 }

@@ -20,7 +20,7 @@ use tokio::sync::{broadcast, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    backbone::{adapter::Adapter, BackboneDescriptor, EmbedOptions, Input, Prepared},
+    backbone::{adapter::Adapter, BackboneDescriptor, EmbedOptions, Input, Prepared, Want},
     batching::{BackboneQueue, Priority},
     head::{
         finetune::FineTuneParams,
@@ -771,7 +771,7 @@ async fn embed_distinct(
             .prepare(chunk.to_vec(), true, chunk_index * EMBED_CHUNK, None)
             .await
             .map_err(example_error)?;
-        vectors.extend(embed_patiently(&loaded.queue, prepared, options).await?);
+        vectors.extend(embed_patiently(&loaded.queue, prepared, &Want::features(options)).await?);
         let done = vectors.len() as u64;
         job.emit(None, |progress| progress.embedded = done);
     }
@@ -852,12 +852,12 @@ fn training_device(device: &str) -> candle_core::Device {
 async fn embed_patiently(
     queue: &BackboneQueue,
     prepared: Vec<Prepared>,
-    options: EmbedOptions,
+    want: &Want,
 ) -> Result<Vec<Vec<f32>>> {
     let mut backoff = Duration::from_millis(20);
     loop {
         match queue
-            .embed(prepared.clone(), options, None, Priority::Bulk, None)
+            .embed(prepared.clone(), want.clone(), Priority::Bulk, None)
             .await
         {
             Err(Error::QueueFull(_)) => {

@@ -134,8 +134,12 @@ impl Domain {
             ImageLimits::from_config(&config.limits),
         ));
         let store = Arc::new(
-            HeadStore::open(&config.heads.store_dir, config.heads.max_heads)
-                .map_err(ServeError::HeadStore)?,
+            HeadStore::open_with_adapters(
+                &config.heads.store_dir,
+                config.heads.max_heads,
+                config.heads.max_resident_adapters,
+            )
+            .map_err(ServeError::HeadStore)?,
         );
         let journal = JobJournal::open(&config.heads.store_dir).map_err(|err| {
             ServeError::HeadStore(crate::Error::Storage(format!(

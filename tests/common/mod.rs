@@ -433,9 +433,39 @@ pub fn image_input(bytes: Vec<u8>) -> proto::Input {
     }
 }
 
+/// The Python of scripts/setup-peft.sh's virtualenv (torch, transformers,
+/// peft); panics with the fix when missing.
+pub fn peft_python() -> PathBuf {
+    let venv = std::env::var_os("TLSERVE_PEFT_VENV")
+        .map(PathBuf::from)
+        .or_else(|| {
+            let cache = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+            Some(cache.join("tlserve-peft-venv"))
+        })
+        .expect("HOME or TLSERVE_PEFT_VENV");
+    let path = venv.join("bin/python");
+    assert!(
+        path.is_file(),
+        "the peft virtualenv is missing at {}: run scripts/setup-peft.sh",
+        venv.display()
+    );
+    path
+}
+
 /// Runs a script of tests/reference/ with a JSON request; returns its JSON answer.
 pub fn run_reference(script: &str, request: &serde_json::Value) -> serde_json::Value {
-    let mut child = Command::new(python())
+    run_reference_with(&python(), script, request)
+}
+
+/// [`run_reference`] with the interpreter `python`.
+pub fn run_reference_with(
+    python: &Path,
+    script: &str,
+    request: &serde_json::Value,
+) -> serde_json::Value {
+    let mut child = Command::new(python)
         .arg(repo_root().join("tests/reference").join(script))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

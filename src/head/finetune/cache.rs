@@ -65,6 +65,42 @@ impl<'a> Bottoms<'a> {
         Ok(bottoms)
     }
 
+    /// Hidden states computed elsewhere (the serving engine, through the
+    /// backbone's queue): one `[tokens * hidden]` vector per text of `ids`,
+    /// after the bottom `layers` layers.
+    pub fn given(
+        graph: &'a BertGraph,
+        ids: &'a [Vec<u32>],
+        layers: usize,
+        given: Vec<Vec<f32>>,
+    ) -> Result<Self> {
+        let hidden = graph.hidden_size();
+        if given.len() != ids.len()
+            || given
+                .iter()
+                .zip(ids)
+                .any(|(row, text)| row.len() != text.len() * hidden)
+        {
+            return Err(Error::Internal(
+                "the given hidden states do not match the texts".into(),
+            ));
+        }
+        let device = graph.device();
+        let rows = given
+            .into_iter()
+            .zip(ids)
+            .map(|(row, text)| {
+                Tensor::from_vec(row, (text.len(), hidden), &device)?.to_dtype(graph.dtype())
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            graph,
+            ids,
+            layers,
+            rows: Some(rows),
+        })
+    }
+
     /// Whether the hidden states are kept (else recomputed per batch).
     pub fn kept(&self) -> bool {
         self.rows.is_some()

@@ -359,14 +359,24 @@ pub struct FineTuned {
     pub validation_examples: usize,
 }
 
-/// Fine-tunes `graph`'s top layers and a head on `examples`, keeping the
-/// frozen bottom's hidden states when they fit in `cache_budget_bytes`;
-/// `cancel` stops at the next step with [`Error::Cancelled`].
+/// Where the frozen bottom's hidden states come from.
+pub enum BottomSource {
+    /// Computed here by the graph, kept when they fit in `budget_bytes`,
+    /// else computed again for every batch.
+    Compute { budget_bytes: usize },
+    /// Computed elsewhere: per example, its token vectors after the layers
+    /// below the adapted ones, `[tokens * hidden]` f32.
+    Given(Vec<Vec<f32>>),
+}
+
+/// Fine-tunes `graph`'s top layers and a head on `examples`, the frozen
+/// bottom from `bottoms`; `cancel` stops at the next step with
+/// [`Error::Cancelled`].
 pub fn fine_tune(
     graph: &BertGraph,
     examples: &TextExamples,
     params: &FineTuneParams,
-    cache_budget_bytes: usize,
+    bottoms: BottomSource,
     cancel: &CancellationToken,
     on_progress: &mut dyn FnMut(&Progress),
 ) -> Result<FineTuned> {
@@ -388,7 +398,12 @@ pub fn fine_tune(
         ));
     }
     let split = graph.num_layers() - params.lora.layers;
-    let bottoms = cache::Bottoms::compute(graph, &examples.ids, split, cache_budget_bytes, cancel)?;
+    let bottoms = match bottoms {
+        BottomSource::Compute { budget_bytes } => {
+            cache::Bottoms::compute(graph, &examples.ids, split, budget_bytes, cancel)?
+        }
+        BottomSource::Given(rows) => cache::Bottoms::given(graph, &examples.ids, split, rows)?,
+    };
     tracing::info!(
         texts = examples.ids.len(),
         bytes = cache::Bottoms::size_bytes(graph, &examples.ids),
@@ -396,6 +411,11 @@ pub fn fine_tune(
         "frozen bottom of the fine-tuning set"
     );
     steps::Run::new(graph, examples, params, bottoms)?.execute(cancel, on_progress)
+}
+
+/// Bytes the frozen bottom's hidden states of `ids` take, kept.
+pub fn bottom_bytes(graph: &BertGraph, ids: &[Vec<u32>]) -> usize {
+    cache::Bottoms::size_bytes(graph, ids)
 }
 
 /// Pooled, unit-length features of `ids` through `graph` with `adapter` on

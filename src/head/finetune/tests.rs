@@ -4,7 +4,7 @@
 use candle_core::DType;
 use tokio_util::sync::CancellationToken;
 
-use super::{fine_tune, FineTuneParams, Progress, TextExamples};
+use super::{fine_tune, BottomSource, FineTuneParams, Progress, TextExamples};
 use crate::backbone::bert_graph::testing::tiny;
 use crate::nn::rng::Rng;
 use crate::Error;
@@ -64,7 +64,9 @@ fn run_with_budget(params: &FineTuneParams, budget: usize) -> (super::FineTuned,
         &tiny(DType::F32),
         &examples(),
         params,
-        budget,
+        BottomSource::Compute {
+            budget_bytes: budget,
+        },
         &CancellationToken::new(),
         &mut |p| events.push(p.clone()),
     )
@@ -191,7 +193,9 @@ fn cancel_stops_within_an_epoch() {
         &tiny(DType::F32),
         &examples(),
         &params(),
-        UNLIMITED,
+        BottomSource::Compute {
+            budget_bytes: UNLIMITED,
+        },
         &cancel,
         &mut |p| {
             if matches!(p, Progress::Step { .. }) {
@@ -243,7 +247,9 @@ fn bad_settings_are_refused_by_name() {
             &graph,
             &examples(),
             &params,
-            UNLIMITED,
+            BottomSource::Compute {
+                budget_bytes: UNLIMITED,
+            },
             &CancellationToken::new(),
             &mut |_| {},
         )
