@@ -49,8 +49,9 @@ impl TrainableBert {
         let files = source::resolve(&config.source, cache_dir, Modality::Text)?;
         let device = candle_device(config.device)?;
         let opened = Opened::read(config, &files)?;
-        let graph = BertGraph::load(opened.weights(DType::F32, &device)?, &opened.model)
+        let mut graph = BertGraph::load(opened.weights(DType::F32, &device)?, &opened.model)
             .map_err(|err| opened.mismatch(err))?;
+        graph.pack_frozen_products()?;
         Ok(Self {
             graph,
             encoder: opened.encoder()?,

@@ -12,6 +12,7 @@ pub mod bert_graph;
 pub mod bert_native;
 pub mod device_memory;
 pub mod efficientnet;
+pub mod frozen_product;
 pub mod image;
 pub mod layers;
 pub mod lora;

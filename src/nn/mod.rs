@@ -13,6 +13,7 @@ use crate::config::Precision;
 
 mod amx;
 pub mod bf16;
+pub mod gelu_op;
 pub mod int8;
 pub mod packed;
 pub mod rng;
@@ -257,7 +258,7 @@ pub fn gelu(x: f32) -> f32 {
 /// arithmetic without branches, so loops over it vectorize. Beyond |x| = 4,
 /// erf(x) is +-1 in float32.
 #[inline(always)]
-fn erf(x: f32) -> f32 {
+pub(crate) fn erf(x: f32) -> f32 {
     let x = x.clamp(-4.0, 4.0);
     let x2 = x * x;
     let mut p = x2 * -2.726_142_3e-10 + 2.770_681_4e-8;
