@@ -25,12 +25,7 @@ fn unbatched(model: &dyn Backbone, texts: &[String]) -> Vec<Vec<f32>> {
                 .prepare(0, Input::Text(text.clone()), true)
                 .expect("prepare");
             model
-                .embed(&[EmbedItem {
-                    input: &prepared,
-                    options,
-                    adapter: None,
-                    capture: None,
-                }])
+                .embed(&[EmbedItem::frozen(&prepared, options)])
                 .expect("embed")
                 .remove(0)
         })

@@ -27,12 +27,7 @@ fn embed_all(model: &dyn Backbone, sentences: &[String], options: EmbedOptions) 
         .collect();
     let items: Vec<_> = prepared
         .iter()
-        .map(|input| EmbedItem {
-            input,
-            options,
-            adapter: None,
-            capture: None,
-        })
+        .map(|input| EmbedItem::frozen(input, options))
         .collect();
     model.embed(&items).expect("embed")
 }

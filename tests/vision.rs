@@ -67,12 +67,7 @@ fn lite0_matches_the_numpy_reference_on_real_photos() {
             .collect();
         let items: Vec<EmbedItem> = prepared
             .iter()
-            .map(|input| EmbedItem {
-                input,
-                options,
-                adapter: None,
-                capture: None,
-            })
+            .map(|input| EmbedItem::frozen(input, options))
             .collect();
         backbone.embed(&items).expect("embed")
     };

@@ -26,6 +26,13 @@ pub const MODULES: [&str; 6] = [
     "output.dense",
 ];
 
+/// `(inputs, outputs)` of each slot's dense layer in an encoder layer of
+/// width `hidden` and feed-forward width `intermediate`.
+pub fn slot_shapes(hidden: usize, intermediate: usize) -> [(usize, usize); 6] {
+    let (h, i) = (hidden, intermediate);
+    [(h, h), (h, h), (h, h), (h, h), (h, i), (i, h)]
+}
+
 /// Where each layer's tensors are named from.
 const PREFIX: &str = "base_model.model.encoder.layer.";
 
@@ -228,14 +235,14 @@ impl Adapter {
                 let [query, key, value, attention_output, intermediate, output] = slots
                     .each_ref()
                     .map(|slot| slot.as_ref().map(graph).transpose());
-                Ok(LayerAdapters {
-                    query: query?,
-                    key: key?,
-                    value: value?,
-                    attention_output: attention_output?,
-                    intermediate: intermediate?,
-                    output: output?,
-                })
+                Ok(LayerAdapters::from_slots([
+                    query?,
+                    key?,
+                    value?,
+                    attention_output?,
+                    intermediate?,
+                    output?,
+                ]))
             })
             .collect()
     }

@@ -345,8 +345,7 @@ impl NativeBert {
 
     /// Whether `adapter`'s matrices fit this model's layers.
     fn check_adapter(&self, adapter: &Adapter) -> candle_core::Result<()> {
-        let (h, inner) = (self.hidden, self.intermediate);
-        let shapes = [(h, h), (h, h), (h, h), (h, h), (h, inner), (inner, h)];
+        let shapes = super::adapter::slot_shapes(self.hidden, self.intermediate);
         let fits = adapter.first_layer + adapter.layers.len() <= self.layers.len()
             && adapter.layers.iter().all(|slots| {
                 slots.iter().zip(shapes).all(|(slot, (inputs, outputs))| {

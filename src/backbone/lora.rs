@@ -140,6 +140,20 @@ impl LayerAdapters {
         ]
     }
 
+    /// The adapters of the six slots, in the order of
+    /// [`super::adapter::MODULES`].
+    pub fn from_slots(slots: [Option<LowRank>; 6]) -> Self {
+        let [query, key, value, attention_output, intermediate, output] = slots;
+        Self {
+            query,
+            key,
+            value,
+            attention_output,
+            intermediate,
+            output,
+        }
+    }
+
     /// Every trained matrix of the layer.
     pub fn vars(&self) -> Vec<&Var> {
         self.slots()

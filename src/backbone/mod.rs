@@ -135,6 +135,18 @@ pub struct EmbedItem<'a> {
     pub capture: Option<usize>,
 }
 
+impl<'a> EmbedItem<'a> {
+    /// The frozen backbone's pooled features of `input`.
+    pub fn frozen(input: &'a Prepared, options: EmbedOptions) -> Self {
+        Self {
+            input,
+            options,
+            adapter: None,
+            capture: None,
+        }
+    }
+}
+
 /// What a request wants of each of its inputs: features with these options
 /// (through a fine-tuned adapter, or the frozen backbone), or hidden states.
 #[derive(Debug, Clone)]
@@ -316,11 +328,6 @@ fn warm_up(backbone: &dyn Backbone) -> Result<()> {
         }
     };
     let prepared = backbone.prepare(0, sample, true)?;
-    backbone.embed(&[EmbedItem {
-        input: &prepared,
-        options: descriptor.default_options,
-        adapter: None,
-        capture: None,
-    }])?;
+    backbone.embed(&[EmbedItem::frozen(&prepared, descriptor.default_options)])?;
     Ok(())
 }

@@ -399,12 +399,7 @@ mod tests {
             .collect();
         let items: Vec<EmbedItem> = prepared
             .iter()
-            .map(|input| EmbedItem {
-                input,
-                options,
-                adapter: None,
-                capture: None,
-            })
+            .map(|input| EmbedItem::frozen(input, options))
             .collect();
         let batch = backbone.embed(&items).unwrap();
         assert_eq!(batch.len(), 3);

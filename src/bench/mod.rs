@@ -197,12 +197,7 @@ fn embed_batch(
         .collect::<crate::Result<Vec<_>>>()?;
     let items: Vec<EmbedItem<'_>> = prepared
         .iter()
-        .map(|input| EmbedItem {
-            input,
-            options,
-            adapter: None,
-            capture: None,
-        })
+        .map(|input| EmbedItem::frozen(input, options))
         .collect();
     Ok(model.embed(&items)?)
 }

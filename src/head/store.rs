@@ -466,13 +466,7 @@ impl HeadStore {
             .and_then(|s| s.trim().parse::<u32>().ok())
             .unwrap_or(0);
         // Folders count too, loadable or not: a version number is never reused.
-        let on_disk = fs::read_dir(name_dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str().and_then(|v| v.parse::<u32>().ok()))
-            .max()
-            .unwrap_or(0);
+        let on_disk = version_folders(name_dir).into_iter().max().unwrap_or(0);
         loaded
             .max(remembered)
             .max(on_disk)
@@ -528,19 +522,12 @@ fn scan_name(
 ) -> (Versions, Vec<(u32, Error)>) {
     let mut versions = Versions::new();
     let mut failures = Vec::new();
-    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
-        let Some(version) = entry
-            .file_name()
-            .to_str()
-            .and_then(|v| v.parse::<u32>().ok())
-        else {
-            continue;
-        };
+    for version in version_folders(dir) {
         if let Some(head) = known.get(&version) {
             versions.insert(version, Arc::clone(head));
             continue;
         }
-        match read_version(&entry.path(), name, version) {
+        match read_version(&dir.join(version.to_string()), name, version) {
             Ok((head, adapter)) => {
                 if let Some(adapter) = adapter {
                     adapters.offer(name, version, Arc::new(adapter));
@@ -558,29 +545,39 @@ fn scan_name(
 /// reference names none. For tools that run beside a server.
 pub fn read_head(root: &Path, reference: &HeadRef) -> Result<(StoredHead, Option<Adapter>)> {
     let name_dir = root.join(&reference.name);
-    let version = match reference.version {
-        Some(version) => version,
-        None => {
-            let (versions, _) = scan_name(
-                &name_dir,
-                &reference.name,
-                &Versions::new(),
-                &AdapterCache::new(1),
-            );
-            *versions.keys().next_back().ok_or_else(|| {
-                Error::HeadNotFound(format!("{} in {}", reference.name, root.display()))
-            })?
-        }
+    let read = |version: u32| {
+        read_version(
+            &name_dir.join(version.to_string()),
+            &reference.name,
+            version,
+        )
     };
-    let dir = name_dir.join(version.to_string());
-    if !dir.is_dir() {
-        return Err(Error::HeadNotFound(format!(
-            "{}@{version} in {}",
-            reference.name,
-            root.display()
-        )));
+    if let Some(version) = reference.version {
+        if !name_dir.join(version.to_string()).is_dir() {
+            return Err(Error::HeadNotFound(format!(
+                "{reference} in {}",
+                root.display()
+            )));
+        }
+        return read(version);
     }
-    read_version(&dir, &reference.name, version)
+    // The newest version that loads, as the server's store would serve.
+    let mut versions = version_folders(&name_dir);
+    versions.sort_unstable_by(|a, b| b.cmp(a));
+    versions
+        .into_iter()
+        .find_map(|version| read(version).ok())
+        .ok_or_else(|| Error::HeadNotFound(format!("{} in {}", reference.name, root.display())))
+}
+
+/// The version numbers of a name's folder: its numbered subfolders.
+fn version_folders(name_dir: &Path) -> Vec<u32> {
+    fs::read_dir(name_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|v| v.parse::<u32>().ok()))
+        .collect()
 }
 
 /// One version's head, and its adapter if it was fine-tuned.

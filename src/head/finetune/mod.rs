@@ -413,11 +413,6 @@ pub fn fine_tune(
     steps::Run::new(graph, examples, params, bottoms)?.execute(cancel, on_progress)
 }
 
-/// Bytes the frozen bottom's hidden states of `ids` take, kept.
-pub fn bottom_bytes(graph: &BertGraph, ids: &[Vec<u32>]) -> usize {
-    cache::Bottoms::size_bytes(graph, ids)
-}
-
 /// Pooled, unit-length features of `ids` through `graph` with `adapter` on
 /// its top layers (none: the frozen features), row after row: what a
 /// fine-tuned head classifies.

@@ -7,8 +7,8 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use tokio_util::sync::CancellationToken;
 
 use super::cache::{pooled, to_f32, Bottoms};
-use super::{FineTuneParams, FineTuned, LoraTargets, Progress, TextExamples};
-use crate::backbone::adapter::Adapter;
+use super::{FineTuneParams, FineTuned, Progress, TextExamples};
+use crate::backbone::adapter::{slot_shapes, Adapter};
 use crate::backbone::bert_graph::{BertGraph, Kernels};
 use crate::backbone::lora::{LayerAdapters, LowRank};
 use crate::head::{model::HeadWeights, train, HeadKind, HeadMetrics, TrainingParams};
@@ -136,37 +136,21 @@ impl<'a> Run<'a> {
     /// New adapters (B = 0) on the targets of the top layers.
     fn new_adapters(&mut self) -> Result<Vec<LayerAdapters>> {
         let lora = self.params.lora;
-        let (h, i) = (self.graph.hidden_size(), self.graph.intermediate_size());
+        let shapes = slot_shapes(self.graph.hidden_size(), self.graph.intermediate_size());
+        let wanted = lora.targets.flags();
         let spec = (self.graph.dtype(), &self.graph.device());
         let rng = &mut self.rng;
-        let mut adapter = |wanted: bool, shape: (usize, usize)| -> Result<Option<LowRank>> {
-            Ok(if wanted {
-                let adapter = LowRank::new(shape, lora.rank, lora.alpha, rng, (spec.0, spec.1))?;
-                Some(adapter.with_dropout(lora.dropout, rng.next_u64()))
-            } else {
-                None
-            })
+        let mut layer = || -> Result<LayerAdapters> {
+            let mut slots: [Option<LowRank>; 6] = Default::default();
+            for ((slot, &wanted), &shape) in slots.iter_mut().zip(&wanted).zip(&shapes) {
+                if wanted {
+                    let adapter = LowRank::new(shape, lora.rank, lora.alpha, rng, spec)?;
+                    *slot = Some(adapter.with_dropout(lora.dropout, rng.next_u64()));
+                }
+            }
+            Ok(LayerAdapters::from_slots(slots))
         };
-        let LoraTargets {
-            query,
-            key,
-            value,
-            attention_output,
-            intermediate,
-            output,
-        } = lora.targets;
-        (0..lora.layers)
-            .map(|_| {
-                Ok(LayerAdapters {
-                    query: adapter(query, (h, h))?,
-                    key: adapter(key, (h, h))?,
-                    value: adapter(value, (h, h))?,
-                    attention_output: adapter(attention_output, (h, h))?,
-                    intermediate: adapter(intermediate, (h, i))?,
-                    output: adapter(output, (i, h))?,
-                })
-            })
-            .collect()
+        (0..lora.layers).map(|_| layer()).collect()
     }
 
     /// The epochs of AdamW; returns the kept epoch's metrics, its weights set.
