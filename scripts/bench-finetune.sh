@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# LoRA fine-tuning against the default frozen-feature head (TrainHead with no
-# options): both fitted on the same training texts, measured on the same test
+# Fine-tuning (LoRA by default, `--method top_layers` for the top layers in
+# full) against the default frozen-feature head (TrainHead with no options): both fitted on the same training texts, measured on the same test
 # texts (`tlserve bench-finetune`, in process), on Rotten Tomatoes review
 # snippets (scripts/bench/finetune_data.py: fixed seed, stratified split).
 # Prints the machine, its load average and the JSON result; extra arguments go
 # to `tlserve bench-finetune` (e.g. --layers 2 --rank 8 --epochs 3). With
-# --peer, then runs the same recipe in PyTorch + peft on the same files
+# --peer, then runs the same recipe in PyTorch (+ peft for LoRA) on the same files
 # (scripts/bench/peer_finetune.py, in the peer virtualenv of
 # scripts/bench-embed.sh --setup-peer) with the defaults' settings.
 #
@@ -18,12 +18,14 @@ train=2000
 test=1000
 extra=()
 peer=0
+method=lora
 peer_venv="${TLSERVE_PEER_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/tlserve-peer-venv}"
 while [ $# -gt 0 ]; do
   case "$1" in
     --peer) peer=1; shift ;;
     --train) train="$2"; shift 2 ;;
     --test) test="$2"; shift 2 ;;
+    --method) method="$2"; extra+=("$1" "$2"); shift 2 ;;
     *) extra+=("$1"); shift ;;
   esac
 done
@@ -54,5 +56,5 @@ if [ "$peer" = 1 ]; then
     || { log "no peer virtualenv with torch and peft at $peer_venv: run scripts/bench-embed.sh --setup-peer"; exit 1; }
   log "load average before the peer: $(cut -d' ' -f1-3 /proc/loadavg)"
   "$peer_venv/bin/python" scripts/bench/peer_finetune.py "$root/models/all-MiniLM-L6-v2" \
-    "$out/train.tsv" "$out/test.tsv" --threads "$(nproc)"
+    "$out/train.tsv" "$out/test.tsv" --method "$method" --threads "$(nproc)"
 fi

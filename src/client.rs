@@ -151,6 +151,9 @@ fn fine_tuning_json(tuning: &proto::FineTuning) -> Value {
                 "targets": lora.targets,
             }
         }),
+        Some(proto::fine_tuning::Method::TopLayers(top)) => json!({
+            "top_layers": { "layers": top.layers }
+        }),
         None => Value::Null,
     };
     json!({

@@ -149,16 +149,22 @@ enum MethodArg {
     Frozen,
     /// LoRA adapters on the backbone's top layers train with the head.
     Lora,
+    /// The backbone's top layers train in full with the head.
+    #[value(name = "top-layers", alias = "top_layers")]
+    TopLayers,
 }
 
-/// Fine-tuning options of `tlserve train`; the LoRA ones need `--method lora`.
+/// Fine-tuning options of `tlserve train`; the LoRA ones need `--method lora`,
+/// the others `--method lora` or `--method top-layers`.
 #[derive(clap::Args)]
 struct FineTuningArgs {
     /// frozen: train on the backbone's features (default); lora: fine-tune
-    /// low-rank adapters of its top layers together with a linear head.
+    /// low-rank adapters of its top layers together with a linear head;
+    /// top-layers: fine-tune its top layers in full with a linear head.
     #[arg(long, value_enum, default_value = "frozen")]
     method: MethodArg,
-    /// LoRA: top encoder layers adapted; default: all.
+    /// LoRA and top layers: top encoder layers trained; default: all (LoRA),
+    /// 2 (top layers).
     #[arg(long)]
     layers: Option<u32>,
     /// LoRA: rank of each adapter; default: 8.
@@ -174,11 +180,12 @@ struct FineTuningArgs {
     /// attention_output, intermediate, output); default: query,value.
     #[arg(long, value_delimiter = ',')]
     targets: Vec<String>,
-    /// LoRA: peak learning rate of the adapters; default: 0.0005
+    /// LoRA and top layers: peak learning rate of the backbone's trained
+    /// weights; default: 0.0005 (LoRA), 0.00005 (top layers)
     /// (--learning-rate is the head's).
     #[arg(long)]
     backbone_learning_rate: Option<f32>,
-    /// LoRA: share of the steps spent warming up; default: 0.1.
+    /// LoRA and top layers: share of the steps spent warming up; default: 0.1.
     #[arg(long)]
     warmup_fraction: Option<f32>,
 }
@@ -186,6 +193,7 @@ struct FineTuningArgs {
 impl FineTuningArgs {
     fn flags(self) -> Result<Option<client::FineTuningFlags>> {
         let flags = client::FineTuningFlags {
+            top_layers: self.method == MethodArg::TopLayers,
             layers: self.layers,
             rank: self.rank,
             alpha: self.alpha,
@@ -194,17 +202,22 @@ impl FineTuningArgs {
             backbone_learning_rate: self.backbone_learning_rate,
             warmup_fraction: self.warmup_fraction,
         };
-        let lora_flag_given = flags.layers.is_some()
-            || flags.rank.is_some()
+        let lora_only_given = flags.rank.is_some()
             || flags.alpha.is_some()
             || flags.dropout.is_some()
-            || !flags.targets.is_empty()
+            || !flags.targets.is_empty();
+        let tuning_given = flags.layers.is_some()
             || flags.backbone_learning_rate.is_some()
             || flags.warmup_fraction.is_some();
         match self.method {
             MethodArg::Lora => Ok(Some(flags)),
-            MethodArg::Frozen if lora_flag_given => {
-                anyhow::bail!("the LoRA options need --method lora")
+            MethodArg::TopLayers if lora_only_given => anyhow::bail!(
+                "--rank, --alpha, --lora-dropout and --targets are LoRA options; they need \
+                 --method lora"
+            ),
+            MethodArg::TopLayers => Ok(Some(flags)),
+            MethodArg::Frozen if lora_only_given || tuning_given => {
+                anyhow::bail!("the fine-tuning options need --method lora or top-layers")
             }
             MethodArg::Frozen => Ok(None),
         }
@@ -339,10 +352,12 @@ enum Command {
         #[command(flatten)]
         server: ServerAddr,
     },
-    /// Write a fine-tuned head's LoRA adapter in the layout of the Python
-    /// `peft` package (adapter_config.json, adapter_model.safetensors), read
-    /// from the head store of the config; `PeftModel.from_pretrained(base,
-    /// DIR)` then loads it on the backbone's Hugging Face model.
+    /// Write a fine-tuned head's backbone part, read from the head store of
+    /// the config: a LoRA adapter in the layout of the Python `peft` package
+    /// (adapter_config.json, adapter_model.safetensors; `PeftModel.
+    /// from_pretrained(base, DIR)` loads it on the backbone's Hugging Face
+    /// model), or top layers trained in full as top_layers.safetensors under
+    /// a `BertModel`'s names (`model.load_state_dict(tensors, strict=False)`).
     ExportAdapter {
         #[arg(long, env = "TLSERVE_CONFIG", default_value = "config/tlserve.toml")]
         config: PathBuf,
@@ -397,8 +412,8 @@ enum Command {
         #[arg(long)]
         embeddings_out: Option<PathBuf>,
     },
-    /// Measure LoRA fine-tuning against the default frozen-feature head, in
-    /// process, on labelled texts (`LABEL<TAB>TEXT` lines): both fitted on
+    /// Measure fine-tuning (LoRA, or the top layers in full) against the
+    /// default frozen-feature head, in process, on labelled texts (`LABEL<TAB>TEXT` lines): both fitted on
     /// --train, measured on --test; prints one JSON line.
     BenchFinetune(FineTuneBenchArgs),
 }
@@ -413,7 +428,11 @@ struct FineTuneBenchArgs {
     train: PathBuf,
     #[arg(long)]
     test: PathBuf,
-    /// Adapted encoder layers, from the top; default: all.
+    /// What trains: `lora` adapters or the `top_layers` in full.
+    #[arg(long, default_value = "lora", value_parser = ["lora", "top_layers"])]
+    method: String,
+    /// Trained encoder layers, from the top; default: all (LoRA), 2 (top
+    /// layers).
     #[arg(long)]
     layers: Option<usize>,
     #[arg(long, default_value_t = 8)]
@@ -428,8 +447,10 @@ struct FineTuneBenchArgs {
     epochs: usize,
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
-    #[arg(long, default_value_t = 5e-4)]
-    learning_rate: f64,
+    /// The backbone's peak learning rate; default: 5e-4 (LoRA), 5e-5 (top
+    /// layers).
+    #[arg(long)]
+    learning_rate: Option<f64>,
     #[arg(long, default_value_t = 1e-3)]
     head_learning_rate: f64,
     #[arg(long, default_value_t = 0)]
@@ -445,13 +466,17 @@ impl FineTuneBenchArgs {
         let config = load_config(&self.config)?;
         let targets = tlserve::head::finetune::LoraTargets::from_names(&self.targets)?;
         let adjust = |params: &mut tlserve::head::finetune::FineTuneParams| {
-            params.lora.layers = self.layers.unwrap_or(params.lora.layers);
-            params.lora.rank = self.rank;
-            params.lora.alpha = self.alpha;
-            params.lora.targets = targets;
+            if let Some(layers) = self.layers {
+                params.method.set_layers(layers);
+            }
+            if let Some(lora) = params.lora_mut() {
+                lora.rank = self.rank;
+                lora.alpha = self.alpha;
+                lora.targets = targets;
+            }
             params.epochs = self.epochs;
             params.batch_size = self.batch_size;
-            params.learning_rate = self.learning_rate;
+            params.learning_rate = self.learning_rate.unwrap_or(params.learning_rate);
             params.head_learning_rate = self.head_learning_rate;
             params.seed = self.seed;
         };
@@ -459,6 +484,7 @@ impl FineTuneBenchArgs {
             backbone: &self.backbone,
             train: &self.train,
             test: &self.test,
+            top_layers: self.method == "top_layers",
             adjust: &adjust,
             export_peft: self.export_peft.as_deref(),
         };
@@ -666,8 +692,9 @@ impl TrainingArgs {
     }
 }
 
-/// Exports a stored fine-tuned head's adapter for `peft`; reads the store
-/// without opening it, so it may run beside a server.
+/// Exports a stored fine-tuned head's adapter for `peft`, or its top layers
+/// for a PyTorch `BertModel`; reads the store without opening it, so it may
+/// run beside a server.
 fn export_adapter(config: &Path, head: &str, out: &Path) -> Result<serde_json::Value> {
     let config = tlserve::config::Config::load(config)?;
     let reference = tlserve::head::HeadRef::parse(head).map_err(anyhow::Error::msg)?;
@@ -679,8 +706,15 @@ fn export_adapter(config: &Path, head: &str, out: &Path) -> Result<serde_json::V
             meta.name, meta.version
         )
     })?;
-    adapter.export_peft(out)?;
+    let written = match &adapter {
+        tlserve::backbone::adapter::Adapter::Lora(lora) => {
+            lora.export_peft(out)?;
+            "adapter_model.safetensors"
+        }
+        tlserve::backbone::adapter::Adapter::Layers(layers) => layers.export(out)?,
+    };
     Ok(serde_json::json!({
+        "file": out.join(written),
         "head": meta.name,
         "version": meta.version,
         "backbone": meta.backbone,

@@ -75,7 +75,7 @@ fn train(
 }
 
 /// Training with the given fine-tuning.
-fn lora(tuning: proto::FineTuning) -> proto::TrainingConfig {
+fn fine_tuning(tuning: proto::FineTuning) -> proto::TrainingConfig {
     proto::TrainingConfig {
         fine_tuning: Some(tuning),
         ..Default::default()
@@ -86,7 +86,7 @@ fn lora(tuning: proto::FineTuning) -> proto::TrainingConfig {
 fn lora_with(change: impl FnOnce(&mut proto::LoraFineTuning)) -> proto::TrainingConfig {
     let mut settings = proto::LoraFineTuning::default();
     change(&mut settings);
-    lora(proto::FineTuning {
+    fine_tuning(proto::FineTuning {
         method: Some(proto::fine_tuning::Method::Lora(settings)),
         ..Default::default()
     })
@@ -456,20 +456,38 @@ async fn every_rpc_answers_bad_input_with_its_documented_code() {
             invalid,
         ),
         (
-            "fine-tuning",
+            "unfreeze_top_layers beyond the backbone's layers",
             train(
                 "h",
                 proto::TrainingConfig {
-                    unfreeze_top_layers: 2,
+                    unfreeze_top_layers: 99,
                     ..ok_training.clone()
                 },
                 &two_labels(),
             ),
-            Code::Unimplemented,
+            invalid,
+        ),
+        (
+            "top layers beyond the backbone's layers",
+            train(
+                "h",
+                fine_tuning(proto::FineTuning {
+                    method: Some(proto::fine_tuning::Method::TopLayers(
+                        proto::TopLayersFineTuning { layers: 99 },
+                    )),
+                    ..Default::default()
+                }),
+                &two_labels(),
+            ),
+            invalid,
         ),
         (
             "fine-tuning without a method",
-            train("h", lora(proto::FineTuning::default()), &two_labels()),
+            train(
+                "h",
+                fine_tuning(proto::FineTuning::default()),
+                &two_labels(),
+            ),
             invalid,
         ),
         (

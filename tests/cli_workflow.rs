@@ -503,8 +503,10 @@ fn bench_finetune_measures_lora_against_the_frozen_head() {
     assert_eq!(result["train_examples"], 160);
     assert_eq!(result["test_examples"], 40);
     assert_eq!(result["classes"], 4);
-    assert_eq!(result["lora"]["layers"], 1);
-    for key in ["frozen_test_accuracy", "lora_test_accuracy"] {
+    let method = &result["settings"]["method"];
+    assert_eq!(method["type"], "lora");
+    assert_eq!(method["layers"], 1);
+    for key in ["frozen_test_accuracy", "tuned_test_accuracy"] {
         let accuracy = result[key].as_f64().expect(key);
         assert!(accuracy >= 0.85, "{key} {accuracy}: {result}");
     }

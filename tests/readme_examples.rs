@@ -420,20 +420,26 @@ async fn cli_data_set_examples_train_evaluate_upload_and_watch() {
 }
 
 #[tokio::test]
-async fn cli_fine_tuning_examples_train_lora_and_embed() {
+async fn cli_fine_tuning_examples_train_lora_and_top_layers_and_embed() {
     let server = TestServer::start_minilm().await;
     let commands = readme_commands("cli-fine-tuning");
     for command in &commands {
         let out = run(command, &server);
         let json: Value = serde_json::from_str(&out).expect("the CLI prints JSON");
         if command.starts_with("tlserve train") {
-            assert_eq!(json["name"], "topics-lora", "{out}");
-            let lora = &json["fine_tuning"]["method"]["lora"];
-            assert_eq!(
-                (lora["layers"].as_u64(), lora["rank"].as_u64()),
-                (Some(2), Some(8)),
-                "{out}"
-            );
+            let method = &json["fine_tuning"]["method"];
+            if command.contains("--method lora") {
+                assert_eq!(json["name"], "topics-lora", "{out}");
+                let lora = &method["lora"];
+                assert_eq!(
+                    (lora["layers"].as_u64(), lora["rank"].as_u64()),
+                    (Some(2), Some(8)),
+                    "{out}"
+                );
+            } else {
+                assert_eq!(json["name"], "topics-top", "{out}");
+                assert_eq!(method["top_layers"]["layers"].as_u64(), Some(1), "{out}");
+            }
             let accuracy = json["holdout"]["accuracy"]
                 .as_f64()
                 .expect("hold-out accuracy");
@@ -452,7 +458,7 @@ async fn cli_fine_tuning_examples_train_lora_and_embed() {
             panic!("no check for README command `{command}`");
         }
     }
-    assert_eq!(commands.len(), 2);
+    assert_eq!(commands.len(), 3);
 }
 
 #[tokio::test]

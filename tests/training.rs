@@ -590,9 +590,21 @@ async fn bad_training_and_prediction_requests_get_precise_codes() {
     let mut missing_label = train_request("x", &rows, 0);
     missing_label.labels = vec!["sports".into(), "cooking".into()];
     cases.push((missing_label, Code::InvalidArgument, "is not in labels"));
-    let mut fine_tune = train_request("x", &rows, 0);
-    fine_tune.training.as_mut().unwrap().unfreeze_top_layers = 2;
-    cases.push((fine_tune, Code::Unimplemented, "unfreeze_top_layers"));
+    // `unfreeze_top_layers` is `fine_tuning.top_layers.layers`, bounds and all.
+    let mut too_deep = train_request("x", &rows, 0);
+    too_deep.training.as_mut().unwrap().unfreeze_top_layers = 7;
+    cases.push((
+        too_deep,
+        Code::InvalidArgument,
+        "top_layers.layers must be in [1, 6]",
+    ));
+    let mut both = lora_request("x", &rows);
+    both.training.as_mut().unwrap().unfreeze_top_layers = 2;
+    cases.push((
+        both,
+        Code::InvalidArgument,
+        "unfreeze_top_layers is a shorthand",
+    ));
     for (change, field) in [
         (
             (|l: &mut proto::LoraFineTuning| l.rank = 999) as fn(&mut _),
@@ -940,6 +952,19 @@ fn training_features(store: &Path, head: &str, texts: &[&str]) -> Vec<Vec<f32>> 
     flat.chunks(384).map(<[f32]>::to_vec).collect()
 }
 
+/// A server on a store of its own, in f32 (so that its features can be held
+/// to the training code's closely), batching for 50 ms.
+async fn fine_tuning_server() -> (tempfile::TempDir, String, TestServer) {
+    let store = tempfile::tempdir().expect("store dir");
+    let config = config_with_store_and_backbone(
+        store.path(),
+        "",
+        "precision = \"f32\"\nmax_queue_delay_ms = 50",
+    );
+    let server = TestServer::start(&config).await;
+    (store, config, server)
+}
+
 /// LoRA fine-tuning over the API: the job reports every step's loss and every
 /// epoch's metrics (epoch 0: the frozen head it starts from), publishes a head
 /// whose record names the method; Predict classifies with the adapted
@@ -949,13 +974,7 @@ fn training_features(store: &Path, head: &str, texts: &[&str]) -> Vec<Vec<f32>> 
 /// its adapter survive a restart.
 #[tokio::test]
 async fn lora_fine_tuning_trains_serves_and_persists() {
-    let store = tempfile::tempdir().expect("store dir");
-    let config = config_with_store_and_backbone(
-        store.path(),
-        "",
-        "precision = \"f32\"\nmax_queue_delay_ms = 50",
-    );
-    let server = TestServer::start(&config).await;
+    let (store, config, server) = fine_tuning_server().await;
     let rows: Vec<_> = read_tsv("topics_train.tsv")
         .into_iter()
         .enumerate()
@@ -1045,38 +1064,48 @@ async fn lora_fine_tuning_trains_serves_and_persists() {
 
     // Frozen and fine-tuned heads, asked at once, share forward passes and
     // answer as they do alone.
-    let alone = predict(&server, "frozen", &texts[..4], 1).await;
-    let series = r#"tlserve_inference_batches_total{backbone="all-MiniLM-L6-v2"}"#;
-    let before = metric(&server.scrape(), series);
-    let mut calls = Vec::new();
-    for (i, text) in texts[..4].iter().enumerate() {
-        for head in ["frozen", "tuned"] {
-            calls.push((i, head, spawn_predict(&server, head, text).await));
-        }
-    }
-    for (i, head, call) in calls {
-        let got = call.await.expect("join").expect("Predict").into_inner();
-        let expected = if head == "frozen" { &alone } else { &response };
-        assert_eq!(
-            got.predictions[0].labels[0].label,
-            expected.predictions[i].labels[0].label
-        );
-        let (p, q) = (
-            got.predictions[0].labels[0].probability,
-            expected.predictions[i].labels[0].probability,
-        );
-        assert!((p - q).abs() < 1e-4, "{head} on text {i}: {p} alone {q}");
-    }
-    let passes = metric(&server.scrape(), series) - before;
-    assert!(
-        passes < 8.0,
-        "8 predictions over two heads took {passes} passes"
-    );
+    shared_passes_answer_as_alone(&server, &texts[..4], ("tuned", &response)).await;
 
     drop(server);
     let server = TestServer::start(&config).await;
     let again = predict(&server, "tuned", &texts, 1).await;
     assert_eq!(again.predictions, response.predictions);
+}
+
+/// Runs `tlserve export-adapter` for `head` of the store of `config`; the
+/// folder it wrote.
+fn export_adapter(store: &Path, config: &str, head: &str) -> std::path::PathBuf {
+    let config_file = store.join("export.toml");
+    std::fs::write(&config_file, config).expect("config file");
+    let out = store.join(format!("export-{head}"));
+    let exported = std::process::Command::new(env!("CARGO_BIN_EXE_tlserve"))
+        .args(["export-adapter", "--head", head, "--config"])
+        .arg(&config_file)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("run tlserve export-adapter");
+    assert!(
+        exported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&exported.stderr)
+    );
+    out
+}
+
+/// The lowest cosine of `served` against the reference's features with the
+/// export, and against its features without it.
+fn lowest_cosines(served: &[Vec<f32>], reference: &serde_json::Value) -> (f64, f64) {
+    let vectors = |key: &str| -> Vec<Vec<f32>> {
+        serde_json::from_value(reference[key].clone()).expect("vectors")
+    };
+    let (adapted, base) = (vectors("adapted"), vectors("base"));
+    let (mut lowest, mut lowest_base) = (1.0f64, 1.0f64);
+    for ((ours, theirs), plain) in served.iter().zip(&adapted).zip(&base) {
+        lowest = lowest.min(cosine32(ours, theirs));
+        lowest_base = lowest_base.min(cosine32(ours, plain));
+    }
+    (lowest, lowest_base)
 }
 
 /// A fine-tuned head's adapter, exported by `tlserve export-adapter`, loads
@@ -1104,21 +1133,7 @@ async fn a_lora_export_loads_in_peft_with_the_same_features() {
     let events = train(&server, request).await;
     assert_eq!(events.last().unwrap().state(), JobState::Succeeded);
 
-    let config_file = store.path().join("export.toml");
-    std::fs::write(&config_file, &config).expect("config file");
-    let out = store.path().join("peft");
-    let exported = std::process::Command::new(env!("CARGO_BIN_EXE_tlserve"))
-        .args(["export-adapter", "--head", "exported", "--config"])
-        .arg(&config_file)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .expect("run tlserve export-adapter");
-    assert!(
-        exported.status.success(),
-        "{}",
-        String::from_utf8_lossy(&exported.stderr)
-    );
+    let out = export_adapter(store.path(), &config, "exported");
 
     let test_rows = read_tsv("topics_test.tsv");
     let texts: Vec<&str> = test_rows.iter().take(8).map(|(_, t)| t.as_str()).collect();
@@ -1133,20 +1148,136 @@ async fn a_lora_export_loads_in_peft_with_the_same_features() {
     );
     assert_eq!(peft["adapted_modules"], 12, "six projections of two layers");
     let served = embed_with(&server, &texts, "exported").await;
-    let vectors = |key: &str| -> Vec<Vec<f32>> {
-        serde_json::from_value(peft[key].clone()).expect("vectors")
-    };
-    let (adapted, base) = (vectors("adapted"), vectors("base"));
-    let (mut lowest, mut lowest_base) = (1.0f64, 1.0f64);
-    for ((ours, theirs), plain) in served.iter().zip(&adapted).zip(&base) {
-        lowest = lowest.min(cosine32(ours, theirs));
-        lowest_base = lowest_base.min(cosine32(ours, plain));
-    }
+    let (lowest, lowest_base) = lowest_cosines(&served, &peft);
     eprintln!("peft vs tlserve: lowest cosine {lowest:.7}; without the adapter {lowest_base:.5}");
     assert!(lowest >= 0.9999, "peft vs tlserve cosine {lowest}");
     assert!(
         lowest_base < 0.9999,
         "the adapter moved the features ({lowest_base})"
+    );
+}
+
+/// Fine-tuning of the top layer in full over the API: the record names the
+/// method; Predict classifies with the head's own top layer, Embed with the
+/// head's name returns its features (those the training code computes, to
+/// cosine 0.99999 with the serving engine in f32); the head's texts and a
+/// frozen head's share forward passes and answer as they do alone; the head
+/// survives a restart; and `tlserve export-adapter` writes the layer under a
+/// `BertModel`'s names, which PyTorch loads into the base model to give the
+/// same features (cosine >= 0.9999).
+#[tokio::test]
+async fn top_layer_fine_tuning_trains_serves_persists_and_exports() {
+    let (store, config, server) = fine_tuning_server().await;
+    let rows: Vec<_> = read_tsv("topics_train.tsv").into_iter().take(40).collect();
+    let mut request = lora_request("full", &rows);
+    if let Some(tuning) = request
+        .training
+        .as_mut()
+        .and_then(|t| t.fine_tuning.as_mut())
+    {
+        tuning.method = Some(proto::fine_tuning::Method::TopLayers(
+            proto::TopLayersFineTuning { layers: 1 },
+        ));
+        tuning.backbone_learning_rate = 1e-3;
+    }
+    let events = train(&server, request).await;
+    assert_eq!(
+        events.last().unwrap().state(),
+        JobState::Succeeded,
+        "{events:?}"
+    );
+    assert!(events.iter().filter_map(|e| e.step_loss).count() >= 10);
+    let head = events.last().unwrap().head.clone().expect("the head");
+    let method = head.fine_tuning.as_ref().and_then(|t| t.method.clone());
+    assert_eq!(
+        method,
+        Some(proto::fine_tuning::Method::TopLayers(
+            proto::TopLayersFineTuning { layers: 1 }
+        ))
+    );
+    let frozen = train(&server, train_request("frozen", &rows, 3)).await;
+    assert_eq!(frozen.last().unwrap().state(), JobState::Succeeded);
+
+    let test_rows = read_tsv("topics_test.tsv");
+    let texts: Vec<&str> = test_rows.iter().map(|(_, t)| t.as_str()).collect();
+    let response = predict(&server, "full", &texts, 1).await;
+    let tuned_accuracy = accuracy(&response, &test_rows);
+    assert!(tuned_accuracy >= 0.85, "held-out accuracy {tuned_accuracy}");
+    let served = embed_with(&server, &texts[..8], "full").await;
+    let reference = training_features(store.path(), "full", &texts[..8]);
+    for (ours, trained) in served.iter().zip(&reference) {
+        let agreement = cosine32(ours, trained);
+        assert!(
+            agreement >= 0.99999,
+            "serving vs training cosine {agreement}"
+        );
+    }
+    shared_passes_answer_as_alone(&server, &texts[..4], ("full", &response)).await;
+
+    let out = export_adapter(store.path(), &config, "full");
+    let torch = run_reference_with(
+        &peft_python(),
+        "peft_features.py",
+        &serde_json::json!({
+            "model_dir": minilm_dir(),
+            "layers_file": out.join("top_layers.safetensors"),
+            "texts": &texts[..8],
+        }),
+    );
+    assert_eq!(torch["replaced_tensors"], 16, "one layer's 16 tensors");
+    let (lowest, lowest_base) = lowest_cosines(&served, &torch);
+    eprintln!("PyTorch vs tlserve: lowest cosine {lowest:.7}; base model {lowest_base:.5}");
+    assert!(lowest >= 0.9999, "PyTorch vs tlserve cosine {lowest}");
+    assert!(
+        lowest_base < 0.9999,
+        "the layer moved the features ({lowest_base})"
+    );
+
+    drop(server);
+    let server = TestServer::start(&config).await;
+    let again = predict(&server, "full", &texts, 1).await;
+    assert_eq!(again.predictions, response.predictions);
+}
+
+/// Predictions of `texts` by the head "frozen" and a fine-tuned head, asked
+/// at once, share forward passes and answer as each head does alone (the
+/// fine-tuned head's answers alone are given).
+async fn shared_passes_answer_as_alone(
+    server: &TestServer,
+    texts: &[&str],
+    (tuned, tuned_alone): (&str, &proto::PredictResponse),
+) {
+    let alone = predict(server, "frozen", texts, 1).await;
+    let series = r#"tlserve_inference_batches_total{backbone="all-MiniLM-L6-v2"}"#;
+    let before = metric(&server.scrape(), series);
+    let mut calls = Vec::new();
+    for (i, text) in texts.iter().enumerate() {
+        for head in ["frozen", tuned] {
+            calls.push((i, head, spawn_predict(server, head, text).await));
+        }
+    }
+    for (i, head, call) in calls {
+        let got = call.await.expect("join").expect("Predict").into_inner();
+        let expected = if head == "frozen" {
+            &alone
+        } else {
+            tuned_alone
+        };
+        assert_eq!(
+            got.predictions[0].labels[0].label,
+            expected.predictions[i].labels[0].label
+        );
+        let (p, q) = (
+            got.predictions[0].labels[0].probability,
+            expected.predictions[i].labels[0].probability,
+        );
+        assert!((p - q).abs() < 1e-4, "{head} on text {i}: {p} alone {q}");
+    }
+    let passes = metric(&server.scrape(), series) - before;
+    let calls = 2.0 * texts.len() as f64;
+    assert!(
+        passes < calls,
+        "{calls} predictions over two heads took {passes} passes"
     );
 }
 

@@ -1,16 +1,18 @@
 #!/usr/bin/env python3
-"""Reference run of tlserve's LoRA fine-tuning in PyTorch + peft, same recipe:
-a linear head fitted on the frozen features (L-BFGS, softmax regression with
-a small L2 penalty), then LoRA adapters (rank, alpha, query and value of the
-top layers) and the head trained together with AdamW (separate learning
+"""Reference run of tlserve's fine-tuning in PyTorch (+ peft for LoRA), same
+recipe: a linear head fitted on the frozen features (L-BFGS, softmax
+regression with a small L2 penalty), then LoRA adapters (rank, alpha, query
+and value of the top layers; learning rate 5e-4) or the top layers in full
+(`--method top_layers`, every weight of the top 2 layers by default; learning
+rate 5e-5) and the head trained together with AdamW (separate learning
 rates, weight decay 0.01, 10% linear warm-up then linear decay, batches of
 16), 10% of the training texts held out, the epoch with the best held-out
 loss kept (the frozen head the first candidate). Features: mean pooling over
 real tokens, unit length. Prints one JSON line with the test accuracy and the
 seconds per epoch.
 
-Usage: peer_finetune.py MODEL_DIR TRAIN_TSV TEST_TSV [--layers N] [--rank R]
-       [--alpha A] [--epochs E] [--threads T] [--seed S]
+Usage: peer_finetune.py MODEL_DIR TRAIN_TSV TEST_TSV [--method lora|top_layers]
+       [--layers N] [--rank R] [--alpha A] [--epochs E] [--threads T] [--seed S]
 """
 
 import argparse
@@ -43,7 +45,8 @@ def main():
     p.add_argument("model")
     p.add_argument("train")
     p.add_argument("test")
-    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--method", choices=["lora", "top_layers"], default="lora")
+    p.add_argument("--layers", type=int, default=None, help="default: 6 (LoRA), 2 (top layers)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--epochs", type=int, default=3)
@@ -66,9 +69,22 @@ def main():
                                  max_length=256, return_tensors="pt")
     base = AutoModel.from_pretrained(a.model, dtype=torch.float32)
     n_layers = base.config.num_hidden_layers
-    model = get_peft_model(base, LoraConfig(
-        r=a.rank, lora_alpha=a.alpha, lora_dropout=0.0, target_modules=["query", "value"],
-        layers_to_transform=list(range(n_layers - a.layers, n_layers))))
+    if a.method == "lora":
+        layers = a.layers or n_layers
+        model = get_peft_model(base, LoraConfig(
+            r=a.rank, lora_alpha=a.alpha, lora_dropout=0.0, target_modules=["query", "value"],
+            layers_to_transform=list(range(n_layers - layers, n_layers))))
+        trained = [p for n, p in model.named_parameters() if "lora_" in n]
+        backbone_lr = 5e-4
+    else:
+        layers = a.layers or min(2, n_layers)
+        model = base
+        for parameter in model.parameters():
+            parameter.requires_grad = False
+        trained = [p for layer in model.encoder.layer[n_layers - layers:] for p in layer.parameters()]
+        for parameter in trained:
+            parameter.requires_grad = True
+        backbone_lr = 5e-5
 
     def features(rows, pool):
         model.eval()
@@ -92,8 +108,7 @@ def main():
         with torch.no_grad():
             return torch.nn.functional.cross_entropy(head(features(held, texts)), y[held]).item()
 
-    adapters = [p for n, p in model.named_parameters() if "lora_" in n]
-    opt = torch.optim.AdamW([{"params": adapters, "lr": 5e-4}, {"params": head.parameters(), "lr": 1e-3}],
+    opt = torch.optim.AdamW([{"params": trained, "lr": backbone_lr}, {"params": head.parameters(), "lr": 1e-3}],
                             weight_decay=0.01)
     steps = a.epochs * ((len(train) + 15) // 16)
     warmup = max(1, int(steps * 0.1 + 0.999))
@@ -122,7 +137,8 @@ def main():
     with torch.no_grad():
         predicted = head(features(list(range(len(test_texts))), test_texts)).argmax(1)
     print(json.dumps({
-        "engine": "pytorch+peft", "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "engine": "pytorch+peft" if a.method == "lora" else "pytorch", "method": a.method,
+        "layers": layers, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "test_accuracy": (predicted == y_test).float().mean().item(), "kept_epoch": best[3],
         "probe_seconds": probe_seconds, "epoch_seconds": epoch_seconds,
         "train_examples": len(texts), "test_examples": len(test_texts),

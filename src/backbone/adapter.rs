@@ -1,6 +1,7 @@
-//! A trained LoRA adapter of a BERT encoder's top layers, frozen, on the host
-//! in f32: what a fine-tuned head stores, what serving adds to the shared
-//! forward pass, and what is exported in the Python `peft` package's layout.
+//! What a fine-tuned head changes in its BERT backbone, frozen, on the host in
+//! f32: a LoRA adapter of the top layers (what serving adds to the shared
+//! forward pass, and what is exported in the Python `peft` package's layout)
+//! or the top layers trained in full ([`super::top_layers`]).
 //!
 //! Tensors are named as `peft` names them under a Hugging Face `BertModel`
 //! (`base_model.model.encoder.layer.{i}.{module}.lora_A.weight`, `[rank,
@@ -12,7 +13,9 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use gemm::Parallelism;
 
+use super::bert_graph::{BertGraph, Tuning};
 use super::lora::{LayerAdapters, LowRank};
+use super::top_layers::TopLayers;
 use crate::{Error, Result};
 
 /// The adapted modules of one encoder layer, by their path under the layer;
@@ -139,7 +142,7 @@ pub type LayerSlots = [Option<LowRankWeights>; 6];
 
 /// A LoRA adapter of the top layers of a BERT encoder.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Adapter {
+pub struct LoraAdapter {
     pub rank: usize,
     pub alpha: f64,
     /// The encoder layer the first entry of `layers` adapts.
@@ -148,7 +151,7 @@ pub struct Adapter {
     pub layers: Vec<LayerSlots>,
 }
 
-impl Adapter {
+impl LoraAdapter {
     /// `alpha / rank`, the factor of every update (as `peft` defines it).
     pub fn scale(&self) -> f32 {
         (self.alpha / self.rank as f64) as f32
@@ -351,6 +354,92 @@ impl Adapter {
             .map_err(|err| Error::Internal(format!("adapter_config.json: {err}")))?;
         std::fs::write(dir.join("adapter_config.json"), text).map_err(storage)?;
         Ok(())
+    }
+}
+
+/// What a fine-tuned head changes in the backbone's top layers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Adapter {
+    /// Low-rank updates of the base weights.
+    Lora(LoraAdapter),
+    /// The layers' weights, trained in full, in place of the base ones.
+    Layers(TopLayers),
+}
+
+/// Which kind of adapter a stored head holds, and what its file does not say.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum AdapterKind {
+    Lora { rank: usize, alpha: f64 },
+    Layers,
+}
+
+impl Adapter {
+    /// The lowest encoder layer it changes.
+    pub fn first_layer(&self) -> usize {
+        match self {
+            Self::Lora(lora) => lora.first_layer,
+            Self::Layers(layers) => layers.first_layer,
+        }
+    }
+
+    /// The encoder layers it changes, from [`Self::first_layer`] to the top.
+    pub fn num_layers(&self) -> usize {
+        match self {
+            Self::Lora(lora) => lora.layers.len(),
+            Self::Layers(layers) => layers.layers.len(),
+        }
+    }
+
+    pub fn lora(&self) -> Option<&LoraAdapter> {
+        match self {
+            Self::Lora(lora) => Some(lora),
+            Self::Layers(_) => None,
+        }
+    }
+
+    pub fn top_layers(&self) -> Option<&TopLayers> {
+        match self {
+            Self::Layers(layers) => Some(layers),
+            Self::Lora(_) => None,
+        }
+    }
+
+    /// Bytes of its weights.
+    pub fn size_bytes(&self) -> usize {
+        match self {
+            Self::Lora(lora) => lora.size_bytes(),
+            Self::Layers(layers) => layers.size_bytes(),
+        }
+    }
+
+    /// Its tensors as a head's file keeps them: `peft`'s names for LoRA, a
+    /// `BertModel`'s for layers.
+    pub fn to_tensors(&self) -> Result<HashMap<String, Tensor>> {
+        match self {
+            Self::Lora(lora) => lora.to_tensors(),
+            Self::Layers(layers) => layers.to_tensors(),
+        }
+    }
+
+    /// The adapter of `kind` among `tensors`; None when they hold none.
+    pub fn from_tensors(
+        tensors: &HashMap<String, Tensor>,
+        kind: AdapterKind,
+    ) -> Result<Option<Self>> {
+        Ok(match kind {
+            AdapterKind::Lora { rank, alpha } => {
+                LoraAdapter::from_tensors(tensors, rank, alpha)?.map(Self::Lora)
+            }
+            AdapterKind::Layers => TopLayers::from_tensors(tensors)?.map(Self::Layers),
+        })
+    }
+
+    /// The adapter as `graph` runs it, in its float type on its device.
+    pub fn to_graph(&self, graph: &BertGraph) -> candle_core::Result<Tuning> {
+        Ok(match self {
+            Self::Lora(lora) => Tuning::Lora(lora.to_graph(graph.dtype(), &graph.device())?),
+            Self::Layers(layers) => Tuning::Layers(graph.top_layers(layers)?),
+        })
     }
 }
 

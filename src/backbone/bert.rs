@@ -214,9 +214,13 @@ impl Backbone for BertBackbone {
         // Items with the same adapter (and capture) run as neighbours, the
         // frozen ones first; the answers go back in the items' order.
         let mut order: Vec<usize> = (0..items.len()).collect();
+        // Heads with their own top layers come last, so that the texts
+        // running the base layers stay one run in every layer.
         order.sort_by_key(|&i| {
-            let adapter = items[i].adapter.map_or(0, |a| a as *const Adapter as usize);
-            (adapter, items[i].capture)
+            let adapter = items[i].adapter;
+            let own_layers = adapter.is_some_and(|a| a.top_layers().is_some());
+            let address = adapter.map_or(0, |a| a as *const Adapter as usize);
+            (own_layers, address, items[i].capture)
         });
         let mut out: Vec<Vec<f32>> = vec![Vec::new(); items.len()];
         match &self.network {
@@ -301,11 +305,11 @@ fn candle_group(
             })
             .collect();
     }
-    let adapters = match group.first().and_then(|&i| items[i].adapter) {
-        Some(adapter) => adapter.to_graph(model.dtype(), &model.device())?,
-        None => Vec::new(),
+    let tuning = match group.first().and_then(|&i| items[i].adapter) {
+        Some(adapter) => adapter.to_graph(model)?,
+        None => bert_graph::Tuning::Frozen(0),
     };
-    let hidden = model.forward_adapted(&ids, &mask, &adapters, bert_graph::Kernels::Fused)?;
+    let hidden = model.forward_adapted(&ids, &mask, &tuning, bert_graph::Kernels::Fused)?;
     let mask = mask.to_dtype(DType::F32)?;
     // Pool once per kind the group needs; items of one group may differ.
     let wants = |pooling| group.iter().any(|&i| items[i].options.pooling == pooling);

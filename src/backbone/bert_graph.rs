@@ -18,7 +18,7 @@
 //! Weight names follow PyTorch's (Hugging Face `BertModel`), with or without the
 //! `bert.` prefix of checkpoints saved from a task model.
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor, Var, D};
 use candle_nn::{Embedding, VarBuilder};
 use candle_transformers::models::bert::{Config as BertConfig, HiddenAct};
 
@@ -28,6 +28,7 @@ use candle_core::CustomOp1;
 
 use super::frozen_product::FrozenProduct;
 use super::lora::{adapted, LayerAdapters};
+use super::top_layers::{LayerWeights, NormWeights, TopLayers};
 
 /// How layer norms and softmax are computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,6 +156,172 @@ struct Shape {
     len: usize,
 }
 
+/// What runs as a model's top layers.
+pub enum Tuning {
+    /// The base weights of the top `n` layers, unchanged.
+    Frozen(usize),
+    /// Adapters on the base weights of the top layers, the last on the last.
+    Lora(Vec<LayerAdapters>),
+    /// Copies of the top layers' weights that train (or were trained) in
+    /// full.
+    Layers(TrainableLayers),
+}
+
+impl Tuning {
+    /// How many top layers it concerns.
+    pub fn num_layers(&self) -> usize {
+        match self {
+            Self::Frozen(layers) => *layers,
+            Self::Lora(adapters) => adapters.len(),
+            Self::Layers(layers) => layers.layers.len(),
+        }
+    }
+
+    /// Every trained tensor.
+    pub fn vars(&self) -> Vec<Var> {
+        match self {
+            Self::Frozen(_) => Vec::new(),
+            Self::Lora(adapters) => adapters.iter().flat_map(|a| a.vars()).cloned().collect(),
+            Self::Layers(layers) => layers.vars.clone(),
+        }
+    }
+}
+
+/// Top encoder layers whose every weight is a variable: trained in full.
+pub struct TrainableLayers {
+    layers: Vec<Layer>,
+    vars: Vec<Var>,
+}
+
+impl TrainableLayers {
+    /// Layers of `weights` (each `[qkv weight, qkv bias, attention output
+    /// weight, bias, attention norm scale, shift, intermediate weight, bias,
+    /// output weight, bias, output norm scale, shift]`), as variables.
+    fn from_tensors(weights: Vec<[Tensor; 12]>, eps: f64) -> candle_core::Result<Self> {
+        let mut vars = Vec::with_capacity(weights.len() * 12);
+        let mut layers = Vec::with_capacity(weights.len());
+        for tensors in weights {
+            let start = vars.len();
+            for tensor in &tensors {
+                vars.push(Var::from_tensor(tensor)?);
+            }
+            let t = |i: usize| vars[start + i].as_tensor().clone();
+            let dense = |i: usize| Dense {
+                weight: t(i),
+                bias: t(i + 1),
+                packed: None,
+            };
+            let norm = |i: usize| Norm {
+                weight: t(i),
+                bias: t(i + 1),
+                eps,
+            };
+            layers.push(Layer {
+                qkv: dense(0),
+                attention_output: dense(2),
+                attention_norm: norm(4),
+                intermediate: dense(6),
+                output: dense(8),
+                output_norm: norm(10),
+            });
+        }
+        Ok(Self { layers, vars })
+    }
+
+    /// `weights` on `device` in `dtype`, as layers of a model whose layer
+    /// norms add `eps`.
+    fn from_host(
+        weights: &TopLayers,
+        eps: f64,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let tensor = |values: &[f32], shape: &[usize]| {
+            Tensor::from_slice(values, shape, device)?.to_dtype(dtype)
+        };
+        let layers = weights
+            .layers
+            .iter()
+            .map(|layer| -> candle_core::Result<[Tensor; 12]> {
+                let [q, k, v, o, i, out] = &layer.dense;
+                let weight = |d: &crate::nn::Dense| tensor(&d.weight, &[d.outputs, d.inputs]);
+                let bias = |d: &crate::nn::Dense| tensor(&d.bias, &[d.outputs]);
+                let norm = |n: &NormWeights| -> candle_core::Result<[Tensor; 2]> {
+                    Ok([
+                        tensor(&n.weight, &[n.weight.len()])?,
+                        tensor(&n.bias, &[n.bias.len()])?,
+                    ])
+                };
+                let [attention_scale, attention_shift] = norm(&layer.norms[0])?;
+                let [output_scale, output_shift] = norm(&layer.norms[1])?;
+                Ok([
+                    Tensor::cat(&[weight(q)?, weight(k)?, weight(v)?], 0)?,
+                    Tensor::cat(&[bias(q)?, bias(k)?, bias(v)?], 0)?,
+                    weight(o)?,
+                    bias(o)?,
+                    attention_scale,
+                    attention_shift,
+                    weight(i)?,
+                    bias(i)?,
+                    weight(out)?,
+                    bias(out)?,
+                    output_scale,
+                    output_shift,
+                ])
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Self::from_tensors(layers, eps)
+    }
+
+    /// The layers' current weights on the host in f32, the first of them
+    /// standing for encoder layer `first_layer`.
+    pub fn to_host(&self, first_layer: usize) -> candle_core::Result<TopLayers> {
+        let host = |t: &Tensor| -> candle_core::Result<Vec<f32>> {
+            t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
+        };
+        let dense = |weight: &Tensor, bias: &Tensor| -> candle_core::Result<crate::nn::Dense> {
+            let (outputs, inputs) = weight.dims2()?;
+            Ok(crate::nn::Dense {
+                weight: host(weight)?,
+                bias: host(bias)?,
+                inputs,
+                outputs,
+            })
+        };
+        let norm = |n: &Norm| -> candle_core::Result<NormWeights> {
+            Ok(NormWeights {
+                weight: host(&n.weight)?,
+                bias: host(&n.bias)?,
+            })
+        };
+        let layers = self
+            .layers
+            .iter()
+            .map(|layer| -> candle_core::Result<LayerWeights> {
+                let h = layer.qkv.weight.dim(0)? / 3;
+                let part = |i: usize| {
+                    dense(
+                        &layer.qkv.weight.narrow(0, i * h, h)?,
+                        &layer.qkv.bias.narrow(0, i * h, h)?,
+                    )
+                };
+                Ok(LayerWeights {
+                    dense: [
+                        part(0)?,
+                        part(1)?,
+                        part(2)?,
+                        dense(&layer.attention_output.weight, &layer.attention_output.bias)?,
+                        dense(&layer.intermediate.weight, &layer.intermediate.bias)?,
+                        dense(&layer.output.weight, &layer.output.bias)?,
+                    ],
+                    norms: [norm(&layer.attention_norm)?, norm(&layer.output_norm)?],
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(TopLayers::new(first_layer, layers))
+    }
+}
+
 pub struct BertGraph {
     word: Embedding,
     position: Embedding,
@@ -261,7 +428,7 @@ impl BertGraph {
     /// `[batch, len]` u32 (mask 1 for real tokens, 0 for padding); the result
     /// is `[batch, len, hidden]`.
     pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
-        self.forward_adapted(ids, mask, &[], Kernels::Fused)
+        self.forward_adapted(ids, mask, &Tuning::Frozen(0), Kernels::Fused)
     }
 
     /// Token ids of `texts` padded with the model's pad id to the longest, and
@@ -285,25 +452,60 @@ impl BertGraph {
         ))
     }
 
-    /// The first layer that `adapters` (for the top layers) adapt.
-    fn first_adapted(&self, adapters: &[LayerAdapters]) -> candle_core::Result<usize> {
+    /// The first layer that `tuning` (of the top layers) concerns.
+    fn first_tuned(&self, tuning: &Tuning) -> candle_core::Result<usize> {
         self.layers
             .len()
-            .checked_sub(adapters.len())
-            .ok_or_else(|| candle_core::Error::Msg("more adapted layers than layers".into()))
+            .checked_sub(tuning.num_layers())
+            .ok_or_else(|| candle_core::Error::Msg("more tuned layers than layers".into()))
     }
 
-    /// [`Self::forward`] with `adapters` on the top layers (the last of them
-    /// on the last layer) and the layer norms and softmax of `kernels`.
+    /// Trainable copies of the top `layers` layers' weights, starting from
+    /// the base ones.
+    pub fn trainable_top(&self, layers: usize) -> candle_core::Result<TrainableLayers> {
+        let split = self.first_tuned(&Tuning::Frozen(layers))?;
+        let weights = self.layers[split..]
+            .iter()
+            .map(|layer| {
+                [
+                    &layer.qkv.weight,
+                    &layer.qkv.bias,
+                    &layer.attention_output.weight,
+                    &layer.attention_output.bias,
+                    &layer.attention_norm.weight,
+                    &layer.attention_norm.bias,
+                    &layer.intermediate.weight,
+                    &layer.intermediate.bias,
+                    &layer.output.weight,
+                    &layer.output.bias,
+                    &layer.output_norm.weight,
+                    &layer.output_norm.bias,
+                ]
+                .map(Tensor::clone)
+            })
+            .collect();
+        TrainableLayers::from_tensors(weights, self.embedding_norm.eps)
+    }
+
+    /// Stored top layers as this model runs them.
+    pub fn top_layers(&self, weights: &TopLayers) -> candle_core::Result<TrainableLayers> {
+        if !weights.fits(self.layers.len(), self.hidden, self.intermediate) {
+            candle_core::bail!("the stored layers do not fit this model's top layers");
+        }
+        TrainableLayers::from_host(weights, self.embedding_norm.eps, self.dtype, &self.device())
+    }
+
+    /// [`Self::forward`] with the top layers as `tuning` makes them and the
+    /// layer norms and softmax of `kernels`.
     pub fn forward_adapted(
         &self,
         ids: &Tensor,
         mask: &Tensor,
-        adapters: &[LayerAdapters],
+        tuning: &Tuning,
         kernels: Kernels,
     ) -> candle_core::Result<Tensor> {
-        let bottom = self.forward_bottom(ids, mask, self.first_adapted(adapters)?, kernels)?;
-        self.forward_top(&bottom, mask, adapters, kernels)
+        let bottom = self.forward_bottom(ids, mask, self.first_tuned(tuning)?, kernels)?;
+        self.forward_top(&bottom, mask, tuning, kernels)
     }
 
     /// The embeddings and the first `layers` encoder layers, unadapted: the
@@ -340,23 +542,29 @@ impl BertGraph {
         x.reshape((batch, len, self.hidden))
     }
 
-    /// The last `adapters.len()` layers, adapted, from `hidden` (what
-    /// [`Self::forward_bottom`] gave for the same `mask`): token vectors in f32
-    /// (f64 for an f64 model), `[batch, len, hidden]`.
+    /// The last `tuning.num_layers()` layers as `tuning` makes them, from
+    /// `hidden` (what [`Self::forward_bottom`] gave for the same `mask`):
+    /// token vectors in f32 (f64 for an f64 model), `[batch, len, hidden]`.
     pub fn forward_top(
         &self,
         hidden: &Tensor,
         mask: &Tensor,
-        adapters: &[LayerAdapters],
+        tuning: &Tuning,
         kernels: Kernels,
     ) -> candle_core::Result<Tensor> {
         let (batch, len, _) = hidden.dims3()?;
         let shape = Shape { batch, len };
-        let split = self.first_adapted(adapters)?;
+        let split = self.first_tuned(tuning)?;
         let bias = self.attention_bias(mask, hidden.device())?;
         let mut x = hidden.reshape((batch * len, self.hidden))?;
-        for (layer, adapter) in self.layers[split..].iter().zip(adapters) {
-            x = self.layer_forward(layer, Some(adapter), &x, &bias, shape, kernels)?;
+        let base = &self.layers[split..];
+        let layers: Vec<(&Layer, Option<&LayerAdapters>)> = match tuning {
+            Tuning::Frozen(_) => base.iter().map(|layer| (layer, None)).collect(),
+            Tuning::Lora(adapters) => base.iter().zip(adapters.iter().map(Some)).collect(),
+            Tuning::Layers(own) => own.layers.iter().map(|layer| (layer, None)).collect(),
+        };
+        for (layer, adapter) in layers {
+            x = self.layer_forward(layer, adapter, &x, &bias, shape, kernels)?;
         }
         // Half types come back as f32; f64 (gradient checks) stays f64.
         let out = match self.dtype {
@@ -586,7 +794,7 @@ mod tests {
     use candle_nn::VarBuilder;
     use candle_transformers::models::bert::BertModel;
 
-    use super::{BertGraph, Kernels};
+    use super::{BertGraph, Kernels, TopLayers, TrainableLayers, Tuning};
     use crate::backbone::lora::{LayerAdapters, LowRank};
     use crate::nn::rng::Rng;
 
@@ -673,7 +881,7 @@ mod tests {
         let fused = rows(&model.forward(&ids, &mask).expect("fused"));
         let plain = rows(
             &model
-                .forward_adapted(&ids, &mask, &[], Kernels::Differentiable)
+                .forward_adapted(&ids, &mask, &Tuning::Frozen(0), Kernels::Differentiable)
                 .expect("plain"),
         );
         let worst = fused
@@ -708,27 +916,62 @@ mod tests {
                     .expect("set");
             }
         }
+        let tunings = [
+            Tuning::Lora(adapters),
+            Tuning::Layers(model.trainable_top(2).expect("copies")),
+        ];
         for kernels in [Kernels::Fused, Kernels::Differentiable] {
             let base = rows(
                 &model
-                    .forward_adapted(&ids, &mask, &[], kernels)
+                    .forward_adapted(&ids, &mask, &Tuning::Frozen(0), kernels)
                     .expect("base"),
             );
-            let adapted = rows(
-                &model
-                    .forward_adapted(&ids, &mask, &adapters, kernels)
-                    .expect("adapted"),
-            );
-            assert_eq!(base, adapted, "{kernels:?}");
+            for tuning in &tunings {
+                let adapted = rows(
+                    &model
+                        .forward_adapted(&ids, &mask, tuning, kernels)
+                        .expect("adapted"),
+                );
+                assert_eq!(base, adapted, "{kernels:?}");
+            }
         }
+    }
+
+    /// Top layers copied to the host and back are the same layers: the same
+    /// outputs, bit for bit, after a change to their weights.
+    #[test]
+    fn top_layers_survive_the_trip_to_the_host() {
+        let (ids, mask) = batch();
+        let model = graph(DType::F32);
+        let layers = trained_layers(&model, 2, 4);
+        let host = layers.to_host(0).expect("host");
+        assert_eq!(host.layers.len(), 2);
+        assert!(host.layers.iter().all(|l| l.fits(16, 32)));
+        let back = model.top_layers(&host).expect("back");
+        let run = |tuning: Tuning| {
+            rows(
+                &model
+                    .forward_adapted(&ids, &mask, &tuning, Kernels::Fused)
+                    .expect("forward"),
+            )
+        };
+        let before = run(Tuning::Frozen(0));
+        let (a, b) = (run(Tuning::Layers(layers)), run(Tuning::Layers(back)));
+        assert_eq!(a, b);
+        assert_ne!(a, before, "the layers changed the outputs");
+        let wrong = TopLayers::new(1, host.layers.clone());
+        assert!(
+            model.top_layers(&wrong).is_err(),
+            "three layers from 1 of 2"
+        );
     }
 
     /// A fixed random projection of the real tokens' vectors: a scalar loss
     /// that every adapter influences.
-    fn loss(model: &BertGraph, adapters: &[LayerAdapters]) -> Tensor {
+    fn loss(model: &BertGraph, tuning: &Tuning) -> Tensor {
         let (ids, mask) = batch();
         let out = model
-            .forward_adapted(&ids, &mask, adapters, Kernels::Differentiable)
+            .forward_adapted(&ids, &mask, tuning, Kernels::Differentiable)
             .expect("forward")
             .to_dtype(DType::F64)
             .expect("f64");
@@ -752,29 +995,55 @@ mod tests {
             .expect("loss")
     }
 
-    /// Every adapter matrix of every adapted layer gets a finite, non-zero
-    /// gradient through the differentiable graph; the frozen weights none.
-    #[test]
-    fn every_adapter_matrix_gets_a_gradient() {
-        let model = graph(DType::F32);
-        let adapters = adapters(&model, 2, 3);
-        let grads = loss(&model, &adapters).backward().expect("backward");
-        let vars: Vec<&candle_core::Var> = adapters.iter().flat_map(LayerAdapters::vars).collect();
-        assert_eq!(vars.len(), 2 * 6 * 2);
-        for (n, var) in vars.iter().enumerate() {
-            let grad = grads.get(var.as_tensor()).expect("a gradient");
-            let values = rows(grad);
-            assert!(
-                values.iter().all(|v| v.is_finite()),
-                "matrix {n}: not finite"
-            );
-            assert!(values.iter().any(|v| *v != 0.0), "matrix {n}: all zero");
+    /// Trainable copies of the top `layers` layers with their weights moved
+    /// by up to ±0.05 (drawn from `seed`): a trained state.
+    fn trained_layers(graph: &BertGraph, layers: usize, seed: u64) -> TrainableLayers {
+        let mut rng = Rng(seed);
+        let copies = graph.trainable_top(layers).expect("copies");
+        for var in &copies.vars {
+            let t = var.as_tensor();
+            let noise = Tensor::from_vec(
+                rng.uniform(t.elem_count(), -0.05, 0.05),
+                t.shape(),
+                &Device::Cpu,
+            )
+            .and_then(|n| n.to_dtype(t.dtype()))
+            .expect("noise");
+            var.set(&(t + noise).expect("moved")).expect("set");
         }
-        let frozen = &model.layers[1].qkv.weight;
-        assert!(
-            grads.get(frozen).is_none(),
-            "frozen weights take no gradient"
-        );
+        copies
+    }
+
+    /// Every adapter matrix of every adapted layer, and every weight of the
+    /// top layers trained in full, gets a finite, non-zero gradient through
+    /// the differentiable graph; the frozen weights none.
+    #[test]
+    fn every_trained_tensor_gets_a_gradient() {
+        let model = graph(DType::F32);
+        let tunings = [
+            (Tuning::Lora(adapters(&model, 2, 3)), 2 * 6 * 2),
+            (Tuning::Layers(trained_layers(&model, 1, 3)), 12),
+        ];
+        for (tuning, count) in tunings {
+            let grads = loss(&model, &tuning).backward().expect("backward");
+            let vars = tuning.vars();
+            assert_eq!(vars.len(), count);
+            for (n, var) in vars.iter().enumerate() {
+                let grad = grads.get(var.as_tensor()).expect("a gradient");
+                let values = rows(grad);
+                assert!(
+                    values.iter().all(|v| v.is_finite()),
+                    "tensor {n}: not finite"
+                );
+                assert!(values.iter().any(|v| *v != 0.0), "tensor {n}: all zero");
+            }
+            for frozen in [&model.layers[0].qkv.weight, &model.layers[1].qkv.weight] {
+                assert!(
+                    grads.get(frozen).is_none(),
+                    "frozen weights take no gradient"
+                );
+            }
+        }
     }
 
     /// With the frozen products on the packed kernels, the training pass and
@@ -785,14 +1054,14 @@ mod tests {
         let plain = graph(DType::F32);
         let mut packed = graph(DType::F32);
         packed.pack_frozen_products().expect("pack");
-        let adapters = adapters(&plain, 2, 5);
+        let adapters = Tuning::Lora(adapters(&plain, 2, 5));
         let (loss_plain, loss_packed) = (loss(&plain, &adapters), loss(&packed, &adapters));
         let scalar = |t: &Tensor| t.to_scalar::<f64>().expect("scalar");
         let gap = (scalar(&loss_plain) - scalar(&loss_packed)).abs();
         assert!(gap <= 1e-5 * scalar(&loss_plain).abs(), "loss gap {gap}");
         let grads_plain = loss_plain.backward().expect("backward");
         let grads_packed = loss_packed.backward().expect("backward");
-        for (n, var) in adapters.iter().flat_map(LayerAdapters::vars).enumerate() {
+        for (n, var) in adapters.vars().iter().enumerate() {
             let a = rows(grads_plain.get(var.as_tensor()).expect("gradient"));
             let b = rows(grads_packed.get(var.as_tensor()).expect("gradient"));
             let diff: f32 = a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum();
@@ -803,18 +1072,26 @@ mod tests {
 
     /// The gradient candle's autograd computes equals central finite
     /// differences of the loss, in f64 (step 1e-6): relative error under 1e-5
-    /// on three entries of each adapter matrix, relative to the larger of the
-    /// two and 1e-3. Not tighter: candle's GELU derivative rounds 1/sqrt(2π) to
-    /// six digits (relative error 7e-7), and errors of 1.4e-6 were seen.
+    /// on three entries of each adapter matrix and of each weight of a layer
+    /// trained in full, relative to the larger of the two and 1e-3. Not
+    /// tighter: candle's GELU derivative rounds 1/sqrt(2π) to six digits
+    /// (relative error 7e-7), and errors of 1.4e-6 were seen.
     #[test]
-    fn adapter_gradients_match_finite_differences() {
+    fn trained_tensor_gradients_match_finite_differences() {
         let model = graph(DType::F64);
-        let adapters = adapters(&model, 2, 11);
-        let grads = loss(&model, &adapters).backward().expect("backward");
-        let value =
-            |adapters: &[LayerAdapters]| loss(&model, adapters).to_scalar::<f64>().expect("scalar");
+        for tuning in [
+            Tuning::Lora(adapters(&model, 2, 11)),
+            Tuning::Layers(trained_layers(&model, 1, 11)),
+        ] {
+            gradients_match_finite_differences(&model, &tuning);
+        }
+    }
+
+    fn gradients_match_finite_differences(model: &BertGraph, tuning: &Tuning) {
+        let grads = loss(model, tuning).backward().expect("backward");
+        let value = || loss(model, tuning).to_scalar::<f64>().expect("scalar");
         let step = 1e-6;
-        for (n, var) in adapters.iter().flat_map(LayerAdapters::vars).enumerate() {
+        for (n, var) in tuning.vars().iter().enumerate() {
             let original = var.as_tensor().copy().expect("copy");
             let shape = original.shape().clone();
             let flat: Vec<f64> = original
@@ -833,7 +1110,7 @@ mod tests {
                     moved[entry] += delta;
                     var.set(&Tensor::from_vec(moved, &shape, &Device::Cpu).expect("moved"))
                         .expect("set");
-                    value(&adapters)
+                    value()
                 };
                 let numeric = (at(step) - at(-step)) / (2.0 * step);
                 var.set(&original).expect("restore");
@@ -841,7 +1118,7 @@ mod tests {
                 let error = (numeric - analytic[entry]).abs() / scale;
                 assert!(
                     error < 1e-5,
-                    "matrix {n} entry {entry}: autograd {} vs finite differences {numeric}",
+                    "tensor {n} entry {entry}: autograd {} vs finite differences {numeric}",
                     analytic[entry]
                 );
             }

@@ -32,12 +32,14 @@ use candle_transformers::models::bert::Config as BertConfig;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::adapter::Adapter;
+use super::adapter::{Adapter, LoraAdapter, MODULES};
+use super::top_layers::{LayerWeights, TopLayers, NORMS};
 use crate::{
     config::Precision,
     nn::{flat, gelu_in_place, softmax_in_place, Dense, LayerNorm, Linear},
 };
 
+#[derive(Clone)]
 struct Layer {
     /// Query, key and value stacked: `[3h, h]`.
     qkv: Linear,
@@ -59,6 +61,66 @@ pub struct NativeBert {
     token_type: Vec<f32>,
     embedding_norm: LayerNorm,
     layers: Vec<Layer>,
+    /// The number format of the dense layers, which a head's own top layers
+    /// are converted to as well.
+    precision: Precision,
+}
+
+impl Layer {
+    /// A layer of `dense` (in the order of [`MODULES`]) and `norms` (of
+    /// [`NORMS`]), its dense layers in `precision`.
+    fn new(dense: [Dense; 6], norms: [LayerNorm; 2], precision: Precision) -> Self {
+        let [query, key, value, attention_output, intermediate, output] = dense;
+        let [attention_norm, output_norm] = norms;
+        Self {
+            qkv: Linear::new(Dense::concat(vec![query, key, value]), precision),
+            attention_output: Linear::new(attention_output, precision),
+            attention_norm,
+            intermediate: Linear::new(intermediate, precision),
+            output: Linear::new(output, precision),
+            output_norm,
+        }
+    }
+
+    /// Reads encoder layer `vb` of width `h` and feed-forward width `inner`.
+    fn load(
+        vb: &VarBuilder,
+        (h, inner, eps): (usize, usize, f64),
+        precision: Precision,
+    ) -> candle_core::Result<Self> {
+        let shapes = super::adapter::slot_shapes(h, inner);
+        let mut dense = Vec::with_capacity(6);
+        for (module, (inputs, outputs)) in MODULES.iter().zip(shapes) {
+            dense.push(Dense::load(&vb.pp(module), inputs, outputs)?);
+        }
+        let dense: [Dense; 6] = dense
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("six dense layers".into()))?;
+        let [attention_norm, output_norm] = NORMS;
+        let norms = [
+            LayerNorm::load(&vb.pp(attention_norm), h, eps)?,
+            LayerNorm::load(&vb.pp(output_norm), h, eps)?,
+        ];
+        Ok(Self::new(dense, norms, precision))
+    }
+
+    /// A head's trained layer, with layer norms adding `eps`.
+    fn from_weights(weights: &LayerWeights, eps: f32, precision: Precision) -> Self {
+        let norms = weights.norms.clone().map(|n| LayerNorm {
+            gamma: n.weight,
+            beta: n.bias,
+            eps,
+        });
+        Self::new(weights.dense.clone(), norms, precision)
+    }
+}
+
+/// A head's top layers as this engine runs them, and the number format they
+/// were converted to.
+#[derive(Clone)]
+struct NativeLayers {
+    layers: Vec<Layer>,
+    precision: Precision,
 }
 
 /// Where the time of forward passes went, by kind of work; collected only
@@ -135,10 +197,70 @@ impl Stopwatch {
 /// captures), and each text's captured vectors.
 pub type Captured = (Vec<f32>, Vec<Option<Vec<f32>>>);
 
-/// The token rows of a pass that one adapter adapts.
+/// The token rows of a pass that one LoRA adapter adapts.
+#[derive(Clone)]
 struct AdapterRows<'a> {
-    adapter: &'a Adapter,
+    adapter: &'a LoraAdapter,
     rows: std::ops::Range<usize>,
+}
+
+/// The texts of a pass that run a head's own top layers.
+struct LayerGroup<'a> {
+    layers: &'a [Layer],
+    first_layer: usize,
+    texts: std::ops::Range<usize>,
+}
+
+/// How the texts of a pass are adapted.
+#[derive(Default)]
+struct Groups<'a> {
+    lora: Vec<AdapterRows<'a>>,
+    layers: Vec<LayerGroup<'a>>,
+}
+
+/// Neighbouring texts that run one layer's weights: `texts` of the pass.
+struct Segment<'a> {
+    layer: &'a Layer,
+    texts: std::ops::Range<usize>,
+}
+
+impl<'a> Groups<'a> {
+    /// Who runs layer `index` for each of `texts` texts: the base layer
+    /// except for texts whose head has its own, merged into runs.
+    fn segments(&self, base: &'a Layer, index: usize, texts: usize) -> Vec<Segment<'a>> {
+        let mut segments: Vec<Segment<'a>> = Vec::new();
+        for text in 0..texts {
+            let layer = self
+                .layers
+                .iter()
+                .find(|g| g.texts.contains(&text) && index >= g.first_layer)
+                .map_or(base, |g| &g.layers[index - g.first_layer]);
+            match segments.last_mut() {
+                Some(last) if std::ptr::eq(last.layer, layer) => last.texts.end = text + 1,
+                _ => segments.push(Segment {
+                    layer,
+                    texts: text..text + 1,
+                }),
+            }
+        }
+        segments
+    }
+}
+
+/// The LoRA groups inside token rows `rows`, their rows counted from its
+/// start.
+fn lora_within<'a>(
+    groups: &[AdapterRows<'a>],
+    rows: &std::ops::Range<usize>,
+) -> Vec<AdapterRows<'a>> {
+    groups
+        .iter()
+        .filter(|g| g.rows.start >= rows.start && g.rows.end <= rows.end)
+        .map(|g| AdapterRows {
+            adapter: g.adapter,
+            rows: g.rows.start - rows.start..g.rows.end - rows.start,
+        })
+        .collect()
 }
 
 /// Adds the update of slot `slot` of layer `layer` of every group's adapter
@@ -163,6 +285,15 @@ fn add_updates(
             (&mut out[group.rows.start * stride..], stride, column),
         );
     }
+}
+
+/// Where one layer's pass stands: the layer's index in the encoder, the
+/// text boundaries of its rows, and the LoRA updates on them.
+#[derive(Clone, Copy)]
+struct LayerStep<'a, 'b> {
+    index: usize,
+    offsets: &'b [usize],
+    lora: &'b [AdapterRows<'a>],
 }
 
 /// A raw pointer that may cross threads: attention tasks write disjoint blocks
@@ -201,36 +332,12 @@ impl NativeBert {
         let token_types = embeddings
             .pp("token_type_embeddings")
             .get((config.type_vocab_size, h), "weight")?;
-        let mut layers = Vec::with_capacity(config.num_hidden_layers);
-        for i in 0..config.num_hidden_layers {
-            let layer = vb.pp("encoder.layer").pp(i);
-            let attention = layer.pp("attention");
-            let own = attention.pp("self");
-            layers.push(Layer {
-                qkv: Linear::new(
-                    Dense::concat(vec![
-                        Dense::load(&own.pp("query"), h, h)?,
-                        Dense::load(&own.pp("key"), h, h)?,
-                        Dense::load(&own.pp("value"), h, h)?,
-                    ]),
-                    precision,
-                ),
-                attention_output: Linear::new(
-                    Dense::load(&attention.pp("output.dense"), h, h)?,
-                    precision,
-                ),
-                attention_norm: LayerNorm::load(&attention.pp("output.LayerNorm"), h, eps)?,
-                intermediate: Linear::new(
-                    Dense::load(&layer.pp("intermediate.dense"), h, config.intermediate_size)?,
-                    precision,
-                ),
-                output: Linear::new(
-                    Dense::load(&layer.pp("output.dense"), config.intermediate_size, h)?,
-                    precision,
-                ),
-                output_norm: LayerNorm::load(&layer.pp("output.LayerNorm"), h, eps)?,
-            });
-        }
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| {
+                let shape = (h, config.intermediate_size, eps);
+                Layer::load(&vb.pp("encoder.layer").pp(i), shape, precision)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
             hidden: h,
             intermediate: config.intermediate_size,
@@ -249,6 +356,7 @@ impl NativeBert {
             token_type: flat(token_types.get(0)?)?,
             embedding_norm: LayerNorm::load(&embeddings.pp("LayerNorm"), h, eps)?,
             layers,
+            precision,
         })
     }
 
@@ -308,35 +416,92 @@ impl NativeBert {
                 candle_core::bail!("token id {id} is outside the vocabulary");
             }
         }
-        let groups = self.adapter_groups(texts, adapters)?;
+        let converted = self.converted_layers(adapters)?;
+        let groups = self.adapter_groups(texts, adapters, &converted)?;
         Ok(super::on_thread_pool(|| {
             self.forward_on_pool(texts, &groups, captures)
         }))
     }
 
-    /// Runs of neighbouring texts with the same adapter, as token ranges.
+    /// The top layers of each head in `adapters` that has its own, in this
+    /// engine's form: made once per head and kept with it, converted for
+    /// this pass only if it was kept in another form.
+    fn converted_layers<'a>(
+        &self,
+        adapters: &[Option<&'a Adapter>],
+    ) -> candle_core::Result<Vec<(&'a TopLayers, std::borrow::Cow<'a, NativeLayers>)>> {
+        let mut converted: Vec<(&'a TopLayers, std::borrow::Cow<'a, NativeLayers>)> = Vec::new();
+        for top in adapters.iter().flatten().filter_map(|a| a.top_layers()) {
+            if converted.iter().any(|(seen, _)| std::ptr::eq(*seen, top)) {
+                continue;
+            }
+            if !top.fits(self.layers.len(), self.hidden, self.intermediate) {
+                candle_core::bail!("the head's layers do not fit this model's top layers");
+            }
+            let make = |top: &TopLayers| NativeLayers {
+                layers: top
+                    .layers
+                    .iter()
+                    .map(|w| Layer::from_weights(w, self.embedding_norm.eps, self.precision))
+                    .collect(),
+                precision: self.precision,
+            };
+            let layers = match top.prepared(make) {
+                Some(kept) if kept.precision == self.precision => std::borrow::Cow::Borrowed(kept),
+                _ => std::borrow::Cow::Owned(make(top)),
+            };
+            converted.push((top, layers));
+        }
+        Ok(converted)
+    }
+
+    /// Runs of neighbouring texts with the same adapter: LoRA ones as token
+    /// ranges, heads with their own layers as text ranges.
     fn adapter_groups<'a>(
         &self,
         texts: &[&[u32]],
         adapters: &[Option<&'a Adapter>],
-    ) -> candle_core::Result<Vec<AdapterRows<'a>>> {
-        let mut groups: Vec<AdapterRows<'a>> = Vec::new();
+        converted: &'a [(&'a TopLayers, std::borrow::Cow<'a, NativeLayers>)],
+    ) -> candle_core::Result<Groups<'a>> {
+        let mut groups = Groups::default();
         let mut start = 0;
-        for (text, adapter) in texts.iter().zip(adapters) {
+        for (index, (text, adapter)) in texts.iter().zip(adapters).enumerate() {
             let end = start + text.len();
-            if let Some(adapter) = adapter {
-                self.check_adapter(adapter)?;
-                match groups.last_mut() {
-                    Some(last)
-                        if std::ptr::eq(last.adapter, *adapter) && last.rows.end == start =>
-                    {
-                        last.rows.end = end
+            match adapter {
+                Some(Adapter::Lora(adapter)) => {
+                    self.check_adapter(adapter)?;
+                    match groups.lora.last_mut() {
+                        Some(last)
+                            if std::ptr::eq(last.adapter, adapter) && last.rows.end == start =>
+                        {
+                            last.rows.end = end
+                        }
+                        _ => groups.lora.push(AdapterRows {
+                            adapter,
+                            rows: start..end,
+                        }),
                     }
-                    _ => groups.push(AdapterRows {
-                        adapter,
-                        rows: start..end,
-                    }),
                 }
+                Some(Adapter::Layers(top)) => {
+                    let (_, layers) = converted
+                        .iter()
+                        .find(|(seen, _)| std::ptr::eq(*seen, top))
+                        .ok_or_else(|| candle_core::Error::Msg("unconverted layers".into()))?;
+                    match groups.layers.last_mut() {
+                        Some(last)
+                            if std::ptr::eq(last.layers, layers.layers.as_slice())
+                                && last.texts.end == index =>
+                        {
+                            last.texts.end = index + 1
+                        }
+                        _ => groups.layers.push(LayerGroup {
+                            layers: &layers.layers,
+                            first_layer: top.first_layer,
+                            texts: index..index + 1,
+                        }),
+                    }
+                }
+                None => {}
             }
             start = end;
         }
@@ -344,7 +509,7 @@ impl NativeBert {
     }
 
     /// Whether `adapter`'s matrices fit this model's layers.
-    fn check_adapter(&self, adapter: &Adapter) -> candle_core::Result<()> {
+    fn check_adapter(&self, adapter: &LoraAdapter) -> candle_core::Result<()> {
         let shapes = super::adapter::slot_shapes(self.hidden, self.intermediate);
         let fits = adapter.first_layer + adapter.layers.len() <= self.layers.len()
             && adapter.layers.iter().all(|slots| {
@@ -366,10 +531,9 @@ impl NativeBert {
     fn forward_on_pool(
         &self,
         texts: &[&[u32]],
-        groups: &[AdapterRows<'_>],
+        groups: &Groups<'_>,
         captures: &[Option<usize>],
     ) -> Captured {
-        let threads = rayon::current_num_threads();
         let h = self.hidden;
         let mut offsets = Vec::with_capacity(texts.len() + 1);
         offsets.push(0);
@@ -392,40 +556,37 @@ impl NativeBert {
             true => captures.iter().flatten().copied().max().unwrap_or(0),
             false => self.layers.len(),
         };
-
-        for (index, layer) in self.layers.iter().enumerate().take(last) {
+        for (index, base) in self.layers.iter().enumerate().take(last) {
             take(index, &x, &mut captured);
-            let update = |slot: usize, input: &[f32], out: &mut [f32], stride: usize, column| {
-                add_updates(groups, index, slot, input, (out, stride, column));
+            let segments = groups.segments(base, index, texts.len());
+            x = match segments.as_slice() {
+                [only] => {
+                    let step = LayerStep {
+                        index,
+                        offsets: &offsets,
+                        lora: &groups.lora,
+                    };
+                    self.layer_forward(only.layer, &x, step, &mut watch)
+                }
+                _ => {
+                    let mut next = Vec::with_capacity(x.len());
+                    for segment in &segments {
+                        let rows = offsets[segment.texts.start]..offsets[segment.texts.end];
+                        let local: Vec<usize> = offsets[segment.texts.start..=segment.texts.end]
+                            .iter()
+                            .map(|o| o - rows.start)
+                            .collect();
+                        let step = LayerStep {
+                            index,
+                            offsets: &local,
+                            lora: &lora_within(&groups.lora, &rows),
+                        };
+                        let input = &x[rows.start * h..rows.end * h];
+                        next.extend(self.layer_forward(segment.layer, input, step, &mut watch));
+                    }
+                    next
+                }
             };
-            let mut qkv = layer.qkv.forward(&x, threads);
-            for slot in 0..3 {
-                update(slot, &x, &mut qkv, 3 * h, slot * h);
-            }
-            watch.lap(|p| &mut p.qkv_projection);
-            let context = self.attention(&qkv, &offsets);
-            watch.lap(|p| &mut p.attention);
-            let mut attended = layer.attention_output.forward(&context, threads);
-            update(3, &context, &mut attended, h, 0);
-            watch.lap(|p| &mut p.attention_output);
-            attended
-                .par_chunks_mut(h)
-                .zip(x.par_chunks(h))
-                .for_each(|(row, residual)| layer.attention_norm.apply(row, Some(residual)));
-            watch.lap(|p| &mut p.layer_norms);
-            let mut inner = layer.intermediate.forward(&attended, threads);
-            update(4, &attended, &mut inner, self.intermediate, 0);
-            watch.lap(|p| &mut p.feed_forward_in);
-            inner.par_chunks_mut(4096).for_each(gelu_in_place);
-            watch.lap(|p| &mut p.gelu);
-            let mut out = layer.output.forward(&inner, threads);
-            update(5, &inner, &mut out, h, 0);
-            watch.lap(|p| &mut p.feed_forward_out);
-            out.par_chunks_mut(h)
-                .zip(attended.par_chunks(h))
-                .for_each(|(row, residual)| layer.output_norm.apply(row, Some(residual)));
-            watch.lap(|p| &mut p.layer_norms);
-            x = out;
         }
         take(last, &x, &mut captured);
         watch.finish(tokens);
@@ -433,6 +594,51 @@ impl NativeBert {
             x.clear();
         }
         (x, captured)
+    }
+
+    /// Encoder layer `step.index` with `layer`'s weights over the texts of
+    /// `x` (`[tokens, hidden]`, text boundaries at `step.offsets`), with the
+    /// LoRA updates of `step.lora` on their rows.
+    fn layer_forward(
+        &self,
+        layer: &Layer,
+        x: &[f32],
+        step: LayerStep<'_, '_>,
+        watch: &mut Stopwatch,
+    ) -> Vec<f32> {
+        let threads = rayon::current_num_threads();
+        let h = self.hidden;
+        let update = |slot: usize, input: &[f32], out: &mut [f32], stride: usize, column| {
+            add_updates(step.lora, step.index, slot, input, (out, stride, column));
+        };
+        let mut qkv = layer.qkv.forward(x, threads);
+        for slot in 0..3 {
+            update(slot, x, &mut qkv, 3 * h, slot * h);
+        }
+        watch.lap(|p| &mut p.qkv_projection);
+        let context = self.attention(&qkv, step.offsets);
+        watch.lap(|p| &mut p.attention);
+        let mut attended = layer.attention_output.forward(&context, threads);
+        update(3, &context, &mut attended, h, 0);
+        watch.lap(|p| &mut p.attention_output);
+        attended
+            .par_chunks_mut(h)
+            .zip(x.par_chunks(h))
+            .for_each(|(row, residual)| layer.attention_norm.apply(row, Some(residual)));
+        watch.lap(|p| &mut p.layer_norms);
+        let mut inner = layer.intermediate.forward(&attended, threads);
+        update(4, &attended, &mut inner, self.intermediate, 0);
+        watch.lap(|p| &mut p.feed_forward_in);
+        inner.par_chunks_mut(4096).for_each(gelu_in_place);
+        watch.lap(|p| &mut p.gelu);
+        let mut out = layer.output.forward(&inner, threads);
+        update(5, &inner, &mut out, h, 0);
+        watch.lap(|p| &mut p.feed_forward_out);
+        out.par_chunks_mut(h)
+            .zip(attended.par_chunks(h))
+            .for_each(|(row, residual)| layer.output_norm.apply(row, Some(residual)));
+        watch.lap(|p| &mut p.layer_norms);
+        out
     }
 
     /// Word + position + token type 0 embeddings of every token, then layer

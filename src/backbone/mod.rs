@@ -20,6 +20,7 @@ pub mod pytorch_legacy;
 pub mod resnet;
 pub mod source;
 pub mod text;
+pub mod top_layers;
 pub mod vgg;
 pub mod vision;
 

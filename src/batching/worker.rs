@@ -344,12 +344,14 @@ mod tests {
     #[test]
     fn a_batch_closes_at_its_adapter_limit() {
         let adapter = || {
-            Some(Arc::new(Adapter {
-                rank: 1,
-                alpha: 1.0,
-                first_layer: 0,
-                layers: Vec::new(),
-            }))
+            Some(Arc::new(Adapter::Lora(
+                crate::backbone::adapter::LoraAdapter {
+                    rank: 1,
+                    alpha: 1.0,
+                    first_layer: 0,
+                    layers: Vec::new(),
+                },
+            )))
         };
         let (first, second, third) = (adapter(), adapter(), adapter());
         let shared = shared(10, 10_000);

@@ -1,5 +1,5 @@
-//! `tlserve bench-finetune`: what LoRA fine-tuning gains over the default
-//! frozen-feature head, on the same labelled texts and the same split. Both
+//! `tlserve bench-finetune`: what fine-tuning (LoRA, or the top layers in
+//! full) gains over the default frozen-feature head, on the same labelled texts and the same split. Both
 //! heads are fitted on the training file and measured on the test file;
 //! prints one JSON object with both accuracies and times.
 
@@ -26,7 +26,10 @@ pub struct FineTuneBenchOptions<'a> {
     /// `LABEL<TAB>TEXT` lines, as `tlserve train` reads them.
     pub train: &'a Path,
     pub test: &'a Path,
-    /// Applied to the backbone's defaults ([`FineTuneParams::defaults`]).
+    /// Train the top layers in full instead of LoRA adapters.
+    pub top_layers: bool,
+    /// Applied to the method's defaults ([`FineTuneParams::defaults`],
+    /// [`FineTuneParams::top_layers`]) for the backbone.
     pub adjust: &'a dyn Fn(&mut FineTuneParams),
     /// Where to write the adapters in peft's layout, with the adapted
     /// features of the test texts (features.jsonl) to compare against peft.
@@ -58,7 +61,11 @@ pub fn run(config: &Config, options: &FineTuneBenchOptions<'_>) -> Result<()> {
     };
     let test_ids = tokenize(&model, &test_texts)?;
     let test_labels = index(&test_labels)?;
-    let mut params = FineTuneParams::defaults(model.graph.num_layers());
+    let layers = model.graph.num_layers();
+    let mut params = match options.top_layers {
+        true => FineTuneParams::top_layers(finetune::DEFAULT_TOP_LAYERS.min(layers)),
+        false => FineTuneParams::defaults(layers),
+    };
     (options.adjust)(&mut params);
 
     let started = Instant::now();
@@ -97,12 +104,11 @@ pub fn run(config: &Config, options: &FineTuneBenchOptions<'_>) -> Result<()> {
             "classes": classes.len(),
             "frozen_test_accuracy": frozen_accuracy,
             "frozen_seconds": frozen_seconds,
-            "lora_test_accuracy": tuned_accuracy,
-            "lora_seconds": started.elapsed().as_secs_f64(),
-            "lora_kept_epoch": tuned.metrics.epoch,
-            "lora": {
-                "layers": params.lora.layers, "rank": params.lora.rank, "alpha": params.lora.alpha,
-                "targets": params.lora.targets.names(),
+            "tuned_test_accuracy": tuned_accuracy,
+            "tuned_seconds": started.elapsed().as_secs_f64(),
+            "tuned_kept_epoch": tuned.metrics.epoch,
+            "settings": {
+                "method": params.method,
                 "epochs": params.epochs, "batch_size": params.batch_size,
                 "learning_rate": params.learning_rate, "head_learning_rate": params.head_learning_rate,
                 "seed": params.seed,
@@ -121,7 +127,10 @@ fn export(
     hidden: usize,
     features: &[f32],
 ) -> Result<()> {
-    adapter.export_peft(dir)?;
+    let Some(lora) = adapter.lora() else {
+        bail!("--export-peft exports LoRA adapters; the top layers have no peft layout");
+    };
+    lora.export_peft(dir)?;
     let mut lines = String::new();
     for row in features.chunks_exact(hidden) {
         lines.push_str(&serde_json::to_string(row)?);

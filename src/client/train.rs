@@ -31,13 +31,16 @@ pub struct TrainingFlags {
     pub cv_folds: Option<u32>,
     pub balance_classes: bool,
     pub seed: Option<u64>,
-    /// Fine-tune LoRA adapters with the head; None: frozen features.
+    /// Fine-tune the backbone with the head; None: frozen features.
     pub fine_tuning: Option<FineTuningFlags>,
 }
 
-/// LoRA fine-tuning options as the command line gives them.
+/// Fine-tuning options as the command line gives them.
 #[derive(Debug, Clone, Default)]
 pub struct FineTuningFlags {
+    /// The top layers in full; else LoRA adapters (the rank, alpha, dropout
+    /// and targets apply only to them).
+    pub top_layers: bool,
     pub layers: Option<u32>,
     pub rank: Option<u32>,
     pub alpha: Option<f32>,
@@ -50,15 +53,21 @@ pub struct FineTuningFlags {
 
 /// The FineTuning message of `flags`.
 fn fine_tuning(flags: &FineTuningFlags) -> Result<proto::FineTuning> {
-    Ok(proto::FineTuning {
-        method: Some(proto::fine_tuning::Method::Lora(proto::LoraFineTuning {
-            layers: wire_value("layers", flags.layers)?,
+    use proto::fine_tuning::Method;
+    let layers = wire_value("layers", flags.layers)?;
+    let method = match flags.top_layers {
+        true => Method::TopLayers(proto::TopLayersFineTuning { layers }),
+        false => Method::Lora(proto::LoraFineTuning {
+            layers,
             rank: wire_value("rank", flags.rank)?,
             alpha: wire_value("alpha", flags.alpha)?,
             // 0 is both the default and what it says: no dropout.
             dropout: flags.dropout.unwrap_or_default(),
             targets: flags.targets.clone(),
-        })),
+        }),
+    };
+    Ok(proto::FineTuning {
+        method: Some(method),
         backbone_learning_rate: wire_value("backbone-learning-rate", flags.backbone_learning_rate)?,
         warmup_fraction: flags.warmup_fraction,
     })

@@ -5,20 +5,45 @@
 use super::training::TrainingOptions;
 use crate::{
     head::{
-        finetune::{FineTuneParams, LoraTargets},
+        finetune::{FineTuneParams, LoraSettings, LoraTargets, Method},
         HeadKind, Solver,
     },
     Error, Result,
 };
 
 /// Fine-tuning as a client asks for it; `None` takes the default.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct FineTuningOptions {
-    pub lora: LoraOptions,
-    /// Peak learning rate of the adapters; None: 5e-4.
+    pub method: MethodOptions,
+    /// Peak learning rate of the backbone's trained weights; None: 5e-4 for
+    /// LoRA, 5e-5 for top layers.
     pub backbone_learning_rate: Option<f64>,
     /// Share of the steps spent warming up; None: 0.1.
     pub warmup_fraction: Option<f64>,
+}
+
+/// What of the backbone trains, as a client asks for it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MethodOptions {
+    Lora(LoraOptions),
+    /// The top `layers` encoder layers in full; None: 2 (all of them on a
+    /// backbone with fewer).
+    TopLayers {
+        layers: Option<usize>,
+    },
+}
+
+impl FineTuningOptions {
+    /// The top `layers` layers in full, everything else at its default.
+    pub fn top_layers(layers: usize) -> Self {
+        Self {
+            method: MethodOptions::TopLayers {
+                layers: Some(layers),
+            },
+            backbone_learning_rate: None,
+            warmup_fraction: None,
+        }
+    }
 }
 
 /// LoRA settings as a client gives them.
@@ -41,23 +66,32 @@ fn invalid(message: impl Into<String>) -> Error {
 }
 
 /// The run's settings: the documented defaults where the request is silent.
-/// `lora.layers` stays 0 for "all", which the job manager resolves against
-/// the backbone.
+/// The method's layers stay 0 for "the default", which the job manager
+/// resolves against the backbone.
 pub fn fine_tune_params(
     tuning: &FineTuningOptions,
     options: &TrainingOptions,
     kind: &HeadKind,
 ) -> Result<FineTuneParams> {
     check_combination(options, kind)?;
-    let mut params = FineTuneParams::defaults(0);
-    let lora = &tuning.lora;
-    params.lora.layers = lora.layers.unwrap_or(0);
-    params.lora.rank = lora.rank.unwrap_or(params.lora.rank);
-    params.lora.alpha = lora.alpha.unwrap_or(2.0 * params.lora.rank as f64);
-    params.lora.dropout = lora.dropout.unwrap_or(0.0);
-    if !lora.targets.is_empty() {
-        params.lora.targets = LoraTargets::from_names(&lora.targets)?;
-    }
+    let mut params = match &tuning.method {
+        MethodOptions::Lora(lora) => {
+            let mut params = FineTuneParams::defaults(lora.layers.unwrap_or(0));
+            let rank = lora.rank.unwrap_or(8);
+            params.method = Method::Lora(LoraSettings {
+                layers: lora.layers.unwrap_or(0),
+                rank,
+                alpha: lora.alpha.unwrap_or(2.0 * rank as f64),
+                dropout: lora.dropout.unwrap_or(0.0),
+                targets: match lora.targets.is_empty() {
+                    true => LoraTargets::default(),
+                    false => LoraTargets::from_names(&lora.targets)?,
+                },
+            });
+            params
+        }
+        MethodOptions::TopLayers { layers } => FineTuneParams::top_layers(layers.unwrap_or(0)),
+    };
     params.learning_rate = tuning
         .backbone_learning_rate
         .unwrap_or(params.learning_rate);
@@ -99,7 +133,7 @@ fn check_combination(options: &TrainingOptions, kind: &HeadKind) -> Result<()> {
     }
     if options.unfreeze_top_layers > 0 {
         return Err(invalid(
-            "unfreeze_top_layers and fine_tuning.lora are two methods; choose one",
+            "unfreeze_top_layers is a shorthand for fine_tuning.top_layers; set one of them",
         ));
     }
     Ok(())

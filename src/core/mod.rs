@@ -15,7 +15,7 @@ mod scope;
 mod training;
 
 pub use embed::{embed_options, EmbedRequest, EmbedResponse, Embedder, Embedding};
-pub use fine_tuning::{FineTuningOptions, LoraOptions};
+pub use fine_tuning::{FineTuningOptions, LoraOptions, MethodOptions};
 pub use heads::Catalog;
 pub use inputs::{check_input, check_request_inputs};
 pub use predict::{LabelScore, PredictRequest, PredictResponse, Predictor};

@@ -400,21 +400,20 @@ impl Trainer {
             )));
         }
         let kind = head_kind(request.head.clone())?;
-        if let Some(tuning) = &request.options.fine_tuning {
-            let fine_tune = fine_tune_params(tuning, &request.options, &kind)?;
+        let mut options = request.options.clone();
+        // `unfreeze_top_layers: N` alone is `fine_tuning.top_layers.layers: N`.
+        if options.fine_tuning.is_none() && options.unfreeze_top_layers > 0 {
+            let layers = std::mem::take(&mut options.unfreeze_top_layers);
+            options.fine_tuning = Some(FineTuningOptions::top_layers(layers));
+        }
+        if let Some(tuning) = &options.fine_tuning {
+            let fine_tune = fine_tune_params(tuning, &options, &kind)?;
             let (params, _) = fine_tune.record();
             return Ok(JobPlan {
                 kind,
                 params,
                 fine_tune: Some(fine_tune),
             });
-        }
-        if request.options.unfreeze_top_layers > 0 {
-            return Err(Error::Unimplemented(
-                "training the top layers in full (unfreeze_top_layers > 0) is not available \
-                 yet; fine-tune with LoRA adapters (fine_tuning.lora) instead"
-                    .into(),
-            ));
         }
         let params = training_params(&request.options, &kind)?;
         Ok(JobPlan {

@@ -96,12 +96,12 @@ mod tests {
     use super::*;
 
     fn adapter() -> Arc<Adapter> {
-        Arc::new(Adapter {
+        Arc::new(Adapter::Lora(crate::backbone::adapter::LoraAdapter {
             rank: 1,
             alpha: 1.0,
             first_layer: 0,
             layers: Vec::new(),
-        })
+        }))
     }
 
     /// The least recently used adapter goes first; a use counts as recent.

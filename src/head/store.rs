@@ -15,7 +15,7 @@ use std::{
 };
 
 use super::{adapters::AdapterCache, finetune::Method, model::HeadWeights, HeadMetadata, HeadRef};
-use crate::backbone::adapter::Adapter;
+use crate::backbone::adapter::{Adapter, AdapterKind};
 use crate::{config::is_valid_name, fsutil, sync::lock, Error, Result};
 
 const METADATA_FILE: &str = "head.json";
@@ -609,11 +609,17 @@ fn read_version(dir: &Path, name: &str, version: u32) -> Result<(StoredHead, Opt
     let adapter = match &meta.fine_tuning {
         None => None,
         Some(tuning) => {
-            let Method::Lora(lora) = tuning.method;
-            let adapter = Adapter::from_tensors(&tensors, lora.rank, lora.alpha)?;
+            let kind = match tuning.method {
+                Method::Lora(lora) => AdapterKind::Lora {
+                    rank: lora.rank,
+                    alpha: lora.alpha,
+                },
+                Method::TopLayers(_) => AdapterKind::Layers,
+            };
+            let adapter = Adapter::from_tensors(&tensors, kind)?;
             let fits = adapter
                 .as_ref()
-                .is_some_and(|a| a.layers.len() == lora.layers);
+                .is_some_and(|a| a.num_layers() == tuning.method.layers());
             if !fits {
                 return Err(Error::Storage(format!(
                     "the adapter in {} does not match its metadata",
@@ -672,17 +678,17 @@ mod tests {
     /// A fine-tuned head: its record and a one-layer adapter whose values
     /// start at `seed`.
     fn tuned(name: &str, seed: f32) -> (HeadMetadata, HeadWeights, Adapter) {
-        use crate::backbone::adapter::LowRankWeights;
+        use crate::backbone::adapter::{LoraAdapter, LowRankWeights};
         use crate::head::finetune::{FineTuneParams, LoraSettings, LoraTargets};
         let (mut meta, weights) = head(name);
         let mut params = FineTuneParams::defaults(1);
-        params.lora = LoraSettings {
+        params.method = Method::Lora(LoraSettings {
             layers: 1,
             rank: 1,
             alpha: 2.0,
             dropout: 0.0,
             targets: LoraTargets::default(),
-        };
+        });
         let (training, tuning) = params.record();
         (meta.training, meta.fine_tuning) = (training, Some(tuning));
         let mut slots: crate::backbone::adapter::LayerSlots = Default::default();
@@ -693,13 +699,66 @@ mod tests {
             inputs: 2,
             outputs: 2,
         });
-        let adapter = Adapter {
+        let adapter = Adapter::Lora(LoraAdapter {
             rank: 1,
             alpha: 2.0,
             first_layer: 5,
             layers: vec![slots],
-        };
+        });
         (meta, weights, adapter)
+    }
+
+    /// A head fine-tuned with its top layer trained in full (width 2,
+    /// feed-forward 3), the layer's values starting at `seed`.
+    fn tuned_layers(name: &str, seed: f32) -> (HeadMetadata, HeadWeights, Adapter) {
+        use crate::backbone::top_layers::{LayerWeights, NormWeights, TopLayers};
+        use crate::head::finetune::FineTuneParams;
+        let (mut meta, weights) = head(name);
+        let (training, tuning) = FineTuneParams::top_layers(1).record();
+        (meta.training, meta.fine_tuning) = (training, Some(tuning));
+        let dense = |inputs: usize, outputs: usize, at: f32| Dense {
+            weight: (0..inputs * outputs).map(|i| at + i as f32).collect(),
+            bias: vec![at; outputs],
+            inputs,
+            outputs,
+        };
+        let norm = NormWeights {
+            weight: vec![seed, seed],
+            bias: vec![-seed, seed],
+        };
+        let layer = LayerWeights {
+            dense: [
+                dense(2, 2, seed),
+                dense(2, 2, seed + 1.0),
+                dense(2, 2, seed + 2.0),
+                dense(2, 2, seed + 3.0),
+                dense(2, 3, seed + 4.0),
+                dense(3, 2, seed + 5.0),
+            ],
+            norms: [norm.clone(), norm],
+        };
+        (
+            meta,
+            weights,
+            Adapter::Layers(TopLayers::new(5, vec![layer])),
+        )
+    }
+
+    /// A head with its own top layers is published and read back, after a
+    /// reopen too, with the same weights.
+    #[test]
+    fn top_layers_are_stored_with_their_head() {
+        let dir = tempfile::tempdir().unwrap();
+        let (meta, weights, adapter) = tuned_layers("layers", 0.5);
+        let stored = {
+            let store = HeadStore::open_with_adapters(dir.path(), 10, 4).unwrap();
+            store.publish(meta, weights, Some(adapter.clone())).unwrap()
+        };
+        let reopened = HeadStore::open_with_adapters(dir.path(), 10, 4).unwrap();
+        let read = reopened.adapter(&stored).unwrap().expect("an adapter");
+        assert_eq!(*read, adapter);
+        let (_, direct) = read_head(dir.path(), &reference("layers")).unwrap();
+        assert_eq!(direct, Some(adapter));
     }
 
     /// Beyond the resident bound the least recently used adapter is dropped

@@ -48,7 +48,7 @@ impl JobManager {
             * descriptor.dimension
             * std::mem::size_of::<f32>();
         let bottoms = if kept_bytes <= self.limits.fine_tune_cache_bytes {
-            let split = descriptor.encoder_layers - params.lora.layers;
+            let split = descriptor.encoder_layers - params.method.layers();
             let rows = hidden_states(job, &loaded, prepared, split).await?;
             BottomSource::Given(distinct.rows.iter().map(|&row| rows[row].clone()).collect())
         } else {

@@ -23,7 +23,7 @@ use crate::{
     backbone::{adapter::Adapter, BackboneDescriptor, EmbedOptions, Input, Prepared, Want},
     batching::{BackboneQueue, Priority},
     head::{
-        finetune::FineTuneParams,
+        finetune::{FineTuneParams, Method, DEFAULT_TOP_LAYERS},
         model::HeadWeights,
         store::{HeadStore, StoredHead},
         train::{self, TrainedHead, TrainingSet},
@@ -778,8 +778,9 @@ async fn embed_distinct(
     Ok(vectors)
 }
 
-/// Completes fine-tuning settings for the backbone (`lora.layers` 0: all of
-/// its layers) and checks them against it.
+/// Completes fine-tuning settings for the backbone (layers 0: all of its
+/// layers for LoRA, [`DEFAULT_TOP_LAYERS`] or all for top layers) and checks
+/// them against it.
 fn fit_to_backbone(params: &mut FineTuneParams, descriptor: &BackboneDescriptor) -> Result<()> {
     if descriptor.encoder_layers == 0 {
         return Err(Error::FailedPrecondition(format!(
@@ -788,8 +789,12 @@ fn fit_to_backbone(params: &mut FineTuneParams, descriptor: &BackboneDescriptor)
             descriptor.name
         )));
     }
-    if params.lora.layers == 0 {
-        params.lora.layers = descriptor.encoder_layers;
+    if params.method.layers() == 0 {
+        let layers = match params.method {
+            Method::Lora(_) => descriptor.encoder_layers,
+            Method::TopLayers(_) => DEFAULT_TOP_LAYERS.min(descriptor.encoder_layers),
+        };
+        params.method.set_layers(layers);
     }
     params.validate(descriptor.encoder_layers, descriptor.dimension)
 }

@@ -8,7 +8,8 @@ use crate::{
     backbone::{Input, Modality, Pooling},
     batching::Priority,
     core::{
-        self, FineTuningOptions, HeadSpec, LoraOptions, RawExample, TrainingData, TrainingOptions,
+        self, FineTuningOptions, HeadSpec, LoraOptions, MethodOptions, RawExample, TrainingData,
+        TrainingOptions,
     },
     head::Solver,
     proto, Error, Result,
@@ -218,19 +219,26 @@ pub fn training_options(config: proto::TrainingConfig) -> Result<TrainingOptions
 
 fn fine_tuning_options(tuning: proto::FineTuning) -> Result<FineTuningOptions> {
     use proto::fine_tuning::Method;
-    let Some(Method::Lora(lora)) = tuning.method else {
-        return Err(Error::InvalidArgument(
-            "fine_tuning.method is unset: set fine_tuning.lora".into(),
-        ));
-    };
-    Ok(FineTuningOptions {
-        lora: LoraOptions {
+    let method = match tuning.method {
+        Some(Method::Lora(lora)) => MethodOptions::Lora(LoraOptions {
             layers: set(lora.layers).map(|v| v as usize),
             rank: set(lora.rank).map(|v| v as usize),
             alpha: set(lora.alpha).map(f64::from),
             dropout: set(lora.dropout).map(f64::from),
             targets: lora.targets,
+        }),
+        Some(Method::TopLayers(top)) => MethodOptions::TopLayers {
+            layers: set(top.layers).map(|v| v as usize),
         },
+        None => {
+            return Err(Error::InvalidArgument(
+                "fine_tuning.method is unset: set fine_tuning.lora or fine_tuning.top_layers"
+                    .into(),
+            ))
+        }
+    };
+    Ok(FineTuningOptions {
+        method,
         backbone_learning_rate: set(tuning.backbone_learning_rate).map(f64::from),
         warmup_fraction: tuning.warmup_fraction.map(f64::from),
     })

@@ -58,9 +58,8 @@ pub fn training_config(params: &TrainingParams) -> proto::TrainingConfig {
 
 /// A fine-tuned head's record, defaults filled in.
 pub fn fine_tuning(tuning: &FineTuning) -> proto::FineTuning {
-    let Method::Lora(lora) = tuning.method;
-    proto::FineTuning {
-        method: Some(proto::fine_tuning::Method::Lora(proto::LoraFineTuning {
+    let method = match tuning.method {
+        Method::Lora(lora) => proto::fine_tuning::Method::Lora(proto::LoraFineTuning {
             layers: lora.layers as u32,
             rank: lora.rank as u32,
             alpha: lora.alpha as f32,
@@ -71,7 +70,15 @@ pub fn fine_tuning(tuning: &FineTuning) -> proto::FineTuning {
                 .into_iter()
                 .map(str::to_owned)
                 .collect(),
-        })),
+        }),
+        Method::TopLayers(top) => {
+            proto::fine_tuning::Method::TopLayers(proto::TopLayersFineTuning {
+                layers: top.layers as u32,
+            })
+        }
+    };
+    proto::FineTuning {
+        method: Some(method),
         backbone_learning_rate: tuning.backbone_learning_rate as f32,
         warmup_fraction: Some(tuning.warmup_fraction as f32),
     }

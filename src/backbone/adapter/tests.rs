@@ -1,6 +1,6 @@
 use candle_core::{DType, Device, Tensor};
 
-use super::{Adapter, LayerSlots, LowRankWeights};
+use super::{Adapter, LayerSlots, LoraAdapter, LowRankWeights};
 use crate::backbone::lora::{LayerAdapters, LowRank};
 use crate::nn::rng::Rng;
 
@@ -15,12 +15,12 @@ fn low_rank(rng: &mut Rng, rank: usize, inputs: usize, outputs: usize) -> LowRan
 }
 
 /// An adapter on layer 5 (of 6) with query and feed-forward output slots.
-fn sample() -> Adapter {
+fn sample() -> LoraAdapter {
     let mut rng = Rng(1);
     let mut slots: LayerSlots = Default::default();
     slots[0] = Some(low_rank(&mut rng, 4, 16, 16));
     slots[5] = Some(low_rank(&mut rng, 4, 32, 16));
-    Adapter {
+    LoraAdapter {
         rank: 4,
         alpha: 8.0,
         first_layer: 5,
@@ -67,21 +67,21 @@ fn tensors_round_trip() {
     let adapter = sample();
     let tensors = adapter.to_tensors().expect("tensors");
     assert_eq!(tensors.len(), 4);
-    let back = Adapter::from_tensors(&tensors, 4, 8.0)
+    let back = LoraAdapter::from_tensors(&tensors, 4, 8.0)
         .expect("read")
         .expect("an adapter");
     assert_eq!(back, adapter);
-    assert!(Adapter::from_tensors(&Default::default(), 4, 8.0)
+    assert!(LoraAdapter::from_tensors(&Default::default(), 4, 8.0)
         .expect("read")
         .is_none());
     assert!(
-        Adapter::from_tensors(&tensors, 2, 8.0).is_err(),
+        LoraAdapter::from_tensors(&tensors, 2, 8.0).is_err(),
         "wrong rank"
     );
     let mut lacking = tensors.clone();
     lacking.retain(|name, _| !name.ends_with("query.lora_B.weight"));
     assert!(
-        Adapter::from_tensors(&lacking, 4, 8.0).is_err(),
+        LoraAdapter::from_tensors(&lacking, 4, 8.0).is_err(),
         "half a pair"
     );
 }
@@ -98,7 +98,7 @@ fn graph_and_host_adapters_agree() {
         value: Some(trained),
         ..LayerAdapters::default()
     }];
-    let host = Adapter::from_trained(&layers, 2, 4.0, 3).expect("host");
+    let host = LoraAdapter::from_trained(&layers, 2, 4.0, 3).expect("host");
     assert_eq!(
         host.layer(3).and_then(|s| s[2].as_ref()).map(|w| w.outputs),
         Some(6)
@@ -186,12 +186,40 @@ fn tiny_adapter(layers: usize, seed: u64) -> Adapter {
     let layers = (0..layers)
         .map(|_| shapes.map(|(inputs, outputs)| Some(low_rank(&mut rng, 2, inputs, outputs))))
         .collect::<Vec<_>>();
-    Adapter {
+    Adapter::Lora(LoraAdapter {
         rank: 2,
         alpha: 3.0,
         first_layer: 2 - layers.len(),
         layers,
+    })
+}
+
+/// The top `layers` layers of the tiny test model trained in full: random
+/// weights drawn from `seed`.
+fn tiny_layers(layers: usize, seed: u64) -> Adapter {
+    use crate::backbone::top_layers::{LayerWeights, NormWeights, TopLayers};
+    let mut rng = Rng(seed);
+    let (h, i) = (16, 32);
+    let shapes = [(h, h), (h, h), (h, h), (h, h), (h, i), (i, h)];
+    let mut dense = |(inputs, outputs): (usize, usize)| crate::nn::Dense {
+        weight: rng.uniform(inputs * outputs, -0.3, 0.3),
+        bias: rng.uniform(outputs, -0.1, 0.1),
+        inputs,
+        outputs,
+    };
+    let mut weights = Vec::new();
+    for _ in 0..layers {
+        let dense = shapes.map(&mut dense);
+        let norm = NormWeights {
+            weight: vec![1.1; h],
+            bias: vec![0.05; h],
+        };
+        weights.push(LayerWeights {
+            dense,
+            norms: [norm.clone(), norm],
+        });
     }
+    Adapter::Layers(TopLayers::new(2 - layers, weights))
 }
 
 /// Relative distance of two vectors: |a - b| / |b|.
@@ -206,12 +234,14 @@ fn relative_gap(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// The serving pass (the native engine, adapters added per text on its rows
-/// of a shared packed pass) and the training pass (candle's graph with
-/// differentiable kernels) agree to 1e-5 relative on every token vector, for
-/// texts with either of two adapters or none in one pass.
+/// of a shared packed pass, heads with their own top layers running them on
+/// theirs) and the training pass (candle's graph with differentiable kernels)
+/// agree to 1e-5 relative on every token vector, for texts with either of two
+/// LoRA adapters, either of two sets of own top layers, or none, mixed in one
+/// pass.
 #[test]
 fn serving_and_training_passes_agree() {
-    use crate::backbone::bert_graph::{testing, Kernels};
+    use crate::backbone::bert_graph::{testing, Kernels, Tuning};
     use crate::backbone::bert_native::NativeBert;
     use candle_nn::VarBuilder;
 
@@ -225,8 +255,26 @@ fn serving_and_training_passes_agree() {
     let graph = testing::tiny(DType::F32);
     let top = tiny_adapter(1, 7);
     let both = tiny_adapter(2, 8);
-    let texts: [&[u32]; 4] = [&[1, 5, 9, 2], &[1, 7, 7, 3, 11, 2], &[1, 4, 2], &[1, 30, 2]];
-    let adapters = [Some(&top), None, Some(&top), Some(&both)];
+    let own_top = tiny_layers(1, 9);
+    let own_both = tiny_layers(2, 10);
+    let texts: [&[u32]; 7] = [
+        &[1, 5, 9, 2],
+        &[1, 7, 7, 3, 11, 2],
+        &[1, 4, 2],
+        &[1, 30, 2],
+        &[1, 12, 13, 2],
+        &[1, 8, 2],
+        &[1, 6, 6, 6, 2],
+    ];
+    let adapters = [
+        Some(&top),
+        None,
+        Some(&own_top),
+        Some(&both),
+        Some(&own_both),
+        Some(&top),
+        Some(&own_top),
+    ];
     let packed = native
         .forward_adapted(&texts, &adapters)
         .expect("serving pass");
@@ -235,8 +283,8 @@ fn serving_and_training_passes_agree() {
         let served = &packed[start * 16..(start + text.len()) * 16];
         start += text.len();
         let graph_adapters = match adapter {
-            Some(adapter) => adapter.to_graph(DType::F32, &Device::Cpu).expect("graph"),
-            None => Vec::new(),
+            Some(adapter) => adapter.to_graph(&graph).expect("graph"),
+            None => Tuning::Frozen(0),
         };
         let (ids, mask) = graph.padded_batch(&[text]).expect("batch");
         let trained: Vec<f32> = graph
@@ -250,6 +298,12 @@ fn serving_and_training_passes_agree() {
     }
     // The adapters change the features: the agreement is not that of two
     // unadapted passes.
-    let plain = native.forward(&texts[..1]).expect("frozen pass");
-    assert!(relative_gap(&plain, &packed[..4 * 16]) > 1e-3);
+    let plain = native.forward(&texts).expect("frozen pass");
+    for (text, range) in [(0, 0..4), (2, 10..13)] {
+        let gap = relative_gap(
+            &plain[range.start * 16..range.end * 16],
+            &packed[range.start * 16..range.end * 16],
+        );
+        assert!(gap > 1e-3, "text {text} unchanged by its adapter");
+    }
 }

@@ -1,13 +1,13 @@
-//! Fine-tuning a BERT backbone's top layers with LoRA adapters, together with
-//! a linear head. The head is first fitted on the frozen features by the
+//! Fine-tuning a BERT backbone's top layers, with LoRA adapters or in full,
+//! together with a linear head. The head is first fitted on the frozen features by the
 //! default solver (L-BFGS), then adapters and head train together with AdamW:
 //! fine-tuning starts where feature extraction ends and only has to improve
 //! on it ("linear probing, then fine-tuning", Kumar et al. 2022; a random head
 //! would first distort the pretrained features to fit itself).
 //!
-//! The frozen bottom (embeddings and the layers below the adapted ones) runs
+//! The frozen bottom (embeddings and the layers below the trained ones) runs
 //! once per text, with fused kernels, and its hidden states serve every epoch
-//! ([`cache`]); the adapted top runs with differentiable kernels ([`steps`]).
+//! ([`cache`]); the trained top runs with differentiable kernels ([`steps`]).
 //! Every random choice comes from the seed.
 
 mod cache;
@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{model::HeadWeights, HeadMetrics, Solver, TrainingParams};
 use crate::backbone::adapter::Adapter;
-use crate::backbone::bert_graph::{BertGraph, Kernels};
+use crate::backbone::bert_graph::{BertGraph, Kernels, Tuning};
 use crate::{Error, Result};
 
 /// Which projections of each adapted layer get an adapter; recorded as the
@@ -158,15 +158,51 @@ pub struct FineTuning {
 pub enum Method {
     /// Low-rank adapters on the top layers.
     Lora(LoraSettings),
+    /// The top layers, every weight of them.
+    TopLayers(TopLayerSettings),
+}
+
+/// How many top layers train in full when a request does not say.
+pub const DEFAULT_TOP_LAYERS: usize = 2;
+
+/// The top `layers` encoder layers train in full.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TopLayerSettings {
+    pub layers: usize,
+}
+
+impl Method {
+    /// How many top encoder layers train.
+    pub fn layers(&self) -> usize {
+        match self {
+            Self::Lora(lora) => lora.layers,
+            Self::TopLayers(top) => top.layers,
+        }
+    }
+
+    pub fn set_layers(&mut self, layers: usize) {
+        match self {
+            Self::Lora(lora) => lora.layers = layers,
+            Self::TopLayers(top) => top.layers = layers,
+        }
+    }
+
+    /// The method's name, as the API and the CLI spell it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Lora(_) => "lora",
+            Self::TopLayers(_) => "top_layers",
+        }
+    }
 }
 
 /// Hyper-parameters of a fine-tuning run.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FineTuneParams {
-    pub lora: LoraSettings,
+    pub method: Method,
     pub epochs: usize,
     pub batch_size: usize,
-    /// Peak learning rate of the adapters.
+    /// Peak learning rate of the backbone's trained weights.
     pub learning_rate: f64,
     /// Peak learning rate of the head (already fitted on frozen features).
     pub head_learning_rate: f64,
@@ -189,13 +225,13 @@ impl FineTuneParams {
     /// an epoch under warm-up seldom beats it).
     pub fn defaults(layers: usize) -> Self {
         Self {
-            lora: LoraSettings {
+            method: Method::Lora(LoraSettings {
                 layers,
                 rank: 8,
                 alpha: 16.0,
                 dropout: 0.0,
                 targets: LoraTargets::default(),
-            },
+            }),
             epochs: 3,
             batch_size: 16,
             learning_rate: 5e-4,
@@ -205,6 +241,26 @@ impl FineTuneParams {
             validation_fraction: 0.1,
             patience: 2,
             seed: 0,
+        }
+    }
+
+    /// Defaults for training the top `layers` layers in full: those of
+    /// [`Self::defaults`] but a backbone learning rate of 5e-5 (the usual
+    /// peak for fine-tuning BERT's own weights, Hugging Face Trainer's
+    /// default; LoRA's 5e-4 would move pretrained weights too far).
+    pub fn top_layers(layers: usize) -> Self {
+        Self {
+            method: Method::TopLayers(TopLayerSettings { layers }),
+            learning_rate: 5e-5,
+            ..Self::defaults(layers)
+        }
+    }
+
+    /// The LoRA settings, if the method is LoRA.
+    pub fn lora_mut(&mut self) -> Option<&mut LoraSettings> {
+        match &mut self.method {
+            Method::Lora(lora) => Some(lora),
+            Method::TopLayers(_) => None,
         }
     }
 
@@ -226,7 +282,7 @@ impl FineTuneParams {
             seed: self.seed,
         };
         let tuning = FineTuning {
-            method: Method::Lora(self.lora),
+            method: self.method,
             backbone_learning_rate: self.learning_rate,
             warmup_fraction: self.warmup_fraction,
         };
@@ -235,9 +291,8 @@ impl FineTuneParams {
 
     /// The run's settings from a record made by [`Self::record`].
     pub fn from_record(training: &TrainingParams, tuning: &FineTuning) -> Self {
-        let Method::Lora(lora) = tuning.method;
         Self {
-            lora,
+            method: tuning.method,
             epochs: training.epochs,
             batch_size: training.batch_size,
             learning_rate: tuning.backbone_learning_rate,
@@ -254,13 +309,17 @@ impl FineTuneParams {
     /// encoder layers of width `hidden`.
     pub fn validate(&self, layers: usize, hidden: usize) -> Result<()> {
         let invalid = |message: String| Err(Error::InvalidArgument(message));
-        let lora = &self.lora;
-        if lora.layers == 0 || lora.layers > layers {
+        let trained = self.method.layers();
+        if trained == 0 || trained > layers {
             return invalid(format!(
-                "lora.layers must be in [1, {layers}] (the backbone's encoder layers), got {}",
-                lora.layers
+                "{}.layers must be in [1, {layers}] (the backbone's encoder layers), got \
+                 {trained}",
+                self.method.name()
             ));
         }
+        let Method::Lora(lora) = &self.method else {
+            return self.validate_schedule();
+        };
         if lora.rank == 0 || lora.rank > hidden {
             return invalid(format!(
                 "lora.rank must be in [1, {hidden}], got {}",
@@ -345,8 +404,9 @@ pub enum Progress {
     Epoch(HeadMetrics),
 }
 
-/// The result: the adapter of the top layers, the linear head on the adapted
-/// features, and the chosen epoch's metrics.
+/// The result: the adapter of the top layers (LoRA matrices or the layers'
+/// weights), the linear head on the adapted features, and the chosen epoch's
+/// metrics.
 pub struct FineTuned {
     pub adapter: Adapter,
     pub head: HeadWeights,
@@ -397,7 +457,7 @@ pub fn fine_tune(
             "every example needs tokens and one of the head's labels".into(),
         ));
     }
-    let split = graph.num_layers() - params.lora.layers;
+    let split = graph.num_layers() - params.method.layers();
     let bottoms = match bottoms {
         BottomSource::Compute { budget_bytes } => {
             cache::Bottoms::compute(graph, &examples.ids, split, budget_bytes, cancel)?
@@ -421,15 +481,15 @@ pub fn adapted_features(
     adapter: Option<&Adapter>,
     ids: &[Vec<u32>],
 ) -> Result<Vec<f32>> {
-    let adapters = match adapter {
-        Some(adapter) => adapter.to_graph(graph.dtype(), &graph.device())?,
-        None => Vec::new(),
+    let tuning = match adapter {
+        Some(adapter) => adapter.to_graph(graph)?,
+        None => Tuning::Frozen(0),
     };
     let mut features = Vec::with_capacity(ids.len() * graph.hidden_size());
     for chunk in ids.chunks(32) {
         let texts: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
         let (ids, mask) = graph.padded_batch(&texts)?;
-        let out = graph.forward_adapted(&ids, &mask, &adapters, Kernels::Fused)?;
+        let out = graph.forward_adapted(&ids, &mask, &tuning, Kernels::Fused)?;
         features.extend(cache::to_f32(&cache::pooled(&out, &mask)?)?);
     }
     Ok(features)

@@ -1,5 +1,5 @@
-//! The training run: the head fitted on frozen features, then adapters and
-//! head trained together with AdamW on a warm-up-then-linear-decay schedule,
+//! The training run: the head fitted on frozen features, then the backbone's
+//! trained part (adapters or top layers) and head trained together with AdamW on a warm-up-then-linear-decay schedule,
 //! the epoch with the best validation loss kept.
 
 use candle_core::{Tensor, Var, D};
@@ -7,9 +7,9 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use tokio_util::sync::CancellationToken;
 
 use super::cache::{pooled, to_f32, Bottoms};
-use super::{FineTuneParams, FineTuned, Progress, TextExamples};
-use crate::backbone::adapter::{slot_shapes, Adapter};
-use crate::backbone::bert_graph::{BertGraph, Kernels};
+use super::{FineTuneParams, FineTuned, LoraSettings, Method, Progress, TextExamples};
+use crate::backbone::adapter::{slot_shapes, Adapter, LoraAdapter};
+use crate::backbone::bert_graph::{BertGraph, Kernels, Tuning};
 use crate::backbone::lora::{LayerAdapters, LowRank};
 use crate::head::{model::HeadWeights, train, HeadKind, HeadMetrics, TrainingParams};
 use crate::nn::{rng::Rng, Dense};
@@ -75,19 +75,27 @@ impl<'a> Run<'a> {
         cancel: &CancellationToken,
         on_progress: &mut dyn FnMut(&Progress),
     ) -> Result<FineTuned> {
-        let unadapted: Vec<LayerAdapters> = (0..self.params.lora.layers)
-            .map(|_| LayerAdapters::default())
-            .collect();
+        let unadapted = Tuning::Frozen(self.params.method.layers());
         let head = self.frozen_head(&unadapted, cancel)?;
         let frozen_metrics = self.measure(0, &unadapted, &head, None)?;
         on_progress(&Progress::Epoch(frozen_metrics.clone()));
-        let adapters = self.new_adapters()?;
-        let metrics = self.train(&adapters, &head, &frozen_metrics, cancel, on_progress)?;
-        let lora = &self.params.lora;
-        let first_layer = self.graph.num_layers() - lora.layers;
+        let tuning = self.new_tuning()?;
+        let metrics = self.train(&tuning, &head, &frozen_metrics, cancel, on_progress)?;
+        let first_layer = self.graph.num_layers() - self.params.method.layers();
+        let adapter = match (&tuning, &self.params.method) {
+            (Tuning::Lora(adapters), Method::Lora(lora)) => Adapter::Lora(
+                LoraAdapter::from_trained(adapters, lora.rank, lora.alpha, first_layer)?,
+            ),
+            (Tuning::Layers(layers), _) => Adapter::Layers(layers.to_host(first_layer)?),
+            _ => {
+                return Err(Error::Internal(
+                    "the trained part is not the method's".into(),
+                ))
+            }
+        };
         Ok(FineTuned {
             head: head_weights(&head)?,
-            adapter: Adapter::from_trained(&adapters, lora.rank, lora.alpha, first_layer)?,
+            adapter,
             metrics,
             frozen_metrics,
             train_examples: self.train_rows.len(),
@@ -97,7 +105,7 @@ impl<'a> Run<'a> {
 
     /// The linear head the default solver fits on the training rows' frozen
     /// features.
-    fn frozen_head(&self, unadapted: &[LayerAdapters], cancel: &CancellationToken) -> Result<Head> {
+    fn frozen_head(&self, unadapted: &Tuning, cancel: &CancellationToken) -> Result<Head> {
         let set = train::TrainingSet {
             features: self.features(&self.train_rows, unadapted)?,
             dim: self.graph.hidden_size(),
@@ -133,9 +141,16 @@ impl<'a> Run<'a> {
         })
     }
 
+    /// What trains, as it starts: the base model's top layers either way.
+    fn new_tuning(&mut self) -> Result<Tuning> {
+        Ok(match self.params.method {
+            Method::Lora(lora) => Tuning::Lora(self.new_adapters(lora)?),
+            Method::TopLayers(top) => Tuning::Layers(self.graph.trainable_top(top.layers)?),
+        })
+    }
+
     /// New adapters (B = 0) on the targets of the top layers.
-    fn new_adapters(&mut self) -> Result<Vec<LayerAdapters>> {
-        let lora = self.params.lora;
+    fn new_adapters(&mut self, lora: LoraSettings) -> Result<Vec<LayerAdapters>> {
         let shapes = slot_shapes(self.graph.hidden_size(), self.graph.intermediate_size());
         let wanted = lora.targets.flags();
         let spec = (self.graph.dtype(), &self.graph.device());
@@ -156,14 +171,14 @@ impl<'a> Run<'a> {
     /// The epochs of AdamW; returns the kept epoch's metrics, its weights set.
     fn train(
         &mut self,
-        adapters: &[LayerAdapters],
+        tuning: &Tuning,
         head: &Head,
         frozen: &HeadMetrics,
         cancel: &CancellationToken,
         on_progress: &mut dyn FnMut(&Progress),
     ) -> Result<HeadMetrics> {
         let params = self.params;
-        let mut vars: Vec<Var> = adapters.iter().flat_map(|a| a.vars()).cloned().collect();
+        let mut vars: Vec<Var> = tuning.vars();
         let optimiser = |vars: Vec<Var>, lr: f64| {
             AdamW::new(
                 vars,
@@ -200,12 +215,8 @@ impl<'a> Run<'a> {
                 let factor = schedule.factor(step);
                 adapter_opt.set_learning_rate(params.learning_rate * factor);
                 head_opt.set_learning_rate(params.head_learning_rate * factor);
-                let (loss, right) = self.step(
-                    batch,
-                    adapters,
-                    head,
-                    &mut [&mut adapter_opt, &mut head_opt],
-                )?;
+                let (loss, right) =
+                    self.step(batch, tuning, head, &mut [&mut adapter_opt, &mut head_opt])?;
                 loss_sum += f64::from(loss) * batch.len() as f64;
                 correct += right;
                 on_progress(&Progress::Step {
@@ -216,7 +227,7 @@ impl<'a> Run<'a> {
             }
             let n = self.train_rows.len() as f64;
             let trained = ((loss_sum / n) as f32, (correct as f64 / n) as f32);
-            let metrics = self.measure(epoch, adapters, head, Some(trained))?;
+            let metrics = self.measure(epoch, tuning, head, Some(trained))?;
             on_progress(&Progress::Epoch(metrics.clone()));
             if better(&metrics, &best.0) {
                 best = (metrics, snapshot(&vars)?);
@@ -236,14 +247,14 @@ impl<'a> Run<'a> {
     fn step(
         &self,
         batch: &[usize],
-        adapters: &[LayerAdapters],
+        tuning: &Tuning,
         head: &Head,
         optimisers: &mut [&mut AdamW],
     ) -> Result<(f32, usize)> {
         let (hidden, mask) = self.bottoms.batch(batch)?;
         let out = self
             .graph
-            .forward_top(&hidden, &mask, adapters, Kernels::Differentiable)?;
+            .forward_top(&hidden, &mask, tuning, Kernels::Differentiable)?;
         let logits = head.logits(&pooled(&out.to_dtype(self.graph.dtype())?, &mask)?)?;
         let labels = self.labels(batch)?;
         let loss =
@@ -265,13 +276,13 @@ impl<'a> Run<'a> {
     }
 
     /// Pooled features of `rows` through the adapted top, fused kernels.
-    fn features(&self, rows: &[usize], adapters: &[LayerAdapters]) -> Result<Vec<f32>> {
+    fn features(&self, rows: &[usize], tuning: &Tuning) -> Result<Vec<f32>> {
         let mut features = Vec::with_capacity(rows.len() * self.graph.hidden_size());
         for chunk in rows.chunks(EVAL_BATCH) {
             let (hidden, mask) = self.bottoms.batch(chunk)?;
             let out = self
                 .graph
-                .forward_top(&hidden, &mask, adapters, Kernels::Fused)?;
+                .forward_top(&hidden, &mask, tuning, Kernels::Fused)?;
             features.extend(to_f32(&pooled(&out, &mask)?.detach())?);
         }
         Ok(features)
@@ -282,18 +293,18 @@ impl<'a> Run<'a> {
     fn measure(
         &self,
         epoch: usize,
-        adapters: &[LayerAdapters],
+        tuning: &Tuning,
         head: &Head,
         trained: Option<(f32, f32)>,
     ) -> Result<HeadMetrics> {
         let (train_loss, train_accuracy) = match trained {
             Some(figures) => figures,
-            None => self.loss_and_accuracy(&self.train_rows, adapters, head)?,
+            None => self.loss_and_accuracy(&self.train_rows, tuning, head)?,
         };
         let validation = if self.validation_rows.is_empty() {
             None
         } else {
-            Some(self.loss_and_accuracy(&self.validation_rows, adapters, head)?)
+            Some(self.loss_and_accuracy(&self.validation_rows, tuning, head)?)
         };
         Ok(HeadMetrics {
             epoch,
@@ -308,10 +319,10 @@ impl<'a> Run<'a> {
     fn loss_and_accuracy(
         &self,
         rows: &[usize],
-        adapters: &[LayerAdapters],
+        tuning: &Tuning,
         head: &Head,
     ) -> Result<(f32, f32)> {
-        let features = self.features(rows, adapters)?;
+        let features = self.features(rows, tuning)?;
         let dim = self.graph.hidden_size();
         let features = Tensor::from_vec(features, (rows.len(), dim), &self.graph.device())?
             .to_dtype(self.graph.dtype())?;

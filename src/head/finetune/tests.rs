@@ -45,10 +45,20 @@ fn params() -> FineTuneParams {
     params.head_learning_rate = 1e-2;
     params.validation_fraction = 0.2;
     params.patience = 0;
-    params.lora.targets.key = true;
-    params.lora.targets.intermediate = true;
-    params.lora.targets.output = true;
+    if let Some(lora) = params.lora_mut() {
+        lora.targets.key = true;
+        lora.targets.intermediate = true;
+        lora.targets.output = true;
+    }
     params
+}
+
+/// [`params`] with the top layer trained in full instead of adapters.
+fn top_layer_params() -> FineTuneParams {
+    FineTuneParams {
+        method: super::Method::TopLayers(super::TopLayerSettings { layers: 1 }),
+        ..params()
+    }
 }
 
 /// Keeps every hidden state of the bottom.
@@ -75,10 +85,24 @@ fn run_with_budget(params: &FineTuneParams, budget: usize) -> (super::FineTuned,
 }
 
 /// Training lowers the loss well below the frozen head's, and the kept
-/// epoch is at least as good on held-out examples as the frozen head.
+/// epoch is at least as good on held-out examples as the frozen head: with
+/// adapters, and with the top layer trained in full.
 #[test]
 fn adapters_learn_what_the_frozen_features_miss() {
-    let (tuned, events) = run(&params());
+    learns_what_the_frozen_features_miss(&params());
+}
+
+#[test]
+fn top_layers_learn_what_the_frozen_features_miss() {
+    let (tuned, _) = learns_what_the_frozen_features_miss(&top_layer_params());
+    let layers = tuned.adapter.top_layers().expect("top layers");
+    assert_eq!((layers.first_layer, layers.layers.len()), (1, 1));
+}
+
+fn learns_what_the_frozen_features_miss(
+    params: &FineTuneParams,
+) -> (super::FineTuned, Vec<Progress>) {
+    let (tuned, events) = run(params);
     let frozen = &tuned.frozen_metrics;
     let epochs: Vec<_> = events
         .iter()
@@ -110,33 +134,22 @@ fn adapters_learn_what_the_frozen_features_miss() {
         .filter(|e| matches!(e, Progress::Step { .. }))
         .count();
     assert_eq!(steps, 8 * 96_usize.div_ceil(8));
+    (tuned, events)
 }
 
-/// The same seed gives the same adapters and head, bit for bit.
+/// The same seed gives the same adapters (or top layers) and head, bit for
+/// bit; another seed another result.
 #[test]
 fn the_same_seed_gives_the_same_result() {
-    let mut params = params();
-    params.epochs = 2;
-    let values = |tuned: &super::FineTuned| -> Vec<f32> {
-        let mut out: Vec<f32> = tuned
-            .adapter
-            .layers
-            .iter()
-            .flatten()
-            .flatten()
-            .flat_map(|w| w.a.iter().chain(&w.b).copied())
-            .collect();
-        if let crate::head::model::HeadWeights::Linear { output } = &tuned.head {
-            out.extend(&output.weight);
-        }
-        out
-    };
-    let (first, _) = run(&params);
-    let (second, _) = run(&params);
-    assert_eq!(values(&first), values(&second));
-    params.seed = 1;
-    let (other, _) = run(&params);
-    assert_ne!(values(&first), values(&other));
+    for mut params in [params(), top_layer_params()] {
+        params.epochs = 2;
+        let (first, _) = run(&params);
+        let (second, _) = run(&params);
+        assert!(first.adapter == second.adapter && first.head == second.head);
+        params.seed = 1;
+        let (other, _) = run(&params);
+        assert!(first.adapter != other.adapter && first.head != other.head);
+    }
 }
 
 /// Over the memory budget the bottom is computed again for every batch; the
@@ -171,7 +184,7 @@ fn a_bottom_over_the_budget_is_recomputed_with_the_same_result() {
 fn dropout_repeats_with_its_seed() {
     let mut params = params();
     params.epochs = 1;
-    params.lora.dropout = 0.2;
+    params.lora_mut().expect("LoRA").dropout = 0.2;
     let weights = |tuned: &super::FineTuned| match &tuned.head {
         crate::head::model::HeadWeights::Linear { output } => output.weight.clone(),
         _ => panic!("a linear head"),
@@ -179,7 +192,7 @@ fn dropout_repeats_with_its_seed() {
     let (first, _) = run(&params);
     let (second, _) = run(&params);
     assert_eq!(weights(&first), weights(&second));
-    params.lora.dropout = 0.0;
+    params.lora_mut().expect("LoRA").dropout = 0.0;
     let (without, _) = run(&params);
     assert_ne!(weights(&first), weights(&without));
 }
@@ -229,13 +242,19 @@ fn targets_are_named() {
 fn bad_settings_are_refused_by_name() {
     let graph = tiny(DType::F32);
     type Spoil = fn(&mut FineTuneParams);
-    let cases: [(&str, Spoil); 6] = [
-        ("lora.layers", |p| p.lora.layers = 3),
-        ("lora.rank", |p| p.lora.rank = 0),
-        ("lora.alpha", |p| p.lora.alpha = f64::NAN),
+    fn lora(p: &mut FineTuneParams) -> &mut super::LoraSettings {
+        p.lora_mut().expect("LoRA")
+    }
+    let cases: [(&str, Spoil); 7] = [
+        ("lora.layers", |p| lora(p).layers = 3),
+        ("lora.rank", |p| lora(p).rank = 0),
+        ("lora.alpha", |p| lora(p).alpha = f64::NAN),
         ("lora.targets", |p| {
-            p.lora.targets.query = false;
-            p.lora.targets.value = false;
+            lora(p).targets.query = false;
+            lora(p).targets.value = false;
+        }),
+        ("top_layers.layers", |p| {
+            p.method = super::Method::TopLayers(super::TopLayerSettings { layers: 3 })
         }),
         ("learning_rate", |p| p.learning_rate = 0.0),
         ("batch_size", |p| p.batch_size = 0),
