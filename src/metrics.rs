@@ -186,6 +186,67 @@ fn describe() {
     );
 }
 
+/// Reasons a backbone queue refuses or drops a request (the `reason` label of
+/// [`QUEUE_REJECTIONS_TOTAL`]).
+pub const REJECTION_REASONS: [&str; 3] = ["queue_full", "deadline", "cancelled"];
+
+// Series exported from zero. A counter that first appears at 1 has no earlier
+// sample, so `increase()` and `rate()` miss the first event of a fresh pod
+// (the first failed job, the first refused request); every series the
+// dashboard and the alerts count from is therefore registered at start.
+
+/// `service/method`'s call counts for each of `codes` at zero, and its
+/// latency histogram for `OK`.
+pub fn register_grpc_method(service: &str, method: &str, codes: &[&'static str]) {
+    for &code in codes {
+        let labels = [
+            ("service", service.to_owned()),
+            ("method", method.to_owned()),
+            ("code", code.to_owned()),
+        ];
+        counter!(GRPC_REQUESTS_TOTAL, &labels).increment(0);
+        if code == "OK" {
+            let _ = histogram!(GRPC_REQUEST_DURATION_SECONDS, &labels);
+        }
+    }
+}
+
+/// An HTTP route's series, at zero (`status` 200).
+pub fn register_http_route(route: &'static str) {
+    let labels = [("route", route.to_owned()), ("status", "200".to_owned())];
+    counter!(HTTP_REQUESTS_TOTAL, &labels).increment(0);
+    let _ = histogram!(HTTP_REQUEST_DURATION_SECONDS, &labels);
+}
+
+/// A backbone queue's series: passes, inputs and rejections for every reason
+/// at zero, its histograms empty, its depth 0.
+pub fn register_backbone(backbone: &str) {
+    let labels = [("backbone", backbone.to_owned())];
+    counter!(INFERENCE_ITEMS_TOTAL, &labels).increment(0);
+    counter!(INFERENCE_BATCHES_TOTAL, &labels).increment(0);
+    for name in [
+        INFERENCE_DURATION_SECONDS,
+        BATCH_ITEMS,
+        BATCH_TOKENS,
+        BATCH_ADAPTERS,
+        QUEUE_WAIT_SECONDS,
+    ] {
+        let _ = histogram!(name, &labels);
+    }
+    for reason in REJECTION_REASONS {
+        counter!(QUEUE_REJECTIONS_TOTAL, "backbone" => backbone.to_owned(), "reason" => reason)
+            .increment(0);
+    }
+    set_queue_depth(backbone, 0);
+}
+
+/// The duration histograms of jobs ending in each of `states`, empty.
+pub fn register_training_job_states(states: &[&'static str]) {
+    for &state in states {
+        let _ = histogram!(TRAINING_JOB_DURATION_SECONDS, "state" => state);
+    }
+}
+
 pub fn record_grpc(service: &str, method: &str, code: &'static str, elapsed: Duration) {
     let labels = [
         ("service", service.to_owned()),

@@ -14,7 +14,7 @@ mod common;
 mod deploy_support;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -46,6 +46,7 @@ fn overlays_render_to_schema_valid_objects() {
             ("ConfigMap", 2),
             ("Deployment", 1),
             ("HorizontalPodAutoscaler", 1),
+            ("NetworkPolicy", 1),
             ("PersistentVolumeClaim", 2),
             ("PodDisruptionBudget", 1),
             ("Service", 2),
@@ -71,6 +72,7 @@ fn overlays_render_to_schema_valid_objects() {
             "{overlay}: the only custom resource is checked by hand"
         );
         check_service_monitor(&rendered);
+        check_network_policy(&rendered);
 
         let dir = tempfile::tempdir().expect("temp dir");
         let files: Vec<PathBuf> = builtin
@@ -103,6 +105,50 @@ fn overlays_render_to_schema_valid_objects() {
             );
         }
     }
+}
+
+/// The NetworkPolicy selects the server's pods and names only their ports:
+/// gRPC and HTTP open to every peer, the metrics port only to the
+/// monitoring namespace, nothing else.
+fn check_network_policy(rendered: &Rendered) {
+    let overlay = rendered.overlay;
+    let policy = rendered.named("NetworkPolicy", "tlserve");
+    let deployment = rendered.named("Deployment", "tlserve");
+    let pod_labels = labels_of(&deployment["spec"]["template"]["metadata"]["labels"]);
+    let selector = labels_of(&policy["spec"]["podSelector"]["matchLabels"]);
+    assert!(
+        selects(&selector, &pod_labels),
+        "{overlay}: the NetworkPolicy selects the server's pods"
+    );
+    assert_eq!(
+        policy["spec"]["policyTypes"],
+        serde_json::json!(["Ingress"])
+    );
+    let mut open = BTreeSet::new();
+    let mut monitoring_only = BTreeSet::new();
+    for rule in list(&policy["spec"]["ingress"], "ingress") {
+        let ports: Vec<&str> = list(&rule["ports"], "ports")
+            .iter()
+            .map(|p| text(&p["port"], "port"))
+            .collect();
+        for port in &ports {
+            rendered.container_port(port);
+        }
+        if rule["from"].is_null() {
+            open.extend(ports);
+        } else {
+            let peers = list(&rule["from"], "from");
+            assert_eq!(peers.len(), 1, "{overlay}: one peer for the metrics port");
+            assert_eq!(
+                peers[0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+                "monitoring"
+            );
+            assert!(peers[0]["podSelector"].is_null());
+            monitoring_only.extend(ports);
+        }
+    }
+    assert_eq!(open, BTreeSet::from(["grpc", "http"]), "{overlay}");
+    assert_eq!(monitoring_only, BTreeSet::from(["metrics"]), "{overlay}");
 }
 
 /// The ServiceMonitor, a monitoring.coreos.com/v1 custom resource, by hand.

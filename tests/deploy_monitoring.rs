@@ -305,8 +305,10 @@ async fn every_metric_the_dashboard_and_rules_use_is_exported() {
                         .any(|(l, op, v)| l == label && op == "=~" && v == var)
                 };
                 assert!(
-                    has("job", "$job") && has("instance", "$instance"),
-                    "{file}: {} ignores $job/$instance in {expr}",
+                    has("namespace", "$namespace")
+                        && has("job", "$job")
+                        && has("instance", "$instance"),
+                    "{file}: {} ignores $namespace/$job/$instance in {expr}",
                     selector.metric
                 );
                 if family.labels.contains_key("backbone") {
@@ -392,14 +394,14 @@ async fn every_metric_the_dashboard_and_rules_use_is_exported() {
     );
 
     // The dashboard itself: a datasource variable used by every panel and
-    // query, job and instance variables, unique panel ids.
+    // query, namespace, job and instance variables, unique panel ids.
     let variables: BTreeMap<&str, &Value> = list(&dashboard["templating"]["list"], "templating")
         .iter()
         .map(|v| (text(&v["name"], "variable name"), v))
         .collect();
     assert_eq!(variables["datasource"]["type"], "datasource");
     assert_eq!(variables["datasource"]["query"], "prometheus");
-    for name in ["job", "instance", "backbone"] {
+    for name in ["namespace", "job", "instance", "backbone"] {
         assert_eq!(variables[name]["type"], "query", "variable {name}");
         assert_eq!(variables[name]["datasource"]["uid"], "${datasource}");
     }
@@ -424,6 +426,102 @@ async fn every_metric_the_dashboard_and_rules_use_is_exported() {
             }
         }
     }
+}
+
+/// A server that has done nothing already exports every series the
+/// dashboard and the rules count from: each family they name, each `state`
+/// and `reason` they match on, and each `code` they match on for every one of
+/// our methods. A counter that first appears at 1 has no earlier sample, so
+/// without this `increase()` and `rate()` would miss the first failure of a
+/// fresh pod.
+#[tokio::test]
+async fn every_series_the_dashboard_and_rules_count_from_exists_from_start() {
+    let server = TestServer::start(&TestServer::minilm_config("", "")).await;
+    let scrape = server.scrape();
+    let body = scrape.split_once("\r\n\r\n").expect("HTTP body").1;
+    let families = parse_exposition(body);
+    let series_lines: Vec<&str> = body.lines().filter(|l| !l.starts_with('#')).collect();
+    let has_series = |metric: &str, labels: &[(&str, &str)]| {
+        series_lines.iter().any(|line| {
+            line.starts_with(&format!("{metric}{{"))
+                && labels
+                    .iter()
+                    .all(|(label, value)| line.contains(&format!("{label}=\"{value}\"")))
+        })
+    };
+    let mut exprs = Vec::new();
+    let dashboard: Value =
+        serde_json::from_str(&read("deploy/grafana/tlserve.json")).expect("dashboard JSON");
+    strings_under(&dashboard["panels"], "expr", &mut exprs);
+    strings_under(
+        &yaml_file("deploy/prometheus/rules.yaml"),
+        "expr",
+        &mut exprs,
+    );
+    let rpcs = rpc_names();
+    let mut checked = 0;
+    for expr in &exprs {
+        for selector in promql_references(expr).0 {
+            let metric = selector.metric.as_str();
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| metric.strip_suffix(suffix))
+                .filter(|base| families.get(*base).is_some_and(|f| f.kind == "histogram"))
+                .unwrap_or(metric);
+            let ours = metric.starts_with("tlserve_");
+            if ours && !tlserve::metrics::GPU_ONLY.contains(&family) {
+                assert!(
+                    families.contains_key(family),
+                    "{family} is not exported before anything happened ({expr})\n{body}"
+                );
+            }
+            // Recording rules carry the labels of the series they sum:
+            // codes those of the calls, reasons those of the rejections.
+            let counted = |label: &str| match label {
+                "code" => Some(tlserve::metrics::GRPC_REQUESTS_TOTAL),
+                "reason" => Some(tlserve::metrics::QUEUE_REJECTIONS_TOTAL),
+                "state" if ours => Some(metric),
+                _ => None,
+            };
+            for (label, op, value) in &selector.matchers {
+                let Some(metric) = counted(label) else {
+                    continue;
+                };
+                let plain = value
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '|');
+                if !(op == "=" || (op == "=~" && plain)) {
+                    continue;
+                }
+                for alternative in value.split('|') {
+                    if label == "code" {
+                        for rpc in &rpcs {
+                            assert!(
+                                has_series(metric, &[("method", rpc), ("code", alternative)]),
+                                "{metric} for {rpc} with code {alternative} is not exported from start"
+                            );
+                        }
+                    } else {
+                        assert!(
+                            has_series(metric, &[(label, alternative)]),
+                            "{metric} with {label}={alternative} is not exported from start ({expr})"
+                        );
+                    }
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked >= 8, "the label values were checked ({checked})");
+    // The first failed job counts: its series is there at zero.
+    assert!(has_series(
+        "tlserve_training_job_duration_seconds_count",
+        &[("state", "failed")]
+    ));
+    assert!(has_series(
+        "tlserve_queue_rejections_total",
+        &[("backbone", MINILM), ("reason", "queue_full")]
+    ));
 }
 
 // ---------------------------------------------------------------------------
@@ -462,6 +560,9 @@ fn promtool_accepts_the_rules_and_every_alert_says_what_to_do() {
         "TlserveQueueRejecting",
         "TlservePodNotReady",
         "TlserveTrainingJobsFailing",
+        "TlservePanicked",
+        "TlserveTargetDown",
+        "TlserveTargetsMissing",
     ] {
         assert!(alerts.contains_key(expected), "alert {expected}");
     }

@@ -455,7 +455,12 @@ async fn grpc_web_answers_like_grpc_on_both_ports() {
     let series =
         r#"tlserve_grpc_requests_total{service="tlserve.v1.Embedder",method="Embed",code="OK"}"#;
     assert!(metric(&scrape, series) >= 5.0, "{scrape}");
-    assert!(!scrape.contains(r#"route="other""#), "{scrape}");
+    let other: f64 = scrape
+        .lines()
+        .filter(|l| l.starts_with("tlserve_http_requests_total{") && l.contains(r#"route="other""#))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(other, 0.0, "no HTTP request counted: {scrape}");
 }
 
 /// A browser's CORS preflight for a gRPC-Web call from `origin`.

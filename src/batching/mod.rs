@@ -226,6 +226,7 @@ pub struct BackboneQueue {
 impl BackboneQueue {
     /// Starts the backbone's worker thread.
     pub fn start(backbone: Arc<dyn Backbone>, limits: BatchLimits) -> std::io::Result<Self> {
+        metrics::register_backbone(&backbone.descriptor().name);
         let shared = Arc::new(Shared {
             name: backbone.descriptor().name.clone(),
             limits,

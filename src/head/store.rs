@@ -104,6 +104,8 @@ impl HeadStore {
             adapters: AdapterCache::new(resident_adapters),
         };
         store.refresh_all()?;
+        // Exported from the start, also for an empty store.
+        report_sizes(&store.read());
         let count = store.count();
         tracing::info!(root = %root.display(), heads = count, "head store opened");
         Ok(store)

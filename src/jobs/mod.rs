@@ -434,6 +434,12 @@ impl JobManager {
             manager.prune(&mut jobs);
         }
         manager.update_state_metrics();
+        let final_states: Vec<&'static str> = JobState::ALL
+            .into_iter()
+            .filter(|s| s.is_final())
+            .map(JobState::as_str)
+            .collect();
+        metrics::register_training_job_states(&final_states);
         manager
     }
 

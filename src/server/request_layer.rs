@@ -66,7 +66,7 @@ impl RequestLayer {
     pub fn new(body_limits: Arc<BodyLimits>, auth: Option<Arc<Authenticator>>) -> Self {
         Self {
             body_limits,
-            known_methods: Arc::new(known_methods()),
+            known_methods: Arc::new(register_methods(known_methods())),
             auth,
         }
     }
@@ -229,6 +229,22 @@ fn intern(name: &str) -> &'static str {
     let leaked: &'static str = Box::leak(name.to_owned().into_boxed_str());
     names.insert(leaked);
     leaked
+}
+
+/// Registers the metric series of our own methods (not health's and
+/// reflection's) at zero, for every status code; returns `paths`.
+fn register_methods(paths: HashSet<String>) -> HashSet<String> {
+    let codes: Vec<&'static str> = (0..=16)
+        .map(|n| super::status::code_name(Code::from_i32(n)))
+        .collect();
+    for path in &paths {
+        if let Some((service, method)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) {
+            if !service.starts_with("grpc.") {
+                metrics::register_grpc_method(service, method, &codes);
+            }
+        }
+    }
+    paths
 }
 
 /// Every `/package.Service/Method` path served: ours, health and reflection.

@@ -65,6 +65,9 @@ pub type GrpcWeb = tower::util::BoxCloneSyncService<
 
 /// The HTTP API port's routes.
 pub fn api_router(state: ApiState, grpc_web: GrpcWeb) -> Router {
+    for route in observe::ROUTES {
+        crate::metrics::register_http_route(route);
+    }
     Router::new()
         .route("/v1/embeddings", post(openai::embeddings))
         .route("/v1/models", get(openai::models))

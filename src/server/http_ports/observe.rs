@@ -46,6 +46,15 @@ pub async fn observe(request: Request, next: Next) -> Response {
 }
 
 /// A bounded label for the request's route; None for gRPC-Web calls.
+/// Every value of the `route` label.
+pub const ROUTES: [&str; 5] = [
+    "/v1/embeddings",
+    "/v1/models",
+    "/console/",
+    "/console/{path}",
+    "other",
+];
+
 fn route_label(request: &Request) -> Option<&'static str> {
     let matched = request
         .extensions()
