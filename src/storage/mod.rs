@@ -1,0 +1,162 @@
+//! The store that replicas share: a volume every replica mounts (a
+//! ReadWriteMany volume, or a local folder for one process) or S3-compatible
+//! object storage. One small API over both: whole objects read, written
+//! (replacing atomically), created only if absent (the one primitive that
+//! lets processes agree without a lock: version numbers, job ownership),
+//! listed and deleted.
+//!
+//! Keys are `/`-separated relative paths of plain segments (letters, digits,
+//! `.`, `_`, `-`; none starting with `.`, which the volume keeps for its
+//! temporary files), so that a key means the same on both backends and can
+//! never leave the store's root.
+
+mod s3;
+mod volume;
+
+use std::time::SystemTime;
+
+use bytes::Bytes;
+
+pub use s3::{S3Credentials, S3Location};
+
+use crate::{Error, Result};
+
+/// One object of a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub key: String,
+    pub size: u64,
+    /// When the object was last written, by the store's clock.
+    pub modified: SystemTime,
+}
+
+/// Where the shared objects live.
+#[derive(Debug, Clone)]
+pub enum Location {
+    /// A folder (a shared volume's mount point).
+    Volume(std::path::PathBuf),
+    S3(S3Location),
+}
+
+/// A handle on the shared store; cheap to clone.
+#[derive(Clone)]
+pub struct Storage {
+    backend: Backend,
+}
+
+#[derive(Clone)]
+enum Backend {
+    Volume(volume::Volume),
+    S3(s3::S3),
+}
+
+impl Storage {
+    /// Opens the store at `location` (a volume's folder is created when
+    /// missing). Nothing is read yet.
+    pub fn open(location: &Location) -> Result<Self> {
+        let backend = match location {
+            Location::Volume(root) => Backend::Volume(volume::Volume::open(root)?),
+            Location::S3(s3) => Backend::S3(s3::S3::open(s3)?),
+        };
+        Ok(Self { backend })
+    }
+
+    /// What the store is, for logs: a folder or an S3 URL.
+    pub fn describe(&self) -> String {
+        match &self.backend {
+            Backend::Volume(volume) => volume.describe(),
+            Backend::S3(s3) => s3.describe(),
+        }
+    }
+
+    /// The object at `key`; None when there is none.
+    pub async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        check_key(key)?;
+        match &self.backend {
+            Backend::Volume(volume) => volume.get(key).await,
+            Backend::S3(s3) => s3.get(key).await,
+        }
+    }
+
+    /// Writes `bytes` at `key`, replacing what was there: a reader sees the
+    /// old object or the new one, never part of either.
+    pub async fn put(&self, key: &str, bytes: Bytes) -> Result<()> {
+        check_key(key)?;
+        match &self.backend {
+            Backend::Volume(volume) => volume.put(key, bytes).await,
+            Backend::S3(s3) => s3.put(key, bytes).await,
+        }
+    }
+
+    /// Writes `bytes` at `key` only if no object is there: true when this
+    /// call created it, false when one existed. Of concurrent creators of one
+    /// key, in any processes, exactly one gets true.
+    pub async fn create(&self, key: &str, bytes: Bytes) -> Result<bool> {
+        check_key(key)?;
+        match &self.backend {
+            Backend::Volume(volume) => volume.create(key, bytes).await,
+            Backend::S3(s3) => s3.create(key, bytes).await,
+        }
+    }
+
+    /// Every object whose key starts with the segments of `prefix` (`""`:
+    /// all), in key order.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<Entry>> {
+        if !prefix.is_empty() {
+            check_key(prefix)?;
+        }
+        let mut entries = match &self.backend {
+            Backend::Volume(volume) => volume.list(prefix).await?,
+            Backend::S3(s3) => s3.list(prefix).await?,
+        };
+        entries.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(entries)
+    }
+
+    /// Removes the object at `key`; removing a missing one is not an error.
+    pub async fn delete(&self, key: &str) -> Result<()> {
+        check_key(key)?;
+        match &self.backend {
+            Backend::Volume(volume) => volume.delete(key).await,
+            Backend::S3(s3) => s3.delete(key).await,
+        }
+    }
+}
+
+/// Refuses keys that are not plain relative paths.
+fn check_key(key: &str) -> Result<()> {
+    let plain_segment = |segment: &str| {
+        !segment.is_empty()
+            && !segment.starts_with('.')
+            && segment.len() <= 255
+            && segment
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    };
+    if key.len() > 1024 || !key.split('/').all(plain_segment) {
+        return Err(Error::Internal(format!("`{key}` is not a storage key")));
+    }
+    Ok(())
+}
+
+/// A storage failure, naming what was being done.
+fn storage_error(doing: &str, key: &str, err: impl std::fmt::Display) -> Error {
+    Error::Storage(format!("cannot {doing} `{key}`: {err}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_key;
+
+    #[test]
+    fn keys_are_plain_relative_paths() {
+        for good in ["heads/a/1/head.json", "jobs/x-1_y.json", "a"] {
+            assert!(check_key(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "", "/abs", "a//b", "a/../b", "../a", "a/.tmp-x", ".hidden", "a b", "a\\b", "é",
+        ] {
+            assert!(check_key(bad).is_err(), "{bad}");
+        }
+    }
+}

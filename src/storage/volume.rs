@@ -1,0 +1,180 @@
+//! The store on a folder: a shared volume's mount point (NFS and other
+//! ReadWriteMany volumes) or a local disk. Every write goes to a temporary
+//! file beside its target and is synced first; a replacing write renames it
+//! into place, a create links it there, which fails if the target exists: on
+//! POSIX file systems, NFS included, exactly one of concurrent creators
+//! succeeds. Temporary files start with `.` and are never listed.
+
+use std::{
+    fs,
+    io::ErrorKind,
+    path::{Path, PathBuf},
+};
+
+use bytes::Bytes;
+
+use super::{storage_error, Entry};
+use crate::{fsutil, task::run_blocking, Error, Result};
+
+#[derive(Clone)]
+pub struct Volume {
+    root: PathBuf,
+}
+
+impl Volume {
+    pub fn open(root: &Path) -> Result<Self> {
+        fs::create_dir_all(root).map_err(|err| {
+            Error::Storage(format!(
+                "cannot create the store at {}: {err}",
+                root.display()
+            ))
+        })?;
+        Ok(Self {
+            root: root.to_owned(),
+        })
+    }
+
+    pub fn describe(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    fn path(&self, key: &str) -> PathBuf {
+        self.root.join(key)
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        match tokio::fs::read(self.path(key)).await {
+            Ok(bytes) => Ok(Some(Bytes::from(bytes))),
+            Err(err) if err.kind() == ErrorKind::NotFound => Ok(None),
+            Err(err) => Err(storage_error("read", key, err)),
+        }
+    }
+
+    pub async fn put(&self, key: &str, bytes: Bytes) -> Result<()> {
+        let path = self.path(key);
+        let owned = key.to_owned();
+        run_blocking("a storage write", move || {
+            create_parent(&path)?;
+            fsutil::write_atomically(&path, &bytes)
+        })
+        .await?
+        .map_err(|err| storage_error("write", &owned, err))
+    }
+
+    pub async fn create(&self, key: &str, bytes: Bytes) -> Result<bool> {
+        let path = self.path(key);
+        let owned = key.to_owned();
+        run_blocking("a storage create", move || create_new(&path, &bytes))
+            .await?
+            .map_err(|err| storage_error("create", &owned, err))
+    }
+
+    pub async fn list(&self, prefix: &str) -> Result<Vec<Entry>> {
+        let root = self.root.clone();
+        let owned = prefix.to_owned();
+        run_blocking("a storage listing", move || list_under(&root, &owned))
+            .await?
+            .map_err(|err| storage_error("list", prefix, err))
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<()> {
+        match tokio::fs::remove_file(self.path(key)).await {
+            Ok(()) => Ok(()),
+            Err(err) if err.kind() == ErrorKind::NotFound => Ok(()),
+            Err(err) => Err(storage_error("delete", key, err)),
+        }
+    }
+}
+
+fn create_parent(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(parent) => fs::create_dir_all(parent),
+        None => Ok(()),
+    }
+}
+
+/// Writes `bytes` to a synced temporary file and links it to `path`, which
+/// fails when `path` exists; the temporary file goes either way.
+fn create_new(path: &Path, bytes: &[u8]) -> std::io::Result<bool> {
+    create_parent(path)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temp = dir.join(format!(
+        "{}{name}-{}",
+        fsutil::TEMP_PREFIX,
+        uuid::Uuid::new_v4()
+    ));
+    let linked = fsutil::write_synced(&temp, bytes).and_then(|()| fs::hard_link(&temp, path));
+    let _ = fs::remove_file(&temp);
+    match linked {
+        Ok(()) => {
+            fsutil::sync_dir(dir)?;
+            Ok(true)
+        }
+        Err(err) if err.kind() == ErrorKind::AlreadyExists => Ok(false),
+        Err(err) => Err(err),
+    }
+}
+
+/// Every file under `root/prefix` (or `root` for `""`), temporary ones left
+/// out, keyed by its path from `root`.
+fn list_under(root: &Path, prefix: &str) -> std::io::Result<Vec<Entry>> {
+    let mut entries = Vec::new();
+    let start = if prefix.is_empty() {
+        root.to_owned()
+    } else {
+        root.join(prefix)
+    };
+    let mut pending = vec![start];
+    while let Some(dir) = pending.pop() {
+        let listing = match fs::read_dir(&dir) {
+            Ok(listing) => listing,
+            // A prefix naming a file: that one object.
+            Err(err) if err.kind() == ErrorKind::NotADirectory => {
+                push_file(root, &dir, &mut entries)?;
+                continue;
+            }
+            Err(err) if err.kind() == ErrorKind::NotFound => continue,
+            Err(err) => return Err(err),
+        };
+        for item in listing {
+            let item = item?;
+            if item.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            let path = item.path();
+            if item.file_type()?.is_dir() {
+                pending.push(path);
+            } else {
+                push_file(root, &path, &mut entries)?;
+            }
+        }
+    }
+    Ok(entries)
+}
+
+fn push_file(root: &Path, path: &Path, entries: &mut Vec<Entry>) -> std::io::Result<()> {
+    let meta = match fs::metadata(path) {
+        Ok(meta) => meta,
+        // Deleted since the listing: not there.
+        Err(err) if err.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(err) => return Err(err),
+    };
+    let Ok(relative) = path.strip_prefix(root) else {
+        return Ok(());
+    };
+    let key = relative
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy())
+        .collect::<Vec<_>>()
+        .join("/");
+    entries.push(Entry {
+        key,
+        size: meta.len(),
+        modified: meta.modified()?,
+    });
+    Ok(())
+}
