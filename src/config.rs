@@ -100,6 +100,12 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// A connection that sends nothing this long after it was accepted is closed.
     pub connection_first_byte_timeout_seconds: f64,
+    /// This process's name among the replicas that share a head store: the
+    /// owner named in its training jobs' records. Unset: the `HOSTNAME`
+    /// environment variable (a pod's name, which a restarted container
+    /// keeps), else the machine's host name. Two processes sharing a store
+    /// need different names.
+    pub replica_id: Option<String>,
 }
 
 /// Certificates from files (a Kubernetes Secret mounted as a volume).
@@ -165,6 +171,7 @@ impl Default for ServerConfig {
             max_concurrent_streams_per_connection: 100,
             max_connections: 1024,
             connection_first_byte_timeout_seconds: 10.0,
+            replica_id: None,
         }
     }
 }
@@ -312,6 +319,11 @@ pub struct HeadsConfig {
     /// Fine-tuned heads' adapters kept in memory at once; the least recently
     /// used is dropped and read again from the store when next asked for.
     pub max_resident_adapters: usize,
+    /// How long a running job's record stays its replica's after the replica
+    /// last renewed it (every sixth of this). Another replica treats a job
+    /// whose lease ran out as one whose replica died; until then it leaves
+    /// the job alone.
+    pub job_lease_seconds: f64,
 }
 
 impl HeadsConfig {
@@ -339,6 +351,7 @@ impl Default for HeadsConfig {
             upload_idle_timeout_seconds: 30.0,
             fine_tune_cache_bytes: 2 * 1024 * 1024 * 1024,
             max_resident_adapters: 128,
+            job_lease_seconds: 30.0,
         }
     }
 }
@@ -976,6 +989,13 @@ fn validate_server(server: &ServerConfig) -> Result<(), String> {
     if server.max_concurrent_streams_per_connection == 0 {
         return Err("server.max_concurrent_streams_per_connection must be at least 1".into());
     }
+    if let Some(id) = &server.replica_id {
+        if !is_valid_name(id) {
+            return Err(format!(
+                "server.replica_id `{id}` is not valid: 1-64 letters, digits, '-', '_' or '.'"
+            ));
+        }
+    }
     for origin in &server.cors_allowed_origins {
         let well_formed = origin == "*"
             || (origin.starts_with("http://") || origin.starts_with("https://"))
@@ -1042,6 +1062,10 @@ fn validate_heads(heads: &HeadsConfig) -> Result<(), String> {
     let idle = heads.upload_idle_timeout_seconds;
     if !(idle.is_finite() && idle > 0.0 && idle <= 3600.0) {
         return Err("heads.upload_idle_timeout_seconds must be in (0, 3600]".into());
+    }
+    let lease = heads.job_lease_seconds;
+    if !(lease.is_finite() && (1.0..=3600.0).contains(&lease)) {
+        return Err("heads.job_lease_seconds must be in [1, 3600]".into());
     }
     if heads.max_concurrent_jobs == 0
         || heads.max_resident_adapters == 0

@@ -771,6 +771,54 @@ async fn finished_job(server: &TestServer, id: &str) -> proto::TrainEvent {
     event
 }
 
+/// Two replicas on one store. B starting while A trains a job leaves the job
+/// alone: its record stays A's and unended, B does not list it, and A goes on
+/// training it. Once A is killed and its lease (2 s here) has run out, B's
+/// next start records the job FAILED, naming A.
+#[tokio::test]
+async fn replicas_sharing_a_store_leave_each_others_jobs_alone() {
+    let store = tempfile::tempdir().expect("store dir");
+    let config = config_with_store(store.path(), "job_lease_seconds = 2");
+    let replica = |name: &'static str| {
+        let server = TestServer::spawn(&config, &[("TLSERVE__SERVER__REPLICA_ID", name)]);
+        async move {
+            server
+                .wait_until(tonic_health::pb::health_check_response::ServingStatus::Serving)
+                .await;
+            server
+        }
+    };
+    let a = replica("a").await;
+    let long = start_long_job(&a, "long").await;
+    let record_path = store.path().join(format!(".jobs/{long}.json"));
+    let record = || -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(&record_path).expect("record")).expect("JSON")
+    };
+    assert_eq!(record()["owner"], "a");
+    assert_eq!(record()["state"], "queued");
+
+    let b = replica("b").await;
+    assert!(
+        all_jobs(&b).await.iter().all(|j| j.job_id != long),
+        "B does not take A's job as its own"
+    );
+    assert_eq!(record()["owner"], "a");
+    assert_eq!(record()["state"], "queued", "B's start left the job alone");
+    assert_eq!(
+        wait_for_state(&a, &long, JobState::Training).await.state(),
+        JobState::Training,
+        "A trains on"
+    );
+    drop(b);
+
+    drop(a); // SIGKILL: the lease is no longer renewed.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let b = replica("b").await;
+    let ended = finished_job(&b, &long).await;
+    assert_eq!(ended.state(), JobState::Failed);
+    assert!(ended.error.contains("replica a"), "{}", ended.error);
+}
+
 /// Jobs outlive their server only on disk: after a graceful shutdown whose grace
 /// period a job outlasts, and after a SIGKILL, the restarted server reports those
 /// jobs FAILED with the reason, and keeps reporting the jobs that did end.

@@ -7,6 +7,14 @@
 //! ListJobs, and a job whose record never reached an end was running when the
 //! process stopped, so it is recorded FAILED with that reason for its client
 //! to read.
+//!
+//! Replicas share the store, and so the journal. A record names the replica
+//! that runs the job (its owner) and holds a lease, which the owner renews
+//! while the job runs. At start-up a replica fails only the unended jobs of
+//! its own earlier run (same replica name) and those whose lease ran out (their
+//! replica is gone); a job another replica is running is left alone. Likewise
+//! only temporary files old enough to be crash leftovers are removed: a young
+//! one may be another replica's write in progress.
 
 use std::{
     fs,
@@ -23,6 +31,17 @@ use crate::fsutil;
 pub const INTERRUPTED: &str =
     "the server stopped before the job finished (shutdown or crash); submit it again";
 
+/// The reason recorded for another replica's job whose lease ran out.
+pub fn abandoned(owner: &str) -> String {
+    format!(
+        "replica {owner}, which ran the job, stopped renewing its lease (it crashed or was \
+         removed); submit it again"
+    )
+}
+
+/// Temporary files younger than this may be a write in progress.
+const LEFTOVER_AGE: Duration = Duration::from_secs(600);
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobRecord {
     pub id: String,
@@ -37,10 +56,20 @@ pub struct JobRecord {
     /// The published version, for succeeded jobs.
     pub head_version: Option<u32>,
     pub total_epochs: u32,
+    /// The replica that runs (or ran) the job; absent in records written
+    /// before replicas had names.
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// Until when the owner holds the job, for jobs that have not ended.
+    #[serde(default)]
+    pub lease_until_ms: Option<u64>,
 }
 
 pub struct JobJournal {
     dir: PathBuf,
+    /// This replica's name.
+    owner: String,
+    lease: Duration,
 }
 
 pub fn millis(time: SystemTime) -> u64 {
@@ -53,11 +82,23 @@ pub fn from_millis(ms: u64) -> SystemTime {
 }
 
 impl JobJournal {
-    /// The journal inside a head store folder; created when missing.
-    pub fn open(store_root: &Path) -> std::io::Result<Self> {
+    /// The journal inside a head store folder (created when missing), for
+    /// the replica named `owner`, whose jobs are its own for `lease` after
+    /// each renewal.
+    pub fn open(store_root: &Path, owner: &str, lease: Duration) -> std::io::Result<Self> {
         let dir = store_root.join(".jobs");
         fs::create_dir_all(&dir)?;
-        Ok(Self { dir })
+        Ok(Self {
+            dir,
+            owner: owner.to_owned(),
+            lease,
+        })
+    }
+
+    /// How often a running job's lease is renewed: often enough that a
+    /// renewal can be late or fail a few times before the lease runs out.
+    pub fn renew_every(&self) -> Duration {
+        self.lease / 6
     }
 
     fn path(&self, id: &str) -> PathBuf {
@@ -72,8 +113,14 @@ impl JobJournal {
         }
     }
 
+    /// Writes the record as this replica's, with a fresh lease while the job
+    /// has not ended.
     fn try_write(&self, record: &JobRecord) -> std::io::Result<()> {
-        let json = serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?;
+        let mut record = record.clone();
+        record.owner = Some(self.owner.clone());
+        record.lease_until_ms =
+            (!record.state.is_final()).then(|| millis(SystemTime::now() + self.lease));
+        let json = serde_json::to_vec_pretty(&record).map_err(std::io::Error::other)?;
         fsutil::write_atomically(&self.path(&record.id), &json)
     }
 
@@ -81,9 +128,11 @@ impl JobJournal {
         let _ = fs::remove_file(self.path(id));
     }
 
-    /// Every record, oldest first. Records of jobs that had not ended are
-    /// rewritten as FAILED with `INTERRUPTED`; unreadable files are logged and
-    /// skipped.
+    /// Every record but those of jobs another replica is running, oldest
+    /// first. Records of unended jobs of this replica's earlier run are
+    /// rewritten as FAILED with `INTERRUPTED`, those of other replicas whose
+    /// lease ran out as FAILED naming the replica; unreadable files are
+    /// logged and skipped.
     pub fn recover(&self) -> Vec<JobRecord> {
         let Ok(entries) = fs::read_dir(&self.dir) else {
             return Vec::new();
@@ -94,8 +143,7 @@ impl JobJournal {
             let name = entry.file_name();
             let name = name.to_string_lossy();
             if name.starts_with('.') {
-                // A write cut short by a crash.
-                let _ = fs::remove_file(&path);
+                remove_if_leftover(&path);
                 continue;
             }
             if !name.ends_with(".json") {
@@ -111,17 +159,50 @@ impl JobJournal {
                 }
             };
             if !record.state.is_final() {
+                let Some(reason) = self.end_of_unended(&record) else {
+                    tracing::info!(job = %record.id, owner = ?record.owner,
+                        "training job runs on another replica; left alone");
+                    continue;
+                };
                 record.state = JobState::Failed;
-                record.error = Some(INTERRUPTED.into());
+                record.error = Some(reason);
                 record.finished_at_ms = Some(millis(SystemTime::now()));
                 self.write(&record);
                 tracing::warn!(job = %record.id, head = %record.head_name,
-                    "training job was interrupted by the last shutdown; recorded as failed");
+                    error = record.error.as_deref().unwrap_or_default(),
+                    "training job did not finish; recorded as failed");
             }
             records.push(record);
         }
         records.sort_by_key(|r| (r.created_at_ms, r.id.clone()));
         records
+    }
+}
+
+impl JobJournal {
+    /// Why an unended job found at start-up is over: it was this replica's
+    /// (its earlier run stopped) or nobody's, or its lease ran out. None: a
+    /// live replica runs it.
+    fn end_of_unended(&self, record: &JobRecord) -> Option<String> {
+        let now = millis(SystemTime::now());
+        match (&record.owner, record.lease_until_ms) {
+            (Some(owner), _) if *owner == self.owner => Some(INTERRUPTED.into()),
+            (Some(_), Some(until)) if until > now => None,
+            (Some(owner), _) => Some(abandoned(owner)),
+            (None, _) => Some(INTERRUPTED.into()),
+        }
+    }
+}
+
+/// Removes a temporary file old enough to be a crash's leftover.
+fn remove_if_leftover(path: &Path) {
+    let old = fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|modified| modified.elapsed().ok())
+        .is_some_and(|age| age >= LEFTOVER_AGE);
+    if old {
+        let _ = fs::remove_file(path);
     }
 }
 
@@ -145,19 +226,100 @@ mod tests {
             error: None,
             head_version: None,
             total_epochs: 3,
+            owner: None,
+            lease_until_ms: None,
         }
+    }
+
+    fn journal(dir: &Path, owner: &str) -> JobJournal {
+        JobJournal::open(dir, owner, Duration::from_secs(30)).unwrap()
+    }
+
+    /// Writes `record` as another replica would have, its lease ending at
+    /// `lease_until_ms`.
+    fn write_foreign(dir: &Path, record: JobRecord, owner: &str, lease_until_ms: u64) {
+        let record = JobRecord {
+            owner: Some(owner.into()),
+            lease_until_ms: Some(lease_until_ms),
+            ..record
+        };
+        let path = dir.join(format!(".jobs/{}.json", record.id));
+        std::fs::write(path, serde_json::to_vec(&record).unwrap()).unwrap();
+    }
+
+    /// A replica's start leaves alone (and does not list) the job another
+    /// live replica runs, fails the one whose replica stopped renewing its
+    /// lease, naming that replica, and fails its own earlier run's job.
+    #[test]
+    fn only_own_and_abandoned_jobs_are_failed_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        journal(dir.path(), "a").write(&record("mine", JobState::Training, 1));
+        let now = millis(SystemTime::now());
+        write_foreign(
+            dir.path(),
+            record("live", JobState::Training, 2),
+            "b",
+            now + 20_000,
+        );
+        write_foreign(
+            dir.path(),
+            record("gone", JobState::Queued, 3),
+            "c",
+            now - 1,
+        );
+        let recovered = journal(dir.path(), "a").recover();
+        let ids: Vec<&str> = recovered.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["mine", "gone"]);
+        assert_eq!(recovered[0].error.as_deref(), Some(INTERRUPTED));
+        assert_eq!(recovered[1].error.as_deref(), Some(abandoned("c").as_str()));
+        assert!(recovered.iter().all(|r| r.state == JobState::Failed));
+        let live = read_record(&dir.path().join(".jobs/live.json")).unwrap();
+        assert_eq!(
+            (live.state, live.owner.as_deref()),
+            (JobState::Training, Some("b")),
+            "untouched"
+        );
+    }
+
+    /// A running job's record names its replica and a lease ahead; an ended
+    /// one keeps the name and drops the lease.
+    #[test]
+    fn records_carry_their_owner_and_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = journal(dir.path(), "a");
+        journal.write(&record("j", JobState::Training, 1));
+        let path = dir.path().join(".jobs/j.json");
+        let running = read_record(&path).unwrap();
+        let ahead = running.lease_until_ms.unwrap() - millis(SystemTime::now());
+        assert!((29_000..=30_000).contains(&ahead), "{ahead} ms");
+        assert_eq!(running.owner.as_deref(), Some("a"));
+        journal.write(&record("j", JobState::Succeeded, 1));
+        let ended = read_record(&path).unwrap();
+        assert_eq!(
+            (ended.owner.as_deref(), ended.lease_until_ms),
+            (Some("a"), None)
+        );
+        assert_eq!(journal.renew_every(), Duration::from_secs(5));
     }
 
     #[test]
     fn interrupted_jobs_come_back_failed_and_ended_ones_as_they_were() {
         let dir = tempfile::tempdir().unwrap();
-        let journal = JobJournal::open(dir.path()).unwrap();
+        let journal = journal(dir.path(), "a");
         journal.write(&record("b", JobState::Queued, 2));
         journal.write(&JobRecord {
             head_version: Some(4),
             ..record("a", JobState::Succeeded, 1)
         });
+        // A crash's leftover (an hour old) and another writer's temporary
+        // file in progress (new).
         std::fs::write(dir.path().join(".jobs/.c.tmp"), b"{half").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(dir.path().join(".jobs/.c.tmp"))
+            .and_then(|f| f.set_modified(SystemTime::now() - Duration::from_secs(3600)))
+            .unwrap();
+        std::fs::write(dir.path().join(".jobs/.f.tmp"), b"{writing").unwrap();
         std::fs::write(dir.path().join(".jobs/d.json"), b"not json").unwrap();
         // A state this version does not know is refused, not read as FAILED.
         let unknown = serde_json::to_string(&record("e", JobState::Queued, 3))
@@ -165,7 +327,7 @@ mod tests {
             .replace("\"queued\"", "\"succeded\"");
         std::fs::write(dir.path().join(".jobs/e.json"), unknown).unwrap();
 
-        let recovered = JobJournal::open(dir.path()).unwrap().recover();
+        let recovered = journal.recover();
         assert_eq!(recovered.len(), 2);
         assert_eq!(recovered[0].id, "a");
         assert_eq!(recovered[0].state, JobState::Succeeded);
@@ -173,8 +335,9 @@ mod tests {
         assert_eq!(recovered[1].state, JobState::Failed);
         assert_eq!(recovered[1].error.as_deref(), Some(INTERRUPTED));
         assert!(!dir.path().join(".jobs/.c.tmp").exists());
+        assert!(dir.path().join(".jobs/.f.tmp").exists(), "young: kept");
         // The rewrite is durable: a second recovery reads it as failed.
-        let again = JobJournal::open(dir.path()).unwrap().recover();
+        let again = journal.recover();
         assert_eq!(again[1].state, JobState::Failed);
         assert!(again[1].finished_at_ms.is_some());
     }

@@ -321,6 +321,9 @@ impl Job {
             error: last.error().map(str::to_owned),
             head_version: last.head().map(|h| h.meta.version),
             total_epochs: last.progress.total_epochs,
+            // The journal writes its own name and lease.
+            owner: None,
+            lease_until_ms: None,
         }
     }
 
@@ -456,17 +459,41 @@ impl JobManager {
         }
     }
 
+    /// The jobs that have not ended.
+    fn unended(&self) -> Vec<Arc<Job>> {
+        self.jobs()
+            .iter()
+            .filter(|job| !job.state().is_final())
+            .cloned()
+            .collect()
+    }
+
+    /// Renews the leases of this replica's unended jobs for as long as the
+    /// manager lives: other replicas leave a job alone while its lease runs.
+    pub fn spawn_lease_renewal(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
+        let every = self.journal.as_ref()?.renew_every();
+        let manager = Arc::downgrade(self);
+        Some(tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                let Some(manager) = manager.upgrade() else {
+                    return;
+                };
+                for job in manager.unended() {
+                    manager.write_record(&job).await;
+                }
+            }
+        }))
+    }
+
     /// Waits for running jobs until `deadline`, then records those still
     /// running as FAILED (`SHUT_DOWN`) and stops them. For the end of a
     /// graceful shutdown.
     pub async fn finish_or_fail_by(&self, deadline: Instant) {
         loop {
-            let running: Vec<Arc<Job>> = self
-                .jobs()
-                .iter()
-                .filter(|job| !job.state().is_final())
-                .cloned()
-                .collect();
+            let running = self.unended();
             if running.is_empty() {
                 return;
             }

@@ -126,6 +126,34 @@ struct Domain {
     catalog: Arc<core::Catalog>,
 }
 
+/// This process's name among replicas: the configured one, else the
+/// `HOSTNAME` variable (a pod's name), else the host name, made a valid name
+/// (at most 64 letters, digits, `-`, `_`, `.`).
+fn replica_name(configured: Option<&str>) -> String {
+    if let Some(name) = configured {
+        return name.to_owned();
+    }
+    let found = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .unwrap_or_default();
+    let name: String = found
+        .trim()
+        .chars()
+        .map(
+            |c| match c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                true => c,
+                false => '-',
+            },
+        )
+        .take(64)
+        .collect();
+    match name.trim_start_matches('.') {
+        "" => "tlserve".to_owned(),
+        name => name.to_owned(),
+    }
+}
+
 impl Domain {
     fn build(config: &Config) -> Result<Self, ServeError> {
         let registry = Arc::new(BackboneRegistry::new(
@@ -141,12 +169,15 @@ impl Domain {
             )
             .map_err(ServeError::HeadStore)?,
         );
-        let journal = JobJournal::open(&config.heads.store_dir).map_err(|err| {
-            ServeError::HeadStore(crate::Error::Storage(format!(
-                "cannot open the job journal in {}: {err}",
-                config.heads.store_dir.display()
-            )))
-        })?;
+        let replica = replica_name(config.server.replica_id.as_deref());
+        let lease = Duration::from_secs_f64(config.heads.job_lease_seconds);
+        let journal =
+            JobJournal::open(&config.heads.store_dir, &replica, lease).map_err(|err| {
+                ServeError::HeadStore(crate::Error::Storage(format!(
+                    "cannot open the job journal in {}: {err}",
+                    config.heads.store_dir.display()
+                )))
+            })?;
         let heads = &config.heads;
         let jobs = Arc::new(JobManager::new(
             Arc::clone(&registry),
@@ -159,6 +190,8 @@ impl Domain {
             },
             Some(journal),
         ));
+        jobs.spawn_lease_renewal();
+        tracing::info!(replica = %replica, "job records are this replica's under its name");
         let datasets = Arc::new(DatasetStore::new(DatasetLimits {
             ttl: Duration::from_secs(heads.dataset_ttl_seconds),
             max_datasets: heads.max_datasets,
