@@ -757,8 +757,9 @@ fn relative_path(from: &Path, to: &Path) -> PathBuf {
     path
 }
 
-#[test]
-fn the_optional_gpu_components_add_a_node_label_and_a_runtime_class() {
+/// The Deployment of `overlay` (under deploy/k8s) with `components` added,
+/// as `kubectl kustomize` renders it.
+fn deployment_with_components(overlay: &str, components: &[&str]) -> Value {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
     let k8s = repo_file("deploy/k8s");
     let to = |path: &str| {
@@ -766,22 +767,34 @@ fn the_optional_gpu_components_add_a_node_label_and_a_runtime_class() {
             .display()
             .to_string()
     };
-    let kustomization = format!(
+    let mut kustomization = format!(
         "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n\
-         resources:\n  - {}\ncomponents:\n  - {}\n  - {}\n",
-        to("overlays/gpu"),
-        to("components/gpu-node-label"),
-        to("components/nvidia-runtime-class"),
+         resources:\n  - {}\ncomponents:\n",
+        to(overlay)
     );
+    for component in components {
+        kustomization.push_str(&format!("  - {}\n", to(component)));
+    }
     std::fs::write(dir.path().join("kustomization.yaml"), kustomization).expect("write");
     let yaml = run_ok(
         Command::new(kubectl()).arg("kustomize").arg(dir.path()),
         None,
     );
-    let deployment = yaml_documents(&yaml)
+    yaml_documents(&yaml)
         .into_iter()
         .find(|o| o["kind"] == "Deployment")
-        .expect("a Deployment");
+        .expect("a Deployment")
+}
+
+#[test]
+fn the_optional_gpu_components_add_a_node_label_and_a_runtime_class() {
+    let deployment = deployment_with_components(
+        "overlays/gpu",
+        &[
+            "components/gpu-node-label",
+            "components/nvidia-runtime-class",
+        ],
+    );
     let pod = &deployment["spec"]["template"]["spec"];
     assert_eq!(pod["nodeSelector"]["nvidia.com/gpu.present"], "true");
     assert_eq!(pod["runtimeClassName"], "nvidia");
@@ -789,4 +802,65 @@ fn the_optional_gpu_components_add_a_node_label_and_a_runtime_class() {
     assert!(list(&pod["tolerations"], "tolerations")
         .iter()
         .any(|t| t["key"] == "nvidia.com/gpu"));
+}
+
+/// The optional volume-permissions component puts a first init container
+/// that hands the shared volumes' top folders to the image's user, root with
+/// only CHOWN and FOWNER, on volumes the pod has, before the model fetch;
+/// the result still passes strict schema validation.
+#[test]
+fn the_volume_permissions_component_chowns_the_shared_volumes_first() {
+    let deployment =
+        deployment_with_components("overlays/cpu", &["components/rwx-volume-permissions"]);
+    let pod = &deployment["spec"]["template"]["spec"];
+    let inits = list(&pod["initContainers"], "initContainers");
+    let names: Vec<&str> = inits.iter().map(|c| text(&c["name"], "name")).collect();
+    assert_eq!(names, ["volume-permissions", "fetch-models"]);
+    let init = &inits[0];
+    let security = &init["securityContext"];
+    assert_eq!(security["runAsUser"], 0);
+    assert_eq!(security["allowPrivilegeEscalation"], false);
+    assert_eq!(security["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    assert_eq!(
+        security["capabilities"]["add"],
+        serde_json::json!(["CHOWN", "FOWNER"])
+    );
+    let volumes: BTreeSet<&str> = list(&pod["volumes"], "volumes")
+        .iter()
+        .map(|v| text(&v["name"], "volume name"))
+        .collect();
+    let mounts: BTreeMap<&str, &str> = list(&init["volumeMounts"], "volumeMounts")
+        .iter()
+        .map(|m| (text(&m["mountPath"], "mountPath"), text(&m["name"], "name")))
+        .collect();
+    assert_eq!(
+        mounts.keys().copied().collect::<Vec<_>>(),
+        ["/heads", "/models"]
+    );
+    assert!(mounts.values().all(|v| volumes.contains(v)), "{mounts:?}");
+    let user = pod["securityContext"]["runAsUser"]
+        .as_u64()
+        .expect("pod user");
+    let command = list(&init["command"], "command")
+        .iter()
+        .map(|c| text(c, "command"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(
+        command.contains(&format!("chown {user}:{user} /heads /models")),
+        "{command}"
+    );
+
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+    let file = dir.path().join("deployment.json");
+    std::fs::write(&file, deployment.to_string()).expect("write");
+    let validator = venv_tool("kubernetes-validate");
+    for version in KUBERNETES_VERSIONS {
+        run_ok(
+            Command::new(&validator)
+                .args(["--strict", "--kubernetes-version", version])
+                .arg(&file),
+            None,
+        );
+    }
 }
