@@ -319,6 +319,11 @@ pub struct HeadsConfig {
     /// Fine-tuned heads' adapters kept in memory at once; the least recently
     /// used is dropped and read again from the store when next asked for.
     pub max_resident_adapters: usize,
+    /// Bytes of fine-tuned heads' adapters kept in memory at once, counting
+    /// for heads with their own top layers the serving engine's copy too; the
+    /// least recently used go first. One adapter larger than this still stays
+    /// while it is the only one.
+    pub max_resident_adapter_bytes: usize,
     /// How long a running job's record stays its replica's after the replica
     /// last renewed it (every sixth of this). Another replica treats a job
     /// whose lease ran out as one whose replica died; until then it leaves
@@ -351,6 +356,7 @@ impl Default for HeadsConfig {
             upload_idle_timeout_seconds: 30.0,
             fine_tune_cache_bytes: 2 * 1024 * 1024 * 1024,
             max_resident_adapters: 128,
+            max_resident_adapter_bytes: 1 << 30,
             job_lease_seconds: 30.0,
         }
     }
@@ -1069,14 +1075,15 @@ fn validate_heads(heads: &HeadsConfig) -> Result<(), String> {
     }
     if heads.max_concurrent_jobs == 0
         || heads.max_resident_adapters == 0
+        || heads.max_resident_adapter_bytes == 0
         || heads.max_examples_per_job < 2
         || heads.max_labels < 2
         || heads.max_label_chars == 0
         || heads.max_heads == 0
     {
         return Err(
-            "heads: max_concurrent_jobs, max_heads, max_label_chars and max_resident_adapters \
-             must be at least 1, \
+            "heads: max_concurrent_jobs, max_heads, max_label_chars, max_resident_adapters and \
+             max_resident_adapter_bytes must be at least 1, \
              max_examples_per_job and max_labels at least 2"
                 .into(),
         );

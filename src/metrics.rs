@@ -48,7 +48,9 @@ pub const TRAINING_JOB_DURATION_SECONDS: &str = "tlserve_training_job_duration_s
 /// Head versions in the head store.
 pub const HEADS: &str = "tlserve_heads";
 /// Fine-tuned heads' adapters resident in memory (bounded by
-/// heads.max_resident_adapters), and their bytes.
+/// heads.max_resident_adapters), and their bytes (bounded by
+/// heads.max_resident_adapter_bytes; heads with their own top layers count
+/// the serving engine's copy too).
 pub const ADAPTERS_RESIDENT: &str = "tlserve_adapters_resident";
 pub const ADAPTER_BYTES: &str = "tlserve_adapter_bytes";
 /// Adapters read from the head store on demand (first use, or after being

@@ -412,6 +412,16 @@ impl Adapter {
         }
     }
 
+    /// Bytes it takes in memory while served, at most: its weights, and for
+    /// top layers the serving engine's copy of them too (as large in f32,
+    /// smaller in bf16 or int8).
+    pub fn resident_bytes(&self) -> usize {
+        match self {
+            Self::Lora(lora) => lora.size_bytes(),
+            Self::Layers(layers) => 2 * layers.size_bytes(),
+        }
+    }
+
     /// Its tensors as a head's file keeps them: `peft`'s names for LoRA, a
     /// `BertModel`'s for layers.
     pub fn to_tensors(&self) -> Result<HashMap<String, Tensor>> {

@@ -1,9 +1,10 @@
 //! Fine-tuned heads' adapters resident in memory, at most a configured
-//! number: the least recently used one is dropped when another comes in, and
-//! read again from the store when it is next asked for. A head's metadata
-//! and classifier stay in memory regardless; only adapters (a MiniLM rank-8
-//! adapter on query and value is about 300 KB, a larger model's or rank's
-//! much more) are bounded.
+//! number and a configured size: the least recently used one is dropped when
+//! another comes in, and read again from the store when it is next asked
+//! for. A head's metadata and classifier stay in memory regardless; only
+//! adapters are bounded (a MiniLM rank-8 LoRA adapter on query and value is
+//! about 300 KB; two MiniLM layers trained in full about 14 MB, and the
+//! serving engine's copy of them as much again).
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -12,8 +13,25 @@ use crate::{backbone::adapter::Adapter, metrics, sync::lock};
 /// Head name and version.
 type Key = (String, u32);
 
+/// How many adapters, and how many bytes of them, may stay resident.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResidentAdapters {
+    pub count: usize,
+    pub bytes: usize,
+}
+
+impl ResidentAdapters {
+    /// At most `count` adapters, of any size.
+    pub fn count(count: usize) -> Self {
+        Self {
+            count,
+            bytes: usize::MAX,
+        }
+    }
+}
+
 pub struct AdapterCache {
-    capacity: usize,
+    bounds: ResidentAdapters,
     entries: std::sync::Mutex<Entries>,
 }
 
@@ -25,10 +43,13 @@ struct Entries {
 }
 
 impl AdapterCache {
-    /// A cache of at most `capacity` adapters (at least one).
-    pub fn new(capacity: usize) -> Self {
+    /// A cache within `bounds` (at least one adapter, whatever its size).
+    pub fn new(bounds: ResidentAdapters) -> Self {
         let cache = Self {
-            capacity: capacity.max(1),
+            bounds: ResidentAdapters {
+                count: bounds.count.max(1),
+                ..bounds
+            },
             entries: Default::default(),
         };
         cache.report(&lock(&cache.entries));
@@ -47,13 +68,15 @@ impl AdapterCache {
     }
 
     /// Makes `adapter` resident as `name@version`, dropping the least
-    /// recently used one when full.
+    /// recently used ones until it fits the bounds (alone, it always does).
     pub fn insert(&self, name: &str, version: u32, adapter: Arc<Adapter>) {
         let mut entries = lock(&self.entries);
         entries.tick += 1;
         let tick = entries.tick;
         let key = (name.to_owned(), version);
-        if !entries.map.contains_key(&key) && entries.map.len() >= self.capacity {
+        entries.map.remove(&key);
+        let size = adapter.resident_bytes();
+        while !entries.map.is_empty() && !self.has_room(&entries, size) {
             let oldest = entries
                 .map
                 .iter()
@@ -67,11 +90,17 @@ impl AdapterCache {
         self.report(&entries);
     }
 
+    /// Whether an adapter of `size` bytes fits beside the resident ones.
+    fn has_room(&self, entries: &Entries, size: usize) -> bool {
+        entries.map.len() < self.bounds.count
+            && resident_bytes(entries).saturating_add(size) <= self.bounds.bytes
+    }
+
     /// [`Self::insert`] only when there is room: what loading a whole store
     /// does, so that a scan does not push out adapters in use.
     pub fn offer(&self, name: &str, version: u32, adapter: Arc<Adapter>) {
-        let full = lock(&self.entries).map.len() >= self.capacity;
-        if !full {
+        let room = self.has_room(&lock(&self.entries), adapter.resident_bytes());
+        if room {
             self.insert(name, version, adapter);
         }
     }
@@ -86,9 +115,12 @@ impl AdapterCache {
     }
 
     fn report(&self, entries: &Entries) {
-        let bytes = entries.map.values().map(|(a, _)| a.size_bytes()).sum();
-        metrics::set_resident_adapters(entries.map.len(), bytes);
+        metrics::set_resident_adapters(entries.map.len(), resident_bytes(entries));
     }
+}
+
+fn resident_bytes(entries: &Entries) -> usize {
+    entries.map.values().map(|(a, _)| a.resident_bytes()).sum()
 }
 
 #[cfg(test)]
@@ -104,10 +136,56 @@ mod tests {
         }))
     }
 
+    /// A LoRA adapter of `floats` values (A and B together).
+    fn sized(floats: usize) -> Arc<Adapter> {
+        use crate::backbone::adapter::{LayerSlots, LowRankWeights};
+        let mut slots: LayerSlots = Default::default();
+        slots[0] = Some(LowRankWeights {
+            a: vec![0.0; floats / 2],
+            b: vec![0.0; floats - floats / 2],
+            rank: 1,
+            inputs: floats / 2,
+            outputs: floats - floats / 2,
+        });
+        Arc::new(Adapter::Lora(crate::backbone::adapter::LoraAdapter {
+            rank: 1,
+            alpha: 1.0,
+            first_layer: 0,
+            layers: vec![slots],
+        }))
+    }
+
+    /// With a bound on bytes, the least recently used adapters go until the
+    /// new one fits; one larger than the bound alone still comes in.
+    #[test]
+    fn the_byte_bound_drops_the_least_recently_used_first() {
+        let cache = AdapterCache::new(ResidentAdapters {
+            count: 10,
+            bytes: 1000,
+        });
+        cache.insert("a", 1, sized(100)); // 400 bytes
+        cache.insert("b", 1, sized(100));
+        assert!(cache.get("a", 1).is_some());
+        cache.insert("c", 1, sized(100));
+        assert!(cache.get("b", 1).is_none(), "b was the least recently used");
+        assert!(cache.get("a", 1).is_some() && cache.get("c", 1).is_some());
+        cache.offer("d", 1, sized(100));
+        assert!(
+            cache.get("d", 1).is_none(),
+            "no room: the offer is declined"
+        );
+        cache.insert("big", 1, sized(1000));
+        assert!(
+            cache.get("big", 1).is_some(),
+            "alone it stays, over the bound"
+        );
+        assert!(cache.get("a", 1).is_none() && cache.get("c", 1).is_none());
+    }
+
     /// The least recently used adapter goes first; a use counts as recent.
     #[test]
     fn the_least_recently_used_adapter_is_dropped() {
-        let cache = AdapterCache::new(2);
+        let cache = AdapterCache::new(ResidentAdapters::count(2));
         cache.insert("a", 1, adapter());
         cache.insert("b", 1, adapter());
         assert!(cache.get("a", 1).is_some());

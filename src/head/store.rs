@@ -14,7 +14,12 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use super::{adapters::AdapterCache, finetune::Method, model::HeadWeights, HeadMetadata, HeadRef};
+use super::{
+    adapters::{AdapterCache, ResidentAdapters},
+    finetune::Method,
+    model::HeadWeights,
+    HeadMetadata, HeadRef,
+};
 use crate::backbone::adapter::{Adapter, AdapterKind};
 use crate::{config::is_valid_name, fsutil, sync::lock, Error, Result};
 
@@ -46,8 +51,12 @@ pub struct HeadStore {
     adapters: AdapterCache,
 }
 
-/// Adapters resident at once unless configured (heads.max_resident_adapters).
-pub const DEFAULT_RESIDENT_ADAPTERS: usize = 128;
+/// Adapters resident at once unless configured (heads.max_resident_adapters
+/// and heads.max_resident_adapter_bytes).
+pub const DEFAULT_RESIDENT_ADAPTERS: ResidentAdapters = ResidentAdapters {
+    count: 128,
+    bytes: 1 << 30,
+};
 
 fn io_err(what: &str, path: &Path, err: std::io::Error) -> Error {
     Error::Storage(format!("{what} {}: {err}", path.display()))
@@ -84,12 +93,12 @@ impl HeadStore {
         Self::open_with_adapters(root, max_heads, DEFAULT_RESIDENT_ADAPTERS)
     }
 
-    /// [`HeadStore::open`] keeping at most `resident_adapters` fine-tuned
-    /// adapters in memory.
+    /// [`HeadStore::open`] keeping fine-tuned adapters in memory within
+    /// `resident_adapters`.
     pub fn open_with_adapters(
         root: &Path,
         max_heads: usize,
-        resident_adapters: usize,
+        resident_adapters: ResidentAdapters,
     ) -> Result<Self> {
         fs::create_dir_all(root).map_err(|err| io_err("cannot create", root, err))?;
         remove_leftovers(root);
@@ -753,10 +762,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (meta, weights, adapter) = tuned_layers("layers", 0.5);
         let stored = {
-            let store = HeadStore::open_with_adapters(dir.path(), 10, 4).unwrap();
+            let store =
+                HeadStore::open_with_adapters(dir.path(), 10, ResidentAdapters::count(4)).unwrap();
             store.publish(meta, weights, Some(adapter.clone())).unwrap()
         };
-        let reopened = HeadStore::open_with_adapters(dir.path(), 10, 4).unwrap();
+        let reopened =
+            HeadStore::open_with_adapters(dir.path(), 10, ResidentAdapters::count(4)).unwrap();
         let read = reopened.adapter(&stored).unwrap().expect("an adapter");
         assert_eq!(*read, adapter);
         let (_, direct) = read_head(dir.path(), &reference("layers")).unwrap();
@@ -768,7 +779,8 @@ mod tests {
     #[test]
     fn adapters_beyond_the_bound_are_read_back_from_disk() {
         let dir = tempfile::tempdir().unwrap();
-        let store = HeadStore::open_with_adapters(dir.path(), 10, 1).unwrap();
+        let store =
+            HeadStore::open_with_adapters(dir.path(), 10, ResidentAdapters::count(1)).unwrap();
         let (meta, weights, first_adapter) = tuned("first", 1.0);
         let first = store
             .publish(meta, weights, Some(first_adapter.clone()))
@@ -797,7 +809,8 @@ mod tests {
             "a record without its adapter"
         );
 
-        let reopened = HeadStore::open_with_adapters(dir.path(), 10, 4).unwrap();
+        let reopened =
+            HeadStore::open_with_adapters(dir.path(), 10, ResidentAdapters::count(4)).unwrap();
         let head = reopened.get(&reference("first")).unwrap();
         assert_eq!(
             *reopened.cached_adapter(&head).expect("loaded"),

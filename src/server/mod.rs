@@ -26,7 +26,7 @@ use crate::{
     config::Config,
     core,
     datasets::{DatasetLimits, DatasetStore},
-    head::store::HeadStore,
+    head::{adapters::ResidentAdapters, store::HeadStore},
     jobs::{journal::JobJournal, JobLimits, JobManager},
     metrics,
     proto::{
@@ -165,7 +165,10 @@ impl Domain {
             HeadStore::open_with_adapters(
                 &config.heads.store_dir,
                 config.heads.max_heads,
-                config.heads.max_resident_adapters,
+                ResidentAdapters {
+                    count: config.heads.max_resident_adapters,
+                    bytes: config.heads.max_resident_adapter_bytes,
+                },
             )
             .map_err(ServeError::HeadStore)?,
         );
