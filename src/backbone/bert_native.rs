@@ -228,6 +228,13 @@ impl<'a> Groups<'a> {
     /// Who runs layer `index` for each of `texts` texts: the base layer
     /// except for texts whose head has its own, merged into runs.
     fn segments(&self, base: &'a Layer, index: usize, texts: usize) -> Vec<Segment<'a>> {
+        if self.layers.is_empty() {
+            // The common pass: no head has layers of its own.
+            return vec![Segment {
+                layer: base,
+                texts: 0..texts,
+            }];
+        }
         let mut segments: Vec<Segment<'a>> = Vec::new();
         for text in 0..texts {
             let layer = self

@@ -5,7 +5,7 @@
 use super::training::TrainingOptions;
 use crate::{
     head::{
-        finetune::{FineTuneParams, LoraSettings, LoraTargets, Method},
+        finetune::{FineTuneParams, LoraTargets},
         HeadKind, Solver,
     },
     Error, Result,
@@ -77,17 +77,14 @@ pub fn fine_tune_params(
     let mut params = match &tuning.method {
         MethodOptions::Lora(lora) => {
             let mut params = FineTuneParams::defaults(lora.layers.unwrap_or(0));
-            let rank = lora.rank.unwrap_or(8);
-            params.method = Method::Lora(LoraSettings {
-                layers: lora.layers.unwrap_or(0),
-                rank,
-                alpha: lora.alpha.unwrap_or(2.0 * rank as f64),
-                dropout: lora.dropout.unwrap_or(0.0),
-                targets: match lora.targets.is_empty() {
-                    true => LoraTargets::default(),
-                    false => LoraTargets::from_names(&lora.targets)?,
-                },
-            });
+            if let Some(settings) = params.lora_mut() {
+                settings.rank = lora.rank.unwrap_or(settings.rank);
+                settings.alpha = lora.alpha.unwrap_or(2.0 * settings.rank as f64);
+                settings.dropout = lora.dropout.unwrap_or(settings.dropout);
+                if !lora.targets.is_empty() {
+                    settings.targets = LoraTargets::from_names(&lora.targets)?;
+                }
+            }
             params
         }
         MethodOptions::TopLayers { layers } => FineTuneParams::top_layers(layers.unwrap_or(0)),

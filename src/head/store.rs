@@ -11,7 +11,7 @@ use std::{
     fs::{self, File},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, RwLock},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use super::{
@@ -507,16 +507,10 @@ fn remove_leftovers(root: &Path) {
         if !entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
             continue;
         }
-        let age = entry
-            .metadata()
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|modified| SystemTime::now().duration_since(modified).ok())
-            .unwrap_or_default();
-        if age < LEFTOVER_AGE {
+        let path = entry.path();
+        if !fsutil::is_older_than(&path, LEFTOVER_AGE) {
             continue;
         }
-        let path = entry.path();
         if let Err(err) = fs::remove_dir_all(&path) {
             tracing::warn!(path = %path.display(), error = %err, "cannot remove leftover");
         }
@@ -886,7 +880,7 @@ mod tests {
         fs::create_dir_all(&crashed).unwrap();
         File::open(&crashed)
             .unwrap()
-            .set_modified(SystemTime::now() - 2 * LEFTOVER_AGE)
+            .set_modified(std::time::SystemTime::now() - 2 * LEFTOVER_AGE)
             .unwrap();
         fs::create_dir_all(dir.path().join(".tmp-in-flight")).unwrap();
         fs::create_dir_all(dir.path().join("good/7")).unwrap();

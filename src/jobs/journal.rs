@@ -196,12 +196,7 @@ impl JobJournal {
 
 /// Removes a temporary file old enough to be a crash's leftover.
 fn remove_if_leftover(path: &Path) {
-    let old = fs::metadata(path)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|modified| modified.elapsed().ok())
-        .is_some_and(|age| age >= LEFTOVER_AGE);
-    if old {
+    if fsutil::is_older_than(path, LEFTOVER_AGE) {
         let _ = fs::remove_file(path);
     }
 }

@@ -93,30 +93,10 @@ fn create_parent(path: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Writes `bytes` to a synced temporary file and links it to `path`, which
-/// fails when `path` exists; the temporary file goes either way.
+/// [`fsutil::create_atomically`] in a folder created when missing.
 fn create_new(path: &Path, bytes: &[u8]) -> std::io::Result<bool> {
     create_parent(path)?;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let temp = dir.join(format!(
-        "{}{name}-{}",
-        fsutil::TEMP_PREFIX,
-        uuid::Uuid::new_v4()
-    ));
-    let linked = fsutil::write_synced(&temp, bytes).and_then(|()| fs::hard_link(&temp, path));
-    let _ = fs::remove_file(&temp);
-    match linked {
-        Ok(()) => {
-            fsutil::sync_dir(dir)?;
-            Ok(true)
-        }
-        Err(err) if err.kind() == ErrorKind::AlreadyExists => Ok(false),
-        Err(err) => Err(err),
-    }
+    fsutil::create_atomically(path, bytes)
 }
 
 /// Every file under `root/prefix` (or `root` for `""`), temporary ones left
