@@ -1,55 +1,37 @@
-//! Publishes versions of one head into a head store, forever, as fast as it can:
-//! the process tests/crash_safety.rs kills with SIGKILL at random moments.
+//! Publishes versions of one head into a head store as fast as it can, each
+//! version's number on a line: the process tests/crash_safety.rs kills with
+//! SIGKILL at random moments, and several of which tests/storage.rs runs at
+//! once against one store.
 //!
-//! Usage: publish_loop STORE_DIR
+//! Usage: publish_loop STORE_DIR [COUNT]
+//!        publish_loop s3 ENDPOINT BUCKET PREFIX [COUNT]
+//! Forever unless COUNT is given. On S3 the credentials come from the
+//! environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY).
+
+mod support;
 
 use tlserve::{
-    head::{
-        model::HeadWeights, store::HeadStore, FeatureSettings, HeadKind, HeadMetadata, HeadMetrics,
-        TrainingParams,
-    },
-    nn::Dense,
+    head::store::{HeadStore, DEFAULT_RESIDENT_ADAPTERS},
+    storage::Storage,
 };
 
-fn main() {
-    let dir = std::env::args()
-        .nth(1)
-        .expect("usage: publish_loop STORE_DIR");
-    let store = HeadStore::open(std::path::Path::new(&dir), usize::MAX).expect("open store");
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let (location, count) = support::store_from_args(
+        "usage: publish_loop STORE_DIR [COUNT] | publish_loop s3 ENDPOINT BUCKET PREFIX [COUNT]",
+    );
+    let storage = Storage::open(&location).expect("open storage");
+    let store = HeadStore::open(storage, usize::MAX, DEFAULT_RESIDENT_ADAPTERS)
+        .await
+        .expect("open store");
     // Weights of a realistic size (a 384 x 64 linear head) so that a kill often
     // lands inside the write, not between two.
-    let (inputs, outputs) = (384, 64);
-    let weights = HeadWeights::Linear {
-        output: Dense {
-            weight: (0..inputs * outputs)
-                .map(|i| (i as f32 * 0.01).sin())
-                .collect(),
-            bias: vec![0.1; outputs],
-            inputs,
-            outputs,
-        },
-    };
-    loop {
-        let meta = HeadMetadata {
-            name: "crash".into(),
-            version: 0,
-            backbone: "all-MiniLM-L6-v2".into(),
-            backbone_fingerprint: "f".repeat(64),
-            features: FeatureSettings {
-                pooling: tlserve::backbone::Pooling::Mean,
-                normalize: true,
-            },
-            input_dim: inputs,
-            labels: (0..outputs).map(|i| format!("label-{i}")).collect(),
-            kind: HeadKind::Linear,
-            training: TrainingParams::default(),
-            metrics: HeadMetrics::default(),
-            train_examples: 1,
-            validation_examples: 0,
-            created_at_ms: 0,
-            fine_tuning: None,
-        };
-        let head = store.publish(meta, weights.clone(), None).expect("publish");
+    let (meta, weights) = support::linear_head("crash", 384, 64);
+    for _ in 0..count.unwrap_or(usize::MAX) {
+        let head = store
+            .publish(meta.clone(), weights.clone(), None)
+            .await
+            .expect("publish");
         println!("{}", head.meta.version);
     }
 }

@@ -58,6 +58,8 @@ pub struct Config {
     pub heads: HeadsConfig,
     #[serde(default)]
     pub auth: AuthConfig,
+    #[serde(default)]
+    pub storage: StorageConfig,
     /// The backbones this server loads at start-up and keeps resident.
     #[serde(default)]
     pub backbones: Vec<BackboneConfig>,
@@ -280,12 +282,103 @@ impl LimitsConfig {
     }
 }
 
+/// Where replicas keep what they share: head versions, uploaded datasets and
+/// job records.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    pub backend: StorageBackend,
+    /// For `backend = "s3"`.
+    pub s3: S3Config,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    /// The folder `heads.store_dir`: a local disk for one replica, a
+    /// ReadWriteMany volume mounted by every replica.
+    #[default]
+    Volume,
+    /// S3-compatible object storage (AWS S3, MinIO, Ceph RGW, R2, ...).
+    S3,
+}
+
+/// An S3 bucket. Credentials never come from here: they are read from the
+/// environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+/// `AWS_SESSION_TOKEN`) or a pod's web identity.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Config {
+    pub bucket: String,
+    /// Every key goes under this prefix (`tlserve/prod`); empty: the bucket's root.
+    pub prefix: String,
+    pub region: String,
+    /// Another S3-compatible service (`https://minio.example:9000`); unset: AWS.
+    pub endpoint: Option<String>,
+    /// Allows a plain-HTTP endpoint; for a server on the same host only.
+    pub allow_http: bool,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        Self {
+            bucket: String::new(),
+            prefix: String::new(),
+            region: "us-east-1".into(),
+            endpoint: None,
+            allow_http: false,
+        }
+    }
+}
+
+/// An S3 backend names its bucket, a prefix of plain segments, and an http(s)
+/// endpoint.
+fn validate_storage(storage: &StorageConfig) -> Result<(), String> {
+    if storage.backend != StorageBackend::S3 {
+        return Ok(());
+    }
+    let s3 = &storage.s3;
+    let bucket_ok = (3..=63).contains(&s3.bucket.len())
+        && s3
+            .bucket
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.'));
+    if !bucket_ok {
+        return Err(format!(
+            "storage.s3.bucket `{}` is not a bucket name (3-63 lowercase letters, digits, '-', '.')",
+            s3.bucket
+        ));
+    }
+    if !s3.prefix.is_empty() && !s3.prefix.split('/').all(is_valid_name) {
+        return Err(format!(
+            "storage.s3.prefix `{}` must be `/`-separated names of letters, digits, '-', '_', '.' \
+             (no leading or trailing `/`)",
+            s3.prefix
+        ));
+    }
+    if let Some(endpoint) = &s3.endpoint {
+        if !(endpoint.starts_with("https://") || endpoint.starts_with("http://")) {
+            return Err(format!(
+                "storage.s3.endpoint `{endpoint}` must start with https:// (or http://)"
+            ));
+        }
+        if endpoint.starts_with("http://") && !s3.allow_http {
+            return Err(format!(
+                "storage.s3.endpoint `{endpoint}` is plain HTTP: set storage.s3.allow_http = true \
+                 if that is meant (credentials and data travel unencrypted)"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The head store and training jobs.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HeadsConfig {
-    /// Where heads are stored; relative to the config file. Share it between
-    /// replicas (a ReadWriteMany volume) so every replica serves every head.
+    /// The shared store's folder when `storage.backend` is `volume`:
+    /// heads, uploaded datasets and job records; relative to the config
+    /// file. Share it between replicas (a ReadWriteMany volume).
     pub store_dir: PathBuf,
     /// Most head versions in the store.
     pub max_heads: usize,
@@ -293,7 +386,8 @@ pub struct HeadsConfig {
     pub max_concurrent_jobs: usize,
     /// Jobs waiting beyond the running ones; more are refused.
     pub max_queued_jobs: usize,
-    /// Finished jobs remembered for WatchJob and ListJobs.
+    /// Finished jobs remembered for WatchJob and ListJobs; a replica removes
+    /// the oldest records beyond this many that it knows of.
     pub finished_jobs_kept: usize,
     /// Most examples in one job or uploaded dataset.
     pub max_examples_per_job: usize,
@@ -301,14 +395,15 @@ pub struct HeadsConfig {
     pub max_labels: usize,
     /// Longest label, in characters.
     pub max_label_chars: usize,
-    /// Uploaded datasets waiting for a job at once.
+    /// Uploads in progress on a replica and datasets waiting for a job in
+    /// the store, together.
     pub max_datasets: usize,
     /// How long an uploaded dataset waits for a job before it is dropped.
     pub dataset_ttl_seconds: u64,
     /// Most bytes (encoded examples) of one upload.
     pub max_upload_bytes: usize,
-    /// Most bytes held by uploads in progress and datasets waiting for a job,
-    /// all together.
+    /// Most bytes held in memory by a replica's uploads in progress, all
+    /// together.
     pub max_dataset_bytes: usize,
     /// An upload that sends nothing for this long is ended.
     pub upload_idle_timeout_seconds: f64,
@@ -952,6 +1047,7 @@ impl Config {
         validate_server(&self.server)
             .and_then(|()| validate_limits(&self.limits))
             .and_then(|()| validate_heads(&self.heads))
+            .and_then(|()| validate_storage(&self.storage))
             .and_then(|()| self.validate_backbones())
             .map_err(ConfigError::Invalid)
     }
@@ -1168,6 +1264,58 @@ mod tests {
         architecture = "bert"
         source = { path = "models/minilm" }
     "#;
+
+    /// The S3 backend comes from the environment like any setting, and a
+    /// bucket name, prefix or endpoint that could not work is refused at
+    /// start-up.
+    #[test]
+    fn the_storage_backend_is_set_and_checked() {
+        let s3 = |extra: &[(&str, &str)]| {
+            let mut vars = vec![("TLSERVE__STORAGE__BACKEND", "s3")];
+            if !extra.iter().any(|(var, _)| var.ends_with("BUCKET")) {
+                vars.push(("TLSERVE__STORAGE__S3__BUCKET", "team-heads"));
+            }
+            vars.extend_from_slice(extra);
+            Config::from_toml(MINIMAL, Path::new("."), env(&vars))
+        };
+        let config = s3(&[("TLSERVE__STORAGE__S3__PREFIX", "tlserve/prod")]).unwrap();
+        assert_eq!(config.storage.backend, StorageBackend::S3);
+        assert_eq!(
+            (
+                config.storage.s3.bucket.as_str(),
+                config.storage.s3.prefix.as_str()
+            ),
+            ("team-heads", "tlserve/prod")
+        );
+        let default = Config::from_toml(MINIMAL, Path::new("."), env(&[])).unwrap();
+        assert_eq!(default.storage.backend, StorageBackend::Volume);
+        for (var, value, named) in [
+            (
+                "TLSERVE__STORAGE__S3__BUCKET",
+                "Team_Heads",
+                "storage.s3.bucket",
+            ),
+            ("TLSERVE__STORAGE__S3__PREFIX", "/lead", "storage.s3.prefix"),
+            (
+                "TLSERVE__STORAGE__S3__ENDPOINT",
+                "minio:9000",
+                "storage.s3.endpoint",
+            ),
+            (
+                "TLSERVE__STORAGE__S3__ENDPOINT",
+                "http://minio:9000",
+                "allow_http",
+            ),
+        ] {
+            let err = s3(&[(var, value)]).unwrap_err().to_string();
+            assert!(err.contains(named), "{var}={value}: {err}");
+        }
+        let plain = s3(&[
+            ("TLSERVE__STORAGE__S3__ENDPOINT", "http://127.0.0.1:9000"),
+            ("TLSERVE__STORAGE__S3__ALLOW_HTTP", "true"),
+        ]);
+        assert!(plain.is_ok());
+    }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs

@@ -22,10 +22,10 @@
 //! wire | protobuf messages to and from the core's types
 //! proto | the generated `tlserve.v1` contract
 //! core | the use cases: embed, predict, training-job submission, dataset upload, the catalog
-//! datasets | uploaded training sets, waiting for a job
-//! jobs | training-job lifecycle and its records on disk
+//! jobs | training-job lifecycle and its records in the shared store
+//! datasets | training sets in the shared store: uploads waiting for a job, every job's examples
 //! registry | the configured backbones, resident, each with its queue
-//! head | head models, their training, the crash-safe head store
+//! head | head models, their training, the head store on the shared store
 //! batching | one bounded queue per backbone, batch formation, worker threads
 //! backbone | trait Backbone, one file per architecture, preprocessing; the only layer that knows tensor layouts
 //! nn | numeric building blocks shared by backbones and heads; f32, bf16 and int8 dense layers with CPU kernels chosen at run time

@@ -695,10 +695,13 @@ impl TrainingArgs {
 /// Exports a stored fine-tuned head's adapter for `peft`, or its top layers
 /// for a PyTorch `BertModel`; reads the store without opening it, so it may
 /// run beside a server.
-fn export_adapter(config: &Path, head: &str, out: &Path) -> Result<serde_json::Value> {
+async fn export_adapter(config: &Path, head: &str, out: &Path) -> Result<serde_json::Value> {
     let config = tlserve::config::Config::load(config)?;
     let reference = tlserve::head::HeadRef::parse(head).map_err(anyhow::Error::msg)?;
-    let (stored, adapter) = tlserve::head::store::read_head(&config.heads.store_dir, &reference)?;
+    let location =
+        tlserve::storage::Location::from_config(&config.storage, &config.heads.store_dir);
+    let storage = tlserve::storage::Storage::open(&location)?;
+    let (stored, adapter) = tlserve::head::store::read_head(&storage, &reference).await?;
     let meta = &stored.meta;
     let adapter = adapter.with_context(|| {
         format!(
@@ -820,7 +823,7 @@ async fn run(cli: Cli) -> Result<()> {
             print_json(&client::heads(channel).await?)?;
         }
         Command::ExportAdapter { config, head, out } => {
-            print_json(&export_adapter(&config, &head, &out)?)?;
+            print_json(&export_adapter(&config, &head, &out).await?)?;
         }
         Command::Convert { legacy_pth, out } => {
             let count =

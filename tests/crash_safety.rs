@@ -1,7 +1,8 @@
 //! Crash safety of the head store: a process publishing head versions in a loop
 //! (examples/publish_loop.rs) is killed with SIGKILL at random moments, many
-//! times. After every kill the store must open, every version folder in it must
-//! load, and the next version number must be above every existing one.
+//! times. After every kill the store must open, every version whose manifest
+//! exists must load, no number may be skipped, and the next version number
+//! must be above every existing one.
 
 mod common;
 
@@ -10,40 +11,77 @@ use std::{
     time::Duration,
 };
 
-use tlserve::head::{store::HeadStore, HeadRef};
+use tlserve::{
+    head::{
+        store::{HeadStore, DEFAULT_RESIDENT_ADAPTERS},
+        HeadRef,
+    },
+    storage::{Location, Storage},
+};
 
 const KILLS: usize = 25;
 
-/// examples/publish_loop, built by `cargo test` next to the test binaries.
 fn publish_loop() -> std::path::PathBuf {
-    let deps = std::env::current_exe().expect("test binary");
-    let path = deps
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target dir")
-        .join("examples/publish_loop");
-    assert!(
-        path.is_file(),
-        "{} is missing: cargo test builds it",
-        path.display()
-    );
-    path
+    common::example_binary("publish_loop")
 }
 
-/// Every version folder of `name` in the store directory.
-fn version_dirs(root: &std::path::Path, name: &str) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir(root.join(name)) else {
+/// Every published version of `name` in the store directory: the version
+/// folders holding a manifest.
+fn published(root: &std::path::Path, name: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir(root.join("heads").join(name)) else {
         return Vec::new();
     };
     let mut versions: Vec<u32> = entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let version = e.file_name().to_str()?.parse().ok()?;
+            e.path().join("head.json").is_file().then_some(version)
+        })
         .collect();
     versions.sort();
     versions
 }
 
-#[test]
-fn sigkill_while_publishing_never_leaves_a_broken_head() {
+/// Writes a kill cut short: temporary files, and weights no manifest names.
+fn cut_short(root: &std::path::Path, name: &str) -> usize {
+    let head = root.join("heads").join(name);
+    let mut named = std::collections::HashSet::new();
+    let mut temporary = 0;
+    for version in std::fs::read_dir(&head).into_iter().flatten().flatten() {
+        for file in std::fs::read_dir(version.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let file_name = file.file_name().to_string_lossy().into_owned();
+            if file_name.starts_with(".tmp-") {
+                temporary += 1;
+            } else if file_name == "head.json" {
+                let manifest: serde_json::Value =
+                    serde_json::from_slice(&std::fs::read(file.path()).expect("manifest"))
+                        .expect("every manifest parses");
+                if let Some(blob) = manifest["weights"].as_str() {
+                    named.insert(blob.rsplit('/').next().unwrap_or_default().to_owned());
+                }
+            }
+        }
+    }
+    let unnamed = std::fs::read_dir(head.join("blobs"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|blob| !named.contains(&*blob.file_name().to_string_lossy()))
+        .count();
+    temporary + unnamed
+}
+
+async fn open(root: &std::path::Path) -> tlserve::Result<HeadStore> {
+    let storage = Storage::open(&Location::Volume(root.to_owned()))?;
+    HeadStore::open(storage, usize::MAX, DEFAULT_RESIDENT_ADAPTERS).await
+}
+
+#[tokio::test]
+async fn sigkill_while_publishing_never_leaves_a_broken_head() {
     let dir = tempfile::tempdir().expect("temp dir");
     let root = dir.path();
     let binary = publish_loop();
@@ -67,15 +105,21 @@ fn sigkill_while_publishing_never_leaves_a_broken_head() {
         child.kill().expect("SIGKILL"); // std's kill sends SIGKILL on Unix
         child.wait().expect("reap");
 
-        let store = HeadStore::open(root, usize::MAX)
+        let store = open(root)
+            .await
             .unwrap_or_else(|err| panic!("after kill {kill}: the store does not open: {err}"));
-        let versions = version_dirs(root, "crash");
+        let versions = published(root, "crash");
+        let expected: Vec<u32> = (1..=versions.len() as u32).collect();
+        assert_eq!(
+            versions, expected,
+            "after kill {kill}: numbers are gap-free"
+        );
         for &version in &versions {
             let reference = HeadRef {
                 name: "crash".into(),
                 version: Some(version),
             };
-            let head = store.get(&reference).unwrap_or_else(|err| {
+            let head = store.get(&reference).await.unwrap_or_else(|err| {
                 panic!("after kill {kill} ({delay:?}): version {version} does not load: {err}")
             });
             assert_eq!(head.meta.version, version);
@@ -87,15 +131,9 @@ fn sigkill_while_publishing_never_leaves_a_broken_head() {
         );
         published_before = versions.len();
     }
-    // Leftover temporary folders are kills that landed inside a write (the
-    // store removes them once they are an hour old).
-    let interrupted = std::fs::read_dir(root)
-        .expect("store dir")
-        .filter(|e| {
-            e.as_ref()
-                .is_ok_and(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
-        })
-        .count();
+    // Leftovers are kills that landed inside a write (the store removes them
+    // once they are an hour old).
+    let interrupted = cut_short(root, "crash");
     eprintln!(
         "{KILLS} kills: {published_before} versions published, {interrupted} writes cut short"
     );
@@ -107,8 +145,8 @@ fn sigkill_while_publishing_never_leaves_a_broken_head() {
     );
 
     // Versions only increase, whatever the crashes left behind.
-    let store = HeadStore::open(root, usize::MAX).expect("open");
-    let highest = version_dirs(root, "crash").into_iter().max().unwrap_or(0);
+    let store = open(root).await.expect("open");
+    let highest = published(root, "crash").into_iter().max().unwrap_or(0);
     let output = Command::new(publish_loop())
         .arg(root)
         .stdout(Stdio::piped())

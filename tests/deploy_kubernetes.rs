@@ -42,12 +42,14 @@ fn overlays_render_to_schema_valid_objects() {
         for object in &rendered.objects {
             *kinds.entry(text(&object["kind"], "kind")).or_default() += 1;
         }
+        // Object storage: its settings' ConfigMap instead of the heads' claim.
+        let object_storage = usize::from(overlay == "object-storage");
         let expected: BTreeMap<&str, usize> = [
-            ("ConfigMap", 2),
+            ("ConfigMap", 2 + object_storage),
             ("Deployment", 1),
             ("HorizontalPodAutoscaler", 1),
             ("NetworkPolicy", 1),
-            ("PersistentVolumeClaim", 2),
+            ("PersistentVolumeClaim", 2 - object_storage),
             ("PodDisruptionBudget", 1),
             ("Service", 2),
             ("ServiceMonitor", 1),
@@ -460,18 +462,7 @@ fn the_deployment_agrees_with_the_server_config_and_the_image() {
             "{python_image} on Debian {release}"
         );
 
-        // Heads: a writable ReadWriteMany claim shared by every replica.
-        let heads = rendered.mount_holding(container, &config.heads.store_dir);
-        assert_eq!(
-            Path::new(text(&heads["mountPath"], "mountPath")),
-            config.heads.store_dir
-        );
-        assert_ne!(heads["readOnly"], true);
-        let claim = rendered.claim_of(text(&heads["name"], "name"));
-        assert_eq!(
-            claim["spec"]["accessModes"],
-            serde_json::json!(["ReadWriteMany"])
-        );
+        check_shared_store(&rendered, &config, container);
 
         // Selectors: the Deployment, the Services and the PDB select the pods.
         assert!(selects(
@@ -741,6 +732,42 @@ fn assert_writable_cuda_cache(rendered: &Rendered) {
     assert_ne!(mount["readOnly"], true, "the CUDA cache must be writable");
     let volume = rendered.volume(text(&mount["name"], "mount name"));
     assert!(volume["emptyDir"].is_object(), "{volume}");
+}
+
+/// Where replicas share heads, datasets and jobs: a writable ReadWriteMany
+/// claim mounted at the store's folder, or (object-storage overlay) a bucket
+/// named in the config, credentials from the Secret, and no claim for heads.
+fn check_shared_store(rendered: &Rendered, config: &tlserve::config::Config, container: &Value) {
+    let heads = rendered.mount_holding(container, &config.heads.store_dir);
+    let volume = rendered.volume(text(&heads["name"], "name"));
+    if config.storage.backend == tlserve::config::StorageBackend::S3 {
+        assert_eq!(rendered.overlay, "object-storage");
+        assert!(!config.storage.s3.bucket.is_empty(), "a bucket");
+        assert!(volume["emptyDir"].is_object(), "{volume}");
+        assert!(
+            rendered
+                .all("PersistentVolumeClaim")
+                .iter()
+                .all(|c| c["metadata"]["name"] != "tlserve-heads"),
+            "no claim for heads"
+        );
+        let secret = list(&container["envFrom"], "envFrom")
+            .iter()
+            .find_map(|from| from["secretRef"]["name"].as_str())
+            .expect("credentials from a Secret");
+        assert_eq!(secret, "tlserve-s3-credentials");
+        return;
+    }
+    assert_eq!(
+        Path::new(text(&heads["mountPath"], "mountPath")),
+        config.heads.store_dir
+    );
+    assert_ne!(heads["readOnly"], true);
+    let claim = rendered.claim_of(text(&heads["name"], "name"));
+    assert_eq!(
+        claim["spec"]["accessModes"],
+        serde_json::json!(["ReadWriteMany"])
+    );
 }
 
 /// The path from `from` to `to`, both absolute: kustomize takes only

@@ -342,8 +342,10 @@ async fn stalled_half_sent_messages_are_bounded_and_timed_out() {
 #[tokio::test]
 async fn a_version_folder_at_the_top_of_the_range_fails_publishing_plainly() {
     let store = tempfile::tempdir().expect("store dir");
-    std::fs::create_dir_all(store.path().join("full").join(u32::MAX.to_string()))
-        .expect("version folder");
+    // The highest number taken (by a version deleted since).
+    let top = store.path().join("heads/full").join(u32::MAX.to_string());
+    std::fs::create_dir_all(&top).expect("version folder");
+    std::fs::write(top.join("deleted"), b"").expect("marker");
     let server = TestServer::start(&format!(
         "{}\n[heads]\nstore_dir = \"{}\"\n",
         TestServer::minilm_config("", ""),

@@ -131,3 +131,70 @@ async fn only_one_of_many_creators_wins(storage: &Storage) {
         .expect("created");
     assert_eq!(stored, format!("creator {}", winners[0]).as_bytes());
 }
+
+/// `processes` publishers, each a process of its own, publish `each`
+/// versions of one head at once; every version number from 1 up is handed
+/// out exactly once, and every version reads back.
+async fn concurrent_publishers_get_each_number_once(
+    store: &[String],
+    env: &[(&str, &str)],
+    location: &Location,
+) {
+    let (processes, each) = (4, 6);
+    let children: Vec<std::process::Child> = (0..processes)
+        .map(|_| {
+            std::process::Command::new(common::example_binary("publish_loop"))
+                .args(store)
+                .arg(each.to_string())
+                .envs(env.iter().copied())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("start a publisher")
+        })
+        .collect();
+    let mut versions: Vec<u32> = Vec::new();
+    for child in children {
+        let output = child.wait_with_output().expect("publisher");
+        assert!(output.status.success(), "a publisher failed");
+        let text = String::from_utf8(output.stdout).expect("utf-8");
+        versions.extend(text.lines().map(|l| l.parse::<u32>().expect("a version")));
+    }
+    versions.sort_unstable();
+    let expected: Vec<u32> = (1..=(processes * each) as u32).collect();
+    assert_eq!(versions, expected, "gap-free, duplicate-free");
+
+    let storage = Storage::open(location).expect("open");
+    let store = tlserve::head::store::HeadStore::open(
+        storage,
+        usize::MAX,
+        tlserve::head::store::DEFAULT_RESIDENT_ADAPTERS,
+    )
+    .await
+    .expect("store");
+    assert_eq!(store.list(None, true).await.len(), expected.len());
+}
+
+#[tokio::test]
+async fn concurrent_publishers_on_a_volume() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = [dir.path().display().to_string()];
+    let location = Location::Volume(dir.path().to_owned());
+    concurrent_publishers_get_each_number_once(&store, &[], &location).await;
+}
+
+#[tokio::test]
+async fn concurrent_publishers_on_s3() {
+    let moto = Moto::start("tlserve-publish");
+    let store = [
+        "s3".to_owned(),
+        format!("http://{}", moto.addr),
+        "tlserve-publish".to_owned(),
+        "publishers".to_owned(),
+    ];
+    let env = [
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+    ];
+    let location = Location::S3(moto.location("tlserve-publish", "publishers"));
+    concurrent_publishers_get_each_number_once(&store, &env, &location).await;
+}

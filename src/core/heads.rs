@@ -1,5 +1,4 @@
-//! The Models use cases: resident backbones and stored heads. Store reads and
-//! writes run off the async runtime.
+//! The Models use cases: resident backbones and stored heads.
 
 use std::sync::Arc;
 
@@ -10,7 +9,6 @@ use crate::{
         HeadRef,
     },
     registry::{BackboneRegistry, BackboneStatus},
-    task::run_blocking,
     Error, Result,
 };
 
@@ -42,11 +40,7 @@ impl Catalog {
         all_versions: bool,
         scope: &Scope,
     ) -> Result<Vec<Arc<StoredHead>>> {
-        let store = Arc::clone(&self.store);
-        let mut heads = run_blocking("listing heads", move || {
-            store.list(backbone.as_deref(), all_versions)
-        })
-        .await?;
+        let mut heads = self.store.list(backbone.as_deref(), all_versions).await;
         heads.retain(|head| scope.allows(&head.meta.name));
         Ok(heads)
     }
@@ -58,16 +52,14 @@ impl Catalog {
         if let Some(head) = self.store.cached(&reference) {
             return Ok(head);
         }
-        let store = Arc::clone(&self.store);
-        run_blocking("reading a head", move || store.get(&reference)).await?
+        self.store.get(&reference).await
     }
 
     /// Deletes one version, or all versions of a name; returns the versions.
     pub async fn delete_head(&self, reference: &str, scope: &Scope) -> Result<Vec<u32>> {
         let reference = head_ref(reference)?;
         scope.check(&reference.name)?;
-        let store = Arc::clone(&self.store);
-        run_blocking("deleting a head", move || store.delete(&reference)).await?
+        self.store.delete(&reference).await
     }
 
     /// Heads trained on other weights than the loaded backbone's are refused

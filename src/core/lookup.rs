@@ -12,13 +12,11 @@ use crate::{
         HeadRef,
     },
     registry::{BackboneRegistry, LoadedBackbone},
-    task::run_blocking,
     Error, Result,
 };
 
 /// The head `text` names (`name` or `name@version`) and its backbone. A head
-/// in memory is served without touching the disk; a miss reads the disk off
-/// the runtime.
+/// in memory is served without touching the store; a miss reads the store.
 pub async fn stored_head(
     store: &Arc<HeadStore>,
     registry: &BackboneRegistry,
@@ -29,10 +27,7 @@ pub async fn stored_head(
     scope.check(&reference.name)?;
     let head = match store.cached(&reference) {
         Some(head) => head,
-        None => {
-            let store = Arc::clone(store);
-            run_blocking("reading the head store", move || store.get(&reference)).await??
-        }
+        None => store.get(&reference).await?,
     };
     let meta = &head.meta;
     let loaded = registry.get(&meta.backbone)?;
@@ -51,8 +46,7 @@ pub async fn stored_head(
     Ok((loaded, head))
 }
 
-/// A fine-tuned head's adapter, from memory or read from the store off the
-/// runtime; None for a head on frozen features.
+/// A fine-tuned head's adapter, from memory or read from the store; None for a head on frozen features.
 pub async fn adapter_of(
     store: &Arc<HeadStore>,
     head: &Arc<StoredHead>,
@@ -63,6 +57,5 @@ pub async fn adapter_of(
     if let Some(adapter) = store.cached_adapter(head) {
         return Ok(Some(adapter));
     }
-    let (store, head) = (Arc::clone(store), Arc::clone(head));
-    run_blocking("reading an adapter", move || store.adapter(&head)).await?
+    store.adapter(head).await
 }

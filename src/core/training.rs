@@ -362,7 +362,7 @@ impl Trainer {
     ) -> Result<(Arc<str>, broadcast::Receiver<JobEvent>)> {
         let plan = self.plan(&request)?;
         scope.check(&request.head_name)?;
-        let (examples, dataset) = self.resolve_data(request.data)?;
+        let (examples, dataset) = self.resolve_data(request.data).await?;
         let checked = check_label_counts(&examples, &plan.params)
             .and_then(|()| self.labels(request.labels, &examples));
         let submitted = match checked {
@@ -375,6 +375,7 @@ impl Trainer {
                     examples,
                     labels,
                     fine_tune: plan.fine_tune,
+                    dataset: dataset.clone(),
                 };
                 self.jobs.submit(job).await
             }
@@ -382,7 +383,7 @@ impl Trainer {
         };
         if submitted.is_err() {
             if let Some(dataset) = dataset {
-                self.datasets.restore(dataset);
+                self.datasets.restore(&dataset).await;
             }
         }
         submitted
@@ -423,11 +424,12 @@ impl Trainer {
         })
     }
 
-    /// The job's examples, and the uploaded dataset they were taken from.
-    fn resolve_data(
+    /// The job's examples, and the id of the uploaded dataset they were
+    /// taken from.
+    async fn resolve_data(
         &self,
         data: Option<TrainingData>,
-    ) -> Result<(Vec<Example>, Option<Arc<Dataset>>)> {
+    ) -> Result<(Vec<Example>, Option<String>)> {
         match data {
             None => Err(invalid("no training data: give examples or a dataset_id")),
             Some(TrainingData::Examples(raw)) => {
@@ -435,16 +437,16 @@ impl Trainer {
                 Ok((self.examples(raw, 0)?, None))
             }
             Some(TrainingData::Dataset(id)) => {
-                let dataset = self.datasets.take(&id)?;
-                Ok((dataset.examples.clone(), Some(dataset)))
+                let examples = self.datasets.take(&id).await?;
+                Ok((examples, Some(id)))
             }
         }
     }
 
     /// Starts a dataset upload, if a slot is free.
-    pub fn begin_upload(&self) -> Result<Upload> {
+    pub async fn begin_upload(&self) -> Result<Upload> {
         Ok(Upload {
-            pending: self.datasets.begin_upload()?,
+            pending: self.datasets.begin_upload().await?,
             examples: Vec::new(),
         })
     }
@@ -468,44 +470,45 @@ impl Trainer {
         Ok(())
     }
 
-    /// Keeps a complete upload for a later TrainHead.
-    pub fn finish_upload(&self, upload: Upload) -> Result<Arc<Dataset>> {
+    /// Keeps a complete upload in the shared store for a later TrainHead, on
+    /// any replica.
+    pub async fn finish_upload(&self, upload: Upload) -> Result<Dataset> {
         if upload.examples.is_empty() {
             return Err(invalid("the upload holds no examples"));
         }
-        Ok(self.datasets.finish(upload.pending, upload.examples))
+        self.datasets.finish(upload.pending, upload.examples).await
     }
 
     /// The job's current event and, unless it has ended, a subscription to the
     /// events after it.
-    pub fn watch(
+    pub async fn watch(
         &self,
         id: &str,
         scope: &Scope,
     ) -> Result<(JobEvent, Option<broadcast::Receiver<JobEvent>>)> {
-        self.check_job(id, scope)?;
-        self.jobs.watch(id)
+        self.check_job(id, scope).await?;
+        self.jobs.watch(id).await
     }
 
-    /// Asks a job to stop.
-    pub fn cancel(&self, id: &str, scope: &Scope) -> Result<JobInfo> {
-        self.check_job(id, scope)?;
-        self.jobs.cancel(id)
+    /// Asks a job to stop, on whichever replica runs it.
+    pub async fn cancel(&self, id: &str, scope: &Scope) -> Result<JobInfo> {
+        self.check_job(id, scope).await?;
+        self.jobs.cancel(id).await
     }
 
-    /// Jobs known to this server, those in `scope`.
-    pub fn list(&self, include_finished: bool, scope: &Scope) -> Vec<JobInfo> {
-        let mut jobs = self.jobs.list(include_finished);
+    /// The jobs of every replica, those in `scope`.
+    pub async fn list(&self, include_finished: bool, scope: &Scope) -> Result<Vec<JobInfo>> {
+        let mut jobs = self.jobs.list(include_finished).await?;
         jobs.retain(|job| scope.allows(&job.head_name));
-        jobs
+        Ok(jobs)
     }
 
     /// PERMISSION_DENIED for a job that trains a head outside `scope`.
-    fn check_job(&self, id: &str, scope: &Scope) -> Result<()> {
+    async fn check_job(&self, id: &str, scope: &Scope) -> Result<()> {
         if *scope == Scope::All {
             return Ok(());
         }
-        let info = self.jobs.info(id)?;
+        let info = self.jobs.info(id).await?;
         scope.check(&info.head_name)
     }
 

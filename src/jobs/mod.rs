@@ -11,7 +11,10 @@ pub mod journal;
 
 use std::{
     collections::{HashMap, VecDeque},
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
     time::{Duration, Instant, SystemTime},
 };
 
@@ -22,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     backbone::{adapter::Adapter, BackboneDescriptor, EmbedOptions, Input, Prepared, Want},
     batching::{BackboneQueue, Priority},
+    datasets::DatasetStore,
     head::{
         finetune::{FineTuneParams, Method, DEFAULT_TOP_LAYERS},
         model::HeadWeights,
@@ -37,12 +41,9 @@ use crate::{
 };
 use journal::{JobJournal, JobRecord};
 
-/// One labelled example.
-#[derive(Debug, Clone)]
-pub struct Example {
-    pub input: Input,
-    pub label: String,
-}
+mod remote;
+
+pub use crate::datasets::Example;
 
 /// What a client asks a job to do, validated by the server.
 pub struct JobRequest {
@@ -56,6 +57,9 @@ pub struct JobRequest {
     /// Fine-tune the backbone's top layers with the head; None: train the
     /// head on frozen features.
     pub fine_tune: Option<FineTuneParams>,
+    /// The stored dataset the examples came from (taken for this job); None:
+    /// they came inline, and the job stores them.
+    pub dataset: Option<String>,
 }
 
 /// Where a job stands; stored in its record (lower-case names).
@@ -127,7 +131,8 @@ impl Stage {
 }
 
 /// How far a job got; each counter stays at its last value in later stages.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Progress {
     /// Distinct inputs embedded so far, and in all.
     pub embedded: u64,
@@ -195,6 +200,16 @@ struct Job {
     cancel: CancellationToken,
     status: Mutex<JobStatus>,
     events: broadcast::Sender<JobEvent>,
+    /// The stored dataset with the job's examples.
+    dataset: Option<String>,
+    /// Events since the record was last written.
+    unwritten: AtomicBool,
+    /// When the record was last written (its lease renewed).
+    written_at: Mutex<Instant>,
+    /// Held while the record is read and written, so that writes land in
+    /// the order of the states they record: a renewal taken before the end
+    /// can never overwrite the end in the store.
+    record_lock: tokio::sync::Mutex<()>,
 }
 
 struct JobStatus {
@@ -203,7 +218,7 @@ struct JobStatus {
 }
 
 impl Job {
-    fn new(id: Arc<str>, request: &JobRequest) -> Self {
+    fn new(id: Arc<str>, request: &JobRequest, dataset: String) -> Self {
         let now = SystemTime::now();
         let (events, _) = broadcast::channel(256);
         let first = JobEvent {
@@ -227,6 +242,10 @@ impl Job {
                 finished_at: None,
             }),
             events,
+            dataset: Some(dataset),
+            unwritten: AtomicBool::new(false),
+            written_at: Mutex::new(Instant::now()),
+            record_lock: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -255,6 +274,7 @@ impl Job {
     fn emit(&self, stage: Option<Stage>, update: impl FnOnce(&mut Progress)) {
         let mut status = self.status();
         if let Some(event) = Self::advance(&mut status, stage, update) {
+            self.unwritten.store(true, Ordering::Release);
             // Sent under the lock, so a watcher that subscribes under the same
             // lock sees every later event exactly once.
             let _ = self.events.send(event);
@@ -310,20 +330,18 @@ impl Job {
             id: self.id.to_string(),
             backbone: self.backbone.clone(),
             head_name: self.head_name.clone(),
-            // Only ends are worth telling apart after a restart.
-            state: if last.state().is_final() {
-                last.state()
-            } else {
-                JobState::Queued
-            },
+            state: last.state(),
             created_at_ms: journal::millis(self.created_at),
             finished_at_ms: status.finished_at.map(journal::millis),
             error: last.error().map(str::to_owned),
             head_version: last.head().map(|h| h.meta.version),
             total_epochs: last.progress.total_epochs,
-            // The journal writes its own name and lease.
+            // The journal writes its own name, lease and time.
             owner: None,
             lease_until_ms: None,
+            progress: last.progress.clone(),
+            dataset: self.dataset.clone(),
+            updated_at_ms: 0,
         }
     }
 
@@ -331,12 +349,10 @@ impl Job {
     fn ended(record: &JobRecord, store: &HeadStore) -> Self {
         let id: Arc<str> = Arc::from(record.id.as_str());
         let head = record.head_version.and_then(|version| {
-            store
-                .get(&crate::head::HeadRef {
-                    name: record.head_name.clone(),
-                    version: Some(version),
-                })
-                .ok()
+            store.cached(&crate::head::HeadRef {
+                name: record.head_name.clone(),
+                version: Some(version),
+            })
         });
         let error = record.error.clone().unwrap_or_default();
         let stage = match (record.state, &head) {
@@ -363,12 +379,16 @@ impl Job {
                     progress: Progress {
                         total_epochs: record.total_epochs,
                         metrics: head.as_ref().map(|h| h.meta.metrics.clone()),
-                        ..Progress::default()
+                        ..record.progress.clone()
                     },
                 },
                 finished_at,
             }),
             events,
+            dataset: record.dataset.clone(),
+            unwritten: AtomicBool::new(false),
+            written_at: Mutex::new(Instant::now()),
+            record_lock: tokio::sync::Mutex::new(()),
         }
     }
 }
@@ -386,12 +406,13 @@ pub struct JobLimits {
 pub struct JobManager {
     registry: Arc<BackboneRegistry>,
     store: Arc<HeadStore>,
+    datasets: Arc<DatasetStore>,
     limits: JobLimits,
     slots: Arc<Semaphore>,
-    /// Jobs in creation order.
+    /// This replica's jobs in creation order.
     jobs: Mutex<VecDeque<Arc<Job>>>,
-    /// Records of every job on disk; None only in tests of the manager itself.
-    journal: Option<Arc<JobJournal>>,
+    /// Every job's record, in the shared store.
+    journal: Arc<JobJournal>,
 }
 
 /// The reason recorded for jobs still running when the shutdown grace period ends.
@@ -401,6 +422,10 @@ pub const SHUT_DOWN: &str =
 /// Inputs sent to the backbone queue per submission while embedding a data set:
 /// big enough to batch well, small enough to report progress often.
 const EMBED_CHUNK: usize = 64;
+
+/// How often an owner writes its running jobs' records when they changed
+/// and looks for cancel requests from other replicas.
+const SYNC_EVERY: Duration = Duration::from_secs(1);
 
 /// A job's examples with identical inputs merged: each distinct input is
 /// embedded once, and `rows` maps every example to its input.
@@ -414,28 +439,39 @@ struct DistinctInputs {
 impl JobManager {
     /// A manager whose jobs are recorded in `journal`; the jobs recorded there
     /// by earlier runs are listed again (those that never ended as FAILED).
-    pub fn new(
+    pub async fn new(
         registry: Arc<BackboneRegistry>,
         store: Arc<HeadStore>,
+        datasets: Arc<DatasetStore>,
         limits: JobLimits,
-        journal: Option<JobJournal>,
-    ) -> Self {
+        journal: JobJournal,
+    ) -> Result<Self> {
         let slots = Arc::new(Semaphore::new(limits.max_concurrent_jobs.max(1)));
         let manager = Self {
             registry,
             store,
+            datasets,
             limits,
             slots,
             jobs: Mutex::new(VecDeque::new()),
-            journal: journal.map(Arc::new),
+            journal: Arc::new(journal),
         };
-        if let Some(journal) = &manager.journal {
-            let mut jobs = manager.jobs();
-            for record in journal.recover() {
-                jobs.push_back(Arc::new(Job::ended(&record, &manager.store)));
+        let mut ended = Vec::new();
+        for (record, ended_now) in manager.journal.recover().await? {
+            if ended_now {
+                // Its examples are not needed again.
+                if let Some(dataset) = &record.dataset {
+                    manager.datasets.remove(dataset).await;
+                }
             }
-            manager.prune(&mut jobs);
+            ended.push(Arc::new(Job::ended(&record, &manager.store)));
         }
+        let pruned = {
+            let mut jobs = manager.jobs();
+            jobs.extend(ended);
+            manager.prune(&mut jobs)
+        };
+        manager.forget(pruned).await;
         manager.update_state_metrics();
         let final_states: Vec<&'static str> = JobState::ALL
             .into_iter()
@@ -443,20 +479,15 @@ impl JobManager {
             .map(JobState::as_str)
             .collect();
         metrics::register_training_job_states(&final_states);
-        manager
+        Ok(manager)
     }
 
-    /// Writes the job's record, off the async runtime (it fsyncs).
+    /// Writes the job's record as it is now.
     async fn write_record(&self, job: &Job) {
-        if let Some(journal) = &self.journal {
-            let journal = Arc::clone(journal);
-            let record = job.record();
-            if let Err(err) =
-                run_blocking("writing a job record", move || journal.write(&record)).await
-            {
-                tracing::error!(job = %job.id, error = %err, "cannot write the job's record");
-            }
-        }
+        let _in_order = job.record_lock.lock().await;
+        job.unwritten.store(false, Ordering::Release);
+        *lock(&job.written_at) = Instant::now();
+        self.journal.write(&job.record()).await;
     }
 
     /// The jobs that have not ended.
@@ -468,13 +499,15 @@ impl JobManager {
             .collect()
     }
 
-    /// Renews the leases of this replica's unended jobs for as long as the
-    /// manager lives: other replicas leave a job alone while its lease runs.
-    pub fn spawn_lease_renewal(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
-        let every = self.journal.as_ref()?.renew_every();
+    /// While the manager lives, every [`SYNC_EVERY`]: writes the records of
+    /// this replica's running jobs that changed, renews their leases (other
+    /// replicas leave a job alone while its lease runs), and honours cancel
+    /// requests that other replicas recorded.
+    pub fn spawn_sync(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let renew_every = self.journal.renew_every();
         let manager = Arc::downgrade(self);
-        Some(tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(every);
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(SYNC_EVERY.min(renew_every));
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticks.tick().await;
@@ -482,10 +515,18 @@ impl JobManager {
                     return;
                 };
                 for job in manager.unended() {
-                    manager.write_record(&job).await;
+                    if !job.cancel.is_cancelled() && manager.journal.cancel_requested(&job.id).await
+                    {
+                        tracing::info!(job = %job.id, "training job cancelled from another replica");
+                        job.cancel.cancel();
+                    }
+                    let due = lock(&job.written_at).elapsed() >= renew_every;
+                    if due || job.unwritten.load(Ordering::Acquire) {
+                        manager.write_record(&job).await;
+                    }
                 }
             }
-        }))
+        })
     }
 
     /// Waits for running jobs until `deadline`, then records those still
@@ -518,15 +559,22 @@ impl JobManager {
         lock(&self.jobs)
     }
 
-    fn find(&self, id: &str) -> Result<Arc<Job>> {
-        self.jobs()
-            .iter()
-            .find(|job| &*job.id == id)
-            .cloned()
-            .ok_or_else(|| Error::NotFound {
-                kind: "job",
-                id: id.to_owned(),
-            })
+    /// One of this replica's jobs.
+    fn local(&self, id: &str) -> Option<Arc<Job>> {
+        self.jobs().iter().find(|job| &*job.id == id).cloned()
+    }
+
+    /// A job's record from the store, for a job this replica does not hold.
+    async fn remote(&self, id: &str) -> Result<JobRecord> {
+        let not_found = || Error::NotFound {
+            kind: "job",
+            id: id.to_owned(),
+        };
+        // Ids come from clients: only what a server could have handed out.
+        if !crate::config::is_valid_name(id) {
+            return Err(not_found());
+        }
+        self.journal.read(id).await?.ok_or_else(not_found)
     }
 
     /// Starts a job and returns its id with a subscription to its events (the
@@ -541,12 +589,31 @@ impl JobManager {
         if let Some(params) = &mut request.fine_tune {
             fit_to_backbone(params, loaded.backbone.descriptor())?;
         }
+        self.check_room()?;
+        // In the store before the job exists, so that it can be run again
+        // from there.
+        let dataset = match &request.dataset {
+            Some(id) => id.clone(),
+            None => self.datasets.keep_for_job(&request.examples).await?,
+        };
         let id: Arc<str> = Arc::from(uuid::Uuid::new_v4().to_string());
-        let job = Arc::new(Job::new(Arc::clone(&id), &request));
+        let job = Arc::new(Job::new(Arc::clone(&id), &request, dataset));
         let receiver = job.events.subscribe();
-        self.admit(&job)?;
-        // On disk before anyone learns the id: a crash from here on is recorded.
+        let pruned = self.admit(&job);
+        let pruned = match pruned {
+            Ok(pruned) => pruned,
+            Err(err) => {
+                if request.dataset.is_none() {
+                    self.datasets
+                        .remove(job.dataset.as_deref().unwrap_or_default())
+                        .await;
+                }
+                return Err(err);
+            }
+        };
+        // In the store before anyone learns the id: a crash from here on is recorded.
         self.write_record(&job).await;
+        self.forget(pruned).await;
         // The QUEUED event, for subscribers and metrics.
         let _ = job.events.send(job.status().last.clone());
         self.update_state_metrics();
@@ -557,71 +624,115 @@ impl JobManager {
         Ok((id, receiver))
     }
 
-    /// Adds a job to the table unless the queue is full.
-    fn admit(&self, job: &Arc<Job>) -> Result<()> {
-        let mut jobs = self.jobs();
-        let waiting = jobs.iter().filter(|j| !j.state().is_final()).count();
+    /// LIMIT_EXCEEDED when this replica's queue is full.
+    fn check_room(&self) -> Result<()> {
+        let waiting = self.jobs().iter().filter(|j| !j.state().is_final()).count();
         if waiting >= self.limits.max_concurrent_jobs + self.limits.max_queued_jobs {
             return Err(Error::LimitExceeded(format!(
                 "{waiting} training jobs are queued or running, the limit \
                  (heads.max_concurrent_jobs + heads.max_queued_jobs); retry later"
             )));
         }
-        jobs.push_back(Arc::clone(job));
-        self.prune(&mut jobs);
         Ok(())
     }
 
+    /// Adds a job to the table unless the queue is full; returns the ids of
+    /// ended jobs beyond the retention limit, to forget.
+    fn admit(&self, job: &Arc<Job>) -> Result<Vec<Arc<str>>> {
+        self.check_room()?;
+        let mut jobs = self.jobs();
+        jobs.push_back(Arc::clone(job));
+        Ok(self.prune(&mut jobs))
+    }
+
     /// The job's current event and, unless it has ended, a subscription to the
-    /// events after it.
-    pub fn watch(&self, id: &str) -> Result<(JobEvent, Option<broadcast::Receiver<JobEvent>>)> {
-        let job = self.find(id)?;
-        let status = job.status();
-        let receiver = (!status.last.state().is_final()).then(|| job.events.subscribe());
-        Ok((status.last.clone(), receiver))
+    /// events after it. A job of another replica is followed through its
+    /// record in the store.
+    pub async fn watch(
+        &self,
+        id: &str,
+    ) -> Result<(JobEvent, Option<broadcast::Receiver<JobEvent>>)> {
+        if let Some(job) = self.local(id) {
+            let status = job.status();
+            let receiver = (!status.last.state().is_final()).then(|| job.events.subscribe());
+            return Ok((status.last.clone(), receiver));
+        }
+        let record = self.remote(id).await?;
+        remote::follow(Arc::clone(&self.journal), Arc::clone(&self.store), record).await
     }
 
     /// A job and its latest event.
-    pub fn info(&self, id: &str) -> Result<JobInfo> {
-        Ok(self.find(id)?.info())
-    }
-
-    /// Asks a job to stop; it ends CANCELLED.
-    pub fn cancel(&self, id: &str) -> Result<JobInfo> {
-        let job = self.find(id)?;
-        if job.state().is_final() {
-            return Err(Error::FailedPrecondition(format!(
-                "job {id} has already ended; nothing to cancel"
-            )));
+    pub async fn info(&self, id: &str) -> Result<JobInfo> {
+        if let Some(job) = self.local(id) {
+            return Ok(job.info());
         }
-        job.cancel.cancel();
-        tracing::info!(job = %id, "training job cancellation requested");
-        Ok(job.info())
+        let record = self.remote(id).await?;
+        Ok(remote::info(&record, &self.store).await)
     }
 
-    pub fn list(&self, include_finished: bool) -> Vec<JobInfo> {
-        self.jobs()
-            .iter()
-            .map(|job| job.info())
-            .filter(|info| include_finished || !info.last_event.state().is_final())
-            .collect()
+    /// Asks a job to stop; it ends CANCELLED. A job of another replica gets
+    /// the request through the store, and its owner stops it within about
+    /// [`SYNC_EVERY`].
+    pub async fn cancel(&self, id: &str) -> Result<JobInfo> {
+        let ended =
+            || Error::FailedPrecondition(format!("job {id} has already ended; nothing to cancel"));
+        if let Some(job) = self.local(id) {
+            if job.state().is_final() {
+                return Err(ended());
+            }
+            job.cancel.cancel();
+            tracing::info!(job = %id, "training job cancellation requested");
+            return Ok(job.info());
+        }
+        let record = self.remote(id).await?;
+        if record.state.is_final() {
+            return Err(ended());
+        }
+        self.journal.request_cancel(id).await?;
+        tracing::info!(job = %id, owner = ?record.owner,
+            "training job cancellation requested of its replica");
+        Ok(remote::info(&record, &self.store).await)
     }
 
-    /// Forgets the oldest finished jobs beyond the retention limit.
-    fn prune(&self, jobs: &mut VecDeque<Arc<Job>>) {
+    /// This replica's jobs and, from the store, those of the others (theirs
+    /// as their last record says), in creation order.
+    pub async fn list(&self, include_finished: bool) -> Result<Vec<JobInfo>> {
+        let mut infos: Vec<JobInfo> = self.jobs().iter().map(|job| job.info()).collect();
+        let mine: std::collections::HashSet<Arc<str>> =
+            infos.iter().map(|info| Arc::clone(&info.id)).collect();
+        for record in self.journal.all().await? {
+            if !mine.contains(record.id.as_str()) {
+                infos.push(remote::info(&record, &self.store).await);
+            }
+        }
+        infos.retain(|info| include_finished || !info.last_event.state().is_final());
+        infos.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        Ok(infos)
+    }
+
+    /// Drops the oldest finished jobs beyond the retention limit from the
+    /// table and returns their ids, for [`JobManager::forget`].
+    fn prune(&self, jobs: &mut VecDeque<Arc<Job>>) -> Vec<Arc<str>> {
         let finished = jobs.iter().filter(|j| j.state().is_final()).count();
         let mut excess = finished.saturating_sub(self.limits.finished_jobs_kept);
+        let mut pruned = Vec::new();
         jobs.retain(|job| {
             if excess > 0 && job.state().is_final() {
                 excess -= 1;
-                if let Some(journal) = &self.journal {
-                    journal.remove(&job.id);
-                }
+                pruned.push(Arc::clone(&job.id));
                 false
             } else {
                 true
             }
         });
+        pruned
+    }
+
+    /// Removes pruned jobs' records from the store.
+    async fn forget(&self, ids: Vec<Arc<str>>) {
+        for id in ids {
+            self.journal.remove(&id).await;
+        }
     }
 
     fn update_state_metrics(&self) {
@@ -664,6 +775,9 @@ impl JobManager {
         self.update_state_metrics();
         if let Some(event) = end {
             job.announce(event);
+        }
+        if let Some(dataset) = &job.dataset {
+            self.datasets.remove(dataset).await;
         }
         match error {
             None => tracing::info!(job = %job.id, "training job succeeded"),
@@ -721,11 +835,7 @@ impl JobManager {
         weights: HeadWeights,
         adapter: Option<Adapter>,
     ) -> Result<Arc<StoredHead>> {
-        let store = Arc::clone(&self.store);
-        run_blocking("publishing a head", move || {
-            store.publish(meta, weights, adapter)
-        })
-        .await?
+        self.store.publish(meta, weights, adapter).await
     }
 }
 

@@ -13,7 +13,7 @@ pub mod request_layer;
 pub mod status;
 mod trainer;
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{future::Future, net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -34,6 +34,7 @@ use crate::{
         predictor_server::PredictorServer, trainer_server::TrainerServer,
     },
     registry::BackboneRegistry,
+    storage::{Location, Storage},
 };
 
 use embedder::EmbedderService;
@@ -154,53 +155,92 @@ fn replica_name(configured: Option<&str>) -> String {
     }
 }
 
+/// Opens the configured shared store; on a volume, first moves heads and job
+/// records of the layout before namespaces into it.
+async fn open_storage(config: &Config) -> Result<Storage, ServeError> {
+    let location = Location::from_config(&config.storage, &config.heads.store_dir);
+    let storage = Storage::open(&location).map_err(ServeError::HeadStore)?;
+    if let Some(root) = storage.volume_root().map(Path::to_owned) {
+        crate::task::run_blocking("moving the earlier layout", move || {
+            crate::head::store::migrate_volume(&root)?;
+            crate::jobs::journal::migrate_volume(&root)
+        })
+        .await
+        .map_err(ServeError::HeadStore)?
+        .map_err(|err| {
+            ServeError::HeadStore(crate::Error::Storage(format!(
+                "cannot move heads and job records of the earlier layout in {}: {err}",
+                config.heads.store_dir.display()
+            )))
+        })?;
+    }
+    tracing::info!(store = %storage.describe(), "shared store opened");
+    Ok(storage)
+}
+
+/// The datasets and the jobs on the shared store, with their background
+/// tasks: record sync and lease renewal, dataset expiry.
+async fn build_jobs(
+    config: &Config,
+    registry: &Arc<BackboneRegistry>,
+    store: &Arc<HeadStore>,
+    storage: Storage,
+) -> Result<(Arc<JobManager>, Arc<DatasetStore>), ServeError> {
+    let heads = &config.heads;
+    let datasets = Arc::new(DatasetStore::new(
+        DatasetLimits {
+            ttl: Duration::from_secs(heads.dataset_ttl_seconds),
+            max_datasets: heads.max_datasets,
+            max_upload_bytes: heads.max_upload_bytes,
+            max_total_bytes: heads.max_dataset_bytes,
+        },
+        storage.clone(),
+    ));
+    datasets.spawn_sweeper();
+    let replica = replica_name(config.server.replica_id.as_deref());
+    let lease = Duration::from_secs_f64(heads.job_lease_seconds);
+    let jobs = JobManager::new(
+        Arc::clone(registry),
+        Arc::clone(store),
+        Arc::clone(&datasets),
+        JobLimits {
+            max_concurrent_jobs: heads.max_concurrent_jobs,
+            max_queued_jobs: heads.max_queued_jobs,
+            finished_jobs_kept: heads.finished_jobs_kept,
+            fine_tune_cache_bytes: heads.fine_tune_cache_bytes,
+        },
+        JobJournal::new(storage, &replica, lease),
+    )
+    .await
+    .map_err(ServeError::HeadStore)?;
+    let jobs = Arc::new(jobs);
+    jobs.spawn_sync();
+    tracing::info!(replica = %replica, "job records are this replica's under its name");
+    Ok((jobs, datasets))
+}
+
 impl Domain {
-    fn build(config: &Config) -> Result<Self, ServeError> {
+    async fn build(config: &Config) -> Result<Self, ServeError> {
         let registry = Arc::new(BackboneRegistry::new(
             &config.backbones,
             config.server.model_cache_dir.clone(),
             ImageLimits::from_config(&config.limits),
         ));
+        let storage = open_storage(config).await?;
         let store = Arc::new(
-            HeadStore::open_with_adapters(
-                &config.heads.store_dir,
+            HeadStore::open(
+                storage.clone(),
                 config.heads.max_heads,
                 ResidentAdapters {
                     count: config.heads.max_resident_adapters,
                     bytes: config.heads.max_resident_adapter_bytes,
                 },
             )
+            .await
             .map_err(ServeError::HeadStore)?,
         );
-        let replica = replica_name(config.server.replica_id.as_deref());
-        let lease = Duration::from_secs_f64(config.heads.job_lease_seconds);
-        let journal =
-            JobJournal::open(&config.heads.store_dir, &replica, lease).map_err(|err| {
-                ServeError::HeadStore(crate::Error::Storage(format!(
-                    "cannot open the job journal in {}: {err}",
-                    config.heads.store_dir.display()
-                )))
-            })?;
+        let (jobs, datasets) = build_jobs(config, &registry, &store, storage).await?;
         let heads = &config.heads;
-        let jobs = Arc::new(JobManager::new(
-            Arc::clone(&registry),
-            Arc::clone(&store),
-            JobLimits {
-                max_concurrent_jobs: heads.max_concurrent_jobs,
-                max_queued_jobs: heads.max_queued_jobs,
-                finished_jobs_kept: heads.finished_jobs_kept,
-                fine_tune_cache_bytes: heads.fine_tune_cache_bytes,
-            },
-            Some(journal),
-        ));
-        jobs.spawn_lease_renewal();
-        tracing::info!(replica = %replica, "job records are this replica's under its name");
-        let datasets = Arc::new(DatasetStore::new(DatasetLimits {
-            ttl: Duration::from_secs(heads.dataset_ttl_seconds),
-            max_datasets: heads.max_datasets,
-            max_upload_bytes: heads.max_upload_bytes,
-            max_total_bytes: heads.max_dataset_bytes,
-        }));
         let limits = config.limits.clone();
         Ok(Self {
             embedder: Arc::new(core::Embedder::new(
@@ -509,7 +549,7 @@ pub async fn run(
         first_byte_timeout: config.server.connection_first_byte_timeout(),
     };
     let metrics_port = start_metrics_port(&config, connection_limits).await?;
-    let domain = Domain::build(&config)?;
+    let domain = Domain::build(&config).await?;
     let refresher = HeadStore::refresh_periodically(&domain.store);
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;

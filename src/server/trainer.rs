@@ -85,7 +85,7 @@ impl proto::trainer_server::Trainer for TrainerService {
         request: Request<Streaming<proto::UploadDatasetRequest>>,
     ) -> Result<Response<proto::Dataset>, Status> {
         let mut stream = request.into_inner();
-        let mut upload = self.trainer.begin_upload()?;
+        let mut upload = self.trainer.begin_upload().await?;
         let idle = self.trainer.upload_idle_timeout();
         loop {
             let next = tokio::time::timeout(idle, stream.message())
@@ -104,12 +104,12 @@ impl proto::trainer_server::Trainer for TrainerService {
                 bytes,
             )?;
         }
-        let dataset = self.trainer.finish_upload(upload)?;
+        let dataset = self.trainer.finish_upload(upload).await?;
         Ok(Response::new(proto::Dataset {
-            dataset_id: dataset.id.clone(),
-            example_count: dataset.examples.len() as u64,
-            label_counts: dataset.label_counts.clone().into_iter().collect(),
-            expires_at: Some(wire::timestamp(dataset.expires_at)),
+            expires_at: Some(wire::timestamp(dataset.expires_at())),
+            dataset_id: dataset.id,
+            example_count: dataset.example_count,
+            label_counts: dataset.label_counts.into_iter().collect(),
         }))
     }
 
@@ -118,7 +118,10 @@ impl proto::trainer_server::Trainer for TrainerService {
         request: Request<proto::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
         let scope = scope_of(&request);
-        let (current, receiver) = self.trainer.watch(&request.into_inner().job_id, &scope)?;
+        let (current, receiver) = self
+            .trainer
+            .watch(&request.into_inner().job_id, &scope)
+            .await?;
         Ok(Response::new(event_stream(Some(current), receiver)))
     }
 
@@ -127,7 +130,10 @@ impl proto::trainer_server::Trainer for TrainerService {
         request: Request<proto::CancelJobRequest>,
     ) -> Result<Response<proto::JobInfo>, Status> {
         let scope = scope_of(&request);
-        let info = self.trainer.cancel(&request.into_inner().job_id, &scope)?;
+        let info = self
+            .trainer
+            .cancel(&request.into_inner().job_id, &scope)
+            .await?;
         Ok(Response::new(wire::job_info(&info)))
     }
 
@@ -139,6 +145,7 @@ impl proto::trainer_server::Trainer for TrainerService {
         let jobs = self
             .trainer
             .list(request.into_inner().include_finished, &scope)
+            .await?
             .iter()
             .map(wire::job_info)
             .collect();

@@ -19,7 +19,10 @@ use bytes::Bytes;
 
 pub use s3::{S3Credentials, S3Location};
 
-use crate::{Error, Result};
+use crate::{
+    config::{StorageBackend, StorageConfig},
+    Error, Result,
+};
 
 /// One object of a listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +39,28 @@ pub enum Location {
     /// A folder (a shared volume's mount point).
     Volume(std::path::PathBuf),
     S3(S3Location),
+}
+
+impl Location {
+    /// The configured store: `storage.backend`, with `store_dir` (the
+    /// volume's folder, `heads.store_dir`) for a volume. S3 credentials come
+    /// from the environment.
+    pub fn from_config(storage: &StorageConfig, store_dir: &std::path::Path) -> Self {
+        match storage.backend {
+            StorageBackend::Volume => Location::Volume(store_dir.to_owned()),
+            StorageBackend::S3 => {
+                let s3 = &storage.s3;
+                Location::S3(S3Location {
+                    bucket: s3.bucket.clone(),
+                    prefix: s3.prefix.clone(),
+                    region: s3.region.clone(),
+                    endpoint: s3.endpoint.clone(),
+                    allow_http: s3.allow_http,
+                    credentials: None,
+                })
+            }
+        }
+    }
 }
 
 /// A handle on the shared store; cheap to clone.
@@ -66,6 +91,26 @@ impl Storage {
         match &self.backend {
             Backend::Volume(volume) => volume.describe(),
             Backend::S3(s3) => s3.describe(),
+        }
+    }
+
+    /// The volume's folder; None on object storage.
+    pub fn volume_root(&self) -> Option<&std::path::Path> {
+        match &self.backend {
+            Backend::Volume(volume) => Some(volume.root()),
+            Backend::S3(_) => None,
+        }
+    }
+
+    /// Removes temporary files at least `age` old under `prefix`: writes that
+    /// a crash cut short. Younger ones may be another replica's write in
+    /// progress. Object storage has none (an upload appears whole or not at
+    /// all).
+    pub async fn remove_leftovers(&self, prefix: &str, age: std::time::Duration) -> Result<usize> {
+        check_key(prefix)?;
+        match &self.backend {
+            Backend::Volume(volume) => volume.remove_leftovers(prefix, age).await,
+            Backend::S3(_) => Ok(0),
         }
     }
 

@@ -34,6 +34,19 @@ impl Volume {
         })
     }
 
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub async fn remove_leftovers(&self, prefix: &str, age: std::time::Duration) -> Result<usize> {
+        let start = self.path(prefix);
+        run_blocking("removing leftovers", move || {
+            remove_old_temporaries(&start, age)
+        })
+        .await?
+        .map_err(|err| storage_error("clean", prefix, err))
+    }
+
     pub fn describe(&self) -> String {
         self.root.display().to_string()
     }
@@ -97,6 +110,42 @@ fn create_parent(path: &Path) -> std::io::Result<()> {
 fn create_new(path: &Path, bytes: &[u8]) -> std::io::Result<bool> {
     create_parent(path)?;
     fsutil::create_atomically(path, bytes)
+}
+
+/// Removes the temporary files (names starting with [`fsutil::TEMP_PREFIX`])
+/// under `start` that were last written at least `age` ago.
+fn remove_old_temporaries(start: &Path, age: std::time::Duration) -> std::io::Result<usize> {
+    let mut removed = 0;
+    let mut pending = vec![start.to_owned()];
+    while let Some(dir) = pending.pop() {
+        let listing = match fs::read_dir(&dir) {
+            Ok(listing) => listing,
+            Err(err) if matches!(err.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => {
+                continue
+            }
+            Err(err) => return Err(err),
+        };
+        for item in listing {
+            let item = item?;
+            let path = item.path();
+            let temporary = item
+                .file_name()
+                .to_string_lossy()
+                .starts_with(fsutil::TEMP_PREFIX);
+            if temporary && fsutil::is_older_than(&path, age) {
+                let gone = match item.file_type()?.is_dir() {
+                    true => fs::remove_dir_all(&path),
+                    false => fs::remove_file(&path),
+                };
+                if gone.is_ok() {
+                    removed += 1;
+                }
+            } else if !temporary && item.file_type()?.is_dir() {
+                pending.push(path);
+            }
+        }
+    }
+    Ok(removed)
 }
 
 /// Every file under `root/prefix` (or `root` for `""`), temporary ones left

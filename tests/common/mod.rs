@@ -585,3 +585,43 @@ pub fn colour_folder(
     }
     written
 }
+
+/// `tests/data/NAME`: lines of LABEL<TAB>TEXT.
+pub fn read_tsv(name: &str) -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(repo_file(&format!("tests/data/{name}"))).expect("tsv");
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            let (label, sentence) = line.split_once('\t').expect("LABEL<TAB>TEXT");
+            (label.to_owned(), sentence.to_owned())
+        })
+        .collect()
+}
+
+/// Labelled text examples of (label, text) rows.
+pub fn examples(rows: &[(String, String)]) -> Vec<proto::Example> {
+    rows.iter()
+        .map(|(label, text)| proto::Example {
+            input: Some(text_input(text)),
+            label: label.clone(),
+        })
+        .collect()
+}
+
+/// An example program (examples/NAME.rs), built by `cargo test` next to the
+/// test binaries.
+pub fn example_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary");
+    let path = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target dir")
+        .join("examples")
+        .join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: cargo test builds it",
+        path.display()
+    );
+    path
+}

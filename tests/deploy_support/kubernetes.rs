@@ -15,7 +15,7 @@ use super::{find_named, kubectl, labels_of, list, run_ok, text, yaml_documents};
 use crate::common::repo_file;
 
 /// The kustomize overlays under deploy/k8s/overlays.
-pub const OVERLAYS: [&str; 2] = ["cpu", "gpu"];
+pub const OVERLAYS: [&str; 3] = ["cpu", "gpu", "object-storage"];
 
 /// Kubernetes versions the manifests must be valid for: 1.27 made native gRPC
 /// probes GA; 1.37 is the newest schema kubernetes-validate ships.
@@ -107,7 +107,8 @@ impl Rendered {
 
     /// The TLSERVE__* overrides in the server container's environment.
     pub fn server_env(&self) -> Vec<(String, String)> {
-        self.container()["env"]
+        let container = self.container();
+        let mut vars: Vec<(String, String)> = container["env"]
             .as_array()
             .map(|vars| {
                 vars.iter()
@@ -121,7 +122,20 @@ impl Rendered {
                     })
                     .collect()
             })
-            .unwrap_or_default()
+            .unwrap_or_default();
+        // ConfigMaps the container takes whole.
+        for from in container["envFrom"].as_array().into_iter().flatten() {
+            let Some(name) = from["configMapRef"]["name"].as_str() else {
+                continue;
+            };
+            let data = &self.named("ConfigMap", name)["data"];
+            for (key, value) in data.as_object().into_iter().flatten() {
+                if key.starts_with("TLSERVE__") {
+                    vars.push((key.clone(), text(value, "a ConfigMap value").to_owned()));
+                }
+            }
+        }
+        vars
     }
 
     /// The `--config` argument of the server container.

@@ -1,0 +1,244 @@
+//! Where head versions live in the shared store, and how one is encoded.
+//!
+//! ```text
+//! heads/<name>/blobs/<id>.safetensors   weights (and a fine-tuned head's adapter)
+//! heads/<name>/<version>/head.json      the version's manifest: its metadata
+//!                                       and the blob it names
+//! heads/<name>/<version>/deleted        the version was deleted; its number stays taken
+//! ```
+//!
+//! A publisher writes the blob first, under a name nobody else uses, then
+//! creates the manifest only if absent: the create is what claims a version
+//! number, so of concurrent publishers (in any processes) exactly one gets
+//! each number, and a number is only ever claimed by a complete version. The
+//! loser tries the next number with the same blob. A crash leaves at most an
+//! unnamed blob, which the store removes once it is old.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use bytes::Bytes;
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use super::super::{finetune::Method, model::HeadWeights, HeadMetadata};
+use super::StoredHead;
+use crate::{
+    backbone::adapter::{Adapter, AdapterKind},
+    storage::Entry,
+    Error, Result,
+};
+
+/// The store's prefix for heads.
+pub const HEADS: &str = "heads";
+const MANIFEST: &str = "head.json";
+const DELETED: &str = "deleted";
+/// The weights of versions published before blobs: beside the manifest.
+const LEGACY_WEIGHTS: &str = "weights.safetensors";
+const BLOBS: &str = "blobs";
+
+pub fn name_prefix(name: &str) -> String {
+    format!("{HEADS}/{name}")
+}
+
+pub fn manifest_key(name: &str, version: u32) -> String {
+    format!("{HEADS}/{name}/{version}/{MANIFEST}")
+}
+
+pub fn deleted_key(name: &str, version: u32) -> String {
+    format!("{HEADS}/{name}/{version}/{DELETED}")
+}
+
+/// A new blob's key, unique to this publish.
+pub fn new_blob_key(name: &str) -> String {
+    format!(
+        "{HEADS}/{name}/{BLOBS}/{}.safetensors",
+        uuid::Uuid::new_v4()
+    )
+}
+
+/// The manifest: the head's metadata and where its weights are.
+#[derive(Serialize, Deserialize)]
+struct Manifest {
+    #[serde(flatten)]
+    meta: HeadMetadata,
+    /// The blob's key; absent for versions published before blobs, whose
+    /// weights are beside the manifest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    weights: Option<String>,
+}
+
+pub fn encode_manifest(meta: &HeadMetadata, blob_key: &str) -> Result<Bytes> {
+    let manifest = Manifest {
+        meta: meta.clone(),
+        weights: Some(blob_key.to_owned()),
+    };
+    serde_json::to_vec_pretty(&manifest)
+        .map(Bytes::from)
+        .map_err(|err| Error::Storage(format!("cannot encode a head's metadata: {err}")))
+}
+
+/// A manifest read back: the metadata, checked against the key it was found
+/// at, and the key of its weights.
+pub fn decode_manifest(bytes: &[u8], name: &str, version: u32) -> Result<(HeadMetadata, String)> {
+    let key = manifest_key(name, version);
+    let manifest: Manifest = serde_json::from_slice(bytes)
+        .map_err(|err| Error::Storage(format!("{key} is invalid: {err}")))?;
+    let meta = manifest.meta;
+    if meta.name != name || meta.version != version {
+        return Err(Error::Storage(format!(
+            "{key} describes {}@{}, not {name}@{version}",
+            meta.name, meta.version
+        )));
+    }
+    let weights = manifest
+        .weights
+        .unwrap_or_else(|| format!("{HEADS}/{name}/{version}/{LEGACY_WEIGHTS}"));
+    // A manifest only ever names its own head's objects.
+    if !weights.starts_with(&format!("{HEADS}/{name}/")) {
+        return Err(Error::Storage(format!(
+            "{key} names weights outside its head: {weights}"
+        )));
+    }
+    Ok((meta, weights))
+}
+
+/// A version's weights and adapter as one safetensors blob.
+pub fn encode_weights(weights: &HeadWeights, adapter: Option<&Adapter>) -> Result<Bytes> {
+    let mut tensors: HashMap<String, Tensor> = weights.to_tensors()?;
+    if let Some(adapter) = adapter {
+        tensors.extend(adapter.to_tensors()?);
+    }
+    let mut sorted: Vec<(String, Tensor)> = tensors.into_iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    safetensors::serialize(sorted, None)
+        .map(Bytes::from)
+        .map_err(|err| Error::Storage(format!("cannot encode a head's weights: {err}")))
+}
+
+/// A version from its metadata and blob, checked against each other.
+pub fn decode_version(meta: HeadMetadata, blob: &[u8]) -> Result<(StoredHead, Option<Adapter>)> {
+    let what = format!("{}@{}", meta.name, meta.version);
+    let tensors = candle_core::safetensors::load_buffer(blob, &candle_core::Device::Cpu)
+        .map_err(|err| Error::Storage(format!("cannot read the weights of {what}: {err}")))?;
+    let weights = HeadWeights::from_tensors(&meta.kind, &tensors)?;
+    if weights.input_dim() != meta.input_dim || weights.classes() != meta.labels.len() {
+        return Err(Error::Storage(format!(
+            "the weights of {what} do not match its metadata"
+        )));
+    }
+    let adapter = match &meta.fine_tuning {
+        None => None,
+        Some(tuning) => {
+            let kind = match tuning.method {
+                Method::Lora(lora) => AdapterKind::Lora {
+                    rank: lora.rank,
+                    alpha: lora.alpha,
+                },
+                Method::TopLayers(_) => AdapterKind::Layers,
+            };
+            let adapter = Adapter::from_tensors(&tensors, kind)?;
+            let fits = adapter
+                .as_ref()
+                .is_some_and(|a| a.num_layers() == tuning.method.layers());
+            if !fits {
+                return Err(Error::Storage(format!(
+                    "the adapter of {what} does not match its metadata"
+                )));
+            }
+            adapter
+        }
+    };
+    Ok((StoredHead { meta, weights }, adapter))
+}
+
+/// What a listing says about one head name.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct NameListing {
+    /// Versions with a manifest and not deleted.
+    pub live: BTreeSet<u32>,
+    /// The highest number ever taken (published, deleted, or a folder of any
+    /// content): the next version is above it.
+    pub highest: u32,
+    /// Blobs, with their age, for removing those no version names.
+    pub blobs: Vec<Entry>,
+}
+
+/// Groups a listing of [`HEADS`] (or of one name's prefix) by head name.
+pub fn group(entries: Vec<Entry>) -> BTreeMap<String, NameListing> {
+    let mut names: BTreeMap<String, NameListing> = BTreeMap::new();
+    let mut deleted: BTreeSet<(String, u32)> = BTreeSet::new();
+    for entry in entries {
+        let mut parts = entry.key.splitn(4, '/');
+        let (Some(HEADS), Some(name), Some(second), Some(file)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let listing = names.entry(name.to_owned()).or_default();
+        if second == BLOBS {
+            listing.blobs.push(entry.clone());
+            continue;
+        }
+        let Ok(version) = second.parse::<u32>() else {
+            continue;
+        };
+        listing.highest = listing.highest.max(version);
+        match file {
+            MANIFEST => {
+                listing.live.insert(version);
+            }
+            DELETED => {
+                deleted.insert((name.to_owned(), version));
+            }
+            _ => {}
+        }
+    }
+    for (name, version) in deleted {
+        if let Some(listing) = names.get_mut(&name) {
+            listing.live.remove(&version);
+        }
+    }
+    names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::SystemTime;
+
+    fn entry(key: &str) -> Entry {
+        Entry {
+            key: key.into(),
+            size: 1,
+            modified: SystemTime::now(),
+        }
+    }
+
+    #[test]
+    fn a_listing_tells_live_versions_taken_numbers_and_blobs_apart() {
+        let grouped = group(
+            [
+                "heads/a/1/head.json",
+                "heads/a/2/head.json",
+                "heads/a/2/deleted",
+                "heads/a/5/deleted",
+                "heads/a/blobs/x.safetensors",
+                "heads/b/3/weights.safetensors",
+                "heads/b/3/head.json",
+                "heads/b/9/stray",
+                "other/x",
+            ]
+            .into_iter()
+            .map(entry)
+            .collect(),
+        );
+        assert_eq!(grouped.len(), 2);
+        let a = &grouped["a"];
+        assert_eq!(a.live.iter().copied().collect::<Vec<_>>(), [1]);
+        assert_eq!(a.highest, 5);
+        assert_eq!(a.blobs.len(), 1);
+        let b = &grouped["b"];
+        assert_eq!(b.live.iter().copied().collect::<Vec<_>>(), [3]);
+        assert_eq!(b.highest, 9, "a folder of any content takes its number");
+    }
+}

@@ -1,0 +1,148 @@
+//! Jobs that another replica runs, answered from their records in the shared
+//! store: WatchJob, ListJobs and CancelJob work on any replica. A watcher here
+//! reads the record every [`FOLLOW_EVERY`]; the owner writes it within about
+//! a second of a change (`SYNC_EVERY`), so an event reaches such a watcher at
+//! most about 1.5 s after it happened, plus the store's latency.
+
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use tokio::sync::broadcast;
+
+use super::{
+    journal::{self, JobJournal, JobRecord},
+    JobEvent, JobInfo, JobState, Stage,
+};
+use crate::{
+    head::{store::HeadStore, HeadRef},
+    Result,
+};
+
+/// How often a watcher on another replica reads the job's record.
+pub const FOLLOW_EVERY: Duration = Duration::from_millis(500);
+
+/// The job's last event, as its record says.
+pub async fn event(record: &JobRecord, store: &HeadStore) -> JobEvent {
+    let error = record.error.clone().unwrap_or_default();
+    let stage = match record.state {
+        JobState::Queued => Stage::Queued,
+        JobState::Embedding => Stage::Embedding,
+        JobState::Training => Stage::Training,
+        JobState::Succeeded => {
+            let head = match record.head_version {
+                Some(version) => store
+                    .get(&HeadRef {
+                        name: record.head_name.clone(),
+                        version: Some(version),
+                    })
+                    .await
+                    .ok(),
+                None => None,
+            };
+            // A success whose head is gone cannot show it.
+            match head {
+                Some(head) => Stage::Succeeded(head),
+                None => Stage::Failed(error),
+            }
+        }
+        JobState::Failed => Stage::Failed(error),
+        JobState::Cancelled => Stage::Cancelled(error),
+    };
+    let time = record
+        .finished_at_ms
+        .unwrap_or(record.updated_at_ms.max(record.created_at_ms));
+    JobEvent {
+        job_id: Arc::from(record.id.as_str()),
+        time: journal::from_millis(time),
+        stage,
+        progress: record.progress.clone(),
+    }
+}
+
+pub async fn info(record: &JobRecord, store: &HeadStore) -> JobInfo {
+    JobInfo {
+        id: Arc::from(record.id.as_str()),
+        backbone: record.backbone.clone(),
+        head_name: record.head_name.clone(),
+        created_at: journal::from_millis(record.created_at_ms),
+        finished_at: record.finished_at_ms.map(journal::from_millis),
+        last_event: event(record, store).await,
+    }
+}
+
+/// The job's last event and, unless it has ended, a subscription to the
+/// events read from its record from now on, until it ends or nobody listens.
+pub async fn follow(
+    journal: Arc<JobJournal>,
+    store: Arc<HeadStore>,
+    record: JobRecord,
+) -> Result<(JobEvent, Option<broadcast::Receiver<JobEvent>>)> {
+    let first = event(&record, &store).await;
+    if record.state.is_final() {
+        return Ok((first, None));
+    }
+    let (sender, receiver) = broadcast::channel(16);
+    tokio::spawn(async move {
+        let mut last = record;
+        loop {
+            tokio::time::sleep(FOLLOW_EVERY).await;
+            if sender.receiver_count() == 0 {
+                return;
+            }
+            let next = match journal.read(&last.id).await {
+                Ok(Some(next)) => next,
+                // Forgotten (the retention limit): nothing more to tell.
+                Ok(None) => return,
+                Err(err) => {
+                    tracing::warn!(job = %last.id, error = %err, "cannot read a job's record");
+                    continue;
+                }
+            };
+            let next = match abandoned(&next) {
+                Some(failed) => failed,
+                None if changed(&last, &next) => next,
+                None => continue,
+            };
+            let _ = sender.send(event(&next, &store).await);
+            if next.state.is_final() {
+                return;
+            }
+            last = next;
+        }
+    });
+    Ok((first, Some(receiver)))
+}
+
+/// Whether a watcher has something new to hear.
+fn changed(before: &JobRecord, after: &JobRecord) -> bool {
+    (
+        before.state,
+        &before.progress,
+        &before.error,
+        before.head_version,
+    ) != (
+        after.state,
+        &after.progress,
+        &after.error,
+        after.head_version,
+    )
+}
+
+/// The record as FAILED when its owner stopped renewing its lease: a watcher
+/// is told the job will not end by itself.
+fn abandoned(record: &JobRecord) -> Option<JobRecord> {
+    let now = journal::millis(SystemTime::now());
+    let expired = record.lease_until_ms.is_some_and(|until| until < now);
+    if record.state.is_final() || !expired {
+        return None;
+    }
+    let owner = record.owner.as_deref().unwrap_or("unknown");
+    Some(JobRecord {
+        state: JobState::Failed,
+        error: Some(journal::abandoned(owner)),
+        finished_at_ms: Some(now),
+        ..record.clone()
+    })
+}
