@@ -424,6 +424,10 @@ pub struct HeadsConfig {
     /// whose lease ran out as one whose replica died; until then it leaves
     /// the job alone.
     pub job_lease_seconds: f64,
+    /// Most runs of one job: a job whose replica stops (killed, or drained
+    /// past its grace period) is run again from the start by another
+    /// replica until it has run this many times, then recorded FAILED.
+    pub job_attempts: u32,
 }
 
 impl HeadsConfig {
@@ -453,6 +457,7 @@ impl Default for HeadsConfig {
             max_resident_adapters: 128,
             max_resident_adapter_bytes: 1 << 30,
             job_lease_seconds: 30.0,
+            job_attempts: 3,
         }
     }
 }
@@ -1168,6 +1173,9 @@ fn validate_heads(heads: &HeadsConfig) -> Result<(), String> {
     let lease = heads.job_lease_seconds;
     if !(lease.is_finite() && (1.0..=3600.0).contains(&lease)) {
         return Err("heads.job_lease_seconds must be in [1, 3600]".into());
+    }
+    if !(1..=100).contains(&heads.job_attempts) {
+        return Err("heads.job_attempts must be in [1, 100]".into());
     }
     if heads.max_concurrent_jobs == 0
         || heads.max_resident_adapters == 0

@@ -2,7 +2,11 @@
 //! volume (a folder) and S3-compatible object storage (moto's server on
 //! loopback). Any replica answers for any job, dataset and head: upload on A,
 //! TrainHead on B, WatchJob, ListJobs, Predict and CancelJob on C; a replica
-//! restarted while another trains changes nothing of the running job.
+//! restarted while another trains changes nothing of the running job. Jobs
+//! survive their replica: one whose replica is killed (SIGKILL), and one
+//! whose replica is drained past its grace period (SIGTERM), are run again
+//! by another and succeed. Leases are 2 s here, so a dead replica's job is
+//! taken over within about 2.5 s.
 
 mod common;
 
@@ -23,10 +27,14 @@ impl Shared {
     /// The config of a replica of this store.
     fn config(&self) -> String {
         let storage = match self {
-            Shared::Volume(dir) => format!("[heads]\nstore_dir = \"{}\"\n", dir.path().display()),
+            Shared::Volume(dir) => format!(
+                "[heads]\nstore_dir = \"{}\"\njob_lease_seconds = 2\n",
+                dir.path().display()
+            ),
             Shared::S3 { moto, prefix } => format!(
-                "[storage]\nbackend = \"s3\"\n[storage.s3]\nbucket = \"tlserve\"\n\
-                 prefix = \"{prefix}\"\nendpoint = \"http://{}\"\nallow_http = true\n",
+                "[heads]\njob_lease_seconds = 2\n[storage]\nbackend = \"s3\"\n\
+                 [storage.s3]\nbucket = \"tlserve\"\nprefix = \"{prefix}\"\n\
+                 endpoint = \"http://{}\"\nallow_http = true\n",
                 moto.addr
             ),
         };
@@ -36,6 +44,8 @@ impl Shared {
     async fn replica(&self, name: &str) -> TestServer {
         let env = [
             ("TLSERVE__SERVER__REPLICA_ID", name),
+            // A drain gives jobs one second, then releases them.
+            ("TLSERVE__SERVER__SHUTDOWN_GRACE_SECONDS", "1"),
             ("AWS_ACCESS_KEY_ID", "testing"),
             ("AWS_SECRET_ACCESS_KEY", "testing"),
         ];
@@ -202,6 +212,72 @@ async fn three_replicas_share_one_store(store: Shared) {
     assert_eq!(end.state(), JobState::Cancelled, "{}", end.error);
     eprintln!("cancelled from another replica, seen ended there after {waited:?}");
     assert_eq!(listed(&b, &long).await.state(), JobState::Cancelled);
+
+    jobs_survive_their_replica(a, b, c, inline).await;
+}
+
+/// Follows the job on `server` to its end: it succeeded on a second run,
+/// whose note names `why`.
+async fn second_run_succeeds(server: &TestServer, job: &str, why: &str) {
+    let events = watch(server, job).await;
+    let last = events.last().expect("events");
+    assert_eq!(last.state(), JobState::Succeeded, "{}", last.error);
+    let rerun = events
+        .iter()
+        .find(|e| e.attempt == 2)
+        .expect("a second run");
+    assert!(rerun.note.contains(why), "{}", rerun.note);
+    assert_eq!(last.attempt, 2);
+}
+
+/// B is killed while it trains a job, then C is drained while it trains
+/// another: they run again on A (or C) and succeed, each head published
+/// once.
+async fn jobs_survive_their_replica(
+    a: TestServer,
+    b: TestServer,
+    c: TestServer,
+    inline: proto::train_head_request::Data,
+) {
+    // A few seconds of training.
+    let killed = submit(&b, "survivor", inline.clone(), 1500)
+        .await
+        .expect("job on B");
+    wait_training(&a, &killed).await;
+    drop(b); // SIGKILL
+    second_run_succeeds(&a, &killed, "replica b").await;
+
+    let drained = submit(&c, "drained", inline, 3000).await.expect("job on C");
+    wait_training(&a, &drained).await;
+    c.terminate();
+    let mut c = c;
+    assert_eq!(
+        c.wait_exit(Duration::from_secs(30)),
+        Some(0),
+        "C drains and exits"
+    );
+    second_run_succeeds(&a, &drained, "shut down").await;
+
+    // One version each: the interrupted runs published nothing.
+    let heads = a
+        .models()
+        .await
+        .list_heads(proto::ListHeadsRequest {
+            all_versions: true,
+            ..Default::default()
+        })
+        .await
+        .expect("ListHeads")
+        .into_inner()
+        .heads;
+    for name in ["survivor", "drained"] {
+        let versions: Vec<u32> = heads
+            .iter()
+            .filter(|h| h.name == name)
+            .map(|h| h.version)
+            .collect();
+        assert_eq!(versions, [1], "{name}");
+    }
 }
 
 async fn predict_texts(server: &TestServer, head: &str, texts: &[&str]) -> proto::PredictResponse {

@@ -754,11 +754,13 @@ async fn finished_job(server: &TestServer, id: &str) -> proto::TrainEvent {
 /// Two replicas on one store. B starting while A trains a job leaves the job
 /// alone: its record stays A's and unended, B lists it as A's, and A goes on
 /// training it. Once A is killed and its lease (2 s here) has run out, B's
-/// next start records the job FAILED, naming A.
+/// next start takes it over; with one run allowed (`job_attempts = 1`), it
+/// records the job FAILED, naming A. (tests/replicas.rs runs taken-over jobs
+/// again.)
 #[tokio::test]
 async fn replicas_sharing_a_store_leave_each_others_jobs_alone() {
     let store = tempfile::tempdir().expect("store dir");
-    let config = config_with_store(store.path(), "job_lease_seconds = 2");
+    let config = config_with_store(store.path(), "job_lease_seconds = 2\njob_attempts = 1");
     let replica = |name: &'static str| {
         let server = TestServer::spawn(&config, &[("TLSERVE__SERVER__REPLICA_ID", name)]);
         async move {
@@ -803,18 +805,21 @@ async fn replicas_sharing_a_store_leave_each_others_jobs_alone() {
     drop(a); // SIGKILL: the lease is no longer renewed.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let b = replica("b").await;
+    wait_for_state(&b, &long, JobState::Failed).await;
     let ended = finished_job(&b, &long).await;
     assert_eq!(ended.state(), JobState::Failed);
     assert!(ended.error.contains("replica a"), "{}", ended.error);
 }
 
-/// Jobs outlive their server only on disk: after a graceful shutdown whose grace
-/// period a job outlasts, and after a SIGKILL, the restarted server reports those
-/// jobs FAILED with the reason, and keeps reporting the jobs that did end.
+/// What a server could not finish is told after its restart: after a
+/// graceful shutdown whose grace period a job outlasts, and after a SIGKILL,
+/// the restarted server takes those jobs over; with one run allowed
+/// (`job_attempts = 1`) it reports them FAILED with the reason, and keeps
+/// reporting the jobs that did end. (tests/replicas.rs runs them again.)
 #[tokio::test]
 async fn jobs_the_server_could_not_finish_are_failed_after_restart() {
     let store = tempfile::tempdir().expect("store dir");
-    let config = config_with_store(store.path(), "max_concurrent_jobs = 2");
+    let config = config_with_store(store.path(), "max_concurrent_jobs = 2\njob_attempts = 1");
     let grace = [("TLSERVE__SERVER__SHUTDOWN_GRACE_SECONDS", "1")];
 
     // A job that succeeds, and one still training at SIGTERM.
@@ -842,6 +847,8 @@ async fn jobs_the_server_could_not_finish_are_failed_after_restart() {
     server
         .wait_until(tonic_health::pb::health_check_response::ServingStatus::Serving)
         .await;
+    wait_for_state(&server, &long, JobState::Failed).await;
+    wait_for_state(&server, &killed, JobState::Failed).await;
     let ended = finished_job(&server, &done_id).await;
     assert_eq!(ended.state(), JobState::Succeeded);
     assert_eq!(ended.head.as_ref().map(|h| h.version), Some(1));

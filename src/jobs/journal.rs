@@ -13,22 +13,33 @@
 //! whose record never reached an end was running when its replica stopped.
 //!
 //! A record names the replica that runs the job (its owner) and holds a
-//! lease, which the owner renews while the job runs. At start-up a replica
-//! fails only the unended jobs of its own earlier run (same replica name) and
-//! those whose lease ran out (their replica is gone); a job another replica
-//! is running is left alone.
+//! lease, which the owner renews while the job runs. A job is another
+//! replica's to take over only once its lease ran out (its replica is gone,
+//! or released it when drained), or when it was this replica's own before a
+//! restart; a job a live replica runs is left alone. Each run of a job is
+//! claimed by creating `jobs/<id>/attempt-<n>` only if absent: of replicas
+//! racing to take a job over, one gets it.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::{JobState, Progress};
+use super::{JobSpec, JobState, Progress};
 use crate::{storage::Storage, Result};
 
 /// The reason recorded for jobs that were running when the process stopped.
 pub const INTERRUPTED: &str =
     "the server stopped before the job finished (shutdown or crash); submit it again";
+
+/// Why a job's run ended without an end of its own, and what that means.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Interruption {
+    /// For the note of the next run: what happened, briefly.
+    pub what: String,
+    /// For the job's error if no run is left.
+    pub reason: String,
+}
 
 /// The reason recorded for another replica's job whose lease ran out.
 pub fn abandoned(owner: &str) -> String {
@@ -77,6 +88,14 @@ pub struct JobRecord {
     /// reports this as the event's time.
     #[serde(default)]
     pub updated_at_ms: u64,
+    /// What the job was asked to do, to run it again; absent in records of
+    /// earlier versions.
+    #[serde(default)]
+    pub spec: Option<JobSpec>,
+    /// Why its owner gave the job up unfinished (a drain past its grace
+    /// period), for whoever takes it over.
+    #[serde(default)]
+    pub released: Option<String>,
 }
 
 /// Moves job records of the layout before the shared store
@@ -151,10 +170,24 @@ impl JobJournal {
     /// lease while the job has not ended. Errors are logged, not returned: a
     /// job must not fail because its record could not be written.
     pub async fn write(&self, record: &JobRecord) {
+        self.write_leased(record, self.lease).await;
+    }
+
+    /// Writes an unended job's record as given up, its lease already over:
+    /// the next replica to look takes it over.
+    pub async fn release(&self, record: &JobRecord, reason: &str) {
+        let record = JobRecord {
+            released: Some(reason.to_owned()),
+            ..record.clone()
+        };
+        self.write_leased(&record, Duration::ZERO).await;
+    }
+
+    async fn write_leased(&self, record: &JobRecord, lease: Duration) {
         let mut record = record.clone();
         record.owner = Some(self.owner.clone());
         let now = SystemTime::now();
-        record.lease_until_ms = (!record.state.is_final()).then(|| millis(now + self.lease));
+        record.lease_until_ms = (!record.state.is_final()).then(|| millis(now + lease));
         record.updated_at_ms = millis(now);
         let written = match serde_json::to_vec_pretty(&record) {
             Ok(json) => {
@@ -218,12 +251,32 @@ impl JobJournal {
         Ok(records)
     }
 
+    /// Removes everything of the job: its markers, then its record.
     pub async fn remove(&self, id: &str) {
-        for key in [cancel_key(id), record_key(id)] {
+        let prefix = format!("{PREFIX}/{id}");
+        let mut keys: Vec<String> = match self.storage.list(&prefix).await {
+            Ok(entries) => entries.into_iter().map(|e| e.key).collect(),
+            Err(err) => {
+                tracing::warn!(job = %id, error = %err, "cannot list the job's objects");
+                vec![cancel_key(id)]
+            }
+        };
+        keys.retain(|key| *key != record_key(id));
+        keys.push(record_key(id));
+        for key in keys {
             if let Err(err) = self.storage.delete(&key).await {
                 tracing::warn!(job = %id, error = %err, "cannot remove the job's record");
             }
         }
+    }
+
+    /// Claims run `attempt` of a job for this replica; false when another
+    /// replica claimed it first.
+    pub async fn claim(&self, id: &str, attempt: u32) -> Result<bool> {
+        let key = format!("{PREFIX}/{id}/attempt-{attempt}");
+        self.storage
+            .create(&key, Bytes::from(self.owner.clone()))
+            .await
     }
 
     /// Asks the job's owner, wherever it runs, to cancel it.
@@ -236,45 +289,43 @@ impl JobJournal {
         matches!(self.storage.get(&cancel_key(id)).await, Ok(Some(_)))
     }
 
-    /// Every record but those of jobs another replica is running, oldest
-    /// first, each with whether this call ended it. Records of unended jobs
-    /// of this replica's earlier run are rewritten as FAILED with
-    /// `INTERRUPTED`, those of other replicas whose lease ran out as FAILED
-    /// naming the replica.
-    pub async fn recover(&self) -> Result<Vec<(JobRecord, bool)>> {
-        let mut records = Vec::new();
-        for mut record in self.all().await? {
-            let unended = !record.state.is_final();
-            if unended {
-                let Some(reason) = self.end_of_unended(&record) else {
-                    tracing::info!(job = %record.id, owner = ?record.owner,
-                        "training job runs on another replica; left alone");
-                    continue;
-                };
-                record.state = JobState::Failed;
-                record.error = Some(reason);
-                record.finished_at_ms = Some(millis(SystemTime::now()));
-                self.write(&record).await;
-                tracing::warn!(job = %record.id, head = %record.head_name,
-                    error = record.error.as_deref().unwrap_or_default(),
-                    "training job did not finish; recorded as failed");
-            }
-            records.push((record, unended));
-        }
+    /// The records of ended jobs, oldest first: listed again for WatchJob
+    /// and ListJobs after a start. Unended ones are for the take-over scan.
+    pub async fn ended(&self) -> Result<Vec<JobRecord>> {
+        let mut records = self.all().await?;
+        records.retain(|record| record.state.is_final());
         Ok(records)
     }
 
-    /// Why an unended job found at start-up is over: it was this replica's
-    /// (its earlier run stopped) or nobody's, or its lease ran out. None: a
-    /// live replica runs it.
-    fn end_of_unended(&self, record: &JobRecord) -> Option<String> {
-        let now = millis(SystemTime::now());
-        match (&record.owner, record.lease_until_ms) {
-            (Some(owner), _) if *owner == self.owner => Some(INTERRUPTED.into()),
-            (Some(_), Some(until)) if until > now => None,
-            (Some(owner), _) => Some(abandoned(owner)),
-            (None, _) => Some(INTERRUPTED.into()),
+    /// Why a job's run is over though the job has not ended, making it this
+    /// replica's to take over: it was this replica's own before a restart
+    /// (or nobody's), its owner released it, or its lease ran out. None: a
+    /// live replica runs it, or it ended. `local`: this replica runs it now.
+    pub fn interruption(&self, record: &JobRecord, local: bool) -> Option<Interruption> {
+        if record.state.is_final() || local {
+            return None;
         }
+        let now = millis(SystemTime::now());
+        let owner = record.owner.as_deref();
+        let mine = owner.is_none_or(|owner| owner == self.owner);
+        let expired = record.lease_until_ms.is_none_or(|until| until <= now);
+        let owner = owner.unwrap_or("unknown");
+        if let Some(reason) = &record.released {
+            return expired.then(|| Interruption {
+                what: format!("replica {owner} shut down before the job finished"),
+                reason: reason.clone(),
+            });
+        }
+        if mine {
+            return Some(Interruption {
+                what: format!("replica {owner}, which ran it, restarted"),
+                reason: INTERRUPTED.into(),
+            });
+        }
+        expired.then(|| Interruption {
+            what: format!("replica {owner} stopped renewing its lease"),
+            reason: abandoned(owner),
+        })
     }
 }
 
@@ -299,6 +350,8 @@ mod tests {
             progress: Progress::default(),
             dataset: None,
             updated_at_ms: 0,
+            spec: None,
+            released: None,
         }
     }
 
@@ -308,11 +361,6 @@ mod tests {
 
     fn journal(dir: &std::path::Path, owner: &str) -> JobJournal {
         JobJournal::new(storage(dir), owner, Duration::from_secs(30))
-    }
-
-    async fn recover_records(journal: &JobJournal) -> Vec<JobRecord> {
-        let recovered = journal.recover().await.unwrap();
-        recovered.into_iter().map(|(record, _)| record).collect()
     }
 
     /// Writes `record` as another replica would have, its lease ending at
@@ -335,15 +383,14 @@ mod tests {
             .unwrap();
     }
 
-    /// A replica's start leaves alone (and does not list) the job another
-    /// live replica runs, fails the one whose replica stopped renewing its
-    /// lease, naming that replica, and fails its own earlier run's job.
+    /// Another replica's job is this one's to take over only once its lease
+    /// ran out or it was released; a job of this replica's earlier run is
+    /// at once; a job that ended or runs here never is.
     #[tokio::test]
-    async fn only_own_and_abandoned_jobs_are_failed_at_start() {
+    async fn only_own_released_and_abandoned_jobs_are_taken_over() {
         let dir = tempfile::tempdir().unwrap();
-        journal(dir.path(), "a")
-            .write(&record("mine", JobState::Training, 1))
-            .await;
+        let a = journal(dir.path(), "a");
+        a.write(&record("mine", JobState::Training, 1)).await;
         let now = millis(SystemTime::now());
         write_foreign(
             dir.path(),
@@ -359,21 +406,37 @@ mod tests {
             now - 1,
         )
         .await;
-        let recovered = recover_records(&journal(dir.path(), "a")).await;
-        let ids: Vec<&str> = recovered.iter().map(|r| r.id.as_str()).collect();
-        assert_eq!(ids, ["mine", "gone"]);
-        assert_eq!(recovered[0].error.as_deref(), Some(INTERRUPTED));
-        assert_eq!(recovered[1].error.as_deref(), Some(abandoned("c").as_str()));
-        assert!(recovered.iter().all(|r| r.state == JobState::Failed));
-        let live = journal(dir.path(), "a")
-            .read("live")
-            .await
-            .unwrap()
-            .unwrap();
+        journal(dir.path(), "d")
+            .release(&record("drained", JobState::Training, 4), "shut down")
+            .await;
+        write_foreign(
+            dir.path(),
+            record("done", JobState::Succeeded, 5),
+            "b",
+            now - 1,
+        )
+        .await;
+        let all = a.all().await.unwrap();
+        let what: Vec<(&str, Option<Interruption>)> = all
+            .iter()
+            .map(|r| (r.id.as_str(), a.interruption(r, false)))
+            .collect();
+        assert_eq!(what[0].0, "mine");
+        assert_eq!(what[0].1.as_ref().unwrap().reason, INTERRUPTED);
+        assert_eq!(what[1], ("live", None));
+        assert_eq!(what[2].1.as_ref().unwrap().reason, abandoned("c"));
+        assert!(what[2].1.as_ref().unwrap().what.contains("replica c"));
+        assert_eq!(what[3].1.as_ref().unwrap().reason, "shut down");
+        assert_eq!(what[4], ("done", None));
+        assert_eq!(a.interruption(&all[0], true), None, "running here");
+        // Of two replicas claiming the next run, one gets it.
+        let b = journal(dir.path(), "b");
+        let (first, second) = tokio::join!(a.claim("gone", 2), b.claim("gone", 2));
+        assert!(first.unwrap() != second.unwrap());
+        let ended = a.ended().await.unwrap();
         assert_eq!(
-            (live.state, live.owner.as_deref()),
-            (JobState::Training, Some("b")),
-            "untouched"
+            ended.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["done"]
         );
     }
 
@@ -424,11 +487,12 @@ mod tests {
         assert!(!dir.path().join(".jobs").exists());
     }
 
+    /// Unreadable records are skipped, and a state this version does not
+    /// know is refused, not read as FAILED.
     #[tokio::test]
-    async fn interrupted_jobs_come_back_failed_and_ended_ones_as_they_were() {
+    async fn unreadable_records_are_skipped() {
         let dir = tempfile::tempdir().unwrap();
         let journal = journal(dir.path(), "a");
-        journal.write(&record("b", JobState::Queued, 2)).await;
         journal
             .write(&JobRecord {
                 head_version: Some(4),
@@ -440,7 +504,6 @@ mod tests {
             .put(&record_key("d"), Bytes::from_static(b"not json"))
             .await
             .unwrap();
-        // A state this version does not know is refused, not read as FAILED.
         let unknown = serde_json::to_string(&record("e", JobState::Queued, 3))
             .unwrap()
             .replace("\"queued\"", "\"succeded\"");
@@ -448,17 +511,11 @@ mod tests {
             .put(&record_key("e"), Bytes::from(unknown))
             .await
             .unwrap();
-
-        let recovered = recover_records(&journal).await;
-        assert_eq!(recovered.len(), 2);
-        assert_eq!(recovered[0].id, "a");
-        assert_eq!(recovered[0].state, JobState::Succeeded);
-        assert_eq!(recovered[0].head_version, Some(4));
-        assert_eq!(recovered[1].state, JobState::Failed);
-        assert_eq!(recovered[1].error.as_deref(), Some(INTERRUPTED));
-        // The rewrite is durable: a second recovery reads it as failed.
-        let again = recover_records(&journal).await;
-        assert_eq!(again[1].state, JobState::Failed);
-        assert!(again[1].finished_at_ms.is_some());
+        let all = journal.all().await.unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(
+            (all[0].state, all[0].head_version),
+            (JobState::Succeeded, Some(4))
+        );
     }
 }

@@ -42,8 +42,48 @@ use crate::{
 use journal::{JobJournal, JobRecord};
 
 mod remote;
+mod takeover;
 
 pub use crate::datasets::Example;
+
+/// What a job was asked to do, but its examples: kept in its record, so that
+/// another replica can run it again from its stored dataset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub backbone: String,
+    pub head_name: String,
+    pub kind: HeadKind,
+    pub params: TrainingParams,
+    pub labels: Vec<String>,
+    pub fine_tune: Option<FineTuneParams>,
+}
+
+impl JobSpec {
+    fn of(request: &JobRequest) -> Self {
+        Self {
+            backbone: request.backbone.clone(),
+            head_name: request.head_name.clone(),
+            kind: request.kind.clone(),
+            params: request.params.clone(),
+            labels: request.labels.clone(),
+            fine_tune: request.fine_tune,
+        }
+    }
+
+    /// The request again, with its examples read back from `dataset`.
+    fn into_request(self, examples: Vec<Example>, dataset: String) -> JobRequest {
+        JobRequest {
+            backbone: self.backbone,
+            head_name: self.head_name,
+            kind: self.kind,
+            params: self.params,
+            examples,
+            labels: self.labels,
+            fine_tune: self.fine_tune,
+            dataset: Some(dataset),
+        }
+    }
+}
 
 /// What a client asks a job to do, validated by the server.
 pub struct JobRequest {
@@ -147,6 +187,11 @@ pub struct Progress {
     pub step_loss: Option<f32>,
     /// The latest epoch's metrics (the published head's, once it succeeded).
     pub metrics: Option<HeadMetrics>,
+    /// Which run of the job this is, from 1 (0 in records of earlier
+    /// versions: the first).
+    pub attempt: u32,
+    /// Why this run is not the first, for people.
+    pub note: Option<String>,
 }
 
 /// A step in a job's life, as streamed to clients.
@@ -202,6 +247,14 @@ struct Job {
     events: broadcast::Sender<JobEvent>,
     /// The stored dataset with the job's examples.
     dataset: Option<String>,
+    /// What it was asked to do; None for jobs listed from a record.
+    spec: Option<JobSpec>,
+    /// Which run of the job this is, from 1.
+    attempt: u32,
+    /// This replica no longer runs the job: it released it (drained) or
+    /// another replica took it over. Its end is then not this replica's to
+    /// record.
+    handed_off: AtomicBool,
     /// Events since the record was last written.
     unwritten: AtomicBool,
     /// When the record was last written (its lease renewed).
@@ -218,7 +271,9 @@ struct JobStatus {
 }
 
 impl Job {
-    fn new(id: Arc<str>, request: &JobRequest, dataset: String) -> Self {
+    /// Run `run` of a job, created at `created_at`; `note` says why it is not
+    /// the first.
+    fn new(id: Arc<str>, request: &JobRequest, dataset: String, run: Run) -> Self {
         let now = SystemTime::now();
         let (events, _) = broadcast::channel(256);
         let first = JobEvent {
@@ -227,6 +282,8 @@ impl Job {
             stage: Stage::Queued,
             progress: Progress {
                 total_epochs: request.params.planned_steps() as u32,
+                attempt: run.attempt,
+                note: run.note,
                 ..Progress::default()
             },
         };
@@ -234,7 +291,7 @@ impl Job {
             id,
             backbone: request.backbone.clone(),
             head_name: request.head_name.clone(),
-            created_at: now,
+            created_at: run.created_at,
             started: Instant::now(),
             cancel: CancellationToken::new(),
             status: Mutex::new(JobStatus {
@@ -243,6 +300,9 @@ impl Job {
             }),
             events,
             dataset: Some(dataset),
+            spec: Some(JobSpec::of(request)),
+            attempt: run.attempt,
+            handed_off: AtomicBool::new(false),
             unwritten: AtomicBool::new(false),
             written_at: Mutex::new(Instant::now()),
             record_lock: tokio::sync::Mutex::new(()),
@@ -342,6 +402,8 @@ impl Job {
             progress: last.progress.clone(),
             dataset: self.dataset.clone(),
             updated_at_ms: 0,
+            spec: self.spec.clone(),
+            released: None,
         }
     }
 
@@ -386,9 +448,29 @@ impl Job {
             }),
             events,
             dataset: record.dataset.clone(),
+            spec: None,
+            attempt: record.progress.attempt.max(1),
+            handed_off: AtomicBool::new(false),
             unwritten: AtomicBool::new(false),
             written_at: Mutex::new(Instant::now()),
             record_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+}
+
+/// Which run of a job a [`Job`] is.
+struct Run {
+    attempt: u32,
+    note: Option<String>,
+    created_at: SystemTime,
+}
+
+impl Run {
+    fn first() -> Self {
+        Self {
+            attempt: 1,
+            note: None,
+            created_at: SystemTime::now(),
         }
     }
 }
@@ -401,6 +483,8 @@ pub struct JobLimits {
     pub finished_jobs_kept: usize,
     /// Bytes of a fine-tuning job's frozen hidden states kept across epochs.
     pub fine_tune_cache_bytes: usize,
+    /// Most runs of one job (heads.job_attempts).
+    pub job_attempts: u32,
 }
 
 pub struct JobManager {
@@ -413,6 +497,8 @@ pub struct JobManager {
     jobs: Mutex<VecDeque<Arc<Job>>>,
     /// Every job's record, in the shared store.
     journal: Arc<JobJournal>,
+    /// Set when a drain starts: no new jobs, none taken over.
+    closing: AtomicBool,
 }
 
 /// The reason recorded for jobs still running when the shutdown grace period ends.
@@ -455,17 +541,15 @@ impl JobManager {
             slots,
             jobs: Mutex::new(VecDeque::new()),
             journal: Arc::new(journal),
+            closing: AtomicBool::new(false),
         };
-        let mut ended = Vec::new();
-        for (record, ended_now) in manager.journal.recover().await? {
-            if ended_now {
-                // Its examples are not needed again.
-                if let Some(dataset) = &record.dataset {
-                    manager.datasets.remove(dataset).await;
-                }
-            }
-            ended.push(Arc::new(Job::ended(&record, &manager.store)));
-        }
+        let ended: Vec<Arc<Job>> = manager
+            .journal
+            .ended()
+            .await?
+            .iter()
+            .map(|record| Arc::new(Job::ended(record, &manager.store)))
+            .collect();
         let pruned = {
             let mut jobs = manager.jobs();
             jobs.extend(ended);
@@ -485,6 +569,10 @@ impl JobManager {
     /// Writes the job's record as it is now.
     async fn write_record(&self, job: &Job) {
         let _in_order = job.record_lock.lock().await;
+        if job.handed_off.load(Ordering::Acquire) {
+            // The record is another replica's now, or released.
+            return;
+        }
         job.unwritten.store(false, Ordering::Release);
         *lock(&job.written_at) = Instant::now();
         self.journal.write(&job.record()).await;
@@ -501,38 +589,69 @@ impl JobManager {
 
     /// While the manager lives, every [`SYNC_EVERY`]: writes the records of
     /// this replica's running jobs that changed, renews their leases (other
-    /// replicas leave a job alone while its lease runs), and honours cancel
-    /// requests that other replicas recorded.
+    /// replicas leave a job alone while its lease runs), honours cancel
+    /// requests that other replicas recorded, and gives up a job another
+    /// replica took over; every lease renewal period, takes over the jobs
+    /// whose replica is gone.
     pub fn spawn_sync(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let renew_every = self.journal.renew_every();
         let manager = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(SYNC_EVERY.min(renew_every));
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut scanned: Option<Instant> = None;
             loop {
                 ticks.tick().await;
                 let Some(manager) = manager.upgrade() else {
                     return;
                 };
                 for job in manager.unended() {
-                    if !job.cancel.is_cancelled() && manager.journal.cancel_requested(&job.id).await
-                    {
-                        tracing::info!(job = %job.id, "training job cancelled from another replica");
-                        job.cancel.cancel();
-                    }
-                    let due = lock(&job.written_at).elapsed() >= renew_every;
-                    if due || job.unwritten.load(Ordering::Acquire) {
-                        manager.write_record(&job).await;
-                    }
+                    manager.sync(&job, renew_every).await;
+                }
+                if scanned.is_none_or(|at| at.elapsed() >= renew_every) {
+                    scanned = Some(Instant::now());
+                    manager.take_over().await;
                 }
             }
         })
     }
 
-    /// Waits for running jobs until `deadline`, then records those still
-    /// running as FAILED (`SHUT_DOWN`) and stops them. For the end of a
-    /// graceful shutdown.
-    pub async fn finish_or_fail_by(&self, deadline: Instant) {
+    /// One running job's sync with the store.
+    async fn sync(&self, job: &Arc<Job>, renew_every: Duration) {
+        match self.journal.read(&job.id).await {
+            Ok(Some(stored)) if stored.progress.attempt.max(1) > job.attempt => {
+                // A replica took it over (this one's lease ran out): stop.
+                tracing::warn!(job = %job.id, owner = ?stored.owner,
+                    "training job taken over by another replica; stopping it here");
+                job.handed_off.store(true, Ordering::Release);
+                job.cancel.cancel();
+                return;
+            }
+            Ok(_) => {}
+            Err(err) => tracing::warn!(job = %job.id, error = %err, "cannot read the job's record"),
+        }
+        if !job.cancel.is_cancelled() && self.journal.cancel_requested(&job.id).await {
+            tracing::info!(job = %job.id, "training job cancelled from another replica");
+            job.cancel.cancel();
+        }
+        let due = lock(&job.written_at).elapsed() >= renew_every;
+        if due || job.unwritten.load(Ordering::Acquire) {
+            self.write_record(job).await;
+        }
+    }
+
+    /// Takes no new jobs from now on (TrainHead gets UNAVAILABLE, and no job
+    /// of another replica is taken over): the start of a drain.
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::Release);
+    }
+
+    /// For a drain: takes no new jobs from now on, waits for running ones
+    /// until `deadline`, then gives those still running up in the store
+    /// (their lease over), for another replica, or this one after its
+    /// restart, to run again.
+    pub async fn finish_or_release_by(&self, deadline: Instant) {
+        self.close();
         loop {
             let running = self.unended();
             if running.is_empty() {
@@ -540,19 +659,31 @@ impl JobManager {
             }
             if Instant::now() >= deadline {
                 for job in running {
-                    job.cancel.cancel();
-                    let end = job.settle(Stage::Failed(SHUT_DOWN.into()), |_| {});
-                    self.write_record(&job).await;
-                    if let Some(event) = end {
-                        job.announce(event);
-                    }
-                    tracing::warn!(job = %job.id, "training job stopped by the shutdown; recorded as failed");
+                    self.release(&job).await;
                 }
                 self.update_state_metrics();
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Stops running `job` here and records it released.
+    async fn release(&self, job: &Job) {
+        {
+            let _in_order = job.record_lock.lock().await;
+            if job.state().is_final() {
+                return;
+            }
+            job.handed_off.store(true, Ordering::Release);
+            job.cancel.cancel();
+            self.journal.release(&job.record(), SHUT_DOWN).await;
+        }
+        let end = job.settle(Stage::Failed(SHUT_DOWN.into()), |_| {});
+        if let Some(event) = end {
+            job.announce(event);
+        }
+        tracing::warn!(job = %job.id, "training job released by the shutdown, for another replica to run");
     }
 
     fn jobs(&self) -> MutexGuard<'_, VecDeque<Arc<Job>>> {
@@ -583,6 +714,9 @@ impl JobManager {
         self: &Arc<Self>,
         request: JobRequest,
     ) -> Result<(Arc<str>, broadcast::Receiver<JobEvent>)> {
+        if self.closing.load(Ordering::Acquire) {
+            return Err(Error::ShuttingDown);
+        }
         // Fail fast on what can be known now; loading problems surface as FAILED.
         let loaded = self.registry.get(&request.backbone)?;
         let mut request = request;
@@ -597,7 +731,7 @@ impl JobManager {
             None => self.datasets.keep_for_job(&request.examples).await?,
         };
         let id: Arc<str> = Arc::from(uuid::Uuid::new_v4().to_string());
-        let job = Arc::new(Job::new(Arc::clone(&id), &request, dataset));
+        let job = Arc::new(Job::new(Arc::clone(&id), &request, dataset, Run::first()));
         let receiver = job.events.subscribe();
         let pruned = self.admit(&job);
         let pruned = match pruned {
@@ -759,6 +893,12 @@ impl JobManager {
             Err(Error::Cancelled(reason)) => Stage::Cancelled(reason),
             Err(err) => Stage::Failed(client_reason(&job.id, &err)),
         };
+        if job.handed_off.load(Ordering::Acquire) {
+            // Another replica runs it now (or will): its end is not ours.
+            tracing::info!(job = %job.id, "training job stopped here; it runs elsewhere");
+            self.update_state_metrics();
+            return;
+        }
         let state = stage.state();
         let final_metrics = match &stage {
             Stage::Succeeded(head) => Some(head.meta.metrics.clone()),

@@ -130,11 +130,24 @@ fn changed(before: &JobRecord, after: &JobRecord) -> bool {
     )
 }
 
-/// The record as FAILED when its owner stopped renewing its lease: a watcher
-/// is told the job will not end by itself.
+/// How long past its lease a job may stay unclaimed before a watcher is told
+/// it failed, in leases: every replica looks for jobs to take over each
+/// sixth of a lease, so only a job no replica can run (its backbone is
+/// configured nowhere else) stays unclaimed this long.
+const UNCLAIMED_LEASES: u32 = 10;
+
+/// The record as FAILED when its lease ran out long ago and no replica took
+/// it over: a watcher is told the job will not end by itself.
 fn abandoned(record: &JobRecord) -> Option<JobRecord> {
     let now = journal::millis(SystemTime::now());
-    let expired = record.lease_until_ms.is_some_and(|until| until < now);
+    let lease_ms = record
+        .lease_until_ms
+        .zip(Some(record.updated_at_ms))
+        .map_or(0, |(until, updated)| until.saturating_sub(updated));
+    let stale_after = lease_ms.max(1_000) * u64::from(UNCLAIMED_LEASES);
+    let expired = record
+        .lease_until_ms
+        .is_some_and(|until| until.saturating_add(stale_after) < now);
     if record.state.is_final() || !expired {
         return None;
     }

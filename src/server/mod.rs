@@ -208,6 +208,7 @@ async fn build_jobs(
             max_queued_jobs: heads.max_queued_jobs,
             finished_jobs_kept: heads.finished_jobs_kept,
             fine_tune_cache_bytes: heads.fine_tune_cache_bytes,
+            job_attempts: heads.job_attempts,
         },
         JobJournal::new(storage, &replica, lease),
     )
@@ -605,7 +606,7 @@ pub async fn run(
         .add_service(predictor)
         .serve_with_incoming_shutdown(
             listener::incoming(listener, connection_limits, "grpc"),
-            drain.signal(shutdown, health.clone()),
+            drain.signal(shutdown, health.clone(), Arc::clone(&domain.jobs)),
         );
     tokio::select! {
         result = serve => result?,
@@ -615,9 +616,9 @@ pub async fn run(
         ),
     }
     // Training jobs run apart from any call: let them finish within what is left
-    // of the grace period, and record the others as failed, for their clients
-    // to read after the restart.
-    domain.jobs.finish_or_fail_by(drain.grace_end()).await;
+    // of the grace period, and release the others in the shared store, for
+    // another replica (or this one after its restart) to run again.
+    domain.jobs.finish_or_release_by(drain.grace_end()).await;
     if let Some(task) = http_port {
         // Its own drain (stop accepting, finish within the grace) has run
         // alongside the gRPC port's; this only waits for it to end.
@@ -668,6 +669,7 @@ impl Drain {
         &self,
         shutdown: impl Future<Output = ()> + Send + 'static,
         health: HealthReporter,
+        jobs: Arc<JobManager>,
     ) -> impl Future<Output = ()> + Send + 'static {
         let (drain_delay, grace) = (self.drain_delay, self.grace);
         let grace_ends = Arc::clone(&self.grace_ends);
@@ -676,6 +678,8 @@ impl Drain {
         async move {
             shutdown.await;
             tracing::info!("shutdown requested: reporting NOT_SERVING and draining");
+            // New jobs go to other replicas from now on.
+            jobs.close();
             set_health(&health, ServingStatus::NotServing).await;
             tokio::time::sleep(drain_delay).await;
             let _ = grace_ends.set(std::time::Instant::now() + grace);

@@ -146,6 +146,8 @@ pub fn train_event(event: &JobEvent) -> proto::TrainEvent {
         step: progress.step,
         total_steps: progress.total_steps,
         step_loss: progress.step_loss,
+        attempt: progress.attempt.max(1),
+        note: progress.note.clone().unwrap_or_default(),
     }
 }
 

@@ -197,7 +197,7 @@ impl Method {
 }
 
 /// Hyper-parameters of a fine-tuning run.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct FineTuneParams {
     pub method: Method,
     pub epochs: usize,
