@@ -45,6 +45,13 @@ pub const MODEL_LOAD_DURATION_SECONDS: &str = "tlserve_model_load_duration_secon
 pub const TRAINING_JOBS: &str = "tlserve_training_jobs";
 /// Wall time of finished training jobs, by final `state`.
 pub const TRAINING_JOB_DURATION_SECONDS: &str = "tlserve_training_job_duration_seconds";
+/// Jobs of a stopped replica (killed, or drained past its grace period)
+/// that this replica took over, by `outcome`: `rerun` (it runs them again)
+/// or `failed` (no run was left, heads.job_attempts).
+pub const TRAINING_JOB_TAKEOVERS_TOTAL: &str = "tlserve_training_job_takeovers_total";
+/// Outcomes of a take-over (the `outcome` label of
+/// [`TRAINING_JOB_TAKEOVERS_TOTAL`]).
+pub const TAKEOVER_OUTCOMES: [&str; 2] = ["rerun", "failed"];
 /// Head versions in the head store.
 pub const HEADS: &str = "tlserve_heads";
 /// Fine-tuned heads' adapters resident in memory (bounded by
@@ -167,6 +174,13 @@ fn describe() {
         metrics::Unit::Seconds,
         "Wall time of finished training jobs"
     );
+    describe_counter!(
+        TRAINING_JOB_TAKEOVERS_TOTAL,
+        "Jobs of stopped replicas taken over, by outcome"
+    );
+    for outcome in TAKEOVER_OUTCOMES {
+        counter!(TRAINING_JOB_TAKEOVERS_TOTAL, "outcome" => outcome).absolute(0);
+    }
     describe_gauge!(HEADS, "Head versions in the head store");
     describe_gauge!(ADAPTERS_RESIDENT, "Fine-tuned adapters resident in memory");
     describe_gauge!(ADAPTER_BYTES, "Bytes of the resident fine-tuned adapters");
@@ -325,6 +339,12 @@ pub fn record_backbone_device_memory(backbone: &str, device: &str, bytes: u64) {
 
 pub fn set_training_jobs(state: &'static str, count: usize) {
     gauge!(TRAINING_JOBS, "state" => state).set(count as f64);
+}
+
+/// One job of a stopped replica taken over; `outcome` is one of
+/// [`TAKEOVER_OUTCOMES`].
+pub fn record_takeover(outcome: &'static str) {
+    counter!(TRAINING_JOB_TAKEOVERS_TOTAL, "outcome" => outcome).increment(1);
 }
 
 pub fn record_training_job(state: &'static str, elapsed: Duration) {

@@ -257,6 +257,11 @@ async fn jobs_survive_their_replica(
         "C drains and exits"
     );
     second_run_succeeds(&a, &drained, "shut down").await;
+    let takeovers = metric(
+        &a.scrape(),
+        "tlserve_training_job_takeovers_total{outcome=\"rerun\"}",
+    );
+    assert!(takeovers >= 1.0, "A ran the drained job again: {takeovers}");
 
     // One version each: the interrupted runs published nothing.
     let heads = a

@@ -74,6 +74,7 @@ impl JobManager {
             self.journal.owner()
         );
         tracing::warn!(job = %record.id, attempt, note = %note, "training job taken over");
+        metrics::record_takeover("rerun");
         let run = Run {
             attempt,
             note: Some(note),
@@ -131,6 +132,7 @@ impl JobManager {
             .duration_since(journal::from_millis(record.created_at_ms))
             .unwrap_or_default();
         metrics::record_training_job("failed", lifetime);
+        metrics::record_takeover("failed");
         self.update_state_metrics();
     }
 }
