@@ -523,8 +523,9 @@ struct DistinctInputs {
 }
 
 impl JobManager {
-    /// A manager whose jobs are recorded in `journal`; the jobs recorded there
-    /// by earlier runs are listed again (those that never ended as FAILED).
+    /// A manager whose jobs are recorded in `journal`. The ended jobs
+    /// recorded there are listed again; unended ones whose replica is gone
+    /// are taken over by [`JobManager::spawn_sync`].
     pub async fn new(
         registry: Arc<BackboneRegistry>,
         store: Arc<HeadStore>,
@@ -619,8 +620,12 @@ impl JobManager {
     /// One running job's sync with the store.
     async fn sync(&self, job: &Arc<Job>, renew_every: Duration) {
         match self.journal.read(&job.id).await {
-            Ok(Some(stored)) if stored.progress.attempt.max(1) > job.attempt => {
-                // A replica took it over (this one's lease ran out): stop.
+            Ok(Some(stored))
+                if stored.progress.attempt.max(1) > job.attempt
+                    || (stored.state.is_final() && !job.state().is_final()) =>
+            {
+                // A replica took it over, or gave it up (this one's lease ran
+                // out while it ran it): stop.
                 tracing::warn!(job = %job.id, owner = ?stored.owner,
                     "training job taken over by another replica; stopping it here");
                 job.handed_off.store(true, Ordering::Release);

@@ -111,7 +111,8 @@ impl JobManager {
     }
 
     /// Records a job FAILED for `reason`, lists it here, and frees its
-    /// examples.
+    /// examples. A replica still running it (its lease ran out while it was
+    /// alive) sees the end in the store and stops.
     async fn give_up(&self, mut record: JobRecord, reason: String) {
         tracing::warn!(job = %record.id, head = %record.head_name, error = %reason,
             "training job did not finish; recorded as failed");
