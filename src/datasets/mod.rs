@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     backbone::Input,
-    storage::{Entry, Storage},
+    storage::{Entry, Storage, LEFTOVER_AGE},
     task::run_blocking,
     Error, Result,
 };
@@ -83,10 +83,6 @@ fn key(id: &str, file: &str) -> String {
 /// How long a taken dataset is kept at most: its job removes it when it
 /// ends; this only bounds what a job that never ended leaves behind.
 const TAKEN_KEPT: Duration = Duration::from_secs(7 * 24 * 3600);
-
-/// Examples without their meta (an upload cut short) older than this are
-/// removed.
-const LEFTOVER_AGE: Duration = Duration::from_secs(3600);
 
 struct Shared {
     limits: DatasetLimits,

@@ -158,6 +158,21 @@ pub enum Stage {
 }
 
 impl Stage {
+    /// The stage a job's record shows, given the head it published if that
+    /// is still there: a success whose head is gone cannot show it, and
+    /// reads as FAILED.
+    fn of_record(record: &JobRecord, head: Option<Arc<StoredHead>>) -> Self {
+        let error = record.error.clone().unwrap_or_default();
+        match (record.state, head) {
+            (JobState::Queued, _) => Stage::Queued,
+            (JobState::Embedding, _) => Stage::Embedding,
+            (JobState::Training, _) => Stage::Training,
+            (JobState::Succeeded, Some(head)) => Stage::Succeeded(head),
+            (JobState::Cancelled, _) => Stage::Cancelled(error),
+            (JobState::Succeeded | JobState::Failed, _) => Stage::Failed(error),
+        }
+    }
+
     pub fn state(&self) -> JobState {
         match self {
             Stage::Queued => JobState::Queued,
@@ -416,14 +431,7 @@ impl Job {
                 version: Some(version),
             })
         });
-        let error = record.error.clone().unwrap_or_default();
-        let stage = match (record.state, &head) {
-            (JobState::Succeeded, Some(head)) => Stage::Succeeded(Arc::clone(head)),
-            (JobState::Cancelled, _) => Stage::Cancelled(error),
-            // A success whose head is gone cannot show it; anything else that
-            // did not end was recorded FAILED by the journal's recovery.
-            _ => Stage::Failed(error),
-        };
+        let stage = Stage::of_record(record, head.clone());
         let finished_at = record.finished_at_ms.map(journal::from_millis);
         let (events, _) = broadcast::channel(1);
         Self {
@@ -750,22 +758,32 @@ impl JobManager {
                 return Err(err);
             }
         };
-        // In the store before anyone learns the id: a crash from here on is recorded.
-        self.write_record(&job).await;
         self.forget(pruned).await;
-        // The QUEUED event, for subscribers and metrics.
-        let _ = job.events.send(job.status().last.clone());
-        self.update_state_metrics();
         tracing::info!(job = %id, backbone = %request.backbone, head = %request.head_name,
             examples = request.examples.len(), "training job queued");
+        self.start(job, request).await;
+        Ok((id, receiver))
+    }
+
+    /// Starts a job already in the table: its record first (before anyone
+    /// learns of it: a crash from here on is recorded), then its QUEUED
+    /// event, for subscribers and metrics, then its run.
+    async fn start(self: &Arc<Self>, job: Arc<Job>, request: JobRequest) {
+        self.write_record(&job).await;
+        let _ = job.events.send(job.status().last.clone());
+        self.update_state_metrics();
         let manager = Arc::clone(self);
         tokio::spawn(async move { manager.run(job, request).await });
-        Ok((id, receiver))
     }
 
     /// LIMIT_EXCEEDED when this replica's queue is full.
     fn check_room(&self) -> Result<()> {
-        let waiting = self.jobs().iter().filter(|j| !j.state().is_final()).count();
+        self.room_in(&self.jobs())
+    }
+
+    /// LIMIT_EXCEEDED when `jobs`, this replica's table, is full.
+    fn room_in(&self, jobs: &VecDeque<Arc<Job>>) -> Result<()> {
+        let waiting = jobs.iter().filter(|j| !j.state().is_final()).count();
         if waiting >= self.limits.max_concurrent_jobs + self.limits.max_queued_jobs {
             return Err(Error::LimitExceeded(format!(
                 "{waiting} training jobs are queued or running, the limit \
@@ -778,8 +796,8 @@ impl JobManager {
     /// Adds a job to the table unless the queue is full; returns the ids of
     /// ended jobs beyond the retention limit, to forget.
     fn admit(&self, job: &Arc<Job>) -> Result<Vec<Arc<str>>> {
-        self.check_room()?;
         let mut jobs = self.jobs();
+        self.room_in(&jobs)?;
         jobs.push_back(Arc::clone(job));
         Ok(self.prune(&mut jobs))
     }
@@ -797,7 +815,7 @@ impl JobManager {
             return Ok((status.last.clone(), receiver));
         }
         let record = self.remote(id).await?;
-        remote::follow(Arc::clone(&self.journal), Arc::clone(&self.store), record).await
+        Ok(remote::follow(Arc::clone(&self.journal), Arc::clone(&self.store), record).await)
     }
 
     /// A job and its latest event.

@@ -15,41 +15,24 @@ use super::{
     journal::{self, JobJournal, JobRecord},
     JobEvent, JobInfo, JobState, Stage,
 };
-use crate::{
-    head::{store::HeadStore, HeadRef},
-    Result,
-};
+use crate::head::{store::HeadStore, HeadRef};
 
 /// How often a watcher on another replica reads the job's record.
 pub const FOLLOW_EVERY: Duration = Duration::from_millis(500);
 
 /// The job's last event, as its record says.
 pub async fn event(record: &JobRecord, store: &HeadStore) -> JobEvent {
-    let error = record.error.clone().unwrap_or_default();
-    let stage = match record.state {
-        JobState::Queued => Stage::Queued,
-        JobState::Embedding => Stage::Embedding,
-        JobState::Training => Stage::Training,
-        JobState::Succeeded => {
-            let head = match record.head_version {
-                Some(version) => store
-                    .get(&HeadRef {
-                        name: record.head_name.clone(),
-                        version: Some(version),
-                    })
-                    .await
-                    .ok(),
-                None => None,
-            };
-            // A success whose head is gone cannot show it.
-            match head {
-                Some(head) => Stage::Succeeded(head),
-                None => Stage::Failed(error),
-            }
-        }
-        JobState::Failed => Stage::Failed(error),
-        JobState::Cancelled => Stage::Cancelled(error),
+    let head = match (record.state, record.head_version) {
+        (JobState::Succeeded, Some(version)) => store
+            .get(&HeadRef {
+                name: record.head_name.clone(),
+                version: Some(version),
+            })
+            .await
+            .ok(),
+        _ => None,
     };
+    let stage = Stage::of_record(record, head);
     let time = record
         .finished_at_ms
         .unwrap_or(record.updated_at_ms.max(record.created_at_ms));
@@ -78,10 +61,10 @@ pub async fn follow(
     journal: Arc<JobJournal>,
     store: Arc<HeadStore>,
     record: JobRecord,
-) -> Result<(JobEvent, Option<broadcast::Receiver<JobEvent>>)> {
+) -> (JobEvent, Option<broadcast::Receiver<JobEvent>>) {
     let first = event(&record, &store).await;
     if record.state.is_final() {
-        return Ok((first, None));
+        return (first, None);
     }
     let (sender, receiver) = broadcast::channel(16);
     tokio::spawn(async move {
@@ -112,7 +95,7 @@ pub async fn follow(
             last = next;
         }
     });
-    Ok((first, Some(receiver)))
+    (first, Some(receiver))
 }
 
 /// Whether a watcher has something new to hear.

@@ -99,15 +99,8 @@ impl JobManager {
             dataset,
             run,
         ));
-        {
-            let mut jobs = self.jobs();
-            jobs.push_back(Arc::clone(&job));
-        }
-        self.write_record(&job).await;
-        let _ = job.events.send(job.status().last.clone());
-        self.update_state_metrics();
-        let manager = Arc::clone(self);
-        tokio::spawn(async move { manager.run(job, request).await });
+        self.jobs().push_back(Arc::clone(&job));
+        self.start(job, request).await;
     }
 
     /// Records a job FAILED for `reason`, lists it here, and frees its

@@ -156,7 +156,8 @@ fn replica_name(configured: Option<&str>) -> String {
 }
 
 /// Opens the configured shared store; on a volume, first moves heads and job
-/// records of the layout before namespaces into it.
+/// records of the layout before namespaces into it, then removes what
+/// crashed writes left behind.
 async fn open_storage(config: &Config) -> Result<Storage, ServeError> {
     let location = Location::from_config(&config.storage, &config.heads.store_dir);
     let storage = Storage::open(&location).map_err(ServeError::HeadStore)?;
@@ -173,6 +174,12 @@ async fn open_storage(config: &Config) -> Result<Storage, ServeError> {
                 config.heads.store_dir.display()
             )))
         })?;
+    }
+    // Once per start, for every part of the store (heads, datasets, jobs).
+    match storage.remove_leftovers().await {
+        Ok(0) => {}
+        Ok(removed) => tracing::info!(removed, "removed writes that a crash cut short"),
+        Err(err) => tracing::warn!(error = %err, "cannot remove leftovers of crashed writes"),
     }
     tracing::info!(store = %storage.describe(), "shared store opened");
     Ok(storage)

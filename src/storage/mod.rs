@@ -13,7 +13,7 @@
 mod s3;
 mod volume;
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
@@ -23,6 +23,10 @@ use crate::{
     config::{StorageBackend, StorageConfig},
     Error, Result,
 };
+
+/// Writes younger than this may be another replica's in progress; older
+/// ones that nothing names, or temporary files, are a crash's leftovers.
+pub const LEFTOVER_AGE: Duration = Duration::from_secs(3600);
 
 /// One object of a listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,14 +106,13 @@ impl Storage {
         }
     }
 
-    /// Removes temporary files at least `age` old under `prefix`: writes that
-    /// a crash cut short. Younger ones may be another replica's write in
-    /// progress. Object storage has none (an upload appears whole or not at
-    /// all).
-    pub async fn remove_leftovers(&self, prefix: &str, age: std::time::Duration) -> Result<usize> {
-        check_key(prefix)?;
+    /// Removes temporary files and folders older than [`LEFTOVER_AGE`]
+    /// anywhere in the store: writes that a crash cut short. Younger ones may
+    /// be another replica's write in progress. Object storage has none (an
+    /// upload appears whole or not at all).
+    pub async fn remove_leftovers(&self) -> Result<usize> {
         match &self.backend {
-            Backend::Volume(volume) => volume.remove_leftovers(prefix, age).await,
+            Backend::Volume(volume) => volume.remove_leftovers(LEFTOVER_AGE).await,
             Backend::S3(_) => Ok(0),
         }
     }

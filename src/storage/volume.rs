@@ -38,13 +38,13 @@ impl Volume {
         &self.root
     }
 
-    pub async fn remove_leftovers(&self, prefix: &str, age: std::time::Duration) -> Result<usize> {
-        let start = self.path(prefix);
+    pub async fn remove_leftovers(&self, age: std::time::Duration) -> Result<usize> {
+        let root = self.root.clone();
         run_blocking("removing leftovers", move || {
-            remove_old_temporaries(&start, age)
+            remove_old_temporaries(&root, age)
         })
         .await?
-        .map_err(|err| storage_error("clean", prefix, err))
+        .map_err(|err| storage_error("clean", "the store", err))
     }
 
     pub fn describe(&self) -> String {

@@ -8,7 +8,7 @@
 
 use std::{fs, io, path::Path};
 
-use super::{layout::HEADS, LEFTOVER_AGE};
+use super::layout::HEADS;
 use crate::{config::is_valid_name, fsutil};
 
 /// Top-level folders that are the store's own, never heads.
@@ -35,7 +35,6 @@ pub fn migrate_volume(root: &Path) -> io::Result<usize> {
         }
         moved += migrate_name(root, &name)?;
     }
-    remove_old_temporaries(root);
     if moved > 0 {
         tracing::info!(
             versions = moved,
@@ -43,21 +42,6 @@ pub fn migrate_volume(root: &Path) -> io::Result<usize> {
         );
     }
     Ok(moved)
-}
-
-/// Temporary folders of the old layout's publishes, at the root, once they
-/// are too old to be a write in progress.
-fn remove_old_temporaries(root: &Path) {
-    for entry in fs::read_dir(root).into_iter().flatten().flatten() {
-        let path = entry.path();
-        let temporary = entry
-            .file_name()
-            .to_string_lossy()
-            .starts_with(fsutil::TEMP_PREFIX);
-        if temporary && path.is_dir() && fsutil::is_older_than(&path, LEFTOVER_AGE) {
-            let _ = fs::remove_dir_all(&path);
-        }
-    }
 }
 
 fn has_versions(dir: &Path) -> bool {

@@ -25,8 +25,12 @@ use super::{
     HeadMetadata, HeadRef,
 };
 use crate::{
-    backbone::adapter::Adapter, config::is_valid_name, storage::Storage, sync::lock,
-    task::run_blocking, Error, Result,
+    backbone::adapter::Adapter,
+    config::is_valid_name,
+    storage::{Storage, LEFTOVER_AGE},
+    sync::lock,
+    task::run_blocking,
+    Error, Result,
 };
 use layout::NameListing;
 
@@ -77,10 +81,6 @@ pub const DEFAULT_RESIDENT_ADAPTERS: ResidentAdapters = ResidentAdapters {
     bytes: 1 << 30,
 };
 
-/// Blobs younger than this may belong to a publish in progress on another
-/// replica; older ones that no version names are leftovers of a crash.
-const LEFTOVER_AGE: Duration = Duration::from_secs(3600);
-
 /// How stale the in-memory view of a name may get before a read looks at the
 /// store again, so heads published or deleted by other replicas appear and
 /// disappear without a restart.
@@ -114,15 +114,6 @@ impl HeadStore {
             adapters: AdapterCache::new(resident_adapters),
         };
         store.refresh_all().await?;
-        match store
-            .storage
-            .remove_leftovers(layout::HEADS, LEFTOVER_AGE)
-            .await
-        {
-            Ok(0) => {}
-            Ok(removed) => tracing::info!(removed, "removed writes that a crash cut short"),
-            Err(err) => tracing::warn!(error = %err, "cannot remove leftovers of crashed writes"),
-        }
         // Exported from the start, also for an empty store.
         report_sizes(&store.read());
         tracing::info!(store = %store.storage.describe(), heads = store.count(),
@@ -235,29 +226,7 @@ impl HeadStore {
 
     /// One version read from the store.
     async fn read_version(&self, name: &str, version: u32) -> Result<(Known, Option<Adapter>)> {
-        let manifest_key = layout::manifest_key(name, version);
-        let manifest = self
-            .storage
-            .get(&manifest_key)
-            .await?
-            .ok_or_else(|| Error::Storage(format!("{manifest_key} disappeared")))?;
-        let (meta, blob) = layout::decode_manifest(&manifest, name, version)?;
-        let bytes = self.storage.get(&blob).await?.ok_or_else(|| {
-            Error::Storage(format!(
-                "{blob}, the weights of {name}@{version}, is missing"
-            ))
-        })?;
-        let (head, adapter) = run_blocking("decoding a head", move || {
-            layout::decode_version(meta, &bytes)
-        })
-        .await??;
-        Ok((
-            Known {
-                head: Arc::new(head),
-                blob,
-            },
-            adapter,
-        ))
+        read_version(&self.storage, name, version).await
     }
 
     /// Records that `key` (a name, or "" for the whole store) was just read.
@@ -543,13 +512,39 @@ fn report_sizes(heads: &BTreeMap<String, Versions>) {
     crate::metrics::set_heads(heads.values().map(BTreeMap::len).sum());
 }
 
+/// One version read from `storage`: its manifest, then the weights it names,
+/// decoded off the runtime.
+async fn read_version(
+    storage: &Storage,
+    name: &str,
+    version: u32,
+) -> Result<(Known, Option<Adapter>)> {
+    let manifest_key = layout::manifest_key(name, version);
+    let manifest = storage
+        .get(&manifest_key)
+        .await?
+        .ok_or_else(|| Error::Storage(format!("{manifest_key} disappeared")))?;
+    let (meta, blob) = layout::decode_manifest(&manifest, name, version)?;
+    let bytes = storage.get(&blob).await?.ok_or_else(|| {
+        Error::Storage(format!(
+            "{blob}, the weights of {name}@{version}, is missing"
+        ))
+    })?;
+    let (head, adapter) = run_blocking("decoding a head", move || {
+        layout::decode_version(meta, &bytes)
+    })
+    .await??;
+    let head = Arc::new(head);
+    Ok((Known { head, blob }, adapter))
+}
+
 /// Reads one head version from `storage` without opening a store (nothing is
 /// written or cleaned): the latest version that loads when the reference
 /// names none. For tools that run beside a server.
 pub async fn read_head(
     storage: &Storage,
     reference: &HeadRef,
-) -> Result<(StoredHead, Option<Adapter>)> {
+) -> Result<(Arc<StoredHead>, Option<Adapter>)> {
     let name = &reference.name;
     let listing = layout::group(storage.list(&layout::name_prefix(name)).await?)
         .remove(name)
@@ -563,15 +558,8 @@ pub async fn read_head(
     };
     let mut last_error = None;
     for version in candidates {
-        let read = async {
-            let key = layout::manifest_key(name, version);
-            let manifest = storage.get(&key).await?.ok_or_else(not_found)?;
-            let (meta, blob) = layout::decode_manifest(&manifest, name, version)?;
-            let bytes = storage.get(&blob).await?.ok_or_else(not_found)?;
-            layout::decode_version(meta, &bytes)
-        };
-        match read.await {
-            Ok(found) => return Ok(found),
+        match read_version(storage, name, version).await {
+            Ok((known, adapter)) => return Ok((known.head, adapter)),
             Err(err) => last_error = Some(err),
         }
     }
