@@ -509,17 +509,18 @@ pub enum Modality {
     Image,
 }
 
-/// Which implementation computes a BERT backbone.
+/// Which implementation computes a backbone on the CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Engine {
     /// Native on CPU, candle elsewhere.
     #[default]
     Auto,
-    /// Our packed CPU forward pass (src/backbone/bert_native.rs).
+    /// Our forward passes written for the CPU (src/backbone/bert_native.rs,
+    /// src/backbone/vision_native/).
     Native,
-    /// A graph of candle operations (src/backbone/bert_graph.rs): any device,
-    /// f32, f16 or bf16.
+    /// Graphs of candle operations (src/backbone/bert_graph.rs and the
+    /// architectures' own files): any device; for BERT f32, f16 or bf16.
     Candle,
 }
 
@@ -772,7 +773,8 @@ pub struct BackboneConfig {
     /// VGG16: which layer gives the features.
     #[serde(default)]
     pub vgg_features: VggFeatures,
-    /// BERT: which implementation computes it.
+    /// Which implementation computes it: `auto` is native on the CPU, candle
+    /// on a GPU.
     #[serde(default)]
     pub engine: Engine,
     /// BERT: the number format of the forward pass (f32, f16 and bf16 on the
@@ -791,8 +793,8 @@ pub struct BackboneConfig {
 }
 
 impl BackboneConfig {
-    /// The engine a BERT backbone runs on: `auto` is native on the CPU and
-    /// candle elsewhere.
+    /// The engine a backbone runs on: `auto` is native on the CPU and candle
+    /// elsewhere.
     pub fn resolved_engine(&self) -> Engine {
         match (self.engine, self.device) {
             (Engine::Auto, DeviceSpec::Cpu) => Engine::Native,
@@ -868,9 +870,6 @@ impl BackboneConfig {
 
     /// An image backbone has no text settings, and its preprocessing is sound.
     fn validate_image_settings(&self) -> Result<(), String> {
-        if self.engine != Engine::Auto {
-            return Err("`engine` applies to BERT backbones only".into());
-        }
         if self.precision.is_reduced() {
             return Err("`precision` applies to BERT backbones (native engine) only".into());
         }

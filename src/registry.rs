@@ -8,6 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use rayon::prelude::*;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -55,23 +56,28 @@ impl LoadedBackbone {
         let caller = CancellationToken::new();
         let _cancel_on_drop = caller.clone().drop_guard();
         crate::task::run_blocking("preparing inputs", move || {
-            inputs
-                .into_iter()
-                .enumerate()
-                .map(|(i, input)| {
-                    if caller.is_cancelled() {
-                        return Err(Error::Cancelled("the caller went away".into()));
-                    }
-                    if deadline.is_some_and(|d| Instant::now() >= d) {
-                        return Err(Error::DeadlineExceeded(Duration::ZERO));
-                    }
-                    let _permit = match &input {
-                        Input::Image(bytes) => Some(budget.admit(first_index + i, bytes)?),
-                        _ => None,
-                    };
-                    backbone.prepare(first_index + i, input, truncate)
-                })
-                .collect::<Result<Vec<_>>>()
+            // Inputs in parallel, on the compute threads (decoding and
+            // resizing a batch of photos one by one would take longer than
+            // their forward pass).
+            crate::backbone::on_thread_pool(|| {
+                inputs
+                    .into_par_iter()
+                    .enumerate()
+                    .map(|(i, input)| {
+                        if caller.is_cancelled() {
+                            return Err(Error::Cancelled("the caller went away".into()));
+                        }
+                        if deadline.is_some_and(|d| Instant::now() >= d) {
+                            return Err(Error::DeadlineExceeded(Duration::ZERO));
+                        }
+                        let _permit = match &input {
+                            Input::Image(bytes) => Some(budget.admit(first_index + i, bytes)?),
+                            _ => None,
+                        };
+                        backbone.prepare(first_index + i, input, truncate)
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })
         })
         .await?
     }

@@ -22,17 +22,13 @@
 //! `encoder.layer.N.attention.self.query`, ...), the same file the candle path
 //! loads.
 
-use std::{
-    sync::Mutex,
-    time::{Duration, Instant},
-};
-
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::Config as BertConfig;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::adapter::{Adapter, LoraAdapter, MODULES};
+use super::profile::Stopwatch;
 use super::top_layers::{LayerWeights, TopLayers, NORMS};
 use crate::{
     config::Precision,
@@ -121,76 +117,6 @@ impl Layer {
 struct NativeLayers {
     layers: Vec<Layer>,
     precision: Precision,
-}
-
-/// Where the time of forward passes went, by kind of work; collected only
-/// while profiling (`tlserve bench-embed --profile`).
-#[derive(Debug, Default, Clone)]
-pub struct Profile {
-    pub passes: usize,
-    pub tokens: usize,
-    pub embeddings: Duration,
-    pub qkv_projection: Duration,
-    pub attention: Duration,
-    pub attention_output: Duration,
-    pub layer_norms: Duration,
-    pub feed_forward_in: Duration,
-    pub gelu: Duration,
-    pub feed_forward_out: Duration,
-}
-
-static PROFILE: Mutex<Option<Profile>> = Mutex::new(None);
-
-/// Starts collecting a profile of native forward passes (process-wide).
-pub fn start_profile() {
-    *crate::sync::lock(&PROFILE) = Some(Profile::default());
-}
-
-/// Stops collecting and returns what was collected.
-pub fn take_profile() -> Option<Profile> {
-    crate::sync::lock(&PROFILE).take()
-}
-
-/// Times phases of one pass when profiling is on; a no-op otherwise.
-struct Stopwatch {
-    profile: Option<Profile>,
-    last: Instant,
-}
-
-impl Stopwatch {
-    fn start() -> Self {
-        let profile = crate::sync::lock(&PROFILE)
-            .as_ref()
-            .map(|_| Profile::default());
-        Self {
-            profile,
-            last: Instant::now(),
-        }
-    }
-
-    fn lap(&mut self, field: fn(&mut Profile) -> &mut Duration) {
-        if let Some(profile) = &mut self.profile {
-            let now = Instant::now();
-            *field(profile) += now - self.last;
-            self.last = now;
-        }
-    }
-
-    fn finish(self, tokens: usize) {
-        let Some(pass) = self.profile else { return };
-        if let Some(total) = crate::sync::lock(&PROFILE).as_mut() {
-            total.passes += 1;
-            total.tokens += tokens;
-            total.embeddings += pass.embeddings;
-            total.qkv_projection += pass.qkv_projection;
-            total.attention += pass.attention;
-            total.attention_output += pass.attention_output;
-            total.layer_norms += pass.layer_norms;
-            total.feed_forward_in += pass.feed_forward_in;
-            total.gelu += pass.gelu;
-            total.feed_forward_out += pass.feed_forward_out;
-        }
-    }
 }
 
 /// A pass's packed token vectors (empty when the pass stopped early for its
@@ -550,7 +476,7 @@ impl NativeBert {
         let tokens = offsets[texts.len()];
         let mut watch = Stopwatch::start();
         let mut x = self.embed_tokens(texts, tokens);
-        watch.lap(|p| &mut p.embeddings);
+        watch.lap("embeddings");
         let mut captured: Vec<Option<Vec<f32>>> = vec![None; texts.len()];
         let take = |at: usize, x: &[f32], captured: &mut Vec<Option<Vec<f32>>>| {
             for (text, capture) in captures.iter().enumerate() {
@@ -622,29 +548,29 @@ impl NativeBert {
         for slot in 0..3 {
             update(slot, x, &mut qkv, 3 * h, slot * h);
         }
-        watch.lap(|p| &mut p.qkv_projection);
+        watch.lap("qkv_projection");
         let context = self.attention(&qkv, step.offsets);
-        watch.lap(|p| &mut p.attention);
+        watch.lap("attention");
         let mut attended = layer.attention_output.forward(&context, threads);
         update(3, &context, &mut attended, h, 0);
-        watch.lap(|p| &mut p.attention_output);
+        watch.lap("attention_output");
         attended
             .par_chunks_mut(h)
             .zip(x.par_chunks(h))
             .for_each(|(row, residual)| layer.attention_norm.apply(row, Some(residual)));
-        watch.lap(|p| &mut p.layer_norms);
+        watch.lap("layer_norms");
         let mut inner = layer.intermediate.forward(&attended, threads);
         update(4, &attended, &mut inner, self.intermediate, 0);
-        watch.lap(|p| &mut p.feed_forward_in);
+        watch.lap("feed_forward_in");
         inner.par_chunks_mut(4096).for_each(gelu_in_place);
-        watch.lap(|p| &mut p.gelu);
+        watch.lap("gelu");
         let mut out = layer.output.forward(&inner, threads);
         update(5, &inner, &mut out, h, 0);
-        watch.lap(|p| &mut p.feed_forward_out);
+        watch.lap("feed_forward_out");
         out.par_chunks_mut(h)
             .zip(attended.par_chunks(h))
             .for_each(|(row, residual)| layer.output_norm.apply(row, Some(residual)));
-        watch.lap(|p| &mut p.layer_norms);
+        watch.lap("layer_norms");
         out
     }
 

@@ -14,7 +14,10 @@
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
-use super::layers::{global_average, Activation, ConvBn, ConvSpec, Linear, Padding};
+use super::{
+    layers::{global_average, Activation, ConvBn, ConvSpec, Linear, Padding},
+    vision_native as native,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Variant {
@@ -216,7 +219,56 @@ impl MbConv {
     }
 }
 
+impl MbConv {
+    fn to_native(&self) -> candle_core::Result<native::Block> {
+        let mut layers = Vec::new();
+        if let Some(expand) = &self.expand {
+            layers.push(native::Layer::Conv(native::Conv2d::new(expand.folded()?)));
+        }
+        layers.push(native::Layer::Depthwise(native::Depthwise::new(
+            self.depthwise.folded()?,
+        )?));
+        if let Some(se) = &self.squeeze {
+            layers.push(native::Layer::SqueezeExcitation(
+                native::SqueezeExcitation {
+                    reduce: se.reduce.to_dense()?,
+                    expand: se.expand.to_dense()?,
+                    activation: self.activation,
+                },
+            ));
+        }
+        layers.push(native::Layer::Conv(native::Conv2d::new(
+            self.project.folded()?,
+        )));
+        Ok(native::Block {
+            layers,
+            shortcut: if self.residual {
+                native::Shortcut::Identity
+            } else {
+                native::Shortcut::None
+            },
+        })
+    }
+}
+
 impl super::vision::ImageNetwork for EfficientNet {
+    fn to_native(&self) -> candle_core::Result<native::NativeNetwork> {
+        let conv = |layer: &ConvBn| -> candle_core::Result<native::Block> {
+            Ok(native::Block::single(native::Layer::Conv(
+                native::Conv2d::new(layer.folded()?),
+            )))
+        };
+        let mut blocks = vec![conv(&self.stem)?];
+        for block in &self.blocks {
+            blocks.push(block.to_native()?);
+        }
+        blocks.push(conv(&self.head)?);
+        Ok(native::NativeNetwork {
+            blocks,
+            tail: native::Tail::Average,
+        })
+    }
+
     fn dimension(&self) -> usize {
         HEAD_CHANNELS
     }

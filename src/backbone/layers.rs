@@ -24,6 +24,21 @@ pub enum Padding {
     Same,
 }
 
+impl Padding {
+    /// Zeros before and after, along a spatial dimension of `size`, for a
+    /// `kernel`-wide window moving by `stride`.
+    pub fn pads(self, size: usize, kernel: usize, stride: usize) -> (usize, usize) {
+        match self {
+            Padding::Symmetric(p) => (p, p),
+            Padding::Same => {
+                let out = size.div_ceil(stride);
+                let total = ((out - 1) * stride + kernel).saturating_sub(size);
+                (total / 2, total - total / 2)
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
     None,
@@ -44,7 +59,7 @@ impl Activation {
         }
     }
 
-    fn apply_scalar(self, x: f32) -> f32 {
+    pub fn apply_scalar(self, x: f32) -> f32 {
         match self {
             Activation::None => x,
             Activation::Relu => nn::relu(x),
@@ -168,15 +183,21 @@ impl ConvBn {
 
     /// Zeros before and after, per spatial dimension of size `size`.
     fn pads(&self, size: usize) -> (usize, usize) {
-        match self.spec.padding {
-            Padding::Symmetric(p) => (p, p),
-            Padding::Same => {
-                let ConvSpec { kernel, stride, .. } = self.spec;
-                let out = size.div_ceil(stride);
-                let total = ((out - 1) * stride + kernel).saturating_sub(size);
-                (total / 2, total - total / 2)
-            }
-        }
+        self.spec
+            .padding
+            .pads(size, self.spec.kernel, self.spec.stride)
+    }
+
+    /// The folded weights (`[out, in / groups, k, k]`, row-major) and bias as
+    /// plain numbers, with the layer's shape and activation: what the native
+    /// engine builds its own layers from.
+    pub fn folded(&self) -> candle_core::Result<FoldedConv> {
+        Ok(FoldedConv {
+            weight: self.weight.flatten_all()?.to_vec1()?,
+            bias: self.bias.flatten_all()?.to_vec1()?,
+            spec: self.spec,
+            activation: self.activation,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -204,6 +225,15 @@ impl ConvBn {
         let y = input.conv2d(&self.weight, padding, self.spec.stride, 1, self.spec.groups)?;
         self.activation.apply(&y.broadcast_add(&self.bias)?)
     }
+}
+
+/// A convolution with batch norm folded in, as plain numbers.
+pub struct FoldedConv {
+    /// `[out, in / groups, k, k]`, row-major (PyTorch's order).
+    pub weight: Vec<f32>,
+    pub bias: Vec<f32>,
+    pub spec: ConvSpec,
+    pub activation: Activation,
 }
 
 /// A dense layer with PyTorch's `[out, in]` weight.
@@ -400,11 +430,12 @@ fn depthwise(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::collections::HashMap;
 
-    fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
+    /// Values in [-0.5, 0.5), varied, the same for the same seed.
+    pub(crate) fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
         let mut state = seed;
         (0..n)
             .map(|_| {

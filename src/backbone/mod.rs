@@ -16,6 +16,7 @@ pub mod frozen_product;
 pub mod image;
 pub mod layers;
 pub mod lora;
+pub mod profile;
 pub mod pytorch_legacy;
 pub mod resnet;
 pub mod source;
@@ -23,6 +24,7 @@ pub mod text;
 pub mod top_layers;
 pub mod vgg;
 pub mod vision;
+pub mod vision_native;
 
 use std::sync::Arc;
 

@@ -14,8 +14,14 @@
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
-use super::layers::{global_average, Activation, ConvBn, ConvSpec, Linear, Padding};
-use crate::config::VggFeatures;
+use super::{
+    layers::{global_average, Activation, ConvBn, ConvSpec, Linear, Padding},
+    vision_native as native,
+};
+use crate::{
+    config::{Precision, VggFeatures},
+    nn,
+};
 
 /// Output channels of each convolution; 0 marks a 2x2 max-pool.
 const LAYOUT: [usize; 18] = [
@@ -109,7 +115,51 @@ impl super::vision::ImageNetwork for Vgg16 {
         }
     }
 
+    fn to_native(&self) -> candle_core::Result<native::NativeNetwork> {
+        let mut blocks = Vec::new();
+        for layer in &self.layers {
+            blocks.push(native::Block::single(match layer {
+                Layer::Conv(conv) => native::Layer::Conv(native::Conv2d::new(conv.folded()?)),
+                Layer::MaxPool => native::Layer::MaxPool {
+                    kernel: 2,
+                    stride: 2,
+                    padding: 0,
+                },
+            }));
+        }
+        let tail = match &self.dense {
+            None => native::Tail::Average,
+            Some((fc6, fc7)) => native::Tail::Dense {
+                fc6: Box::new(nn::Linear::new(
+                    channels_last_inputs(fc6.to_dense()?),
+                    Precision::F32,
+                )),
+                fc7: Box::new(nn::Linear::new(fc7.to_dense()?, Precision::F32)),
+                side: POOLED_SIDE,
+            },
+        };
+        Ok(native::NativeNetwork { blocks, tail })
+    }
+
     fn classifier(&self) -> Option<&Linear> {
         self.classifier.as_ref()
     }
+}
+
+/// fc6 reads the last map flattened channels-first (`[channel][y][x]`, as
+/// torchvision flattens); the native engine's map is channels-last, so the
+/// weights' columns are reordered to `[y][x][channel]` once.
+fn channels_last_inputs(mut fc6: nn::Dense) -> nn::Dense {
+    let pixels = POOLED_SIDE * POOLED_SIDE;
+    let channels = fc6.inputs / pixels;
+    let mut reordered = vec![0f32; fc6.inputs];
+    for row in fc6.weight.chunks_exact_mut(fc6.inputs) {
+        for channel in 0..channels {
+            for pixel in 0..pixels {
+                reordered[pixel * channels + channel] = row[channel * pixels + pixel];
+            }
+        }
+        row.copy_from_slice(&reordered);
+    }
+    fc6
 }

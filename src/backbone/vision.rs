@@ -20,11 +20,12 @@ use super::{
     resnet::ResNet50,
     source::{self, ModelFiles},
     vgg::Vgg16,
+    vision_native::NativeNetwork,
     Backbone, BackboneDescriptor, BuiltinClassifier, EmbedItem, EmbedOptions, Input, Modality,
     Pooling, Prepared,
 };
 use crate::{
-    config::{Architecture, BackboneConfig, ImageConfig},
+    config::{Architecture, BackboneConfig, Engine, ImageConfig},
     Error, Result,
 };
 
@@ -39,10 +40,20 @@ pub trait ImageNetwork: Send + Sync {
     fn features(&self, pixels: &Tensor) -> candle_core::Result<Tensor>;
     /// The pretrained classifier on top of the features, when the weights have it.
     fn classifier(&self) -> Option<&Linear>;
+    /// The same network for the native engine, from the same folded weights.
+    fn to_native(&self) -> candle_core::Result<NativeNetwork>;
+}
+
+/// What computes the forward pass.
+enum Network {
+    /// candle's operations, channels first: any device.
+    Candle(Box<dyn ImageNetwork>),
+    /// Our channels-last kernels (`super::vision_native`): CPU only.
+    Native(Box<NativeNetwork>),
 }
 
 pub struct VisionBackbone {
-    network: Box<dyn ImageNetwork>,
+    network: Network,
     preprocessing: Preprocessing,
     limits: ImageLimits,
     device: Device,
@@ -71,12 +82,24 @@ impl VisionBackbone {
             Some(linear) => imagenet_classifier(config, linear)?,
             None => None,
         };
+        let dimension = network.dimension();
+        let network = match config.resolved_engine() {
+            Engine::Native if !device.is_cpu() => {
+                return Err(Error::ModelLoad(
+                    "the native engine runs on CPU; use engine = \"candle\" on a GPU".into(),
+                ))
+            }
+            Engine::Native => Network::Native(Box::new(network.to_native().map_err(|err| {
+                Error::ModelLoad(format!("cannot build the native engine's layers: {err}"))
+            })?)),
+            _ => Network::Candle(network),
+        };
         let preprocessing = preprocessing(config.architecture, &config.image);
         let descriptor = BackboneDescriptor {
             name: config.name.clone(),
             architecture: config.architecture,
             modality: Modality::Image,
-            dimension: network.dimension(),
+            dimension,
             device: config.device.to_string(),
             dtype: "f32".to_owned(),
             max_sequence_length: 0,
@@ -231,8 +254,18 @@ impl Backbone for VisionBackbone {
                 }
             }
         }
-        let batch = Tensor::from_vec(pixels, (items.len(), 3, side, side), &self.device)?;
-        let features = self.network.features(&batch)?.to_vec2::<f32>()?;
+        let features = match &self.network {
+            Network::Candle(network) => {
+                let batch = Tensor::from_vec(pixels, (items.len(), 3, side, side), &self.device)?;
+                network.features(&batch)?.to_vec2::<f32>()?
+            }
+            Network::Native(network) => {
+                let flat = super::on_thread_pool(|| network.features(&pixels, items.len(), side))?;
+                flat.chunks_exact(self.descriptor.dimension)
+                    .map(<[f32]>::to_vec)
+                    .collect()
+            }
+        };
         Ok(features
             .into_iter()
             .zip(items)
@@ -377,14 +410,22 @@ mod tests {
         config.image.crop = Some(crop);
         config.image.resize_shorter = Some(crop);
         let backbone = load(&config, dir.path());
+        assert!(
+            matches!(backbone.network, Network::Native(_)),
+            "auto is native on CPU"
+        );
         assert_eq!(backbone.descriptor().dimension, dimension);
         assert_eq!(backbone.descriptor().image_size, crop as usize);
-        assert_eq!(
-            backbone.network.classifier().is_some(),
-            classifier.is_some()
-        );
         // A classifier of 10 classes has no ImageNet names: no built-in head.
         assert!(backbone.classifiers().is_empty());
+        config.engine = Engine::Candle;
+        let candle = load(&config, dir.path());
+        match &candle.network {
+            Network::Candle(network) => {
+                assert_eq!(network.classifier().is_some(), classifier.is_some())
+            }
+            Network::Native(_) => panic!("engine = \"candle\" was not honoured"),
+        }
 
         let options = EmbedOptions {
             pooling: Pooling::Mean,
@@ -403,6 +444,21 @@ mod tests {
             .collect();
         let batch = backbone.embed(&items).unwrap();
         assert_eq!(batch.len(), 3);
+        // The two engines agree: the same sums in other orders, so to 1e-4
+        // of the largest feature (f32 through 16 to 50 layers).
+        let plain = candle.embed(&items).unwrap();
+        for (i, (native, plain)) in batch.iter().zip(&plain).enumerate() {
+            let scale = plain.iter().map(|v| v.abs()).fold(0f32, f32::max);
+            let diff = native
+                .iter()
+                .zip(plain)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                diff <= 1e-4 * scale,
+                "{architecture:?} item {i}: engines differ by {diff} (scale {scale})"
+            );
+        }
         for (i, item) in items.iter().enumerate() {
             let alone = backbone
                 .embed(std::slice::from_ref(item))

@@ -13,10 +13,11 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
 use serde_json::json;
 
 use crate::{
-    backbone::{self, bert_native, image::ImageLimits, Backbone, EmbedItem, Input, Modality},
+    backbone::{self, image::ImageLimits, profile, Backbone, EmbedItem, Input, Modality},
     config::Config,
 };
 
@@ -107,7 +108,7 @@ pub fn run(config: &Config, options: &BenchOptions<'_>) -> Result<()> {
         }
         let min = Duration::from_secs_f64(options.min_seconds);
         if options.profile {
-            bert_native::start_profile();
+            profile::start();
         }
         let started = Instant::now();
         let mut count = 0usize;
@@ -130,27 +131,25 @@ pub fn run(config: &Config, options: &BenchOptions<'_>) -> Result<()> {
                 "precision": model.descriptor().dtype,
             })
         );
-        if let Some(profile) = bert_native::take_profile().filter(|p| p.passes > 0) {
-            print_profile(batch_size, seconds, &profile);
+        if let Some(profile) = profile::take().filter(|p| p.passes > 0) {
+            // The native engines count tokens and images.
+            let counted = match modality {
+                Modality::Text => "tokens",
+                Modality::Image => "images",
+            };
+            print_profile(batch_size, seconds, counted, &profile);
         }
     }
     Ok(())
 }
 
-/// The share of each kind of work in the timed passes, as one JSON line.
-fn print_profile(batch_size: usize, seconds: f64, profile: &bert_native::Profile) {
-    let parts = [
-        ("embeddings", profile.embeddings),
-        ("qkv_projection", profile.qkv_projection),
-        ("attention", profile.attention),
-        ("attention_output", profile.attention_output),
-        ("layer_norms", profile.layer_norms),
-        ("feed_forward_in", profile.feed_forward_in),
-        ("gelu", profile.gelu),
-        ("feed_forward_out", profile.feed_forward_out),
-    ];
-    let forward: f64 = parts.iter().map(|(_, d)| d.as_secs_f64()).sum();
-    let shares: serde_json::Map<String, serde_json::Value> = parts
+/// The share of each phase of the native engine in the timed passes, as one
+/// JSON line; what is outside the forward passes is tokenization, or decoding
+/// and resizing, and the hand-offs between batches.
+fn print_profile(batch_size: usize, seconds: f64, counted: &str, profile: &profile::Profile) {
+    let forward: f64 = profile.phases.values().map(Duration::as_secs_f64).sum();
+    let shares: serde_json::Map<String, serde_json::Value> = profile
+        .phases
         .iter()
         .map(|(name, d)| ((*name).to_owned(), json!(d.as_secs_f64() / seconds)))
         .collect();
@@ -160,9 +159,8 @@ fn print_profile(batch_size: usize, seconds: f64, profile: &bert_native::Profile
             "profile": "native",
             "batch_size": batch_size,
             "passes": profile.passes,
-            "tokens": profile.tokens,
+            (counted): profile.inputs,
             "share_of_wall_time": shares,
-            // The rest: tokenization, pooling, and the hand-offs between phases.
             "outside_forward": 1.0 - forward / seconds,
         })
     );
@@ -189,12 +187,16 @@ fn embed_batch(
     batch_size: usize,
 ) -> Result<Vec<Vec<f32>>> {
     let options = model.descriptor().default_options;
-    let prepared = (0..batch_size)
-        .map(|i| {
-            let input = &corpus[(offset + i) % corpus.len()];
-            model.prepare(i, input.clone(), true)
-        })
-        .collect::<crate::Result<Vec<_>>>()?;
+    // In parallel, as the server prepares a request's inputs.
+    let prepared = backbone::on_thread_pool(|| {
+        (0..batch_size)
+            .into_par_iter()
+            .map(|i| {
+                let input = &corpus[(offset + i) % corpus.len()];
+                model.prepare(i, input.clone(), true)
+            })
+            .collect::<crate::Result<Vec<_>>>()
+    })?;
     let items: Vec<EmbedItem<'_>> = prepared
         .iter()
         .map(|input| EmbedItem::frozen(input, options))

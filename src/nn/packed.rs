@@ -102,27 +102,61 @@ impl PackedDense {
     }
 
     fn forward_rows(&self, x: &[f32], out: &mut [f32]) {
+        assert!(out.len() >= x.len() / self.inputs * self.outputs);
+        // SAFETY: `out` holds every row of the result (checked above).
+        unsafe { self.forward_panels(x, out.as_mut_ptr(), 0..self.panels()) };
+    }
+
+    /// Panels of 16 output columns; the last may be partly padding.
+    pub fn panels(&self) -> usize {
+        self.outputs.div_ceil(LANES)
+    }
+
+    pub fn inputs(&self) -> usize {
+        self.inputs
+    }
+
+    pub fn outputs(&self) -> usize {
+        self.outputs
+    }
+
+    /// The columns of `panels` (16 each) of `x W^T + b` for the rows of `x`
+    /// (`[rows, inputs]`), on this thread, written into the rows of `out`
+    /// (`outputs` apart); other columns are left as they are, so that threads
+    /// may compute different panels of the same rows.
+    ///
+    /// # Safety
+    /// `out` is valid for writes of `rows * outputs` values, and no other
+    /// thread writes the same columns of those rows meanwhile.
+    pub unsafe fn forward_panels(&self, x: &[f32], out: *mut f32, panels: std::ops::Range<usize>) {
         let rows = x.len() / self.inputs;
-        let panels = self.outputs.div_ceil(LANES);
         let (rows_per_tile, panels_per_tile) = self.kernel.tile_shape();
-        for_each_tile(rows, panels, rows_per_tile, panels_per_tile, |at| {
-            let tile = Tile {
-                x,
-                at,
-                out: out[at.first_row * self.outputs + at.first_panel * LANES..].as_mut_ptr(),
-                out_stride: self.outputs,
-                columns: (self.outputs - at.first_panel * LANES).min(at.panels * LANES),
-            };
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: the kernel was chosen by detecting its CPU features; the
-            // tile lies inside `x`, the panels and `out`.
-            unsafe {
-                match self.kernel {
-                    F32Kernel::Avx512 => x86::avx512_tile(self, &tile),
-                    F32Kernel::Avx2 => x86::avx2_tile(self, &tile),
+        let first = panels.start;
+        for_each_tile(
+            rows,
+            panels.len(),
+            rows_per_tile,
+            panels_per_tile,
+            |mut at| {
+                at.first_panel += first;
+                let tile = Tile {
+                    x,
+                    at,
+                    out: out.add(at.first_row * self.outputs + at.first_panel * LANES),
+                    out_stride: self.outputs,
+                    columns: (self.outputs - at.first_panel * LANES).min(at.panels * LANES),
+                };
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the kernel was chosen by detecting its CPU features; the
+                // tile lies inside `x`, the panels and `out`.
+                unsafe {
+                    match self.kernel {
+                        F32Kernel::Avx512 => x86::avx512_tile(self, &tile),
+                        F32Kernel::Avx2 => x86::avx2_tile(self, &tile),
+                    }
                 }
-            }
-        });
+            },
+        );
     }
 }
 

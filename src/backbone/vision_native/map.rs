@@ -1,0 +1,174 @@
+//! Feature maps in channels-last order and the geometry of a sliding window.
+
+use crate::backbone::layers::{Activation, Padding};
+
+/// A batch of feature maps, channels last: `[batch][height][width][channels]`.
+/// In this order the channels of one pixel are contiguous, so a 1x1
+/// convolution is a matrix product over the pixels as rows, and a k x k one
+/// over rows gathered from k x k pixels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeatureMap {
+    pub values: Vec<f32>,
+    pub batch: usize,
+    pub height: usize,
+    pub width: usize,
+    pub channels: usize,
+}
+
+impl FeatureMap {
+    /// Zeros of the given shape.
+    pub fn zeros(batch: usize, height: usize, width: usize, channels: usize) -> Self {
+        Self {
+            values: vec![0.0; batch * height * width * channels],
+            batch,
+            height,
+            width,
+            channels,
+        }
+    }
+
+    /// Converts PyTorch's `[batch][channels][height][width]` order.
+    pub fn from_nchw(
+        values: &[f32],
+        batch: usize,
+        channels: usize,
+        height: usize,
+        width: usize,
+    ) -> Self {
+        let mut map = Self::zeros(batch, height, width, channels);
+        let plane = height * width;
+        for (image, out) in map.values.chunks_exact_mut(plane * channels).enumerate() {
+            let planes = &values[image * plane * channels..][..plane * channels];
+            for (pixel, out) in out.chunks_exact_mut(channels).enumerate() {
+                for (channel, value) in out.iter_mut().enumerate() {
+                    *value = planes[channel * plane + pixel];
+                }
+            }
+        }
+        map
+    }
+
+    /// Pixels of the whole batch: the rows of a convolution's product.
+    pub fn pixels(&self) -> usize {
+        self.batch * self.height * self.width
+    }
+
+    /// Whether two maps have the same shape.
+    pub fn same_shape(&self, other: &FeatureMap) -> bool {
+        (self.batch, self.height, self.width, self.channels)
+            == (other.batch, other.height, other.width, other.channels)
+    }
+
+    /// The channels of pixel (`image`, `y`, `x`).
+    #[inline]
+    pub fn pixel(&self, image: usize, y: usize, x: usize) -> &[f32] {
+        let at = ((image * self.height + y) * self.width + x) * self.channels;
+        &self.values[at..at + self.channels]
+    }
+}
+
+/// Where a `kernel` x `kernel` window moving by `stride` reads its input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub kernel: usize,
+    pub stride: usize,
+    /// Zeros before the first input row and column.
+    pub top: usize,
+    pub left: usize,
+    pub in_height: usize,
+    pub in_width: usize,
+    pub out_height: usize,
+    pub out_width: usize,
+}
+
+impl Window {
+    pub fn new(
+        kernel: usize,
+        stride: usize,
+        padding: Padding,
+        in_height: usize,
+        in_width: usize,
+    ) -> candle_core::Result<Self> {
+        let (top, bottom) = padding.pads(in_height, kernel, stride);
+        let (left, right) = padding.pads(in_width, kernel, stride);
+        let padded_height = in_height + top + bottom;
+        let padded_width = in_width + left + right;
+        if padded_height < kernel || padded_width < kernel || stride == 0 {
+            candle_core::bail!(
+                "input {in_height}x{in_width} is smaller than the {kernel}x{kernel} window"
+            );
+        }
+        Ok(Self {
+            kernel,
+            stride,
+            top,
+            left,
+            in_height,
+            in_width,
+            out_height: (padded_height - kernel) / stride + 1,
+            out_width: (padded_width - kernel) / stride + 1,
+        })
+    }
+
+    /// The input row that output row `out` reads for kernel row `k`, if it
+    /// is not padding.
+    #[inline]
+    pub fn source_row(&self, out: usize, k: usize) -> Option<usize> {
+        (out * self.stride + k)
+            .checked_sub(self.top)
+            .filter(|&row| row < self.in_height)
+    }
+
+    /// As [`Self::source_row`], for columns.
+    #[inline]
+    pub fn source_column(&self, out: usize, k: usize) -> Option<usize> {
+        (out * self.stride + k)
+            .checked_sub(self.left)
+            .filter(|&column| column < self.in_width)
+    }
+}
+
+/// Applies `activation` to every value, vectorized where the CPU allows (the
+/// default x86-64 target assumes only SSE2, so the compiler needs the hint).
+pub fn activate(activation: Activation, values: &mut [f32]) {
+    if activation == Activation::None {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU supports the features the function is compiled for.
+        unsafe { activate_avx512(activation, values) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: as above.
+        unsafe { activate_avx2(activation, values) };
+        return;
+    }
+    activate_plain(activation, values);
+}
+
+#[inline(always)]
+pub(super) fn activate_plain(activation: Activation, values: &mut [f32]) {
+    match activation {
+        Activation::None => {}
+        Activation::Relu => values.iter_mut().for_each(|v| *v = v.max(0.0)),
+        Activation::Relu6 => values.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0)),
+        Activation::Swish => values
+            .iter_mut()
+            .for_each(|v| *v = Activation::Swish.apply_scalar(*v)),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn activate_avx512(activation: Activation, values: &mut [f32]) {
+    activate_plain(activation, values);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn activate_avx2(activation: Activation, values: &mut [f32]) {
+    activate_plain(activation, values);
+}
