@@ -63,6 +63,8 @@ peer_packages=(
   # Decodes and resizes the photos for the image peer, scripts/bench/peer_vision.py
   # (scripts/bench-vision.sh); the version the tests' reference uses.
   "Pillow==13.0.0"
+  # torchvision's ResNet-50 and VGG16, the models users run, for the image peer.
+  "torchvision==0.29.2"
   # ONNX Runtime, the engine text-embeddings-inference runs on CPU: the model is
   # exported to ONNX (torch.onnx.export, which needs onnx and onnxscript) in this
   # venv and run with the CPUExecutionProvider, float and dynamically quantized.

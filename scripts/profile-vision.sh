@@ -5,7 +5,7 @@
 # included, and prints the top symbols and the kinds of work
 # (scripts/bench/perf_categories.py). Needs `perf` (Debian: linux-perf) and
 # perf_event_paranoid <= 2 or root; the ResNet-50 weights come from
-# scripts/bench/generate_resnet50.py in the test virtualenv. Output and perf
+# scripts/bench/generate_convnet.py in the test virtualenv. Output and perf
 # data go to target/bench/perf-vision/.
 #
 # Usage: scripts/profile-vision.sh [BATCH_SIZES]   (default: 1,32)
@@ -20,7 +20,7 @@ mkdir -p "$out"
 cargo build --release --locked --quiet
 binary="${CARGO_TARGET_DIR:-$root/target}/release/tlserve"
 resnet="$root/target/bench/resnet50-generated"
-[ -f "$resnet/model.safetensors" ] || "$root/.venv/bin/python" scripts/bench/generate_resnet50.py "$resnet" >&2
+[ -f "$resnet/model.safetensors" ] || "$root/.venv/bin/python" scripts/bench/generate_convnet.py resnet50 "$resnet" >&2
 printf '%s\n' "$root/models/test-images/chelsea.png" "$root/models/test-images/coffee.png" \
   "$root/models/test-images/grace_hopper.jpg" > "$out/images.txt"
 printf '[[backbones]]\nname = "lite0"\narchitecture = "efficientnet-lite0"\nsource = { path = "%s" }\n\n[[backbones]]\nname = "resnet50"\narchitecture = "resnet50"\nsource = { path = "%s" }\n' \

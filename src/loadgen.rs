@@ -31,7 +31,8 @@ pub struct LoadOptions {
     pub duration: Option<Duration>,
     pub requests: Option<usize>,
     pub inputs_per_request: usize,
-    pub texts: Vec<String>,
+    /// What requests carry, cycled: texts or encoded images.
+    pub corpus: Vec<proto::input::Kind>,
     pub priority: proto::Priority,
     /// A fine-tuned head whose adapted features every request asks for.
     pub head: Option<String>,
@@ -90,8 +91,8 @@ pub async fn run(options: LoadOptions) -> Result<LoadReport> {
     if options.concurrency == 0 || options.inputs_per_request == 0 {
         bail!("concurrency and inputs per request must be at least 1");
     }
-    if options.texts.is_empty() {
-        bail!("no texts to send");
+    if options.corpus.is_empty() {
+        bail!("no inputs to send");
     }
     if options.duration.is_none() && options.requests.is_none() {
         bail!("give a duration, a request count, or both");
@@ -161,14 +162,12 @@ pub async fn run(options: LoadOptions) -> Result<LoadReport> {
     })
 }
 
-/// Request `n` takes the next k texts of the corpus, so requests differ.
+/// Request `n` takes the next k inputs of the corpus, so requests differ.
 fn request_for(options: &LoadOptions, n: usize) -> proto::EmbedRequest {
     let k = options.inputs_per_request;
     let inputs = (0..k)
         .map(|i| proto::Input {
-            kind: Some(proto::input::Kind::Text(
-                options.texts[(n * k + i) % options.texts.len()].clone(),
-            )),
+            kind: Some(options.corpus[(n * k + i) % options.corpus.len()].clone()),
         })
         .collect();
     proto::EmbedRequest {

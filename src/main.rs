@@ -287,12 +287,16 @@ struct LoadArgs {
     /// Stop after this many requests.
     #[arg(long)]
     requests: Option<usize>,
-    /// Texts per request.
+    /// Inputs (texts or images) per request.
     #[arg(long, short = 'k', default_value_t = 1)]
     inputs_per_request: usize,
     /// A file with one text per line; default: a few built-in sentences.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "images")]
     corpus: Option<PathBuf>,
+    /// A file with one image path per line (relative to the file): requests
+    /// carry these encoded images instead of texts.
+    #[arg(long)]
+    images: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "online")]
     priority: PriorityArg,
     /// Deadline of each request, in milliseconds.
@@ -382,7 +386,7 @@ enum Command {
         #[command(flatten)]
         server: ServerAddr,
     },
-    /// Load a running server: C concurrent clients send Embed requests of k texts
+    /// Load a running server: C concurrent clients send Embed requests of k texts (or images)
     /// for a time or a number of requests; prints throughput, latency percentiles
     /// and errors by code as JSON. Without either bound it runs for 10 seconds.
     Bench(LoadArgs),
@@ -596,6 +600,23 @@ fn corpus_texts(path: Option<&std::path::Path>) -> Result<Vec<String>> {
     })
 }
 
+/// The images a list file names, one path per line, relative to the list.
+fn corpus_images(list: &std::path::Path) -> Result<Vec<proto::input::Kind>> {
+    let base = list.parent().unwrap_or(std::path::Path::new("."));
+    std::fs::read_to_string(list)
+        .with_context(|| format!("cannot read image list {}", list.display()))?
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .map(|line| {
+            let path = base.join(line);
+            std::fs::read(&path)
+                .map(proto::input::Kind::Image)
+                .with_context(|| format!("cannot read image {}", path.display()))
+        })
+        .collect()
+}
+
 /// How long a load run lasts: as asked, or 10 s when neither a duration nor a
 /// request count is given.
 fn load_duration(
@@ -776,7 +797,13 @@ async fn load_test(args: LoadArgs) -> Result<()> {
         duration: load_duration(args.duration_seconds, args.requests)?,
         requests: args.requests,
         inputs_per_request: args.inputs_per_request,
-        texts: corpus_texts(args.corpus.as_deref())?,
+        corpus: match &args.images {
+            Some(list) => corpus_images(list)?,
+            None => corpus_texts(args.corpus.as_deref())?
+                .into_iter()
+                .map(proto::input::Kind::Text)
+                .collect(),
+        },
         priority: match args.priority {
             PriorityArg::Online => proto::Priority::Online,
             PriorityArg::Bulk => proto::Priority::Bulk,

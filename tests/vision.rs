@@ -461,3 +461,44 @@ async fn a_head_trains_on_image_features() {
         .collect();
     assert_eq!(predicted, labels);
 }
+
+/// `tlserve bench --images`: the load tool sends encoded photos, which the
+/// server decodes, batches and embeds.
+#[tokio::test]
+async fn the_load_tool_sends_images() {
+    let server = start_vision_server().await;
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let list = dir.path().join("images.txt");
+    let paths: Vec<String> = PHOTOS
+        .iter()
+        .map(|(name, _)| test_image(name).display().to_string())
+        .collect();
+    std::fs::write(&list, paths.join("\n")).expect("write the image list");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tlserve"))
+        .args([
+            "bench",
+            "--backbone",
+            LITE0,
+            "-c",
+            "2",
+            "-k",
+            "2",
+            "--requests",
+            "6",
+        ])
+        .arg("--addr")
+        .arg(format!("http://{}", server.grpc))
+        .arg("--images")
+        .arg(&list)
+        .output()
+        .expect("run tlserve bench");
+    assert!(
+        output.status.success(),
+        "tlserve bench failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("a JSON report");
+    assert_eq!(report["ok"], 6, "{report}");
+    assert_eq!(report["inputs_per_request"], 2, "{report}");
+    assert_eq!(report["errors"], serde_json::json!({}), "{report}");
+}

@@ -1,15 +1,20 @@
 #!/usr/bin/env python3
-"""Peer side of the image-throughput benchmark: the same backbones in plain PyTorch (CPU).
+"""Peer side of the image-throughput benchmark: the same backbones in PyTorch or ONNX Runtime (CPU).
 
-Builds EfficientNet-Lite0 or ResNet-50 from a model.safetensors with nothing but
-torch and torch.nn.functional (torchvision is not installed in the peer
-virtualenv), and measures images per second at each batch size, decoding and
-preprocessing included, as tlserve's `bench-embed` does for image backbones.
-Prints one JSON object per line in the format tlserve prints, so that
-scripts/bench-vision.sh can put the two side by side:
+Builds EfficientNet-Lite0, ResNet-50 or VGG16 from a model.safetensors and
+measures images per second at each batch size, decoding and preprocessing
+included, as tlserve's `bench-embed` does for image backbones. ResNet-50 and
+VGG16 are torchvision's own models (what users run); EfficientNet-Lite0, which
+torchvision lacks, is written here with torch.nn.functional. With
+--runtime onnxruntime the same torch model is exported to ONNX
+(torch.onnx.export, a dynamic batch dimension) and run by ONNX Runtime's
+CPUExecutionProvider with all graph optimizations. Prints one JSON object per
+line in the format tlserve prints, so that scripts/bench-vision.sh can put
+them side by side:
 
-  {"engine": "torch", "backbone": NAME, "batch_size": B, "images": N,
-   "seconds": T, "images_per_sec": N/T, "threads": n, "versions": {...}}
+  {"engine": "torch" | "onnxruntime", "backbone": NAME, "batch_size": B,
+   "images": N, "seconds": T, "images_per_sec": N/T, "threads": n,
+   "versions": {...}}
 
 The networks:
 - "efficientnet-lite0": exactly tests/reference/efficientnet_lite_reference.py
@@ -19,8 +24,10 @@ The networks:
   running statistics, eps 1e-3; ReLU6; no squeeze-excitation; residual when
   stride 1 and in == out; 1x1 head to 1280 channels, global average pool).
 - "resnet50": torchvision's ResNet-50 v1.5 (the stride on the 3x3 convolution
-  of a bottleneck; batch norm eps 1e-5; 7x7/2 stem, 3x3/2 max pool with
-  padding 1; global average pool to 2048 features).
+  of a bottleneck), its `fc` replaced by the identity: the 2048 pooled
+  features.
+- "vgg16": torchvision's VGG16, its classifier cut after fc7's ReLU: the 4096
+  fc7 features (tlserve's default `vgg_features`).
 The output is the pooled feature vector (what tlserve's Embed returns); the
 classifier (_fc / fc) is only used by --check.
 
@@ -52,6 +59,7 @@ import os
 import platform
 import struct
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -78,9 +86,6 @@ LITE0_BLOCK_GROUPS = [
     (1, 3, 1, 6, 192, 320),
 ]
 
-# ResNet-50: (blocks, width, stride of the first block) per layer.
-RESNET50_LAYERS = [(3, 64, 1), (4, 128, 2), (6, 256, 2), (3, 512, 2)]
-
 ARCHITECTURES = {
     "efficientnet-lite0": {
         "resample": "bicubic",
@@ -89,7 +94,9 @@ ARCHITECTURES = {
         "std": (128.0 / 255.0,) * 3,
     },
     "resnet50": {"resample": "bilinear", "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
+    "vgg16": {"resample": "bilinear", "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
 }
+RUNTIMES = ("torch", "onnxruntime")
 RESIZE_SHORTER = 256
 CROP = 224
 
@@ -110,7 +117,9 @@ def parse_args():
     p.add_argument("--min-seconds", type=float, default=5.0,
                    help="measure each batch size for at least this long (default: 5)")
     p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1,
-                   help="torch intra-op threads (default: number of cores)")
+                   help="intra-op threads (default: number of cores)")
+    p.add_argument("--runtime", choices=RUNTIMES, default="torch",
+                   help="torch (default) or onnxruntime (the torch model exported to ONNX)")
     p.add_argument("--check", action="store_true",
                    help="print features and top-5 classes of the first corpus image, then exit")
     args = p.parse_args()
@@ -271,57 +280,87 @@ class EfficientNetLite0:
 
 
 # ---------------------------------------------------------------------------
-# ResNet-50 (torchvision v1.5)
+# ResNet-50 and VGG16 (torchvision), and ONNX Runtime
 # ---------------------------------------------------------------------------
 
-class ResNet50:
-    eps = 1e-5
-    features = 2048
+class TorchvisionModel:
+    """torchvision's model of that name on the weights, cut to its features."""
 
-    def __init__(self, path):
-        w = Weights(path)
-        self.conv1 = w.get("conv1.weight", (64, 3, 7, 7))
-        self.bn1 = w.bn("bn1", 64, self.eps)
-        self.blocks = []
-        in_c = 64
-        for layer, (blocks, width, stride) in enumerate(RESNET50_LAYERS, start=1):
-            for i in range(blocks):
-                p = f"layer{layer}.{i}"
-                block = {
-                    "stride": stride if i == 0 else 1,
-                    "conv1": w.get(f"{p}.conv1.weight", (width, in_c, 1, 1)),
-                    "bn1": w.bn(f"{p}.bn1", width, self.eps),
-                    "conv2": w.get(f"{p}.conv2.weight", (width, width, 3, 3)),
-                    "bn2": w.bn(f"{p}.bn2", width, self.eps),
-                    "conv3": w.get(f"{p}.conv3.weight", (width * 4, width, 1, 1)),
-                    "bn3": w.bn(f"{p}.bn3", width * 4, self.eps),
-                }
-                if i == 0:
-                    block["down"] = w.get(f"{p}.downsample.0.weight", (width * 4, in_c, 1, 1))
-                    block["down_bn"] = w.bn(f"{p}.downsample.1", width * 4, self.eps)
-                self.blocks.append(block)
-                in_c = width * 4
-        self.fc = (w.get("fc.weight", (1000, 2048)), w.get("fc.bias", (1000,))) \
-            if "fc.weight" in w else None
+    def __init__(self, architecture, path):
+        import torch
+        import torchvision
+
+        if architecture == "resnet50":
+            model, self.features = torchvision.models.resnet50(weights=None), 2048
+        else:
+            model, self.features = torchvision.models.vgg16(weights=None), 4096
+        tensors = load_safetensors(path)
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        classifier = {"resnet50": "fc.", "vgg16": "classifier.6."}[architecture]
+        missing = [m for m in missing if not m.startswith(classifier)]
+        if missing or unexpected:
+            fail(f"{path}: not torchvision's {architecture}: missing {missing[:5]}, "
+                 f"unexpected {unexpected[:5]}")
+        self.fc = None
+        if architecture == "resnet50":
+            if "fc.weight" in tensors:
+                self.fc = (tensors["fc.weight"], tensors["fc.bias"])
+            model.fc = torch.nn.Identity()
+        else:
+            if "classifier.6.weight" in tensors:
+                self.fc = (tensors["classifier.6.weight"], tensors["classifier.6.bias"])
+            # Linear, ReLU, Dropout, Linear, ReLU: fc7 after its activation.
+            model.classifier = model.classifier[:5]
+        self.module = model.eval()
 
     def __call__(self, x):
-        """[B, 3, 224, 224] -> [B, 2048]."""
-        import torch.nn.functional as F
-
-        x = F.relu(batch_norm(F.conv2d(x, self.conv1, None, 2, 3), self.bn1))
-        x = F.max_pool2d(x, 3, 2, 1)
-        for b in self.blocks:
-            identity = x
-            out = F.relu(batch_norm(F.conv2d(x, b["conv1"]), b["bn1"]))
-            out = F.relu(batch_norm(F.conv2d(out, b["conv2"], None, b["stride"], 1), b["bn2"]))
-            out = batch_norm(F.conv2d(out, b["conv3"]), b["bn3"])
-            if "down" in b:
-                identity = batch_norm(F.conv2d(x, b["down"], None, b["stride"]), b["down_bn"])
-            x = F.relu(out + identity)
-        return x.mean(dim=(2, 3))
+        return self.module(x)
 
 
-MODELS = {"efficientnet-lite0": EfficientNetLite0, "resnet50": ResNet50}
+class FunctionalModule:
+    """A torch.nn.Module around a functional model, for the ONNX export."""
+
+    def __new__(cls, model):
+        import torch
+
+        class Wrapped(torch.nn.Module):
+            def forward(self, x):
+                return model(x)
+
+        return Wrapped().eval()
+
+
+class OnnxModel:
+    """The torch model exported to ONNX and run by ONNX Runtime."""
+
+    def __init__(self, model, threads, workdir):
+        import onnxruntime as ort
+        import torch
+
+        self.features, self.fc = model.features, model.fc
+        module = getattr(model, "module", None) or FunctionalModule(model)
+        path = Path(workdir) / "model.onnx"
+        example = torch.zeros(1, 3, CROP, CROP)
+        torch.onnx.export(module, (example,), str(path), input_names=["pixels"],
+                          output_names=["features"], opset_version=18, dynamo=False,
+                          dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}})
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, x):
+        import torch
+
+        (features,) = self.session.run(None, {"pixels": x.numpy()})
+        return torch.from_numpy(features)
+
+
+def build_model(architecture, path):
+    if architecture == "efficientnet-lite0":
+        return EfficientNetLite0(path)
+    return TorchvisionModel(architecture, path)
 
 
 # ---------------------------------------------------------------------------
@@ -397,9 +436,12 @@ def versions():
     import PIL
     import torch
 
+    import torchvision
+
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
         "pillow": PIL.__version__,
         "numpy": numpy.__version__,
     }
@@ -462,10 +504,17 @@ def main():
     import torch
 
     torch.set_num_threads(args.threads)
-    model = MODELS[args.architecture](args.weights)
+    model = build_model(args.architecture, args.weights)
     preprocess = Preprocess(args.architecture)
     info = versions()
     threads = torch.get_num_threads()
+    workdir = tempfile.TemporaryDirectory(prefix="peer-vision-")
+    if args.runtime == "onnxruntime":
+        import onnxruntime
+
+        model = OnnxModel(model, args.threads, workdir.name)
+        info["onnxruntime"] = onnxruntime.__version__
+        threads = args.threads
 
     with torch.inference_mode():
         if args.check:
@@ -474,7 +523,7 @@ def main():
         for size in args.batch_sizes:
             images, seconds = measure(model, preprocess, corpus, size, args.min_seconds)
             print(json.dumps({
-                "engine": "torch",
+                "engine": args.runtime,
                 "backbone": args.name,
                 "batch_size": size,
                 "images": images,

@@ -9,8 +9,11 @@ free_port() {
 # at ADDR is ready; fails otherwise.
 wait_ready() {
   local bin="$1" addr="$2"
+  local listing
   for _ in $(seq 600); do
-    if "$bin" backbones --addr "$addr" 2>/dev/null | grep -q BACKBONE_STATE_READY; then
+    listing="$("$bin" backbones --addr "$addr" 2>/dev/null || true)"
+    if grep -q BACKBONE_STATE_READY <<<"$listing" \
+        && ! grep -q -e BACKBONE_STATE_LOADING -e BACKBONE_STATE_FAILED <<<"$listing"; then
       return 0
     fi
     sleep 0.1

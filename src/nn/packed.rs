@@ -10,7 +10,7 @@
 //! `gemm` path ([`super::Dense::forward`]).
 
 use super::{
-    tiling::{for_each_tile, lane_mask, padded, split_rows, Panels, TileAt, LANES},
+    tiling::{lane_mask, padded, split_rows, Panels, TileAt, LANES, ROW_BLOCK},
     Dense,
 };
 
@@ -46,7 +46,7 @@ impl F32Kernel {
     /// Rows and panels of one kernel call.
     fn tile_shape(self) -> (usize, usize) {
         match self {
-            Self::Avx512 => (4, 4),
+            Self::Avx512 => (6, 4),
             Self::Avx2 => (6, 1),
         }
     }
@@ -71,7 +71,15 @@ struct Tile<'a> {
     out: *mut f32,
     out_stride: usize,
     columns: usize,
+    /// The inputs this call sums over; after the first slice of the depth,
+    /// the sums continue from what `out` holds (and the bias is in it).
+    depth: std::ops::Range<usize>,
 }
+
+/// Inputs per slice of the depth: the 4 panels a tile reads (16 KiB per 64
+/// inputs) stay in the core's L1 cache while every row tile of a block passes
+/// over them, instead of being read again from L2 by each.
+const DEPTH_SLICE: usize = 128;
 
 impl PackedDense {
     pub fn with_kernel(dense: &Dense, kernel: F32Kernel) -> Self {
@@ -131,32 +139,47 @@ impl PackedDense {
     pub unsafe fn forward_panels(&self, x: &[f32], out: *mut f32, panels: std::ops::Range<usize>) {
         let rows = x.len() / self.inputs;
         let (rows_per_tile, panels_per_tile) = self.kernel.tile_shape();
-        let first = panels.start;
-        for_each_tile(
-            rows,
-            panels.len(),
-            rows_per_tile,
-            panels_per_tile,
-            |mut at| {
-                at.first_panel += first;
-                let tile = Tile {
-                    x,
-                    at,
-                    out: out.add(at.first_row * self.outputs + at.first_panel * LANES),
-                    out_stride: self.outputs,
-                    columns: (self.outputs - at.first_panel * LANES).min(at.panels * LANES),
-                };
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: the kernel was chosen by detecting its CPU features; the
-                // tile lies inside `x`, the panels and `out`.
-                unsafe {
-                    match self.kernel {
-                        F32Kernel::Avx512 => x86::avx512_tile(self, &tile),
-                        F32Kernel::Avx2 => x86::avx2_tile(self, &tile),
+        // As `tiling::for_each_tile`, with the depth sliced between the panel
+        // group and the row tiles.
+        for block in (0..rows).step_by(ROW_BLOCK) {
+            let block_end = (block + ROW_BLOCK).min(rows);
+            for first_panel in panels.clone().step_by(panels_per_tile) {
+                for start in (0..self.inputs).step_by(DEPTH_SLICE) {
+                    let depth = start..(start + DEPTH_SLICE).min(self.inputs);
+                    for first_row in (block..block_end).step_by(rows_per_tile) {
+                        let at = TileAt {
+                            first_row,
+                            rows: (block_end - first_row).min(rows_per_tile),
+                            first_panel,
+                            panels: (panels.end - first_panel).min(panels_per_tile),
+                        };
+                        self.tile(x, out, at, depth.clone());
                     }
                 }
-            },
-        );
+            }
+        }
+    }
+
+    /// # Safety
+    /// As [`Self::forward_panels`], for the tile `at`.
+    unsafe fn tile(&self, x: &[f32], out: *mut f32, at: TileAt, depth: std::ops::Range<usize>) {
+        let tile = Tile {
+            x,
+            at,
+            out: out.add(at.first_row * self.outputs + at.first_panel * LANES),
+            out_stride: self.outputs,
+            columns: (self.outputs - at.first_panel * LANES).min(at.panels * LANES),
+            depth,
+        };
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the kernel was chosen by detecting its CPU features; the
+        // tile lies inside `x`, the panels and `out`.
+        unsafe {
+            match self.kernel {
+                F32Kernel::Avx512 => x86::avx512_tile(self, &tile),
+                F32Kernel::Avx2 => x86::avx2_tile(self, &tile),
+            }
+        }
     }
 }
 
@@ -169,7 +192,26 @@ mod x86 {
     /// # Safety
     /// The CPU has AVX-512F; the tile lies inside its buffers.
     pub(super) unsafe fn avx512_tile(layer: &PackedDense, tile: &Tile) {
-        crate::nn::tiling::with_tile_shape!(avx512, layer, tile)
+        // Up to 6 rows x 4 panels: 24 accumulators, 4 weight registers and a
+        // broadcast in the 32 registers.
+        macro_rules! rows {
+            ($p:literal) => {
+                match tile.at.rows.min(6) {
+                    6 => avx512::<6, $p>(layer, tile),
+                    5 => avx512::<5, $p>(layer, tile),
+                    4 => avx512::<4, $p>(layer, tile),
+                    3 => avx512::<3, $p>(layer, tile),
+                    2 => avx512::<2, $p>(layer, tile),
+                    _ => avx512::<1, $p>(layer, tile),
+                }
+            };
+        }
+        match tile.at.panels.min(4) {
+            4 => rows!(4),
+            3 => rows!(3),
+            2 => rows!(2),
+            _ => rows!(1),
+        }
     }
 
     #[target_feature(enable = "avx512f")]
@@ -177,8 +219,18 @@ mod x86 {
         let depth = layer.weights.depth;
         let x = tile.x.as_ptr().add(tile.at.first_row * layer.inputs);
         let w = layer.weights.panel(tile.at.first_panel);
+        let first_slice = tile.depth.start == 0;
         let mut acc = [[_mm512_setzero_ps(); P]; R];
-        for k in 0..layer.inputs {
+        if !first_slice {
+            for (r, acc) in acc.iter_mut().enumerate() {
+                for (p, acc) in acc.iter_mut().enumerate() {
+                    let c = p * LANES;
+                    let out = tile.out.add(r * tile.out_stride + c);
+                    *acc = _mm512_maskz_loadu_ps(lane_mask(tile.columns - c), out);
+                }
+            }
+        }
+        for k in tile.depth.clone() {
             let mut weights = [_mm512_setzero_ps(); P];
             for (p, weight) in weights.iter_mut().enumerate() {
                 *weight = _mm512_loadu_ps(w.add((p * depth + k) * LANES));
@@ -194,9 +246,14 @@ mod x86 {
         for (r, acc) in acc.iter().enumerate() {
             for (p, acc) in acc.iter().enumerate() {
                 let c = p * LANES;
-                let bias = _mm512_loadu_ps(layer.bias.as_ptr().add(first_column + c));
                 let out = tile.out.add(r * tile.out_stride + c);
-                _mm512_mask_storeu_ps(out, lane_mask(tile.columns - c), _mm512_add_ps(*acc, bias));
+                let sum = if first_slice {
+                    let bias = _mm512_loadu_ps(layer.bias.as_ptr().add(first_column + c));
+                    _mm512_add_ps(*acc, bias)
+                } else {
+                    *acc
+                };
+                _mm512_mask_storeu_ps(out, lane_mask(tile.columns - c), sum);
             }
         }
     }
@@ -221,8 +278,24 @@ mod x86 {
         let depth = layer.weights.depth;
         let x = tile.x.as_ptr().add(tile.at.first_row * layer.inputs);
         let w = layer.weights.panel(tile.at.first_panel);
+        let first_slice = tile.depth.start == 0;
         let mut acc = [[[_mm256_setzero_ps(); 2]; P]; R];
-        for k in 0..layer.inputs {
+        if !first_slice {
+            for (r, acc) in acc.iter_mut().enumerate() {
+                for (p, halves) in acc.iter_mut().enumerate() {
+                    let c = p * LANES;
+                    let mut sums = [0f32; LANES];
+                    let valid = (tile.columns - c).min(LANES);
+                    let out = tile.out.add(r * tile.out_stride + c);
+                    std::ptr::copy_nonoverlapping(out, sums.as_mut_ptr(), valid);
+                    *halves = [
+                        _mm256_loadu_ps(sums.as_ptr()),
+                        _mm256_loadu_ps(sums.as_ptr().add(8)),
+                    ];
+                }
+            }
+        }
+        for k in tile.depth.clone() {
             let mut weights = [[_mm256_setzero_ps(); 2]; P];
             for (p, halves) in weights.iter_mut().enumerate() {
                 let at = w.add((p * depth + k) * LANES);
@@ -244,8 +317,12 @@ mod x86 {
                 _mm256_storeu_ps(sums.as_mut_ptr().add(8), halves[1]);
                 let c = p * LANES;
                 for (i, sum) in sums.iter().enumerate().take((tile.columns - c).min(LANES)) {
-                    *tile.out.add(r * tile.out_stride + c + i) =
-                        sum + layer.bias[first_column + c + i];
+                    let bias = if first_slice {
+                        layer.bias[first_column + c + i]
+                    } else {
+                        0.0
+                    };
+                    *tile.out.add(r * tile.out_stride + c + i) = sum + bias;
                 }
             }
         }

@@ -10,7 +10,7 @@ pub(super) const LANES: usize = 16;
 /// threads cost more than they save.
 const MIN_ROWS_PER_TASK: usize = 8;
 /// Rows whose converted inputs stay in cache while every panel passes over them.
-const ROW_BLOCK: usize = 64;
+pub(super) const ROW_BLOCK: usize = 64;
 
 /// Weights in panels of [`LANES`] columns, each `[depth / group][LANES][group]`:
 /// `group` consecutive inputs of one column side by side, the unit that one

@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Writes ResNet-50 weights in torchvision's layout with pseudo-random values.
+"""Writes ResNet-50 or VGG16 weights in torchvision's layout with pseudo-random values.
 
-No pretrained ResNet-50 is fetchable here, and the speed of a forward pass does
-not depend on the values, so the throughput benchmark runs on these. numpy and
-the standard library only; the safetensors file is written by hand (an 8-byte
-little-endian header length, a JSON header, then the raw float32 data).
+No pretrained ResNet-50 or VGG16 is fetchable here, and the speed of a forward
+pass does not depend on the values, so the throughput benchmark runs on these.
+numpy and the standard library only; the safetensors file is written by hand
+(an 8-byte little-endian header length, a JSON header, then the raw float32
+data).
 
-Usage: generate_resnet50.py OUT_DIR   (writes OUT_DIR/model.safetensors)
+Usage: generate_convnet.py resnet50|vgg16 OUT_DIR   (writes OUT_DIR/model.safetensors)
 """
 
 import json
@@ -48,16 +49,41 @@ def resnet50_shapes():
     return shapes
 
 
+def vgg16_shapes():
+    """torchvision's vgg16: features.N for the 13 convolutions (with bias),
+    classifier.{0,3,6} for the three dense layers."""
+    shapes = {}
+    in_c, index = 3, 0
+    for out_c in [64, 64, 0, 128, 128, 0, 256, 256, 256, 0, 512, 512, 512, 0, 512, 512, 512, 0]:
+        if out_c == 0:  # max pool
+            index += 1
+            continue
+        shapes[f"features.{index}.weight"] = (out_c, in_c, 3, 3)
+        shapes[f"features.{index}.bias"] = (out_c,)
+        in_c, index = out_c, index + 2
+    for name, (out_f, in_f) in {"classifier.0": (4096, 512 * 7 * 7), "classifier.3": (4096, 4096),
+                                "classifier.6": (1000, 4096)}.items():
+        shapes[f"{name}.weight"] = (out_f, in_f)
+        shapes[f"{name}.bias"] = (out_f,)
+    return shapes
+
+
+ARCHITECTURES = {"resnet50": resnet50_shapes, "vgg16": vgg16_shapes}
+
+
 def main():
-    if len(sys.argv) != 2:
+    if len(sys.argv) != 3 or sys.argv[1] not in ARCHITECTURES:
         sys.exit(__doc__)
-    out = Path(sys.argv[1])
+    shapes = ARCHITECTURES[sys.argv[1]]()
+    out = Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     header, blobs, offset = {}, [], 0
-    for name, shape in resnet50_shapes().items():
+    for name, shape in shapes.items():
         if name.endswith("running_var"):
             value = rng.uniform(0.5, 1.5, shape)
+        elif name.startswith(("features.", "classifier.")) and len(shape) == 1:
+            value = rng.uniform(-0.1, 0.1, shape)  # VGG's biases
         elif len(shape) == 1:
             value = rng.uniform(-0.1, 0.1, shape) + (1.0 if name.endswith("weight") else 0.0)
         else:
