@@ -5,8 +5,11 @@
 # included, and prints the top symbols and the kinds of work
 # (scripts/bench/perf_categories.py). Needs `perf` (Debian: linux-perf) and
 # perf_event_paranoid <= 2 or root; the ResNet-50 weights come from
-# scripts/bench/generate_convnet.py in the test virtualenv. Output and perf
-# data go to target/bench/perf-vision/.
+# scripts/bench/generate_convnet.py in the test virtualenv. The backbones run
+# on the engine their config resolves to (native on a CPU); with --profile,
+# bench-embed also prints the wall-time share of each phase of the forward
+# pass (stem, 1x1, k x k and depthwise convolutions, shortcuts, pooling).
+# Output and perf data go to target/bench/perf-vision/.
 #
 # Usage: scripts/profile-vision.sh [BATCH_SIZES]   (default: 1,32)
 set -euo pipefail
@@ -31,8 +34,9 @@ for backbone in lite0 resnet50; do
     data="$out/$backbone-b$batch.data"
     echo "== $backbone, batch $batch"
     perf record -q -e cpu-clock -F 999 -o "$data" -- "$binary" bench-embed --config "$out/vision.toml" \
-      --backbone "$backbone" --corpus "$out/images.txt" --batch-sizes "$batch" --min-seconds 6 2>/dev/null
-    perf report -i "$data" --stdio --sort symbol 2>/dev/null | grep -E '^\s+[0-9]' | head -12
+      --backbone "$backbone" --corpus "$out/images.txt" --batch-sizes "$batch" --min-seconds 6 --profile 2>/dev/null
+    # head closes the pipe early: perf's SIGPIPE is not a failure.
+    perf report -i "$data" --stdio --sort symbol 2>/dev/null | grep -E '^\s+[0-9]' | head -12 || true
     perf report -i "$data" --stdio --sort symbol 2>/dev/null | python3 scripts/bench/perf_categories.py
   done
 done

@@ -502,3 +502,99 @@ async fn the_load_tool_sends_images() {
     assert_eq!(report["inputs_per_request"], 2, "{report}");
     assert_eq!(report["errors"], serde_json::json!({}), "{report}");
 }
+
+/// ResNet-50 and VGG16 (pool5 features) on generated weights in torchvision's
+/// layout (scripts/bench/generate_convnet.py; no pretrained ones are
+/// fetchable here), on both engines, against the independent float64 numpy
+/// reference (tests/reference/torchvision_convnets_reference.py), at 64x64 to
+/// keep the reference quick.
+#[test]
+fn resnet50_and_vgg16_match_the_numpy_reference_on_generated_weights() {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let side = 64;
+    let tensors: Vec<Vec<f32>> = (0..2)
+        .map(|seed| {
+            (0..3 * side * side)
+                .map(|i| (((i * (seed + 7)) % 1013) as f32 / 253.0 - 2.0) * 0.9)
+                .collect()
+        })
+        .collect();
+    for (architecture, features) in [("resnet50", "fc7"), ("vgg16", "pool5")] {
+        let weights = dir.path().join(architecture);
+        let status = std::process::Command::new(python())
+            .arg(repo_root().join("scripts/bench/generate_convnet.py"))
+            .args([
+                architecture,
+                weights.to_str().expect("utf-8 path"),
+                "--features-only",
+            ])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("run generate_convnet.py");
+        assert!(
+            status.success(),
+            "generate_convnet.py {architecture} failed"
+        );
+        let reference = run_reference(
+            "torchvision_convnets_reference.py",
+            &serde_json::json!({
+                "weights": weights.join("model.safetensors"),
+                "architecture": architecture,
+                "features": features,
+                "tensors": tensors,
+            }),
+        );
+        let expected = as_f64s(&reference["features"]);
+        for engine in ["auto", "candle"] {
+            let toml = format!(
+                "[[backbones]]\nname = \"net\"\narchitecture = \"{architecture}\"\n\
+                 engine = \"{engine}\"\nsource = {{ path = \"{}\" }}\n{}\
+                 image = {{ resize_shorter = {side}, crop = {side} }}\n",
+                weights.display(),
+                if architecture == "vgg16" {
+                    "vgg_features = \"pool5\"\n"
+                } else {
+                    ""
+                },
+            );
+            let config =
+                Config::from_toml(&toml, &repo_root(), std::iter::empty()).expect("valid config");
+            let backbone = tlserve::backbone::load(
+                &config.backbones[0],
+                None,
+                ImageLimits::from_config(&config.limits),
+            )
+            .expect("load generated weights");
+            let options = EmbedOptions {
+                pooling: Pooling::Mean,
+                normalize: false,
+            };
+            let prepared: Vec<Prepared> = tensors
+                .iter()
+                .enumerate()
+                .map(|(i, values)| {
+                    let input = Input::Tensor {
+                        shape: vec![3, side, side],
+                        values: values.clone(),
+                    };
+                    backbone.prepare(i, input, true).expect("prepare")
+                })
+                .collect();
+            let items: Vec<EmbedItem> = prepared
+                .iter()
+                .map(|input| EmbedItem::frozen(input, options))
+                .collect();
+            for (i, ours) in backbone.embed(&items).expect("embed").iter().enumerate() {
+                let cos = cosine64(ours, &expected[i]);
+                println!(
+                    "{architecture} ({engine}) input {i}: cosine 1 - {:.2e}",
+                    1.0 - cos
+                );
+                assert!(
+                    cos >= 0.9999,
+                    "{architecture} ({engine}) input {i}: cosine {cos}"
+                );
+            }
+        }
+    }
+}

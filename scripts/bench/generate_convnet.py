@@ -7,7 +7,9 @@ numpy and the standard library only; the safetensors file is written by hand
 (an 8-byte little-endian header length, a JSON header, then the raw float32
 data).
 
-Usage: generate_convnet.py resnet50|vgg16 OUT_DIR   (writes OUT_DIR/model.safetensors)
+Usage: generate_convnet.py resnet50|vgg16 OUT_DIR [--features-only]
+  writes OUT_DIR/model.safetensors; --features-only leaves out ResNet-50's fc
+  and VGG16's classifier (which tests of the convolutional features skip).
 """
 
 import json
@@ -72,10 +74,15 @@ ARCHITECTURES = {"resnet50": resnet50_shapes, "vgg16": vgg16_shapes}
 
 
 def main():
-    if len(sys.argv) != 3 or sys.argv[1] not in ARCHITECTURES:
+    args = sys.argv[1:]
+    features_only = "--features-only" in args
+    args = [a for a in args if a != "--features-only"]
+    if len(args) != 2 or args[0] not in ARCHITECTURES:
         sys.exit(__doc__)
-    shapes = ARCHITECTURES[sys.argv[1]]()
-    out = Path(sys.argv[2])
+    shapes = ARCHITECTURES[args[0]]()
+    if features_only:
+        shapes = {k: v for k, v in shapes.items() if not k.startswith(("fc.", "classifier."))}
+    out = Path(args[1])
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     header, blobs, offset = {}, [], 0

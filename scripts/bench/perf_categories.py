@@ -2,7 +2,8 @@
 """Groups a `perf report --stdio --sort symbol` listing into kinds of work.
 
 Reads the report on stdin and prints one JSON object: the share of samples per
-category. The categories follow docs/PERFORMANCE.md: matrix products, GELU's
+category. The categories follow docs/PERFORMANCE.md: matrix products, the
+image engine's depthwise kernel, im2col and decoding/resizing, GELU's
 erf, softmax's exp, other element-wise maths, copies and layout changes,
 memory (fresh pages for new tensors), thread synchronisation, reading
 /proc/cpuinfo (which something in the candle path does per operation), and
@@ -14,7 +15,12 @@ import re
 import sys
 
 CATEGORIES = [
-    ("matmul", re.compile(r"gemm|amx::|int8::x86::(vnni|avx2)|bf16::x86::kernel|portable_tile")),
+    ("matmul", re.compile(r"gemm|amx::|int8::x86::(vnni|avx2)|bf16::x86::kernel|portable_tile|packed::x86")),
+    # The image backbones' native engine: depthwise kernel, gathered rows of
+    # k x k convolutions (im2col), decoding and resizing of the photos.
+    ("depthwise", re.compile(r"depthwise")),
+    ("gather_im2col", re.compile(r"input_rows")),
+    ("decode_resize", re.compile(r"fdeflate|png::|zune_jpeg|jpeg|inflate|fast_image_resize|imageops|resize")),
     # int8 / bf16: converting inputs before and rescaling results after the products
     ("quantize_rescale", re.compile(r"quantize_rows|convert_rows|rescale_rows|add_bias")),
     ("gelu_erf", re.compile(r"erf")),

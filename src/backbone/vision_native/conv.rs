@@ -158,7 +158,7 @@ impl Conv2d {
             );
         }
         let window = Window::new(self.kernel, self.stride, self.padding, x.height, x.width)?;
-        let mut out = FeatureMap::zeros(
+        let mut out = FeatureMap::with_shape(
             x.batch,
             window.out_height,
             window.out_width,

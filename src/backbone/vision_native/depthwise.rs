@@ -76,7 +76,7 @@ impl Depthwise {
         }
         let window = Window::new(self.kernel, self.stride, self.padding, x.height, x.width)?;
         let mut out =
-            FeatureMap::zeros(x.batch, window.out_height, window.out_width, self.channels);
+            FeatureMap::with_shape(x.batch, window.out_height, window.out_width, self.channels);
         let row_length = window.out_width * self.channels;
         out.values
             .par_chunks_mut(row_length)

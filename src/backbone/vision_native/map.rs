@@ -16,10 +16,11 @@ pub struct FeatureMap {
 }
 
 impl FeatureMap {
-    /// Zeros of the given shape.
-    pub fn zeros(batch: usize, height: usize, width: usize, channels: usize) -> Self {
+    /// A map of the given shape whose values are unspecified (a recycled
+    /// buffer's, or zeros): for layers that write every value.
+    pub fn with_shape(batch: usize, height: usize, width: usize, channels: usize) -> Self {
         Self {
-            values: vec![0.0; batch * height * width * channels],
+            values: spare::take(batch * height * width * channels),
             batch,
             height,
             width,
@@ -35,7 +36,7 @@ impl FeatureMap {
         height: usize,
         width: usize,
     ) -> Self {
-        let mut map = Self::zeros(batch, height, width, channels);
+        let mut map = Self::with_shape(batch, height, width, channels);
         let plane = height * width;
         for (image, out) in map.values.chunks_exact_mut(plane * channels).enumerate() {
             let planes = &values[image * plane * channels..][..plane * channels];
@@ -64,6 +65,74 @@ impl FeatureMap {
     pub fn pixel(&self, image: usize, y: usize, x: usize) -> &[f32] {
         let at = ((image * self.height + y) * self.width + x) * self.channels;
         &self.values[at..at + self.channels]
+    }
+}
+
+impl Drop for FeatureMap {
+    fn drop(&mut self) {
+        spare::recycle(std::mem::take(&mut self.values));
+    }
+}
+
+/// Buffers of maps that are no longer needed, for the next maps to reuse:
+/// large maps (a batch of 32 at 112x112x32 is 51 MB) would otherwise come
+/// from the OS as fresh pages in every pass, and page faults and zeroing took
+/// 16-28% of batch-32 passes (docs/PERFORMANCE.md). Shared by every network
+/// and worker of the process, and bounded.
+mod spare {
+    use std::sync::Mutex;
+
+    /// Values of the smallest buffer kept: smaller ones come cheaply from the
+    /// allocator's own free lists.
+    const MIN_VALUES: usize = 1 << 16;
+    /// Buffers kept at most, and their total size.
+    const MAX_BUFFERS: usize = 8;
+    const MAX_BYTES: usize = 512 << 20;
+
+    static SPARE: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
+
+    /// A buffer of `len` values, recycled (best fit) when one is big enough.
+    pub fn take(len: usize) -> Vec<f32> {
+        if len >= MIN_VALUES {
+            let mut spare = crate::sync::lock(&SPARE);
+            let best = spare
+                .iter()
+                .enumerate()
+                .filter(|(_, buffer)| buffer.capacity() >= len)
+                .min_by_key(|(_, buffer)| buffer.capacity())
+                .map(|(index, _)| index);
+            if let Some(index) = best {
+                let mut buffer = spare.swap_remove(index);
+                drop(spare);
+                // Within the capacity: no new pages, and zeros only for values
+                // past the buffer's previous length.
+                buffer.resize(len, 0.0);
+                return buffer;
+            }
+        }
+        vec![0.0; len]
+    }
+
+    pub fn recycle(buffer: Vec<f32>) {
+        if buffer.capacity() < MIN_VALUES || buffer.capacity() * 4 > MAX_BYTES {
+            return;
+        }
+        let mut spare = crate::sync::lock(&SPARE);
+        spare.push(buffer);
+        // Over the bounds, the smallest buffers go first.
+        while spare.len() > MAX_BUFFERS
+            || spare.iter().map(|b| b.capacity() * 4).sum::<usize>() > MAX_BYTES
+        {
+            let smallest = spare
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, buffer)| buffer.capacity())
+                .map(|(index, _)| index);
+            match smallest {
+                Some(index) => drop(spare.swap_remove(index)),
+                None => break,
+            }
+        }
     }
 }
 

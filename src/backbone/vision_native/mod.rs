@@ -200,7 +200,8 @@ impl Layer {
 impl SqueezeExcitation {
     fn forward(&self, x: &FeatureMap) -> FeatureMap {
         let pooled = pool::global_average(x);
-        let mut out = x.clone();
+        let mut out = FeatureMap::with_shape(x.batch, x.height, x.width, x.channels);
+        out.values.copy_from_slice(&x.values);
         let pixels = x.height * x.width * x.channels;
         for (image, pooled) in pooled.chunks_exact(x.channels).enumerate() {
             let mut squeezed = self.reduce.apply(pooled);

@@ -21,7 +21,7 @@ pub fn max_pool(
         x.height,
         x.width,
     )?;
-    let mut out = FeatureMap::zeros(x.batch, window.out_height, window.out_width, x.channels);
+    let mut out = FeatureMap::with_shape(x.batch, window.out_height, window.out_width, x.channels);
     out.values
         .par_chunks_mut(window.out_width * x.channels)
         .enumerate()
