@@ -94,19 +94,15 @@ impl VisionBackbone {
             })?)),
             _ => Network::Candle(network),
         };
-        tracing::info!(
-            backbone = %config.name,
-            engine = match network {
-                Network::Candle(_) => "candle",
-                Network::Native(_) => "native",
-            },
-            kernel = match network {
-                Network::Candle(_) => "candle",
-                Network::Native(_) => crate::nn::packed::F32Kernel::detect()
+        let (engine, kernel) = match network {
+            Network::Candle(_) => ("candle", "candle"),
+            Network::Native(_) => (
+                "native",
+                crate::nn::packed::F32Kernel::detect()
                     .map_or("gemm (f32)", crate::nn::packed::F32Kernel::as_str),
-            },
-            "image engine"
-        );
+            ),
+        };
+        tracing::info!(backbone = %config.name, engine, kernel, "image engine");
         let preprocessing = preprocessing(config.architecture, &config.image);
         let descriptor = BackboneDescriptor {
             name: config.name.clone(),
