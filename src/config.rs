@@ -478,6 +478,9 @@ pub enum Architecture {
     Resnet50,
     /// VGG16 in torchvision's layout.
     Vgg16,
+    /// Llama-architecture decoders (Llama, SmolLM2, ...) in one GGUF file,
+    /// tokenizer included.
+    Llama,
 }
 
 impl Architecture {
@@ -488,13 +491,14 @@ impl Architecture {
             Architecture::EfficientNetB0 => "efficientnet-b0",
             Architecture::Resnet50 => "resnet50",
             Architecture::Vgg16 => "vgg16",
+            Architecture::Llama => "llama",
         }
     }
 
     /// The kind of input the architecture takes.
     pub fn modality(self) -> Modality {
         match self {
-            Architecture::Bert => Modality::Text,
+            Architecture::Bert | Architecture::Llama => Modality::Text,
             _ => Modality::Image,
         }
     }
@@ -558,12 +562,15 @@ pub enum Precision {
     /// Weights quantized to int8 per output channel at load time, inputs per
     /// row before each product, exact integer sums (AVX-512 VNNI, AVX2).
     Int8,
+    /// GGUF backbones: the weights kept in the file's quantized blocks and
+    /// multiplied by candle's quantized kernels (the least memory).
+    Quantized,
 }
 
 impl Precision {
-    /// Anything but f32 or auto: settings only BERT backbones honour.
+    /// Anything but f32 or auto: settings only text backbones honour.
     pub fn is_reduced(self) -> bool {
-        matches!(self, Precision::F16 | Precision::Bf16 | Precision::Int8)
+        self != Precision::Auto && self != Precision::F32
     }
 
     /// Whether the native (CPU) engine computes in this format.
@@ -583,6 +590,7 @@ impl Precision {
             Precision::F16 => "f16",
             Precision::Bf16 => "bf16",
             Precision::Int8 => "int8",
+            Precision::Quantized => "quantized",
         }
     }
 }
@@ -645,13 +653,30 @@ impl ImageConfig {
 /// How the token vectors of a text become one vector. Also stored with each
 /// head (head.json), in the same lower-case names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum Pooling {
     /// Mean of the token vectors, padding excluded.
     #[default]
     Mean,
     /// The first ([CLS]) token's vector.
     Cls,
+    /// The last token's vector: for decoders, the end-of-sequence token
+    /// appended to every text, the one token that has seen all of it.
+    LastToken,
+    /// Mean weighted by position (1, 2, ..., n): under causal attention
+    /// later tokens have seen more of the text (SGPT).
+    WeightedMean,
+}
+
+impl Pooling {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pooling::Mean => "mean",
+            Pooling::Cls => "cls",
+            Pooling::LastToken => "last_token",
+            Pooling::WeightedMean => "weighted_mean",
+        }
+    }
 }
 
 /// The device a backbone computes on, as the config names it: `cpu`, or
@@ -724,6 +749,10 @@ pub struct SourceConfig {
     pub hub: Option<String>,
     /// Hub revision (branch, tag or commit); default `main`.
     pub revision: Option<String>,
+    /// The weights file in `path` or the hub repository, for GGUF
+    /// (`llama`) backbones, whose repositories hold one file per
+    /// quantization. Unset with `path`: the folder's only `.gguf` file.
+    pub file: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -740,9 +769,10 @@ pub struct BackboneConfig {
     /// model's own setting (sentence_bert_config.json), else its position limit.
     #[serde(default)]
     pub max_sequence_length: Option<usize>,
-    /// Pooling for requests that leave it unspecified.
+    /// Pooling for requests that leave it unspecified; unset: the
+    /// architecture's ([`BackboneConfig::default_pooling`]).
     #[serde(default)]
-    pub pooling: Pooling,
+    pub pooling: Option<Pooling>,
     /// L2 normalization for requests that leave it unset.
     #[serde(default = "default_true")]
     pub normalize: bool,
@@ -803,6 +833,13 @@ impl BackboneConfig {
         }
     }
 
+    /// The pooling of requests that leave it unspecified: the configured one,
+    /// else mean, which the measurements of docs/BENCHMARKS.md ("Decoder
+    /// features") found best for heads on every architecture.
+    pub fn default_pooling(&self) -> Pooling {
+        self.pooling.unwrap_or(Pooling::Mean)
+    }
+
     /// Everything about one backbone that can be checked without the others;
     /// `limits` are the request limits its queue must accommodate.
     fn validate(&self, limits: &LimitsConfig) -> Result<(), String> {
@@ -822,6 +859,16 @@ impl BackboneConfig {
         }
         if self.source.revision.is_some() && self.source.hub.is_none() {
             return Err("source.revision only applies to `hub`".into());
+        }
+        if self.source.file.is_some() && self.architecture != Architecture::Llama {
+            return Err("source.file applies to GGUF (llama) backbones only".into());
+        }
+        if let Some(file) = &self.source.file {
+            if file.is_empty() || file.contains("..") || file.starts_with('/') {
+                return Err(format!(
+                    "source.file `{file}` must be a file name inside the source"
+                ));
+            }
         }
         Ok(())
     }
@@ -850,6 +897,9 @@ impl BackboneConfig {
         {
             return Err("`image` settings apply to image backbones only".into());
         }
+        if self.precision == Precision::Quantized && self.architecture != Architecture::Llama {
+            return Err("precision = \"quantized\" applies to GGUF (llama) backbones only".into());
+        }
         let candle = self.resolved_engine() == Engine::Candle;
         if candle && !self.precision.candle_engine_runs() {
             return Err(format!(
@@ -871,13 +921,16 @@ impl BackboneConfig {
     /// An image backbone has no text settings, and its preprocessing is sound.
     fn validate_image_settings(&self) -> Result<(), String> {
         if self.precision.is_reduced() {
-            return Err("`precision` applies to BERT backbones (native engine) only".into());
+            return Err("`precision` applies to text backbones only".into());
         }
         if self.max_sequence_length.is_some() {
             return Err("max_sequence_length applies to text backbones only".into());
         }
-        if self.pooling == Pooling::Cls {
-            return Err("image backbones pool globally; `pooling = \"cls\"` is for text".into());
+        if let Some(pooling) = self.pooling.filter(|&p| p != Pooling::Mean) {
+            return Err(format!(
+                "image backbones pool globally (mean); `pooling = \"{}\"` is for text",
+                pooling.as_str()
+            ));
         }
         let crop = self.image.crop_or_default();
         let resize_shorter = self.image.resize_shorter_or_default();
@@ -1272,6 +1325,51 @@ mod tests {
         source = { path = "models/minilm" }
     "#;
 
+    /// Decoder settings: the poolings by name, the GGUF file of a source,
+    /// and neither where it cannot apply.
+    #[test]
+    fn decoder_settings_are_read_and_refused_where_they_do_not_apply() {
+        let with = |pairs: &[(&str, &str)]| Config::from_toml(MINIMAL, Path::new("."), env(pairs));
+        let architecture = ("TLSERVE__BACKBONES__0__ARCHITECTURE", "llama");
+        let file = ("TLSERVE__BACKBONES__0__SOURCE__FILE", "model.Q4_1.gguf");
+        let config = with(&[
+            architecture,
+            file,
+            ("TLSERVE__BACKBONES__0__POOLING", "last_token"),
+            ("TLSERVE__BACKBONES__0__PRECISION", "quantized"),
+        ])
+        .unwrap();
+        let backbone = &config.backbones[0];
+        assert_eq!(backbone.default_pooling(), Pooling::LastToken);
+        assert_eq!(backbone.source.file.as_deref(), Some("model.Q4_1.gguf"));
+        assert_eq!(backbone.architecture.modality(), Modality::Text);
+        let pooling = with(&[("TLSERVE__BACKBONES__0__POOLING", "weighted_mean")]).unwrap();
+        assert_eq!(
+            pooling.backbones[0].default_pooling(),
+            Pooling::WeightedMean
+        );
+        for (pairs, message) in [
+            (&[file][..], "GGUF (llama) backbones only"),
+            (
+                &[
+                    architecture,
+                    ("TLSERVE__BACKBONES__0__SOURCE__FILE", "../x.gguf"),
+                ],
+                "file name",
+            ),
+            (
+                &[
+                    ("TLSERVE__BACKBONES__0__ARCHITECTURE", "resnet50"),
+                    ("TLSERVE__BACKBONES__0__POOLING", "last_token"),
+                ],
+                "pool globally",
+            ),
+        ] {
+            let err = with(pairs).unwrap_err();
+            assert!(err.to_string().contains(message), "{pairs:?}: {err}");
+        }
+    }
+
     /// The S3 backend comes from the environment like any setting, and a
     /// bucket name, prefix or endpoint that could not work is refused at
     /// start-up.
@@ -1346,7 +1444,7 @@ mod tests {
         );
         assert_eq!(backbone.device, "cpu");
         assert!(backbone.normalize && backbone.truncate);
-        assert_eq!(backbone.pooling, Pooling::Mean);
+        assert_eq!(backbone.default_pooling(), Pooling::Mean);
     }
 
     #[test]
@@ -1418,8 +1516,9 @@ mod tests {
                     (precision, "bf16"),
                     ("TLSERVE__BACKBONES__0__ARCHITECTURE", "resnet50"),
                 ],
-                "BERT backbones",
+                "text backbones",
             ),
+            (&[(precision, "quantized")], "GGUF (llama) backbones only"),
         ];
         for (pairs, message) in refused {
             let err = with(pairs).unwrap_err();

@@ -533,6 +533,8 @@ const SAMPLE_TEXTS: &[&str] = &[
 enum PoolingArg {
     Mean,
     Cls,
+    LastToken,
+    WeightedMean,
 }
 
 fn load_config(path: &Path) -> Result<Config> {
@@ -656,6 +658,8 @@ async fn embed(args: EmbedArgs) -> Result<()> {
             None => proto::Pooling::Unspecified,
             Some(PoolingArg::Mean) => proto::Pooling::Mean,
             Some(PoolingArg::Cls) => proto::Pooling::Cls,
+            Some(PoolingArg::LastToken) => proto::Pooling::LastToken,
+            Some(PoolingArg::WeightedMean) => proto::Pooling::WeightedMean,
         },
         normalize: args.normalize,
         truncate: args.truncate,

@@ -46,7 +46,7 @@ pub struct TrainableBert {
 
 impl TrainableBert {
     pub fn load(config: &BackboneConfig, cache_dir: Option<&std::path::Path>) -> Result<Self> {
-        let files = source::resolve(&config.source, cache_dir, Modality::Text)?;
+        let files = source::resolve(&config.source, cache_dir, source::Layout::Text)?;
         let device = candle_device(config.device)?;
         let opened = Opened::read(config, &files)?;
         let mut graph = BertGraph::load(opened.weights(DType::F32, &device)?, &opened.model)
@@ -146,7 +146,7 @@ impl BertBackbone {
             image_size: 0,
             encoder_layers: model_config.num_hidden_layers,
             default_options: EmbedOptions {
-                pooling: config.pooling,
+                pooling: config.default_pooling(),
                 normalize: config.normalize,
             },
             default_truncate: config.truncate,
@@ -183,20 +183,8 @@ impl Backbone for BertBackbone {
     }
 
     fn prepare(&self, index: usize, input: Input, truncate: bool) -> Result<Prepared> {
-        match input {
-            Input::Text(text) => Ok(Prepared::Text(self.encoder.encode(index, &text, truncate)?)),
-            Input::TokenIds(ids) => {
-                Ok(Prepared::Text(self.encoder.from_ids(index, ids, truncate)?))
-            }
-            other => Err(Error::InvalidInput {
-                index,
-                reason: format!(
-                    "backbone `{}` takes text, not {}",
-                    self.descriptor.name,
-                    other.kind()
-                ),
-            }),
-        }
+        self.encoder
+            .prepare(index, input, truncate, &self.descriptor.name)
     }
 
     fn takes_adapters(&self) -> bool {
@@ -265,7 +253,7 @@ fn native_embed(
             None => {
                 let rows = &tokens[start * hidden..(start + len) * hidden];
                 finish(
-                    pool_packed(rows, hidden, items[i].options.pooling),
+                    super::pooling::pool_rows(rows, hidden, items[i].options.pooling),
                     items[i],
                 )
             }
@@ -329,31 +317,23 @@ fn candle_group(
         .iter()
         .enumerate()
         .map(|(row, &i)| {
-            match items[i].options.pooling {
+            let pooled = match items[i].options.pooling {
                 Pooling::Mean => mean.as_mut(),
                 Pooling::Cls => cls.as_mut(),
-            }
+                // Rare for an encoder: pooled on the host from the text's rows.
+                other => {
+                    let rows = hidden.get(row)?.narrow(0, 0, texts[i].ids.len())?;
+                    let rows: Vec<f32> = rows.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                    let width = hidden.dim(2)?;
+                    return Ok(super::pooling::pool_rows(&rows, width, other));
+                }
+            };
             // Each row belongs to exactly one item: move it out instead of copying.
-            .map(|rows| std::mem::take(&mut rows[row]))
-            .ok_or_else(|| Error::Inference("pooling was not computed".into()))
+            pooled
+                .map(|rows| std::mem::take(&mut rows[row]))
+                .ok_or_else(|| Error::Inference("pooling was not computed".into()))
         })
         .collect()
-}
-
-/// The pooled vector of one text's packed token rows.
-fn pool_packed(rows: &[f32], hidden: usize, pooling: Pooling) -> Vec<f32> {
-    match pooling {
-        Pooling::Cls => rows[..hidden].to_vec(),
-        Pooling::Mean => {
-            let mut sum = vec![0f32; hidden];
-            for row in rows.chunks_exact(hidden) {
-                sum.iter_mut().zip(row).for_each(|(s, v)| *s += v);
-            }
-            let n = (rows.len() / hidden).max(1) as f32;
-            sum.iter_mut().for_each(|s| *s /= n);
-            sum
-        }
-    }
 }
 
 /// Normalizes a pooled vector when its item asks for it (captured token
@@ -446,6 +426,7 @@ fn kernel_name(engine: Engine, precision: Precision) -> &'static str {
         Precision::Int8 => crate::nn::int8::Int8Kernel::detect().as_str(),
         Precision::Bf16 => crate::nn::bf16::Bf16Kernel::detect().as_str(),
         Precision::F16 => "none (f16 runs on the candle engine)",
+        Precision::Quantized => "none (quantized is for GGUF backbones)",
     }
 }
 

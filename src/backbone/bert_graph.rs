@@ -696,7 +696,7 @@ pub fn dtype_of(precision: crate::config::Precision) -> Option<DType> {
         Precision::F32 => Some(DType::F32),
         Precision::F16 => Some(DType::F16),
         Precision::Bf16 => Some(DType::BF16),
-        Precision::Auto | Precision::Int8 => None,
+        Precision::Auto | Precision::Int8 | Precision::Quantized => None,
     }
 }
 

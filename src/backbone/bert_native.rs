@@ -24,7 +24,6 @@
 
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::Config as BertConfig;
-use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::adapter::{Adapter, LoraAdapter, MODULES};
@@ -32,7 +31,7 @@ use super::profile::Stopwatch;
 use super::top_layers::{LayerWeights, TopLayers, NORMS};
 use crate::{
     config::Precision,
-    nn::{flat, gelu_in_place, softmax_in_place, Dense, LayerNorm, Linear},
+    nn::{flat, gelu_in_place, product_into, softmax_in_place, Dense, LayerNorm, Linear, Strided},
 };
 
 #[derive(Clone)]
@@ -623,26 +622,12 @@ impl NativeBert {
             // 3h inside `qkv`; K is read as its transpose [d, len]. `scores`
             // is [len, len] row-major.
             unsafe {
-                gemm::gemm(
-                    len,
-                    len,
-                    d,
-                    scores.as_mut_ptr(),
-                    1,
-                    len as isize,
-                    false,
-                    q,
-                    1,
-                    stride as isize,
-                    k,
-                    stride as isize,
-                    1,
-                    0.0,
+                product_into(
+                    (len, len, d),
+                    (scores.as_mut_ptr(), len),
+                    Strided::rows(q, stride),
+                    Strided::rows(k, stride).transposed(),
                     scale,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
                 );
             }
             for row in scores.chunks_exact_mut(len) {
@@ -653,26 +638,12 @@ impl NativeBert {
             // touches; `context` outlives the parallel loop. V is `len` rows of
             // `d` values with row stride 3h.
             unsafe {
-                gemm::gemm(
-                    len,
-                    d,
-                    len,
-                    out.at(start * h + head * d),
-                    1,
-                    h as isize,
-                    false,
-                    scores.as_ptr(),
-                    1,
-                    len as isize,
-                    v,
-                    1,
-                    stride as isize,
-                    0.0,
+                product_into(
+                    (len, d, len),
+                    (out.at(start * h + head * d), h),
+                    Strided::rows(scores.as_ptr(), len),
+                    Strided::rows(v, stride),
                     1.0,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
                 );
             }
         });

@@ -13,9 +13,14 @@ pub mod bert_native;
 pub mod device_memory;
 pub mod efficientnet;
 pub mod frozen_product;
+pub mod gguf;
 pub mod image;
 pub mod layers;
+pub mod llama;
+pub mod llama_graph;
+pub mod llama_native;
 pub mod lora;
+pub mod pooling;
 pub mod profile;
 pub mod pytorch_legacy;
 pub mod resnet;
@@ -305,11 +310,14 @@ fn load_and_warm_up(
     cache_dir: Option<&std::path::Path>,
     image_limits: image::ImageLimits,
 ) -> Result<Arc<dyn Backbone>> {
-    let modality = config.architecture.modality();
-    let files = source::resolve(&config.source, cache_dir, modality)?;
-    let backbone: Arc<dyn Backbone> = match modality {
-        Modality::Text => Arc::new(bert::BertBackbone::load(config, &files)?),
-        Modality::Image => Arc::new(vision::VisionBackbone::load(config, &files, image_limits)?),
+    let layout = source::Layout::of(config.architecture);
+    let files = source::resolve(&config.source, cache_dir, layout)?;
+    let backbone: Arc<dyn Backbone> = match layout {
+        source::Layout::Text => Arc::new(bert::BertBackbone::load(config, &files)?),
+        source::Layout::Gguf => Arc::new(llama::LlamaBackbone::load(config, &files)?),
+        source::Layout::Image => {
+            Arc::new(vision::VisionBackbone::load(config, &files, image_limits)?)
+        }
     };
     warm_up(backbone.as_ref())?;
     Ok(backbone)

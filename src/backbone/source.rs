@@ -3,8 +3,31 @@
 
 use std::path::{Path, PathBuf};
 
-use super::Modality;
-use crate::{config::SourceConfig, Error, Result};
+use crate::{
+    config::{Architecture, SourceConfig},
+    Error, Result,
+};
+
+/// Which files an architecture reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// model.safetensors, config.json and tokenizer.json (BERT).
+    Text,
+    /// model.safetensors alone.
+    Image,
+    /// One GGUF file holding settings, weights and tokenizer.
+    Gguf,
+}
+
+impl Layout {
+    pub fn of(architecture: Architecture) -> Self {
+        match architecture {
+            Architecture::Bert => Layout::Text,
+            Architecture::Llama => Layout::Gguf,
+            _ => Layout::Image,
+        }
+    }
+}
 
 /// The files of a Hugging Face-layout model. Image backbones need only the
 /// weights; text backbones also the config and the tokenizer.
@@ -33,15 +56,16 @@ const SENTENCE_CONFIG: &str = "sentence_bert_config.json";
 pub fn resolve(
     source: &SourceConfig,
     cache_dir: Option<&Path>,
-    modality: Modality,
+    layout: Layout,
 ) -> Result<ModelFiles> {
     match (&source.path, &source.hub) {
-        (Some(dir), None) => local(dir, modality),
+        (Some(dir), None) if layout == Layout::Gguf => local_gguf(dir, source.file.as_deref()),
+        (Some(dir), None) => local(dir, layout),
         (None, Some(repo)) => hub(
             repo,
             source.revision.as_deref().unwrap_or("main"),
             cache_dir,
-            modality,
+            (layout, source.file.as_deref()),
         ),
         _ => Err(Error::ModelLoad(
             "a source needs exactly one of `path` and `hub`".into(),
@@ -49,7 +73,48 @@ pub fn resolve(
     }
 }
 
-fn local(dir: &Path, modality: Modality) -> Result<ModelFiles> {
+/// The GGUF file `file` of folder `dir`, or the folder's only one.
+fn local_gguf(dir: &Path, file: Option<&str>) -> Result<ModelFiles> {
+    let weights = match file {
+        Some(name) => dir.join(name),
+        None => only_gguf(dir)?,
+    };
+    if !weights.is_file() {
+        return Err(Error::ModelLoad(format!(
+            "{} is missing (scripts/fetch-models.sh fetches SmolLM2-135M-Instruct)",
+            weights.display()
+        )));
+    }
+    Ok(ModelFiles {
+        weights,
+        text: None,
+        sentence_config: None,
+        origin: dir.display().to_string(),
+    })
+}
+
+fn only_gguf(dir: &Path) -> Result<PathBuf> {
+    let listing = std::fs::read_dir(dir)
+        .map_err(|err| Error::ModelLoad(format!("cannot list {}: {err}", dir.display())))?;
+    let found: Vec<PathBuf> = listing
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| path.extension().is_some_and(|ext| ext == "gguf"))
+        .collect();
+    match found.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(Error::ModelLoad(format!(
+            "{} holds no .gguf file (scripts/fetch-models.sh fetches SmolLM2-135M-Instruct)",
+            dir.display()
+        ))),
+        _ => Err(Error::ModelLoad(format!(
+            "{} holds {} .gguf files; name one with source.file",
+            dir.display(),
+            found.len()
+        ))),
+    }
+}
+
+fn local(dir: &Path, layout: Layout) -> Result<ModelFiles> {
     let required = |name: &str| {
         let path = dir.join(name);
         if path.is_file() {
@@ -63,12 +128,12 @@ fn local(dir: &Path, modality: Modality) -> Result<ModelFiles> {
     };
     let sentence_config = dir.join(SENTENCE_CONFIG);
     let weights = required(WEIGHTS)?;
-    let text = match modality {
-        Modality::Text => Some(TextFiles {
+    let text = match layout {
+        Layout::Text => Some(TextFiles {
             config: required(CONFIG)?,
             tokenizer: required(TOKENIZER)?,
         }),
-        Modality::Image => None,
+        Layout::Image | Layout::Gguf => None,
     };
     Ok(ModelFiles {
         weights,
@@ -85,7 +150,7 @@ fn hub(
     repo_id: &str,
     revision: &str,
     cache_dir: Option<&Path>,
-    modality: Modality,
+    (layout, file): (Layout, Option<&str>),
 ) -> Result<ModelFiles> {
     use hf_hub::{api::sync::ApiBuilder, Repo, RepoType};
 
@@ -111,12 +176,25 @@ fn hub(
             ))
         })
     };
-    let text = match modality {
-        Modality::Text => Some(TextFiles {
+    if layout == Layout::Gguf {
+        let name = file.ok_or_else(|| {
+            Error::ModelLoad(format!(
+                "hub repository {repo_id} needs source.file: the .gguf file to fetch"
+            ))
+        })?;
+        return Ok(ModelFiles {
+            weights: fetch(name)?,
+            text: None,
+            sentence_config: None,
+            origin: format!("hub:{repo_id}@{revision}/{name}"),
+        });
+    }
+    let text = match layout {
+        Layout::Text => Some(TextFiles {
             config: fetch(CONFIG)?,
             tokenizer: fetch(TOKENIZER)?,
         }),
-        Modality::Image => None,
+        Layout::Image | Layout::Gguf => None,
     };
     Ok(ModelFiles {
         weights: fetch(WEIGHTS)?,
@@ -156,7 +234,7 @@ mod tests {
     fn local_source_names_the_missing_file() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(CONFIG), "{}").unwrap();
-        let err = local(dir.path(), Modality::Text).unwrap_err().to_string();
+        let err = local(dir.path(), Layout::Text).unwrap_err().to_string();
         assert!(err.contains(WEIGHTS), "{err}");
     }
 

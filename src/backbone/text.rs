@@ -4,6 +4,7 @@ use std::path::Path;
 
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
+use super::{Input, Prepared};
 use crate::{Error, Result};
 
 /// A tokenized text, special tokens included, ready for a forward pass.
@@ -22,9 +23,14 @@ pub struct TextEncoder {
 
 impl TextEncoder {
     pub fn from_file(path: &Path, max_len: usize) -> Result<Self> {
-        let mut tokenizer = Tokenizer::from_file(path).map_err(|err| {
+        let tokenizer = Tokenizer::from_file(path).map_err(|err| {
             Error::ModelLoad(format!("cannot read tokenizer {}: {err}", path.display()))
         })?;
+        Self::new(tokenizer, max_len)
+    }
+
+    /// Wraps a tokenizer built in memory (from a GGUF file's metadata).
+    pub fn new(mut tokenizer: Tokenizer, max_len: usize) -> Result<Self> {
         // Model repositories often ship fixed padding (all-MiniLM-L6-v2 pads every
         // text to 128) and their own truncation. Padding is the batcher's business
         // (to the longest item of a batch), and truncation follows our config.
@@ -42,6 +48,25 @@ impl TextEncoder {
 
     pub fn max_len(&self) -> usize {
         self.max_len
+    }
+
+    /// A text or a client's token ids as the model's sequence; other inputs
+    /// are refused, naming `backbone`.
+    pub fn prepare(
+        &self,
+        index: usize,
+        input: Input,
+        truncate: bool,
+        backbone: &str,
+    ) -> Result<Prepared> {
+        match input {
+            Input::Text(text) => Ok(Prepared::Text(self.encode(index, &text, truncate)?)),
+            Input::TokenIds(ids) => Ok(Prepared::Text(self.from_ids(index, ids, truncate)?)),
+            other => Err(Error::InvalidInput {
+                index,
+                reason: format!("backbone `{backbone}` takes text, not {}", other.kind()),
+            }),
+        }
     }
 
     /// Tokenizes one input; `index` names it in errors.

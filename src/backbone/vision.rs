@@ -146,7 +146,9 @@ fn build(
         Architecture::EfficientNetB0 => Box::new(EfficientNet::load(vars, Variant::B0)?),
         Architecture::Resnet50 => Box::new(ResNet50::load(vars)?),
         Architecture::Vgg16 => Box::new(Vgg16::load(vars, config.vgg_features)?),
-        Architecture::Bert => candle_core::bail!("BERT is not an image network"),
+        Architecture::Bert | Architecture::Llama => {
+            candle_core::bail!("{} is not an image network", config.architecture.as_str())
+        }
     })
 }
 
@@ -378,7 +380,7 @@ mod tests {
     }
 
     fn load(config: &BackboneConfig, dir: &std::path::Path) -> VisionBackbone {
-        let files = source::resolve(&config.source, None, Modality::Image).unwrap();
+        let files = source::resolve(&config.source, None, source::Layout::Image).unwrap();
         assert_eq!(files.weights, dir.join("model.safetensors"));
         VisionBackbone::load(
             config,

@@ -155,11 +155,12 @@ pub fn embed_options(
     descriptor: &BackboneDescriptor,
 ) -> Result<EmbedOptions> {
     let pooling = pooling.unwrap_or(descriptor.default_options.pooling);
-    if pooling == Pooling::Cls && descriptor.modality == Modality::Image {
+    if pooling != Pooling::Mean && descriptor.modality == Modality::Image {
         return Err(Error::InvalidArgument(format!(
             "backbone `{}` takes images, which are pooled globally (POOLING_MEAN); \
-             POOLING_CLS is for text backbones",
-            descriptor.name
+             pooling `{}` is for text backbones",
+            descriptor.name,
+            pooling.as_str()
         )));
     }
     Ok(EmbedOptions {

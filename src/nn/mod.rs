@@ -136,8 +136,9 @@ impl Linear {
     pub fn new(dense: Dense, precision: Precision) -> Self {
         match resolve_precision(precision) {
             // f16 is refused before the native engine loads (it is the candle
-            // engine's format); f32 is the nearest this engine has.
-            Precision::Auto | Precision::F32 | Precision::F16 => {
+            // engine's format), and quantized weights are kept by the decoder
+            // engine itself, never given here; f32 is the nearest this has.
+            Precision::Auto | Precision::F32 | Precision::F16 | Precision::Quantized => {
                 match packed::F32Kernel::detect() {
                     Some(kernel) => {
                         Self::F32Packed(packed::PackedDense::with_kernel(&dense, kernel))
@@ -158,6 +159,75 @@ impl Linear {
             Self::Bf16(dense) => dense.forward(x, threads),
             Self::Int8(dense) => dense.forward(x, threads),
         }
+    }
+}
+
+/// A matrix read in place inside a larger buffer: element `(i, j)` is at
+/// `ptr + i * row + j * column` (a transpose swaps the two strides).
+#[derive(Debug, Clone, Copy)]
+pub struct Strided {
+    pub ptr: *const f32,
+    pub row: isize,
+    pub column: isize,
+}
+
+impl Strided {
+    /// Rows of `stride` values starting at `ptr`, read as they lie.
+    pub fn rows(ptr: *const f32, stride: usize) -> Self {
+        Self {
+            ptr,
+            row: stride as isize,
+            column: 1,
+        }
+    }
+
+    /// The same rows read as the transposed matrix.
+    pub fn transposed(self) -> Self {
+        Self {
+            row: self.column,
+            column: self.row,
+            ..self
+        }
+    }
+}
+
+/// `out = scale * lhs rhs` on the calling thread (attention's per-head
+/// products): `lhs` is `[m, k]`, `rhs` `[k, n]`, `out` `[m, n]` with rows
+/// `out_stride` apart; what `out` held is overwritten.
+///
+/// # Safety
+/// The three views must lie inside live buffers for the shapes given, and
+/// no other thread may write the part of `out` they cover.
+pub unsafe fn product_into(
+    (m, n, k): (usize, usize, usize),
+    (out, out_stride): (*mut f32, usize),
+    lhs: Strided,
+    rhs: Strided,
+    scale: f32,
+) {
+    // SAFETY: the caller's guarantee, passed on.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out,
+            1,
+            out_stride as isize,
+            false,
+            lhs.ptr,
+            lhs.column,
+            lhs.row,
+            rhs.ptr,
+            rhs.column,
+            rhs.row,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        );
     }
 }
 

@@ -70,6 +70,8 @@ pub fn pooling_of(pooling: i32) -> Result<Option<Pooling>> {
         Ok(proto::Pooling::Unspecified) => Ok(None),
         Ok(proto::Pooling::Mean) => Ok(Some(Pooling::Mean)),
         Ok(proto::Pooling::Cls) => Ok(Some(Pooling::Cls)),
+        Ok(proto::Pooling::LastToken) => Ok(Some(Pooling::LastToken)),
+        Ok(proto::Pooling::WeightedMean) => Ok(Some(Pooling::WeightedMean)),
         Err(_) => Err(Error::InvalidArgument(format!(
             "pooling {pooling} is not a known value"
         ))),
@@ -98,6 +100,8 @@ pub fn pooling(pooling: Pooling) -> proto::Pooling {
     match pooling {
         Pooling::Mean => proto::Pooling::Mean,
         Pooling::Cls => proto::Pooling::Cls,
+        Pooling::LastToken => proto::Pooling::LastToken,
+        Pooling::WeightedMean => proto::Pooling::WeightedMean,
     }
 }
 

@@ -625,3 +625,31 @@ pub fn example_binary(name: &str) -> PathBuf {
     );
     path
 }
+
+pub const SMOLLM2: &str = "SmolLM2-135M-Instruct";
+
+/// The real SmolLM2-135M-Instruct GGUF file; panics with the fix when missing.
+pub fn smollm2_file() -> PathBuf {
+    let path = repo_root()
+        .join("models")
+        .join(SMOLLM2)
+        .join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.is_file(),
+        "SmolLM2-135M-Instruct is missing at {}: run scripts/fetch-models.sh \
+         (TLSERVE_MODELS=SmolLM2-135M-Instruct)",
+        path.display()
+    );
+    path
+}
+
+/// The `[[backbones]]` entry of the real SmolLM2-135M-Instruct, with `extra`
+/// settings.
+pub fn smollm2_backbone_toml(extra: &str) -> String {
+    let file = smollm2_file();
+    format!(
+        "\n[[backbones]]\nname = \"{SMOLLM2}\"\narchitecture = \"llama\"\n\
+         source = {{ path = \"{}\" }}\n{extra}\n",
+        file.parent().expect("a folder").display()
+    )
+}

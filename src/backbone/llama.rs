@@ -1,0 +1,186 @@
+//! Llama-architecture decoders (Llama, SmolLM2, ...) from one GGUF file, as
+//! feature extractors: the final hidden states of a text, pooled.
+//!
+//! Every text gets the model's end-of-sequence token appended (the token
+//! that last-token pooling takes; under causal attention the only one that
+//! has seen the whole text), like the special tokens a BERT tokenizer adds.
+//! The forward pass is the native CPU engine of [`super::llama_native`]
+//! (packed texts) or the candle graph of [`super::llama_graph`] (padded
+//! texts; the engine of GPUs).
+
+use candle_core::Device;
+
+use super::gguf::GgufFile;
+use super::llama_graph::{self, LlamaGraph};
+use super::llama_native::{LlamaSettings, NativeLlama};
+use super::{
+    bert::l2_normalize, candle_device, pooling::pool_rows, source::ModelFiles, text::TextEncoder,
+    Backbone, BackboneDescriptor, EmbedItem, EmbedOptions, Input, Modality, Prepared,
+    TokenizedText,
+};
+use crate::{
+    config::{BackboneConfig, Engine, Precision},
+    Error, Result,
+};
+
+/// The network that computes token vectors.
+enum Network {
+    Native(NativeLlama),
+    Candle(LlamaGraph),
+}
+
+pub struct LlamaBackbone {
+    network: Network,
+    encoder: TextEncoder,
+    descriptor: BackboneDescriptor,
+}
+
+impl LlamaBackbone {
+    pub fn load(config: &BackboneConfig, files: &ModelFiles) -> Result<Self> {
+        let device = candle_device(config.device)?;
+        let engine = config.resolved_engine();
+        let precision = engine_precision(engine, config.precision, &device)?;
+        let file = GgufFile::open(&files.weights)?;
+        let settings = LlamaSettings::read(&file)?;
+        let max_len = config.max_sequence_length.unwrap_or(settings.context);
+        if max_len > settings.context {
+            return Err(Error::ModelLoad(format!(
+                "max_sequence_length {max_len} exceeds the model's context of {} tokens",
+                settings.context
+            )));
+        }
+        let encoder = TextEncoder::new(file.tokenizer(true)?, max_len)?;
+        let network = match engine {
+            Engine::Native => {
+                Network::Native(NativeLlama::load(&file, &settings, precision, max_len)?)
+            }
+            _ => Network::Candle(LlamaGraph::load(
+                &file,
+                &settings,
+                (precision, &device),
+                max_len,
+            )?),
+        };
+        let descriptor = BackboneDescriptor {
+            name: config.name.clone(),
+            architecture: config.architecture,
+            modality: Modality::Text,
+            dimension: settings.hidden,
+            device: config.device.to_string(),
+            dtype: precision.as_str().to_owned(),
+            max_sequence_length: max_len,
+            image_size: 0,
+            encoder_layers: 0,
+            default_options: EmbedOptions {
+                pooling: config.default_pooling(),
+                normalize: config.normalize,
+            },
+            default_truncate: config.truncate,
+            fingerprint: super::source::fingerprint(&files.weights)?,
+            source: files.origin.clone(),
+        };
+        tracing::info!(
+            backbone = %config.name,
+            engine = engine.as_str(),
+            precision = precision.as_str(),
+            layers = settings.layers,
+            hidden = settings.hidden,
+            context = settings.context,
+            "decoder engine"
+        );
+        Ok(Self {
+            network,
+            encoder,
+            descriptor,
+        })
+    }
+}
+
+impl Backbone for LlamaBackbone {
+    fn descriptor(&self) -> &BackboneDescriptor {
+        &self.descriptor
+    }
+
+    fn pads_batches(&self) -> bool {
+        matches!(self.network, Network::Candle(_))
+    }
+
+    fn prepare(&self, index: usize, input: Input, truncate: bool) -> Result<Prepared> {
+        self.encoder
+            .prepare(index, input, truncate, &self.descriptor.name)
+    }
+
+    fn embed(&self, items: &[EmbedItem<'_>]) -> Result<Vec<Vec<f32>>> {
+        let texts: Vec<&TokenizedText> = items
+            .iter()
+            .map(|item| match item.input {
+                Prepared::Text(text) if item.adapter.is_none() && item.capture.is_none() => {
+                    Ok(text)
+                }
+                Prepared::Text(_) => Err(Error::Inference(
+                    "llama backbones cannot be fine-tuned".into(),
+                )),
+                Prepared::Image(_) => Err(Error::Inference("image item in a text batch".into())),
+            })
+            .collect::<Result<_>>()?;
+        let ids: Vec<&[u32]> = texts.iter().map(|text| text.ids.as_slice()).collect();
+        let hidden = self.descriptor.dimension;
+        let rows_of_texts: Vec<Vec<f32>> = match &self.network {
+            Network::Native(native) => {
+                let tokens = native.forward(&ids)?;
+                let mut start = 0;
+                ids.iter()
+                    .map(|text| {
+                        let rows = tokens[start * hidden..(start + text.len()) * hidden].to_vec();
+                        start += text.len();
+                        rows
+                    })
+                    .collect()
+            }
+            Network::Candle(graph) => {
+                let padded = graph.forward(&ids)?;
+                (0..ids.len())
+                    .map(|row| llama_graph::text_rows(&padded, row, ids[row].len()))
+                    .collect::<Result<_>>()?
+            }
+        };
+        let mut out = Vec::with_capacity(items.len());
+        for (item, rows) in items.iter().zip(&rows_of_texts) {
+            let pooled = pool_rows(rows, hidden, item.options.pooling);
+            out.push(if item.options.normalize {
+                l2_normalize(pooled)
+            } else {
+                pooled
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// The number format `chosen` resolves to on `engine` and `device`: the
+/// native engine's kernels (`auto`: bf16 with AMX-BF16, else f32) or its
+/// quantized products on the CPU; candle's float types or quantized kernels
+/// (`auto`: f16 on a GPU, f32 on the CPU, as for BERT).
+fn engine_precision(engine: Engine, chosen: Precision, device: &Device) -> Result<Precision> {
+    match engine {
+        Engine::Native if !device.is_cpu() => Err(Error::ModelLoad(
+            "the native engine runs on CPU; use engine = \"candle\" on a GPU".into(),
+        )),
+        Engine::Native if chosen == Precision::F16 => Err(Error::ModelLoad(
+            "the native engine does not compute in precision = \"f16\"".into(),
+        )),
+        // A decoder's activations have outlier channels that one int8 scale
+        // per row flattens: pooled features fell to cosine 0.955 of the
+        // float64 reference (docs/PERFORMANCE.md, "Decoder backbones").
+        Engine::Native if chosen == Precision::Int8 => Err(Error::ModelLoad(
+            "precision = \"int8\" is too lossy for decoders; use \"bf16\" or \"quantized\"".into(),
+        )),
+        Engine::Native => Ok(crate::nn::resolve_precision(chosen)),
+        _ if chosen == Precision::Int8 => Err(Error::ModelLoad(
+            "the candle engine does not compute in precision = \"int8\"".into(),
+        )),
+        _ if chosen == Precision::Auto && device.is_cpu() => Ok(Precision::F32),
+        _ if chosen == Precision::Auto => Ok(Precision::F16),
+        _ => Ok(chosen),
+    }
+}
