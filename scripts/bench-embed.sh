@@ -73,6 +73,9 @@ peer_packages=(
   "onnxruntime==1.32.0"
   "onnx==1.23.2"
   "onnxscript==0.7.2"
+  # Reads GGUF files for transformers (which dequantizes them to float): the
+  # decoder peer, scripts/bench/peer_decoder.py (scripts/bench-decoder.sh).
+  "gguf==0.19.0"
 )
 
 batch_sizes="1,8,32,128"

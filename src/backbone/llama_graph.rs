@@ -236,3 +236,61 @@ pub fn text_rows(hidden: &Tensor, row: usize, len: usize) -> Result<Vec<f32>> {
         .and_then(|t| t.to_vec1())
         .map_err(|err| Error::Inference(err.to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::quantized::GgmlDType;
+
+    use super::*;
+    use crate::backbone::llama_native::tests::{
+        ids, max_difference, reference, weights, write_gguf, SETTINGS,
+    };
+
+    fn graph(linear: GgmlDType, precision: Precision) -> LlamaGraph {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.gguf");
+        write_gguf(&path, &weights(7), linear);
+        let file = GgufFile::open(&path).unwrap();
+        LlamaGraph::load(&file, &SETTINGS, (precision, &Device::Cpu), 200).unwrap()
+    }
+
+    /// Texts of different lengths padded together: each text's rows are the
+    /// plain pass's, padding changes nothing before it.
+    #[test]
+    fn padded_texts_match_the_plain_forward_pass() {
+        let model = graph(GgmlDType::F32, Precision::F32);
+        let texts = [ids(3, 1), ids(20, 2), ids(9, 3)];
+        let refs: Vec<&[u32]> = texts.iter().map(Vec::as_slice).collect();
+        let padded = model.forward(&refs).unwrap();
+        for (row, text) in texts.iter().enumerate() {
+            let ours = text_rows(&padded, row, text.len()).unwrap();
+            let worst = max_difference(&ours, &reference(&weights(7), text));
+            assert!(worst < 1e-4, "text {row}: worst difference {worst:e}");
+        }
+    }
+
+    /// The file's Q4_1 blocks, multiplied by candle's quantized kernels,
+    /// compute what their dequantized values do, up to the 8-bit rounding
+    /// of each product's inputs.
+    #[test]
+    fn quantized_blocks_compute_what_their_dequantized_values_do() {
+        let text = ids(20, 6);
+        let dequantized = graph(GgmlDType::Q4_1, Precision::F32)
+            .forward(&[&text])
+            .unwrap();
+        let quantized = graph(GgmlDType::Q4_1, Precision::Quantized)
+            .forward(&[&text])
+            .unwrap();
+        let a: Vec<f32> = dequantized.flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = quantized.flatten_all().unwrap().to_vec1().unwrap();
+        let (mut dot, mut a2, mut b2) = (0f64, 0f64, 0f64);
+        for (a, b) in a.iter().zip(&b) {
+            let (a, b) = (f64::from(*a), f64::from(*b));
+            dot += a * b;
+            a2 += a * a;
+            b2 += b * b;
+        }
+        let cosine = dot / (a2 * b2).sqrt();
+        assert!(cosine > 0.999, "cosine {cosine}");
+    }
+}

@@ -10,13 +10,12 @@
 //! product left Q and K; grouped-query heads read their shared key and
 //! value columns directly.
 //!
-//! The weights arrive dequantized to f32 and are converted to the
-//! configured number format (f32, bf16 or int8 kernels of [`crate::nn`]), or
-//! kept in the file's quantized blocks and multiplied by candle's quantized
-//! kernels (`precision = "quantized"`; docs/PERFORMANCE.md compares them).
+//! The weights are dequantized at load and converted to the configured
+//! number format (the f32 or bf16 kernels of [`crate::nn`]): candle's
+//! products on the file's Q4_1 blocks ran 35 times slower on this kind of
+//! CPU (docs/PERFORMANCE.md, "Decoder backbones"), so the quantized blocks
+//! are kept only by the candle graph, for GPUs.
 
-use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{Module, Tensor};
 use rayon::prelude::*;
 
 use super::gguf::GgufFile;
@@ -94,12 +93,8 @@ impl LlamaSettings {
     }
 }
 
-/// A dense layer without bias: converted to one of our kernels' formats, or
-/// kept quantized.
-enum Projection {
-    Dense(Linear),
-    Quantized { matmul: QMatMul, outputs: usize },
-}
+/// A dense layer without bias, converted to one of our kernels' formats.
+struct Projection(Linear);
 
 impl Projection {
     /// The weights of `names` (same input width) stacked along the outputs.
@@ -109,9 +104,6 @@ impl Projection {
         shapes: &[(usize, usize)],
         precision: Precision,
     ) -> Result<Self> {
-        if precision == Precision::Quantized {
-            return Self::quantized(file, names, shapes);
-        }
         let mut parts = Vec::with_capacity(names.len());
         for (name, &(outputs, inputs)) in names.iter().zip(shapes) {
             parts.push(Dense {
@@ -121,60 +113,12 @@ impl Projection {
                 outputs,
             });
         }
-        Ok(Self::Dense(Linear::new(Dense::concat(parts), precision)))
-    }
-
-    /// Stacked quantized weights: the blocks of each part end to end are the
-    /// blocks of the stacked matrix, rows being whole numbers of blocks.
-    fn quantized(file: &GgufFile, names: &[String], shapes: &[(usize, usize)]) -> Result<Self> {
-        let inputs = shapes[0].1;
-        let outputs = shapes.iter().map(|s| s.0).sum();
-        let mut bytes = Vec::new();
-        let mut dtype = None;
-        for (name, &(rows, columns)) in names.iter().zip(shapes) {
-            let tensor = file.quantized(name, &[rows, columns])?;
-            if dtype.is_some_and(|d| d != tensor.dtype()) {
-                return Err(Error::ModelLoad(format!(
-                    "`{name}` is stored as {:?}, unlike the projections it is stacked with",
-                    tensor.dtype()
-                )));
-            }
-            dtype = Some(tensor.dtype());
-            let data = tensor
-                .data()
-                .map_err(|err| Error::ModelLoad(err.to_string()))?;
-            bytes.extend_from_slice(&data);
-        }
-        let dtype = dtype.ok_or_else(|| Error::ModelLoad("no projection weights".into()))?;
-        let storage = candle_core::quantized::QStorage::from_data(
-            std::borrow::Cow::Owned(bytes),
-            &candle_core::Device::Cpu,
-            dtype,
-        )
-        .and_then(|storage| QTensor::new(storage, (outputs, inputs)))
-        .and_then(QMatMul::from_qtensor)
-        .map_err(|err| Error::ModelLoad(format!("stacking {names:?}: {err}")))?;
-        Ok(Self::Quantized {
-            matmul: storage,
-            outputs,
-        })
+        Ok(Self(Linear::new(Dense::concat(parts), precision)))
     }
 
     /// `x` is `[rows, inputs]`, the result `[rows, outputs]`.
-    fn forward(&self, x: &[f32], inputs: usize) -> Result<Vec<f32>> {
-        match self {
-            Self::Dense(linear) => Ok(linear.forward(x, rayon::current_num_threads())),
-            Self::Quantized { matmul, outputs } => {
-                let rows = x.len() / inputs;
-                let run = || -> candle_core::Result<Vec<f32>> {
-                    let input = Tensor::from_slice(x, (rows, inputs), &candle_core::Device::Cpu)?;
-                    let out = matmul.forward(&input)?;
-                    debug_assert_eq!(out.dims(), [rows, *outputs]);
-                    out.flatten_all()?.to_vec1()
-                };
-                run().map_err(|err| Error::Inference(format!("quantized product: {err}")))
-            }
-        }
+    fn forward(&self, x: &[f32]) -> Vec<f32> {
+        self.0.forward(x, rayon::current_num_threads())
     }
 }
 
@@ -326,7 +270,7 @@ impl NativeLlama {
         let mut x = self.embed_tokens(texts)?;
         watch.lap("embeddings");
         for block in &self.blocks {
-            self.block_forward(block, &mut x, &offsets, watch)?;
+            self.block_forward(block, &mut x, &offsets, watch);
         }
         let h = self.settings.hidden;
         x.par_chunks_mut(h)
@@ -357,7 +301,7 @@ impl NativeLlama {
         x: &mut [f32],
         offsets: &[usize],
         watch: &mut Stopwatch,
-    ) -> Result<()> {
+    ) {
         let s = &self.settings;
         let (h, ff) = (s.hidden, s.feed_forward);
         let mut normed = x.to_vec();
@@ -365,13 +309,13 @@ impl NativeLlama {
             .par_chunks_mut(h)
             .for_each(|row| rms_norm(row, &block.attention_norm, s.rms_eps));
         watch.lap("norms");
-        let mut qkv = block.qkv.forward(&normed, h)?;
+        let mut qkv = block.qkv.forward(&normed);
         watch.lap("qkv_projection");
         self.rotate_queries_and_keys(&mut qkv, offsets);
         watch.lap("rope");
         let context = self.attention(&qkv, offsets);
         watch.lap("attention");
-        let attended = block.attention_output.forward(&context, h)?;
+        let attended = block.attention_output.forward(&context);
         watch.lap("attention_output");
         x.par_iter_mut().zip(&attended).for_each(|(x, a)| *x += a);
         let mut normed = x.to_vec();
@@ -379,7 +323,7 @@ impl NativeLlama {
             .par_chunks_mut(h)
             .for_each(|row| rms_norm(row, &block.feed_forward_norm, s.rms_eps));
         watch.lap("norms");
-        let gate_up = block.gate_up.forward(&normed, h)?;
+        let gate_up = block.gate_up.forward(&normed);
         watch.lap("feed_forward_in");
         let mut inner = vec![0f32; gate_up.len() / 2];
         inner
@@ -387,10 +331,9 @@ impl NativeLlama {
             .zip(gate_up.par_chunks(2 * ff))
             .for_each(|(out, row)| swiglu(out, &row[..ff], &row[ff..]));
         watch.lap("swiglu");
-        let down = block.down.forward(&inner, ff)?;
+        let down = block.down.forward(&inner);
         watch.lap("feed_forward_out");
         x.par_iter_mut().zip(&down).for_each(|(x, d)| *x += d);
-        Ok(())
     }
 
     /// RoPE on every query and key head of every token, by its position in
@@ -494,4 +437,4 @@ fn swiglu(out: &mut [f32], gate: &[f32], up: &[f32]) {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -158,9 +158,9 @@ pub fn embed_options(
     if pooling != Pooling::Mean && descriptor.modality == Modality::Image {
         return Err(Error::InvalidArgument(format!(
             "backbone `{}` takes images, which are pooled globally (POOLING_MEAN); \
-             pooling `{}` is for text backbones",
+             POOLING_{} is for text backbones",
             descriptor.name,
-            pooling.as_str()
+            pooling.as_str().to_uppercase()
         )));
     }
     Ok(EmbedOptions {

