@@ -834,10 +834,15 @@ impl BackboneConfig {
     }
 
     /// The pooling of requests that leave it unspecified: the configured one,
-    /// else mean, which the measurements of docs/BENCHMARKS.md ("Decoder
-    /// features") found best for heads on every architecture.
+    /// else the architecture's. Decoders: the position-weighted mean, whose
+    /// heads were the best or within a point of it on both sets of
+    /// docs/BENCHMARKS.md ("Decoder features"), where the last token won one
+    /// set and lost the other by 7 points. Everything else: the mean.
     pub fn default_pooling(&self) -> Pooling {
-        self.pooling.unwrap_or(Pooling::Mean)
+        self.pooling.unwrap_or(match self.architecture {
+            Architecture::Llama => Pooling::WeightedMean,
+            _ => Pooling::Mean,
+        })
     }
 
     /// Everything about one backbone that can be checked without the others;
