@@ -31,7 +31,7 @@ use super::profile::Stopwatch;
 use super::top_layers::{LayerWeights, TopLayers, NORMS};
 use crate::{
     config::Precision,
-    nn::{flat, gelu_in_place, product_into, softmax_in_place, Dense, LayerNorm, Linear, Strided},
+    nn::{attend_head, flat, gelu_in_place, Dense, LayerNorm, Linear, Strided},
 };
 
 #[derive(Clone)]
@@ -617,33 +617,22 @@ impl NativeBert {
             let q = qkv[start * stride + head * d..].as_ptr();
             let k = qkv[start * stride + h + head * d..].as_ptr();
             let v = qkv[start * stride + 2 * h + head * d..].as_ptr();
-            let mut scores = vec![0f32; len * len];
-            // SAFETY: Q and K are `len` rows of `d` values with row stride
-            // 3h inside `qkv`; K is read as its transpose [d, len]. `scores`
-            // is [len, len] row-major.
+            let views = (
+                Strided::rows(q, stride),
+                Strided::rows(k, stride),
+                Strided::rows(v, stride),
+            );
+            // SAFETY: Q, K and V are `len` rows of `d` values with row stride
+            // 3h inside `qkv`. Each (text, head) task writes only rows
+            // start..start+len and columns head*d..(head+1)*d of `context`,
+            // which no other task touches; `context` outlives the parallel loop.
             unsafe {
-                product_into(
+                attend_head(
+                    views,
                     (len, len, d),
-                    (scores.as_mut_ptr(), len),
-                    Strided::rows(q, stride),
-                    Strided::rows(k, stride).transposed(),
-                    scale,
-                );
-            }
-            for row in scores.chunks_exact_mut(len) {
-                softmax_in_place(row);
-            }
-            // SAFETY: each (text, head) task writes only rows start..start+len
-            // and columns head*d..(head+1)*d of `context`, which no other task
-            // touches; `context` outlives the parallel loop. V is `len` rows of
-            // `d` values with row stride 3h.
-            unsafe {
-                product_into(
-                    (len, d, len),
                     (out.at(start * h + head * d), h),
-                    Strided::rows(scores.as_ptr(), len),
-                    Strided::rows(v, stride),
-                    1.0,
+                    scale,
+                    None,
                 );
             }
         });

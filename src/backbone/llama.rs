@@ -125,33 +125,36 @@ impl Backbone for LlamaBackbone {
             .collect::<Result<_>>()?;
         let ids: Vec<&[u32]> = texts.iter().map(|text| text.ids.as_slice()).collect();
         let hidden = self.descriptor.dimension;
-        let rows_of_texts: Vec<Vec<f32>> = match &self.network {
-            Network::Native(native) => {
-                let tokens = native.forward(&ids)?;
-                let mut start = 0;
-                ids.iter()
-                    .map(|text| {
-                        let rows = tokens[start * hidden..(start + text.len()) * hidden].to_vec();
-                        start += text.len();
-                        rows
-                    })
-                    .collect()
-            }
-            Network::Candle(graph) => {
-                let padded = graph.forward(&ids)?;
-                (0..ids.len())
-                    .map(|row| llama_graph::text_rows(&padded, row, ids[row].len()))
-                    .collect::<Result<_>>()?
-            }
-        };
-        let mut out = Vec::with_capacity(items.len());
-        for (item, rows) in items.iter().zip(&rows_of_texts) {
+        let finish = |rows: &[f32], item: &EmbedItem<'_>| {
             let pooled = pool_rows(rows, hidden, item.options.pooling);
-            out.push(if item.options.normalize {
+            if item.options.normalize {
                 l2_normalize(pooled)
             } else {
                 pooled
-            });
+            }
+        };
+        let mut out = Vec::with_capacity(items.len());
+        match &self.network {
+            Network::Native(native) => {
+                let tokens = native.forward(&ids)?;
+                let mut start = 0;
+                for (item, text) in items.iter().zip(&ids) {
+                    out.push(finish(
+                        &tokens[start * hidden..(start + text.len()) * hidden],
+                        item,
+                    ));
+                    start += text.len();
+                }
+            }
+            Network::Candle(graph) => {
+                let padded = graph.forward(&ids)?;
+                for (row, (item, text)) in items.iter().zip(&ids).enumerate() {
+                    out.push(finish(
+                        &llama_graph::text_rows(&padded, row, text.len())?,
+                        item,
+                    ));
+                }
+            }
         }
         Ok(out)
     }

@@ -22,7 +22,7 @@ use super::gguf::GgufFile;
 use super::profile::Stopwatch;
 use crate::{
     config::Precision,
-    nn::{product_into, softmax_in_place, Dense, Linear, Strided},
+    nn::{attend_head, Dense, Linear, Strided},
     Error, Result,
 };
 
@@ -384,37 +384,18 @@ impl NativeLlama {
             let q = qkv[(start + first) * stride + head * d..].as_ptr();
             let k = qkv[start * stride + h + kv_head * d..].as_ptr();
             let v = qkv[start * stride + h + s.kv_width() + kv_head * d..].as_ptr();
-            let mut scores = vec![0f32; rows * keys];
-            // SAFETY: Q is `rows` rows and K `keys` rows of `d` values with
-            // row stride `stride` inside `qkv`; K is read as its transpose
-            // [d, keys]. `scores` is [rows, keys] row-major.
-            unsafe {
-                product_into(
-                    (rows, keys, d),
-                    (scores.as_mut_ptr(), keys),
-                    Strided::rows(q, stride),
-                    Strided::rows(k, stride).transposed(),
-                    scale,
-                );
-            }
-            for (i, row) in scores.chunks_exact_mut(keys).enumerate() {
-                let seen = first + i + 1;
-                softmax_in_place(&mut row[..seen]);
-                row[seen..].fill(0.0);
-            }
-            // SAFETY: each task writes only its own query rows of text `text`
-            // and columns head*d..(head+1)*d of `context`, which no other task
-            // touches; `context` outlives the parallel loop. V is `keys` rows
-            // of `d` values with row stride `stride`.
-            unsafe {
-                product_into(
-                    (rows, d, keys),
-                    (out.at((start + first) * h + head * d), h),
-                    Strided::rows(scores.as_ptr(), keys),
-                    Strided::rows(v, stride),
-                    1.0,
-                );
-            }
+            let views = (
+                Strided::rows(q, stride),
+                Strided::rows(k, stride),
+                Strided::rows(v, stride),
+            );
+            let at = out.at((start + first) * h + head * d);
+            // SAFETY: Q is `rows` rows and K and V `keys` rows of `d` values
+            // with row stride `stride` inside `qkv`. Each task writes only its
+            // own query rows of text `text` and columns head*d..(head+1)*d of
+            // `context`, which no other task touches; `context` outlives the
+            // parallel loop.
+            unsafe { attend_head(views, (rows, keys, d), (at, h), scale, Some(first)) };
         });
         context
     }

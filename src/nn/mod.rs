@@ -231,6 +231,51 @@ pub unsafe fn product_into(
     }
 }
 
+/// One attention head: `out = softmax(scale * Q K^T) V` for `rows` queries
+/// against `keys` keys of width `d`, on the calling thread. `causal_from`:
+/// the first query's position among the keys; query `i` then sees keys
+/// `0..=causal_from + i` only (decoders). `None`: every query sees every key.
+///
+/// # Safety
+/// As [`product_into`]: Q is `rows` rows, K and V `keys` rows of `d` values,
+/// `out` `rows` rows of `d` values `out.1` apart, all inside live buffers, and
+/// no other thread writes that part of `out`.
+pub unsafe fn attend_head(
+    (q, k, v): (Strided, Strided, Strided),
+    (rows, keys, d): (usize, usize, usize),
+    out: (*mut f32, usize),
+    scale: f32,
+    causal_from: Option<usize>,
+) {
+    let mut scores = vec![0f32; rows * keys];
+    // SAFETY: the caller's guarantee; `scores` is [rows, keys] row-major and
+    // K is read as its transpose [d, keys].
+    unsafe {
+        product_into(
+            (rows, keys, d),
+            (scores.as_mut_ptr(), keys),
+            q,
+            k.transposed(),
+            scale,
+        )
+    };
+    for (i, row) in scores.chunks_exact_mut(keys).enumerate() {
+        let seen = causal_from.map_or(keys, |first| first + i + 1);
+        softmax_in_place(&mut row[..seen]);
+        row[seen..].fill(0.0);
+    }
+    // SAFETY: the caller's guarantee for V and `out`.
+    unsafe {
+        product_into(
+            (rows, d, keys),
+            out,
+            Strided::rows(scores.as_ptr(), keys),
+            v,
+            1.0,
+        )
+    };
+}
+
 fn parallelism(threads: usize) -> Parallelism {
     if threads > 1 {
         Parallelism::Rayon(threads)
