@@ -79,8 +79,16 @@ pub struct ServerConfig {
     pub http_listen: Option<SocketAddr>,
     /// Origins (`https://app.example.com`) whose pages may call the gRPC port
     /// with gRPC-Web from a browser (CORS); `*` allows any. Empty: none, and
-    /// pages use the console's own origin, the HTTP port.
+    /// pages use the console's own origin, the HTTP port. On both ports, a
+    /// request other than GET, HEAD and OPTIONS from a page of an origin
+    /// neither listed here nor the server's own is refused (403).
     pub cors_allowed_origins: Vec<String>,
+    /// Host names (no port) that requests to the gRPC and HTTP ports may be
+    /// addressed to, against DNS rebinding; `*` allows any. Unset: with
+    /// authentication off, `localhost`, `127.0.0.1`, `::1` and the listen
+    /// addresses that name one host; with authentication on, any. Health is
+    /// served whatever the name (probes address pods by IP).
+    pub allowed_hosts: Option<Vec<String>>,
     /// After a shutdown signal, Health reports NOT_SERVING for this long before the
     /// server stops accepting calls, so load balancers can take it out of rotation.
     pub drain_delay_seconds: f64,
@@ -97,16 +105,27 @@ pub struct ServerConfig {
     pub health_listen: Option<SocketAddr>,
     /// Most concurrent calls (HTTP/2 streams) one client connection may have open.
     pub max_concurrent_streams_per_connection: u32,
-    /// Most connections open at once on each port (gRPC, Health); more are
-    /// closed as they arrive.
+    /// Most connections open at once on each port (gRPC, Health, HTTP,
+    /// metrics). When a port is full, the connection without a call in
+    /// flight that has been idle the longest is closed to admit a newcomer;
+    /// when every one has a call in flight, the newcomer is closed.
     pub max_connections: usize,
     /// A connection that sends nothing this long after it was accepted is closed.
     pub connection_first_byte_timeout_seconds: f64,
+    /// A connection with no call in flight for this long is closed (every
+    /// port); clients reconnect when they next call.
+    pub connection_idle_timeout_seconds: f64,
+    /// On HTTP/2 connections the server pings a client that has been silent
+    /// this long, and closes the connection when the ping is not answered
+    /// within 20 seconds (a peer that is gone or stopped reading).
+    pub http2_keepalive_interval_seconds: f64,
     /// This process's name among the replicas that share a head store: the
     /// owner named in its training jobs' records. Unset: the `HOSTNAME`
     /// environment variable (a pod's name, which a restarted container
     /// keeps), else the machine's host name. Two processes sharing a store
-    /// need different names.
+    /// need different names: a process claims its name in the store at
+    /// start, and a start under the name of a live process fails with an
+    /// error naming the clash (src/jobs/replica.rs).
     pub replica_id: Option<String>,
 }
 
@@ -156,6 +175,16 @@ impl ServerConfig {
     pub fn connection_first_byte_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_secs_f64(self.connection_first_byte_timeout_seconds)
     }
+
+    /// The idle timeout as a Duration (validated to be finite and positive).
+    pub fn connection_idle_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.connection_idle_timeout_seconds)
+    }
+
+    /// The HTTP/2 keepalive interval as a Duration (validated).
+    pub fn http2_keepalive_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.http2_keepalive_interval_seconds)
+    }
 }
 
 impl Default for ServerConfig {
@@ -165,6 +194,7 @@ impl Default for ServerConfig {
             metrics_listen: Some(SocketAddr::from(([0, 0, 0, 0], 9090))),
             http_listen: Some(SocketAddr::from(([0, 0, 0, 0], 8080))),
             cors_allowed_origins: Vec::new(),
+            allowed_hosts: None,
             drain_delay_seconds: 0.0,
             shutdown_grace_seconds: 30.0,
             model_cache_dir: None,
@@ -173,6 +203,11 @@ impl Default for ServerConfig {
             max_concurrent_streams_per_connection: 100,
             max_connections: 1024,
             connection_first_byte_timeout_seconds: 10.0,
+            // Long enough for clients that call every few minutes to keep
+            // their connection; idle connections also give way to newcomers
+            // when the port is full, whatever this is.
+            connection_idle_timeout_seconds: 300.0,
+            http2_keepalive_interval_seconds: 60.0,
             replica_id: None,
         }
     }
@@ -221,6 +256,16 @@ pub struct LimitsConfig {
     /// Most bytes of unfinished request messages all connections may hold;
     /// unset: 32 times `max_message_bytes`.
     pub max_buffered_request_bytes: Option<usize>,
+    /// Largest answer one call may produce, in bytes, estimated before the
+    /// work (Predict: inputs x labels returned x their length); beyond it the
+    /// call is refused with RESOURCE_EXHAUSTED.
+    pub max_response_bytes: usize,
+    /// Most bytes of answers not yet sent (the client has not read them) one
+    /// connection may hold; unset: twice `max_response_bytes`.
+    pub max_unsent_response_bytes_per_connection: Option<usize>,
+    /// Most bytes of answers not yet sent all connections may hold; unset:
+    /// 8 times `max_response_bytes`.
+    pub max_unsent_response_bytes: Option<usize>,
     /// Most inputs in one Embed or Predict request.
     pub max_inputs_per_request: usize,
     /// Longest text input, in characters (Unicode scalar values).
@@ -248,6 +293,10 @@ impl Default for LimitsConfig {
             message_timeout_seconds: 60.0,
             max_buffered_bytes_per_connection: None,
             max_buffered_request_bytes: None,
+            // 512 inputs x 1000 labels of 100 bytes, with room to spare.
+            max_response_bytes: 64 * 1024 * 1024,
+            max_unsent_response_bytes_per_connection: None,
+            max_unsent_response_bytes: None,
             max_inputs_per_request: 512,
             // Far beyond any model's context (MiniLM sees 256 tokens), small
             // enough that tokenizing one never takes long.
@@ -279,6 +328,20 @@ impl LimitsConfig {
     pub fn buffered_request_bytes(&self) -> usize {
         self.max_buffered_request_bytes
             .unwrap_or(self.max_message_bytes.saturating_mul(32))
+    }
+
+    /// Bytes of unsent answers one connection may hold: as set, or two of the
+    /// largest answers.
+    pub fn unsent_response_bytes_per_connection(&self) -> usize {
+        self.max_unsent_response_bytes_per_connection
+            .unwrap_or(self.max_response_bytes.saturating_mul(2))
+    }
+
+    /// Bytes of unsent answers all connections may hold: as set, or 8 of the
+    /// largest answers.
+    pub fn unsent_response_bytes(&self) -> usize {
+        self.max_unsent_response_bytes
+            .unwrap_or(self.max_response_bytes.saturating_mul(8))
     }
 }
 
@@ -382,10 +445,18 @@ pub struct HeadsConfig {
     pub store_dir: PathBuf,
     /// Most head versions in the store.
     pub max_heads: usize,
+    /// Most head versions of one namespace (the heads named
+    /// `<namespace>.<name>`; names without a namespace are held to
+    /// `max_heads` only); unset: half of `max_heads`, rounded up.
+    pub max_heads_per_namespace: Option<usize>,
     /// Training jobs running at once; more wait QUEUED.
     pub max_concurrent_jobs: usize,
     /// Jobs waiting beyond the running ones; more are refused.
     pub max_queued_jobs: usize,
+    /// Most jobs of one namespace (of the heads they train) queued or running
+    /// on a replica; unset: half of `max_concurrent_jobs + max_queued_jobs`,
+    /// rounded up.
+    pub max_queued_jobs_per_namespace: Option<usize>,
     /// Finished jobs remembered for WatchJob and ListJobs; a replica removes
     /// the oldest records beyond this many that it knows of.
     pub finished_jobs_kept: usize,
@@ -398,6 +469,10 @@ pub struct HeadsConfig {
     /// Uploads in progress on a replica and datasets waiting for a job in
     /// the store, together.
     pub max_datasets: usize,
+    /// Most of those of one namespace: the first namespace of the uploading
+    /// token (uploads of tokens without namespaces: `max_datasets` only);
+    /// unset: half of `max_datasets`, rounded up.
+    pub max_datasets_per_namespace: Option<usize>,
     /// How long an uploaded dataset waits for a job before it is dropped.
     pub dataset_ttl_seconds: u64,
     /// Most bytes (encoded examples) of one upload.
@@ -431,10 +506,39 @@ pub struct HeadsConfig {
 }
 
 impl HeadsConfig {
+    /// Head versions one namespace may hold: as set, or half the store's.
+    pub fn heads_per_namespace(&self) -> usize {
+        self.max_heads_per_namespace
+            .unwrap_or_else(|| half(self.max_heads))
+    }
+
+    /// Jobs of one namespace queued or running on a replica: as set, or half
+    /// of what the replica takes.
+    pub fn queued_jobs_per_namespace(&self) -> usize {
+        self.max_queued_jobs_per_namespace.unwrap_or_else(|| {
+            half(
+                self.max_concurrent_jobs
+                    .saturating_add(self.max_queued_jobs),
+            )
+        })
+    }
+
+    /// Datasets one namespace may hold: as set, or half the store's.
+    pub fn datasets_per_namespace(&self) -> usize {
+        self.max_datasets_per_namespace
+            .unwrap_or_else(|| half(self.max_datasets))
+    }
+
     /// The upload idle timeout as a Duration (validated to be finite and positive).
     pub fn upload_idle_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_secs_f64(self.upload_idle_timeout_seconds)
     }
+}
+
+/// Half of `bound`, rounded up: a namespace's share unless configured, so
+/// that one namespace alone never fills a bound of two or more.
+fn half(bound: usize) -> usize {
+    bound.div_ceil(2)
 }
 
 impl Default for HeadsConfig {
@@ -442,13 +546,16 @@ impl Default for HeadsConfig {
         Self {
             store_dir: PathBuf::from("heads"),
             max_heads: 1000,
+            max_heads_per_namespace: None,
             max_concurrent_jobs: 1,
             max_queued_jobs: 16,
+            max_queued_jobs_per_namespace: None,
             finished_jobs_kept: 100,
             max_examples_per_job: 100_000,
             max_labels: 1000,
             max_label_chars: 128,
             max_datasets: 8,
+            max_datasets_per_namespace: None,
             dataset_ttl_seconds: 3600,
             max_upload_bytes: 256 * 1024 * 1024,
             max_dataset_bytes: 1024 * 1024 * 1024,
@@ -1150,6 +1257,20 @@ fn validate_server(server: &ServerConfig) -> Result<(), String> {
     if !(first_byte.is_finite() && first_byte > 0.0 && first_byte <= 3600.0) {
         return Err("server.connection_first_byte_timeout_seconds must be in (0, 3600]".into());
     }
+    for (name, value) in [
+        (
+            "connection_idle_timeout_seconds",
+            server.connection_idle_timeout_seconds,
+        ),
+        (
+            "http2_keepalive_interval_seconds",
+            server.http2_keepalive_interval_seconds,
+        ),
+    ] {
+        if !(value.is_finite() && value > 0.0 && value <= 86_400.0) {
+            return Err(format!("server.{name} must be in (0, 86400]"));
+        }
+    }
     if server.max_concurrent_streams_per_connection == 0 {
         return Err("server.max_concurrent_streams_per_connection must be at least 1".into());
     }
@@ -1157,6 +1278,21 @@ fn validate_server(server: &ServerConfig) -> Result<(), String> {
         if !is_valid_name(id) {
             return Err(format!(
                 "server.replica_id `{id}` is not valid: 1-64 letters, digits, '-', '_' or '.'"
+            ));
+        }
+    }
+    for host in server.allowed_hosts.iter().flatten() {
+        let well_formed = host == "*"
+            || host.parse::<std::net::IpAddr>().is_ok()
+            || !host.is_empty()
+                && host.len() <= 253
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.'));
+        if !well_formed {
+            return Err(format!(
+                "server.allowed_hosts: `{host}` is not a host name: write a name or an \
+                 address without port or scheme, e.g. tlserve.example.com, or *"
             ));
         }
     }
@@ -1186,6 +1322,16 @@ fn validate_limits(limits: &LimitsConfig) -> Result<(), String> {
         return Err(
             "limits: max_message_bytes <= max_buffered_bytes_per_connection <= \
                     max_buffered_request_bytes must hold"
+                .into(),
+        );
+    }
+    if limits.max_response_bytes < 1024
+        || limits.unsent_response_bytes_per_connection() < limits.max_response_bytes
+        || limits.unsent_response_bytes() < limits.unsent_response_bytes_per_connection()
+    {
+        return Err(
+            "limits: 1024 <= max_response_bytes <= max_unsent_response_bytes_per_connection \
+             <= max_unsent_response_bytes must hold"
                 .into(),
         );
     }
@@ -1230,6 +1376,18 @@ fn validate_heads(heads: &HeadsConfig) -> Result<(), String> {
     let lease = heads.job_lease_seconds;
     if !(lease.is_finite() && (1.0..=3600.0).contains(&lease)) {
         return Err("heads.job_lease_seconds must be in [1, 3600]".into());
+    }
+    let shares = [
+        heads.max_heads_per_namespace,
+        heads.max_queued_jobs_per_namespace,
+        heads.max_datasets_per_namespace,
+    ];
+    if shares.contains(&Some(0)) {
+        return Err(
+            "heads: max_heads_per_namespace, max_queued_jobs_per_namespace and \
+             max_datasets_per_namespace must be at least 1 when set"
+                .into(),
+        );
     }
     if !(1..=100).contains(&heads.job_attempts) {
         return Err("heads.job_attempts must be in [1, 100]".into());
@@ -1373,6 +1531,34 @@ mod tests {
             let err = with(pairs).unwrap_err();
             assert!(err.to_string().contains(message), "{pairs:?}: {err}");
         }
+    }
+
+    /// Each namespace gets half of a store-wide bound unless configured; a
+    /// share of 0 would refuse everyone and is refused at start-up.
+    #[test]
+    fn namespace_shares_default_to_half_a_bound() {
+        let with = |pairs: &[(&str, &str)]| Config::from_toml(MINIMAL, Path::new("."), env(pairs));
+        let heads = with(&[]).unwrap().heads;
+        assert_eq!(
+            (
+                heads.heads_per_namespace(),
+                heads.queued_jobs_per_namespace(),
+                heads.datasets_per_namespace()
+            ),
+            (500, 9, 4)
+        );
+        let set = with(&[
+            ("TLSERVE__HEADS__MAX_DATASETS", "1"),
+            ("TLSERVE__HEADS__MAX_HEADS_PER_NAMESPACE", "7"),
+        ])
+        .unwrap()
+        .heads;
+        assert_eq!(
+            (set.datasets_per_namespace(), set.heads_per_namespace()),
+            (1, 7)
+        );
+        let err = with(&[("TLSERVE__HEADS__MAX_DATASETS_PER_NAMESPACE", "0")]).unwrap_err();
+        assert!(err.to_string().contains("at least 1"), "{err}");
     }
 
     /// The S3 backend comes from the environment like any setting, and a

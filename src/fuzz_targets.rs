@@ -148,7 +148,11 @@ pub fn message_frames(data: &[u8]) {
         return;
     };
     let chunk = usize::from(chunking % 64) + 1;
-    let mut scanner = wire::framing::FrameScanner::new(LIMIT);
+    // TrainHead's examples: the deepest field counted.
+    let path: &'static [u32] = wire::field_count::counted_field("/tlserve.v1.Trainer/TrainHead")
+        .map_or(&[5, 1], |(_, path)| path);
+    let mut scanner = wire::framing::FrameScanner::new(LIMIT)
+        .counting(wire::field_count::FieldCounter::new(path, 16));
     for piece in body.chunks(chunk) {
         if scanner.scan(piece).is_err() {
             return;

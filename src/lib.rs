@@ -31,7 +31,7 @@
 //! nn | numeric building blocks shared by backbones and heads; f32, bf16 and int8 dense layers with CPU kernels chosen at run time
 //! metrics, telemetry | every metric name and the exporter; logging
 //! storage | the store replicas share: a volume or S3-compatible object storage, with atomic creates
-//! fsutil, task, sync | durable writes, blocking work off the runtime, locks
+//! fsutil, task, sync, clock | durable writes, blocking work off the runtime, locks, the wall clock of shared records
 //! config | plain data: the configuration, parsed and validated at start-up
 //! error | the one error type
 //! ```
@@ -40,6 +40,7 @@ pub mod backbone;
 pub mod batching;
 pub mod bench;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod core;
 pub mod datasets;

@@ -12,6 +12,16 @@ use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, Promet
 pub const GRPC_REQUESTS_TOTAL: &str = "tlserve_grpc_requests_total";
 /// Time from a call's arrival to its final status, by `service`, `method`, `code`.
 pub const GRPC_REQUEST_DURATION_SECONDS: &str = "tlserve_grpc_request_duration_seconds";
+/// gRPC calls that failed because their request could not be read, by
+/// `service`, `method` and `code`: a malformed body (bad gRPC-Web base64, a
+/// frame cut short, a message flagged compressed without an encoding, bytes
+/// that are no protobuf message) or one that did not arrive within
+/// limits.message_timeout_seconds. Client mistakes: each is also counted in
+/// [`GRPC_REQUESTS_TOTAL`] under the code the gRPC specification gives it
+/// (INTERNAL, DEADLINE_EXCEEDED), and the error-ratio alert leaves them out.
+pub const GRPC_REQUEST_READ_ERRORS_TOTAL: &str = "tlserve_grpc_request_read_errors_total";
+/// The codes a request that cannot be read ends with.
+pub const REQUEST_READ_ERROR_CODES: [&str; 2] = ["INTERNAL", "DEADLINE_EXCEEDED"];
 /// HTTP requests answered on the HTTP port (OpenAI-compatible API, console),
 /// by `route` (e.g. `/v1/embeddings`; `other` for unknown paths) and `status`.
 /// gRPC-Web calls count as gRPC calls.
@@ -47,11 +57,13 @@ pub const TRAINING_JOBS: &str = "tlserve_training_jobs";
 pub const TRAINING_JOB_DURATION_SECONDS: &str = "tlserve_training_job_duration_seconds";
 /// Jobs of a stopped replica (killed, or drained past its grace period)
 /// that this replica took over, by `outcome`: `rerun` (it runs them again)
-/// or `failed` (no run was left, heads.job_attempts).
+/// or `failed` (no run was left, heads.job_attempts); and `lost`: jobs this
+/// replica ran that another took over while this one was paused or cut off
+/// past its lease (it stopped them and follows the new owner's record).
 pub const TRAINING_JOB_TAKEOVERS_TOTAL: &str = "tlserve_training_job_takeovers_total";
 /// Outcomes of a take-over (the `outcome` label of
 /// [`TRAINING_JOB_TAKEOVERS_TOTAL`]).
-pub const TAKEOVER_OUTCOMES: [&str; 2] = ["rerun", "failed"];
+pub const TAKEOVER_OUTCOMES: [&str; 3] = ["rerun", "failed", "lost"];
 /// Head versions in the head store.
 pub const HEADS: &str = "tlserve_heads";
 /// Fine-tuned heads' adapters resident in memory (bounded by
@@ -126,6 +138,10 @@ pub fn install_recorder() -> Result<PrometheusHandle, BuildError> {
 
 fn describe() {
     describe_counter!(GRPC_REQUESTS_TOTAL, "gRPC calls finished");
+    describe_counter!(
+        GRPC_REQUEST_READ_ERRORS_TOTAL,
+        "gRPC calls whose request could not be read (client mistakes)"
+    );
     describe_counter!(HTTP_REQUESTS_TOTAL, "HTTP requests answered");
     describe_histogram!(
         HTTP_REQUEST_DURATION_SECONDS,
@@ -224,6 +240,9 @@ pub fn register_grpc_method(service: &str, method: &str, codes: &[&'static str])
         if code == "OK" {
             let _ = histogram!(GRPC_REQUEST_DURATION_SECONDS, &labels);
         }
+        if REQUEST_READ_ERROR_CODES.contains(&code) {
+            counter!(GRPC_REQUEST_READ_ERRORS_TOTAL, &labels).increment(0);
+        }
     }
 }
 
@@ -271,6 +290,16 @@ pub fn record_grpc(service: &str, method: &str, code: &'static str, elapsed: Dur
     ];
     counter!(GRPC_REQUESTS_TOTAL, &labels).increment(1);
     histogram!(GRPC_REQUEST_DURATION_SECONDS, &labels).record(elapsed.as_secs_f64());
+}
+
+/// A call that failed on a request that could not be read.
+pub fn record_grpc_request_read_error(service: &str, method: &str, code: &'static str) {
+    let labels = [
+        ("service", service.to_owned()),
+        ("method", method.to_owned()),
+        ("code", code.to_owned()),
+    ];
+    counter!(GRPC_REQUEST_READ_ERRORS_TOTAL, &labels).increment(1);
 }
 
 pub fn record_http(route: &'static str, status: u16, elapsed: Duration) {

@@ -191,7 +191,14 @@ async fn http_errors_have_the_openai_shape_and_status() {
         }
         assert!(answer.header("x-request-id").is_some());
     }
-    let malformed = request(server.http, "POST", "/v1/embeddings", &[], b"{not json");
+    let json_type = [("content-type", "application/json")];
+    let malformed = request(
+        server.http,
+        "POST",
+        "/v1/embeddings",
+        &json_type,
+        b"{not json",
+    );
     assert_eq!(malformed.status, 400);
     let unknown = request(server.http, "GET", "/v2/anything", &[], b"");
     assert_eq!(unknown.status, 404);
@@ -316,7 +323,7 @@ struct WebCall {
 }
 
 /// One request message in gRPC(-Web) framing: flag 0, length, message.
-fn web_frame(message: &proto::EmbedRequest) -> Vec<u8> {
+fn web_frame(message: &impl Message) -> Vec<u8> {
     let message = message.encode_to_vec();
     let mut framed = vec![0u8];
     framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
@@ -442,13 +449,7 @@ async fn grpc_web_answers_like_grpc_on_both_ports() {
         &[("content-type", "application/grpc-web+proto")],
         &framed,
     );
-    let mut call = WebCall {
-        messages: Vec::new(),
-        status: answer.header("grpc-status").and_then(|s| s.parse().ok()),
-        message: None,
-    };
-    read_web_frames(&answer.body, &mut call);
-    assert_eq!(call.status, Some(5), "NOT_FOUND");
+    assert_eq!(web_status(&answer), Some(5), "NOT_FOUND");
 
     // Counted with the gRPC calls, not as HTTP requests.
     let scrape = server.scrape();
@@ -526,4 +527,150 @@ async fn only_listed_origins_may_call_the_grpc_port_from_a_page() {
         .header("access-control-expose-headers")
         .unwrap_or_default();
     assert!(exposed.contains("grpc-status"), "{exposed}");
+}
+
+/// A gRPC-Web DeleteHead of a head that does not exist, addressed to `host`
+/// from a page of `origin`; returns the gRPC status.
+fn web_delete_head(
+    addr: SocketAddr,
+    host: &str,
+    origin: Option<&str>,
+    token: Option<&str>,
+) -> Option<i32> {
+    let framed = web_frame(&proto::DeleteHeadRequest {
+        head: "reviews".into(),
+    });
+    let mut headers = vec![
+        ("content-type", "application/grpc-web+proto"),
+        ("x-grpc-web", "1"),
+    ];
+    if let Some(origin) = origin {
+        headers.push(("origin", origin));
+    }
+    let bearer = token.map(|t| format!("Bearer {t}"));
+    if let Some(bearer) = &bearer {
+        headers.push(("authorization", bearer.as_str()));
+    }
+    let answer = request_to_host(
+        addr,
+        host,
+        "POST",
+        "/tlserve.v1.Models/DeleteHead",
+        &headers,
+        &framed,
+    );
+    web_status(&answer)
+}
+
+/// A gRPC-Web answer's status: from its headers, else its trailers frame.
+fn web_status(answer: &Answer) -> Option<i32> {
+    let mut call = WebCall {
+        messages: Vec::new(),
+        status: answer.header("grpc-status").and_then(|s| s.parse().ok()),
+        message: None,
+    };
+    read_web_frames(&answer.body, &mut call);
+    call.status
+}
+
+const EVIL: &str = "http://rebound.example.com";
+
+#[tokio::test]
+async fn pages_of_other_sites_cannot_call_a_server_without_tokens() {
+    let server = TestServer::start_minilm().await;
+    const NOT_FOUND: Option<i32> = Some(5);
+    const PERMISSION_DENIED: Option<i32> = Some(7);
+    for addr in [server.grpc, server.http] {
+        let own = addr.to_string();
+        // DNS rebinding: the page's own name, resolved to the server.
+        let rebound = format!("rebound.example.com:{}", addr.port());
+        let rebound_origin = format!("{EVIL}:{}", addr.port());
+        assert_eq!(
+            web_delete_head(addr, &rebound, Some(&rebound_origin), None),
+            PERMISSION_DENIED,
+            "{addr}: a foreign Host"
+        );
+        // A page of another site calling the loopback name.
+        assert_eq!(
+            web_delete_head(addr, &own, Some(EVIL), None),
+            PERMISSION_DENIED,
+            "{addr}: a foreign Origin"
+        );
+        // The server's own pages, and clients that are no pages, reach it.
+        let own_origin = format!("http://{own}");
+        assert_eq!(
+            web_delete_head(addr, &own, Some(&own_origin), None),
+            NOT_FOUND
+        );
+        assert_eq!(web_delete_head(addr, &own, None, None), NOT_FOUND);
+        let localhost = format!("localhost:{}", addr.port());
+        assert_eq!(web_delete_head(addr, &localhost, None, None), NOT_FOUND);
+    }
+    // Probes address pods by IP: Health answers whatever the name.
+    let health = request_to_host(
+        server.grpc,
+        "10.1.2.3:50051",
+        "POST",
+        "/grpc.health.v1.Health/Check",
+        &[("content-type", "application/grpc-web+proto")],
+        &[0, 0, 0, 0, 0],
+    );
+    assert_eq!(
+        health.header("grpc-status"),
+        None,
+        "OK travels in the trailers"
+    );
+    assert_eq!(health.status, 200);
+
+    // The JSON API: a cross-site text/plain POST (no CORS preflight needed)
+    // and a foreign Host are refused; JSON is required.
+    let body = json!({"model": MINILM, "input": SAMPLE[0]}).to_string();
+    let embed = |host: &str, headers: &[(&str, &str)]| {
+        request_to_host(
+            server.http,
+            host,
+            "POST",
+            "/v1/embeddings",
+            headers,
+            body.as_bytes(),
+        )
+    };
+    let own = server.http.to_string();
+    let plain = [("content-type", "text/plain")];
+    let cross_site = embed(&own, &[plain[0], ("origin", EVIL)]);
+    assert_eq!(cross_site.status, 403);
+    assert_eq!(cross_site.json()["error"]["type"], "permission_error");
+    assert_eq!(embed(&own, &plain).status, 415);
+    assert_eq!(embed(&own, &[]).status, 415);
+    let json_type = ("content-type", "application/json");
+    assert_eq!(embed(&own, &[json_type, ("origin", EVIL)]).status, 403);
+    assert_eq!(embed("rebound.example.com", &[json_type]).status, 403);
+    let rebound_models = request_to_host(
+        server.http,
+        "rebound.example.com",
+        "GET",
+        "/v1/models",
+        &[],
+        b"",
+    );
+    assert_eq!(rebound_models.status, 403);
+    assert_eq!(embed(&own, &[json_type]).status, 200);
+    let charset = ("content-type", "application/json; charset=utf-8");
+    assert_eq!(embed(&own, &[charset]).status, 200);
+}
+
+#[tokio::test]
+async fn with_tokens_any_host_name_may_be_used_but_foreign_pages_are_still_refused() {
+    let server = start_with_tokens().await;
+    let token = Some(TRAIN_TOKEN);
+    // In a cluster, clients use the Service's name: served (NOT_FOUND).
+    let service_name = "tlserve.ml.svc:8080";
+    assert_eq!(
+        web_delete_head(server.http, service_name, None, token),
+        Some(5)
+    );
+    assert_eq!(
+        web_delete_head(server.http, service_name, Some(EVIL), token),
+        Some(7)
+    );
 }

@@ -417,6 +417,22 @@ async fn train_as(
     Ok((last.job_id.clone(), last.state()))
 }
 
+/// Predicts one sentence with `head` and `token`.
+async fn predict_as(
+    channel: &Channel,
+    token: &str,
+    head: &str,
+) -> Result<proto::PredictResponse, Status> {
+    tlserve::proto::predictor_client::PredictorClient::new(with_token(channel.clone(), Some(token)))
+        .predict(proto::PredictRequest {
+            head: head.into(),
+            inputs: vec![text_input("fine")],
+            ..Default::default()
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
 #[tokio::test]
 async fn a_token_acts_only_inside_its_namespaces() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -465,17 +481,9 @@ async fn a_token_acts_only_inside_its_namespaces() {
         .await
         .expect_err("b deletes a's head");
     assert_eq!(denied.code(), Code::PermissionDenied);
-    let denied = tlserve::proto::predictor_client::PredictorClient::new(with_token(
-        channel.clone(),
-        Some(TEAM_B_TOKEN),
-    ))
-    .predict(proto::PredictRequest {
-        head: "team-a.reviews".into(),
-        inputs: vec![text_input("fine")],
-        ..Default::default()
-    })
-    .await
-    .expect_err("b predicts with a's head");
+    let denied = predict_as(&channel, TEAM_B_TOKEN, "team-a.reviews")
+        .await
+        .expect_err("b predicts with a's head");
     assert_eq!(denied.code(), Code::PermissionDenied);
     let mut b_trainer = TrainerClient::new(with_token(channel.clone(), Some(TEAM_B_TOKEN)));
     let denied = b_trainer
@@ -508,4 +516,138 @@ async fn a_token_acts_only_inside_its_namespaces() {
             .await
             .expect("in scope");
     }
+}
+
+/// Uploads four sentences as a dataset with `token`.
+async fn upload_as(channel: &Channel, token: &str) -> Result<proto::Dataset, Status> {
+    let chunk = proto::UploadDatasetRequest {
+        examples: four_reviews(),
+    };
+    TrainerClient::new(with_token(channel.clone(), Some(token)))
+        .upload_dataset(tokio_stream::iter([chunk]))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Queues a job of many epochs training `head` with `token`; its id.
+async fn queue_long_job(channel: &Channel, token: &str, head: &str) -> Result<String, Status> {
+    let rows = read_tsv("topics_train.tsv");
+    let mut stream = TrainerClient::new(with_token(channel.clone(), Some(token)))
+        .train_head(proto::TrainHeadRequest {
+            backbone: MINILM.into(),
+            head_name: head.into(),
+            training: Some(proto::TrainingConfig {
+                epochs: 10_000,
+                learning_rate: 0.02,
+                no_validation: true,
+                ..Default::default()
+            }),
+            data: Some(proto::train_head_request::Data::Examples(
+                proto::ExampleSet {
+                    examples: examples(&rows),
+                },
+            )),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    Ok(stream.message().await?.expect("the QUEUED event").job_id)
+}
+
+/// Cancels a job with `token` and follows it to its end.
+async fn cancel_as(channel: &Channel, token: &str, job_id: &str) {
+    let mut trainer = TrainerClient::new(with_token(channel.clone(), Some(token)));
+    trainer
+        .cancel_job(proto::CancelJobRequest {
+            job_id: job_id.into(),
+        })
+        .await
+        .expect("CancelJob");
+    let mut events = trainer
+        .watch_job(proto::WatchJobRequest {
+            job_id: job_id.into(),
+        })
+        .await
+        .expect("WatchJob")
+        .into_inner();
+    let ended = tokio::time::timeout(Duration::from_secs(60), async {
+        while events.message().await.expect("events").is_some() {}
+    })
+    .await;
+    assert!(ended.is_ok(), "a cancelled job did not end");
+}
+
+/// RESOURCE_EXHAUSTED naming `setting`.
+fn assert_quota(refused: Status, setting: &str) {
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains(setting), "{refused:?}");
+}
+
+/// One namespace's token cannot take every namespace's slots: with the
+/// default shares (half of each store-wide bound), team-a fills its share of
+/// the datasets, of the job queue and of the head versions and is refused
+/// beyond it, naming the quota, while team-b still uploads, queues and
+/// trains.
+#[tokio::test]
+async fn one_namespace_cannot_fill_every_namespaces_slots() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let tokens = dir.path().join("tokens");
+    std::fs::write(
+        &tokens,
+        format!("a infer,train {TEAM_A_TOKEN} team-a\nb infer,train {TEAM_B_TOKEN} team-b\n"),
+    )
+    .expect("write tokens");
+    let store = tempfile::tempdir().expect("store dir");
+    let server = TestServer::start(&format!(
+        "{}\n[auth]\nenabled = true\ntokens_file = \"{}\"\n[heads]\nstore_dir = \"{}\"\n\
+         max_datasets = 4\nmax_heads = 2\nmax_concurrent_jobs = 1\nmax_queued_jobs = 2\n",
+        TestServer::minilm_config("", ""),
+        tokens.display(),
+        store.path().display()
+    ))
+    .await;
+    let channel = server.channel().await;
+
+    // Datasets: 2 of 4 each.
+    for _ in 0..2 {
+        upload_as(&channel, TEAM_A_TOKEN).await.expect("a's share");
+    }
+    let refused = upload_as(&channel, TEAM_A_TOKEN)
+        .await
+        .expect_err("past a's share");
+    assert_quota(refused, "heads.max_datasets_per_namespace");
+    upload_as(&channel, TEAM_B_TOKEN).await.expect("b uploads");
+
+    // Jobs queued or running: 2 of 3 each.
+    let mut jobs = Vec::new();
+    for head in ["team-a.long-1", "team-a.long-2"] {
+        let job = queue_long_job(&channel, TEAM_A_TOKEN, head).await;
+        jobs.push((TEAM_A_TOKEN, job.expect("a's share")));
+    }
+    let refused = queue_long_job(&channel, TEAM_A_TOKEN, "team-a.long-3")
+        .await
+        .expect_err("past a's share");
+    assert_quota(refused, "heads.max_queued_jobs_per_namespace");
+    let job = queue_long_job(&channel, TEAM_B_TOKEN, "team-b.long").await;
+    jobs.push((TEAM_B_TOKEN, job.expect("b queues")));
+    for (token, job) in &jobs {
+        cancel_as(&channel, token, job).await;
+    }
+
+    // Head versions: 1 of 2 each.
+    let (_, state) = train_as(&channel, TEAM_A_TOKEN, "team-a.one")
+        .await
+        .expect("a's share");
+    assert_eq!(state, proto::JobState::Succeeded);
+    let refused = train_as(&channel, TEAM_A_TOKEN, "team-a.two")
+        .await
+        .expect_err("past a's share");
+    assert_quota(refused, "heads.max_heads_per_namespace");
+    let (_, state) = train_as(&channel, TEAM_B_TOKEN, "team-b.one")
+        .await
+        .expect("b trains");
+    assert_eq!(state, proto::JobState::Succeeded);
+    predict_as(&channel, TEAM_B_TOKEN, "team-b.one")
+        .await
+        .expect("the server still serves");
 }

@@ -5,6 +5,7 @@
 //! format into the request types below, call one method, and encode the
 //! answer. Defaults and bounds of every request parameter live here.
 
+mod answer_budget;
 mod embed;
 mod fine_tuning;
 mod heads;
@@ -14,10 +15,11 @@ mod predict;
 mod scope;
 mod training;
 
+pub use answer_budget::{AnswerBudget, Unbudgeted};
 pub use embed::{embed_options, EmbedRequest, EmbedResponse, Embedder, Embedding};
 pub use fine_tuning::{FineTuningOptions, LoraOptions, MethodOptions};
 pub use heads::Catalog;
-pub use inputs::{check_input, check_request_inputs};
+pub use inputs::{check_input, check_request_inputs, check_tensor_shape, MAX_TENSOR_RANK};
 pub use predict::{LabelScore, PredictRequest, PredictResponse, Predictor};
 pub use scope::Scope;
 pub use training::{

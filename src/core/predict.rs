@@ -19,6 +19,7 @@ use crate::{
 };
 
 use super::{
+    answer_budget::AnswerBudget,
     inputs::check_request_inputs,
     lookup::{adapter_of, stored_head},
     Scope,
@@ -60,6 +61,34 @@ pub struct PredictResponse {
 /// to a blocking thread would cost more than it saves.
 const INLINE_HEAD_WORK: u64 = 1_000_000;
 
+/// Bytes an answer spends on one label besides its text when sent: its
+/// index, probability and framing (protobuf: at most 20).
+const ANSWER_BYTES_PER_LABEL: usize = 20;
+
+/// Bytes an answer spends on one input besides its labels (framing).
+const ANSWER_BYTES_PER_INPUT: usize = 8;
+
+/// Bytes of an answer of `inputs` predictions of `top_k` of `labels` (0:
+/// all) at most, whichever labels come out on top: the longest `top_k`.
+fn answer_bytes(labels: &[String], top_k: usize, inputs: usize) -> usize {
+    let mut lengths: Vec<usize> = labels.iter().map(String::len).collect();
+    let returned = match top_k {
+        0 => lengths.len(),
+        k => k.min(lengths.len()),
+    };
+    // Only which lengths are the longest matters, not their order: a
+    // partition, not a sort, on every call.
+    if returned > 0 && returned < lengths.len() {
+        lengths.select_nth_unstable_by(returned - 1, |a, b| b.cmp(a));
+    }
+    let per_input = lengths[..returned]
+        .iter()
+        .fold(ANSWER_BYTES_PER_INPUT, |sum, &len| {
+            sum.saturating_add(len.saturating_add(ANSWER_BYTES_PER_LABEL))
+        });
+    per_input.saturating_mul(inputs)
+}
+
 /// Applies trained and built-in heads to backbone features.
 pub struct Predictor {
     registry: Arc<BackboneRegistry>,
@@ -80,8 +109,14 @@ impl Predictor {
         }
     }
 
-    /// Predicts with a built-in head, or a stored one in `scope`.
-    pub async fn predict(&self, request: PredictRequest, scope: &Scope) -> Result<PredictResponse> {
+    /// Predicts with a built-in head, or a stored one in `scope`; the
+    /// answer's size is reserved in `budget` before any work.
+    pub async fn predict(
+        &self,
+        request: PredictRequest,
+        scope: &Scope,
+        budget: &dyn AnswerBudget,
+    ) -> Result<PredictResponse> {
         let (loaded, head) = match request.head.split_once('/') {
             Some((backbone, classifier)) => self.builtin(backbone, classifier)?,
             None => self.stored(&request.head, scope).await?,
@@ -99,6 +134,7 @@ impl Predictor {
                 self.limits.max_head_multiply_adds
             )));
         }
+        self.reserve_answer(&head, &request, budget)?;
         let adapter = match &head {
             Head::Stored(stored) => adapter_of(&self.store, stored).await?,
             Head::Builtin { .. } => None,
@@ -129,6 +165,32 @@ impl Predictor {
             version,
             predictions,
         })
+    }
+
+    /// Refuses an answer larger than limits.max_response_bytes, then reserves
+    /// its size in `budget`.
+    fn reserve_answer(
+        &self,
+        head: &Head,
+        request: &PredictRequest,
+        budget: &dyn AnswerBudget,
+    ) -> Result<()> {
+        let name = head.name();
+        // The head's name and version come once.
+        let bytes = answer_bytes(head.labels(), request.top_k, request.inputs.len())
+            .saturating_add(name.len() + ANSWER_BYTES_PER_INPUT);
+        let max = self.limits.max_response_bytes;
+        if bytes > max {
+            return Err(Error::LimitExceeded(format!(
+                "the answer of head {} for {} inputs with top_k {} takes up to {bytes} bytes; \
+                 an answer may take at most {max} (limits.max_response_bytes): ask for fewer \
+                 labels (top_k) or send fewer inputs per request",
+                name,
+                request.inputs.len(),
+                request.top_k
+            )));
+        }
+        budget.reserve(bytes)
     }
 
     /// A trained head from the store, with its backbone.
@@ -271,5 +333,26 @@ impl Head {
                     .collect())
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_sized_by_the_longest_labels_returned() {
+        let labels: Vec<String> = ["a", "bbbb", "cc"].map(String::from).to_vec();
+        let per_label = ANSWER_BYTES_PER_LABEL;
+        let per_input = ANSWER_BYTES_PER_INPUT;
+        assert_eq!(answer_bytes(&labels, 1, 1), per_input + 4 + per_label);
+        assert_eq!(
+            answer_bytes(&labels, 2, 3),
+            3 * (per_input + 6 + 2 * per_label)
+        );
+        // 0 and more than there are: every label.
+        let all = per_input + 7 + 3 * per_label;
+        assert_eq!(answer_bytes(&labels, 0, 2), 2 * all);
+        assert_eq!(answer_bytes(&labels, 9, 2), 2 * all);
     }
 }

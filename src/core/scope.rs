@@ -33,6 +33,16 @@ impl Scope {
         }
     }
 
+    /// The namespace whose shares of the store's bounds this caller's
+    /// uploads count against: its token's first namespace, or "" (one
+    /// namespace of their own) for callers whose token names none.
+    pub fn quota_namespace(&self) -> &str {
+        match self {
+            Scope::All => "",
+            Scope::Namespaces(namespaces) => namespaces.first().map_or("", String::as_str),
+        }
+    }
+
     /// PERMISSION_DENIED unless `head_name` is in scope.
     pub fn check(&self, head_name: &str) -> Result<()> {
         if self.allows(head_name) {
@@ -73,5 +83,7 @@ mod tests {
             Err(Error::PermissionDenied(m)) if m.contains("team-a")
         ));
         assert!(Scope::All.allows("anything"));
+        assert_eq!(scope.quota_namespace(), "team-a");
+        assert_eq!(Scope::All.quota_namespace(), "");
     }
 }

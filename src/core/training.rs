@@ -14,11 +14,12 @@ use super::{
     Scope,
 };
 use crate::{
-    backbone::Input,
+    backbone::{BackboneDescriptor, Input, Modality},
     config::{is_valid_name, HeadsConfig},
-    datasets::{Dataset, DatasetStore, PendingUpload},
+    datasets::{Dataset, DatasetStore, InputKinds, PendingUpload},
     head::{finetune::FineTuneParams, HeadKind, Solver, TrainingParams},
     jobs::{Example, JobEvent, JobInfo, JobManager, JobRequest},
+    registry::BackboneRegistry,
     Error, Result,
 };
 
@@ -294,15 +295,20 @@ fn adamw_params(
     })
 }
 
-/// Refuses a set that cross-validation cannot split: a label with a single
-/// example would be missing from the data of the fold that validates it.
-fn check_label_counts(examples: &[Example], params: &TrainingParams) -> Result<()> {
-    if params.solver != Solver::Lbfgs || params.cv_folds == 0 {
-        return Ok(());
-    }
-    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+/// How many examples each label has.
+fn label_counts(examples: &[Example]) -> BTreeMap<&str, u64> {
+    let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
     for example in examples {
         *counts.entry(example.label.as_str()).or_default() += 1;
+    }
+    counts
+}
+
+/// Refuses a set that cross-validation cannot split: a label with a single
+/// example would be missing from the data of the fold that validates it.
+fn check_label_counts(counts: &BTreeMap<&str, u64>, params: &TrainingParams) -> Result<()> {
+    if params.solver != Solver::Lbfgs || params.cv_folds == 0 {
+        return Ok(());
     }
     match counts.iter().find(|(_, &count)| count == 1) {
         Some((label, _)) => Err(invalid(format!(
@@ -315,9 +321,51 @@ fn check_label_counts(examples: &[Example], params: &TrainingParams) -> Result<(
     }
 }
 
+/// Bytes an example holds in memory once decoded.
+fn decoded_bytes(example: &Example) -> usize {
+    use std::mem::size_of;
+    let input = match &example.input {
+        Input::Text(text) => text.len(),
+        Input::Image(bytes) => bytes.len(),
+        Input::Tensor { shape, values } => {
+            shape.len() * size_of::<usize>() + values.len() * size_of::<f32>()
+        }
+        Input::TokenIds(ids) => ids.len() * size_of::<u32>(),
+    };
+    size_of::<Example>() + example.label.len() + input
+}
+
+/// Refuses a backbone that cannot take inputs of `kinds`.
+fn check_backbone_takes(backbone: &BackboneDescriptor, kinds: &InputKinds) -> Result<()> {
+    let side = backbone.image_size;
+    let takes = match (backbone.modality, kinds) {
+        (Modality::Text, InputKinds::Text) => true,
+        (Modality::Image, InputKinds::Images { tensor_shape }) => tensor_shape
+            .as_ref()
+            .is_none_or(|shape| shape[..] == [3, side, side]),
+        _ => false,
+    };
+    if takes {
+        return Ok(());
+    }
+    let what = match kinds {
+        InputKinds::Text => "texts".to_owned(),
+        InputKinds::Images { tensor_shape: None } => "images".to_owned(),
+        InputKinds::Images {
+            tensor_shape: Some(shape),
+        } => format!("tensors of shape {shape:?}"),
+    };
+    Err(invalid(format!(
+        "the dataset holds {what}, which backbone `{}` cannot take",
+        backbone.name
+    )))
+}
+
 /// Starts training jobs and keeps uploaded datasets for them.
 pub struct Trainer {
     jobs: Arc<JobManager>,
+    /// For the backbone a dataset is meant for, before its examples are read.
+    registry: Arc<BackboneRegistry>,
     datasets: Arc<DatasetStore>,
     limits: HeadsConfig,
     /// limits.max_text_chars, for the examples' texts.
@@ -336,17 +384,21 @@ struct JobPlan {
 pub struct Upload {
     pending: PendingUpload,
     examples: Vec<Example>,
+    /// What the examples so far are; a backbone takes one kind.
+    inputs: Option<InputKinds>,
 }
 
 impl Trainer {
     pub fn new(
         jobs: Arc<JobManager>,
+        registry: Arc<BackboneRegistry>,
         datasets: Arc<DatasetStore>,
         limits: HeadsConfig,
         max_text_chars: usize,
     ) -> Self {
         Self {
             jobs,
+            registry,
             datasets,
             limits,
             max_text_chars,
@@ -362,9 +414,14 @@ impl Trainer {
     ) -> Result<(Arc<str>, broadcast::Receiver<JobEvent>)> {
         let plan = self.plan(&request)?;
         scope.check(&request.head_name)?;
-        let (examples, dataset) = self.resolve_data(request.data).await?;
-        let checked = check_label_counts(&examples, &plan.params)
-            .and_then(|()| self.labels(request.labels, &examples));
+        let mut request = request;
+        let data = request.data.take();
+        let (examples, dataset) = self.resolve_data(data, &request, &plan.params).await?;
+        let checked = {
+            let counts = label_counts(&examples);
+            check_label_counts(&counts, &plan.params)
+                .and_then(|()| self.labels(request.labels, &counts))
+        };
         let submitted = match checked {
             Ok(labels) => {
                 let job = JobRequest {
@@ -429,6 +486,8 @@ impl Trainer {
     async fn resolve_data(
         &self,
         data: Option<TrainingData>,
+        request: &TrainRequest,
+        params: &TrainingParams,
     ) -> Result<(Vec<Example>, Option<String>)> {
         match data {
             None => Err(invalid("no training data: give examples or a dataset_id")),
@@ -437,17 +496,43 @@ impl Trainer {
                 Ok((self.examples(raw, 0)?, None))
             }
             Some(TrainingData::Dataset(id)) => {
+                self.check_waiting_dataset(&id, request, params).await?;
                 let examples = self.datasets.take(&id).await?;
                 Ok((examples, Some(id)))
             }
         }
     }
 
-    /// Starts a dataset upload, if a slot is free.
-    pub async fn begin_upload(&self) -> Result<Upload> {
+    /// What a dataset's meta decides, checked before its examples are read:
+    /// a client that retries a refused request does not make the server
+    /// read them again each time.
+    async fn check_waiting_dataset(
+        &self,
+        id: &str,
+        request: &TrainRequest,
+        params: &TrainingParams,
+    ) -> Result<()> {
+        let waiting = self.datasets.waiting(id).await?;
+        if let Some(inputs) = &waiting.inputs {
+            let loaded = self.registry.get(&request.backbone)?;
+            check_backbone_takes(loaded.backbone.descriptor(), inputs)?;
+        }
+        let counts: BTreeMap<&str, u64> = waiting
+            .label_counts
+            .iter()
+            .map(|(label, &count)| (label.as_str(), count))
+            .collect();
+        check_label_counts(&counts, params)?;
+        self.labels(request.labels.clone(), &counts).map(|_| ())
+    }
+
+    /// Starts a dataset upload, if a slot is free in the store and in the
+    /// caller's namespace's share.
+    pub async fn begin_upload(&self, scope: &Scope) -> Result<Upload> {
         Ok(Upload {
-            pending: self.datasets.begin_upload().await?,
+            pending: self.datasets.begin_upload(scope.quota_namespace()).await?,
             examples: Vec::new(),
+            inputs: None,
         })
     }
 
@@ -456,16 +541,36 @@ impl Trainer {
         self.limits.upload_idle_timeout()
     }
 
-    /// Adds one chunk of an upload; `bytes` is its size on the wire.
+    /// Adds one chunk of an upload; `bytes` is its size on the wire. The
+    /// upload holds what the examples take in memory, which for small ones is
+    /// many times their wire size; examples of inputs no one backbone could
+    /// take together are refused.
     pub fn add_to_upload(
         &self,
         upload: &mut Upload,
         chunk: Vec<RawExample>,
         bytes: usize,
     ) -> Result<()> {
-        upload.pending.reserve(bytes)?;
         self.check_example_count(upload.examples.len() + chunk.len())?;
-        let converted = self.examples(chunk, upload.examples.len())?;
+        let offset = upload.examples.len();
+        // The chunk is decoded already; converting moves it (tensor shapes
+        // are bounded in rank on the way).
+        let converted = self.examples(chunk, offset)?;
+        let decoded: usize = converted.iter().map(decoded_bytes).sum();
+        upload.pending.reserve(decoded.max(bytes))?;
+        for (i, example) in converted.iter().enumerate() {
+            let this = InputKinds::of(&example.input);
+            let merged = match upload.inputs.take() {
+                None => Ok(this),
+                Some(kinds) => kinds.and(&this),
+            };
+            upload.inputs = Some(merged.map_err(|reason| {
+                invalid(format!(
+                    "example {}: {reason}; no backbone could train on this dataset",
+                    offset + i
+                ))
+            })?);
+        }
         upload.examples.extend(converted);
         Ok(())
     }
@@ -558,8 +663,8 @@ impl Trainer {
     }
 
     /// The head's label order: the client's list, or the sorted distinct labels.
-    fn labels(&self, requested: Vec<String>, examples: &[Example]) -> Result<Vec<String>> {
-        let present: BTreeSet<&str> = examples.iter().map(|e| e.label.as_str()).collect();
+    fn labels(&self, requested: Vec<String>, counts: &BTreeMap<&str, u64>) -> Result<Vec<String>> {
+        let present: BTreeSet<&str> = counts.keys().copied().collect();
         if present.len() < 2 {
             return Err(invalid("the examples need at least two different labels"));
         }
@@ -703,7 +808,8 @@ mod tests {
                 label: (*label).into(),
             })
             .collect();
-        let err = check_label_counts(&examples, &TrainingParams::default()).unwrap_err();
+        let counts = label_counts(&examples);
+        let err = check_label_counts(&counts, &TrainingParams::default()).unwrap_err();
         assert!(
             err.to_string().contains("label `b` has a single example"),
             "{err}"
@@ -712,7 +818,7 @@ mod tests {
             cv_folds: 0,
             ..TrainingParams::default()
         };
-        assert!(check_label_counts(&examples, &without).is_ok());
+        assert!(check_label_counts(&counts, &without).is_ok());
     }
 
     #[test]

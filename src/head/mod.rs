@@ -14,6 +14,7 @@ pub mod finetune;
 pub mod lbfgs;
 pub mod logistic;
 pub mod model;
+pub mod namespace;
 pub mod store;
 pub mod train;
 

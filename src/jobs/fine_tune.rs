@@ -83,7 +83,8 @@ impl JobManager {
             created_at_ms: journal::millis(SystemTime::now()),
             fine_tuning: Some(tuning),
         };
-        self.publish(meta, tuned.head, Some(tuned.adapter)).await
+        self.publish(job, meta, tuned.head, Some(tuned.adapter))
+            .await
     }
 
     /// Runs the training on a blocking thread, reporting every step's loss

@@ -19,14 +19,30 @@
 //! restart; a job a live replica runs is left alone. Each run of a job is
 //! claimed by creating `jobs/<id>/attempt-<n>` only if absent: of replicas
 //! racing to take a job over, one gets it.
+//!
+//! A lease runs out when the record stayed unchanged for the lease's length
+//! as the observer watched it: each write counts a renewal, and the
+//! observer measures the silence on its own monotonic clock from when it
+//! first saw the record as it is. No replica's wall clock is compared with
+//! another's (`lease_until_ms` is written for people only), so a replica
+//! whose clock runs ahead never takes a live job for abandoned.
+//!
+//! Every write is a compare-and-set on the record ([`Storage::update`]) that
+//! lands only while the record is still the writer's run: a replica paused
+//! past its lease, whose job another took over, comes back to find its
+//! writes refused, and follows the new owner's record instead.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::{JobSpec, JobState, Progress};
-use crate::{storage::Storage, Result};
+use crate::{storage::Storage, sync::lock, Result};
 
 /// The reason recorded for jobs that were running when the process stopped.
 pub const INTERRUPTED: &str =
@@ -96,6 +112,14 @@ pub struct JobRecord {
     /// period), for whoever takes it over.
     #[serde(default)]
     pub released: Option<String>,
+    /// How many times the record was written before this write, any run:
+    /// what a replica watching the lease sees change while the owner lives.
+    #[serde(default)]
+    pub renewals: u64,
+    /// The owner's lease, in milliseconds: how long a watcher waits, after
+    /// it last saw the record change, before it takes the owner for gone.
+    #[serde(default)]
+    pub lease_ms: Option<u64>,
 }
 
 /// Moves job records of the layout before the shared store
@@ -129,11 +153,58 @@ pub fn migrate_volume(root: &std::path::Path) -> std::io::Result<usize> {
     Ok(moved)
 }
 
+/// A stored record, decoded.
+fn parse(id: &str, bytes: &[u8]) -> Result<JobRecord> {
+    serde_json::from_slice(bytes)
+        .map_err(|err| crate::Error::Storage(format!("job {id}'s record is invalid: {err}")))
+}
+
+/// What became of a write of a job's record.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Written {
+    /// The record is the writer's, as given.
+    Done,
+    /// Nothing written: a later run owns the record (another replica took
+    /// the job over) or the job ended; the record as it is now, None when
+    /// it is gone (ended and forgotten).
+    Superseded(Option<Box<JobRecord>>),
+    /// Nothing written: the store failed (logged).
+    Failed,
+}
+
+/// How many times a write reads the record again when another write came
+/// between its read and its compare-and-set.
+const WRITE_TRIES: usize = 8;
+
 pub struct JobJournal {
     storage: Storage,
     /// This replica's name.
     owner: String,
     lease: Duration,
+    /// Other replicas' unended records as this replica last saw them, by
+    /// job id.
+    seen: Mutex<HashMap<String, Seen>>,
+}
+
+/// What changes in a record at every write ([`signature`]).
+pub(super) type Signature = (u32, Option<String>, u64, u64);
+
+/// A record as an observer last saw it, and since when (its own clock).
+struct Seen {
+    what: Signature,
+    since: Instant,
+}
+
+/// What changes in a record at every write: its run, owner and renewal
+/// count (and, from writers of earlier versions, which count no renewals,
+/// their time stamp).
+pub(super) fn signature(record: &JobRecord) -> Signature {
+    (
+        record.progress.attempt,
+        record.owner.clone(),
+        record.renewals,
+        record.updated_at_ms,
+    )
 }
 
 pub fn millis(time: SystemTime) -> u64 {
@@ -153,6 +224,7 @@ impl JobJournal {
             storage,
             owner: owner.to_owned(),
             lease,
+            seen: Mutex::new(HashMap::new()),
         }
     }
 
@@ -166,40 +238,110 @@ impl JobJournal {
         self.lease / 6
     }
 
-    /// Writes (or replaces) a job's record as this replica's, with a fresh
-    /// lease while the job has not ended. Errors are logged, not returned: a
-    /// job must not fail because its record could not be written.
-    pub async fn write(&self, record: &JobRecord) {
-        self.write_leased(record, self.lease).await;
+    /// Writes (or replaces) a job's record as this replica's run `run` (the
+    /// attempt it claimed), with a fresh lease while the job has not ended;
+    /// `first`: the job's first write, which creates the record. The write
+    /// lands only while the record is still this run's (see
+    /// [`JobJournal::may_write`]), by a compare-and-set on the record: a run
+    /// that another replica took over while this one was paused past its
+    /// lease never overwrites the new owner's record. Store errors are
+    /// logged, not returned: a job must not fail because its record could
+    /// not be written.
+    pub async fn write(&self, record: &JobRecord, run: u32, first: bool) -> Written {
+        self.write_leased(record, run, first, self.lease).await
     }
 
     /// Writes an unended job's record as given up, its lease already over:
-    /// the next replica to look takes it over.
-    pub async fn release(&self, record: &JobRecord, reason: &str) {
+    /// the next replica to look takes it over. Like [`JobJournal::write`],
+    /// only while the record is still run `run`'s.
+    pub async fn release(&self, record: &JobRecord, run: u32, reason: &str) -> Written {
         let record = JobRecord {
             released: Some(reason.to_owned()),
             ..record.clone()
         };
-        self.write_leased(&record, Duration::ZERO).await;
+        self.write_leased(&record, run, false, Duration::ZERO).await
     }
 
-    async fn write_leased(&self, record: &JobRecord, lease: Duration) {
+    async fn write_leased(
+        &self,
+        record: &JobRecord,
+        run: u32,
+        first: bool,
+        lease: Duration,
+    ) -> Written {
+        match self.try_write(record, run, first, lease).await {
+            Ok(written) => written,
+            Err(err) => {
+                tracing::error!(job = %record.id, error = %err, "cannot write the job's record");
+                Written::Failed
+            }
+        }
+    }
+
+    /// Reads the record and replaces that version of it, again when another
+    /// write came in between, up to [`WRITE_TRIES`] times.
+    async fn try_write(
+        &self,
+        record: &JobRecord,
+        run: u32,
+        first: bool,
+        lease: Duration,
+    ) -> Result<Written> {
+        let key = record_key(&record.id);
+        for _ in 0..WRITE_TRIES {
+            let written = match self.storage.get_versioned(&key).await? {
+                None if first => {
+                    let json = self.stamped(record, 0, lease)?;
+                    self.storage.create(&key, json).await?
+                }
+                // Removed: the job ended elsewhere and was forgotten.
+                None => return Ok(Written::Superseded(None)),
+                Some(current) => {
+                    let stored = parse(&record.id, &current.bytes)?;
+                    if !self.may_write(&stored, run) {
+                        return Ok(Written::Superseded(Some(Box::new(stored))));
+                    }
+                    let json = self.stamped(record, stored.renewals.wrapping_add(1), lease)?;
+                    self.storage.update(&key, json, &current.version).await?
+                }
+            };
+            if written {
+                return Ok(Written::Done);
+            }
+        }
+        Err(crate::Error::Storage(format!(
+            "job {}'s record changed under {WRITE_TRIES} writes in a row",
+            record.id
+        )))
+    }
+
+    /// `record` as this replica writes it: its name, the lease, the time and
+    /// the renewal count; encoded.
+    fn stamped(&self, record: &JobRecord, renewals: u64, lease: Duration) -> Result<Bytes> {
         let mut record = record.clone();
         record.owner = Some(self.owner.clone());
-        let now = SystemTime::now();
+        let now = crate::clock::now();
         record.lease_until_ms = (!record.state.is_final()).then(|| millis(now + lease));
+        record.lease_ms = Some(lease.as_millis() as u64);
         record.updated_at_ms = millis(now);
-        let written = match serde_json::to_vec_pretty(&record) {
-            Ok(json) => {
-                self.storage
-                    .put(&record_key(&record.id), Bytes::from(json))
-                    .await
-            }
-            Err(err) => Err(crate::Error::Internal(err.to_string())),
-        };
-        if let Err(err) = written {
-            tracing::error!(job = %record.id, error = %err, "cannot write the job's record");
-        }
+        record.renewals = renewals;
+        serde_json::to_vec_pretty(&record)
+            .map(Bytes::from)
+            .map_err(|err| crate::Error::Internal(err.to_string()))
+    }
+
+    /// Whether run `run` on this replica may still write a record that is
+    /// `stored` now: the job has not ended, and the record is of an earlier
+    /// run (this one took the job over) or of this run on this replica. A
+    /// later run, or the same run recorded by another replica (which gave
+    /// the job up as FAILED), means the job is no longer this run's.
+    pub fn may_write(&self, stored: &JobRecord, run: u32) -> bool {
+        let theirs = stored.progress.attempt.max(1);
+        let mine = stored
+            .owner
+            .as_deref()
+            .is_none_or(|owner| owner == self.owner);
+        !stored.state.is_final() && (theirs < run || (theirs == run && mine))
     }
 
     /// A job's record; None when the store has none.
@@ -207,9 +349,7 @@ impl JobJournal {
         let Some(bytes) = self.storage.get(&record_key(id)).await? else {
             return Ok(None);
         };
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|err| crate::Error::Storage(format!("job {id}'s record is invalid: {err}")))
+        parse(id, &bytes).map(Some)
     }
 
     /// Every readable record, oldest first; unreadable ones are logged and
@@ -270,6 +410,23 @@ impl JobJournal {
         }
     }
 
+    /// How long `record` has stayed as it is while this replica watched it,
+    /// by this replica's monotonic clock; zero the first time it is seen
+    /// so. A record is read every scan (a sixth of a lease), so a live
+    /// owner's renewal is seen well within a lease.
+    fn silent_for(&self, record: &JobRecord) -> Duration {
+        let what = signature(record);
+        let mut seen = lock(&self.seen);
+        match seen.get(&record.id) {
+            Some(last) if last.what == what => last.since.elapsed(),
+            _ => {
+                let since = Instant::now();
+                seen.insert(record.id.clone(), Seen { what, since });
+                Duration::ZERO
+            }
+        }
+    }
+
     /// Claims run `attempt` of a job for this replica; false when another
     /// replica claimed it first.
     pub async fn claim(&self, id: &str, attempt: u32) -> Result<bool> {
@@ -302,20 +459,24 @@ impl JobJournal {
     /// (or nobody's), its owner released it, or its lease ran out. None: a
     /// live replica runs it, or it ended. `local`: this replica runs it now.
     pub fn interruption(&self, record: &JobRecord, local: bool) -> Option<Interruption> {
-        if record.state.is_final() || local {
+        if record.state.is_final() {
+            lock(&self.seen).remove(&record.id);
             return None;
         }
-        let now = millis(SystemTime::now());
+        if local {
+            return None;
+        }
         let owner = record.owner.as_deref();
         let mine = owner.is_none_or(|owner| owner == self.owner);
-        let expired = record.lease_until_ms.is_none_or(|until| until <= now);
         let owner = owner.unwrap_or("unknown");
         if let Some(reason) = &record.released {
-            return expired.then(|| Interruption {
+            return Some(Interruption {
                 what: format!("replica {owner} shut down before the job finished"),
                 reason: reason.clone(),
             });
         }
+        let lease = record.lease_ms.map_or(self.lease, Duration::from_millis);
+        let expired = self.silent_for(record) >= lease;
         if mine {
             return Some(Interruption {
                 what: format!("replica {owner}, which ran it, restarted"),
@@ -352,6 +513,8 @@ mod tests {
             updated_at_ms: 0,
             spec: None,
             released: None,
+            renewals: 0,
+            lease_ms: None,
         }
     }
 
@@ -384,13 +547,16 @@ mod tests {
     }
 
     /// Another replica's job is this one's to take over only once its lease
-    /// ran out or it was released; a job of this replica's earlier run is
-    /// at once; a job that ended or runs here never is.
+    /// ran out (its record unchanged for a lease as this replica watched it,
+    /// whatever the clocks say) or it was released; a job of this replica's
+    /// earlier run is at once; a job that ended or runs here never is.
     #[tokio::test]
     async fn only_own_released_and_abandoned_jobs_are_taken_over() {
         let dir = tempfile::tempdir().unwrap();
-        let a = journal(dir.path(), "a");
-        a.write(&record("mine", JobState::Training, 1)).await;
+        let lease = Duration::from_millis(300);
+        let a = JobJournal::new(storage(dir.path()), "a", lease);
+        a.write(&record("mine", JobState::Training, 1), 1, true)
+            .await;
         let now = millis(SystemTime::now());
         write_foreign(
             dir.path(),
@@ -406,12 +572,31 @@ mod tests {
             now - 1,
         )
         .await;
-        journal(dir.path(), "d")
-            .release(&record("drained", JobState::Training, 4), "shut down")
-            .await;
+        let d = journal(dir.path(), "d");
+        let drained = record("drained", JobState::Training, 4);
+        d.write(&drained, 1, true).await;
+        d.release(&drained, 1, "shut down").await;
         write_foreign(
             dir.path(),
             record("done", JobState::Succeeded, 5),
+            "b",
+            now - 1,
+        )
+        .await;
+        // First seen: no lease has run out, whatever its time stamps say.
+        for record in a.all().await.unwrap() {
+            if record.owner.as_deref() == Some("c") {
+                assert_eq!(a.interruption(&record, false), None);
+            }
+        }
+        tokio::time::sleep(lease).await;
+        // B renewed; C did not.
+        write_foreign(
+            dir.path(),
+            JobRecord {
+                renewals: 1,
+                ..record("live", JobState::Training, 2)
+            },
             "b",
             now - 1,
         )
@@ -440,13 +625,62 @@ mod tests {
         );
     }
 
+    /// A run another replica took over writes nothing more: not its
+    /// progress, not its end, not a release at shutdown; the new run's
+    /// record stays. A record that ended is nobody's to write.
+    #[tokio::test]
+    async fn a_run_taken_over_never_writes_the_record_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (journal(dir.path(), "a"), journal(dir.path(), "b"));
+        let first = record("j", JobState::Training, 1);
+        assert_eq!(a.write(&first, 1, true).await, Written::Done);
+        // B takes the job over as run 2.
+        assert!(b.claim("j", 2).await.unwrap());
+        let mut second = first.clone();
+        second.progress.attempt = 2;
+        assert_eq!(b.write(&second, 2, false).await, Written::Done);
+        let mut done = second.clone();
+        done.state = JobState::Succeeded;
+        assert_eq!(b.write(&done, 2, false).await, Written::Done);
+        // A comes back: its progress, its end and its release are refused.
+        let mut stale_end = first.clone();
+        stale_end.state = JobState::Failed;
+        for written in [
+            a.write(&first, 1, false).await,
+            a.write(&stale_end, 1, false).await,
+            a.release(&first, 1, "shut down").await,
+        ] {
+            let Written::Superseded(Some(now)) = written else {
+                panic!("{written:?}")
+            };
+            assert_eq!((now.state, now.progress.attempt), (JobState::Succeeded, 2));
+        }
+        let stored = a.read("j").await.unwrap().unwrap();
+        assert_eq!(stored.state, JobState::Succeeded);
+        assert_eq!(stored.owner.as_deref(), Some("b"));
+        // The same run, given up by another replica, is not A's either.
+        a.write(&record("k", JobState::Training, 2), 1, true).await;
+        let mut failed = record("k", JobState::Failed, 2);
+        failed.progress.attempt = 1;
+        assert_eq!(b.write(&failed, 2, false).await, Written::Done);
+        assert!(!a.may_write(&a.read("k").await.unwrap().unwrap(), 1));
+        // A removed record is not written again.
+        a.remove("k").await;
+        assert_eq!(
+            a.write(&record("k", JobState::Training, 2), 1, false).await,
+            Written::Superseded(None)
+        );
+    }
+
     /// A running job's record names its replica and a lease ahead; an ended
     /// one keeps the name and drops the lease.
     #[tokio::test]
     async fn records_carry_their_owner_and_lease() {
         let dir = tempfile::tempdir().unwrap();
         let journal = journal(dir.path(), "a");
-        journal.write(&record("j", JobState::Training, 1)).await;
+        journal
+            .write(&record("j", JobState::Training, 1), 1, true)
+            .await;
         let running = journal.read("j").await.unwrap().unwrap();
         let ahead = running.lease_until_ms.unwrap() - millis(SystemTime::now());
         assert!((29_000..=30_000).contains(&ahead), "{ahead} ms");
@@ -456,7 +690,9 @@ mod tests {
             JobState::Training,
             "the true state, for watchers"
         );
-        journal.write(&record("j", JobState::Succeeded, 1)).await;
+        journal
+            .write(&record("j", JobState::Succeeded, 1), 1, false)
+            .await;
         let ended = journal.read("j").await.unwrap().unwrap();
         assert_eq!(
             (ended.owner.as_deref(), ended.lease_until_ms),
@@ -494,10 +730,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let journal = journal(dir.path(), "a");
         journal
-            .write(&JobRecord {
-                head_version: Some(4),
-                ..record("a", JobState::Succeeded, 1)
-            })
+            .write(
+                &JobRecord {
+                    head_version: Some(4),
+                    ..record("a", JobState::Succeeded, 1)
+                },
+                1,
+                true,
+            )
             .await;
         let store = storage(dir.path());
         store

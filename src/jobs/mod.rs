@@ -29,6 +29,7 @@ use crate::{
     head::{
         finetune::{FineTuneParams, Method, DEFAULT_TOP_LAYERS},
         model::HeadWeights,
+        namespace::{at_share, describe, namespace_of},
         store::{HeadStore, StoredHead},
         train::{self, TrainedHead, TrainingSet},
         HeadKind, HeadMetadata, HeadMetrics, TrainingParams,
@@ -39,9 +40,10 @@ use crate::{
     task::run_blocking,
     Error, Result,
 };
-use journal::{JobJournal, JobRecord};
+use journal::{JobJournal, JobRecord, Written};
 
 mod remote;
+pub mod replica;
 mod takeover;
 
 pub use crate::datasets::Example;
@@ -270,6 +272,9 @@ struct Job {
     /// another replica took it over. Its end is then not this replica's to
     /// record.
     handed_off: AtomicBool,
+    /// The record was written once: later writes replace it, and find it
+    /// gone only when the job ended elsewhere and was forgotten.
+    recorded: AtomicBool,
     /// Events since the record was last written.
     unwritten: AtomicBool,
     /// When the record was last written (its lease renewed).
@@ -318,6 +323,7 @@ impl Job {
             spec: Some(JobSpec::of(request)),
             attempt: run.attempt,
             handed_off: AtomicBool::new(false),
+            recorded: AtomicBool::new(false),
             unwritten: AtomicBool::new(false),
             written_at: Mutex::new(Instant::now()),
             record_lock: tokio::sync::Mutex::new(()),
@@ -365,6 +371,18 @@ impl Job {
     }
 
     fn announce(&self, event: JobEvent) {
+        let _ = self.events.send(event);
+    }
+
+    /// Takes `event`, of the run that took the job over, as the job's
+    /// latest here and tells this replica's watchers: their streams go on
+    /// with the new owner's events and end with its end.
+    fn follow(&self, event: JobEvent) {
+        let mut status = self.status();
+        if event.state().is_final() {
+            status.finished_at = Some(event.time);
+        }
+        status.last = event.clone();
         let _ = self.events.send(event);
     }
 
@@ -419,6 +437,8 @@ impl Job {
             updated_at_ms: 0,
             spec: self.spec.clone(),
             released: None,
+            renewals: 0,
+            lease_ms: None,
         }
     }
 
@@ -459,6 +479,7 @@ impl Job {
             spec: None,
             attempt: record.progress.attempt.max(1),
             handed_off: AtomicBool::new(false),
+            recorded: AtomicBool::new(false),
             unwritten: AtomicBool::new(false),
             written_at: Mutex::new(Instant::now()),
             record_lock: tokio::sync::Mutex::new(()),
@@ -488,6 +509,9 @@ impl Run {
 pub struct JobLimits {
     pub max_concurrent_jobs: usize,
     pub max_queued_jobs: usize,
+    /// Jobs of one namespace queued or running here at once
+    /// (heads.max_queued_jobs_per_namespace).
+    pub max_queued_jobs_per_namespace: usize,
     pub finished_jobs_kept: usize,
     /// Bytes of a fine-tuning job's frozen hidden states kept across epochs.
     pub fine_tune_cache_bytes: usize,
@@ -575,16 +599,52 @@ impl JobManager {
         Ok(manager)
     }
 
-    /// Writes the job's record as it is now.
-    async fn write_record(&self, job: &Job) {
-        let _in_order = job.record_lock.lock().await;
-        if job.handed_off.load(Ordering::Acquire) {
-            // The record is another replica's now, or released.
+    /// Writes the job's record as it is now, if the record is still this
+    /// run's; if another replica took the job over meanwhile, writes
+    /// nothing and hands the job over ([`JobManager::hand_over`]).
+    async fn write_record(&self, job: &Arc<Job>) {
+        let written = {
+            let _in_order = job.record_lock.lock().await;
+            if job.handed_off.load(Ordering::Acquire) {
+                // The record is another replica's now, or released.
+                return;
+            }
+            job.unwritten.store(false, Ordering::Release);
+            *lock(&job.written_at) = Instant::now();
+            let first = !job.recorded.load(Ordering::Acquire);
+            let written = self.journal.write(&job.record(), job.attempt, first).await;
+            if written == Written::Done {
+                job.recorded.store(true, Ordering::Release);
+            }
+            written
+        };
+        if let Written::Superseded(record) = written {
+            self.hand_over(job, record.map(|record| *record));
+        }
+    }
+
+    /// This replica no longer runs `job`: another replica took it over (this
+    /// one was paused or cut off past its lease) or ended it. Stops the run
+    /// here, takes the job out of this replica's table (its slot, its
+    /// renewals; WatchJob, ListJobs and CancelJob here now read its record
+    /// like any other replica's job), and lets the watchers it had here
+    /// follow the new owner's record to its end. Once per job.
+    fn hand_over(&self, job: &Arc<Job>, record: Option<JobRecord>) {
+        if job.handed_off.swap(true, Ordering::AcqRel) {
             return;
         }
-        job.unwritten.store(false, Ordering::Release);
-        *lock(&job.written_at) = Instant::now();
-        self.journal.write(&job.record()).await;
+        job.cancel.cancel();
+        self.jobs().retain(|other| !Arc::ptr_eq(other, job));
+        self.update_state_metrics();
+        metrics::record_takeover("lost");
+        tracing::warn!(job = %job.id, attempt = job.attempt,
+            owner = ?record.as_ref().and_then(|r| r.owner.clone()),
+            "training job taken over by another replica while this one ran it (its lease ran \
+             out here); stopped here, following its record");
+        let journal = Arc::clone(&self.journal);
+        let store = Arc::clone(&self.store);
+        let job = Arc::clone(job);
+        tokio::spawn(follow_new_owner(job, journal, store, record));
     }
 
     /// The jobs that have not ended.
@@ -628,17 +688,10 @@ impl JobManager {
     /// One running job's sync with the store.
     async fn sync(&self, job: &Arc<Job>, renew_every: Duration) {
         match self.journal.read(&job.id).await {
-            Ok(Some(stored))
-                if stored.progress.attempt.max(1) > job.attempt
-                    || (stored.state.is_final() && !job.state().is_final()) =>
-            {
+            Ok(Some(stored)) if !self.journal.may_write(&stored, job.attempt) => {
                 // A replica took it over, or gave it up (this one's lease ran
-                // out while it ran it): stop.
-                tracing::warn!(job = %job.id, owner = ?stored.owner,
-                    "training job taken over by another replica; stopping it here");
-                job.handed_off.store(true, Ordering::Release);
-                job.cancel.cancel();
-                return;
+                // out while it ran it): stop, and follow its record.
+                return self.hand_over(job, Some(stored));
             }
             Ok(_) => {}
             Err(err) => tracing::warn!(job = %job.id, error = %err, "cannot read the job's record"),
@@ -681,16 +734,25 @@ impl JobManager {
         }
     }
 
-    /// Stops running `job` here and records it released.
+    /// Stops running `job` here and records it released, unless another
+    /// replica took it over meanwhile: its record is then left as the new
+    /// owner wrote it, and the watchers here hear the job as it stands.
     async fn release(&self, job: &Job) {
-        {
+        let written = {
             let _in_order = job.record_lock.lock().await;
             if job.state().is_final() {
                 return;
             }
             job.handed_off.store(true, Ordering::Release);
             job.cancel.cancel();
-            self.journal.release(&job.record(), SHUT_DOWN).await;
+            self.journal
+                .release(&job.record(), job.attempt, SHUT_DOWN)
+                .await
+        };
+        if let Written::Superseded(Some(record)) = written {
+            tracing::warn!(job = %job.id, owner = ?record.owner,
+                "training job taken over by another replica; its record is left to it");
+            return job.follow(remote::event(&record, &self.store).await);
         }
         let end = job.settle(Stage::Failed(SHUT_DOWN.into()), |_| {});
         if let Some(event) = end {
@@ -736,7 +798,9 @@ impl JobManager {
         if let Some(params) = &mut request.fine_tune {
             fit_to_backbone(params, loaded.backbone.descriptor())?;
         }
-        self.check_room()?;
+        self.check_room(&request.head_name)?;
+        // Refused now rather than after the training, at the publish.
+        self.store.check_room(&request.head_name)?;
         // In the store before the job exists, so that it can be run again
         // from there.
         let dataset = match &request.dataset {
@@ -776,18 +840,33 @@ impl JobManager {
         tokio::spawn(async move { manager.run(job, request).await });
     }
 
-    /// LIMIT_EXCEEDED when this replica's queue is full.
-    fn check_room(&self) -> Result<()> {
-        self.room_in(&self.jobs())
+    /// LIMIT_EXCEEDED when this replica's queue is full for a job training
+    /// `head_name`.
+    fn check_room(&self, head_name: &str) -> Result<()> {
+        self.room_in(&self.jobs(), head_name)
     }
 
-    /// LIMIT_EXCEEDED when `jobs`, this replica's table, is full.
-    fn room_in(&self, jobs: &VecDeque<Arc<Job>>) -> Result<()> {
-        let waiting = jobs.iter().filter(|j| !j.state().is_final()).count();
-        if waiting >= self.limits.max_concurrent_jobs + self.limits.max_queued_jobs {
+    /// LIMIT_EXCEEDED when `jobs`, this replica's table, is full, or holds
+    /// the share of the namespace of `head_name`.
+    fn room_in(&self, jobs: &VecDeque<Arc<Job>>, head_name: &str) -> Result<()> {
+        let waiting: Vec<&Arc<Job>> = jobs.iter().filter(|j| !j.state().is_final()).collect();
+        if waiting.len() >= self.limits.max_concurrent_jobs + self.limits.max_queued_jobs {
             return Err(Error::LimitExceeded(format!(
-                "{waiting} training jobs are queued or running, the limit \
-                 (heads.max_concurrent_jobs + heads.max_queued_jobs); retry later"
+                "{} training jobs are queued or running, the limit \
+                 (heads.max_concurrent_jobs + heads.max_queued_jobs); retry later",
+                waiting.len()
+            )));
+        }
+        let namespace = namespace_of(head_name);
+        let mine = waiting
+            .iter()
+            .filter(|j| namespace_of(&j.head_name) == namespace)
+            .count();
+        if at_share(namespace, mine, self.limits.max_queued_jobs_per_namespace) {
+            return Err(Error::LimitExceeded(format!(
+                "{} has {mine} training jobs queued or running here, its share \
+                 (heads.max_queued_jobs_per_namespace); retry later",
+                describe(namespace)
             )));
         }
         Ok(())
@@ -797,7 +876,7 @@ impl JobManager {
     /// ended jobs beyond the retention limit, to forget.
     fn admit(&self, job: &Arc<Job>) -> Result<Vec<Arc<str>>> {
         let mut jobs = self.jobs();
-        self.room_in(&jobs)?;
+        self.room_in(&jobs, &job.head_name)?;
         jobs.push_back(Arc::clone(job));
         Ok(self.prune(&mut jobs))
     }
@@ -934,6 +1013,11 @@ impl JobManager {
             }
         });
         self.write_record(&job).await;
+        if job.handed_off.load(Ordering::Acquire) {
+            // Taken over while it ran: the end is the new owner's to tell,
+            // and so is the dataset.
+            return;
+        }
         metrics::record_training_job(state.as_str(), job.started.elapsed());
         self.update_state_metrics();
         if let Some(event) = end {
@@ -989,16 +1073,68 @@ impl JobManager {
             created_at_ms: journal::millis(SystemTime::now()),
             fine_tuning: None,
         };
-        self.publish(meta, trained.weights, None).await
+        self.publish(job, meta, trained.weights, None).await
     }
 
+    /// Publishes the trained head, unless another replica took the job over
+    /// meanwhile (this one was paused past its lease): the job's head is
+    /// then the new owner's to publish.
     async fn publish(
         &self,
+        job: &Job,
         meta: HeadMetadata,
         weights: HeadWeights,
         adapter: Option<Adapter>,
     ) -> Result<Arc<StoredHead>> {
+        if let Ok(Some(stored)) = self.journal.read(&job.id).await {
+            if !self.journal.may_write(&stored, job.attempt) {
+                return Err(Error::Cancelled(
+                    "another replica took the job over; its head is that replica's to publish"
+                        .into(),
+                ));
+            }
+        }
         self.store.publish(meta, weights, adapter).await
+    }
+}
+
+/// Feeds the events of `job`'s record (written by the replica that took it
+/// over) to the watchers this replica had, until the job ends or none is
+/// left. A record that is gone ended the job elsewhere and was forgotten.
+async fn follow_new_owner(
+    job: Arc<Job>,
+    journal: Arc<JobJournal>,
+    store: Arc<HeadStore>,
+    record: Option<JobRecord>,
+) {
+    let Some(record) = record else {
+        let mut event = job.status().last.clone();
+        event.time = SystemTime::now();
+        event.stage = Stage::Failed(
+            "another replica took the job over and its record is gone; list the jobs to \
+             find its head"
+                .into(),
+        );
+        return job.follow(event);
+    };
+    let (first, receiver) = remote::follow(journal, store, record).await;
+    let ended = first.state().is_final();
+    job.follow(first);
+    let Some(mut receiver) = receiver.filter(|_| !ended) else {
+        return;
+    };
+    while job.events.receiver_count() > 0 {
+        match receiver.recv().await {
+            Ok(event) => {
+                let ended = event.state().is_final();
+                job.follow(event);
+                if ended {
+                    return;
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
     }
 }
 

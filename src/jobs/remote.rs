@@ -6,7 +6,7 @@
 
 use std::{
     sync::Arc,
-    time::{Duration, SystemTime},
+    time::{Duration, Instant},
 };
 
 use tokio::sync::broadcast;
@@ -68,6 +68,7 @@ pub async fn follow(
     }
     let (sender, receiver) = broadcast::channel(16);
     tokio::spawn(async move {
+        let mut quiet = Quiet::new(&record);
         let mut last = record;
         loop {
             tokio::time::sleep(FOLLOW_EVERY).await;
@@ -83,7 +84,7 @@ pub async fn follow(
                     continue;
                 }
             };
-            let next = match abandoned(&next) {
+            let next = match abandoned(&next, quiet.since(&next)) {
                 Some(failed) => failed,
                 None if changed(&last, &next) => next,
                 None => continue,
@@ -119,26 +120,54 @@ fn changed(before: &JobRecord, after: &JobRecord) -> bool {
 /// configured nowhere else) stays unclaimed this long.
 const UNCLAIMED_LEASES: u32 = 10;
 
-/// The record as FAILED when its lease ran out long ago and no replica took
-/// it over: a watcher is told the job will not end by itself.
-fn abandoned(record: &JobRecord) -> Option<JobRecord> {
-    let now = journal::millis(SystemTime::now());
-    let lease_ms = record
-        .lease_until_ms
-        .zip(Some(record.updated_at_ms))
-        .map_or(0, |(until, updated)| until.saturating_sub(updated));
-    let stale_after = lease_ms.max(1_000) * u64::from(UNCLAIMED_LEASES);
-    let expired = record
-        .lease_until_ms
-        .is_some_and(|until| until.saturating_add(stale_after) < now);
-    if record.state.is_final() || !expired {
+/// How long a watched record has stayed unchanged, by the watcher's own
+/// monotonic clock (never the writer's wall clock).
+struct Quiet {
+    what: journal::Signature,
+    since: Instant,
+}
+
+impl Quiet {
+    fn new(record: &JobRecord) -> Self {
+        Self {
+            what: journal::signature(record),
+            since: Instant::now(),
+        }
+    }
+
+    /// How long `record` has been as it is now.
+    fn since(&mut self, record: &JobRecord) -> Duration {
+        let what = journal::signature(record);
+        if what != self.what {
+            *self = Self {
+                what,
+                since: Instant::now(),
+            };
+        }
+        self.since.elapsed()
+    }
+}
+
+/// The record as FAILED when it stayed unchanged for many leases (`quiet`)
+/// and no replica took it over: a watcher is told the job will not end by
+/// itself.
+fn abandoned(record: &JobRecord, quiet: Duration) -> Option<JobRecord> {
+    // Records of earlier versions: the lease is their two times' difference
+    // (one writer's clock, so no skew between clocks enters it).
+    let lease_ms = record.lease_ms.unwrap_or_else(|| {
+        record
+            .lease_until_ms
+            .map_or(0, |until| until.saturating_sub(record.updated_at_ms))
+    });
+    let stale_after = Duration::from_millis(lease_ms.max(1_000)) * UNCLAIMED_LEASES;
+    if record.state.is_final() || quiet < stale_after {
         return None;
     }
     let owner = record.owner.as_deref().unwrap_or("unknown");
     Some(JobRecord {
         state: JobState::Failed,
         error: Some(journal::abandoned(owner)),
-        finished_at_ms: Some(now),
+        finished_at_ms: Some(journal::millis(crate::clock::now())),
         ..record.clone()
     })
 }

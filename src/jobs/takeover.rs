@@ -8,7 +8,7 @@
 use std::sync::{atomic::Ordering, Arc};
 
 use super::{
-    journal::{self, Interruption, JobRecord},
+    journal::{self, Interruption, JobRecord, Written},
     metrics, Job, JobManager, JobSpec, Run,
 };
 
@@ -48,7 +48,7 @@ impl JobManager {
     async fn take(self: &Arc<Self>, record: JobRecord, why: Interruption, attempt: u32) {
         let max = self.limits.job_attempts;
         let (Some(spec), Some(dataset)) = (record.spec.clone(), record.dataset.clone()) else {
-            return self.give_up(record, why.reason).await;
+            return self.give_up(record, why.reason, attempt).await;
         };
         if attempt > max {
             let reason = match max {
@@ -58,14 +58,14 @@ impl JobManager {
                     why.reason
                 ),
             };
-            return self.give_up(record, reason).await;
+            return self.give_up(record, reason, attempt).await;
         }
         let examples = match self.datasets.examples(&dataset).await {
             Ok(examples) => examples,
             Err(err) => {
                 tracing::error!(job = %record.id, error = %err, "a taken-over job's examples are unreadable");
                 let reason = format!("{}; its examples could not be read again", why.reason);
-                return self.give_up(record, reason).await;
+                return self.give_up(record, reason, attempt).await;
             }
         };
         let note = format!(
@@ -103,16 +103,20 @@ impl JobManager {
         self.start(job, request).await;
     }
 
-    /// Records a job FAILED for `reason`, lists it here, and frees its
-    /// examples. A replica still running it (its lease ran out while it was
-    /// alive) sees the end in the store and stops.
-    async fn give_up(&self, mut record: JobRecord, reason: String) {
+    /// Records a job FAILED for `reason` as run `attempt` (claimed, never
+    /// run), lists it here, and frees its examples. A replica still running
+    /// it (its lease ran out while it was alive) sees the end in the store
+    /// and stops.
+    async fn give_up(&self, mut record: JobRecord, reason: String, attempt: u32) {
+        record.state = super::JobState::Failed;
+        record.error = Some(reason.clone());
+        record.finished_at_ms = Some(journal::millis(std::time::SystemTime::now()));
+        if let Written::Superseded(_) = self.journal.write(&record, attempt, false).await {
+            // It ended meanwhile, on the replica that ran it.
+            return;
+        }
         tracing::warn!(job = %record.id, head = %record.head_name, error = %reason,
             "training job did not finish; recorded as failed");
-        record.state = super::JobState::Failed;
-        record.error = Some(reason);
-        record.finished_at_ms = Some(journal::millis(std::time::SystemTime::now()));
-        self.journal.write(&record).await;
         if let Some(dataset) = &record.dataset {
             self.datasets.remove(dataset).await;
         }

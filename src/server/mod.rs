@@ -2,6 +2,8 @@
 //! the server's life cycle (start, load, serve, drain, stop).
 
 pub mod auth;
+mod browser;
+mod connections;
 mod deadline;
 mod embedder;
 mod http_ports;
@@ -10,6 +12,7 @@ mod message_limit;
 mod models;
 mod predictor;
 pub mod request_layer;
+mod response_budget;
 pub mod status;
 mod trainer;
 
@@ -27,7 +30,7 @@ use crate::{
     core,
     datasets::{DatasetLimits, DatasetStore},
     head::{adapters::ResidentAdapters, store::HeadStore},
-    jobs::{journal::JobJournal, JobLimits, JobManager},
+    jobs::{journal::JobJournal, replica::ReplicaName, JobLimits, JobManager},
     metrics,
     proto::{
         embedder_server::EmbedderServer, models_server::ModelsServer,
@@ -42,6 +45,7 @@ use message_limit::BodyLimits;
 use models::ModelsService;
 use predictor::PredictorService;
 use request_layer::RequestLayer;
+use response_budget::ResponseLimits;
 use trainer::TrainerService;
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +66,8 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("cannot open the head store: {0}")]
     HeadStore(crate::Error),
+    #[error("replica name: {0}")]
+    ReplicaName(crate::Error),
     #[error("authentication: {0}")]
     Auth(#[from] auth::AuthSetupError),
     #[error(transparent)]
@@ -125,6 +131,8 @@ struct Domain {
     predictor: Arc<core::Predictor>,
     trainer: Arc<core::Trainer>,
     catalog: Arc<core::Catalog>,
+    /// This process's hold on its replica name, given up at shutdown.
+    replica: Arc<ReplicaName>,
 }
 
 /// This process's name among replicas: the configured one, else the
@@ -186,26 +194,40 @@ async fn open_storage(config: &Config) -> Result<Storage, ServeError> {
 }
 
 /// The datasets and the jobs on the shared store, with their background
-/// tasks: record sync and lease renewal, dataset expiry.
+/// tasks: record sync and lease renewal, dataset expiry. The replica's name
+/// is claimed first: a live process holding it refuses this start.
 async fn build_jobs(
     config: &Config,
     registry: &Arc<BackboneRegistry>,
     store: &Arc<HeadStore>,
     storage: Storage,
-) -> Result<(Arc<JobManager>, Arc<DatasetStore>), ServeError> {
+) -> Result<(Arc<JobManager>, Arc<DatasetStore>, Arc<ReplicaName>), ServeError> {
+    let skew = crate::clock::skew_seconds();
+    if skew != 0.0 {
+        tracing::warn!(
+            seconds = skew,
+            variable = crate::clock::SKEW_ENV,
+            "this process's wall clock is skewed for a test"
+        );
+    }
+    let replica = replica_name(config.server.replica_id.as_deref());
+    let lease = Duration::from_secs_f64(config.heads.job_lease_seconds);
+    let name = ReplicaName::claim(storage.clone(), &replica, lease)
+        .await
+        .map_err(ServeError::ReplicaName)?;
+    name.spawn_renewal();
     let heads = &config.heads;
     let datasets = Arc::new(DatasetStore::new(
         DatasetLimits {
             ttl: Duration::from_secs(heads.dataset_ttl_seconds),
             max_datasets: heads.max_datasets,
+            max_per_namespace: heads.datasets_per_namespace(),
             max_upload_bytes: heads.max_upload_bytes,
             max_total_bytes: heads.max_dataset_bytes,
         },
         storage.clone(),
     ));
     datasets.spawn_sweeper();
-    let replica = replica_name(config.server.replica_id.as_deref());
-    let lease = Duration::from_secs_f64(heads.job_lease_seconds);
     let jobs = JobManager::new(
         Arc::clone(registry),
         Arc::clone(store),
@@ -213,6 +235,7 @@ async fn build_jobs(
         JobLimits {
             max_concurrent_jobs: heads.max_concurrent_jobs,
             max_queued_jobs: heads.max_queued_jobs,
+            max_queued_jobs_per_namespace: heads.queued_jobs_per_namespace(),
             finished_jobs_kept: heads.finished_jobs_kept,
             fine_tune_cache_bytes: heads.fine_tune_cache_bytes,
             job_attempts: heads.job_attempts,
@@ -224,7 +247,7 @@ async fn build_jobs(
     let jobs = Arc::new(jobs);
     jobs.spawn_sync();
     tracing::info!(replica = %replica, "job records are this replica's under its name");
-    Ok((jobs, datasets))
+    Ok((jobs, datasets, name))
 }
 
 impl Domain {
@@ -245,9 +268,10 @@ impl Domain {
                 },
             )
             .await
-            .map_err(ServeError::HeadStore)?,
+            .map_err(ServeError::HeadStore)?
+            .with_namespace_share(config.heads.heads_per_namespace()),
         );
-        let (jobs, datasets) = build_jobs(config, &registry, &store, storage).await?;
+        let (jobs, datasets, replica) = build_jobs(config, &registry, &store, storage).await?;
         let heads = &config.heads;
         let limits = config.limits.clone();
         Ok(Self {
@@ -263,6 +287,7 @@ impl Domain {
             )),
             trainer: Arc::new(core::Trainer::new(
                 Arc::clone(&jobs),
+                Arc::clone(&registry),
                 datasets,
                 heads.clone(),
                 limits.max_text_chars,
@@ -274,6 +299,7 @@ impl Domain {
             registry,
             store,
             jobs,
+            replica,
         })
     }
 }
@@ -329,6 +355,19 @@ fn start_loading(domain: &Domain, health: &HealthReporter) -> tokio::task::JoinH
     })
 }
 
+/// How long an HTTP/2 keepalive ping may go unanswered before the connection
+/// is closed.
+const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The HTTP/2 settings of the gRPC and Health ports: streams per connection,
+/// and keepalive pings that close connections to peers that are gone.
+fn grpc_builder(config: &Config) -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(config.server.max_concurrent_streams_per_connection)
+        .http2_keepalive_interval(Some(config.server.http2_keepalive_interval()))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+}
+
 /// Health alone on a plaintext port, for probes when the main port has TLS.
 async fn start_health_port(
     config: &Config,
@@ -336,17 +375,17 @@ async fn start_health_port(
         impl tonic_health::pb::health_server::Health,
     >,
     limits: listener::ConnectionLimits,
-    body_limits: Arc<BodyLimits>,
+    call_limits: CallLimits,
 ) -> Result<Option<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>, ServeError> {
     let Some(addr) = config.server.health_listen else {
         return Ok(None);
     };
     let listener = bind(addr, "Health (plaintext)").await?;
     Ok(Some(tokio::spawn(
-        tonic::transport::Server::builder()
-            .max_concurrent_streams(config.server.max_concurrent_streams_per_connection)
+        grpc_builder(config)
             // Public by design (probes), bounded like the main port.
-            .layer(RequestLayer::new(body_limits, None))
+            .layer(connections::TrackCalls::default())
+            .layer(call_limits.layer(None))
             .add_service(health_service)
             .serve_with_incoming(listener::incoming(listener, limits, "health")),
     )))
@@ -383,8 +422,9 @@ async fn start_metrics_port(
 struct HttpPort<'a> {
     config: &'a Config,
     limits: listener::ConnectionLimits,
-    body_limits: Arc<BodyLimits>,
+    call_limits: CallLimits,
     auth: Option<Arc<auth::Authenticator>>,
+    browser: Arc<browser::BrowserPolicy>,
     stop: CancellationToken,
     grace: Duration,
 }
@@ -414,13 +454,15 @@ async fn start_http_port(
         catalog: Arc::clone(&domain.catalog),
         auth: port.auth.clone(),
         limits: port.config.limits.clone(),
+        body_limits: Arc::clone(&port.call_limits.bodies),
         started_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
     };
-    let grpc_web = grpc_web_service(domain, port.body_limits, port.auth);
+    let grpc_web = grpc_web_service(domain, &port.call_limits, port.auth);
     let served = http_ports::Port {
-        router: http_ports::api_router(state, grpc_web),
+        router: http_ports::api_router(state, grpc_web)
+            .layer(browser::BrowserGuard::new(port.browser)),
         limits: port.limits,
         name: "http",
         tls,
@@ -428,6 +470,17 @@ async fn start_http_port(
     Ok(Some(tokio::spawn(http_ports::serve(
         listener, served, port.stop, port.grace,
     ))))
+}
+
+/// The Host and Origin checks of the gRPC and HTTP ports, logged once.
+fn browser_policy(config: &Config, auth_enabled: bool) -> Arc<browser::BrowserPolicy> {
+    let policy = browser::BrowserPolicy::from_config(&config.server, auth_enabled);
+    match policy.hosts() {
+        Some(hosts) => tracing::info!(hosts = ?hosts,
+            "requests must be addressed to one of these host names (server.allowed_hosts)"),
+        None => tracing::info!("requests may be addressed to any host name (server.allowed_hosts)"),
+    }
+    Arc::new(policy)
 }
 
 /// CORS for gRPC-Web calls from the listed origins' pages: preflights are
@@ -471,29 +524,58 @@ fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
 /// HTTP port.
 fn grpc_web_service(
     domain: &Domain,
-    body_limits: Arc<BodyLimits>,
+    limits: &CallLimits,
     auth: Option<Arc<auth::Authenticator>>,
 ) -> http_ports::GrpcWeb {
-    let (embedder, models, trainer, predictor) = services(domain);
+    let (embedder, models, trainer, predictor) = services(domain, limits);
     let routes = tonic::service::Routes::new(embedder)
         .add_service(models)
         .add_service(trainer)
         .add_service(predictor);
     let stack = tower::ServiceBuilder::new()
         .layer(tonic_web::GrpcWebLayer::new())
-        .layer(RequestLayer::new(body_limits, auth))
+        .layer(limits.layer(auth))
         .service(routes);
     tower::util::BoxCloneSyncService::new(stack)
 }
 
-/// What request bodies may hold; shared by every port.
-fn body_limits(config: &Config) -> Arc<BodyLimits> {
-    Arc::new(BodyLimits::new(
-        config.limits.max_message_bytes,
-        Duration::from_secs_f64(config.limits.message_timeout_seconds),
-        config.limits.buffered_bytes_per_connection(),
-        config.limits.buffered_request_bytes(),
-    ))
+/// What request bodies and unsent answers may hold; shared by every port.
+#[derive(Clone)]
+struct CallLimits {
+    bodies: Arc<BodyLimits>,
+    answers: Arc<ResponseLimits>,
+    /// limits.max_response_bytes, for tonic's own check as a backstop.
+    max_response_bytes: usize,
+}
+
+impl CallLimits {
+    fn new(config: &Config) -> Self {
+        let limits = &config.limits;
+        Self {
+            bodies: Arc::new(
+                BodyLimits::new(
+                    limits.max_message_bytes,
+                    Duration::from_secs_f64(limits.message_timeout_seconds),
+                    limits.buffered_bytes_per_connection(),
+                    limits.buffered_request_bytes(),
+                )
+                .counting(
+                    limits.max_inputs_per_request,
+                    config.heads.max_examples_per_job,
+                ),
+            ),
+            answers: Arc::new(ResponseLimits::new(
+                limits.unsent_response_bytes_per_connection(),
+                limits.unsent_response_bytes(),
+            )),
+            max_response_bytes: limits.max_response_bytes,
+        }
+    }
+
+    /// The request layer of a port, with these limits and `auth`.
+    fn layer(&self, auth: Option<Arc<auth::Authenticator>>) -> RequestLayer {
+        RequestLayer::new(Arc::clone(&self.bodies), Arc::clone(&self.answers), auth)
+    }
 }
 
 /// Server reflection, v1 and v1alpha: grpcurl before 1.8.8 and many other
@@ -516,9 +598,12 @@ fn reflection() -> Result<
 
 /// The four tlserve services over the domain. The request layer enforces
 /// limits.max_message_bytes with the status the gRPC spec asks for; tonic's
-/// own (OUT_OF_RANGE) limit is lifted so it never fires first.
+/// own (OUT_OF_RANGE) limit is lifted so it never fires first. Answers are
+/// bounded before the work (core) and tonic's encoding limit stops any that
+/// would still pass limits.max_response_bytes.
 fn services(
     domain: &Domain,
+    limits: &CallLimits,
 ) -> (
     EmbedderServer<EmbedderService>,
     ModelsServer<ModelsService>,
@@ -526,15 +611,20 @@ fn services(
     PredictorServer<PredictorService>,
 ) {
     let unlimited = usize::MAX;
+    let answers = limits.max_response_bytes;
     (
         EmbedderServer::new(EmbedderService::new(Arc::clone(&domain.embedder)))
-            .max_decoding_message_size(unlimited),
+            .max_decoding_message_size(unlimited)
+            .max_encoding_message_size(answers),
         ModelsServer::new(ModelsService::new(Arc::clone(&domain.catalog)))
-            .max_decoding_message_size(unlimited),
+            .max_decoding_message_size(unlimited)
+            .max_encoding_message_size(answers),
         TrainerServer::new(TrainerService::new(Arc::clone(&domain.trainer)))
-            .max_decoding_message_size(unlimited),
+            .max_decoding_message_size(unlimited)
+            .max_encoding_message_size(answers),
         PredictorServer::new(PredictorService::new(Arc::clone(&domain.predictor)))
-            .max_decoding_message_size(unlimited),
+            .max_decoding_message_size(unlimited)
+            .max_encoding_message_size(answers),
     )
 }
 
@@ -555,6 +645,7 @@ pub async fn run(
     let connection_limits = listener::ConnectionLimits {
         max_connections: config.server.max_connections,
         first_byte_timeout: config.server.connection_first_byte_timeout(),
+        idle_timeout: config.server.connection_idle_timeout(),
     };
     let metrics_port = start_metrics_port(&config, connection_limits).await?;
     let domain = Domain::build(&config).await?;
@@ -567,24 +658,26 @@ pub async fn run(
         .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
         .await;
     let loader = start_loading(&domain, &health);
-    let body_limits = body_limits(&config);
+    let call_limits = CallLimits::new(&config);
     let health_port = start_health_port(
         &config,
         health_service.clone(),
         connection_limits,
-        Arc::clone(&body_limits),
+        call_limits.clone(),
     )
     .await?;
     let (reflection_v1, reflection_v1alpha) = reflection()?;
 
-    let (embedder, models, trainer, predictor) = services(&domain);
+    let (embedder, models, trainer, predictor) = services(&domain, &call_limits);
     let drain = Drain::new(&config);
+    let browser = browser_policy(&config, authenticator.is_some());
     let http_port = start_http_port(
         HttpPort {
             config: &config,
             limits: connection_limits,
-            body_limits: Arc::clone(&body_limits),
+            call_limits: call_limits.clone(),
             auth: authenticator.clone(),
+            browser: Arc::clone(&browser),
             stop: drain.stopped.clone(),
             grace: drain.grace,
         },
@@ -592,18 +685,18 @@ pub async fn run(
     )
     .await?;
     // HTTP/1.1 as well as HTTP/2, for gRPC-Web clients (browsers).
-    let mut builder = tonic::transport::Server::builder()
-        .accept_http1(true)
-        .max_concurrent_streams(config.server.max_concurrent_streams_per_connection);
+    let mut builder = grpc_builder(&config).accept_http1(true);
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }
     let serve = builder
+        .layer(browser::BrowserGuard::new(browser))
         .layer(tower::util::option_layer(cors(
             &config.server.cors_allowed_origins,
         )))
         .layer(tonic_web::GrpcWebLayer::new())
-        .layer(RequestLayer::new(body_limits, authenticator))
+        .layer(connections::TrackCalls::default())
+        .layer(call_limits.layer(authenticator))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -626,6 +719,7 @@ pub async fn run(
     // of the grace period, and release the others in the shared store, for
     // another replica (or this one after its restart) to run again.
     domain.jobs.finish_or_release_by(drain.grace_end()).await;
+    domain.replica.release().await;
     if let Some(task) = http_port {
         // Its own drain (stop accepting, finish within the grace) has run
         // alongside the gRPC port's; this only waits for it to end.

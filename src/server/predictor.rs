@@ -4,8 +4,12 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::{deadline, request_layer::scope_of};
-use crate::{core::Predictor, proto, wire::convert};
+use super::{deadline, request_layer::scope_of, response_budget::CallAnswers};
+use crate::{
+    core::{AnswerBudget, Predictor, Unbudgeted},
+    proto,
+    wire::convert,
+};
 
 pub struct PredictorService {
     predictor: Arc<Predictor>,
@@ -25,8 +29,13 @@ impl proto::predictor_server::Predictor for PredictorService {
     ) -> Result<Response<proto::PredictResponse>, Status> {
         let deadline = deadline::of(&request);
         let scope = scope_of(&request);
+        let answers = request.extensions().get::<CallAnswers>().cloned();
         let request = convert::predict_request(request.into_inner(), deadline)?;
-        let response = self.predictor.predict(request, &scope).await?;
+        let budget: &dyn AnswerBudget = match &answers {
+            Some(CallAnswers(budget)) => &**budget,
+            None => &Unbudgeted,
+        };
+        let response = self.predictor.predict(request, &scope, budget).await?;
         Ok(Response::new(convert::predict_response(response)))
     }
 }

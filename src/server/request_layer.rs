@@ -1,5 +1,6 @@
 //! A tower layer around every gRPC call: assigns a request id, enforces the message
-//! size limit, logs the call's outcome and records its metrics.
+//! size limit and the budget of unsent answers (response_budget), logs the call's
+//! outcome and records its metrics.
 //!
 //! It also answers DEADLINE_EXCEEDED when the client's deadline passes: an already
 //! expired deadline before any work, a later one just before tonic's own timer
@@ -29,7 +30,8 @@ use super::{
     auth::Authenticator,
     deadline::{self, Deadline},
     listener::ConnectionInfo,
-    message_limit::{BodyLimits, LimitedBody},
+    message_limit::{Arrival, BodyLimits, CallShape, ClientFault, LimitedBody},
+    response_budget::{CallAnswers, CallBudget, ResponseLimits},
     status::{code_name, DETAIL_HEADER},
 };
 use crate::{core::Scope, metrics, telemetry, Error};
@@ -57,16 +59,26 @@ pub struct RequestId(pub Arc<str>);
 #[derive(Clone)]
 pub struct RequestLayer {
     body_limits: Arc<BodyLimits>,
+    response_limits: Arc<ResponseLimits>,
     known_methods: Arc<HashSet<String>>,
+    /// The methods whose requests are client streams.
+    streaming_requests: Arc<HashSet<String>>,
     /// None: authentication off.
     auth: Option<Arc<Authenticator>>,
 }
 
 impl RequestLayer {
-    pub fn new(body_limits: Arc<BodyLimits>, auth: Option<Arc<Authenticator>>) -> Self {
+    pub fn new(
+        body_limits: Arc<BodyLimits>,
+        response_limits: Arc<ResponseLimits>,
+        auth: Option<Arc<Authenticator>>,
+    ) -> Self {
+        let (known, streaming) = known_methods();
         Self {
             body_limits,
-            known_methods: Arc::new(register_methods(known_methods())),
+            response_limits,
+            known_methods: Arc::new(register_methods(known)),
+            streaming_requests: Arc::new(streaming),
             auth,
         }
     }
@@ -116,38 +128,47 @@ where
         let request_id = request_id(request.headers());
         let span = tracing::info_span!("rpc", request_id = %request_id, service, method,
             token = tracing::field::Empty);
+        let fault = Arc::new(ClientFault::default());
         let mut call = CallRecord {
             service,
             method,
             started: Instant::now(),
             finished: false,
             span: span.clone(),
+            fault: Arc::clone(&fault),
         };
 
+        let connection = ConnectionInfo::of(request.extensions());
+        let answers = self
+            .layer
+            .response_limits
+            .call(connection.map(|c| Arc::clone(&c.unsent)));
+        let buffered = connection.map(|c| Arc::clone(&c.buffered));
         // Authentication first: a refused call does no other work.
-        let scope = match self.layer.admit(&request, &span) {
+        let admitted = self
+            .layer
+            .admit(&request, &span)
+            .and_then(|scope| answers.admit().map(|()| scope));
+        let scope = match admitted {
             Ok(scope) => scope,
             Err(status) => {
-                // Logs the refusal with its code, in the call's span.
-                call.finish(status.code(), Some(status.message()));
-                let mut response = status.into_http::<Body>();
-                if let Ok(value) = HeaderValue::from_str(&request_id) {
-                    response.headers_mut().insert(REQUEST_ID_HEADER, value);
-                }
+                let response = refused(&mut call, status, &request_id);
                 return Box::pin(async move { Ok(response) });
             }
         };
 
-        let limits = Arc::clone(&self.layer.body_limits);
-        let connection = ConnectionInfo::of(request.extensions()).map(|c| Arc::clone(&c.buffered));
         let deadline = deadline::from_headers(request.headers());
-        let mut request = request.map(|body| Body::new(LimitedBody::new(body, limits, connection)));
-        request
-            .extensions_mut()
-            .insert(RequestId(request_id.clone()));
-        request.extensions_mut().insert(scope);
+        let shape = self.layer.shape_of(&request, fault);
+        let limits = Arc::clone(&self.layer.body_limits);
+        let path = request.uri().path().to_owned();
+        let mut request =
+            request.map(|body| Body::new(LimitedBody::new(body, &path, limits, buffered, shape)));
+        let extensions = request.extensions_mut();
+        extensions.insert(RequestId(request_id.clone()));
+        extensions.insert(scope);
+        extensions.insert(CallAnswers(Arc::clone(&answers)));
         if let Some(at) = deadline {
-            request.extensions_mut().insert(Deadline(at));
+            extensions.insert(Deadline(at));
         }
 
         let started = call.started;
@@ -165,23 +186,63 @@ where
                     }
                     None => inner.call(request).await?.map(Body::new),
                 };
-                let (mut parts, body) = response.into_parts();
-                if let Ok(value) = HeaderValue::from_str(&request_id) {
-                    parts.headers.insert(REQUEST_ID_HEADER, value);
-                }
-                if let Some(code) = grpc_status(&parts.headers) {
-                    let message = logged_message(&mut parts.headers);
-                    call.finish(code, message.as_deref());
-                }
-                let body = ObservedBody { inner: body, call };
-                Ok(http::Response::from_parts(parts, Body::new(body)))
+                Ok(observed(response, &request_id, call, answers))
             }
             .instrument(span),
         )
     }
 }
 
+/// The call's answer, with its request id, logged when its status is in the
+/// headers, and observed to its end (the call's record, the answer budget).
+fn observed(
+    response: http::Response<Body>,
+    request_id: &str,
+    mut call: CallRecord,
+    answers: Arc<CallBudget>,
+) -> http::Response<Body> {
+    let (mut parts, body) = response.into_parts();
+    if let Ok(value) = HeaderValue::from_str(request_id) {
+        parts.headers.insert(REQUEST_ID_HEADER, value);
+    }
+    if let Some(code) = grpc_status(&parts.headers) {
+        let message = logged_message(&mut parts.headers);
+        call.finish(code, message.as_deref());
+    }
+    let body = ObservedBody {
+        inner: body,
+        call,
+        answers,
+    };
+    http::Response::from_parts(parts, Body::new(body))
+}
+
+/// The answer to a call refused before it began, logged with its code in the
+/// call's span.
+fn refused(call: &mut CallRecord, status: tonic::Status, request_id: &str) -> http::Response<Body> {
+    call.finish(status.code(), Some(status.message()));
+    let mut response = status.into_http::<Body>();
+    if let Ok(value) = HeaderValue::from_str(request_id) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    }
+    response
+}
+
 impl RequestLayer {
+    /// How the call's request messages arrive and may be framed, for its
+    /// body's limits; `fault` learns whether the body failed on the client's
+    /// side.
+    fn shape_of<B>(&self, request: &http::Request<B>, fault: Arc<ClientFault>) -> CallShape {
+        CallShape {
+            arrival: match self.streaming_requests.contains(request.uri().path()) {
+                true => Arrival::Stream,
+                false => Arrival::Single,
+            },
+            encoded: request.headers().contains_key("grpc-encoding"),
+            fault,
+        }
+    }
+
     /// The heads and jobs the call may act on, or why it may not go on at
     /// all; records the token's name in the span.
     fn admit<B>(
@@ -247,15 +308,16 @@ fn register_methods(paths: HashSet<String>) -> HashSet<String> {
     paths
 }
 
-/// Every `/package.Service/Method` path served: ours, health and reflection.
-fn known_methods() -> HashSet<String> {
+/// Every `/package.Service/Method` path served (ours, health and
+/// reflection), and those of them whose requests are client streams.
+fn known_methods() -> (HashSet<String>, HashSet<String>) {
     let sets = [
         crate::proto::FILE_DESCRIPTOR_SET,
         tonic_health::pb::FILE_DESCRIPTOR_SET,
         tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
         tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
     ];
-    let mut paths = HashSet::new();
+    let (mut paths, mut streaming) = (HashSet::new(), HashSet::new());
     for encoded in sets {
         let Ok(set) = prost_types::FileDescriptorSet::decode(encoded) else {
             continue;
@@ -264,12 +326,16 @@ fn known_methods() -> HashSet<String> {
             let package = file.package();
             for service in &file.service {
                 for method in &service.method {
-                    paths.insert(format!("/{package}.{}/{}", service.name(), method.name()));
+                    let path = format!("/{package}.{}/{}", service.name(), method.name());
+                    if method.client_streaming() {
+                        streaming.insert(path.clone());
+                    }
+                    paths.insert(path);
                 }
             }
         }
     }
-    paths
+    (paths, streaming)
 }
 
 fn deadline_exceeded(started: Instant) -> http::Response<Body> {
@@ -332,9 +398,24 @@ struct CallRecord {
     started: Instant,
     finished: bool,
     span: tracing::Span,
+    /// Set by the request body when the client's bytes are what failed.
+    fault: Arc<ClientFault>,
 }
 
+/// How tonic's protobuf decoder words a message that is no protobuf
+/// (tonic-prost's `from_decode_error`, prost's `DecodeError`).
+const PROTOBUF_DECODE_FAILURE: &str = "failed to decode Protobuf message";
+
 impl CallRecord {
+    /// Whether the call failed on what its client sent: a body the request
+    /// layer saw fail, or bytes that are no protobuf message.
+    fn client_fault(&self, code: Code, message: Option<&str>) -> bool {
+        code != Code::Ok
+            && (self.fault.is_set()
+                || code == Code::Internal
+                    && message.is_some_and(|m| m.starts_with(PROTOBUF_DECODE_FAILURE)))
+    }
+
     /// Records the call's metrics and logs it once, with its request id (the
     /// span), code and, for a failure, the message: escaped and cut, since
     /// it may echo what the client sent.
@@ -345,6 +426,10 @@ impl CallRecord {
         let elapsed = self.started.elapsed();
         let name = code_name(code);
         metrics::record_grpc(self.service, self.method, name, elapsed);
+        let client_fault = self.client_fault(code, message);
+        if client_fault {
+            metrics::record_grpc_request_read_error(self.service, self.method, name);
+        }
         let _entered = self.span.enter();
         let millis = (elapsed.as_secs_f64() * 1e6).round() / 1e3;
         let error = message
@@ -353,6 +438,13 @@ impl CallRecord {
         // Probes and reflection are frequent and uninteresting: keep them at debug.
         // The span carries the request id, service and method.
         match (code, error) {
+            // The client's mistake, whatever its code: no page for operators.
+            (_, error) if client_fault => tracing::info!(
+                code = name,
+                millis,
+                error = error.as_deref(),
+                "rpc failed: the request could not be read"
+            ),
             (Code::Internal | Code::Unknown | Code::DataLoss, error) => {
                 tracing::error!(code = name, millis, error = error.as_deref(), "rpc failed")
             }
@@ -373,11 +465,13 @@ impl Drop for CallRecord {
 }
 
 pin_project_lite::pin_project! {
-    /// A response body that records the call when its trailers pass by.
+    /// A response body that records the call when its trailers pass by, and
+    /// counts its bytes as unsent until they are written.
     struct ObservedBody<B> {
         #[pin]
         inner: B,
         call: CallRecord,
+        answers: Arc<CallBudget>,
     }
 }
 
@@ -393,7 +487,11 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
-        let mut polled = this.inner.poll_frame(cx);
+        let answers = &*this.answers;
+        let mut polled = this
+            .inner
+            .poll_frame(cx)
+            .map_ok(|frame| frame.map_data(|data| answers.hold(data)));
         match &mut polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(trailers) = frame.trailers_mut() {
@@ -432,6 +530,7 @@ mod tests {
                 2048,
                 4096,
             )),
+            Arc::new(ResponseLimits::new(2048, 4096)),
             None,
         );
         assert_eq!(

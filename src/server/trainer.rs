@@ -84,8 +84,9 @@ impl proto::trainer_server::Trainer for TrainerService {
         &self,
         request: Request<Streaming<proto::UploadDatasetRequest>>,
     ) -> Result<Response<proto::Dataset>, Status> {
+        let scope = scope_of(&request);
         let mut stream = request.into_inner();
-        let mut upload = self.trainer.begin_upload().await?;
+        let mut upload = self.trainer.begin_upload(&scope).await?;
         let idle = self.trainer.upload_idle_timeout();
         loop {
             let next = tokio::time::timeout(idle, stream.message())

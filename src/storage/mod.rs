@@ -3,7 +3,9 @@
 //! object storage. One small API over both: whole objects read, written
 //! (replacing atomically), created only if absent (the one primitive that
 //! lets processes agree without a lock: version numbers, job ownership),
-//! listed and deleted.
+//! replaced only if unchanged since read (compare-and-set: job records,
+//! which a replica paused past its lease must not overwrite), listed and
+//! deleted.
 //!
 //! Keys are `/`-separated relative paths of plain segments (letters, digits,
 //! `.`, `_`, `-`; none starting with `.`, which the volume keeps for its
@@ -13,7 +15,10 @@
 mod s3;
 mod volume;
 
-use std::time::{Duration, SystemTime};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use bytes::Bytes;
 
@@ -28,6 +33,9 @@ use crate::{
 /// ones that nothing names, or temporary files, are a crash's leftovers.
 pub const LEFTOVER_AGE: Duration = Duration::from_secs(3600);
 
+/// Where the clock probes live ([`Storage::now`]).
+const CLOCK_PREFIX: &str = "clock";
+
 /// One object of a listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -35,6 +43,24 @@ pub struct Entry {
     pub size: u64,
     /// When the object was last written, by the store's clock.
     pub modified: SystemTime,
+}
+
+/// Which write of an object a read saw, for [`Storage::update`]: S3's
+/// entity tag, or on a volume the content itself (records are small).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Version(VersionTag);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum VersionTag {
+    ETag(Option<String>, Option<String>),
+    Content(Bytes),
+}
+
+/// An object and the version of it that was read.
+#[derive(Debug, Clone)]
+pub struct Versioned {
+    pub bytes: Bytes,
+    pub version: Version,
 }
 
 /// Where the shared objects live.
@@ -71,6 +97,8 @@ impl Location {
 #[derive(Clone)]
 pub struct Storage {
     backend: Backend,
+    /// The object this handle writes to read the store's clock.
+    probe: Arc<str>,
 }
 
 #[derive(Clone)]
@@ -87,7 +115,29 @@ impl Storage {
             Location::Volume(root) => Backend::Volume(volume::Volume::open(root)?),
             Location::S3(s3) => Backend::S3(s3::S3::open(s3)?),
         };
-        Ok(Self { backend })
+        let probe = Arc::from(format!("{CLOCK_PREFIX}/{}", uuid::Uuid::new_v4()));
+        Ok(Self { backend, probe })
+    }
+
+    /// The store's own time: the modification time it gives an object
+    /// written now (the file server's clock on a volume, the service's on
+    /// S3). Ages of shared objects are measured on it, never on one
+    /// replica's wall clock against another's.
+    pub async fn now(&self) -> Result<SystemTime> {
+        self.put(&self.probe, Bytes::new()).await?;
+        self.modified(&self.probe)
+            .await?
+            .ok_or_else(|| Error::Storage(format!("the clock probe `{}` vanished", self.probe)))
+    }
+
+    /// When the object at `key` was last written, by the store's clock; None
+    /// when there is none.
+    pub async fn modified(&self, key: &str) -> Result<Option<SystemTime>> {
+        check_key(key)?;
+        match &self.backend {
+            Backend::Volume(volume) => volume.modified(key).await,
+            Backend::S3(s3) => s3.modified(key).await,
+        }
     }
 
     /// What the store is, for logs: a folder or an S3 URL.
@@ -111,10 +161,31 @@ impl Storage {
     /// be another replica's write in progress. Object storage has none (an
     /// upload appears whole or not at all).
     pub async fn remove_leftovers(&self) -> Result<usize> {
-        match &self.backend {
-            Backend::Volume(volume) => volume.remove_leftovers(LEFTOVER_AGE).await,
-            Backend::S3(_) => Ok(0),
+        // Ages by the store's clock: a replica whose clock runs ahead must
+        // not take another's write in progress for a crash's leftover.
+        let now = self.now().await?;
+        let probes = self.remove_old_probes(now).await?;
+        let temporaries = match &self.backend {
+            Backend::Volume(volume) => volume.remove_leftovers(LEFTOVER_AGE, now).await?,
+            Backend::S3(_) => 0,
+        };
+        Ok(probes + temporaries)
+    }
+
+    /// Removes clock probes of earlier processes (one per start) older than
+    /// [`LEFTOVER_AGE`] at the store's time `now`.
+    async fn remove_old_probes(&self, now: SystemTime) -> Result<usize> {
+        let mut removed = 0;
+        for entry in self.list(CLOCK_PREFIX).await? {
+            let old = now
+                .duration_since(entry.modified)
+                .is_ok_and(|age| age >= LEFTOVER_AGE);
+            if old && *entry.key != *self.probe {
+                self.delete(&entry.key).await?;
+                removed += 1;
+            }
         }
+        Ok(removed)
     }
 
     /// The object at `key`; None when there is none.
@@ -133,6 +204,41 @@ impl Storage {
         match &self.backend {
             Backend::Volume(volume) => volume.put(key, bytes).await,
             Backend::S3(s3) => s3.put(key, bytes).await,
+        }
+    }
+
+    /// The object at `key` with its version, for a later
+    /// [`Storage::update`]; None when there is none.
+    pub async fn get_versioned(&self, key: &str) -> Result<Option<Versioned>> {
+        check_key(key)?;
+        match &self.backend {
+            Backend::Volume(volume) => Ok(volume.get(key).await?.map(|bytes| Versioned {
+                version: Version(VersionTag::Content(bytes.clone())),
+                bytes,
+            })),
+            Backend::S3(s3) => s3.get_versioned(key).await,
+        }
+    }
+
+    /// Replaces the object at `key` with `bytes` only if it is still the
+    /// `expected` version: true when this call replaced it, false when
+    /// another write (or a delete) came first. Of concurrent updates of one
+    /// version, in any processes, at most one succeeds. On S3 an `If-Match`
+    /// PUT; on a volume the comparison and the rename run under an exclusive
+    /// lock on a file beside the object (`flock`, which NFS carries as a
+    /// POSIX lock).
+    pub async fn update(&self, key: &str, bytes: Bytes, expected: &Version) -> Result<bool> {
+        check_key(key)?;
+        match (&self.backend, &expected.0) {
+            (Backend::Volume(volume), VersionTag::Content(content)) => {
+                volume.update(key, bytes, content.clone()).await
+            }
+            (Backend::S3(s3), VersionTag::ETag(e_tag, version)) => {
+                s3.update(key, bytes, e_tag.clone(), version.clone()).await
+            }
+            _ => Err(Error::Internal(format!(
+                "a version of `{key}` from another store"
+            ))),
         }
     }
 
@@ -194,7 +300,34 @@ fn storage_error(doing: &str, key: &str, err: impl std::fmt::Display) -> Error {
 
 #[cfg(test)]
 mod tests {
-    use super::check_key;
+    use super::*;
+
+    /// Of two updates of one version one wins; an update of a version
+    /// another write replaced is refused, as is one of a deleted object.
+    #[tokio::test]
+    async fn updates_replace_only_the_version_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Storage::open(&Location::Volume(dir.path().to_owned())).unwrap();
+        let other = Storage::open(&Location::Volume(dir.path().to_owned())).unwrap();
+        assert!(store.create("r/x", Bytes::from_static(b"1")).await.unwrap());
+        let read = store.get_versioned("r/x").await.unwrap().unwrap();
+        let (a, b) = tokio::join!(
+            store.update("r/x", Bytes::from_static(b"2"), &read.version),
+            other.update("r/x", Bytes::from_static(b"3"), &read.version),
+        );
+        assert!(a.unwrap() != b.unwrap(), "one of two updates wins");
+        let stale = store.update("r/x", Bytes::from_static(b"4"), &read.version);
+        assert!(!stale.await.unwrap());
+        let now = store.get_versioned("r/x").await.unwrap().unwrap();
+        assert_ne!(now.bytes, Bytes::from_static(b"4"));
+        assert!(
+            store.list("r").await.unwrap().len() == 1,
+            "no lock file listed"
+        );
+        store.delete("r/x").await.unwrap();
+        let gone = store.update("r/x", Bytes::from_static(b"5"), &now.version);
+        assert!(!gone.await.unwrap());
+    }
 
     #[test]
     fn keys_are_plain_relative_paths() {

@@ -1,7 +1,9 @@
 //! The store on S3-compatible object storage, through the `object_store`
 //! crate. A create is a PUT with `If-None-Match: *`, which S3 (since 2024),
 //! MinIO, Cloudflare R2 and moto honour: of concurrent creators exactly one
-//! succeeds. Credentials come from the environment (`AWS_ACCESS_KEY_ID`,
+//! succeeds. An update is a PUT with `If-Match: <etag>` of the version
+//! read (S3 since 2024, MinIO, R2 and moto honour it): of concurrent
+//! updaters of one version at most one succeeds. Credentials come from the environment (`AWS_ACCESS_KEY_ID`,
 //! `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, or a pod's web identity),
 //! never from the config file.
 
@@ -11,9 +13,10 @@ use bytes::Bytes;
 use futures_util::TryStreamExt;
 use object_store::{
     aws::AmazonS3Builder, path::Path, ObjectStore, ObjectStoreExt, PutMode, PutPayload,
+    UpdateVersion,
 };
 
-use super::{storage_error, Entry};
+use super::{storage_error, Entry, Version, VersionTag, Versioned};
 use crate::{Error, Result};
 
 /// Where in S3 the store lives.
@@ -114,6 +117,52 @@ impl S3 {
             .await
             .map_err(|err| storage_error("read", key, err))?;
         Ok(Some(bytes))
+    }
+
+    pub async fn get_versioned(&self, key: &str) -> Result<Option<Versioned>> {
+        let found = match self.store.get(&self.path(key)).await {
+            Ok(found) => found,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(err) => return Err(storage_error("read", key, err)),
+        };
+        let tag = VersionTag::ETag(found.meta.e_tag.clone(), found.meta.version.clone());
+        let bytes = found
+            .bytes()
+            .await
+            .map_err(|err| storage_error("read", key, err))?;
+        Ok(Some(Versioned {
+            bytes,
+            version: Version(tag),
+        }))
+    }
+
+    pub async fn update(
+        &self,
+        key: &str,
+        bytes: Bytes,
+        e_tag: Option<String>,
+        version: Option<String>,
+    ) -> Result<bool> {
+        let mode = PutMode::Update(UpdateVersion { e_tag, version });
+        let updated = self
+            .store
+            .put_opts(&self.path(key), PutPayload::from(bytes), mode.into())
+            .await;
+        match updated {
+            Ok(_) => Ok(true),
+            Err(
+                object_store::Error::Precondition { .. } | object_store::Error::NotFound { .. },
+            ) => Ok(false),
+            Err(err) => Err(storage_error("update", key, err)),
+        }
+    }
+
+    pub async fn modified(&self, key: &str) -> Result<Option<std::time::SystemTime>> {
+        match self.store.head(&self.path(key)).await {
+            Ok(meta) => Ok(Some(meta.last_modified.into())),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(err) => Err(storage_error("read the time of", key, err)),
+        }
     }
 
     pub async fn put(&self, key: &str, bytes: Bytes) -> Result<()> {

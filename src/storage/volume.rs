@@ -38,10 +38,14 @@ impl Volume {
         &self.root
     }
 
-    pub async fn remove_leftovers(&self, age: std::time::Duration) -> Result<usize> {
+    pub async fn remove_leftovers(
+        &self,
+        age: std::time::Duration,
+        now: std::time::SystemTime,
+    ) -> Result<usize> {
         let root = self.root.clone();
         run_blocking("removing leftovers", move || {
-            remove_old_temporaries(&root, age)
+            remove_old_temporaries(&root, age, now)
         })
         .await?
         .map_err(|err| storage_error("clean", "the store", err))
@@ -63,6 +67,17 @@ impl Volume {
         }
     }
 
+    pub async fn modified(&self, key: &str) -> Result<Option<std::time::SystemTime>> {
+        match tokio::fs::metadata(self.path(key)).await {
+            Ok(meta) => meta
+                .modified()
+                .map(Some)
+                .map_err(|err| storage_error("read the time of", key, err)),
+            Err(err) if err.kind() == ErrorKind::NotFound => Ok(None),
+            Err(err) => Err(storage_error("read the time of", key, err)),
+        }
+    }
+
     pub async fn put(&self, key: &str, bytes: Bytes) -> Result<()> {
         let path = self.path(key);
         let owned = key.to_owned();
@@ -80,6 +95,16 @@ impl Volume {
         run_blocking("a storage create", move || create_new(&path, &bytes))
             .await?
             .map_err(|err| storage_error("create", &owned, err))
+    }
+
+    pub async fn update(&self, key: &str, bytes: Bytes, expected: Bytes) -> Result<bool> {
+        let path = self.path(key);
+        let owned = key.to_owned();
+        run_blocking("a storage update", move || {
+            update_locked(&path, &bytes, &expected)
+        })
+        .await?
+        .map_err(|err| storage_error("update", &owned, err))
     }
 
     pub async fn list(&self, prefix: &str) -> Result<Vec<Entry>> {
@@ -112,9 +137,46 @@ fn create_new(path: &Path, bytes: &[u8]) -> std::io::Result<bool> {
     fsutil::create_atomically(path, bytes)
 }
 
+/// Prefix of the lock files beside objects that are updated conditionally.
+/// Never removed: a lock file replaced while held would let two writers in.
+const LOCK_PREFIX: &str = ".lock-";
+
+/// Replaces `path` with `bytes` if it holds `expected`, under an exclusive
+/// lock on `.lock-<name>` beside it, so that no other conditional write of
+/// it runs between the comparison and the rename. A holder that dies
+/// releases its lock; one stopped inside this short section holds the
+/// others' updates of this object back until it resumes.
+fn update_locked(path: &Path, bytes: &[u8], expected: &[u8]) -> std::io::Result<bool> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Ok(false);
+    };
+    let lock_path = dir.join(format!("{LOCK_PREFIX}{}", name.to_string_lossy()));
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(lock_path)?;
+    lock.lock()?;
+    let current = match fs::read(path) {
+        Ok(current) => current,
+        Err(err) if err.kind() == ErrorKind::NotFound => return Ok(false),
+        Err(err) => return Err(err),
+    };
+    if current != expected {
+        return Ok(false);
+    }
+    fsutil::write_atomically(path, bytes)?;
+    Ok(true)
+}
+
 /// Removes the temporary files (names starting with [`fsutil::TEMP_PREFIX`])
-/// under `start` that were last written at least `age` ago.
-fn remove_old_temporaries(start: &Path, age: std::time::Duration) -> std::io::Result<usize> {
+/// under `start` that were last written at least `age` before `now`, the
+/// store's time (the file server's, as the files' times are).
+fn remove_old_temporaries(
+    start: &Path,
+    age: std::time::Duration,
+    now: std::time::SystemTime,
+) -> std::io::Result<usize> {
     let mut removed = 0;
     let mut pending = vec![start.to_owned()];
     while let Some(dir) = pending.pop() {
@@ -132,7 +194,12 @@ fn remove_old_temporaries(start: &Path, age: std::time::Duration) -> std::io::Re
                 .file_name()
                 .to_string_lossy()
                 .starts_with(fsutil::TEMP_PREFIX);
-            if temporary && fsutil::is_older_than(&path, age) {
+            let old = || {
+                fs::metadata(&path)
+                    .and_then(|meta| meta.modified())
+                    .is_ok_and(|written| now.duration_since(written).is_ok_and(|d| d >= age))
+            };
+            if temporary && old() {
                 let gone = match item.file_type()?.is_dir() {
                     true => fs::remove_dir_all(&path),
                     false => fs::remove_file(&path),

@@ -3,5 +3,6 @@
 //! protobuf.
 
 pub mod convert;
+pub mod field_count;
 pub mod framing;
 pub mod heads;

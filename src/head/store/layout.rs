@@ -12,7 +12,9 @@
 //! number, so of concurrent publishers (in any processes) exactly one gets
 //! each number, and a number is only ever claimed by a complete version. The
 //! loser tries the next number with the same blob. A crash leaves at most an
-//! unnamed blob, which the store removes once it is old.
+//! unnamed blob, which the store removes once it is old and no manifest
+//! mentions it, read or not by this server: a newer server's manifest may
+//! hold a head kind, or name blobs under fields, this one does not know.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -90,16 +92,48 @@ pub fn decode_manifest(bytes: &[u8], name: &str, version: u32) -> Result<(HeadMe
             meta.name, meta.version
         )));
     }
-    let weights = manifest
-        .weights
-        .unwrap_or_else(|| format!("{HEADS}/{name}/{version}/{LEGACY_WEIGHTS}"));
-    // A manifest only ever names its own head's objects.
+    let weights = weights_key(manifest.weights, name, version)?;
+    Ok((meta, weights))
+}
+
+/// The key of a version's weights: as its manifest names them, or beside the
+/// manifest for versions published before blobs. A manifest only ever names
+/// its own head's objects.
+fn weights_key(named: Option<String>, name: &str, version: u32) -> Result<String> {
+    let weights = named.unwrap_or_else(|| format!("{HEADS}/{name}/{version}/{LEGACY_WEIGHTS}"));
     if !weights.starts_with(&format!("{HEADS}/{name}/")) {
         return Err(Error::Storage(format!(
-            "{key} names weights outside its head: {weights}"
+            "{} names weights outside its head: {weights}",
+            manifest_key(name, version)
         )));
     }
-    Ok((meta, weights))
+    Ok(weights)
+}
+
+/// The key of the weights a manifest names, read without understanding the
+/// rest of it (a newer server's head kind, fields this one does not know), so
+/// that deleting a version this replica cannot load still removes them. None
+/// when the manifest is not a JSON object with a string `weights` (or none),
+/// or names weights outside its head.
+pub fn manifest_weights(bytes: &[u8], name: &str, version: u32) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Named {
+        #[serde(default)]
+        weights: Option<String>,
+    }
+    let named: Named = serde_json::from_slice(bytes).ok()?;
+    weights_key(named.weights, name, version).ok()
+}
+
+/// Whether a manifest mentions the blob at `blob_key`: its id (the file name
+/// up to the first `.`) appears anywhere in the manifest's bytes. Read this
+/// way, whatever the manifest's format, a blob that any version may name is
+/// never taken for a crashed publish's leftover; a false match only keeps a
+/// blob longer.
+pub fn mentions(manifest: &[u8], blob_key: &str) -> bool {
+    let file = blob_key.rsplit('/').next().unwrap_or(blob_key);
+    let id = file.split('.').next().unwrap_or(file).as_bytes();
+    !id.is_empty() && manifest.windows(id.len()).any(|window| window == id)
 }
 
 /// A version's weights and adapter as one safetensors blob.
@@ -212,6 +246,36 @@ mod tests {
             size: 1,
             modified: SystemTime::now(),
         }
+    }
+
+    /// A newer server's manifest: a head kind this one does not know, and a
+    /// second blob under a field it has never heard of.
+    const NEWER: &str = r#"{"name": "n", "version": 3, "kind": {"type": "mixture"},
+        "weights": "heads/n/blobs/1111-aa.safetensors",
+        "router": "heads/n/blobs/2222-bb.safetensors"}"#;
+
+    #[test]
+    fn manifests_a_replica_cannot_load_still_name_their_blobs() {
+        assert!(decode_manifest(NEWER.as_bytes(), "n", 3).is_err());
+        assert_eq!(
+            manifest_weights(NEWER.as_bytes(), "n", 3).as_deref(),
+            Some("heads/n/blobs/1111-aa.safetensors")
+        );
+        assert_eq!(
+            manifest_weights(b"{}", "n", 3).as_deref(),
+            Some("heads/n/3/weights.safetensors"),
+            "the layout before blobs"
+        );
+        assert!(manifest_weights(br#"{"weights": "heads/m/x"}"#, "n", 3).is_none());
+        assert!(manifest_weights(b"{not json", "n", 3).is_none());
+        for blob in ["1111-aa", "2222-bb"] {
+            let key = format!("heads/n/blobs/{blob}.safetensors");
+            assert!(mentions(NEWER.as_bytes(), &key), "{key}");
+        }
+        assert!(!mentions(
+            NEWER.as_bytes(),
+            "heads/n/blobs/3333-cc.safetensors"
+        ));
     }
 
     #[test]

@@ -16,18 +16,19 @@ mod legacy;
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     sync::{Arc, Mutex, RwLock},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use super::{
     adapters::{AdapterCache, ResidentAdapters},
     model::HeadWeights,
+    namespace::{at_share, describe, namespace_of},
     HeadMetadata, HeadRef,
 };
 use crate::{
     backbone::adapter::Adapter,
     config::is_valid_name,
-    storage::{Storage, LEFTOVER_AGE},
+    storage::{Entry, Storage, LEFTOVER_AGE},
     sync::lock,
     task::run_blocking,
     Error, Result,
@@ -70,6 +71,10 @@ pub struct HeadStore {
     /// view. Other processes are kept apart by the store's creates.
     writer: tokio::sync::Mutex<()>,
     max_heads: usize,
+    /// Head versions of one namespace (heads.max_heads_per_namespace).
+    max_heads_per_namespace: usize,
+    /// When unnamed blobs were last looked for; None before the first time.
+    swept: Mutex<Option<Instant>>,
     /// Fine-tuned heads' adapters, a bounded number resident.
     adapters: AdapterCache,
 }
@@ -88,6 +93,11 @@ pub const REFRESH_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Most names whose last scan is remembered (see `mark_scanned`).
 const MAX_SCAN_RECORDS: usize = 4096;
+
+/// How often unnamed blobs are looked for. They are removed only once older
+/// than [`LEFTOVER_AGE`], so looking more often gains nothing, and each look
+/// at a name with candidates reads its manifests.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Tries at claiming a version number before giving up: each lost try means
 /// another process claimed that number meanwhile.
@@ -111,6 +121,8 @@ impl HeadStore {
             refresh_interval: REFRESH_INTERVAL,
             writer: tokio::sync::Mutex::new(()),
             max_heads,
+            max_heads_per_namespace: max_heads,
+            swept: Mutex::new(None),
             adapters: AdapterCache::new(resident_adapters),
         };
         store.refresh_all().await?;
@@ -119,6 +131,13 @@ impl HeadStore {
         tracing::info!(store = %store.storage.describe(), heads = store.count(),
             "head store opened");
         Ok(store)
+    }
+
+    /// The store with a share of its head versions per namespace
+    /// (heads.max_heads_per_namespace); without it a namespace may hold all.
+    pub fn with_namespace_share(mut self, max_heads_per_namespace: usize) -> Self {
+        self.max_heads_per_namespace = max_heads_per_namespace;
+        self
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Versions>> {
@@ -138,10 +157,15 @@ impl HeadStore {
 
     /// [`HeadStore::refresh_name`] for a caller that holds the writer lock.
     async fn refresh_name_locked(&self, name: &str) -> Result<NameListing> {
-        let entries = self.storage.list(&layout::name_prefix(name)).await?;
-        let listing = layout::group(entries).remove(name).unwrap_or_default();
+        let listing = self.listing(name).await?;
         self.apply(name, &listing).await;
         Ok(listing)
+    }
+
+    /// What the store holds of `name` now.
+    async fn listing(&self, name: &str) -> Result<NameListing> {
+        let entries = self.storage.list(&layout::name_prefix(name)).await?;
+        Ok(layout::group(entries).remove(name).unwrap_or_default())
     }
 
     /// Re-reads every name in the store.
@@ -152,10 +176,13 @@ impl HeadStore {
         for name in known {
             grouped.entry(name).or_default();
         }
+        let sweep = self.sweep_due();
         for (name, listing) in grouped {
             if is_valid_name(&name) {
                 self.apply(&name, &listing).await;
-                self.remove_unnamed_blobs(&name, &listing).await;
+                if sweep {
+                    self.remove_unnamed_blobs(&name, &listing).await;
+                }
             }
         }
         self.mark_scanned("");
@@ -200,28 +227,93 @@ impl HeadStore {
         self.mark_scanned(name);
     }
 
-    /// Removes the blobs of `name` that no version names and that are old
-    /// enough to be a crashed publisher's rather than one in progress.
+    /// Whether unnamed blobs are due to be looked for (at open, then every
+    /// [`SWEEP_INTERVAL`]); if so, the time is taken.
+    fn sweep_due(&self) -> bool {
+        let mut swept = lock(&self.swept);
+        let due = swept.is_none_or(|at| at.elapsed() >= SWEEP_INTERVAL);
+        if due {
+            *swept = Some(Instant::now());
+        }
+        due
+    }
+
+    /// Removes the blobs of `name` that no manifest in the store mentions and
+    /// that are old enough to be a crashed publisher's rather than one in
+    /// progress. Only what is provably unreferenced goes: a version this
+    /// replica cannot load (a newer server's head kind during a rolling
+    /// upgrade) still holds every blob its manifest mentions, and when a
+    /// manifest cannot be read nothing of the name is removed. A version
+    /// marked deleted holds nothing, so a deletion cut short is finished here.
     async fn remove_unnamed_blobs(&self, name: &str, listing: &NameListing) {
         let named: HashSet<String> = self
             .read()
             .get(name)
             .map(|versions| versions.values().map(|k| k.blob.clone()).collect())
             .unwrap_or_default();
-        let now = SystemTime::now();
-        for blob in &listing.blobs {
-            let old = now
-                .duration_since(blob.modified)
-                .is_ok_and(|age| age >= LEFTOVER_AGE);
-            if old && !named.contains(&blob.key) {
-                match self.storage.delete(&blob.key).await {
-                    Ok(()) => {
-                        tracing::info!(key = %blob.key, "removed a crashed publish's weights")
-                    }
-                    Err(err) => tracing::warn!(error = %err, "cannot remove a leftover"),
-                }
+        let unnamed: Vec<&Entry> = listing
+            .blobs
+            .iter()
+            .filter(|blob| !named.contains(&blob.key))
+            .collect();
+        if unnamed.is_empty() {
+            return;
+        }
+        // Aged by the store's clock, as the blobs' times are: a replica whose
+        // clock runs ahead must not take another's publish in progress (its
+        // weights written, its manifest not yet) for a crash's leftover.
+        let now = match self.storage.now().await {
+            Ok(now) => now,
+            Err(err) => {
+                tracing::warn!(head = %name, error = %err,
+                    "cannot read the store's clock; none of the head's weights removed");
+                return;
+            }
+        };
+        let candidates: Vec<&Entry> = unnamed
+            .into_iter()
+            .filter(|blob| {
+                now.duration_since(blob.modified)
+                    .is_ok_and(|age| age >= LEFTOVER_AGE)
+            })
+            .collect();
+        if candidates.is_empty() {
+            return;
+        }
+        let manifests = match self.live_manifests(name, listing).await {
+            Ok(manifests) => manifests,
+            Err(err) => {
+                tracing::warn!(head = %name, error = %err,
+                    "cannot read the head's manifests; none of its weights removed");
+                return;
+            }
+        };
+        for blob in candidates {
+            if manifests.iter().any(|m| layout::mentions(m, &blob.key)) {
+                continue;
+            }
+            match self.storage.delete(&blob.key).await {
+                Ok(()) => tracing::info!(key = %blob.key, "removed a crashed publish's weights"),
+                Err(err) => tracing::warn!(error = %err, "cannot remove a leftover"),
             }
         }
+    }
+
+    /// The manifests of the versions `listing` has live, as stored, read or
+    /// not by this replica.
+    async fn live_manifests(&self, name: &str, listing: &NameListing) -> Result<Vec<bytes::Bytes>> {
+        let mut manifests = Vec::with_capacity(listing.live.len());
+        for &version in &listing.live {
+            // One deleted meanwhile holds nothing any more.
+            if let Some(bytes) = self
+                .storage
+                .get(&layout::manifest_key(name, version))
+                .await?
+            {
+                manifests.push(bytes);
+            }
+        }
+        Ok(manifests)
     }
 
     /// One version read from the store.
@@ -366,13 +458,7 @@ impl HeadStore {
             )));
         }
         let _writer = self.writer.lock().await;
-        let total = self.count();
-        if total >= self.max_heads {
-            return Err(Error::LimitExceeded(format!(
-                "the head store holds {total} head versions, its limit (heads.max_heads); \
-                 delete some first"
-            )));
-        }
+        self.check_room(&meta.name)?;
         let (weights, adapter, blob_bytes) = run_blocking("encoding a head", move || {
             let bytes = layout::encode_weights(&weights, adapter.as_ref());
             (weights, adapter, bytes)
@@ -405,6 +491,34 @@ impl HeadStore {
         drop(heads);
         tracing::info!(head = %head.meta.name, version, "head published");
         Ok(head)
+    }
+
+    /// RESOURCE_EXHAUSTED when a new version of `name` would pass the bound
+    /// on head versions in the store, or its namespace's share of it; counted
+    /// in this replica's view (the versions it has loaded).
+    pub fn check_room(&self, name: &str) -> Result<()> {
+        let heads = self.read();
+        let total: usize = heads.values().map(BTreeMap::len).sum();
+        if total >= self.max_heads {
+            return Err(Error::LimitExceeded(format!(
+                "the head store holds {total} head versions, its limit (heads.max_heads); \
+                 delete some first"
+            )));
+        }
+        let namespace = namespace_of(name);
+        let held: usize = heads
+            .iter()
+            .filter(|(held_name, _)| namespace_of(held_name) == namespace)
+            .map(|(_, versions)| versions.len())
+            .sum();
+        if at_share(namespace, held, self.max_heads_per_namespace) {
+            return Err(Error::LimitExceeded(format!(
+                "{} holds {held} head versions, its share of the store \
+                 (heads.max_heads_per_namespace); delete some first",
+                describe(namespace)
+            )));
+        }
+        Ok(())
     }
 
     /// Claims the next free version number for `meta` by creating its
@@ -464,35 +578,23 @@ impl HeadStore {
     }
 
     /// Deletes one version, or every version when the reference names none.
+    /// The versions are read from the store under the deletion, not from the
+    /// in-memory view, which may lag: a version another replica published a
+    /// moment ago goes too, and so does one this replica cannot load.
     pub async fn delete(&self, reference: &HeadRef) -> Result<Vec<u32>> {
         let _writer = self.writer.lock().await;
-        let doomed: Vec<(u32, String)> = {
-            let heads = self.read();
-            let existing = heads
-                .get(&reference.name)
-                .ok_or_else(|| Error::HeadNotFound(reference.to_string()))?;
-            let pick = |(v, k): (&u32, &Known)| (*v, k.blob.clone());
-            match reference.version {
-                Some(v) => match existing.get_key_value(&v) {
-                    Some(found) => vec![pick(found)],
-                    None => return Err(Error::HeadNotFound(reference.to_string())),
-                },
-                None => existing.iter().map(pick).collect(),
-            }
-        };
         let name = &reference.name;
-        for (version, blob) in &doomed {
-            // The marker first: from then on the version is gone for every
-            // reader, and its number stays taken. The rest is clean-up.
-            self.storage
-                .put(&layout::deleted_key(name, *version), bytes::Bytes::new())
-                .await?;
-            self.storage.delete(blob).await?;
-            self.storage
-                .delete(&layout::manifest_key(name, *version))
-                .await?;
+        let live = self.listing(name).await?.live;
+        let versions: Vec<u32> = match reference.version {
+            None => live.into_iter().collect(),
+            Some(version) => live.get(&version).copied().into_iter().collect(),
+        };
+        if versions.is_empty() {
+            return Err(Error::HeadNotFound(reference.to_string()));
         }
-        let versions: Vec<u32> = doomed.iter().map(|(v, _)| *v).collect();
+        for &version in &versions {
+            self.delete_version(name, version).await?;
+        }
         let mut heads = crate::sync::write(&self.heads);
         if let Some(existing) = heads.get_mut(name) {
             existing.retain(|v, _| !versions.contains(v));
@@ -504,6 +606,27 @@ impl HeadStore {
         report_sizes(&heads);
         tracing::info!(head = %name, versions = ?versions, "head versions deleted");
         Ok(versions)
+    }
+
+    /// Deletes one version in the store: the marker first (from then on the
+    /// version is gone for every reader, and its number stays taken), then
+    /// the weights its manifest names, read whether or not this replica can
+    /// load the version, then the manifest. Other blobs a newer server's
+    /// manifest may name are left to [`HeadStore::remove_unnamed_blobs`].
+    async fn delete_version(&self, name: &str, version: u32) -> Result<()> {
+        let manifest_key = layout::manifest_key(name, version);
+        let weights = self
+            .storage
+            .get(&manifest_key)
+            .await?
+            .and_then(|manifest| layout::manifest_weights(&manifest, name, version));
+        self.storage
+            .put(&layout::deleted_key(name, version), bytes::Bytes::new())
+            .await?;
+        if let Some(weights) = weights {
+            self.storage.delete(&weights).await?;
+        }
+        self.storage.delete(&manifest_key).await
     }
 }
 

@@ -1,7 +1,7 @@
 //! The head store on a volume; tests/storage.rs runs the same publishing
 //! across processes and on S3.
 
-use std::fs;
+use std::{fs, time::SystemTime};
 
 use super::*;
 use crate::head::finetune::Method;
@@ -380,25 +380,30 @@ async fn lookups_of_unknown_names_keep_a_bounded_record() {
     assert!(lock(&store.missed).len() <= MAX_SCAN_RECORDS);
 }
 
+/// Two stores on `dir`: `a` published versions 1 and 2 of `name`, `b` read
+/// the store (its periodic re-read ran) between the two.
+async fn one_version_behind(dir: &std::path::Path, name: &str) -> (HeadStore, HeadStore) {
+    let a = open(dir, 100).await;
+    let b = open(dir, 100).await;
+    let (meta, weights) = head(name);
+    a.publish(meta.clone(), weights.clone(), None)
+        .await
+        .unwrap();
+    b.refresh_all().await.unwrap();
+    a.publish(meta, weights, None).await.unwrap();
+    (a, b)
+}
+
 /// A version another replica publishes is read at once on a miss, however
 /// recently the periodic re-read ran; a second miss on the name within the
 /// refresh interval waits for the next one.
 #[tokio::test]
 async fn a_miss_reads_the_store_at_once_whatever_the_periodic_reads() {
     let dir = tempfile::tempdir().unwrap();
-    let a = open(dir.path(), 100).await;
-    let b = open(dir.path(), 100).await;
-    let (meta, weights) = head("fresh");
-    a.publish(meta.clone(), weights.clone(), None)
-        .await
-        .unwrap();
-    // The periodic re-read just ran on b.
-    b.refresh_all().await.unwrap();
-    a.publish(meta.clone(), weights.clone(), None)
-        .await
-        .unwrap();
+    let (a, b) = one_version_behind(dir.path(), "fresh").await;
     let found = b.get(&reference("fresh@2")).await.unwrap();
     assert_eq!(found.meta.version, 2);
+    let (meta, weights) = head("fresh");
     a.publish(meta, weights, None).await.unwrap();
     assert!(
         b.get(&reference("fresh@3")).await.is_err(),
@@ -440,4 +445,135 @@ async fn heads_of_the_earlier_layout_are_carried_over() {
     let (meta, weights) = head("old");
     let next = store.publish(meta, weights, None).await.unwrap();
     assert_eq!(next.meta.version, 5, "above the remembered 4");
+}
+
+/// Makes the object at `path` look written `age` ago.
+fn age(path: &std::path::Path, age: Duration) {
+    fs::File::options()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_modified(SystemTime::now() - age))
+        .unwrap();
+}
+
+/// A store written by a newer server during a rolling upgrade: version 1
+/// loads here but its manifest names a second blob under a field this
+/// server does not know; version 2 has a head kind it cannot load at all.
+/// The sweep keeps every blob some manifest names, loadable or not, and
+/// still removes a crashed publish's weights; deleting every version then
+/// removes the unloadable one too.
+#[tokio::test]
+async fn weights_named_by_manifests_this_replica_cannot_load_are_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let (meta, weights) = head("future");
+    open(dir.path(), 100)
+        .await
+        .publish(meta, weights, None)
+        .await
+        .unwrap();
+    let root = dir.path().join("heads/future");
+    let blobs = root.join("blobs");
+    let blob_of = |id: &str| blobs.join(format!("{id}.safetensors"));
+    let key_of = |id: &str| format!("heads/future/blobs/{id}.safetensors");
+    let manifest = |version: u32| root.join(format!("{version}/head.json"));
+    let mut first: serde_json::Value =
+        serde_json::from_slice(&fs::read(manifest(1)).unwrap()).unwrap();
+    first["router_weights"] = key_of("1-router").into();
+    fs::write(manifest(1), serde_json::to_vec(&first).unwrap()).unwrap();
+    let mut second = first.clone();
+    second["version"] = 2.into();
+    second["kind"] = serde_json::json!({"type": "mixture", "experts": 4});
+    second["weights"] = key_of("2-experts").into();
+    second.as_object_mut().unwrap().remove("router_weights");
+    fs::create_dir_all(root.join("2")).unwrap();
+    fs::write(manifest(2), serde_json::to_vec(&second).unwrap()).unwrap();
+    for id in ["1-router", "2-experts", "crashed"] {
+        fs::write(blob_of(id), b"w").unwrap();
+    }
+    for entry in fs::read_dir(&blobs).unwrap() {
+        age(&entry.unwrap().path(), 2 * LEFTOVER_AGE);
+    }
+
+    let replica = open(dir.path(), 100).await;
+    let loaded: Vec<u32> = replica
+        .list(None, true)
+        .await
+        .iter()
+        .map(|h| h.meta.version)
+        .collect();
+    assert_eq!(loaded, [1], "version 2 cannot be loaded here");
+    assert!(
+        !blob_of("crashed").exists(),
+        "a crashed publish's weights go"
+    );
+    assert!(blob_of("1-router").exists(), "named by a loaded manifest");
+    assert!(blob_of("2-experts").exists(), "named by an unloadable one");
+    assert_eq!(fs::read_dir(&blobs).unwrap().count(), 3);
+
+    assert_eq!(
+        replica.delete(&reference("future")).await.unwrap(),
+        [1, 2],
+        "every version in the store"
+    );
+    assert!(!blob_of("2-experts").exists() && !manifest(2).exists());
+    // What only the deleted versions named goes with the next sweep.
+    *lock(&replica.swept) = None;
+    replica.refresh_all().await.unwrap();
+    assert_eq!(fs::read_dir(&blobs).unwrap().count(), 0);
+}
+
+/// A replica deleting every version of a name reads them from the store:
+/// a version another replica published a moment ago, which its in-memory
+/// view has not seen, goes too.
+#[tokio::test]
+async fn deleting_every_version_reads_the_store_not_the_view() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = one_version_behind(dir.path(), "fresh").await;
+    assert_eq!(
+        b.cached(&reference("fresh")).unwrap().meta.version,
+        1,
+        "b's view lags"
+    );
+
+    assert_eq!(b.delete(&reference("fresh")).await.unwrap(), [1, 2]);
+    let mut a = a;
+    a.refresh_interval = Duration::ZERO;
+    assert!(matches!(
+        a.get(&reference("fresh")).await,
+        Err(Error::HeadNotFound(_))
+    ));
+    assert!(b.delete(&reference("fresh")).await.is_err(), "nothing left");
+}
+
+/// A namespace holds its share of the head versions and no more; other
+/// namespaces still publish until the store's own bound.
+#[tokio::test]
+async fn a_namespace_holds_its_share_of_the_head_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 3).await.with_namespace_share(2);
+    let (meta, weights) = head("team-a.one");
+    for _ in 0..2 {
+        store
+            .publish(meta.clone(), weights.clone(), None)
+            .await
+            .unwrap();
+    }
+    let (other, _) = head("team-a.two");
+    let refused = store
+        .publish(other, weights.clone(), None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, Error::LimitExceeded(m)
+            if m.contains("max_heads_per_namespace") && m.contains("`team-a`")),
+        "{refused}"
+    );
+    let (meta, _) = head("team-b.one");
+    store.publish(meta, weights.clone(), None).await.unwrap();
+    let (meta, _) = head("plain");
+    let full = store.publish(meta, weights, None).await.unwrap_err();
+    assert!(
+        matches!(&full, Error::LimitExceeded(m) if m.contains("heads.max_heads)")),
+        "{full}"
+    );
 }

@@ -7,6 +7,7 @@
 //! let requests in flight finish within the grace period.
 
 mod console;
+mod embeddings_request;
 mod errors;
 mod observe;
 mod openai;
@@ -29,11 +30,14 @@ use hyper_util::{
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
-use tower::ServiceExt;
+use tonic::transport::server::Connected;
+use tower::{Layer, ServiceExt};
 
 use super::{
     auth::Authenticator,
+    connections::{TrackCalls, Tracked},
     listener::{self, ConnectionLimits},
+    message_limit::BodyLimits,
 };
 use crate::{config::LimitsConfig, core};
 
@@ -51,6 +55,8 @@ pub struct ApiState {
     /// None: authentication off.
     pub auth: Option<Arc<Authenticator>>,
     pub limits: LimitsConfig,
+    /// The budgets of unfinished request bytes, shared with gRPC.
+    pub body_limits: Arc<BodyLimits>,
     /// When the server started, for `/v1/models`' `created`.
     pub started_unix: u64,
 }
@@ -143,7 +149,13 @@ pub async fn serve(listener: TcpListener, port: Port, stop: CancellationToken, g
         };
         let Some(accepted) = accepted else { break };
         let Ok(connection) = accepted else { continue };
-        let service = TowerToHyperService::new(port.router.clone());
+        // Calls learn their connection, for its budgets (as on the gRPC port).
+        let router = port
+            .router
+            .clone()
+            .layer(axum::Extension(connection.connect_info()));
+        let tracked = TrackCalls::for_connection(Arc::clone(connection.activity())).layer(router);
+        let service = TowerToHyperService::new(tracked);
         let watcher = graceful.watcher();
         let tls = port.tls.clone();
         tokio::spawn(async move {
@@ -184,8 +196,8 @@ pub async fn serve(listener: TcpListener, port: Port, stop: CancellationToken, g
 /// HEADER_TIMEOUT.
 fn http1_connection<I>(
     io: I,
-    service: TowerToHyperService<Router>,
-) -> http1::Connection<TokioIo<I>, TowerToHyperService<Router>>
+    service: TowerToHyperService<Tracked<Router>>,
+) -> http1::Connection<TokioIo<I>, TowerToHyperService<Tracked<Router>>>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {

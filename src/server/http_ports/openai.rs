@@ -6,59 +6,35 @@
 //! Below the transport it is the gRPC Embed call: the same use case
 //! (core::Embedder), queue, batching, limits and tokens (the `infer` role).
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use axum::{
     extract::{Request, State},
     response::{IntoResponse, Response},
 };
 use base64::Engine;
+use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body_util::BodyExt;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::{
+    embeddings_request::{parse, Bounds, EmbeddingsRequest, EncodingFormat},
     errors::{json, ApiError},
     ApiState,
 };
 use crate::{
-    backbone::Input,
     batching::Priority,
     config::Modality,
     core,
-    server::auth::{Requirement, Role},
+    server::{
+        auth::{Requirement, Role},
+        listener::ConnectionInfo,
+        message_limit::Held,
+    },
+    task::run_blocking,
     Error,
 };
-
-/// OpenAI's `input`: one text, texts, one text's token ids, or several.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum EmbeddingInput {
-    Text(String),
-    Texts(Vec<String>),
-    Ids(Vec<u32>),
-    IdLists(Vec<Vec<u32>>),
-}
-
-#[derive(Deserialize, Clone, Copy, Default, PartialEq)]
-#[serde(rename_all = "lowercase")]
-enum EncodingFormat {
-    #[default]
-    Float,
-    Base64,
-}
-
-#[derive(Deserialize)]
-struct EmbeddingsRequest {
-    model: String,
-    input: EmbeddingInput,
-    #[serde(default)]
-    encoding_format: EncodingFormat,
-    dimensions: Option<usize>,
-    /// An end-user id, for the caller's own abuse tracking; not used here.
-    #[serde(default, rename = "user")]
-    _user: Option<String>,
-}
 
 #[derive(Serialize)]
 #[serde(untagged)]
@@ -98,18 +74,19 @@ pub async fn embeddings(State(state): State<ApiState>, request: Request) -> Resp
 
 async fn embed(state: &ApiState, request: Request) -> Result<EmbeddingsResponse, ApiError> {
     authorize(state, request.headers())?;
-    let body = read_body(state, request).await?;
-    let parsed: EmbeddingsRequest = serde_json::from_slice(&body).map_err(|err| {
-        ApiError::invalid(
-            "input",
-            format!(
-                "the body is not an embeddings request ({err}): send JSON with `model` \
-                 and `input` (a string, a list of strings, token ids or lists of token ids)"
-            ),
-        )
-    })?;
+    require_json(request.headers())?;
+    let (body, held) = read_body(state, request).await?;
+    let parsed = parse_body(state, body).await?;
+    // Parsed: the body's bytes are gone.
+    drop(held);
     let format = parsed.encoding_format;
-    let inputs = inputs(parsed.input)?;
+    let inputs = parsed.inputs;
+    if inputs.is_empty() {
+        return Err(ApiError::invalid(
+            "input",
+            "input is empty: send at least one",
+        ));
+    }
     let answer = state
         .embedder
         .embed(
@@ -149,20 +126,33 @@ async fn embed(state: &ApiState, request: Request) -> Result<EmbeddingsResponse,
     })
 }
 
-fn inputs(input: EmbeddingInput) -> Result<Vec<Input>, ApiError> {
-    let inputs: Vec<Input> = match input {
-        EmbeddingInput::Text(text) => vec![Input::Text(text)],
-        EmbeddingInput::Texts(texts) => texts.into_iter().map(Input::Text).collect(),
-        EmbeddingInput::Ids(ids) => vec![Input::TokenIds(ids)],
-        EmbeddingInput::IdLists(lists) => lists.into_iter().map(Input::TokenIds).collect(),
+/// Bodies larger than this are parsed on a blocking thread, not on the
+/// async workers that serve every other connection.
+const INLINE_PARSE_BYTES: usize = 64 * 1024;
+
+/// The request in `body`, its input count bounded while it is parsed.
+async fn parse_body(state: &ApiState, body: Bytes) -> Result<EmbeddingsRequest, ApiError> {
+    let bounds = Bounds {
+        inputs: state.limits.max_inputs_per_request,
+        token_ids: state.limits.max_text_chars,
     };
-    if inputs.is_empty() {
-        return Err(ApiError::invalid(
+    let parsed = if body.len() <= INLINE_PARSE_BYTES {
+        parse(&body, bounds)
+    } else {
+        run_blocking("parsing an embeddings request", move || {
+            parse(&body, bounds)
+        })
+        .await?
+    };
+    parsed.map_err(|err| {
+        ApiError::invalid(
             "input",
-            "input is empty: send at least one",
-        ));
-    }
-    Ok(inputs)
+            format!(
+                "the body is not an embeddings request ({err}): send JSON with `model` \
+                 and `input` (a string, a list of strings, token ids or lists of token ids)"
+            ),
+        )
+    })
 }
 
 fn encode(values: Vec<f32>, format: EncodingFormat) -> Vector {
@@ -226,25 +216,83 @@ fn authorize(state: &ApiState, headers: &HeaderMap) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// `Content-Type: application/json`, as OpenAI's clients send: a page of
+/// another site can make a browser POST `text/plain` (or a form) without
+/// asking CORS first, but not JSON.
+fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let content_type = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let essence = content_type.split(';').next().unwrap_or_default().trim();
+    if essence.eq_ignore_ascii_case("application/json") {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "invalid_request_error",
+        "send the request as JSON with `Content-Type: application/json`",
+    ))
+}
+
 /// The request body, within `limits.max_message_bytes` and
-/// `limits.message_timeout_seconds`.
-async fn read_body(state: &ApiState, request: Request) -> Result<bytes::Bytes, ApiError> {
-    let max = state.limits.max_message_bytes;
+/// `limits.message_timeout_seconds`, and its share of the budgets of
+/// unfinished request bytes (per connection and in all, as gRPC messages):
+/// the share lasts until it is dropped, after the body is parsed.
+async fn read_body(state: &ApiState, request: Request) -> Result<(Bytes, Held), ApiError> {
+    let connection = ConnectionInfo::of(request.extensions()).map(|c| Arc::clone(&c.buffered));
+    let mut held = state.body_limits.hold(connection);
     let timeout = Duration::from_secs_f64(state.limits.message_timeout_seconds);
-    let limited = http_body_util::Limited::new(request.into_body(), max);
-    match tokio::time::timeout(timeout, limited.collect()).await {
+    let read = collect_counted(
+        request.into_body(),
+        state.limits.max_message_bytes,
+        &mut held,
+    );
+    match tokio::time::timeout(timeout, read).await {
         Err(_elapsed) => Err(Error::TimedOut(format!(
             "the request body did not arrive within {timeout:?} (limits.message_timeout_seconds)"
         ))
         .into()),
-        Ok(Err(_too_large_or_broken)) => Err(ApiError::new(
+        Ok(Err(err)) => Err(err),
+        Ok(Ok(body)) => Ok((body, held)),
+    }
+}
+
+/// Reads `body` whole, at most `max` bytes, counting what it holds in `held`.
+async fn collect_counted(
+    mut body: axum::body::Body,
+    max: usize,
+    held: &mut Held,
+) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
             http::StatusCode::PAYLOAD_TOO_LARGE,
             "invalid_request_error",
             format!(
                 "the request body is larger than {max} bytes (limits.max_message_bytes), \
                  or was cut off: split the input"
             ),
-        )),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        )
+    };
+    let mut collected = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(|_broken| too_large())?.into_data() else {
+            continue;
+        };
+        let total = collected.len().saturating_add(data.len());
+        if total > max {
+            return Err(too_large());
+        }
+        // Over a budget: the server is busy with other bodies, not this one
+        // too large; the client may retry.
+        held.set(total).map_err(|err| {
+            ApiError::new(
+                http::StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                err.to_string(),
+            )
+        })?;
+        collected.extend_from_slice(&data);
     }
+    Ok(collected.freeze())
 }
