@@ -1,6 +1,6 @@
 //! Publishes versions of one head into a head store as fast as it can, each
-//! version's number on a line: the process tests/crash_safety.rs kills with
-//! SIGKILL at random moments, and several of which tests/storage.rs runs at
+//! version's number on a line: the process tests/integration/crash_safety.rs kills with
+//! SIGKILL at random moments, and several of which tests/integration/storage.rs runs at
 //! once against one store.
 //!
 //! Usage: publish_loop STORE_DIR [COUNT]

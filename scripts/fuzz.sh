@@ -7,7 +7,7 @@
 # stops the run and leaves its input under fuzz/artifacts/<target>/.
 #
 # The same targets also run on stable Rust in every test run, on the corpus and
-# its mutations, for a few seconds (tests/fuzz_smoke.rs).
+# its mutations, for a few seconds (tests/integration/fuzz_smoke.rs).
 #
 # Usage: scripts/fuzz.sh [--seconds S] [TARGET...]   (default: 60 s, every target)
 set -euo pipefail

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what the web console's browser test (tests/web_console.rs, which
+# Installs what the web console's browser test (tests/integration/web_console.rs, which
 # runs tests/clients/console_browser.py) needs:
 #
 #   chromium       Debian's `chromium` package: the headless browser

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs the system tools that the deploy checks (tests/deploy_kubernetes.rs,
-# tests/deploy_monitoring.rs) run:
+# Installs the system tools that the deploy checks (tests/deploy/kubernetes.rs,
+# tests/deploy/monitoring.rs) run:
 #
 #   promtool  `promtool check metrics` / `check rules`, from Debian's `prometheus`
 #             package (installed only when promtool is missing)

@@ -5,7 +5,7 @@
 //!
 //! For tests only, `TLSERVE_TEST_CLOCK_SKEW_SECONDS` (seconds, may be
 //! negative) shifts what [`now`] returns, to show that a replica whose clock
-//! is wrong decides nothing wrongly (tests/replicas.rs). It is read once and
+//! is wrong decides nothing wrongly (tests/integration/replicas.rs). It is read once and
 //! logged at start-up; it is not a setting.
 
 use std::{

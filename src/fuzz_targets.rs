@@ -1,5 +1,5 @@
 //! The code paths that parse untrusted bytes, as plain functions: the cargo-fuzz
-//! targets in fuzz/ call them, and tests/fuzz_smoke.rs runs them on the seed
+//! targets in fuzz/ call them, and tests/integration/fuzz_smoke.rs runs them on the seed
 //! corpus and its mutations in every test run. Each must return for any input,
 //! never panic; errors are the expected outcome for most inputs.
 

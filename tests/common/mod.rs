@@ -89,6 +89,15 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// Held by the tests whose assertions bound a wall time (a refusal "at
+/// once", a connection closed "within seconds", a p99 under load): all the
+/// integration tests share one binary and run two at a time, and two such
+/// tests side by side would each measure the other's load.
+pub async fn timing_sensitive() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}
+
 /// A `tlserve serve` child process on loopback ports.
 pub struct TestServer {
     child: Child,

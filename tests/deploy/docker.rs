@@ -6,15 +6,15 @@
 //! lacks.
 //!
 //! Tools: hadolint (scripts/setup-python.sh), ldd; helpers in
-//! tests/deploy_support/.
+//! tests/deploy/support/.
 
-mod common;
-mod deploy_support;
+use crate::common;
+use crate::support;
 
 use std::{collections::BTreeSet, path::Path, process::Command};
 
 use common::*;
-use deploy_support::{
+use support::{
     dockerfile::{uid_of, Dockerfile},
     dockerignore::{self, docker_ignored},
     *,

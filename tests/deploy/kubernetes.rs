@@ -8,10 +8,10 @@
 //! terminationGracePeriodSeconds expect.
 //!
 //! Tools: kubectl (scripts/setup-tools.sh) and kubernetes-validate
-//! (scripts/setup-python.sh); helpers in tests/deploy_support/.
+//! (scripts/setup-python.sh); helpers in tests/deploy/support/.
 
-mod common;
-mod deploy_support;
+use crate::common;
+use crate::support;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -21,7 +21,7 @@ use std::{
 };
 
 use common::*;
-use deploy_support::{
+use support::{
     dockerfile::{image_uid, Dockerfile},
     kubernetes::{Rendered, CUSTOM_RESOURCE_GROUPS, KUBERNETES_VERSIONS, OVERLAYS},
     *,

@@ -6,10 +6,10 @@
 //! `promtool check rules` accepts the rules and `promtool test rules` fires
 //! every alert.
 //!
-//! Tools: promtool (scripts/setup-tools.sh); helpers in tests/deploy_support/.
+//! Tools: promtool (scripts/setup-tools.sh); helpers in tests/deploy/support/.
 
-mod common;
-mod deploy_support;
+use crate::common;
+use crate::support;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -19,7 +19,7 @@ use std::{
 };
 
 use common::*;
-use deploy_support::{
+use support::{
     exposition::parse_exposition,
     monitoring::{
         declared_metric_names, rpc_names, strings_under, tlserve_words, REJECTION_REASONS,

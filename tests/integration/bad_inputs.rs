@@ -3,7 +3,7 @@
 //! server still serves Health and a normal Embed, and has not panicked once
 //! (tlserve_panics_total stays 0).
 
-mod common;
+use crate::common;
 
 use common::*;
 use tlserve::proto::{

@@ -3,7 +3,7 @@
 //! queue refuses at once; expired deadlines never reach the model. Also the load
 //! generator, bounded, on loopback.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
@@ -159,6 +159,7 @@ async fn mixed_lengths_keep_input_order(engine: &str, split: bool) {
 
 #[tokio::test]
 async fn a_full_queue_refuses_at_once_and_the_server_keeps_serving() {
+    let _timing = common::timing_sensitive().await;
     // Four queued inputs fill the queue; the long delay holds them there.
     let server = TestServer::start(&TestServer::minilm_config(
         "max_inputs_per_request = 4",

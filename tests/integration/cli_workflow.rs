@@ -3,7 +3,7 @@
 //! uploads of large sets, server defaults, Ctrl-C and `watch`, and
 //! `evaluate`'s figures checked against Predict answers computed here.
 
-mod common;
+use crate::common;
 
 use std::{
     collections::BTreeMap,

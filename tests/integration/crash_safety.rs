@@ -4,7 +4,7 @@
 //! exists must load, no number may be skipped, and the next version number
 //! must be above every existing one.
 
-mod common;
+use crate::common;
 
 use std::{
     process::{Command, Stdio},

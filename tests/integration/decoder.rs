@@ -9,7 +9,7 @@
 //! of at least 0.9999 per token (as the BERT reference test), pooled vectors
 //! likewise; the reduced formats at the bounds stated where they are checked.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

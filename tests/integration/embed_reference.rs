@@ -6,7 +6,7 @@
 //! Tolerance: cosine similarity >= 0.9999 per sentence (float32 against float64;
 //! observed differences are far smaller). Token ids must match exactly.
 
-mod common;
+use crate::common;
 
 use common::*;
 use tlserve::backbone::{self, Backbone, EmbedItem, EmbedOptions, Input, Pooling};

@@ -7,7 +7,7 @@
 //! `TLSERVE_WRITE_FUZZ_SEEDS=1` also (re)writes the request seeds from the
 //! structured messages below, for the committed corpus.
 
-mod common;
+use crate::common;
 
 use std::{
     panic::{catch_unwind, AssertUnwindSafe},

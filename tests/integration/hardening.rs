@@ -2,7 +2,7 @@
 //! sockets are closed, uploads are bounded in bytes and time, log lines cannot
 //! be forged or flooded. Every test ends by showing the server still serves.
 
-mod common;
+use crate::common;
 
 use std::{
     io::Read,
@@ -40,6 +40,7 @@ async fn still_serves(server: &TestServer) {
 
 #[tokio::test]
 async fn silent_connections_are_closed_and_bounded() {
+    let _timing = common::timing_sensitive().await;
     let server = TestServer::start(&format!(
         "max_connections = 8\nconnection_first_byte_timeout_seconds = 0.5\n{}",
         TestServer::minilm_config("", "")
@@ -87,6 +88,7 @@ async fn silent_connections_are_closed_and_bounded() {
 
 #[tokio::test]
 async fn uploads_are_bounded_in_bytes_and_in_silence() {
+    let _timing = common::timing_sensitive().await;
     let store = tempfile::tempdir().expect("store dir");
     let server = TestServer::start(&format!(
         "{}\n[heads]\nstore_dir = \"{}\"\nmax_datasets = 1\nmax_upload_bytes = 20000\n\
@@ -191,6 +193,7 @@ fn cpu_seconds(pid: u32) -> f64 {
 
 #[tokio::test]
 async fn image_work_stops_when_its_client_gives_up() {
+    let _timing = common::timing_sensitive().await;
     let server = TestServer::start(&format!(
         "{}{}",
         TestServer::minilm_config("", ""),
@@ -286,6 +289,7 @@ fn grpc_status(headers: &http::HeaderMap) -> Option<i32> {
 
 #[tokio::test]
 async fn stalled_half_sent_messages_are_bounded_and_timed_out() {
+    let _timing = common::timing_sensitive().await;
     let server = TestServer::start(&TestServer::minilm_config(
         "max_message_bytes = 4194304\nmax_buffered_bytes_per_connection = 8388608\n\
          max_buffered_request_bytes = 16777216\nmessage_timeout_seconds = 2",
@@ -883,6 +887,7 @@ fn closed_by_server(socket: &mut TcpStream) -> bool {
 
 #[tokio::test]
 async fn connections_idle_after_their_first_bytes_give_way_to_new_callers() {
+    let _timing = common::timing_sensitive().await;
     let server = TestServer::start(&format!(
         "max_connections = 8\n{}",
         TestServer::minilm_config("", "")
@@ -935,6 +940,7 @@ async fn connections_idle_after_their_first_bytes_give_way_to_new_callers() {
 
 #[tokio::test]
 async fn connections_without_calls_are_closed_after_the_idle_timeout() {
+    let _timing = common::timing_sensitive().await;
     let server = TestServer::start(&format!(
         "connection_idle_timeout_seconds = 1\n{}",
         TestServer::minilm_config("", "")
@@ -1008,6 +1014,7 @@ fn held_request(addr: std::net::SocketAddr, head: String, body: &[u8]) -> (Strin
 
 #[tokio::test]
 async fn request_bodies_that_never_arrive_are_timed_out_on_both_ports() {
+    let _timing = common::timing_sensitive().await;
     let server = TestServer::start(&TestServer::minilm_config(
         "message_timeout_seconds = 1",
         "",

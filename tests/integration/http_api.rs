@@ -4,7 +4,7 @@
 //! metrics hold as on the gRPC port; gRPC-Web calls (binary and base64 text)
 //! on both ports answer what gRPC does; the console's files are served.
 
-mod common;
+use crate::common;
 
 use std::{net::SocketAddr, process::Command};
 

@@ -1,7 +1,7 @@
 //! The server's life cycle and what operators see: Health per service, graceful
 //! shutdown on SIGTERM, the metrics port and request ids.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -9,7 +9,7 @@
 //! capacity; the rest is CPU shared with 128 clients), peak resident memory
 //! under 1.5 GiB (MiniLM itself takes about 300 MB).
 
-mod common;
+use crate::common;
 
 use common::*;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -49,6 +49,7 @@ fn peak_rss_bytes(pid: u32) -> u64 {
 
 #[tokio::test]
 async fn four_times_capacity_is_refused_not_queued() {
+    let _timing = common::timing_sensitive().await;
     let server = TestServer::start(&TestServer::minilm_config(
         "max_inputs_per_request = 8",
         &format!("max_queue_items = {QUEUE_ITEMS}"),

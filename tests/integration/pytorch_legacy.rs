@@ -7,7 +7,7 @@
 //! float32 values in the same order) within 1e-9 relative, which leaves room only
 //! for the JSON round trip of the reference's numbers.
 
-mod common;
+use crate::common;
 
 use std::{collections::HashMap, path::PathBuf, process::Command};
 

@@ -8,7 +8,7 @@
 //! trailing `\` continues a line). Commands run with `sh -c`, with the server's
 //! addresses put in place of `localhost:50051` (gRPC) and `localhost:8080` (HTTP).
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

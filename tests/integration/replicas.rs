@@ -10,7 +10,7 @@
 //! comes back to a job another replica took over: it stops, follows the new
 //! owner's record, and never writes over it.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -1,7 +1,7 @@
 //! Who gets in: bearer tokens with roles, TLS and mutual TLS, against the real
 //! server on loopback.
 
-mod common;
+use crate::common;
 
 use std::{path::Path, time::Duration};
 

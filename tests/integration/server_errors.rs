@@ -1,7 +1,7 @@
 //! Bad requests get a precise gRPC code and a message naming the problem, and the
 //! server keeps serving afterwards.
 
-mod common;
+use crate::common;
 
 use common::*;
 use tlserve::proto::{self, input::Kind};

@@ -4,7 +4,7 @@
 //! same checks: reads, replacing writes, creates that only one of many
 //! concurrent creators wins, listings by prefix, deletes.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, SystemTime};
 

@@ -7,7 +7,7 @@
 //! Data: tests/data/topics_{train,test}.tsv, four topics (sports, cooking,
 //! technology, weather), 40 training and 10 held-out sentences each.
 
-mod common;
+use crate::common;
 
 use std::{path::Path, time::Duration};
 
@@ -755,7 +755,7 @@ async fn finished_job(server: &TestServer, id: &str) -> proto::TrainEvent {
 /// alone: its record stays A's and unended, B lists it as A's, and A goes on
 /// training it. Once A is killed and its lease (2 s here) has run out, B's
 /// next start takes it over; with one run allowed (`job_attempts = 1`), it
-/// records the job FAILED, naming A. (tests/replicas.rs runs taken-over jobs
+/// records the job FAILED, naming A. (tests/integration/replicas.rs runs taken-over jobs
 /// again.)
 #[tokio::test]
 async fn replicas_sharing_a_store_leave_each_others_jobs_alone() {
@@ -815,7 +815,7 @@ async fn replicas_sharing_a_store_leave_each_others_jobs_alone() {
 /// graceful shutdown whose grace period a job outlasts, and after a SIGKILL,
 /// the restarted server takes those jobs over; with one run allowed
 /// (`job_attempts = 1`) it reports them FAILED with the reason, and keeps
-/// reporting the jobs that did end. (tests/replicas.rs runs them again.)
+/// reporting the jobs that did end. (tests/integration/replicas.rs runs them again.)
 #[tokio::test]
 async fn jobs_the_server_could_not_finish_are_failed_after_restart() {
     let store = tempfile::tempdir().expect("store dir");

@@ -3,7 +3,7 @@
 //! efficientnet_lite_reference.py), preprocessing against Pillow, the built-in
 //! ImageNet head on real photos, and image requests through the real server.
 
-mod common;
+use crate::common;
 
 use common::*;
 use tlserve::{

@@ -16,7 +16,7 @@
 //! A missing browser, driver or selenium fails the test with a message naming
 //! scripts/setup-browser.sh, which installs them; it never skips.
 
-mod common;
+use crate::common;
 
 use std::{
     path::{Path, PathBuf},
@@ -225,6 +225,7 @@ fn check_run(report: &serde_json::Value, run: &Run) {
 
 #[tokio::test]
 async fn console_trains_heads_from_a_text_file_and_an_image_folder() {
+    let _timing = common::timing_sensitive().await;
     require_browser();
     let dir = tempfile::tempdir().expect("temp dir");
     let tokens = dir.path().join("tokens");

@@ -1,7 +1,7 @@
 //! The native decoder against a plain loop-by-loop forward pass (f64) on a
 //! small generated model; packing, causality, grouped-query heads and query
 //! blocks. The model and the plain pass serve the candle graph's tests too. The real model is checked against an
-//! independent numpy reference in tests/decoder.rs.
+//! independent numpy reference in tests/integration/decoder.rs.
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};

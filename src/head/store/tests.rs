@@ -1,4 +1,4 @@
-//! The head store on a volume; tests/storage.rs runs the same publishing
+//! The head store on a volume; tests/integration/storage.rs runs the same publishing
 //! across processes and on S3.
 
 use std::{fs, time::SystemTime};

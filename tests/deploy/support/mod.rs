@@ -1,8 +1,8 @@
-//! Helpers shared by the deploy checks (tests/deploy_kubernetes.rs,
-//! tests/deploy_docker.rs, tests/deploy_monitoring.rs): the tools they run,
+//! Helpers shared by the deploy checks (tests/deploy/kubernetes.rs,
+//! tests/deploy/docker.rs, tests/deploy/monitoring.rs): the tools they run,
 //! deploy/'s YAML as JSON values, and JSON access with useful failures.
 //!
-//! A test file that uses it declares `mod common;` before `mod deploy_support;`.
+//! The deploy binary's root (tests/deploy/main.rs) declares `common` beside it.
 //!
 //! Tools: kubectl and promtool (scripts/setup-tools.sh), hadolint and
 //! kubernetes-validate (scripts/setup-python.sh). A missing tool fails the
