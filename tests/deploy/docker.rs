@@ -14,12 +14,12 @@ use crate::support;
 use std::{collections::BTreeSet, path::Path, process::Command};
 
 use common::*;
+use serde_json::Value;
 use support::{
     dockerfile::{uid_of, Dockerfile},
     dockerignore::{self, docker_ignored},
     *,
 };
-use serde_json::Value;
 use tlserve::config::Config;
 
 #[test]

@@ -21,12 +21,12 @@ use std::{
 };
 
 use common::*;
+use serde_json::Value;
 use support::{
     dockerfile::{image_uid, Dockerfile},
     kubernetes::{Rendered, CUSTOM_RESOURCE_GROUPS, KUBERNETES_VERSIONS, OVERLAYS},
     *,
 };
-use serde_json::Value;
 use tlserve::proto;
 use tonic_health::pb::health_check_response::ServingStatus;
 

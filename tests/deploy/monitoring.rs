@@ -19,6 +19,7 @@ use std::{
 };
 
 use common::*;
+use serde_json::Value;
 use support::{
     exposition::parse_exposition,
     monitoring::{
@@ -28,7 +29,6 @@ use support::{
     promql::promql_references,
     *,
 };
-use serde_json::Value;
 use tlserve::{
     config::Config,
     proto::{self, trainer_client::TrainerClient},
