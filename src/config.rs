@@ -606,7 +606,10 @@ impl Architecture {
     pub fn modality(self) -> Modality {
         match self {
             Architecture::Bert | Architecture::Llama => Modality::Text,
-            _ => Modality::Image,
+            Architecture::EfficientNetLite0
+            | Architecture::EfficientNetB0
+            | Architecture::Resnet50
+            | Architecture::Vgg16 => Modality::Image,
         }
     }
 }
@@ -948,7 +951,11 @@ impl BackboneConfig {
     pub fn default_pooling(&self) -> Pooling {
         self.pooling.unwrap_or(match self.architecture {
             Architecture::Llama => Pooling::WeightedMean,
-            _ => Pooling::Mean,
+            Architecture::Bert
+            | Architecture::EfficientNetLite0
+            | Architecture::EfficientNetB0
+            | Architecture::Resnet50
+            | Architecture::Vgg16 => Pooling::Mean,
         })
     }
 

@@ -24,7 +24,10 @@ impl Layout {
         match architecture {
             Architecture::Bert => Layout::Text,
             Architecture::Llama => Layout::Gguf,
-            _ => Layout::Image,
+            Architecture::EfficientNetLite0
+            | Architecture::EfficientNetB0
+            | Architecture::Resnet50
+            | Architecture::Vgg16 => Layout::Image,
         }
     }
 }

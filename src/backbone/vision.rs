@@ -169,7 +169,14 @@ pub fn preprocessing(architecture: Architecture, image: &ImageConfig) -> Preproc
             (Resample::Bicubic, [127.0 / 255.0; 3], [128.0 / 255.0; 3])
         }
         Architecture::EfficientNetB0 => (Resample::Bicubic, IMAGENET_MEAN, IMAGENET_STD),
-        _ => (Resample::Bilinear, IMAGENET_MEAN, IMAGENET_STD),
+        Architecture::Resnet50 | Architecture::Vgg16 => {
+            (Resample::Bilinear, IMAGENET_MEAN, IMAGENET_STD)
+        }
+        // Text backbones take no images; config validation refuses an
+        // `[image]` section on them, so these values are never used.
+        Architecture::Bert | Architecture::Llama => {
+            (Resample::Bilinear, IMAGENET_MEAN, IMAGENET_STD)
+        }
     };
     Preprocessing {
         resize_shorter: image.resize_shorter_or_default(),
