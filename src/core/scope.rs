@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use crate::{Error, Result};
+use crate::{head::namespace::namespace_of, Error, Result};
 
 /// The heads a caller may act on.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -25,11 +25,12 @@ impl Scope {
     pub fn allows(&self, head_name: &str) -> bool {
         match self {
             Scope::All => true,
-            Scope::Namespaces(namespaces) => namespaces.iter().any(|namespace| {
-                head_name
-                    .strip_prefix(namespace.as_str())
-                    .is_some_and(|rest| rest.starts_with('.') && rest.len() > 1)
-            }),
+            // Token namespaces are non-empty and hold no '.' (auth checks them
+            // at start-up), so this is the namespace the quotas count in too.
+            Scope::Namespaces(namespaces) => {
+                let namespace = namespace_of(head_name);
+                !namespace.is_empty() && namespaces.iter().any(|n| n == namespace)
+            }
         }
     }
 
