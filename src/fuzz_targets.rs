@@ -7,7 +7,7 @@ use prost::Message;
 
 use crate::{
     backbone::{
-        image::{self, ImageLimits, Preprocessing, Resample},
+        vision::image::{self, ImageLimits, Preprocessing, Resample},
         BackboneDescriptor, EmbedOptions, Modality, Pooling,
     },
     config::{Architecture, Config, LimitsConfig},

@@ -735,11 +735,11 @@ async fn export_adapter(config: &Path, head: &str, out: &Path) -> Result<serde_j
         )
     })?;
     let written = match &adapter {
-        tlserve::backbone::adapter::Adapter::Lora(lora) => {
+        tlserve::backbone::bert::adapter::Adapter::Lora(lora) => {
             lora.export_peft(out)?;
             "adapter_model.safetensors"
         }
-        tlserve::backbone::adapter::Adapter::Layers(layers) => layers.export(out)?,
+        tlserve::backbone::bert::adapter::Adapter::Layers(layers) => layers.export(out)?,
     };
     Ok(serde_json::json!({
         "file": out.join(written),
@@ -857,8 +857,10 @@ async fn run(cli: Cli) -> Result<()> {
             print_json(&export_adapter(&config, &head, &out).await?)?;
         }
         Command::Convert { legacy_pth, out } => {
-            let count =
-                tlserve::backbone::pytorch_legacy::convert_to_safetensors(&legacy_pth, &out)?;
+            let count = tlserve::backbone::weights::pytorch_legacy::convert_to_safetensors(
+                &legacy_pth,
+                &out,
+            )?;
             eprintln!("wrote {count} tensors to {}", out.display());
         }
         Command::Backbones { server } => {

@@ -15,7 +15,7 @@ use crate::{
     backbone::{
         self,
         bert::TrainableBert,
-        image::{DecodeBudget, ImageLimits},
+        vision::image::{DecodeBudget, ImageLimits},
         Backbone, Input, Prepared, Want,
     },
     batching::{BackboneQueue, BatchLimits, Priority},

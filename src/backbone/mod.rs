@@ -2,34 +2,22 @@
 //!
 //! A backbone prepares inputs on the request path (tokenizing, validating; cheap
 //! and per item) and embeds whole batches of prepared items on a worker thread.
-//! One file per architecture; `text` holds tokenization, `image` decoding and
-//! preprocessing, `layers` the convolutional building blocks, `vision` the image
-//! backbone around a network, `source` weight lookup.
+//!
+//! A folder per family, the way candle-transformers gives a model a folder
+//! once it has parts: `bert` (the encoder, its native CPU engine, its candle
+//! graph and what fine-tuning adds to it), `llama` (decoders from GGUF files),
+//! `vision` (image preparation, convolutional layers, one file per network,
+//! the native engine). `text` (tokenizer, pooling) serves both text families,
+//! `weights` finds and reads weight files, and `catalog` is the one place that
+//! maps an architecture to its family.
 
-pub mod adapter;
 pub mod bert;
-pub mod bert_graph;
-pub mod bert_native;
 pub mod device_memory;
-pub mod efficientnet;
-pub mod frozen_product;
-pub mod gguf;
-pub mod image;
-pub mod layers;
 pub mod llama;
-pub mod llama_graph;
-pub mod llama_native;
-pub mod lora;
-pub mod pooling;
 pub mod profile;
-pub mod pytorch_legacy;
-pub mod resnet;
-pub mod source;
 pub mod text;
-pub mod top_layers;
-pub mod vgg;
 pub mod vision;
-pub mod vision_native;
+pub mod weights;
 
 use std::sync::Arc;
 
@@ -135,7 +123,7 @@ pub struct EmbedItem<'a> {
     pub options: EmbedOptions,
     /// The fine-tuned adapter whose features the request asks for; None: the
     /// frozen backbone's. Only backbones that can be fine-tuned take one.
-    pub adapter: Option<&'a adapter::Adapter>,
+    pub adapter: Option<&'a bert::adapter::Adapter>,
     /// Some(k): instead of a pooled vector, the token vectors after the first
     /// `k` encoder layers (0: the embeddings), `[tokens, hidden]` row after
     /// row: a fine-tuning job's frozen bottom. Only backbones that can be
@@ -160,7 +148,7 @@ impl<'a> EmbedItem<'a> {
 #[derive(Debug, Clone)]
 pub struct Want {
     pub options: EmbedOptions,
-    pub adapter: Option<Arc<adapter::Adapter>>,
+    pub adapter: Option<Arc<bert::adapter::Adapter>>,
     /// See [`EmbedItem::capture`].
     pub capture: Option<usize>,
 }
@@ -176,7 +164,7 @@ impl Want {
     }
 
     /// The features through `adapter` (None: the frozen backbone's).
-    pub fn adapted(options: EmbedOptions, adapter: Option<Arc<adapter::Adapter>>) -> Self {
+    pub fn adapted(options: EmbedOptions, adapter: Option<Arc<bert::adapter::Adapter>>) -> Self {
         Self {
             adapter,
             ..Self::features(options)
@@ -279,7 +267,7 @@ pub fn candle_device(spec: DeviceSpec) -> Result<Device> {
 pub fn load(
     config: &BackboneConfig,
     cache_dir: Option<&std::path::Path>,
-    image_limits: image::ImageLimits,
+    image_limits: vision::image::ImageLimits,
 ) -> Result<Arc<dyn Backbone>> {
     load_measured(config, cache_dir, image_limits).map(|loaded| loaded.backbone)
 }
@@ -295,7 +283,7 @@ pub struct Loaded {
 pub fn load_measured(
     config: &BackboneConfig,
     cache_dir: Option<&std::path::Path>,
-    image_limits: image::ImageLimits,
+    image_limits: vision::image::ImageLimits,
 ) -> Result<Loaded> {
     let probe = device_memory::DeviceMemoryProbe::start(config.device);
     let backbone = load_and_warm_up(config, cache_dir, image_limits)?;
@@ -308,14 +296,14 @@ pub fn load_measured(
 fn load_and_warm_up(
     config: &BackboneConfig,
     cache_dir: Option<&std::path::Path>,
-    image_limits: image::ImageLimits,
+    image_limits: vision::image::ImageLimits,
 ) -> Result<Arc<dyn Backbone>> {
-    let layout = source::Layout::of(config.architecture);
-    let files = source::resolve(&config.source, cache_dir, layout)?;
+    let layout = weights::source::Layout::of(config.architecture);
+    let files = weights::source::resolve(&config.source, cache_dir, layout)?;
     let backbone: Arc<dyn Backbone> = match layout {
-        source::Layout::Text => Arc::new(bert::BertBackbone::load(config, &files)?),
-        source::Layout::Gguf => Arc::new(llama::LlamaBackbone::load(config, &files)?),
-        source::Layout::Image => {
+        weights::source::Layout::Text => Arc::new(bert::BertBackbone::load(config, &files)?),
+        weights::source::Layout::Gguf => Arc::new(llama::LlamaBackbone::load(config, &files)?),
+        weights::source::Layout::Image => {
             Arc::new(vision::VisionBackbone::load(config, &files, image_limits)?)
         }
     };

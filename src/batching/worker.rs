@@ -5,7 +5,7 @@ use std::{panic::AssertUnwindSafe, sync::Arc, time::Instant};
 
 use super::{partition, BatchLimits, Lanes, Priority, Shared, Unit};
 use crate::{
-    backbone::{adapter::Adapter, Backbone, EmbedItem},
+    backbone::{bert::adapter::Adapter, Backbone, EmbedItem},
     metrics, Error,
 };
 
@@ -345,7 +345,7 @@ mod tests {
     fn a_batch_closes_at_its_adapter_limit() {
         let adapter = || {
             Some(Arc::new(Adapter::Lora(
-                crate::backbone::adapter::LoraAdapter {
+                crate::backbone::bert::adapter::LoraAdapter {
                     rank: 1,
                     alpha: 1.0,
                     first_layer: 0,

@@ -9,7 +9,7 @@ use super::{
 };
 use crate::{
     backbone::{
-        adapter::Adapter, BackboneDescriptor, EmbedOptions, Input, Modality, Pooling, Want,
+        bert::adapter::Adapter, BackboneDescriptor, EmbedOptions, Input, Modality, Pooling, Want,
     },
     batching::Priority,
     config::LimitsConfig,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::Scope;
 use crate::{
-    backbone::adapter::Adapter,
+    backbone::bert::adapter::Adapter,
     head::{
         store::{HeadStore, StoredHead},
         HeadRef,

@@ -8,7 +8,7 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use crate::{backbone::adapter::Adapter, metrics, sync::lock};
+use crate::{backbone::bert::adapter::Adapter, metrics, sync::lock};
 
 /// Head name and version.
 type Key = (String, u32);
@@ -128,7 +128,7 @@ mod tests {
     use super::*;
 
     fn adapter() -> Arc<Adapter> {
-        Arc::new(Adapter::Lora(crate::backbone::adapter::LoraAdapter {
+        Arc::new(Adapter::Lora(crate::backbone::bert::adapter::LoraAdapter {
             rank: 1,
             alpha: 1.0,
             first_layer: 0,
@@ -138,7 +138,7 @@ mod tests {
 
     /// A LoRA adapter of `floats` values (A and B together).
     fn sized(floats: usize) -> Arc<Adapter> {
-        use crate::backbone::adapter::{LayerSlots, LowRankWeights};
+        use crate::backbone::bert::adapter::{LayerSlots, LowRankWeights};
         let mut slots: LayerSlots = Default::default();
         slots[0] = Some(LowRankWeights {
             a: vec![0.0; floats / 2],
@@ -147,7 +147,7 @@ mod tests {
             inputs: floats / 2,
             outputs: floats - floats / 2,
         });
-        Arc::new(Adapter::Lora(crate::backbone::adapter::LoraAdapter {
+        Arc::new(Adapter::Lora(crate::backbone::bert::adapter::LoraAdapter {
             rank: 1,
             alpha: 1.0,
             first_layer: 0,

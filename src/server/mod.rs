@@ -25,7 +25,7 @@ use tonic_health::{server::HealthReporter, ServingStatus};
 use tonic_reflection::server::{v1, v1alpha};
 
 use crate::{
-    backbone::image::ImageLimits,
+    backbone::vision::image::ImageLimits,
     config::Config,
     core,
     datasets::{DatasetLimits, DatasetStore},

@@ -50,7 +50,7 @@ fn load_smollm2(settings: &str) -> Arc<dyn Backbone> {
     let toml = format!("{}{settings}\n", smollm2_backbone_toml(""));
     let config =
         Config::from_toml(&toml, std::path::Path::new("."), std::iter::empty()).expect("config");
-    let limits = backbone::image::ImageLimits::from_config(&config.limits);
+    let limits = backbone::vision::image::ImageLimits::from_config(&config.limits);
     backbone::load(&config.backbones[0], None, limits).expect("load SmolLM2")
 }
 
@@ -161,8 +161,8 @@ fn hidden_states_and_every_pooling_match_the_float64_reference() {
 #[test]
 fn every_tokens_hidden_state_matches_the_float64_reference() {
     use tlserve::backbone::{
-        gguf::GgufFile,
-        llama_native::{LlamaSettings, NativeLlama},
+        llama::native::{LlamaSettings, NativeLlama},
+        weights::gguf::GgufFile,
     };
     let file = GgufFile::open(&smollm2_file()).expect("open");
     let settings = LlamaSettings::read(&file).expect("settings");
@@ -345,7 +345,7 @@ fn the_native_engine_refuses_int8_and_quantized_with_the_reason() {
         let toml = format!("{}precision = \"{precision}\"\n", smollm2_backbone_toml(""));
         let config = Config::from_toml(&toml, std::path::Path::new("."), std::iter::empty())
             .expect("config");
-        let limits = backbone::image::ImageLimits::from_config(&config.limits);
+        let limits = backbone::vision::image::ImageLimits::from_config(&config.limits);
         let err = backbone::load(&config.backbones[0], None, limits)
             .err()
             .expect("refused")

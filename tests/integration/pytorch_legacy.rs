@@ -12,7 +12,7 @@ use crate::common;
 use std::{collections::HashMap, path::PathBuf, process::Command};
 
 use common::*;
-use tlserve::backbone::pytorch_legacy;
+use tlserve::backbone::weights::pytorch_legacy;
 
 fn lite0_dir() -> PathBuf {
     let dir = repo_root().join("models/efficientnet-lite0");

@@ -7,7 +7,7 @@ use crate::common;
 
 use common::*;
 use tlserve::{
-    backbone::{image::ImageLimits, EmbedItem, EmbedOptions, Input, Pooling, Prepared},
+    backbone::{vision::image::ImageLimits, EmbedItem, EmbedOptions, Input, Pooling, Prepared},
     config::{Config, Engine},
     proto::{self, predictor_client::PredictorClient},
 };

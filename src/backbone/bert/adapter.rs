@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use gemm::Parallelism;
 
-use super::bert_graph::{BertGraph, Tuning};
+use super::graph::{BertGraph, Tuning};
 use super::lora::{LayerAdapters, LowRank};
 use super::top_layers::TopLayers;
 use crate::{Error, Result};

@@ -74,7 +74,7 @@ fn product(
         candle_core::bail!("a frozen product of {inputs} inputs got {width}");
     }
     let x = &values[start..end];
-    let out = super::on_thread_pool(|| linear.forward(x, rayon::current_num_threads()));
+    let out = crate::backbone::on_thread_pool(|| linear.forward(x, rayon::current_num_threads()));
     Ok((CpuStorage::F32(out), Shape::from((tokens, outputs))))
 }
 

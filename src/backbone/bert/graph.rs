@@ -795,7 +795,7 @@ mod tests {
     use candle_transformers::models::bert::BertModel;
 
     use super::{BertGraph, Kernels, TopLayers, TrainableLayers, Tuning};
-    use crate::backbone::lora::{LayerAdapters, LowRank};
+    use crate::backbone::bert::lora::{LayerAdapters, LowRank};
     use crate::nn::rng::Rng;
 
     /// Two texts, the second padded: ids and mask `[2, 6]`.

@@ -1,6 +1,6 @@
 //! BERT-family text encoders (BERT, MiniLM, sentence-transformers models), on
-//! one of two engines: our packed CPU forward pass (`bert_native`, the default
-//! on CPU) or a graph of candle tensor operations (`bert_graph`: any device and
+//! one of two engines: our packed CPU forward pass (`native`, the default
+//! on CPU) or a graph of candle tensor operations (`graph`: any device and
 //! float type, the engine of GPUs).
 
 use candle_core::{DType, Device, IndexOp};
@@ -8,13 +8,21 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::bert::Config as BertConfig;
 use serde::Deserialize;
 
-use super::adapter::Adapter;
-use super::bert_graph::{self, BertGraph};
-use super::bert_native::NativeBert;
+pub mod adapter;
+pub mod frozen_product;
+pub mod graph;
+pub mod lora;
+pub mod native;
+pub mod top_layers;
+
+use adapter::Adapter;
+use graph::BertGraph;
+use native::NativeBert;
+
 use super::{
     candle_device,
-    source::{self, ModelFiles},
     text::TextEncoder,
+    weights::source::{self, ModelFiles},
     Backbone, BackboneDescriptor, EmbedItem, EmbedOptions, Input, Modality, Pooling, Prepared,
     TokenizedText,
 };
@@ -123,7 +131,7 @@ impl BertBackbone {
         // the float type its weights are loaded as.
         let dtype = match engine {
             Engine::Native => DType::F32,
-            _ => bert_graph::dtype_of(precision).unwrap_or(DType::F32),
+            _ => graph::dtype_of(precision).unwrap_or(DType::F32),
         };
         let vars = opened.weights(dtype, &device)?;
         let model_config = &opened.model;
@@ -253,7 +261,11 @@ fn native_embed(
             None => {
                 let rows = &tokens[start * hidden..(start + len) * hidden];
                 finish(
-                    super::pooling::pool_rows(rows, hidden, items[i].options.pooling),
+                    crate::backbone::text::pooling::pool_rows(
+                        rows,
+                        hidden,
+                        items[i].options.pooling,
+                    ),
                     items[i],
                 )
             }
@@ -283,7 +295,7 @@ fn candle_group(
     let ids: Vec<&[u32]> = group.iter().map(|&i| texts[i].ids.as_slice()).collect();
     let (ids, mask) = model.padded_batch(&ids)?;
     if let Some(layers) = group.first().and_then(|&i| items[i].capture) {
-        let hidden = model.forward_bottom(&ids, &mask, layers, bert_graph::Kernels::Fused)?;
+        let hidden = model.forward_bottom(&ids, &mask, layers, graph::Kernels::Fused)?;
         return group
             .iter()
             .enumerate()
@@ -295,9 +307,9 @@ fn candle_group(
     }
     let tuning = match group.first().and_then(|&i| items[i].adapter) {
         Some(adapter) => adapter.to_graph(model)?,
-        None => bert_graph::Tuning::Frozen(0),
+        None => graph::Tuning::Frozen(0),
     };
-    let hidden = model.forward_adapted(&ids, &mask, &tuning, bert_graph::Kernels::Fused)?;
+    let hidden = model.forward_adapted(&ids, &mask, &tuning, graph::Kernels::Fused)?;
     let mask = mask.to_dtype(DType::F32)?;
     // Pool once per kind the group needs; items of one group may differ.
     let wants = |pooling| group.iter().any(|&i| items[i].options.pooling == pooling);
@@ -325,7 +337,9 @@ fn candle_group(
                     let rows = hidden.get(row)?.narrow(0, 0, texts[i].ids.len())?;
                     let rows: Vec<f32> = rows.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
                     let width = hidden.dim(2)?;
-                    return Ok(super::pooling::pool_rows(&rows, width, other));
+                    return Ok(crate::backbone::text::pooling::pool_rows(
+                        &rows, width, other,
+                    ));
                 }
             };
             // Each row belongs to exactly one item: move it out instead of copying.

@@ -27,8 +27,8 @@ use candle_transformers::models::bert::Config as BertConfig;
 use rayon::prelude::*;
 
 use super::adapter::{Adapter, LoraAdapter, MODULES};
-use super::profile::Stopwatch;
 use super::top_layers::{LayerWeights, TopLayers, NORMS};
+use crate::backbone::profile::Stopwatch;
 use crate::{
     config::Precision,
     nn::{attend_head, flat, gelu_in_place, Dense, LayerNorm, Linear, Strided},
@@ -350,7 +350,7 @@ impl NativeBert {
         }
         let converted = self.converted_layers(adapters)?;
         let groups = self.adapter_groups(texts, adapters, &converted)?;
-        Ok(super::on_thread_pool(|| {
+        Ok(crate::backbone::on_thread_pool(|| {
             self.forward_on_pool(texts, &groups, captures)
         }))
     }

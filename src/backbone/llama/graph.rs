@@ -15,8 +15,8 @@ use candle_core::quantized::{QStorage, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{ops, rotary_emb};
 
-use super::gguf::GgufFile;
-use super::llama_native::LlamaSettings;
+use super::native::LlamaSettings;
+use crate::backbone::weights::gguf::GgufFile;
 use crate::{config::Precision, Error, Result};
 
 struct Block {
@@ -242,7 +242,7 @@ mod tests {
     use candle_core::quantized::GgmlDType;
 
     use super::*;
-    use crate::backbone::llama_native::tests::{
+    use crate::backbone::llama::native::tests::{
         ids, max_difference, reference, weights, write_gguf, SETTINGS,
     };
 

@@ -4,17 +4,23 @@
 //! Every text gets the model's end-of-sequence token appended (the token
 //! that last-token pooling takes; under causal attention the only one that
 //! has seen the whole text), like the special tokens a BERT tokenizer adds.
-//! The forward pass is the native CPU engine of [`super::llama_native`]
-//! (packed texts) or the candle graph of [`super::llama_graph`] (padded
+//! The forward pass is the native CPU engine of [`native`]
+//! (packed texts) or the candle graph of [`graph`] (padded
 //! texts; the engine of GPUs).
 
 use candle_core::Device;
 
-use super::gguf::GgufFile;
-use super::llama_graph::{self, LlamaGraph};
-use super::llama_native::{LlamaSettings, NativeLlama};
+pub mod graph;
+pub mod native;
+
+use graph::LlamaGraph;
+use native::{LlamaSettings, NativeLlama};
+
 use super::{
-    bert::l2_normalize, candle_device, pooling::pool_rows, source::ModelFiles, text::TextEncoder,
+    bert::l2_normalize,
+    candle_device,
+    text::{pooling::pool_rows, TextEncoder},
+    weights::{gguf::GgufFile, source::ModelFiles},
     Backbone, BackboneDescriptor, EmbedItem, EmbedOptions, Input, Modality, Prepared,
     TokenizedText,
 };
@@ -76,7 +82,7 @@ impl LlamaBackbone {
                 normalize: config.normalize,
             },
             default_truncate: config.truncate,
-            fingerprint: super::source::fingerprint(&files.weights)?,
+            fingerprint: super::weights::source::fingerprint(&files.weights)?,
             source: files.origin.clone(),
         };
         tracing::info!(
@@ -149,10 +155,7 @@ impl Backbone for LlamaBackbone {
             Network::Candle(graph) => {
                 let padded = graph.forward(&ids)?;
                 for (row, (item, text)) in items.iter().zip(&ids).enumerate() {
-                    out.push(finish(
-                        &llama_graph::text_rows(&padded, row, text.len())?,
-                        item,
-                    ));
+                    out.push(finish(&graph::text_rows(&padded, row, text.len())?, item));
                 }
             }
         }

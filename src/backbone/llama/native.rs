@@ -1,7 +1,7 @@
 //! A Llama-architecture decoder's forward pass written for CPU inference,
 //! giving the final hidden state of every token.
 //!
-//! As in the native BERT engine ([`super::bert_native`]), the texts of a
+//! As in the native BERT engine ([`crate::backbone::bert::native`]), the texts of a
 //! batch are packed end to end: every dense layer runs on the real tokens
 //! only, and attention runs per text (causal, each token seeing itself and
 //! the tokens before it), so there is neither padding nor a mask. Query,
@@ -18,8 +18,8 @@
 
 use rayon::prelude::*;
 
-use super::gguf::GgufFile;
-use super::profile::Stopwatch;
+use crate::backbone::profile::Stopwatch;
+use crate::backbone::weights::gguf::GgufFile;
 use crate::{
     config::Precision,
     nn::{attend_head, Dense, Linear, Strided},
@@ -250,7 +250,7 @@ impl NativeLlama {
     /// `[tokens, hidden]` in the texts' order.
     pub fn forward(&self, texts: &[&[u32]]) -> Result<Vec<f32>> {
         let mut watch = Stopwatch::start();
-        let x = super::on_thread_pool(|| self.forward_on_pool(texts, &mut watch))?;
+        let x = crate::backbone::on_thread_pool(|| self.forward_on_pool(texts, &mut watch))?;
         watch.finish(x.len() / self.settings.hidden);
         Ok(x)
     }

@@ -4,6 +4,8 @@ use std::path::Path;
 
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
+pub mod pooling;
+
 use super::{Input, Prepared};
 use crate::{Error, Result};
 

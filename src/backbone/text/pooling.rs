@@ -1,6 +1,6 @@
 //! Token vectors of one text to one vector, by the request's [`Pooling`].
 
-use super::Pooling;
+use crate::backbone::Pooling;
 
 /// The pooled vector of one text's token rows (`[tokens, hidden]`,
 /// row-major, at least one row).

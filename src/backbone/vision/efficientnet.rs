@@ -16,7 +16,7 @@ use candle_nn::VarBuilder;
 
 use super::{
     layers::{global_average, Activation, ConvBn, ConvSpec, Linear, Padding},
-    vision_native as native,
+    native,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -251,7 +251,7 @@ impl MbConv {
     }
 }
 
-impl super::vision::ImageNetwork for EfficientNet {
+impl super::ImageNetwork for EfficientNet {
     fn to_native(&self) -> candle_core::Result<native::NativeNetwork> {
         let conv = |layer: &ConvBn| -> candle_core::Result<native::Block> {
             Ok(native::Block::single(native::Layer::Conv(

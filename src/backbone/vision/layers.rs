@@ -409,7 +409,7 @@ fn depthwise(
         out_w,
     };
     let mut output = vec![0f32; batch * channels * plane_out];
-    super::on_thread_pool(|| {
+    crate::backbone::on_thread_pool(|| {
         output
             .par_chunks_mut(plane_out)
             .enumerate()

@@ -10,17 +10,24 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
+pub mod efficientnet;
+pub mod image;
+pub mod layers;
+pub mod native;
+pub mod resnet;
+pub mod vgg;
+
+use efficientnet::{EfficientNet, Variant};
+use image::{ImageLimits, Preprocessing, Resample};
+use layers::Linear;
+use native::NativeNetwork;
+use resnet::ResNet50;
+use vgg::Vgg16;
+
 use super::{
     bert::l2_normalize,
     candle_device,
-    efficientnet::{EfficientNet, Variant},
-    image::Resample,
-    image::{self, ImageLimits, Preprocessing},
-    layers::Linear,
-    resnet::ResNet50,
-    source::{self, ModelFiles},
-    vgg::Vgg16,
-    vision_native::NativeNetwork,
+    weights::source::{self, ModelFiles},
     Backbone, BackboneDescriptor, BuiltinClassifier, EmbedItem, EmbedOptions, Input, Modality,
     Pooling, Prepared,
 };
@@ -30,7 +37,7 @@ use crate::{
 };
 
 /// The ImageNet-1k class names, index order (see assets/README.md).
-const IMAGENET_CLASSES: &str = include_str!("../../assets/imagenet-classes.txt");
+const IMAGENET_CLASSES: &str = include_str!("../../../assets/imagenet-classes.txt");
 
 /// A convolutional network that maps preprocessed images to pooled features.
 pub trait ImageNetwork: Send + Sync {
@@ -48,7 +55,7 @@ pub trait ImageNetwork: Send + Sync {
 enum Network {
     /// candle's operations, channels first: any device.
     Candle(Box<dyn ImageNetwork>),
-    /// Our channels-last kernels (`super::vision_native`): CPU only.
+    /// Our channels-last kernels (`native`): CPU only.
     Native(Box<NativeNetwork>),
 }
 

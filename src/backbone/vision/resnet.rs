@@ -10,7 +10,7 @@ use candle_nn::VarBuilder;
 
 use super::{
     layers::{global_average, Activation, ConvBn, ConvSpec, Linear, Padding},
-    vision_native as native,
+    native,
 };
 
 const FEATURES: usize = 2048;
@@ -148,7 +148,7 @@ impl Bottleneck {
     }
 }
 
-impl super::vision::ImageNetwork for ResNet50 {
+impl super::ImageNetwork for ResNet50 {
     fn dimension(&self) -> usize {
         FEATURES
     }

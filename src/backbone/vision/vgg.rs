@@ -16,7 +16,7 @@ use candle_nn::VarBuilder;
 
 use super::{
     layers::{global_average, Activation, ConvBn, ConvSpec, Linear, Padding},
-    vision_native as native,
+    native,
 };
 use crate::{
     config::{Precision, VggFeatures},
@@ -84,7 +84,7 @@ impl Vgg16 {
     }
 }
 
-impl super::vision::ImageNetwork for Vgg16 {
+impl super::ImageNetwork for Vgg16 {
     fn dimension(&self) -> usize {
         match self.features {
             VggFeatures::Pool5 => 512,

@@ -5,7 +5,7 @@
 use candle_core::{DType, Tensor};
 use tokio_util::sync::CancellationToken;
 
-use crate::backbone::bert_graph::{BertGraph, Kernels};
+use crate::backbone::bert::graph::{BertGraph, Kernels};
 use crate::{Error, Result};
 
 /// Texts per forward pass of the bottom; sorted by length first, so that a

@@ -8,9 +8,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::cache::{pooled, to_f32, Bottoms};
 use super::{FineTuneParams, FineTuned, LoraSettings, Method, Progress, TextExamples};
-use crate::backbone::adapter::{slot_shapes, Adapter, LoraAdapter};
-use crate::backbone::bert_graph::{BertGraph, Kernels, Tuning};
-use crate::backbone::lora::{LayerAdapters, LowRank};
+use crate::backbone::bert::adapter::{slot_shapes, Adapter, LoraAdapter};
+use crate::backbone::bert::graph::{BertGraph, Kernels, Tuning};
+use crate::backbone::bert::lora::{LayerAdapters, LowRank};
 use crate::head::{model::HeadWeights, train, HeadKind, HeadMetrics, TrainingParams};
 use crate::nn::{rng::Rng, Dense};
 use crate::{Error, Result};

@@ -5,7 +5,7 @@ use candle_core::DType;
 use tokio_util::sync::CancellationToken;
 
 use super::{fine_tune, BottomSource, FineTuneParams, Progress, TextExamples};
-use crate::backbone::bert_graph::testing::tiny;
+use crate::backbone::bert::graph::testing::tiny;
 use crate::nn::rng::Rng;
 use crate::Error;
 

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use super::super::{finetune::Method, model::HeadWeights, HeadMetadata};
 use super::StoredHead;
 use crate::{
-    backbone::adapter::{Adapter, AdapterKind},
+    backbone::bert::adapter::{Adapter, AdapterKind},
     storage::Entry,
     Error, Result,
 };

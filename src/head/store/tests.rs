@@ -49,7 +49,7 @@ fn reference(text: &str) -> HeadRef {
 /// A fine-tuned head: its record and a one-layer adapter whose values
 /// start at `seed`.
 fn tuned(name: &str, seed: f32) -> (HeadMetadata, HeadWeights, Adapter) {
-    use crate::backbone::adapter::{LoraAdapter, LowRankWeights};
+    use crate::backbone::bert::adapter::{LoraAdapter, LowRankWeights};
     use crate::head::finetune::{FineTuneParams, LoraSettings, LoraTargets};
     let (mut meta, weights) = head(name);
     let mut params = FineTuneParams::defaults(1);
@@ -62,7 +62,7 @@ fn tuned(name: &str, seed: f32) -> (HeadMetadata, HeadWeights, Adapter) {
     });
     let (training, tuning) = params.record();
     (meta.training, meta.fine_tuning) = (training, Some(tuning));
-    let mut slots: crate::backbone::adapter::LayerSlots = Default::default();
+    let mut slots: crate::backbone::bert::adapter::LayerSlots = Default::default();
     slots[0] = Some(LowRankWeights {
         a: vec![seed, seed + 1.0],
         b: vec![seed + 2.0, seed + 3.0],
@@ -82,7 +82,7 @@ fn tuned(name: &str, seed: f32) -> (HeadMetadata, HeadWeights, Adapter) {
 /// A head fine-tuned with its top layer trained in full (width 2,
 /// feed-forward 3), the layer's values starting at `seed`.
 fn tuned_layers(name: &str, seed: f32) -> (HeadMetadata, HeadWeights, Adapter) {
-    use crate::backbone::top_layers::{LayerWeights, NormWeights, TopLayers};
+    use crate::backbone::bert::top_layers::{LayerWeights, NormWeights, TopLayers};
     use crate::head::finetune::FineTuneParams;
     let (mut meta, weights) = head(name);
     let (training, tuning) = FineTuneParams::top_layers(1).record();

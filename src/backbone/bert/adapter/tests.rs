@@ -1,7 +1,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::{Adapter, LayerSlots, LoraAdapter, LowRankWeights};
-use crate::backbone::lora::{LayerAdapters, LowRank};
+use crate::backbone::bert::lora::{LayerAdapters, LowRank};
 use crate::nn::rng::Rng;
 
 fn low_rank(rng: &mut Rng, rank: usize, inputs: usize, outputs: usize) -> LowRankWeights {
@@ -197,7 +197,7 @@ fn tiny_adapter(layers: usize, seed: u64) -> Adapter {
 /// The top `layers` layers of the tiny test model trained in full: random
 /// weights drawn from `seed`.
 fn tiny_layers(layers: usize, seed: u64) -> Adapter {
-    use crate::backbone::top_layers::{LayerWeights, NormWeights, TopLayers};
+    use crate::backbone::bert::top_layers::{LayerWeights, NormWeights, TopLayers};
     let mut rng = Rng(seed);
     let (h, i) = (16, 32);
     let shapes = [(h, h), (h, h), (h, h), (h, h), (h, i), (i, h)];
@@ -241,8 +241,8 @@ fn relative_gap(a: &[f32], b: &[f32]) -> f64 {
 /// pass.
 #[test]
 fn serving_and_training_passes_agree() {
-    use crate::backbone::bert_graph::{testing, Kernels, Tuning};
-    use crate::backbone::bert_native::NativeBert;
+    use crate::backbone::bert::graph::{testing, Kernels, Tuning};
+    use crate::backbone::bert::native::NativeBert;
     use candle_nn::VarBuilder;
 
     let (config, tensors) = testing::tiny_weights();

@@ -2,7 +2,7 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
 use super::NativeBert;
-use crate::backbone::bert_graph::{testing, Kernels};
+use crate::backbone::bert::graph::{testing, Kernels};
 
 fn tiny_native() -> NativeBert {
     let (config, tensors) = testing::tiny_weights();

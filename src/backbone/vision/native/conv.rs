@@ -18,7 +18,7 @@ use rayon::prelude::*;
 
 use super::map::{activate, FeatureMap, Window};
 use crate::{
-    backbone::layers::{Activation, FoldedConv, Padding},
+    backbone::vision::layers::{Activation, FoldedConv, Padding},
     nn::{
         packed::{F32Kernel, PackedDense},
         Dense,

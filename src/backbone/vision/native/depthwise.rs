@@ -10,7 +10,7 @@
 use rayon::prelude::*;
 
 use super::map::{activate_plain, FeatureMap, Window};
-use crate::backbone::layers::{Activation, FoldedConv, Padding};
+use crate::backbone::vision::layers::{Activation, FoldedConv, Padding};
 
 /// Channels whose sums one pass over the taps keeps in registers.
 const CHUNK: usize = 64;

@@ -1,6 +1,6 @@
 //! Feature maps in channels-last order and the geometry of a sliding window.
 
-use crate::backbone::layers::{Activation, Padding};
+use crate::backbone::vision::layers::{Activation, Padding};
 
 /// A batch of feature maps, channels last: `[batch][height][width][channels]`.
 /// In this order the channels of one pixel are contiguous, so a 1x1

@@ -22,7 +22,7 @@ pub use depthwise::Depthwise;
 pub use map::FeatureMap;
 
 use crate::{
-    backbone::{layers::Activation, profile::Stopwatch},
+    backbone::{profile::Stopwatch, vision::layers::Activation},
     nn::{self, Dense},
 };
 

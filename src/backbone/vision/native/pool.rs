@@ -3,7 +3,7 @@
 use rayon::prelude::*;
 
 use super::map::{FeatureMap, Window};
-use crate::backbone::layers::Padding;
+use crate::backbone::vision::layers::Padding;
 
 /// The largest value in each `kernel` x `kernel` window, PyTorch's
 /// `MaxPool2d(kernel, stride, padding)`: padding never wins (as if it were

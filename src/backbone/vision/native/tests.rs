@@ -6,7 +6,9 @@
 use candle_core::{Device, Tensor};
 
 use super::{map::FeatureMap, pool, Conv2d, Depthwise};
-use crate::backbone::layers::{tests::pseudo_random, Activation, ConvSpec, FoldedConv, Padding};
+use crate::backbone::vision::layers::{
+    tests::pseudo_random, Activation, ConvSpec, FoldedConv, Padding,
+};
 
 /// `[batch, channels, h, w]` random values, as a tensor and as a map.
 fn input(batch: usize, channels: usize, side: usize, seed: u64) -> (Tensor, FeatureMap) {
