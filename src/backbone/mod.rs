@@ -12,7 +12,9 @@
 //! maps an architecture to its family.
 
 pub mod bert;
+pub mod catalog;
 pub mod device_memory;
+pub mod engine;
 pub mod llama;
 pub mod profile;
 pub mod text;
@@ -298,15 +300,9 @@ fn load_and_warm_up(
     cache_dir: Option<&std::path::Path>,
     image_limits: vision::image::ImageLimits,
 ) -> Result<Arc<dyn Backbone>> {
-    let layout = weights::source::Layout::of(config.architecture);
+    let layout = catalog::family(config).weight_layout();
     let files = weights::source::resolve(&config.source, cache_dir, layout)?;
-    let backbone: Arc<dyn Backbone> = match layout {
-        weights::source::Layout::Text => Arc::new(bert::BertBackbone::load(config, &files)?),
-        weights::source::Layout::Gguf => Arc::new(llama::LlamaBackbone::load(config, &files)?),
-        weights::source::Layout::Image => {
-            Arc::new(vision::VisionBackbone::load(config, &files, image_limits)?)
-        }
-    };
+    let backbone = catalog::load(config, &files, image_limits)?;
     warm_up(backbone.as_ref())?;
     Ok(backbone)
 }

@@ -21,13 +21,15 @@ use native::NativeBert;
 
 use super::{
     candle_device,
+    catalog::Family,
+    engine,
     text::TextEncoder,
     weights::source::{self, ModelFiles},
     Backbone, BackboneDescriptor, EmbedItem, EmbedOptions, Input, Modality, Pooling, Prepared,
     TokenizedText,
 };
 use crate::{
-    config::{BackboneConfig, Engine, Precision},
+    config::{BackboneConfig, Engine},
     Error, Result,
 };
 
@@ -126,7 +128,7 @@ impl BertBackbone {
     pub fn load(config: &BackboneConfig, files: &ModelFiles) -> Result<Self> {
         let device = candle_device(config.device)?;
         let opened = Opened::read(config, files)?;
-        let (engine, precision) = engine_and_precision(config, &device)?;
+        let (engine, precision) = engine::choose(config, Family::Bert, &device)?;
         // The native engine converts f32 weights itself; candle's graph runs in
         // the float type its weights are loaded as.
         let dtype = match engine {
@@ -165,7 +167,7 @@ impl BertBackbone {
             backbone = %config.name,
             engine = engine.as_str(),
             precision = precision.as_str(),
-            kernel = kernel_name(engine, precision),
+            kernel = engine::kernel_name(engine, precision),
             "BERT engine"
         );
         Ok(Self {
@@ -395,53 +397,6 @@ fn max_sequence_length(
         )));
     }
     Ok(chosen)
-}
-
-/// The engine `config.engine` resolves to on `device`, and the number format
-/// `config.precision` resolves to on that engine (`auto`: bf16 on CPUs with
-/// AMX-BF16, else f32, for the native engine; f16 on a GPU, else f32, for
-/// candle's, as sentence-transformers and text-embeddings-inference serve GPUs).
-fn engine_and_precision(config: &BackboneConfig, device: &Device) -> Result<(Engine, Precision)> {
-    let engine = config.resolved_engine();
-    if engine == Engine::Native && !device.is_cpu() {
-        return Err(Error::ModelLoad(
-            "the native engine runs on CPU; use engine = \"candle\" on a GPU".into(),
-        ));
-    }
-    let runs = match engine {
-        Engine::Native => config.precision.native_engine_runs(),
-        _ => config.precision.candle_engine_runs(),
-    };
-    if !runs {
-        return Err(Error::ModelLoad(format!(
-            "the {} engine does not compute in precision = \"{}\"",
-            engine.as_str(),
-            config.precision.as_str()
-        )));
-    }
-    let precision = match (engine, config.precision) {
-        (Engine::Native, chosen) => crate::nn::resolve_precision(chosen),
-        (_, Precision::Auto) if device.is_cpu() => Precision::F32,
-        (_, Precision::Auto) => Precision::F16,
-        (_, chosen) => chosen,
-    };
-    Ok((engine, precision))
-}
-
-/// What computes the dense layers: candle's kernels for its device, or the
-/// instructions the native engine uses for `precision` on this CPU.
-fn kernel_name(engine: Engine, precision: Precision) -> &'static str {
-    if engine != Engine::Native {
-        return "candle";
-    }
-    match precision {
-        Precision::Auto | Precision::F32 => crate::nn::packed::F32Kernel::detect()
-            .map_or("gemm (f32)", crate::nn::packed::F32Kernel::as_str),
-        Precision::Int8 => crate::nn::int8::Int8Kernel::detect().as_str(),
-        Precision::Bf16 => crate::nn::bf16::Bf16Kernel::detect().as_str(),
-        Precision::F16 => "none (f16 runs on the candle engine)",
-        Precision::Quantized => "none (quantized is for GGUF backbones)",
-    }
 }
 
 #[cfg(test)]

@@ -8,8 +8,6 @@
 //! (packed texts) or the candle graph of [`graph`] (padded
 //! texts; the engine of GPUs).
 
-use candle_core::Device;
-
 pub mod graph;
 pub mod native;
 
@@ -19,13 +17,15 @@ use native::{LlamaSettings, NativeLlama};
 use super::{
     bert::l2_normalize,
     candle_device,
+    catalog::Family,
+    engine,
     text::{pooling::pool_rows, TextEncoder},
     weights::{gguf::GgufFile, source::ModelFiles},
     Backbone, BackboneDescriptor, EmbedItem, EmbedOptions, Input, Modality, Prepared,
     TokenizedText,
 };
 use crate::{
-    config::{BackboneConfig, Engine, Precision},
+    config::{BackboneConfig, Engine},
     Error, Result,
 };
 
@@ -44,8 +44,7 @@ pub struct LlamaBackbone {
 impl LlamaBackbone {
     pub fn load(config: &BackboneConfig, files: &ModelFiles) -> Result<Self> {
         let device = candle_device(config.device)?;
-        let engine = config.resolved_engine();
-        let precision = engine_precision(engine, config.precision, &device)?;
+        let (engine, precision) = engine::choose(config, Family::Llama, &device)?;
         let file = GgufFile::open(&files.weights)?;
         let settings = LlamaSettings::read(&file)?;
         let max_len = config.max_sequence_length.unwrap_or(settings.context);
@@ -160,38 +159,5 @@ impl Backbone for LlamaBackbone {
             }
         }
         Ok(out)
-    }
-}
-
-/// The number format `chosen` resolves to on `engine` and `device`: the
-/// native engine's kernels (`auto`: bf16 with AMX-BF16, else f32) or its
-/// quantized products on the CPU; candle's float types or quantized kernels
-/// (`auto`: f16 on a GPU, f32 on the CPU, as for BERT).
-fn engine_precision(engine: Engine, chosen: Precision, device: &Device) -> Result<Precision> {
-    match engine {
-        Engine::Native if !device.is_cpu() => Err(Error::ModelLoad(
-            "the native engine runs on CPU; use engine = \"candle\" on a GPU".into(),
-        )),
-        Engine::Native if chosen == Precision::F16 => Err(Error::ModelLoad(
-            "the native engine does not compute in precision = \"f16\"".into(),
-        )),
-        // A decoder's activations have outlier channels that one int8 scale
-        // per row flattens: pooled features fell to cosine 0.955 of the
-        // float64 reference (docs/PERFORMANCE.md, "Decoder backbones").
-        Engine::Native if chosen == Precision::Quantized => Err(Error::ModelLoad(
-            "precision = \"quantized\" runs on the candle engine (GPUs); candle's quantized \
-             products ran 35 times slower than f32 on the CPU"
-                .into(),
-        )),
-        Engine::Native if chosen == Precision::Int8 => Err(Error::ModelLoad(
-            "precision = \"int8\" is too lossy for decoders; use \"bf16\" or \"quantized\"".into(),
-        )),
-        Engine::Native => Ok(crate::nn::resolve_precision(chosen)),
-        _ if chosen == Precision::Int8 => Err(Error::ModelLoad(
-            "the candle engine does not compute in precision = \"int8\"".into(),
-        )),
-        _ if chosen == Precision::Auto && device.is_cpu() => Ok(Precision::F32),
-        _ if chosen == Precision::Auto => Ok(Precision::F16),
-        _ => Ok(chosen),
     }
 }

@@ -18,7 +18,7 @@ pub mod resnet;
 pub mod vgg;
 
 use efficientnet::{EfficientNet, Variant};
-use image::{ImageLimits, Preprocessing, Resample};
+use image::{ImageLimits, Preprocessing};
 use layers::Linear;
 use native::NativeNetwork;
 use resnet::ResNet50;
@@ -27,12 +27,14 @@ use vgg::Vgg16;
 use super::{
     bert::l2_normalize,
     candle_device,
+    catalog::{self, Family},
+    engine,
     weights::source::{self, ModelFiles},
     Backbone, BackboneDescriptor, BuiltinClassifier, EmbedItem, EmbedOptions, Input, Modality,
     Pooling, Prepared,
 };
 use crate::{
-    config::{Architecture, BackboneConfig, Engine, ImageConfig},
+    config::{BackboneConfig, Engine, ImageConfig},
     Error, Result,
 };
 
@@ -69,7 +71,12 @@ pub struct VisionBackbone {
 }
 
 impl VisionBackbone {
-    pub fn load(config: &BackboneConfig, files: &ModelFiles, limits: ImageLimits) -> Result<Self> {
+    pub fn load(
+        config: &BackboneConfig,
+        kind: catalog::ImageNetwork,
+        files: &ModelFiles,
+        limits: ImageLimits,
+    ) -> Result<Self> {
         let device = candle_device(config.device)?;
         // SAFETY: as for the text backbones, the weights file is memory-mapped and
         // must not change while the server runs (model folders are replaced whole).
@@ -78,7 +85,7 @@ impl VisionBackbone {
                 .map_err(|err| {
                     Error::ModelLoad(format!("cannot map {}: {err}", files.weights.display()))
                 })?;
-        let network = build(config, vars).map_err(|err| {
+        let network = build(kind, vars).map_err(|err| {
             Error::ModelLoad(format!(
                 "{} does not hold {} weights: {err}",
                 files.weights.display(),
@@ -90,34 +97,27 @@ impl VisionBackbone {
             None => None,
         };
         let dimension = network.dimension();
-        let network = match config.resolved_engine() {
-            Engine::Native if !device.is_cpu() => {
-                return Err(Error::ModelLoad(
-                    "the native engine runs on CPU; use engine = \"candle\" on a GPU".into(),
-                ))
-            }
+        let (engine, precision) = engine::choose(config, Family::Vision(kind), &device)?;
+        let network = match engine {
             Engine::Native => Network::Native(Box::new(network.to_native().map_err(|err| {
                 Error::ModelLoad(format!("cannot build the native engine's layers: {err}"))
             })?)),
             _ => Network::Candle(network),
         };
-        let (engine, kernel) = match network {
-            Network::Candle(_) => ("candle", "candle"),
-            Network::Native(_) => (
-                "native",
-                crate::nn::packed::F32Kernel::detect()
-                    .map_or("gemm (f32)", crate::nn::packed::F32Kernel::as_str),
-            ),
-        };
-        tracing::info!(backbone = %config.name, engine, kernel, "image engine");
-        let preprocessing = preprocessing(config.architecture, &config.image);
+        tracing::info!(
+            backbone = %config.name,
+            engine = engine.as_str(),
+            kernel = engine::kernel_name(engine, precision),
+            "image engine"
+        );
+        let preprocessing = preprocessing(kind, &config.image);
         let descriptor = BackboneDescriptor {
             name: config.name.clone(),
             architecture: config.architecture,
             modality: Modality::Image,
             dimension,
             device: config.device.to_string(),
-            dtype: "f32".to_owned(),
+            dtype: precision.as_str().to_owned(),
             max_sequence_length: 0,
             image_size: preprocessing.crop as usize,
             encoder_layers: 0,
@@ -145,17 +145,15 @@ impl VisionBackbone {
 }
 
 fn build(
-    config: &BackboneConfig,
+    network: catalog::ImageNetwork,
     vars: VarBuilder<'static>,
 ) -> candle_core::Result<Box<dyn ImageNetwork>> {
-    Ok(match config.architecture {
-        Architecture::EfficientNetLite0 => Box::new(EfficientNet::load(vars, Variant::Lite0)?),
-        Architecture::EfficientNetB0 => Box::new(EfficientNet::load(vars, Variant::B0)?),
-        Architecture::Resnet50 => Box::new(ResNet50::load(vars)?),
-        Architecture::Vgg16 => Box::new(Vgg16::load(vars, config.vgg_features)?),
-        Architecture::Bert | Architecture::Llama => {
-            candle_core::bail!("{} is not an image network", config.architecture.as_str())
-        }
+    use catalog::ImageNetwork as Kind;
+    Ok(match network {
+        Kind::EfficientNetLite0 => Box::new(EfficientNet::load(vars, Variant::Lite0)?),
+        Kind::EfficientNetB0 => Box::new(EfficientNet::load(vars, Variant::B0)?),
+        Kind::Resnet50 => Box::new(ResNet50::load(vars)?),
+        Kind::Vgg16(features) => Box::new(Vgg16::load(vars, features)?),
     })
 }
 
@@ -165,32 +163,16 @@ pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
 /// The preprocessing of an image backbone: the configured values, and where
-/// unset those its architecture's pretrained weights were evaluated with.
-pub fn preprocessing(architecture: Architecture, image: &ImageConfig) -> Preprocessing {
-    // EfficientNet-Lite was trained in TensorFlow on (x - 127) / 128 over
-    // 0..255; EfficientNet and the torchvision models on ImageNet statistics.
-    // All evaluate on the central 87.5% (224 of 256, `ImageConfig`'s defaults);
-    // the EfficientNets resize bicubically, torchvision bilinearly.
-    let (resample, mean, std) = match architecture {
-        Architecture::EfficientNetLite0 => {
-            (Resample::Bicubic, [127.0 / 255.0; 3], [128.0 / 255.0; 3])
-        }
-        Architecture::EfficientNetB0 => (Resample::Bicubic, IMAGENET_MEAN, IMAGENET_STD),
-        Architecture::Resnet50 | Architecture::Vgg16 => {
-            (Resample::Bilinear, IMAGENET_MEAN, IMAGENET_STD)
-        }
-        // Text backbones take no images; config validation refuses an
-        // `[image]` section on them, so these values are never used.
-        Architecture::Bert | Architecture::Llama => {
-            (Resample::Bilinear, IMAGENET_MEAN, IMAGENET_STD)
-        }
-    };
+/// unset those its network's pretrained weights were evaluated with (see
+/// [`catalog::ImageNetwork::image_defaults`]).
+pub fn preprocessing(network: catalog::ImageNetwork, image: &ImageConfig) -> Preprocessing {
+    let defaults = network.image_defaults();
     Preprocessing {
         resize_shorter: image.resize_shorter_or_default(),
         crop: image.crop_or_default(),
-        resample: image.resample.unwrap_or(resample),
-        mean: image.mean.unwrap_or(mean),
-        std: image.std.unwrap_or(std),
+        resample: image.resample.unwrap_or(defaults.resample),
+        mean: image.mean.unwrap_or(defaults.mean),
+        std: image.std.unwrap_or(defaults.std),
     }
 }
 
@@ -324,8 +306,9 @@ mod tests {
 
     use candle_nn::VarMap;
 
+    use super::image::Resample;
     use super::*;
-    use crate::config::{BackboneConfig, VggFeatures};
+    use crate::config::{Architecture, BackboneConfig, VggFeatures};
 
     /// Pseudo-random weights for every tensor the network asks for, scaled so
     /// that activations neither vanish nor explode through the layers.
@@ -341,7 +324,10 @@ mod tests {
             ..backbone_config(architecture, "unused")
         };
         // Without a classifier, which the network loads only when present.
-        build(&config, vb).expect("the network asks for its weights");
+        let catalog::Family::Vision(kind) = catalog::family(&config) else {
+            panic!("{architecture:?} is not an image network");
+        };
+        build(kind, vb).expect("the network asks for its weights");
         if let Some((prefix, inputs, classes)) = classifier {
             let mut data = varmap.data().lock().unwrap();
             for (name, shape) in [("weight", vec![classes, inputs]), ("bias", vec![classes])] {
@@ -396,8 +382,12 @@ mod tests {
     fn load(config: &BackboneConfig, dir: &std::path::Path) -> VisionBackbone {
         let files = source::resolve(&config.source, None, source::Layout::Image).unwrap();
         assert_eq!(files.weights, dir.join("model.safetensors"));
+        let catalog::Family::Vision(kind) = catalog::family(config) else {
+            panic!("{:?} is not an image network", config.architecture);
+        };
         VisionBackbone::load(
             config,
+            kind,
             &files,
             ImageLimits {
                 max_encoded_bytes: 1 << 20,
@@ -511,11 +501,12 @@ mod tests {
     /// defaults must pass the same checks.
     #[test]
     fn architecture_defaults_are_sound() {
+        use catalog::ImageNetwork as Kind;
         for architecture in [
-            Architecture::EfficientNetLite0,
-            Architecture::EfficientNetB0,
-            Architecture::Resnet50,
-            Architecture::Vgg16,
+            Kind::EfficientNetLite0,
+            Kind::EfficientNetB0,
+            Kind::Resnet50,
+            Kind::Vgg16(VggFeatures::Fc7),
         ] {
             let p = preprocessing(architecture, &ImageConfig::default());
             assert_eq!((p.resize_shorter, p.crop), (256, 224), "{architecture:?}");
@@ -525,7 +516,7 @@ mod tests {
                 "{architecture:?}"
             );
         }
-        let lite0 = preprocessing(Architecture::EfficientNetLite0, &ImageConfig::default());
+        let lite0 = preprocessing(Kind::EfficientNetLite0, &ImageConfig::default());
         assert_eq!(lite0.resample, Resample::Bicubic);
         assert_eq!(lite0.mean, [127.0 / 255.0; 3]);
         let configured = ImageConfig {
@@ -533,7 +524,7 @@ mod tests {
             crop: Some(200),
             ..ImageConfig::default()
         };
-        let resnet = preprocessing(Architecture::Resnet50, &configured);
+        let resnet = preprocessing(Kind::Resnet50, &configured);
         assert_eq!((resnet.resample, resnet.crop), (Resample::Bicubic, 200));
         assert_eq!(resnet.std, IMAGENET_STD);
     }

@@ -3,10 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::{
-    config::{Architecture, SourceConfig},
-    Error, Result,
-};
+use crate::{config::SourceConfig, Error, Result};
 
 /// Which files an architecture reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,19 +14,6 @@ pub enum Layout {
     Image,
     /// One GGUF file holding settings, weights and tokenizer.
     Gguf,
-}
-
-impl Layout {
-    pub fn of(architecture: Architecture) -> Self {
-        match architecture {
-            Architecture::Bert => Layout::Text,
-            Architecture::Llama => Layout::Gguf,
-            Architecture::EfficientNetLite0
-            | Architecture::EfficientNetB0
-            | Architecture::Resnet50
-            | Architecture::Vgg16 => Layout::Image,
-        }
-    }
 }
 
 /// The files of a Hugging Face-layout model. Image backbones need only the
