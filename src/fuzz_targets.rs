@@ -7,7 +7,7 @@ use prost::Message;
 
 use crate::{
     backbone::{
-        vision::image::{self, ImageLimits, Preprocessing, Resample},
+        image::{self, ImageLimits, Preprocessing, Resample},
         BackboneDescriptor, EmbedOptions, Modality, Pooling,
     },
     config::{Architecture, Config, LimitsConfig},

@@ -15,7 +15,7 @@ use crate::{
     backbone::{
         self,
         bert::TrainableBert,
-        vision::image::{DecodeBudget, ImageLimits},
+        image::{DecodeBudget, ImageLimits},
         Backbone, Input, Prepared, Want,
     },
     batching::{BackboneQueue, BatchLimits, Priority},

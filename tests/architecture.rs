@@ -192,13 +192,18 @@ struct Source {
     imports: BTreeSet<String>,
 }
 
+/// The library's files: not the crate roots, and not src/cli/, the modules of
+/// the `tlserve` binary (declared by src/main.rs), which stands above every
+/// layer and uses the library through `tlserve::`.
 fn sources() -> Vec<Source> {
     let mut files = Vec::new();
     rust_files(&root().join("src"), &mut files);
     files.sort();
+    let cli = root().join("src/cli");
     files
         .into_iter()
         .filter(|f| !f.ends_with("src/lib.rs") && !f.ends_with("src/main.rs"))
+        .filter(|f| !f.starts_with(&cli))
         .map(|file| {
             let text = std::fs::read_to_string(&file).expect("read");
             let code = code_of(&text);

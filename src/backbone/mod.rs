@@ -32,7 +32,9 @@ use crate::{
 };
 
 pub use crate::config::{Modality, Pooling};
+pub use bert::adapter::Adapter;
 pub use text::TokenizedText;
+pub use vision::image;
 
 /// Per-request choices applied after the forward pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

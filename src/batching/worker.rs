@@ -5,7 +5,7 @@ use std::{panic::AssertUnwindSafe, sync::Arc, time::Instant};
 
 use super::{partition, BatchLimits, Lanes, Priority, Shared, Unit};
 use crate::{
-    backbone::{bert::adapter::Adapter, Backbone, EmbedItem},
+    backbone::{Adapter, Backbone, EmbedItem},
     metrics, Error,
 };
 

@@ -123,7 +123,7 @@ pub fn run(config: &Config, options: &FineTuneBenchOptions<'_>) -> Result<()> {
 /// JSON array per line.
 fn export(
     dir: &Path,
-    adapter: &crate::backbone::bert::adapter::Adapter,
+    adapter: &crate::backbone::Adapter,
     hidden: usize,
     features: &[f32],
 ) -> Result<()> {

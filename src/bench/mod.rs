@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use serde_json::json;
 
 use crate::{
-    backbone::{self, profile, vision::image::ImageLimits, Backbone, EmbedItem, Input, Modality},
+    backbone::{self, image::ImageLimits, profile, Backbone, EmbedItem, Input, Modality},
     config::Config,
 };
 

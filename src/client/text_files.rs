@@ -7,14 +7,20 @@ use anyhow::{bail, Context, Result};
 
 use super::examples::Example;
 
-/// The layout of a text example file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The layout of a text example file. `tlserve train --format` and
+/// `tlserve evaluate --format` take it by its lower-case name and list the
+/// names alone, as the flag's own help describes the files (each value's help
+/// is reset).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum TextFormat {
     /// `LABEL<TAB>TEXT` per line.
+    #[value(help = None::<&str>)]
     Tsv,
     /// Comma-separated values, header detected.
+    #[value(help = None::<&str>)]
     Csv,
     /// One JSON object per line.
+    #[value(help = None::<&str>)]
     Jsonl,
 }
 

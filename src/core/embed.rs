@@ -8,9 +8,7 @@ use super::{
     Scope,
 };
 use crate::{
-    backbone::{
-        bert::adapter::Adapter, BackboneDescriptor, EmbedOptions, Input, Modality, Pooling, Want,
-    },
+    backbone::{Adapter, BackboneDescriptor, EmbedOptions, Input, Modality, Pooling, Want},
     batching::Priority,
     config::LimitsConfig,
     head::store::HeadStore,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::Scope;
 use crate::{
-    backbone::bert::adapter::Adapter,
+    backbone::Adapter,
     head::{
         store::{HeadStore, StoredHead},
         HeadRef,

@@ -8,7 +8,7 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use crate::{backbone::bert::adapter::Adapter, metrics, sync::lock};
+use crate::{backbone::Adapter, metrics, sync::lock};
 
 /// Head name and version.
 type Key = (String, u32);

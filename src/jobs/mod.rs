@@ -23,7 +23,7 @@ use tokio::sync::{broadcast, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    backbone::{bert::adapter::Adapter, BackboneDescriptor, EmbedOptions, Input, Prepared, Want},
+    backbone::{Adapter, BackboneDescriptor, EmbedOptions, Input, Prepared, Want},
     batching::{BackboneQueue, Priority},
     datasets::DatasetStore,
     head::{

@@ -25,7 +25,7 @@ use tonic_health::{server::HealthReporter, ServingStatus};
 use tonic_reflection::server::{v1, v1alpha};
 
 use crate::{
-    backbone::vision::image::ImageLimits,
+    backbone::image::ImageLimits,
     config::Config,
     core,
     datasets::{DatasetLimits, DatasetStore},

@@ -390,7 +390,7 @@ pub fn load_minilm_with(settings: &str) -> std::sync::Arc<dyn tlserve::backbone:
     tlserve::backbone::load(
         &config.backbones[0],
         None,
-        tlserve::backbone::vision::image::ImageLimits::from_config(&config.limits),
+        tlserve::backbone::image::ImageLimits::from_config(&config.limits),
     )
     .expect("load MiniLM")
 }

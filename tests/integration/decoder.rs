@@ -50,7 +50,7 @@ fn load_smollm2(settings: &str) -> Arc<dyn Backbone> {
     let toml = format!("{}{settings}\n", smollm2_backbone_toml(""));
     let config =
         Config::from_toml(&toml, std::path::Path::new("."), std::iter::empty()).expect("config");
-    let limits = backbone::vision::image::ImageLimits::from_config(&config.limits);
+    let limits = backbone::image::ImageLimits::from_config(&config.limits);
     backbone::load(&config.backbones[0], None, limits).expect("load SmolLM2")
 }
 
@@ -345,7 +345,7 @@ fn the_native_engine_refuses_int8_and_quantized_with_the_reason() {
         let toml = format!("{}precision = \"{precision}\"\n", smollm2_backbone_toml(""));
         let config = Config::from_toml(&toml, std::path::Path::new("."), std::iter::empty())
             .expect("config");
-        let limits = backbone::vision::image::ImageLimits::from_config(&config.limits);
+        let limits = backbone::image::ImageLimits::from_config(&config.limits);
         let err = backbone::load(&config.backbones[0], None, limits)
             .err()
             .expect("refused")

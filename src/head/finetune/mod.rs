@@ -18,8 +18,8 @@ use tokio_util::sync::CancellationToken;
 use serde::{Deserialize, Serialize};
 
 use super::{model::HeadWeights, HeadMetrics, Solver, TrainingParams};
-use crate::backbone::bert::adapter::Adapter;
 use crate::backbone::bert::graph::{BertGraph, Kernels, Tuning};
+use crate::backbone::Adapter;
 use crate::{Error, Result};
 
 /// Which projections of each adapted layer get an adapter; recorded as the

@@ -26,7 +26,7 @@ use super::{
     HeadMetadata, HeadRef,
 };
 use crate::{
-    backbone::bert::adapter::Adapter,
+    backbone::Adapter,
     config::is_valid_name,
     storage::{Entry, Storage, LEFTOVER_AGE},
     sync::lock,
