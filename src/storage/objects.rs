@@ -1,108 +1,61 @@
-//! The store on S3-compatible object storage, through the `object_store`
-//! crate. A create is a PUT with `If-None-Match: *`, which S3 (since 2024),
-//! MinIO, Cloudflare R2 and moto honour: of concurrent creators exactly one
-//! succeeds. An update is a PUT with `If-Match: <etag>` of the version
-//! read (S3 since 2024, MinIO, R2 and moto honour it): of concurrent
-//! updaters of one version at most one succeeds. Credentials come from the environment (`AWS_ACCESS_KEY_ID`,
-//! `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, or a pod's web identity),
-//! never from the config file.
+//! The store on any object storage that the `object_store` crate reaches,
+//! over an `Arc<dyn ObjectStore>`: get, put, create-if-absent,
+//! compare-and-set update, list and delete, every key under a prefix, and
+//! the crate's errors mapped to the store's. A backend (S3 in `s3.rs`; GCS,
+//! Azure or another alike) is only the builder of its `ObjectStore`.
+//!
+//! What the store must honour, and a new builder must check before it is
+//! added: a create is a put with `PutMode::Create` (S3 `If-None-Match: *`),
+//! of whose concurrent callers on one key exactly one succeeds and the
+//! others get `AlreadyExists`; an update is a put with `PutMode::Update`
+//! naming the e-tag (and version) that the read returned (S3 `If-Match`),
+//! which gets `Precondition` (or `NotFound`, once deleted) when another
+//! write came first; and a read returns that e-tag. Version numbers of heads,
+//! claims of jobs and replica names, and job records that a replica paused
+//! past its lease must not overwrite all rest on them. A store that answers
+//! `NotImplemented` (object_store's `LocalFileSystem` does for updates; a
+//! folder is the volume backend's) fails every such write loudly; one that
+//! ignored a precondition would let two replicas both win, silently.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::TryStreamExt;
-use object_store::{
-    aws::AmazonS3Builder, path::Path, ObjectStore, ObjectStoreExt, PutMode, PutPayload,
-    UpdateVersion,
-};
+use object_store::{path::Path, ObjectStore, ObjectStoreExt, PutMode, PutPayload, UpdateVersion};
 
 use super::{storage_error, Entry, Version, VersionTag, Versioned};
-use crate::{Error, Result};
+use crate::Result;
 
-/// Where in S3 the store lives.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct S3Location {
-    pub bucket: String,
-    /// Every key is stored under this prefix (no leading or trailing `/`);
-    /// empty for the bucket's root.
-    pub prefix: String,
-    pub region: String,
-    /// Another S3-compatible service (`https://minio.example:9000`); None:
-    /// AWS.
-    pub endpoint: Option<String>,
-    /// Allows a plain-HTTP endpoint (a test server on loopback).
-    pub allow_http: bool,
-    /// None: from the environment, as a server takes them. Given: for tools
-    /// and tests that hold their own.
-    pub credentials: Option<S3Credentials>,
-}
-
-/// An access key pair.
-#[derive(Clone, PartialEq, Eq)]
-pub struct S3Credentials {
-    pub key_id: String,
-    pub secret: String,
-}
-
-impl std::fmt::Debug for S3Credentials {
-    /// The key id only: a secret never reaches a log.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "S3Credentials {{ key_id: {:?}, secret: .. }}",
-            self.key_id
-        )
-    }
-}
-
+/// The objects of one store under one prefix; cheap to clone.
 #[derive(Clone)]
-pub struct S3 {
+pub struct Objects {
     store: Arc<dyn ObjectStore>,
-    location: S3Location,
+    /// Every key is stored under this prefix (no leading or trailing `/`);
+    /// empty for the store's root.
+    prefix: String,
+    /// What the store is, for logs (`s3://bucket/prefix at endpoint`).
+    description: String,
 }
 
-impl S3 {
-    pub fn open(location: &S3Location) -> Result<Self> {
-        // reqwest's TLS takes the process-wide provider: ring, as the rest of
-        // the build. Installing it twice is harmless (the first one stays).
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut builder = AmazonS3Builder::from_env()
-            .with_bucket_name(&location.bucket)
-            .with_region(&location.region)
-            .with_allow_http(location.allow_http);
-        if let Some(endpoint) = &location.endpoint {
-            builder = builder.with_endpoint(endpoint);
+impl Objects {
+    /// The store's objects under `prefix`. `store` must honour the
+    /// conditional puts this module's doc lists.
+    pub fn new(store: Arc<dyn ObjectStore>, prefix: String, description: String) -> Self {
+        Self {
+            store,
+            prefix,
+            description,
         }
-        if let Some(credentials) = &location.credentials {
-            builder = builder
-                .with_access_key_id(&credentials.key_id)
-                .with_secret_access_key(&credentials.secret);
-        }
-        let store = builder.build().map_err(|err| {
-            Error::Storage(format!(
-                "cannot open S3 bucket `{}`: {err}",
-                location.bucket
-            ))
-        })?;
-        Ok(Self {
-            store: Arc::new(store),
-            location: location.clone(),
-        })
     }
-
     pub fn describe(&self) -> String {
-        let endpoint = self.location.endpoint.as_deref().unwrap_or("aws");
-        format!(
-            "s3://{}/{} at {endpoint}",
-            self.location.bucket, self.location.prefix
-        )
+        self.description.clone()
     }
 
     fn path(&self, key: &str) -> Path {
-        if self.location.prefix.is_empty() {
+        if self.prefix.is_empty() {
             Path::from(key)
         } else {
-            Path::from(format!("{}/{key}", self.location.prefix))
+            Path::from(format!("{}/{key}", self.prefix))
         }
     }
 
@@ -190,11 +143,10 @@ impl S3 {
     }
 
     pub async fn list(&self, prefix: &str) -> Result<Vec<Entry>> {
-        let under =
-            (!prefix.is_empty() || !self.location.prefix.is_empty()).then(|| self.path(prefix));
-        let strip = match self.location.prefix.is_empty() {
+        let under = (!prefix.is_empty() || !self.prefix.is_empty()).then(|| self.path(prefix));
+        let strip = match self.prefix.is_empty() {
             true => String::new(),
-            false => format!("{}/", self.location.prefix),
+            false => format!("{}/", self.prefix),
         };
         let objects: Vec<object_store::ObjectMeta> = self
             .store
