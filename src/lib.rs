@@ -19,6 +19,7 @@
 //! ```text
 //! client, loadgen, bench, fuzz_targets | tools: the CLI's client verbs, load generator, in-process benchmark, fuzz entry points
 //! server | transports: gRPC (tonic services, health, reflection) and gRPC-Web, the HTTP port (OpenAI-compatible API, console); auth, limits, connections; errors become codes and statuses
+//! app | the composition root: the shared store, head store, datasets, jobs, registry and use cases, built from the config once at start-up for the transports
 //! wire | protobuf messages to and from the core's types
 //! proto | the generated `tlserve.v1` contract
 //! core | the use cases: embed, predict, training-job submission, dataset upload, the catalog
@@ -36,6 +37,7 @@
 //! error | the one error type
 //! ```
 
+pub mod app;
 pub mod backbone;
 pub mod batching;
 pub mod bench;

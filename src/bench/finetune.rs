@@ -44,16 +44,7 @@ pub fn run(config: &Config, options: &FineTuneBenchOptions<'_>) -> Result<()> {
     let mut classes: Vec<String> = train_labels.clone();
     classes.sort();
     classes.dedup();
-    let index = |labels: &[String]| -> Result<Vec<u32>> {
-        labels
-            .iter()
-            .map(|l| {
-                classes.binary_search(l).map(|i| i as u32).map_err(|_| {
-                    anyhow::anyhow!("test label `{l}` is not among the training labels")
-                })
-            })
-            .collect()
-    };
+    let index = |labels: &[String]| class_indices(&classes, labels);
     let train = TextExamples {
         ids: tokenize(&model, &train_texts)?,
         labels: index(&train_labels)?,
@@ -117,6 +108,19 @@ pub fn run(config: &Config, options: &FineTuneBenchOptions<'_>) -> Result<()> {
         })
     );
     Ok(())
+}
+
+/// Each label's index among `classes` (sorted): the training labels.
+fn class_indices(classes: &[String], labels: &[String]) -> Result<Vec<u32>> {
+    labels
+        .iter()
+        .map(|l| {
+            classes
+                .binary_search(l)
+                .map(|i| i as u32)
+                .map_err(|_| anyhow::anyhow!("test label `{l}` is not among the training labels"))
+        })
+        .collect()
 }
 
 /// The adapters in peft's layout, and the test texts' adapted features, one

@@ -52,38 +52,13 @@ fn backbone_config<'a>(
         .with_context(|| format!("backbone `{name}` is not in the config"))
 }
 
+/// Loads the backbone, then for each batch size warms it up, times it on the
+/// corpus and prints the throughput (and the native engine's profile when
+/// asked).
 pub fn run(config: &Config, options: &BenchOptions<'_>) -> Result<()> {
     let backbone_config = backbone_config(config, options.backbone)?;
-    let lines: Vec<String> = std::fs::read_to_string(options.corpus)
-        .with_context(|| format!("cannot read corpus {}", options.corpus.display()))?
-        .lines()
-        .map(str::trim)
-        .filter(|line| !line.is_empty())
-        .map(str::to_owned)
-        .collect();
-    if lines.is_empty() {
-        bail!("corpus {} has no lines", options.corpus.display());
-    }
     let modality = backbone_config.architecture.modality();
-    let corpus: Vec<Input> = match modality {
-        Modality::Text => lines.into_iter().map(Input::Text).collect(),
-        Modality::Image => {
-            let base = options.corpus.parent().unwrap_or(Path::new("."));
-            lines
-                .iter()
-                .map(|line| {
-                    let path = base.join(line);
-                    std::fs::read(&path)
-                        .map(Input::Image)
-                        .with_context(|| format!("cannot read image {}", path.display()))
-                })
-                .collect::<Result<_>>()?
-        }
-    };
-    let unit = match modality {
-        Modality::Text => "sentences",
-        Modality::Image => "images",
-    };
+    let corpus = read_corpus(options.corpus, modality)?;
     let model = backbone::load(
         backbone_config,
         config.server.model_cache_dir.as_deref(),
@@ -93,40 +68,24 @@ pub fn run(config: &Config, options: &BenchOptions<'_>) -> Result<()> {
     if let Some(path) = options.embeddings_out {
         write_embeddings(model.as_ref(), &corpus, path)?;
     }
-
     for &batch_size in options.batch_sizes {
         if batch_size == 0 {
             bail!("batch sizes must be at least 1");
         }
-        // Untimed work first: one batch lets allocations and the thread pool
-        // settle; whole passes also let per-shape tuning finish.
-        let warm_up = (options.warm_passes * corpus.len()).max(1);
-        let mut start = 0;
-        while start < warm_up {
-            embed_batch(model.as_ref(), &corpus, start, batch_size)?;
-            start += batch_size;
-        }
-        let min = Duration::from_secs_f64(options.min_seconds);
-        if options.profile {
-            profile::start();
-        }
-        let started = Instant::now();
-        let mut count = 0usize;
-        while (started.elapsed() < min || count < corpus.len()) && count < MAX_PASSES * corpus.len()
-        {
-            embed_batch(model.as_ref(), &corpus, count, batch_size)?;
-            count += batch_size;
-        }
-        let seconds = started.elapsed().as_secs_f64();
+        let measured = measure(model.as_ref(), &corpus, batch_size, options)?;
+        let unit = match modality {
+            Modality::Text => "sentences",
+            Modality::Image => "images",
+        };
         println!(
             "{}",
             json!({
                 "engine": "tlserve",
                 "backbone": options.backbone,
                 "batch_size": batch_size,
-                unit: count,
-                "seconds": seconds,
-                (format!("{unit}_per_sec")): count as f64 / seconds,
+                unit: measured.count,
+                "seconds": measured.seconds,
+                (format!("{unit}_per_sec")): measured.count as f64 / measured.seconds,
                 "threads": threads,
                 "precision": model.descriptor().dtype,
             })
@@ -137,10 +96,79 @@ pub fn run(config: &Config, options: &BenchOptions<'_>) -> Result<()> {
                 Modality::Text => "tokens",
                 Modality::Image => "images",
             };
-            print_profile(batch_size, seconds, counted, &profile);
+            print_profile(batch_size, measured.seconds, counted, &profile);
         }
     }
     Ok(())
+}
+
+/// The corpus's non-empty lines: texts, or for an image backbone the images
+/// at those paths (relative to the corpus file).
+fn read_corpus(corpus: &Path, modality: Modality) -> Result<Vec<Input>> {
+    let lines: Vec<String> = std::fs::read_to_string(corpus)
+        .with_context(|| format!("cannot read corpus {}", corpus.display()))?
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if lines.is_empty() {
+        bail!("corpus {} has no lines", corpus.display());
+    }
+    Ok(match modality {
+        Modality::Text => lines.into_iter().map(Input::Text).collect(),
+        Modality::Image => {
+            let base = corpus.parent().unwrap_or(Path::new("."));
+            lines
+                .iter()
+                .map(|line| {
+                    let path = base.join(line);
+                    std::fs::read(&path)
+                        .map(Input::Image)
+                        .with_context(|| format!("cannot read image {}", path.display()))
+                })
+                .collect::<Result<_>>()?
+        }
+    })
+}
+
+/// Inputs embedded in a timed run, and its wall time.
+struct Measured {
+    count: usize,
+    seconds: f64,
+}
+
+/// One batch size's run: untimed work first, then batches cycling through
+/// the corpus for at least `min_seconds` and one whole pass, at most
+/// [`MAX_PASSES`] passes.
+fn measure(
+    model: &dyn Backbone,
+    corpus: &[Input],
+    batch_size: usize,
+    options: &BenchOptions<'_>,
+) -> Result<Measured> {
+    // Untimed work first: one batch lets allocations and the thread pool
+    // settle; whole passes also let per-shape tuning finish.
+    let warm_up = (options.warm_passes * corpus.len()).max(1);
+    let mut start = 0;
+    while start < warm_up {
+        embed_batch(model, corpus, start, batch_size)?;
+        start += batch_size;
+    }
+    let min = Duration::from_secs_f64(options.min_seconds);
+    if options.profile {
+        profile::start();
+    }
+    let started = Instant::now();
+    let mut count = 0usize;
+    while (started.elapsed() < min || count < corpus.len()) && count < MAX_PASSES * corpus.len() {
+        embed_batch(model, corpus, count, batch_size)?;
+        count += batch_size;
+    }
+    Ok(Measured {
+        count,
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }
 
 /// The share of each phase of the native engine in the timed passes, as one

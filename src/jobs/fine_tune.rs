@@ -4,7 +4,12 @@
 
 use std::{sync::Arc, time::SystemTime};
 
-use super::{distinct_inputs, journal, Job, JobManager, JobRequest, Stage, EMBED_CHUNK};
+use super::{
+    job::Job,
+    journal,
+    run::{distinct_inputs, embed_patiently, example_error, EMBED_CHUNK},
+    JobManager, JobRequest, Stage,
+};
 use crate::{
     backbone::{EmbedOptions, Pooling, Prepared, Want},
     head::{
@@ -142,7 +147,7 @@ async fn prepare(
         let items = loaded
             .prepare(chunk.to_vec(), true, chunk_index * EMBED_CHUNK, None)
             .await
-            .map_err(super::example_error)?;
+            .map_err(example_error)?;
         if items.iter().any(|item| matches!(item, Prepared::Image(_))) {
             return Err(Error::FailedPrecondition(
                 "only text backbones can be fine-tuned".into(),
@@ -177,7 +182,7 @@ async fn hidden_states(
     let mut rows = Vec::with_capacity(prepared.len());
     for chunk in prepared.chunks(EMBED_CHUNK) {
         job.check_cancelled()?;
-        rows.extend(super::embed_patiently(&loaded.queue, chunk.to_vec(), &want).await?);
+        rows.extend(embed_patiently(&loaded.queue, chunk.to_vec(), &want).await?);
         let done = rows.len() as u64;
         job.emit(None, |progress| progress.embedded = done);
     }

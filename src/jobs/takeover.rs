@@ -8,9 +8,11 @@
 use std::sync::{atomic::Ordering, Arc};
 
 use super::{
+    job::{Job, Run},
     journal::{self, Interruption, JobRecord, Written},
-    metrics, Job, JobManager, JobSpec, Run,
+    JobManager, JobSpec,
 };
+use crate::metrics;
 
 impl JobManager {
     /// Takes over every job that is this replica's to take over; a job whose

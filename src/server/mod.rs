@@ -16,28 +16,28 @@ mod response_budget;
 pub mod status;
 mod trainer;
 
-use std::{future::Future, net::SocketAddr, path::Path, sync::Arc, time::Duration};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
-use tonic_health::{server::HealthReporter, ServingStatus};
+use tonic_health::{
+    pb::health_server::{Health, HealthServer},
+    server::HealthReporter,
+    ServingStatus,
+};
 use tonic_reflection::server::{v1, v1alpha};
 
 use crate::{
-    backbone::image::ImageLimits,
+    app::{App, StartError},
     config::Config,
-    core,
-    datasets::{DatasetLimits, DatasetStore},
-    head::{adapters::ResidentAdapters, store::HeadStore},
-    jobs::{journal::JobJournal, replica::ReplicaName, JobLimits, JobManager},
+    head::store::HeadStore,
+    jobs::JobManager,
     metrics,
     proto::{
         embedder_server::EmbedderServer, models_server::ModelsServer,
         predictor_server::PredictorServer, trainer_server::TrainerServer,
     },
-    registry::BackboneRegistry,
-    storage::{Location, Storage},
 };
 
 use embedder::EmbedderService;
@@ -64,10 +64,8 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("the gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
-    #[error("cannot open the head store: {0}")]
-    HeadStore(crate::Error),
-    #[error("replica name: {0}")]
-    ReplicaName(crate::Error),
+    #[error(transparent)]
+    Start(#[from] StartError),
     #[error("authentication: {0}")]
     Auth(#[from] auth::AuthSetupError),
     #[error(transparent)]
@@ -122,188 +120,6 @@ async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
     }
 }
 
-/// The use cases and what they share, built once at start-up.
-struct Domain {
-    registry: Arc<BackboneRegistry>,
-    store: Arc<HeadStore>,
-    jobs: Arc<JobManager>,
-    embedder: Arc<core::Embedder>,
-    predictor: Arc<core::Predictor>,
-    trainer: Arc<core::Trainer>,
-    catalog: Arc<core::Catalog>,
-    /// This process's hold on its replica name, given up at shutdown.
-    replica: Arc<ReplicaName>,
-}
-
-/// This process's name among replicas: the configured one, else the
-/// `HOSTNAME` variable (a pod's name), else the host name, made a valid name
-/// (at most 64 letters, digits, `-`, `_`, `.`).
-fn replica_name(configured: Option<&str>) -> String {
-    if let Some(name) = configured {
-        return name.to_owned();
-    }
-    let found = std::env::var("HOSTNAME")
-        .ok()
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-        .unwrap_or_default();
-    let name: String = found
-        .trim()
-        .chars()
-        .map(
-            |c| match c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                true => c,
-                false => '-',
-            },
-        )
-        .take(64)
-        .collect();
-    match name.trim_start_matches('.') {
-        "" => "tlserve".to_owned(),
-        name => name.to_owned(),
-    }
-}
-
-/// Opens the configured shared store; on a volume, first moves heads and job
-/// records of the layout before namespaces into it, then removes what
-/// crashed writes left behind.
-async fn open_storage(config: &Config) -> Result<Storage, ServeError> {
-    let location = Location::from_config(&config.storage, &config.heads.store_dir);
-    let storage = Storage::open(&location).map_err(ServeError::HeadStore)?;
-    if let Some(root) = storage.volume_root().map(Path::to_owned) {
-        crate::task::run_blocking("moving the earlier layout", move || {
-            crate::head::store::migrate_volume(&root)?;
-            crate::jobs::journal::migrate_volume(&root)
-        })
-        .await
-        .map_err(ServeError::HeadStore)?
-        .map_err(|err| {
-            ServeError::HeadStore(crate::Error::Storage(format!(
-                "cannot move heads and job records of the earlier layout in {}: {err}",
-                config.heads.store_dir.display()
-            )))
-        })?;
-    }
-    // Once per start, for every part of the store (heads, datasets, jobs).
-    match storage.remove_leftovers().await {
-        Ok(0) => {}
-        Ok(removed) => tracing::info!(removed, "removed writes that a crash cut short"),
-        Err(err) => tracing::warn!(error = %err, "cannot remove leftovers of crashed writes"),
-    }
-    tracing::info!(store = %storage.describe(), "shared store opened");
-    Ok(storage)
-}
-
-/// The datasets and the jobs on the shared store, with their background
-/// tasks: record sync and lease renewal, dataset expiry. The replica's name
-/// is claimed first: a live process holding it refuses this start.
-async fn build_jobs(
-    config: &Config,
-    registry: &Arc<BackboneRegistry>,
-    store: &Arc<HeadStore>,
-    storage: Storage,
-) -> Result<(Arc<JobManager>, Arc<DatasetStore>, Arc<ReplicaName>), ServeError> {
-    let skew = crate::clock::skew_seconds();
-    if skew != 0.0 {
-        tracing::warn!(
-            seconds = skew,
-            variable = crate::clock::SKEW_ENV,
-            "this process's wall clock is skewed for a test"
-        );
-    }
-    let replica = replica_name(config.server.replica_id.as_deref());
-    let lease = Duration::from_secs_f64(config.heads.job_lease_seconds);
-    let name = ReplicaName::claim(storage.clone(), &replica, lease)
-        .await
-        .map_err(ServeError::ReplicaName)?;
-    name.spawn_renewal();
-    let heads = &config.heads;
-    let datasets = Arc::new(DatasetStore::new(
-        DatasetLimits {
-            ttl: Duration::from_secs(heads.dataset_ttl_seconds),
-            max_datasets: heads.max_datasets,
-            max_per_namespace: heads.datasets_per_namespace(),
-            max_upload_bytes: heads.max_upload_bytes,
-            max_total_bytes: heads.max_dataset_bytes,
-        },
-        storage.clone(),
-    ));
-    datasets.spawn_sweeper();
-    let jobs = JobManager::new(
-        Arc::clone(registry),
-        Arc::clone(store),
-        Arc::clone(&datasets),
-        JobLimits {
-            max_concurrent_jobs: heads.max_concurrent_jobs,
-            max_queued_jobs: heads.max_queued_jobs,
-            max_queued_jobs_per_namespace: heads.queued_jobs_per_namespace(),
-            finished_jobs_kept: heads.finished_jobs_kept,
-            fine_tune_cache_bytes: heads.fine_tune_cache_bytes,
-            job_attempts: heads.job_attempts,
-        },
-        JobJournal::new(storage, &replica, lease),
-    )
-    .await
-    .map_err(ServeError::HeadStore)?;
-    let jobs = Arc::new(jobs);
-    jobs.spawn_sync();
-    tracing::info!(replica = %replica, "job records are this replica's under its name");
-    Ok((jobs, datasets, name))
-}
-
-impl Domain {
-    async fn build(config: &Config) -> Result<Self, ServeError> {
-        let registry = Arc::new(BackboneRegistry::new(
-            &config.backbones,
-            config.server.model_cache_dir.clone(),
-            ImageLimits::from_config(&config.limits),
-        ));
-        let storage = open_storage(config).await?;
-        let store = Arc::new(
-            HeadStore::open(
-                storage.clone(),
-                config.heads.max_heads,
-                ResidentAdapters {
-                    count: config.heads.max_resident_adapters,
-                    bytes: config.heads.max_resident_adapter_bytes,
-                },
-            )
-            .await
-            .map_err(ServeError::HeadStore)?
-            .with_namespace_share(config.heads.heads_per_namespace()),
-        );
-        let (jobs, datasets, replica) = build_jobs(config, &registry, &store, storage).await?;
-        let heads = &config.heads;
-        let limits = config.limits.clone();
-        Ok(Self {
-            embedder: Arc::new(core::Embedder::new(
-                Arc::clone(&registry),
-                Arc::clone(&store),
-                limits.clone(),
-            )),
-            predictor: Arc::new(core::Predictor::new(
-                Arc::clone(&registry),
-                Arc::clone(&store),
-                limits.clone(),
-            )),
-            trainer: Arc::new(core::Trainer::new(
-                Arc::clone(&jobs),
-                Arc::clone(&registry),
-                datasets,
-                heads.clone(),
-                limits.max_text_chars,
-            )),
-            catalog: Arc::new(core::Catalog::new(
-                Arc::clone(&registry),
-                Arc::clone(&store),
-            )),
-            registry,
-            store,
-            jobs,
-            replica,
-        })
-    }
-}
-
 /// Reads the tokens, and warns when a server reachable beyond loopback has
 /// none.
 fn authenticator(config: &Config) -> Result<Option<Arc<auth::Authenticator>>, ServeError> {
@@ -340,9 +156,9 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, ServeError> {
 
 /// Loads every backbone in the background; Health turns SERVING when all are
 /// ready.
-fn start_loading(domain: &Domain, health: &HealthReporter) -> tokio::task::JoinHandle<()> {
-    let registry = Arc::clone(&domain.registry);
-    let catalog = Arc::clone(&domain.catalog);
+fn start_loading(app: &App, health: &HealthReporter) -> tokio::task::JoinHandle<()> {
+    let registry = Arc::clone(&app.registry);
+    let catalog = Arc::clone(&app.catalog);
     let health = health.clone();
     tokio::spawn(async move {
         if registry.load_all().await {
@@ -371,9 +187,7 @@ fn grpc_builder(config: &Config) -> tonic::transport::Server {
 /// Health alone on a plaintext port, for probes when the main port has TLS.
 async fn start_health_port(
     config: &Config,
-    health_service: tonic_health::pb::health_server::HealthServer<
-        impl tonic_health::pb::health_server::Health,
-    >,
+    health_service: HealthServer<impl Health>,
     limits: listener::ConnectionLimits,
     call_limits: CallLimits,
 ) -> Result<Option<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>, ServeError> {
@@ -418,7 +232,7 @@ async fn start_metrics_port(
     ))))
 }
 
-/// What the HTTP API port needs besides the domain.
+/// What the HTTP API port needs besides the app.
 struct HttpPort<'a> {
     config: &'a Config,
     limits: listener::ConnectionLimits,
@@ -433,7 +247,7 @@ struct HttpPort<'a> {
 /// `server.http_listen` until `stop`, then for up to `grace`.
 async fn start_http_port(
     port: HttpPort<'_>,
-    domain: &Domain,
+    app: &App,
 ) -> Result<Option<tokio::task::JoinHandle<()>>, ServeError> {
     let Some(addr) = port.config.server.http_listen else {
         return Ok(None);
@@ -450,8 +264,8 @@ async fn start_http_port(
     }
     let listener = bind(addr, "HTTP (OpenAI API /v1, console /console/)").await?;
     let state = http_ports::ApiState {
-        embedder: Arc::clone(&domain.embedder),
-        catalog: Arc::clone(&domain.catalog),
+        embedder: Arc::clone(&app.embedder),
+        catalog: Arc::clone(&app.catalog),
         auth: port.auth.clone(),
         limits: port.config.limits.clone(),
         body_limits: Arc::clone(&port.call_limits.bodies),
@@ -459,7 +273,7 @@ async fn start_http_port(
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
     };
-    let grpc_web = grpc_web_service(domain, &port.call_limits, port.auth);
+    let grpc_web = grpc_web_service(app, &port.call_limits, port.auth);
     let served = http_ports::Port {
         router: http_ports::api_router(state, grpc_web)
             .layer(browser::BrowserGuard::new(port.browser)),
@@ -523,11 +337,11 @@ fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
 /// The four tlserve services behind gRPC-Web and the request layer, for the
 /// HTTP port.
 fn grpc_web_service(
-    domain: &Domain,
+    app: &App,
     limits: &CallLimits,
     auth: Option<Arc<auth::Authenticator>>,
 ) -> http_ports::GrpcWeb {
-    let (embedder, models, trainer, predictor) = services(domain, limits);
+    let (embedder, models, trainer, predictor) = services(app, limits);
     let routes = tonic::service::Routes::new(embedder)
         .add_service(models)
         .add_service(trainer)
@@ -596,13 +410,13 @@ fn reflection() -> Result<
     Ok((configure().build_v1()?, configure().build_v1alpha()?))
 }
 
-/// The four tlserve services over the domain. The request layer enforces
+/// The four tlserve services over the app. The request layer enforces
 /// limits.max_message_bytes with the status the gRPC spec asks for; tonic's
 /// own (OUT_OF_RANGE) limit is lifted so it never fires first. Answers are
 /// bounded before the work (core) and tonic's encoding limit stops any that
 /// would still pass limits.max_response_bytes.
 fn services(
-    domain: &Domain,
+    app: &App,
     limits: &CallLimits,
 ) -> (
     EmbedderServer<EmbedderService>,
@@ -613,16 +427,16 @@ fn services(
     let unlimited = usize::MAX;
     let answers = limits.max_response_bytes;
     (
-        EmbedderServer::new(EmbedderService::new(Arc::clone(&domain.embedder)))
+        EmbedderServer::new(EmbedderService::new(Arc::clone(&app.embedder)))
             .max_decoding_message_size(unlimited)
             .max_encoding_message_size(answers),
-        ModelsServer::new(ModelsService::new(Arc::clone(&domain.catalog)))
+        ModelsServer::new(ModelsService::new(Arc::clone(&app.catalog)))
             .max_decoding_message_size(unlimited)
             .max_encoding_message_size(answers),
-        TrainerServer::new(TrainerService::new(Arc::clone(&domain.trainer)))
+        TrainerServer::new(TrainerService::new(Arc::clone(&app.trainer)))
             .max_decoding_message_size(unlimited)
             .max_encoding_message_size(answers),
-        PredictorServer::new(PredictorService::new(Arc::clone(&domain.predictor)))
+        PredictorServer::new(PredictorService::new(Arc::clone(&app.predictor)))
             .max_decoding_message_size(unlimited)
             .max_encoding_message_size(answers),
     )
@@ -639,74 +453,131 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     metrics::install_panic_hook();
-    let authenticator = authenticator(&config)?;
+    let auth = authenticator(&config)?;
     let tls = config.server.tls.as_ref().map(tls_config).transpose()?;
     let listener = bind(config.server.listen, "gRPC").await?;
-    let connection_limits = listener::ConnectionLimits {
-        max_connections: config.server.max_connections,
-        first_byte_timeout: config.server.connection_first_byte_timeout(),
-        idle_timeout: config.server.connection_idle_timeout(),
-    };
-    let metrics_port = start_metrics_port(&config, connection_limits).await?;
-    let domain = Domain::build(&config).await?;
-    let refresher = HeadStore::refresh_periodically(&domain.store);
-    let (health, health_service) = tonic_health::server::health_reporter();
-    set_health(&health, ServingStatus::NotServing).await;
-    // For liveness probes: SERVING from start to exit, so a pod that is loading,
-    // busy or draining is never restarted for it.
-    health
-        .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
-        .await;
-    let loader = start_loading(&domain, &health);
+    let limits = connection_limits(&config);
+    let metrics_port = start_metrics_port(&config, limits).await?;
+    let app = App::build(&config).await?;
+    let refresher = HeadStore::refresh_periodically(&app.store);
+    let (health, health_service) = health_reporter().await;
+    let loader = start_loading(&app, &health);
     let call_limits = CallLimits::new(&config);
-    let health_port = start_health_port(
-        &config,
-        health_service.clone(),
-        connection_limits,
-        call_limits.clone(),
-    )
-    .await?;
-    let (reflection_v1, reflection_v1alpha) = reflection()?;
-
-    let (embedder, models, trainer, predictor) = services(&domain, &call_limits);
+    let health_port =
+        start_health_port(&config, health_service.clone(), limits, call_limits.clone()).await?;
+    let routes = grpc_routes(health_service, &app, &call_limits)?;
     let drain = Drain::new(&config);
-    let browser = browser_policy(&config, authenticator.is_some());
+    let browser = browser_policy(&config, auth.is_some());
     let http_port = start_http_port(
         HttpPort {
             config: &config,
-            limits: connection_limits,
+            limits,
             call_limits: call_limits.clone(),
-            auth: authenticator.clone(),
+            auth: auth.clone(),
             browser: Arc::clone(&browser),
             stop: drain.stopped.clone(),
             grace: drain.grace,
         },
-        &domain,
+        &app,
     )
     .await?;
-    // HTTP/1.1 as well as HTTP/2, for gRPC-Web clients (browsers).
-    let mut builder = grpc_builder(&config).accept_http1(true);
-    if let Some(tls) = tls {
-        builder = builder.tls_config(tls)?;
+    let port = GrpcPort {
+        listener,
+        tls,
+        limits,
+        call_limits,
+        auth,
+        browser,
+    };
+    let stop_calls = drain.signal(shutdown, health, Arc::clone(&app.jobs));
+    serve_grpc(&config, port, routes, stop_calls, &drain).await?;
+    let tasks = Background {
+        http_port,
+        health_port,
+        metrics_port,
+        loader,
+        refresher,
+    };
+    stop(&app, &drain, tasks).await;
+    Ok(())
+}
+
+/// The bounds of every port's connections: how many, and how long one may
+/// wait for its first byte and stay idle.
+fn connection_limits(config: &Config) -> listener::ConnectionLimits {
+    listener::ConnectionLimits {
+        max_connections: config.server.max_connections,
+        first_byte_timeout: config.server.connection_first_byte_timeout(),
+        idle_timeout: config.server.connection_idle_timeout(),
     }
-    let serve = builder
-        .layer(browser::BrowserGuard::new(browser))
-        .layer(tower::util::option_layer(cors(
-            &config.server.cors_allowed_origins,
-        )))
-        .layer(tonic_web::GrpcWebLayer::new())
-        .layer(connections::TrackCalls::default())
-        .layer(call_limits.layer(authenticator))
-        .add_service(health_service)
+}
+
+/// The Health service: NOT_SERVING until the backbones are ready, and
+/// liveness SERVING from start to exit, so that a pod that is loading, busy
+/// or draining is never restarted for it.
+async fn health_reporter() -> (HealthReporter, HealthServer<impl Health>) {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    set_health(&health, ServingStatus::NotServing).await;
+    health
+        .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
+        .await;
+    (health, health_service)
+}
+
+/// Every service of the gRPC port: Health, reflection and the four tlserve
+/// services.
+fn grpc_routes(
+    health: HealthServer<impl Health>,
+    app: &App,
+    limits: &CallLimits,
+) -> Result<tonic::service::Routes, ServeError> {
+    let (reflection_v1, reflection_v1alpha) = reflection()?;
+    let (embedder, models, trainer, predictor) = services(app, limits);
+    Ok(tonic::service::Routes::new(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(embedder)
         .add_service(models)
         .add_service(trainer)
-        .add_service(predictor)
+        .add_service(predictor))
+}
+
+/// The main gRPC port: its socket and what guards its calls.
+struct GrpcPort {
+    listener: TcpListener,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+    limits: listener::ConnectionLimits,
+    call_limits: CallLimits,
+    auth: Option<Arc<auth::Authenticator>>,
+    browser: Arc<browser::BrowserPolicy>,
+}
+
+/// Serves `routes` on the gRPC port, over HTTP/1.1 as well as HTTP/2 (for
+/// gRPC-Web clients: browsers), until `stop_calls` completes and the calls in
+/// flight end, or the drain's grace period cuts them off.
+async fn serve_grpc(
+    config: &Config,
+    port: GrpcPort,
+    routes: tonic::service::Routes,
+    stop_calls: impl Future<Output = ()>,
+    drain: &Drain,
+) -> Result<(), ServeError> {
+    let mut builder = grpc_builder(config).accept_http1(true);
+    if let Some(tls) = port.tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let serve = builder
+        .layer(browser::BrowserGuard::new(port.browser))
+        .layer(tower::util::option_layer(cors(
+            &config.server.cors_allowed_origins,
+        )))
+        .layer(tonic_web::GrpcWebLayer::new())
+        .layer(connections::TrackCalls::default())
+        .layer(port.call_limits.layer(port.auth))
+        .add_routes(routes)
         .serve_with_incoming_shutdown(
-            listener::incoming(listener, connection_limits, "grpc"),
-            drain.signal(shutdown, health.clone(), Arc::clone(&domain.jobs)),
+            listener::incoming(port.listener, port.limits, "grpc"),
+            stop_calls,
         );
     tokio::select! {
         result = serve => result?,
@@ -715,26 +586,42 @@ pub async fn run(
             "calls still running after the grace period were cut off"
         ),
     }
-    // Training jobs run apart from any call: let them finish within what is left
-    // of the grace period, and release the others in the shared store, for
-    // another replica (or this one after its restart) to run again.
-    domain.jobs.finish_or_release_by(drain.grace_end()).await;
-    domain.replica.release().await;
-    if let Some(task) = http_port {
+    Ok(())
+}
+
+/// What runs beside the gRPC port until the server stops.
+struct Background {
+    http_port: Option<tokio::task::JoinHandle<()>>,
+    health_port: Option<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
+    metrics_port: Option<tokio::task::JoinHandle<()>>,
+    /// Loads the backbones ([`start_loading`]).
+    loader: tokio::task::JoinHandle<()>,
+    /// Reads the head store's changes by other replicas.
+    refresher: tokio::task::JoinHandle<()>,
+}
+
+/// Ends the server once the gRPC port has stopped. Training jobs run apart
+/// from any call: they may finish within what is left of the grace period,
+/// and the others are released in the shared store, for another replica (or
+/// this one after its restart) to run again. Then the replica's name is
+/// given up and the other ports and background tasks end.
+async fn stop(app: &App, drain: &Drain, tasks: Background) {
+    app.jobs.finish_or_release_by(drain.grace_end()).await;
+    app.replica.release().await;
+    if let Some(task) = tasks.http_port {
         // Its own drain (stop accepting, finish within the grace) has run
         // alongside the gRPC port's; this only waits for it to end.
         let _ = tokio::time::timeout_at(drain.grace_end().into(), task).await;
     }
-    if let Some(task) = health_port {
+    if let Some(task) = tasks.health_port {
         task.abort();
     }
-    if let Some(task) = metrics_port {
+    if let Some(task) = tasks.metrics_port {
         task.abort();
     }
-    loader.abort();
-    refresher.abort();
+    tasks.loader.abort();
+    tasks.refresher.abort();
     tracing::info!("server stopped");
-    Ok(())
 }
 
 /// The drain after a shutdown signal: Health turns NOT_SERVING, new calls stop

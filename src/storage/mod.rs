@@ -12,6 +12,7 @@
 //! temporary files), so that a key means the same on both backends and can
 //! never leave the store's root.
 
+mod objects;
 mod s3;
 mod volume;
 
@@ -45,8 +46,9 @@ pub struct Entry {
     pub modified: SystemTime,
 }
 
-/// Which write of an object a read saw, for [`Storage::update`]: S3's
-/// entity tag, or on a volume the content itself (records are small).
+/// Which write of an object a read saw, for [`Storage::update`]: object
+/// storage's entity tag (and version), or on a volume the content itself
+/// (records are small).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Version(VersionTag);
 
@@ -104,7 +106,9 @@ pub struct Storage {
 #[derive(Clone)]
 enum Backend {
     Volume(volume::Volume),
-    S3(s3::S3),
+    /// Object storage of any `object_store` backend: another one (GCS,
+    /// Azure) is a builder beside [`s3::open`] and a [`Location`] of its own.
+    Objects(objects::Objects),
 }
 
 impl Storage {
@@ -113,7 +117,7 @@ impl Storage {
     pub fn open(location: &Location) -> Result<Self> {
         let backend = match location {
             Location::Volume(root) => Backend::Volume(volume::Volume::open(root)?),
-            Location::S3(s3) => Backend::S3(s3::S3::open(s3)?),
+            Location::S3(s3) => Backend::Objects(s3::open(s3)?),
         };
         let probe = Arc::from(format!("{CLOCK_PREFIX}/{}", uuid::Uuid::new_v4()));
         Ok(Self { backend, probe })
@@ -136,7 +140,7 @@ impl Storage {
         check_key(key)?;
         match &self.backend {
             Backend::Volume(volume) => volume.modified(key).await,
-            Backend::S3(s3) => s3.modified(key).await,
+            Backend::Objects(objects) => objects.modified(key).await,
         }
     }
 
@@ -144,7 +148,7 @@ impl Storage {
     pub fn describe(&self) -> String {
         match &self.backend {
             Backend::Volume(volume) => volume.describe(),
-            Backend::S3(s3) => s3.describe(),
+            Backend::Objects(objects) => objects.describe(),
         }
     }
 
@@ -152,7 +156,7 @@ impl Storage {
     pub fn volume_root(&self) -> Option<&std::path::Path> {
         match &self.backend {
             Backend::Volume(volume) => Some(volume.root()),
-            Backend::S3(_) => None,
+            Backend::Objects(_) => None,
         }
     }
 
@@ -167,7 +171,7 @@ impl Storage {
         let probes = self.remove_old_probes(now).await?;
         let temporaries = match &self.backend {
             Backend::Volume(volume) => volume.remove_leftovers(LEFTOVER_AGE, now).await?,
-            Backend::S3(_) => 0,
+            Backend::Objects(_) => 0,
         };
         Ok(probes + temporaries)
     }
@@ -193,7 +197,7 @@ impl Storage {
         check_key(key)?;
         match &self.backend {
             Backend::Volume(volume) => volume.get(key).await,
-            Backend::S3(s3) => s3.get(key).await,
+            Backend::Objects(objects) => objects.get(key).await,
         }
     }
 
@@ -203,7 +207,7 @@ impl Storage {
         check_key(key)?;
         match &self.backend {
             Backend::Volume(volume) => volume.put(key, bytes).await,
-            Backend::S3(s3) => s3.put(key, bytes).await,
+            Backend::Objects(objects) => objects.put(key, bytes).await,
         }
     }
 
@@ -216,15 +220,15 @@ impl Storage {
                 version: Version(VersionTag::Content(bytes.clone())),
                 bytes,
             })),
-            Backend::S3(s3) => s3.get_versioned(key).await,
+            Backend::Objects(objects) => objects.get_versioned(key).await,
         }
     }
 
     /// Replaces the object at `key` with `bytes` only if it is still the
     /// `expected` version: true when this call replaced it, false when
     /// another write (or a delete) came first. Of concurrent updates of one
-    /// version, in any processes, at most one succeeds. On S3 an `If-Match`
-    /// PUT; on a volume the comparison and the rename run under an exclusive
+    /// version, in any processes, at most one succeeds. On object storage an
+    /// `If-Match` PUT; on a volume the comparison and the rename run under an exclusive
     /// lock on a file beside the object (`flock`, which NFS carries as a
     /// POSIX lock).
     pub async fn update(&self, key: &str, bytes: Bytes, expected: &Version) -> Result<bool> {
@@ -233,8 +237,10 @@ impl Storage {
             (Backend::Volume(volume), VersionTag::Content(content)) => {
                 volume.update(key, bytes, content.clone()).await
             }
-            (Backend::S3(s3), VersionTag::ETag(e_tag, version)) => {
-                s3.update(key, bytes, e_tag.clone(), version.clone()).await
+            (Backend::Objects(objects), VersionTag::ETag(e_tag, version)) => {
+                objects
+                    .update(key, bytes, e_tag.clone(), version.clone())
+                    .await
             }
             _ => Err(Error::Internal(format!(
                 "a version of `{key}` from another store"
@@ -249,7 +255,7 @@ impl Storage {
         check_key(key)?;
         match &self.backend {
             Backend::Volume(volume) => volume.create(key, bytes).await,
-            Backend::S3(s3) => s3.create(key, bytes).await,
+            Backend::Objects(objects) => objects.create(key, bytes).await,
         }
     }
 
@@ -261,7 +267,7 @@ impl Storage {
         }
         let mut entries = match &self.backend {
             Backend::Volume(volume) => volume.list(prefix).await?,
-            Backend::S3(s3) => s3.list(prefix).await?,
+            Backend::Objects(objects) => objects.list(prefix).await?,
         };
         entries.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(entries)
@@ -272,7 +278,7 @@ impl Storage {
         check_key(key)?;
         match &self.backend {
             Backend::Volume(volume) => volume.delete(key).await,
-            Backend::S3(s3) => s3.delete(key).await,
+            Backend::Objects(objects) => objects.delete(key).await,
         }
     }
 }
