@@ -26,9 +26,10 @@
 //! jobs | training-job lifecycle and its records in the shared store
 //! datasets | training sets in the shared store: uploads waiting for a job, every job's examples
 //! registry | the configured backbones, resident, each with its queue
-//! head | head models, their training, the head store on the shared store
+//! fine_tune | training a backbone's top layers with a head (LoRA or in full): the loop, its cache of frozen bottoms
+//! head | head models, their training, the head store on the shared store, the records of fine-tuned heads
 //! batching | one bounded queue per backbone, batch formation, worker threads
-//! backbone | trait Backbone, one file per architecture, preprocessing; the only layer that knows tensor layouts
+//! backbone | trait Backbone, the catalog of architectures, a folder per family (bert, llama, vision), text and weight-file support; the only layer that knows tensor layouts
 //! nn | numeric building blocks shared by backbones and heads; f32, bf16 and int8 dense layers with CPU kernels chosen at run time
 //! metrics, telemetry | every metric name and the exporter; logging
 //! storage | the store replicas share: a volume or S3-compatible object storage, with atomic creates
@@ -47,6 +48,7 @@ pub mod config;
 pub mod core;
 pub mod datasets;
 pub mod error;
+pub mod fine_tune;
 pub mod fsutil;
 #[doc(hidden)]
 pub mod fuzz_targets;

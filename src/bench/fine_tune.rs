@@ -13,8 +13,9 @@ use crate::{
     backbone::bert::TrainableBert,
     client::{examples::ExampleInput, text_files::parse_tsv},
     config::Config,
+    fine_tune::{self, Progress, TextExamples},
     head::{
-        finetune::{self, FineTuneParams, Progress, TextExamples},
+        fine_tune::FineTuneParams,
         model::HeadWeights,
         train::{self, TrainingSet},
         HeadKind, TrainingParams,
@@ -54,29 +55,30 @@ pub fn run(config: &Config, options: &FineTuneBenchOptions<'_>) -> Result<()> {
     let test_labels = index(&test_labels)?;
     let layers = model.graph.num_layers();
     let mut params = match options.top_layers {
-        true => FineTuneParams::top_layers(finetune::DEFAULT_TOP_LAYERS.min(layers)),
+        true => FineTuneParams::top_layers(crate::head::fine_tune::DEFAULT_TOP_LAYERS.min(layers)),
         false => FineTuneParams::defaults(layers),
     };
     (options.adjust)(&mut params);
 
     let started = Instant::now();
     let frozen_head = frozen_head(&model, &train, params.seed)?;
-    let frozen_features = finetune::adapted_features(&model.graph, None, &test_ids)?;
+    let frozen_features = fine_tune::adapted_features(&model.graph, None, &test_ids)?;
     let frozen_accuracy = accuracy(&frozen_head, &frozen_features, &test_labels);
     let frozen_seconds = started.elapsed().as_secs_f64();
 
     let started = Instant::now();
-    let tuned = finetune::fine_tune(
+    let tuned = fine_tune::fine_tune(
         &model.graph,
         &train,
         &params,
-        finetune::BottomSource::Compute {
+        fine_tune::BottomSource::Compute {
             budget_bytes: config.heads.fine_tune_cache_bytes,
         },
         &CancellationToken::new(),
         &mut report,
     )?;
-    let tuned_features = finetune::adapted_features(&model.graph, Some(&tuned.adapter), &test_ids)?;
+    let tuned_features =
+        fine_tune::adapted_features(&model.graph, Some(&tuned.adapter), &test_ids)?;
     let tuned_accuracy = accuracy(&tuned.head, &tuned_features, &test_labels);
     if let Some(dir) = options.export_peft {
         export(
@@ -162,7 +164,7 @@ fn report(progress: &Progress) {
 /// on every training example's frozen features.
 fn frozen_head(model: &TrainableBert, train: &TextExamples, seed: u64) -> Result<HeadWeights> {
     let set = TrainingSet {
-        features: finetune::adapted_features(&model.graph, None, &train.ids)?,
+        features: fine_tune::adapted_features(&model.graph, None, &train.ids)?,
         dim: model.graph.hidden_size(),
         labels: train.labels.clone(),
         classes: train.classes,

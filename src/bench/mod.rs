@@ -3,9 +3,9 @@
 //! same format as the sentence-transformers peer script (scripts/bench/), so the two
 //! can be compared in one run. For an image backbone the corpus lists image files
 //! (paths relative to the corpus file), and decoding and preprocessing count, as
-//! tokenization does for text. [`finetune`]: `tlserve bench-finetune`.
+//! tokenization does for text. [`fine_tune`]: `tlserve bench-finetune`.
 
-pub mod finetune;
+pub mod fine_tune;
 
 use std::{
     path::Path,

@@ -251,8 +251,8 @@ impl FineTuneBenchArgs {
     /// Fine-tunes and measures, and prints the comparison.
     pub fn run(self) -> anyhow::Result<()> {
         let config = load_config(&self.config.config)?;
-        let targets = tlserve::head::finetune::LoraTargets::from_names(&self.targets)?;
-        let adjust = |params: &mut tlserve::head::finetune::FineTuneParams| {
+        let targets = tlserve::head::fine_tune::LoraTargets::from_names(&self.targets)?;
+        let adjust = |params: &mut tlserve::head::fine_tune::FineTuneParams| {
             if let Some(layers) = self.layers {
                 params.method.set_layers(layers);
             }
@@ -267,7 +267,7 @@ impl FineTuneBenchArgs {
             params.head_learning_rate = self.head_learning_rate;
             params.seed = self.seed;
         };
-        let options = bench::finetune::FineTuneBenchOptions {
+        let options = bench::fine_tune::FineTuneBenchOptions {
             backbone: &self.backbone,
             train: &self.train,
             test: &self.test,
@@ -275,6 +275,6 @@ impl FineTuneBenchArgs {
             adjust: &adjust,
             export_peft: self.export_peft.as_deref(),
         };
-        bench::finetune::run(&config, &options)
+        bench::fine_tune::run(&config, &options)
     }
 }

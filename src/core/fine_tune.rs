@@ -5,7 +5,7 @@
 use super::training::TrainingOptions;
 use crate::{
     head::{
-        finetune::{FineTuneParams, LoraTargets},
+        fine_tune::{FineTuneParams, LoraTargets},
         HeadKind, Solver,
     },
     Error, Result,

@@ -7,7 +7,7 @@
 
 mod answer_budget;
 mod embed;
-mod fine_tuning;
+mod fine_tune;
 mod heads;
 mod inputs;
 mod lookup;
@@ -17,7 +17,7 @@ mod training;
 
 pub use answer_budget::{AnswerBudget, Unbudgeted};
 pub use embed::{embed_options, EmbedRequest, EmbedResponse, Embedder, Embedding};
-pub use fine_tuning::{FineTuningOptions, LoraOptions, MethodOptions};
+pub use fine_tune::{FineTuningOptions, LoraOptions, MethodOptions};
 pub use heads::Catalog;
 pub use inputs::{check_input, check_request_inputs, check_tensor_shape, MAX_TENSOR_RANK};
 pub use predict::{LabelScore, PredictRequest, PredictResponse, Predictor};

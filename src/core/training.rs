@@ -9,7 +9,7 @@ use std::{
 use tokio::sync::broadcast;
 
 use super::{
-    fine_tuning::{fine_tune_params, FineTuningOptions},
+    fine_tune::{fine_tune_params, FineTuningOptions},
     inputs::check_input,
     Scope,
 };
@@ -17,7 +17,7 @@ use crate::{
     backbone::{BackboneDescriptor, Input, Modality},
     config::{is_valid_name, HeadsConfig},
     datasets::{Dataset, DatasetStore, InputKinds, PendingUpload},
-    head::{finetune::FineTuneParams, HeadKind, Solver, TrainingParams},
+    head::{fine_tune::FineTuneParams, HeadKind, Solver, TrainingParams},
     jobs::{Example, JobEvent, JobInfo, JobManager, JobRequest},
     registry::BackboneRegistry,
     Error, Result,

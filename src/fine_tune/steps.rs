@@ -7,10 +7,11 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use tokio_util::sync::CancellationToken;
 
 use super::cache::{pooled, to_f32, Bottoms};
-use super::{FineTuneParams, FineTuned, LoraSettings, Method, Progress, TextExamples};
+use super::{FineTuned, Progress, TextExamples};
 use crate::backbone::bert::adapter::{slot_shapes, Adapter, LoraAdapter};
 use crate::backbone::bert::graph::{BertGraph, Kernels, Tuning};
 use crate::backbone::bert::lora::{LayerAdapters, LowRank};
+use crate::head::fine_tune::{FineTuneParams, LoraSettings, Method};
 use crate::head::{model::HeadWeights, train, HeadKind, HeadMetrics, TrainingParams};
 use crate::nn::{rng::Rng, Dense};
 use crate::{Error, Result};

@@ -4,8 +4,9 @@
 use candle_core::DType;
 use tokio_util::sync::CancellationToken;
 
-use super::{fine_tune, BottomSource, FineTuneParams, Progress, TextExamples};
+use super::{fine_tune, BottomSource, Progress, TextExamples};
 use crate::backbone::bert::graph::testing::tiny;
+use crate::head::fine_tune::{self as records, FineTuneParams};
 use crate::nn::rng::Rng;
 use crate::Error;
 
@@ -56,7 +57,7 @@ fn params() -> FineTuneParams {
 /// [`params`] with the top layer trained in full instead of adapters.
 fn top_layer_params() -> FineTuneParams {
     FineTuneParams {
-        method: super::Method::TopLayers(super::TopLayerSettings { layers: 1 }),
+        method: records::Method::TopLayers(records::TopLayerSettings { layers: 1 }),
         ..params()
     }
 }
@@ -226,14 +227,14 @@ fn cancel_stops_within_an_epoch() {
 /// Targets by name, and back.
 #[test]
 fn targets_are_named() {
-    let targets = super::LoraTargets::from_names(&["query", "output"]).expect("names");
+    let targets = records::LoraTargets::from_names(&["query", "output"]).expect("names");
     assert!(targets.query && targets.output && !targets.value);
     assert_eq!(targets.names(), vec!["query", "output"]);
     assert_eq!(
-        super::LoraTargets::default().names(),
+        records::LoraTargets::default().names(),
         vec!["query", "value"]
     );
-    let err = super::LoraTargets::from_names(&["dense"]).expect_err("refused");
+    let err = records::LoraTargets::from_names(&["dense"]).expect_err("refused");
     assert!(err.to_string().contains("lora.targets"), "{err}");
 }
 
@@ -242,7 +243,7 @@ fn targets_are_named() {
 fn bad_settings_are_refused_by_name() {
     let graph = tiny(DType::F32);
     type Spoil = fn(&mut FineTuneParams);
-    fn lora(p: &mut FineTuneParams) -> &mut super::LoraSettings {
+    fn lora(p: &mut FineTuneParams) -> &mut records::LoraSettings {
         p.lora_mut().expect("LoRA")
     }
     let cases: [(&str, Spoil); 7] = [
@@ -254,7 +255,7 @@ fn bad_settings_are_refused_by_name() {
             lora(p).targets.value = false;
         }),
         ("top_layers.layers", |p| {
-            p.method = super::Method::TopLayers(super::TopLayerSettings { layers: 3 })
+            p.method = records::Method::TopLayers(records::TopLayerSettings { layers: 3 })
         }),
         ("learning_rate", |p| p.learning_rate = 0.0),
         ("batch_size", |p| p.batch_size = 0),

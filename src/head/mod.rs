@@ -10,7 +10,7 @@
 
 pub mod adapters;
 pub mod calibration;
-pub mod finetune;
+pub mod fine_tune;
 pub mod lbfgs;
 pub mod logistic;
 pub mod model;
@@ -181,7 +181,7 @@ pub struct HeadMetadata {
     /// How the backbone's part of a fine-tuned head was trained; None for a
     /// head on frozen features. A fine-tuned head's file holds its adapter.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fine_tuning: Option<finetune::FineTuning>,
+    pub fine_tuning: Option<fine_tune::FineTuning>,
 }
 
 /// A head name with an optional version: `name` or `name@version`.

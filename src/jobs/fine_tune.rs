@@ -12,11 +12,8 @@ use super::{
 };
 use crate::{
     backbone::{EmbedOptions, Pooling, Prepared, Want},
-    head::{
-        finetune::{self, BottomSource, FineTuneParams, FineTuned, Progress, TextExamples},
-        store::StoredHead,
-        HeadMetadata,
-    },
+    fine_tune::{self, BottomSource, FineTuned, Progress, TextExamples},
+    head::{fine_tune::FineTuneParams, store::StoredHead, HeadMetadata},
     registry::LoadedBackbone,
     task::run_blocking,
     Error, Result,
@@ -106,7 +103,7 @@ impl JobManager {
         let job = Arc::clone(job);
         run_blocking("fine-tuning a backbone", move || {
             let model = registry.trainable(&backbone)?;
-            finetune::fine_tune(
+            fine_tune::fine_tune(
                 &model.graph,
                 &examples,
                 &params,

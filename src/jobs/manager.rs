@@ -23,7 +23,7 @@ use crate::{
     backbone::BackboneDescriptor,
     datasets::DatasetStore,
     head::{
-        finetune::{FineTuneParams, Method, DEFAULT_TOP_LAYERS},
+        fine_tune::{FineTuneParams, Method, DEFAULT_TOP_LAYERS},
         namespace::{at_share, describe, namespace_of},
         store::HeadStore,
     },

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{journal::JobRecord, Example};
 use crate::head::{
-    finetune::FineTuneParams, store::StoredHead, HeadKind, HeadMetrics, TrainingParams,
+    fine_tune::FineTuneParams, store::StoredHead, HeadKind, HeadMetrics, TrainingParams,
 };
 
 /// What a job was asked to do, but its examples: kept in its record, so that

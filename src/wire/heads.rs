@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 use super::convert;
 use crate::{
     head::{
-        finetune::{FineTuning, Method},
+        fine_tune::{FineTuning, Method},
         store::StoredHead,
         HeadKind, HeadMetrics, Solver, TrainingParams,
     },

@@ -996,8 +996,8 @@ async fn training_features(store: &Path, head: &str, texts: &[&str]) -> Vec<Vec<
         .iter()
         .map(|t| model.encoder.encode(0, t, true).expect("tokens").ids)
         .collect();
-    let flat = tlserve::head::finetune::adapted_features(&model.graph, Some(adapter), &ids)
-        .expect("features");
+    let flat =
+        tlserve::fine_tune::adapted_features(&model.graph, Some(adapter), &ids).expect("features");
     flat.chunks(384).map(<[f32]>::to_vec).collect()
 }
 
@@ -1175,7 +1175,7 @@ async fn a_lora_export_loads_in_peft_with_the_same_features() {
         .and_then(|t| t.fine_tuning.as_mut())
         .and_then(|f| f.method.as_mut())
     {
-        lora.targets = tlserve::head::finetune::LoraTargets::NAMES
+        lora.targets = tlserve::head::fine_tune::LoraTargets::NAMES
             .map(String::from)
             .to_vec();
     }

@@ -22,7 +22,7 @@ use bytes::Bytes;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::super::{finetune::Method, model::HeadWeights, HeadMetadata};
+use super::super::{fine_tune::Method, model::HeadWeights, HeadMetadata};
 use super::StoredHead;
 use crate::{
     backbone::bert::adapter::{Adapter, AdapterKind},

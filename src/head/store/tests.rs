@@ -4,7 +4,7 @@
 use std::{fs, time::SystemTime};
 
 use super::*;
-use crate::head::finetune::Method;
+use crate::head::fine_tune::Method;
 use crate::storage::Location;
 use crate::{
     head::{FeatureSettings, HeadKind, HeadMetrics, TrainingParams},
@@ -50,7 +50,7 @@ fn reference(text: &str) -> HeadRef {
 /// start at `seed`.
 fn tuned(name: &str, seed: f32) -> (HeadMetadata, HeadWeights, Adapter) {
     use crate::backbone::bert::adapter::{LoraAdapter, LowRankWeights};
-    use crate::head::finetune::{FineTuneParams, LoraSettings, LoraTargets};
+    use crate::head::fine_tune::{FineTuneParams, LoraSettings, LoraTargets};
     let (mut meta, weights) = head(name);
     let mut params = FineTuneParams::defaults(1);
     params.method = Method::Lora(LoraSettings {
@@ -83,7 +83,7 @@ fn tuned(name: &str, seed: f32) -> (HeadMetadata, HeadWeights, Adapter) {
 /// feed-forward 3), the layer's values starting at `seed`.
 fn tuned_layers(name: &str, seed: f32) -> (HeadMetadata, HeadWeights, Adapter) {
     use crate::backbone::bert::top_layers::{LayerWeights, NormWeights, TopLayers};
-    use crate::head::finetune::FineTuneParams;
+    use crate::head::fine_tune::FineTuneParams;
     let (mut meta, weights) = head(name);
     let (training, tuning) = FineTuneParams::top_layers(1).record();
     (meta.training, meta.fine_tuning) = (training, Some(tuning));
