@@ -137,3 +137,40 @@ pub fn load(
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(architecture: &str, pooling: Option<&str>) -> BackboneConfig {
+        let pooling = pooling.map_or(String::new(), |p| format!("pooling = \"{p}\"\n"));
+        toml::from_str(&format!(
+            "name = \"t\"\narchitecture = \"{architecture}\"\nsource = {{ path = \"m\" }}\n{pooling}"
+        ))
+        .expect("config")
+    }
+
+    #[test]
+    fn the_configured_pooling_wins_over_the_familys() {
+        assert_eq!(default_pooling(&config("bert", None)), Pooling::Mean);
+        assert_eq!(
+            default_pooling(&config("llama", None)),
+            Pooling::WeightedMean
+        );
+        assert_eq!(default_pooling(&config("resnet50", None)), Pooling::Mean);
+        assert_eq!(
+            default_pooling(&config("llama", Some("last_token"))),
+            Pooling::LastToken
+        );
+    }
+
+    #[test]
+    fn each_architecture_has_a_family_and_its_weight_files() {
+        let layout = |architecture| family(&config(architecture, None)).weight_layout();
+        assert_eq!(layout("bert"), Layout::Text);
+        assert_eq!(layout("llama"), Layout::Gguf);
+        for architecture in ["efficientnet-lite0", "efficientnet-b0", "resnet50", "vgg16"] {
+            assert_eq!(layout(architecture), Layout::Image, "{architecture}");
+        }
+    }
+}

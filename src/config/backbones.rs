@@ -327,7 +327,7 @@ pub struct BackboneConfig {
     #[serde(default)]
     pub max_sequence_length: Option<usize>,
     /// Pooling for requests that leave it unspecified; unset: the
-    /// architecture's ([`BackboneConfig::default_pooling`]).
+    /// architecture's (the backbone catalog's `default_pooling`).
     #[serde(default)]
     pub pooling: Option<Pooling>,
     /// L2 normalization for requests that leave it unset.
@@ -388,22 +388,6 @@ impl BackboneConfig {
             (Engine::Auto, _) => Engine::Candle,
             (chosen, _) => chosen,
         }
-    }
-
-    /// The pooling of requests that leave it unspecified: the configured one,
-    /// else the architecture's. Decoders: the position-weighted mean, whose
-    /// heads were the best or within a point of it on both sets of
-    /// docs/BENCHMARKS.md ("Decoder features"), where the last token won one
-    /// set and lost the other by 7 points. Everything else: the mean.
-    pub fn default_pooling(&self) -> Pooling {
-        self.pooling.unwrap_or(match self.architecture {
-            Architecture::Llama => Pooling::WeightedMean,
-            Architecture::Bert
-            | Architecture::EfficientNetLite0
-            | Architecture::EfficientNetB0
-            | Architecture::Resnet50
-            | Architecture::Vgg16 => Pooling::Mean,
-        })
     }
 
     /// Everything about one backbone that can be checked without the others;
@@ -636,14 +620,11 @@ mod tests {
         ])
         .unwrap();
         let backbone = &config.backbones[0];
-        assert_eq!(backbone.default_pooling(), Pooling::LastToken);
+        assert_eq!(backbone.pooling, Some(Pooling::LastToken));
         assert_eq!(backbone.source.file.as_deref(), Some("model.Q4_1.gguf"));
         assert_eq!(backbone.architecture.modality(), Modality::Text);
         let pooling = with(&[("TLSERVE__BACKBONES__0__POOLING", "weighted_mean")]).unwrap();
-        assert_eq!(
-            pooling.backbones[0].default_pooling(),
-            Pooling::WeightedMean
-        );
+        assert_eq!(pooling.backbones[0].pooling, Some(Pooling::WeightedMean));
         for (pairs, message) in [
             (&[file][..], "GGUF (llama) backbones only"),
             (

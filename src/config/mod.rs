@@ -218,7 +218,7 @@ mod tests {
         );
         assert_eq!(backbone.device, "cpu");
         assert!(backbone.normalize && backbone.truncate);
-        assert_eq!(backbone.default_pooling(), Pooling::Mean);
+        assert_eq!(backbone.pooling, None);
     }
 
     #[test]

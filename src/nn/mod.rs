@@ -331,6 +331,16 @@ pub fn flat(tensor: Tensor) -> candle_core::Result<Vec<f32>> {
     tensor.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
 }
 
+/// Scales to unit length; a zero vector stays zero (as torch's normalize
+/// with eps). What `normalize = true` does to every backbone's features.
+pub fn l2_normalize(mut v: Vec<f32>) -> Vec<f32> {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 1e-12 {
+        v.iter_mut().for_each(|x| *x /= norm);
+    }
+    v
+}
+
 /// Numerically stable softmax into a new vector; each value is divided by the
 /// sum (what heads report as probabilities).
 pub fn softmax(logits: &[f32]) -> Vec<f32> {
@@ -410,6 +420,13 @@ unsafe fn gelu_avx2(values: &mut [f32]) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn normalize_gives_unit_length_and_keeps_zero() {
+        let v = super::l2_normalize(vec![3.0, 4.0]);
+        assert!((v[0] - 0.6).abs() < 1e-7 && (v[1] - 0.8).abs() < 1e-7);
+        assert_eq!(super::l2_normalize(vec![0.0, 0.0]), vec![0.0, 0.0]);
+    }
+
     use super::*;
 
     #[test]

@@ -169,7 +169,7 @@ pub fn backbone_info(status: BackboneStatus) -> proto::BackboneInfo {
         name: config.name.clone(),
         architecture: config.architecture.as_str().to_owned(),
         device: config.device.to_string(),
-        default_pooling: convert::pooling(config.default_pooling()) as i32,
+        default_pooling: convert::pooling(crate::backbone::catalog::default_pooling(config)) as i32,
         default_normalize: config.normalize,
         ..Default::default()
     };

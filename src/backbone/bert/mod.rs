@@ -21,9 +21,9 @@ use native::NativeBert;
 
 use super::{
     candle_device,
-    catalog::Family,
+    catalog::{self, Family},
     engine,
-    text::TextEncoder,
+    text::{texts_of, TextEncoder},
     weights::source::{self, ModelFiles},
     Backbone, BackboneDescriptor, EmbedItem, EmbedOptions, Input, Modality, Pooling, Prepared,
     TokenizedText,
@@ -156,7 +156,7 @@ impl BertBackbone {
             image_size: 0,
             encoder_layers: model_config.num_hidden_layers,
             default_options: EmbedOptions {
-                pooling: config.default_pooling(),
+                pooling: catalog::default_pooling(config),
                 normalize: config.normalize,
             },
             default_truncate: config.truncate,
@@ -202,13 +202,7 @@ impl Backbone for BertBackbone {
     }
 
     fn embed(&self, items: &[EmbedItem<'_>]) -> Result<Vec<Vec<f32>>> {
-        let texts: Vec<&TokenizedText> = items
-            .iter()
-            .map(|item| match item.input {
-                Prepared::Text(text) => Ok(text),
-                Prepared::Image(_) => Err(Error::Inference("image item in a text batch".into())),
-            })
-            .collect::<Result<_>>()?;
+        let texts = texts_of(items)?;
         // Items with the same adapter (and capture) run as neighbours, the
         // frozen ones first; the answers go back in the items' order.
         let mut order: Vec<usize> = (0..items.len()).collect();
@@ -356,19 +350,10 @@ fn candle_group(
 /// vectors stay as they are).
 fn finish(pooled: Vec<f32>, item: EmbedItem<'_>) -> Vec<f32> {
     if item.options.normalize && item.capture.is_none() {
-        l2_normalize(pooled)
+        crate::nn::l2_normalize(pooled)
     } else {
         pooled
     }
-}
-
-/// Scales to unit length; a zero vector stays zero (as torch's normalize with eps).
-pub fn l2_normalize(mut v: Vec<f32>) -> Vec<f32> {
-    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-    if norm > 1e-12 {
-        v.iter_mut().for_each(|x| *x /= norm);
-    }
-    v
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
@@ -397,16 +382,4 @@ fn max_sequence_length(
         )));
     }
     Ok(chosen)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::l2_normalize;
-
-    #[test]
-    fn normalize_gives_unit_length_and_keeps_zero() {
-        let v = l2_normalize(vec![3.0, 4.0]);
-        assert!((v[0] - 0.6).abs() < 1e-7 && (v[1] - 0.8).abs() < 1e-7);
-        assert_eq!(l2_normalize(vec![0.0, 0.0]), vec![0.0, 0.0]);
-    }
 }

@@ -15,14 +15,12 @@ use graph::LlamaGraph;
 use native::{LlamaSettings, NativeLlama};
 
 use super::{
-    bert::l2_normalize,
     candle_device,
-    catalog::Family,
+    catalog::{self, Family},
     engine,
-    text::{pooling::pool_rows, TextEncoder},
+    text::{pooling::pooled, texts_of, TextEncoder},
     weights::{gguf::GgufFile, source::ModelFiles},
     Backbone, BackboneDescriptor, EmbedItem, EmbedOptions, Input, Modality, Prepared,
-    TokenizedText,
 };
 use crate::{
     config::{BackboneConfig, Engine},
@@ -77,7 +75,7 @@ impl LlamaBackbone {
             image_size: 0,
             encoder_layers: 0,
             default_options: EmbedOptions {
-                pooling: config.default_pooling(),
+                pooling: catalog::default_pooling(config),
                 normalize: config.normalize,
             },
             default_truncate: config.truncate,
@@ -116,28 +114,18 @@ impl Backbone for LlamaBackbone {
     }
 
     fn embed(&self, items: &[EmbedItem<'_>]) -> Result<Vec<Vec<f32>>> {
-        let texts: Vec<&TokenizedText> = items
+        if items
             .iter()
-            .map(|item| match item.input {
-                Prepared::Text(text) if item.adapter.is_none() && item.capture.is_none() => {
-                    Ok(text)
-                }
-                Prepared::Text(_) => Err(Error::Inference(
-                    "llama backbones cannot be fine-tuned".into(),
-                )),
-                Prepared::Image(_) => Err(Error::Inference("image item in a text batch".into())),
-            })
-            .collect::<Result<_>>()?;
+            .any(|item| item.adapter.is_some() || item.capture.is_some())
+        {
+            return Err(Error::Inference(
+                "llama backbones cannot be fine-tuned".into(),
+            ));
+        }
+        let texts = texts_of(items)?;
         let ids: Vec<&[u32]> = texts.iter().map(|text| text.ids.as_slice()).collect();
         let hidden = self.descriptor.dimension;
-        let finish = |rows: &[f32], item: &EmbedItem<'_>| {
-            let pooled = pool_rows(rows, hidden, item.options.pooling);
-            if item.options.normalize {
-                l2_normalize(pooled)
-            } else {
-                pooled
-            }
-        };
+        let finish = |rows: &[f32], item: &EmbedItem<'_>| pooled(rows, hidden, item.options);
         let mut out = Vec::with_capacity(items.len());
         match &self.network {
             Network::Native(native) => {

@@ -1,4 +1,5 @@
-//! Tokenization for text backbones.
+//! What the text families share: tokenization with the backbone's length
+//! policy, a batch's tokenized texts, and pooling.
 
 use std::path::Path;
 
@@ -6,7 +7,7 @@ use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStr
 
 pub mod pooling;
 
-use super::{Input, Prepared};
+use super::{EmbedItem, Input, Prepared};
 use crate::{Error, Result};
 
 /// A tokenized text, special tokens included, ready for a forward pass.
@@ -15,6 +16,18 @@ pub struct TokenizedText {
     pub ids: Vec<u32>,
     /// True when the text was cut to the maximum sequence length.
     pub truncated: bool,
+}
+
+/// The tokenized texts of a batch's items, in order. An image among them
+/// would be the batcher's mistake: one backbone's batches hold one kind.
+pub fn texts_of<'a>(items: &[EmbedItem<'a>]) -> Result<Vec<&'a TokenizedText>> {
+    items
+        .iter()
+        .map(|item| match item.input {
+            Prepared::Text(text) => Ok(text),
+            Prepared::Image(_) => Err(Error::Inference("image item in a text batch".into())),
+        })
+        .collect()
 }
 
 /// Wraps a Hugging Face `tokenizer.json` with the backbone's own length policy.

@@ -1,6 +1,17 @@
 //! Token vectors of one text to one vector, by the request's [`Pooling`].
 
-use crate::backbone::Pooling;
+use crate::backbone::{EmbedOptions, Pooling};
+
+/// One text's answer: its token rows pooled by `options.pooling`, scaled to
+/// unit length when `options.normalize` asks for it.
+pub fn pooled(rows: &[f32], hidden: usize, options: EmbedOptions) -> Vec<f32> {
+    let vector = pool_rows(rows, hidden, options.pooling);
+    if options.normalize {
+        crate::nn::l2_normalize(vector)
+    } else {
+        vector
+    }
+}
 
 /// The pooled vector of one text's token rows (`[tokens, hidden]`,
 /// row-major, at least one row).

@@ -25,7 +25,6 @@ use resnet::ResNet50;
 use vgg::Vgg16;
 
 use super::{
-    bert::l2_normalize,
     candle_device,
     catalog::{self, Family},
     engine,
@@ -278,7 +277,7 @@ impl Backbone for VisionBackbone {
             .zip(items)
             .map(|(vector, item)| {
                 if item.options.normalize {
-                    l2_normalize(vector)
+                    crate::nn::l2_normalize(vector)
                 } else {
                     vector
                 }
