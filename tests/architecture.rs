@@ -5,7 +5,9 @@
 //! by commas left of a `|`. docs/ARCHITECTURE.md carries the same block. A
 //! module may import modules of its own layer or of layers below it; there is
 //! no cycle between top-level modules; protobuf and tonic appear only in the
-//! layers that speak gRPC; config imports nothing but error types.
+//! layers that speak gRPC; config imports nothing but error types; outside
+//! its own folder a backbone family (bert, llama, vision) is named only by
+//! the catalog and the few files `FAMILY_NAMERS` lists with their reason.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -366,6 +368,105 @@ fn no_module_climbs_to_the_crate_root_through_super() {
             source.file.display()
         );
     }
+}
+
+/// The backbone families: folders of src/backbone/ that the catalog maps
+/// architectures to.
+const FAMILIES: [&str; 3] = ["bert", "llama", "vision"];
+
+/// Files outside the families that may name one, and why. The catalog maps
+/// architectures to families; backbone/mod.rs declares them and re-exports
+/// what every family shares. Fine-tuning trains BERT's graph and stores
+/// BERT adapters, so its loop, the head store's record of them, the
+/// registry's trainable copy and its benchmark name `bert`; nothing else
+/// does, so a second family to fine-tune comes through here.
+const FAMILY_NAMERS: [(&str, &[&str]); 6] = [
+    ("src/backbone/catalog.rs", &FAMILIES),
+    ("src/backbone/mod.rs", &FAMILIES),
+    ("src/fine_tune/", &["bert"]),
+    ("src/head/store/layout.rs", &["bert"]),
+    ("src/registry.rs", &["bert"]),
+    ("src/bench/fine_tune.rs", &["bert"]),
+];
+
+/// The families `code` names: `backbone::bert` paths, `bert` inside a
+/// `backbone::{...}` group and, for files of src/backbone/ itself, the
+/// relative `super::bert` and bare `bert::` forms.
+fn families_named(code: &str, in_backbone: bool) -> BTreeSet<&'static str> {
+    let mut named = BTreeSet::new();
+    let mut prefixes = vec!["backbone::"];
+    if in_backbone {
+        prefixes.extend(["super::", "use ", "    "]);
+    }
+    for prefix in prefixes {
+        for (at, _) in code.match_indices(prefix) {
+            let rest = &code[at + prefix.len()..];
+            let heads = if rest.starts_with('{') {
+                group_heads(rest)
+            } else {
+                vec![ident_at(rest).to_owned()]
+            };
+            for family in FAMILIES {
+                let path = heads.iter().any(|h| h == family)
+                    && (rest.starts_with('{') || rest[family.len()..].starts_with("::"));
+                if path {
+                    named.insert(family);
+                }
+            }
+        }
+    }
+    named
+}
+
+#[test]
+fn concrete_backbone_families_are_named_only_where_declared() {
+    let backbone = root().join("src/backbone");
+    let mut violations = Vec::new();
+    let mut files = Vec::new();
+    rust_files(&root().join("src"), &mut files);
+    for file in files {
+        let relative = file.strip_prefix(root()).expect("under the root");
+        let name = file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if name == "tests.rs" || name == "testing.rs" {
+            continue; // test code builds whatever it checks
+        }
+        let text = std::fs::read_to_string(&file).expect("read");
+        let code = code_of(&text);
+        let outside_tests = code.split("#[cfg(test)]").next().unwrap_or_default();
+        let own_family = FAMILIES
+            .iter()
+            .find(|f| file.starts_with(backbone.join(f)))
+            .copied();
+        let allowed: &[&str] = FAMILY_NAMERS
+            .iter()
+            .find(|(path, _)| relative.starts_with(path) || relative.to_string_lossy() == *path)
+            .map_or(&[], |(_, families)| *families);
+        for family in families_named(outside_tests, file.starts_with(&backbone)) {
+            if Some(family) != own_family && !allowed.contains(&family) {
+                violations.push(format!(
+                    "{} names the `{family}` family: go through the catalog, the \
+                     Backbone trait or backbone's re-exports",
+                    relative.display()
+                ));
+            }
+        }
+    }
+    assert!(violations.is_empty(), "{}", violations.join("\n"));
+}
+
+#[test]
+fn the_family_reader_sees_paths_groups_and_relative_forms() {
+    let code = "use crate::backbone::{Input, vision::image::X};\n\
+                fn f() { crate::backbone::bert::graph::Kernels::Fused; }";
+    let found: Vec<_> = families_named(code, false).into_iter().collect();
+    assert_eq!(found, ["bert", "vision"]);
+    assert!(families_named("use super::{llama::LlamaBackbone, Input};", true).contains("llama"));
+    assert!(families_named("use super::{llama::X};", false).is_empty());
+    // A word that only starts like a family is none.
+    assert!(families_named("use crate::backbone::bertish::X;", false).is_empty());
 }
 
 #[test]
