@@ -66,12 +66,7 @@ fn synthetic(n: usize, dim: usize, classes: usize, seed: u64) -> TrainingSet {
         features.extend(unit(point));
         labels.push(class as u32);
     }
-    TrainingSet {
-        features,
-        dim,
-        labels,
-        classes,
-    }
+    TrainingSet::new(features, dim, labels, classes)
 }
 
 fn arg(args: &[String], name: &str, default: &str) -> String {

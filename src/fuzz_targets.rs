@@ -8,7 +8,7 @@ use prost::Message;
 use crate::{
     backbone::{
         image::{self, ImageLimits, Preprocessing, Resample},
-        BackboneDescriptor, EmbedOptions, Modality, Pooling,
+        BackboneDescriptor,
     },
     config::{Architecture, Config, LimitsConfig},
     core,
@@ -107,34 +107,16 @@ fn checked_inputs(inputs: Vec<proto::Input>, limits: &LimitsConfig) {
 
 fn text_descriptor() -> BackboneDescriptor {
     BackboneDescriptor {
-        name: "text".into(),
-        architecture: Architecture::Bert,
-        modality: Modality::Text,
-        dimension: 4,
-        device: "cpu".into(),
-        dtype: "f32".into(),
         max_sequence_length: 16,
-        image_size: 0,
         encoder_layers: 2,
-        default_options: EmbedOptions {
-            pooling: Pooling::Mean,
-            normalize: true,
-        },
-        default_truncate: true,
-        fingerprint: String::new(),
-        source: String::new(),
+        ..BackboneDescriptor::new("text", Architecture::Bert, 4)
     }
 }
 
 fn image_descriptor() -> BackboneDescriptor {
     BackboneDescriptor {
-        name: "image".into(),
-        architecture: Architecture::EfficientNetLite0,
-        modality: Modality::Image,
         image_size: 32,
-        max_sequence_length: 0,
-        encoder_layers: 0,
-        ..text_descriptor()
+        ..BackboneDescriptor::new("image", Architecture::EfficientNetLite0, 4)
     }
 }
 

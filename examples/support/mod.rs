@@ -2,9 +2,7 @@
 //! arguments name.
 
 use tlserve::{
-    head::{
-        model::HeadWeights, FeatureSettings, HeadKind, HeadMetadata, HeadMetrics, TrainingParams,
-    },
+    head::{model::HeadWeights, BackboneRef, FeatureSettings, HeadKind, HeadMetadata},
     nn::Dense,
     storage::{Location, S3Location},
 };
@@ -12,24 +10,18 @@ use tlserve::{
 /// A linear head `name` on MiniLM's features, `inputs` wide with `outputs`
 /// labels, its weights a fixed pattern.
 pub fn linear_head(name: &str, inputs: usize, outputs: usize) -> (HeadMetadata, HeadWeights) {
+    let backbone = BackboneRef {
+        name: "all-MiniLM-L6-v2".into(),
+        fingerprint: "f".repeat(64),
+    };
+    let features = FeatureSettings {
+        pooling: tlserve::backbone::Pooling::Mean,
+        normalize: true,
+    };
+    let labels = (0..outputs).map(|i| format!("label-{i}")).collect();
     let meta = HeadMetadata {
-        name: name.into(),
-        version: 0,
-        backbone: "all-MiniLM-L6-v2".into(),
-        backbone_fingerprint: "f".repeat(64),
-        features: FeatureSettings {
-            pooling: tlserve::backbone::Pooling::Mean,
-            normalize: true,
-        },
-        input_dim: inputs,
-        labels: (0..outputs).map(|i| format!("label-{i}")).collect(),
-        kind: HeadKind::Linear,
-        training: TrainingParams::default(),
-        metrics: HeadMetrics::default(),
         train_examples: 1,
-        validation_examples: 0,
-        created_at_ms: 0,
-        fine_tuning: None,
+        ..HeadMetadata::new(name, HeadKind::Linear, backbone, features, inputs, labels)
     };
     let weights = HeadWeights::Linear {
         output: Dense {

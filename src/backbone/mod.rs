@@ -43,6 +43,12 @@ pub struct EmbedOptions {
     pub normalize: bool,
 }
 
+impl EmbedOptions {
+    pub const fn new(pooling: Pooling, normalize: bool) -> Self {
+        Self { pooling, normalize }
+    }
+}
+
 /// A client's input, decoded from the wire but not yet checked against a backbone.
 #[derive(Debug, Clone)]
 pub enum Input {
@@ -206,6 +212,32 @@ pub struct BackboneDescriptor {
     pub fingerprint: String,
     /// Where the weights came from: a local path or a hub repository id.
     pub source: String,
+}
+
+impl BackboneDescriptor {
+    /// A backbone `name` of `architecture` giving `dimension` features, on
+    /// the CPU in f32 with mean pooling, normalization and truncation by
+    /// default, not fine-tunable, with no size limits, fingerprint or
+    /// source: a base for descriptors built field by field
+    /// (`..BackboneDescriptor::new(..)`), so that a field added here reaches
+    /// only the loaders that know its value.
+    pub fn new(name: impl Into<String>, architecture: Architecture, dimension: usize) -> Self {
+        Self {
+            name: name.into(),
+            architecture,
+            modality: architecture.modality(),
+            dimension,
+            device: "cpu".to_owned(),
+            dtype: "f32".to_owned(),
+            max_sequence_length: 0,
+            image_size: 0,
+            encoder_layers: 0,
+            default_options: EmbedOptions::new(Pooling::Mean, true),
+            default_truncate: true,
+            fingerprint: String::new(),
+            source: String::new(),
+        }
+    }
 }
 
 /// A resident pretrained model.

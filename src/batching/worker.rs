@@ -389,22 +389,8 @@ mod tests {
 
     fn test_descriptor() -> crate::backbone::BackboneDescriptor {
         crate::backbone::BackboneDescriptor {
-            name: "test".into(),
-            architecture: crate::config::Architecture::Bert,
-            modality: crate::backbone::Modality::Text,
-            dimension: 1,
-            device: "cpu".into(),
-            dtype: "f32".into(),
             max_sequence_length: 512,
-            image_size: 0,
-            encoder_layers: 0,
-            default_options: EmbedOptions {
-                pooling: Pooling::Mean,
-                normalize: true,
-            },
-            default_truncate: true,
-            fingerprint: String::new(),
-            source: String::new(),
+            ..crate::backbone::BackboneDescriptor::new("test", crate::config::Architecture::Bert, 1)
         }
     }
 

@@ -658,12 +658,7 @@ mod tests {
     use crate::head::{HeadKind, Solver};
 
     fn set(features: Vec<f32>, dim: usize, labels: Vec<u32>, classes: usize) -> TrainingSet {
-        TrainingSet {
-            features,
-            dim,
-            labels,
-            classes,
-        }
+        TrainingSet::new(features, dim, labels, classes)
     }
 
     /// `per_class` points around each of three centres in 2-D; `spread`

@@ -184,6 +184,47 @@ pub struct HeadMetadata {
     pub fine_tuning: Option<fine_tune::FineTuning>,
 }
 
+/// The backbone a head's features come from: its configured name and the
+/// fingerprint of its weights.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackboneRef {
+    pub name: String,
+    pub fingerprint: String,
+}
+
+impl HeadMetadata {
+    /// Version 0 of head `name`, of `kind`, on `backbone`'s features taken
+    /// with `features`: `input_dim` wide, answering one of `labels`. Training
+    /// settings, metrics and counts start at their defaults and creation at
+    /// the epoch; who trains it sets what it knows (`..HeadMetadata::new(..)`),
+    /// so that a field added here reaches no caller that does not need it.
+    pub fn new(
+        name: impl Into<String>,
+        kind: HeadKind,
+        backbone: BackboneRef,
+        features: FeatureSettings,
+        input_dim: usize,
+        labels: Vec<String>,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            version: 0,
+            backbone: backbone.name,
+            backbone_fingerprint: backbone.fingerprint,
+            features,
+            input_dim,
+            labels,
+            kind,
+            training: TrainingParams::default(),
+            metrics: HeadMetrics::default(),
+            train_examples: 0,
+            validation_examples: 0,
+            created_at_ms: 0,
+            fine_tuning: None,
+        }
+    }
+}
+
 /// A head name with an optional version: `name` or `name@version`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeadRef {

@@ -35,6 +35,17 @@ pub struct TrainingSet {
 }
 
 impl TrainingSet {
+    /// `labels.len()` rows of `dim` features each, labelled with classes
+    /// below `classes`.
+    pub fn new(features: Vec<f32>, dim: usize, labels: Vec<u32>, classes: usize) -> Self {
+        Self {
+            features,
+            dim,
+            labels,
+            classes,
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.labels.len()
     }

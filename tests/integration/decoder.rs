@@ -101,10 +101,7 @@ fn vectors(value: &serde_json::Value) -> Vec<Vec<f64>> {
 }
 
 fn embed(model: &dyn Backbone, prepared: &[Prepared], pooling: Pooling) -> Vec<Vec<f32>> {
-    let options = EmbedOptions {
-        pooling,
-        normalize: false,
-    };
+    let options = EmbedOptions::new(pooling, false);
     let items: Vec<EmbedItem<'_>> = prepared
         .iter()
         .map(|p| EmbedItem::frozen(p, options))

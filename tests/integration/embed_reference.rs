@@ -99,10 +99,7 @@ fn mean_pooled_unit_vectors(engine: &str, sentences: &[String], reference: &Refe
     }
     assert!(truncated >= 2, "the corpus has texts over {MAX_LEN} tokens");
 
-    let options = EmbedOptions {
-        pooling: Pooling::Mean,
-        normalize: true,
-    };
+    let options = EmbedOptions::new(Pooling::Mean, true);
     let ours = embed_all(model.as_ref(), sentences, options);
     assert_close(&format!("{engine}, batched"), &ours, &reference.embeddings);
     for v in &ours {
@@ -126,10 +123,7 @@ fn the_default_precision_is_what_this_cpu_runs_best_and_meets_the_f32_tolerance(
     assert_eq!(model.descriptor().dtype, expected.as_str());
     let sentences = sentences();
     let reference = reference(&sentences, "mean", true, MAX_LEN);
-    let options = EmbedOptions {
-        pooling: Pooling::Mean,
-        normalize: true,
-    };
+    let options = EmbedOptions::new(Pooling::Mean, true);
     let ours = embed_all(model.as_ref(), &sentences, options);
     assert_close(
         &format!("default ({})", expected.as_str()),
@@ -150,10 +144,7 @@ fn the_default_precision_is_what_this_cpu_runs_best_and_meets_the_f32_tolerance(
 fn reduced_precision_stays_close_to_the_reference() {
     let sentences = sentences();
     let reference = reference(&sentences, "mean", true, MAX_LEN);
-    let options = EmbedOptions {
-        pooling: Pooling::Mean,
-        normalize: true,
-    };
+    let options = EmbedOptions::new(Pooling::Mean, true);
     let cases = [
         ("native", "int8", 0.99, 1.0),
         ("native", "bf16", 0.999, 1.0),
@@ -218,10 +209,7 @@ fn neighbour_agreement(ours: &[Vec<f64>], reference: &[Vec<f64>], k: usize) -> (
 fn library_cls_pooling_without_normalization_matches_the_reference() {
     let sentences = sentences();
     let reference = reference(&sentences, "cls", false, MAX_LEN);
-    let options = EmbedOptions {
-        pooling: Pooling::Cls,
-        normalize: false,
-    };
+    let options = EmbedOptions::new(Pooling::Cls, false);
     for engine in ENGINES {
         let model = load_minilm_f32_on(engine);
         let ours = embed_all(model.as_ref(), &sentences, options);

@@ -67,10 +67,7 @@ fn check_lite0_against_the_reference(engine: Engine) {
     );
     let pixels = as_f64s(&reference["pixels"]);
     let features = as_f64s(&reference["features"]);
-    let options = EmbedOptions {
-        pooling: Pooling::Mean,
-        normalize: false,
-    };
+    let options = EmbedOptions::new(Pooling::Mean, false);
     let embed = |inputs: Vec<Input>| -> Vec<Vec<f32>> {
         let prepared: Vec<Prepared> = inputs
             .into_iter()
@@ -565,10 +562,7 @@ fn resnet50_and_vgg16_match_the_numpy_reference_on_generated_weights() {
                 ImageLimits::from_config(&config.limits),
             )
             .expect("load generated weights");
-            let options = EmbedOptions {
-                pooling: Pooling::Mean,
-                normalize: false,
-            };
+            let options = EmbedOptions::new(Pooling::Mean, false);
             let prepared: Vec<Prepared> = tensors
                 .iter()
                 .enumerate()

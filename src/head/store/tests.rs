@@ -7,29 +7,25 @@ use super::*;
 use crate::head::fine_tune::Method;
 use crate::storage::Location;
 use crate::{
-    head::{FeatureSettings, HeadKind, HeadMetrics, TrainingParams},
+    head::{BackboneRef, FeatureSettings, HeadKind},
     nn::Dense,
 };
 
 fn head(name: &str) -> (HeadMetadata, HeadWeights) {
+    let backbone = BackboneRef {
+        name: "bb".into(),
+        fingerprint: "fp".into(),
+    };
+    let features = FeatureSettings {
+        pooling: crate::backbone::Pooling::Mean,
+        normalize: true,
+    };
+    let labels = vec!["a".into(), "b".into()];
     let meta = HeadMetadata {
-        name: name.into(),
-        version: 0,
-        backbone: "bb".into(),
-        backbone_fingerprint: "fp".into(),
-        features: FeatureSettings {
-            pooling: crate::backbone::Pooling::Mean,
-            normalize: true,
-        },
-        input_dim: 2,
-        labels: vec!["a".into(), "b".into()],
-        kind: HeadKind::Linear,
-        training: TrainingParams::default(),
-        metrics: HeadMetrics::default(),
         train_examples: 10,
         validation_examples: 2,
         created_at_ms: 1,
-        fine_tuning: None,
+        ..HeadMetadata::new(name, HeadKind::Linear, backbone, features, 2, labels)
     };
     let weights = HeadWeights::Linear {
         output: Dense {
