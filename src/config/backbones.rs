@@ -167,7 +167,7 @@ pub enum Resample {
 
 /// Preprocessing of an image backbone; every unset value takes the default of
 /// its architecture (what the pretrained weights were evaluated with; the
-/// per-architecture values live in `backbone::vision`).
+/// per-architecture values live in the backbone catalog).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImageConfig {
