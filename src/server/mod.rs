@@ -1,20 +1,9 @@
 //! The gRPC front end: tonic services, health, reflection, the request layer and
 //! the server's life cycle (start, load, serve, drain, stop).
 
-pub mod auth;
-mod browser;
-mod connections;
-mod deadline;
-mod embedder;
-mod http_ports;
-pub mod listener;
-mod message_limit;
-mod models;
-mod predictor;
-pub mod request_layer;
-mod response_budget;
-pub mod status;
-mod trainer;
+pub mod grpc;
+mod http;
+pub mod middleware;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -40,13 +29,15 @@ use crate::{
     },
 };
 
-use embedder::EmbedderService;
-use message_limit::BodyLimits;
-use models::ModelsService;
-use predictor::PredictorService;
-use request_layer::RequestLayer;
-use response_budget::ResponseLimits;
-use trainer::TrainerService;
+use grpc::{
+    embedder::EmbedderService,
+    models::ModelsService,
+    predictor::PredictorService,
+    request_layer::{self, RequestLayer},
+    response_budget::ResponseLimits,
+    trainer::TrainerService,
+};
+use middleware::{auth, browser, connections, listener, message_limit::BodyLimits};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -69,7 +60,7 @@ pub enum ServeError {
     #[error("authentication: {0}")]
     Auth(#[from] auth::AuthSetupError),
     #[error(transparent)]
-    HttpTls(#[from] http_ports::HttpTlsError),
+    HttpTls(#[from] http::HttpTlsError),
     #[error("TLS: cannot read {path}: {source}")]
     TlsFile {
         path: std::path::PathBuf,
@@ -218,13 +209,13 @@ async fn start_metrics_port(
         metrics::install_recorder().map_err(|source| ServeError::Metrics { addr, source })?;
     metrics::spawn_process_sampler(Duration::from_secs(5));
     let listener = bind(addr, "metrics (/metrics)").await?;
-    let port = http_ports::Port {
-        router: http_ports::metrics_router(handle),
+    let port = http::Port {
+        router: http::metrics_router(handle),
         limits,
         name: "metrics",
         tls: None,
     };
-    Ok(Some(tokio::spawn(http_ports::serve(
+    Ok(Some(tokio::spawn(http::serve(
         listener,
         port,
         CancellationToken::new(),
@@ -257,13 +248,13 @@ async fn start_http_port(
         .server
         .tls
         .as_ref()
-        .map(http_ports::tls_acceptor)
+        .map(http::tls_acceptor)
         .transpose()?;
     if tls.is_some() {
         tracing::info!("TLS on the HTTP port, with the gRPC port's certificate");
     }
     let listener = bind(addr, "HTTP (OpenAI API /v1, console /console/)").await?;
-    let state = http_ports::ApiState {
+    let state = http::ApiState {
         embedder: Arc::clone(&app.embedder),
         catalog: Arc::clone(&app.catalog),
         auth: port.auth.clone(),
@@ -274,14 +265,13 @@ async fn start_http_port(
             .map_or(0, |d| d.as_secs()),
     };
     let grpc_web = grpc_web_service(app, &port.call_limits, port.auth);
-    let served = http_ports::Port {
-        router: http_ports::api_router(state, grpc_web)
-            .layer(browser::BrowserGuard::new(port.browser)),
+    let served = http::Port {
+        router: http::api_router(state, grpc_web).layer(browser::BrowserGuard::new(port.browser)),
         limits: port.limits,
         name: "http",
         tls,
     };
-    Ok(Some(tokio::spawn(http_ports::serve(
+    Ok(Some(tokio::spawn(http::serve(
         listener, served, port.stop, port.grace,
     ))))
 }
@@ -300,7 +290,7 @@ fn browser_policy(config: &Config, auth_enabled: bool) -> Arc<browser::BrowserPo
 /// CORS for gRPC-Web calls from the listed origins' pages: preflights are
 /// answered here, before authentication (browsers send no token with them).
 fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
-    use http::header::{HeaderName, AUTHORIZATION, CONTENT_TYPE};
+    use ::http::header::{HeaderName, AUTHORIZATION, CONTENT_TYPE};
     use tower_http::cors::{AllowOrigin, CorsLayer};
     if origins.is_empty() {
         return None;
@@ -322,7 +312,7 @@ fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
     Some(
         CorsLayer::new()
             .allow_origin(allow)
-            .allow_methods([http::Method::POST])
+            .allow_methods([::http::Method::POST])
             .allow_headers(allowed_headers)
             .expose_headers(named(&[
                 "grpc-status",
@@ -340,7 +330,7 @@ fn grpc_web_service(
     app: &App,
     limits: &CallLimits,
     auth: Option<Arc<auth::Authenticator>>,
-) -> http_ports::GrpcWeb {
+) -> http::GrpcWeb {
     let (embedder, models, trainer, predictor) = services(app, limits);
     let routes = tonic::service::Routes::new(embedder)
         .add_service(models)

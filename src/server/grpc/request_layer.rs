@@ -27,14 +27,20 @@ use tower::{Layer, Service};
 use tracing::Instrument;
 
 use super::{
-    auth::Authenticator,
     deadline::{self, Deadline},
-    listener::ConnectionInfo,
-    message_limit::{Arrival, BodyLimits, CallShape, ClientFault, LimitedBody},
     response_budget::{CallAnswers, CallBudget, ResponseLimits},
     status::{code_name, DETAIL_HEADER},
 };
-use crate::{core::Scope, metrics, telemetry, Error};
+use crate::{
+    core::Scope,
+    metrics,
+    server::middleware::{
+        auth::Authenticator,
+        listener::ConnectionInfo,
+        message_limit::{Arrival, BodyLimits, CallShape, ClientFault, LimitedBody},
+    },
+    telemetry, Error,
+};
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 

@@ -33,13 +33,16 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 use tower::{Layer, ServiceExt};
 
-use super::{
-    auth::Authenticator,
-    connections::{TrackCalls, Tracked},
-    listener::{self, ConnectionLimits},
-    message_limit::BodyLimits,
+use crate::{
+    config::LimitsConfig,
+    core,
+    server::middleware::{
+        auth::Authenticator,
+        connections::{TrackCalls, Tracked},
+        listener::{self, ConnectionLimits},
+        message_limit::BodyLimits,
+    },
 };
-use crate::{config::LimitsConfig, core};
 
 pub use errors::ApiError;
 pub use tls::{acceptor as tls_acceptor, HttpTlsError};

@@ -27,7 +27,7 @@ use crate::{
     batching::Priority,
     config::Modality,
     core,
-    server::{
+    server::middleware::{
         auth::{Requirement, Role},
         listener::ConnectionInfo,
         message_limit::Held,
