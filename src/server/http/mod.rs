@@ -33,19 +33,26 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 use tower::{Layer, ServiceExt};
 
-use crate::{
-    config::LimitsConfig,
-    core,
-    server::middleware::{
+use super::{
+    bind,
+    grpc::{self, CallLimits, GrpcWeb},
+    middleware::{
         auth::Authenticator,
+        browser,
         connections::{TrackCalls, Tracked},
         listener::{self, ConnectionLimits},
         message_limit::BodyLimits,
     },
+    ServeError,
+};
+use crate::{
+    app::App,
+    config::{Config, LimitsConfig},
+    core, metrics,
 };
 
 pub use errors::ApiError;
-pub use tls::{acceptor as tls_acceptor, HttpTlsError};
+pub use tls::HttpTlsError;
 
 /// A request's headers must arrive within this long.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -63,14 +70,6 @@ pub struct ApiState {
     /// When the server started, for `/v1/models`' `created`.
     pub started_unix: u64,
 }
-
-/// The gRPC services as one tower service that also speaks gRPC-Web (the
-/// request layer inside it: same tokens, limits, metrics as the gRPC port).
-pub type GrpcWeb = tower::util::BoxCloneSyncService<
-    http::Request<axum::body::Body>,
-    http::Response<tonic::body::Body>,
-    std::convert::Infallible,
->;
 
 /// The HTTP API port's routes.
 pub fn api_router(state: ApiState, grpc_web: GrpcWeb) -> Router {
@@ -208,4 +207,84 @@ where
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
         .serve_connection(TokioIo::new(io), service)
+}
+
+/// Installs the metrics recorder and serves it on `server.metrics_listen`
+/// until the task is aborted.
+pub(super) async fn start_metrics_port(
+    config: &Config,
+    limits: listener::ConnectionLimits,
+) -> Result<Option<tokio::task::JoinHandle<()>>, ServeError> {
+    let Some(addr) = config.server.metrics_listen else {
+        return Ok(None);
+    };
+    let handle =
+        metrics::install_recorder().map_err(|source| ServeError::Metrics { addr, source })?;
+    metrics::spawn_process_sampler(Duration::from_secs(5));
+    let listener = bind(addr, "metrics (/metrics)").await?;
+    let port = Port {
+        router: metrics_router(handle),
+        limits,
+        name: "metrics",
+        tls: None,
+    };
+    Ok(Some(tokio::spawn(serve(
+        listener,
+        port,
+        CancellationToken::new(),
+        Duration::ZERO,
+    ))))
+}
+
+/// What the HTTP API port needs besides the app.
+pub(super) struct HttpPort<'a> {
+    pub(super) config: &'a Config,
+    pub(super) limits: listener::ConnectionLimits,
+    pub(super) call_limits: CallLimits,
+    pub(super) auth: Option<Arc<Authenticator>>,
+    pub(super) browser: Arc<browser::BrowserPolicy>,
+    pub(super) stop: CancellationToken,
+    pub(super) grace: Duration,
+}
+
+/// Serves the OpenAI-compatible API, the console and gRPC-Web on
+/// `server.http_listen` until `stop`, then for up to `grace`.
+pub(super) async fn start_http_port(
+    port: HttpPort<'_>,
+    app: &App,
+) -> Result<Option<tokio::task::JoinHandle<()>>, ServeError> {
+    let Some(addr) = port.config.server.http_listen else {
+        return Ok(None);
+    };
+    let tls = port
+        .config
+        .server
+        .tls
+        .as_ref()
+        .map(tls::acceptor)
+        .transpose()?;
+    if tls.is_some() {
+        tracing::info!("TLS on the HTTP port, with the gRPC port's certificate");
+    }
+    let listener = bind(addr, "HTTP (OpenAI API /v1, console /console/)").await?;
+    let state = ApiState {
+        embedder: Arc::clone(&app.embedder),
+        catalog: Arc::clone(&app.catalog),
+        auth: port.auth.clone(),
+        limits: port.config.limits.clone(),
+        body_limits: Arc::clone(&port.call_limits.bodies),
+        started_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    };
+    let grpc_web = grpc::web_service(app, &port.call_limits, port.auth);
+    let served = Port {
+        router: api_router(state, grpc_web).layer(browser::BrowserGuard::new(port.browser)),
+        limits: port.limits,
+        name: "http",
+        tls,
+    };
+    Ok(Some(tokio::spawn(serve(
+        listener, served, port.stop, port.grace,
+    ))))
 }

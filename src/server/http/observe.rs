@@ -12,7 +12,7 @@ use tracing::Instrument;
 use super::errors::LoggedMessage;
 use crate::{
     metrics,
-    server::grpc::request_layer::{request_id, REQUEST_ID_HEADER},
+    server::middleware::request_id::{request_id, REQUEST_ID_HEADER},
 };
 
 pub async fn observe(request: Request, next: Next) -> Response {

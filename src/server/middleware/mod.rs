@@ -7,3 +7,4 @@ pub mod browser;
 pub mod connections;
 pub mod listener;
 pub mod message_limit;
+pub mod request_id;
