@@ -11,6 +11,7 @@ mod embeddings_request;
 mod errors;
 mod observe;
 mod openai;
+mod routes;
 mod tls;
 
 use std::{sync::Arc, time::Duration};
@@ -18,7 +19,7 @@ use std::{sync::Arc, time::Duration};
 use axum::{
     extract::Request,
     response::{IntoResponse, Response},
-    routing::{get, post},
+    routing::get,
     Router,
 };
 use hyper::server::conn::http1;
@@ -71,18 +72,13 @@ pub struct ApiState {
     pub started_unix: u64,
 }
 
-/// The HTTP API port's routes.
+/// The HTTP API port's routes ([`routes::ROUTES`]), with gRPC-Web for any
+/// other path, and their metrics registered at zero.
 pub fn api_router(state: ApiState, grpc_web: GrpcWeb) -> Router {
-    for route in observe::ROUTES {
-        crate::metrics::register_http_route(route);
+    for label in routes::labels() {
+        metrics::register_http_route(label);
     }
-    Router::new()
-        .route("/v1/embeddings", post(openai::embeddings))
-        .route("/v1/models", get(openai::models))
-        .route("/", get(console::redirect_to_console))
-        .route("/console", get(console::redirect_to_console))
-        .route("/console/", get(console::index))
-        .route("/console/{*path}", get(console::asset))
+    routes::router(&state)
         .fallback(move |request: Request| grpc_web_or_not_found(request, grpc_web.clone()))
         .layer(axum::middleware::from_fn(observe::observe))
         .with_state(state)
