@@ -1,5 +1,5 @@
 //! The one error type of the library. The server maps each variant to a gRPC
-//! status code in a single place (`server::status`).
+//! status code in a single place (`server::grpc::status`).
 
 use std::time::Duration;
 

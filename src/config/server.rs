@@ -84,7 +84,7 @@ pub struct TlsConfig {
     pub client_ca_file: Option<PathBuf>,
 }
 
-/// Bearer tokens with roles (src/server/auth.rs).
+/// Bearer tokens with roles (src/server/middleware/auth.rs).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {

@@ -185,7 +185,7 @@ async fn every_metric_the_dashboard_and_rules_use_is_exported() {
             .cloned(),
     );
     let codes: BTreeSet<&str> = (0..=16)
-        .map(|n| tlserve::server::status::code_name(Code::from_i32(n)))
+        .map(|n| tlserve::server::grpc::status::code_name(Code::from_i32(n)))
         .collect();
     let states: BTreeSet<String> = families["tlserve_training_jobs"].labels["state"].clone();
     assert_eq!(states.len(), 6, "every job state is reported: {states:?}");

@@ -9,10 +9,10 @@ use axum::{extract::MatchedPath, extract::Request, middleware::Next, response::R
 use http::HeaderValue;
 use tracing::Instrument;
 
-use super::errors::LoggedMessage;
+use super::{errors::LoggedMessage, routes};
 use crate::{
     metrics,
-    server::request_layer::{request_id, REQUEST_ID_HEADER},
+    server::middleware::request_id::{request_id, REQUEST_ID_HEADER},
 };
 
 pub async fn observe(request: Request, next: Next) -> Response {
@@ -45,29 +45,18 @@ pub async fn observe(request: Request, next: Next) -> Response {
     response
 }
 
-/// A bounded label for the request's route; None for gRPC-Web calls.
-/// Every value of the `route` label.
-pub const ROUTES: [&str; 5] = [
-    "/v1/embeddings",
-    "/v1/models",
-    "/console/",
-    "/console/{path}",
-    "other",
-];
-
+/// A bounded label for the request's route (the table's, see
+/// [`routes::labels`]); None for gRPC-Web calls.
 fn route_label(request: &Request) -> Option<&'static str> {
     let matched = request
         .extensions()
         .get::<MatchedPath>()
-        .map(MatchedPath::as_str);
-    Some(match matched {
-        Some("/v1/embeddings") => "/v1/embeddings",
-        Some("/v1/models") => "/v1/models",
-        Some("/" | "/console" | "/console/") => "/console/",
-        Some("/console/{*path}") => "/console/{path}",
-        _ if is_grpc_web(request) => return None,
-        _ => "other",
-    })
+        .and_then(|path| routes::find(path.as_str()));
+    match matched {
+        Some(route) => Some(route.label),
+        None if is_grpc_web(request) => None,
+        None => Some(routes::OTHER),
+    }
 }
 
 pub fn is_grpc_web(request: &Request) -> bool {

@@ -27,16 +27,21 @@ use tower::{Layer, Service};
 use tracing::Instrument;
 
 use super::{
-    auth::Authenticator,
     deadline::{self, Deadline},
-    listener::ConnectionInfo,
-    message_limit::{Arrival, BodyLimits, CallShape, ClientFault, LimitedBody},
     response_budget::{CallAnswers, CallBudget, ResponseLimits},
     status::{code_name, DETAIL_HEADER},
 };
-use crate::{core::Scope, metrics, telemetry, Error};
-
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
+use crate::{
+    core::Scope,
+    metrics,
+    server::middleware::{
+        auth::Authenticator,
+        listener::ConnectionInfo,
+        message_limit::{Arrival, BodyLimits, CallShape, ClientFault, LimitedBody},
+        request_id::{request_id, REQUEST_ID_HEADER},
+    },
+    telemetry, Error,
+};
 
 /// How much earlier than the deadline the layer answers, so that its
 /// DEADLINE_EXCEEDED reaches the client before tonic's timer (same deadline,
@@ -342,16 +347,6 @@ fn deadline_exceeded(started: Instant) -> http::Response<Body> {
     tonic::Status::from(Error::DeadlineExceeded(started.elapsed())).into_http()
 }
 
-/// The client's request id when it sent a sane one, else a new one.
-pub fn request_id(headers: &HeaderMap) -> Arc<str> {
-    headers
-        .get(REQUEST_ID_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
-        .map(Arc::from)
-        .unwrap_or_else(|| Arc::from(uuid::Uuid::new_v4().to_string()))
-}
-
 fn grpc_status(headers: &HeaderMap) -> Option<Code> {
     let value = headers.get("grpc-status")?.to_str().ok()?;
     value.parse::<i32>().ok().map(Code::from_i32)
@@ -560,17 +555,5 @@ mod tests {
             Some("input 0: café\nforged %ZZ")
         );
         assert_eq!(grpc_message(&HeaderMap::new()), None);
-    }
-
-    #[test]
-    fn request_ids_are_kept_when_sane_and_replaced_otherwise() {
-        let mut headers = HeaderMap::new();
-        headers.insert(REQUEST_ID_HEADER, HeaderValue::from_static("abc-123"));
-        assert_eq!(&*request_id(&headers), "abc-123");
-
-        headers.insert(REQUEST_ID_HEADER, HeaderValue::from_static("has space"));
-        let generated = request_id(&headers);
-        assert_ne!(&*generated, "has space");
-        assert!(uuid::Uuid::parse_str(&generated).is_ok());
     }
 }

@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use http::StatusCode;
 use serde::Serialize;
 
-use crate::{server::status::INTERNAL_MESSAGE, Error};
+use crate::{server::grpc::status::INTERNAL_MESSAGE, Error};
 
 /// An HTTP error answer.
 #[derive(Debug)]
@@ -42,7 +42,7 @@ impl ApiError {
             kind,
             code: None,
             param: None,
-            message: crate::server::status::bounded(message.into()),
+            message: crate::server::grpc::status::bounded(message.into()),
         }
     }
 

@@ -27,11 +27,7 @@ use crate::{
     batching::Priority,
     config::Modality,
     core,
-    server::{
-        auth::{Requirement, Role},
-        listener::ConnectionInfo,
-        message_limit::Held,
-    },
+    server::middleware::{listener::ConnectionInfo, message_limit::Held},
     task::run_blocking,
     Error,
 };
@@ -72,8 +68,8 @@ pub async fn embeddings(State(state): State<ApiState>, request: Request) -> Resp
     }
 }
 
+/// The token was checked before (the route's access, see super::routes).
 async fn embed(state: &ApiState, request: Request) -> Result<EmbeddingsResponse, ApiError> {
-    authorize(state, request.headers())?;
     require_json(request.headers())?;
     let (body, held) = read_body(state, request).await?;
     let parsed = parse_body(state, body).await?;
@@ -180,10 +176,7 @@ struct ModelList {
 }
 
 /// The text backbones, the ones `/v1/embeddings` can use, loaded or not.
-pub async fn models(State(state): State<ApiState>, headers: HeaderMap) -> Response {
-    if let Err(err) = authorize(&state, &headers) {
-        return err.into_response();
-    }
+pub async fn models(State(state): State<ApiState>) -> Response {
     let data = state
         .catalog
         .backbones()
@@ -200,20 +193,6 @@ pub async fn models(State(state): State<ApiState>, headers: HeaderMap) -> Respon
         object: "list",
         data,
     })
-}
-
-/// The `infer` role, as Embed needs on the gRPC port.
-fn authorize(state: &ApiState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(auth) = &state.auth else {
-        return Ok(());
-    };
-    let token = auth
-        .check_requirement(Requirement::Role(Role::Infer), headers)
-        .into_result()?;
-    if let Some(token) = token {
-        tracing::Span::current().record("token", token.as_str());
-    }
-    Ok(())
 }
 
 /// `Content-Type: application/json`, as OpenAI's clients send: a page of

@@ -11,6 +11,7 @@ mod embeddings_request;
 mod errors;
 mod observe;
 mod openai;
+mod routes;
 mod tls;
 
 use std::{sync::Arc, time::Duration};
@@ -18,7 +19,7 @@ use std::{sync::Arc, time::Duration};
 use axum::{
     extract::Request,
     response::{IntoResponse, Response},
-    routing::{get, post},
+    routing::get,
     Router,
 };
 use hyper::server::conn::http1;
@@ -34,15 +35,25 @@ use tonic::transport::server::Connected;
 use tower::{Layer, ServiceExt};
 
 use super::{
-    auth::Authenticator,
-    connections::{TrackCalls, Tracked},
-    listener::{self, ConnectionLimits},
-    message_limit::BodyLimits,
+    bind,
+    grpc::{self, CallLimits, GrpcWeb},
+    middleware::{
+        auth::Authenticator,
+        browser,
+        connections::{TrackCalls, Tracked},
+        listener::{self, ConnectionLimits},
+        message_limit::BodyLimits,
+    },
+    ServeError,
 };
-use crate::{config::LimitsConfig, core};
+use crate::{
+    app::App,
+    config::{Config, LimitsConfig},
+    core, metrics,
+};
 
 pub use errors::ApiError;
-pub use tls::{acceptor as tls_acceptor, HttpTlsError};
+pub use tls::HttpTlsError;
 
 /// A request's headers must arrive within this long.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -61,26 +72,13 @@ pub struct ApiState {
     pub started_unix: u64,
 }
 
-/// The gRPC services as one tower service that also speaks gRPC-Web (the
-/// request layer inside it: same tokens, limits, metrics as the gRPC port).
-pub type GrpcWeb = tower::util::BoxCloneSyncService<
-    http::Request<axum::body::Body>,
-    http::Response<tonic::body::Body>,
-    std::convert::Infallible,
->;
-
-/// The HTTP API port's routes.
+/// The HTTP API port's routes ([`routes::ROUTES`]), with gRPC-Web for any
+/// other path, and their metrics registered at zero.
 pub fn api_router(state: ApiState, grpc_web: GrpcWeb) -> Router {
-    for route in observe::ROUTES {
-        crate::metrics::register_http_route(route);
+    for label in routes::labels() {
+        metrics::register_http_route(label);
     }
-    Router::new()
-        .route("/v1/embeddings", post(openai::embeddings))
-        .route("/v1/models", get(openai::models))
-        .route("/", get(console::redirect_to_console))
-        .route("/console", get(console::redirect_to_console))
-        .route("/console/", get(console::index))
-        .route("/console/{*path}", get(console::asset))
+    routes::router(&state)
         .fallback(move |request: Request| grpc_web_or_not_found(request, grpc_web.clone()))
         .layer(axum::middleware::from_fn(observe::observe))
         .with_state(state)
@@ -205,4 +203,84 @@ where
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
         .serve_connection(TokioIo::new(io), service)
+}
+
+/// Installs the metrics recorder and serves it on `server.metrics_listen`
+/// until the task is aborted.
+pub(super) async fn start_metrics_port(
+    config: &Config,
+    limits: listener::ConnectionLimits,
+) -> Result<Option<tokio::task::JoinHandle<()>>, ServeError> {
+    let Some(addr) = config.server.metrics_listen else {
+        return Ok(None);
+    };
+    let handle =
+        metrics::install_recorder().map_err(|source| ServeError::Metrics { addr, source })?;
+    metrics::spawn_process_sampler(Duration::from_secs(5));
+    let listener = bind(addr, "metrics (/metrics)").await?;
+    let port = Port {
+        router: metrics_router(handle),
+        limits,
+        name: "metrics",
+        tls: None,
+    };
+    Ok(Some(tokio::spawn(serve(
+        listener,
+        port,
+        CancellationToken::new(),
+        Duration::ZERO,
+    ))))
+}
+
+/// What the HTTP API port needs besides the app.
+pub(super) struct HttpPort<'a> {
+    pub(super) config: &'a Config,
+    pub(super) limits: listener::ConnectionLimits,
+    pub(super) call_limits: CallLimits,
+    pub(super) auth: Option<Arc<Authenticator>>,
+    pub(super) browser: Arc<browser::BrowserPolicy>,
+    pub(super) stop: CancellationToken,
+    pub(super) grace: Duration,
+}
+
+/// Serves the OpenAI-compatible API, the console and gRPC-Web on
+/// `server.http_listen` until `stop`, then for up to `grace`.
+pub(super) async fn start_http_port(
+    port: HttpPort<'_>,
+    app: &App,
+) -> Result<Option<tokio::task::JoinHandle<()>>, ServeError> {
+    let Some(addr) = port.config.server.http_listen else {
+        return Ok(None);
+    };
+    let tls = port
+        .config
+        .server
+        .tls
+        .as_ref()
+        .map(tls::acceptor)
+        .transpose()?;
+    if tls.is_some() {
+        tracing::info!("TLS on the HTTP port, with the gRPC port's certificate");
+    }
+    let listener = bind(addr, "HTTP (OpenAI API /v1, console /console/)").await?;
+    let state = ApiState {
+        embedder: Arc::clone(&app.embedder),
+        catalog: Arc::clone(&app.catalog),
+        auth: port.auth.clone(),
+        limits: port.config.limits.clone(),
+        body_limits: Arc::clone(&port.call_limits.bodies),
+        started_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    };
+    let grpc_web = grpc::web_service(app, &port.call_limits, port.auth);
+    let served = Port {
+        router: api_router(state, grpc_web).layer(browser::BrowserGuard::new(port.browser)),
+        limits: port.limits,
+        name: "http",
+        tls,
+    };
+    Ok(Some(tokio::spawn(serve(
+        listener, served, port.stop, port.grace,
+    ))))
 }

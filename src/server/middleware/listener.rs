@@ -7,7 +7,7 @@
 //! most `max_connections` open at once; a connection that sends nothing within
 //! `first_byte_timeout`, or that has had no call in flight for `idle_timeout`,
 //! is closed; and when the port is full the connection idle the longest makes
-//! room for a newcomer (src/server/connections.rs). Only when every connection
+//! room for a newcomer (src/server/middleware/connections.rs). Only when every connection
 //! has a call in flight is a newcomer closed at once, never queued.
 
 use std::{
