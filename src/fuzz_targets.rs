@@ -60,14 +60,14 @@ pub fn request_convert(data: &[u8]) {
                         let _ = core::embed_options(pooling, request.normalize, descriptor);
                     }
                 }
-                let _ = convert::priority(request.priority);
+                let _ = convert::priority_of(request.priority);
                 checked_inputs(request.inputs, &limits);
             }
         }
         1 => {
             if let Ok(request) = proto::PredictRequest::decode(body) {
                 let _ = HeadRef::parse(&request.head);
-                let _ = convert::priority(request.priority);
+                let _ = convert::priority_of(request.priority);
                 checked_inputs(request.inputs, &limits);
             }
         }

@@ -31,11 +31,14 @@ use crate::{
 };
 
 /// Scheduling class of a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Priority {
     /// Interactive traffic: always served first.
+    // The command line lists the values without these docs, as it always has.
+    #[value(help = None::<&str>)]
     Online,
     /// Background work such as embedding a training set: fills leftover room.
+    #[value(help = None::<&str>)]
     Bulk,
 }
 

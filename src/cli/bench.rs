@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use clap::ValueEnum;
 
 use tlserve::{bench, loadgen, proto};
 
@@ -37,19 +36,13 @@ pub struct LoadArgs {
     #[arg(long)]
     images: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "online")]
-    priority: PriorityArg,
+    priority: tlserve::batching::Priority,
     /// Deadline of each request, in milliseconds.
     #[arg(long)]
     timeout_ms: Option<u64>,
     /// Ask for the adapted features of this fine-tuned head (Embed's `head`).
     #[arg(long)]
     head: Option<String>,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum PriorityArg {
-    Online,
-    Bulk,
 }
 
 /// Sentences `tlserve bench` sends when no corpus is given.
@@ -149,10 +142,7 @@ pub async fn load_test(args: LoadArgs) -> Result<()> {
                 .map(proto::input::Kind::Text)
                 .collect(),
         },
-        priority: match args.priority {
-            PriorityArg::Online => proto::Priority::Online,
-            PriorityArg::Bulk => proto::Priority::Bulk,
-        },
+        priority: tlserve::wire::convert::priority(args.priority),
         timeout: args.timeout_ms.map(std::time::Duration::from_millis),
         head: args.head,
     };

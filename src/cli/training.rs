@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use clap::ValueEnum;
 
 use tlserve::{client, client::text_files::TextFormat, proto};
 
@@ -41,12 +40,6 @@ struct DataArgs {
     skip_bad: bool,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum SolverArg {
-    Lbfgs,
-    Adamw,
-}
-
 /// Training options; each one left out is not sent and takes the server's
 /// default (see the README's "Training heads").
 #[derive(clap::Args)]
@@ -54,7 +47,7 @@ struct TrainingArgs {
     /// The solver; default: L-BFGS for a linear head unless an AdamW option
     /// is given, AdamW otherwise.
     #[arg(long, value_enum)]
-    solver: Option<SolverArg>,
+    solver: Option<tlserve::head::Solver>,
     /// AdamW: passes over the examples; default: chosen by early stopping.
     #[arg(long)]
     epochs: Option<u32>,
@@ -262,10 +255,7 @@ impl TrainingArgs {
     /// The options to send; an unset one is left to the server.
     fn flags(self) -> Result<client::TrainingFlags> {
         Ok(client::TrainingFlags {
-            solver: self.solver.map(|solver| match solver {
-                SolverArg::Lbfgs => proto::Solver::Lbfgs,
-                SolverArg::Adamw => proto::Solver::Adamw,
-            }),
+            solver: self.solver.map(tlserve::wire::convert::solver),
             epochs: self.epochs,
             learning_rate: self.learning_rate,
             batch_size: self.batch_size,

@@ -33,14 +33,17 @@ pub enum HeadKind {
 }
 
 /// How a head's weights are found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Solver {
     /// Full-batch L-BFGS on the L2-penalised cross-entropy of a linear head,
     /// to convergence; the penalty chosen by cross-validation, then a refit
     /// on every example.
+    // The command line lists the values without these docs, as it always has.
+    #[value(help = None::<&str>)]
     Lbfgs,
     /// Mini-batch AdamW with a cosine learning-rate schedule.
+    #[value(help = None::<&str>)]
     Adamw,
 }
 

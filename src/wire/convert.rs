@@ -69,8 +69,16 @@ pub fn pooling_of(pooling: i32) -> Result<Option<Pooling>> {
     }
 }
 
+/// A scheduling class as the wire spells it.
+pub fn priority(priority: Priority) -> proto::Priority {
+    match priority {
+        Priority::Online => proto::Priority::Online,
+        Priority::Bulk => proto::Priority::Bulk,
+    }
+}
+
 /// The request's scheduling class; unspecified means online.
-pub fn priority(value: i32) -> Result<Priority> {
+pub fn priority_of(value: i32) -> Result<Priority> {
     match proto::Priority::try_from(value) {
         Ok(proto::Priority::Unspecified | proto::Priority::Online) => Ok(Priority::Online),
         Ok(proto::Priority::Bulk) => Ok(Priority::Bulk),
@@ -101,7 +109,7 @@ pub fn embed_request(
     deadline: Option<Instant>,
 ) -> Result<core::EmbedRequest> {
     Ok(core::EmbedRequest {
-        priority: priority(request.priority)?,
+        priority: priority_of(request.priority)?,
         pooling: pooling_of(request.pooling)?,
         inputs: inputs(request.inputs)?,
         backbone: request.backbone,
@@ -134,7 +142,7 @@ pub fn predict_request(
     deadline: Option<Instant>,
 ) -> Result<core::PredictRequest> {
     Ok(core::PredictRequest {
-        priority: priority(request.priority)?,
+        priority: priority_of(request.priority)?,
         inputs: inputs(request.inputs)?,
         head: request.head,
         truncate: request.truncate,
@@ -179,6 +187,14 @@ pub fn raw_examples(examples: Vec<proto::Example>) -> Vec<RawExample> {
 /// Zero on the wire means "not set": the default applies.
 fn set<T: PartialEq + Default>(value: T) -> Option<T> {
     (value != T::default()).then_some(value)
+}
+
+/// A solver as the wire spells it.
+pub fn solver(solver: Solver) -> proto::Solver {
+    match solver {
+        Solver::Lbfgs => proto::Solver::Lbfgs,
+        Solver::Adamw => proto::Solver::Adamw,
+    }
 }
 
 /// The requested solver; None: the core picks.
@@ -308,9 +324,9 @@ mod tests {
 
     #[test]
     fn unknown_enum_values_are_refused() {
-        assert_eq!(priority(0).unwrap(), Priority::Online);
-        assert_eq!(priority(2).unwrap(), Priority::Bulk);
-        assert!(priority(42).is_err());
+        assert_eq!(priority_of(0).unwrap(), Priority::Online);
+        assert_eq!(priority_of(2).unwrap(), Priority::Bulk);
+        assert!(priority_of(42).is_err());
         assert_eq!(pooling_of(0).unwrap(), None);
         assert!(pooling_of(99).is_err());
     }
