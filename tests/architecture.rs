@@ -7,6 +7,10 @@
 //! no cycle between top-level modules; protobuf and tonic appear only in the
 //! layers that speak gRPC; config imports nothing but error types.
 
+// Helpers outside `#[test]` functions unwrap too: a panic there fails the
+// test that called them, with the message saying what was missing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
