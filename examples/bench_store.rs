@@ -10,6 +10,9 @@
 //! cargo run --release --example bench_store -- s3 ENDPOINT BUCKET PREFIX [ROUNDS]
 //! ```
 
+// A benchmark stops at its first failure, with the message saying which.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::time::{Duration, Instant};

@@ -9,6 +9,9 @@
 //! cargo run --release --example bench_store_predict -- http://A:PORT http://B:PORT [ROUNDS]
 //! ```
 
+// A benchmark stops at its first failure, with the message saying which.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::{Duration, Instant};
 
 use tlserve::proto::{

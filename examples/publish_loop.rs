@@ -8,6 +8,10 @@
 //! Forever unless COUNT is given. On S3 the credentials come from the
 //! environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY).
 
+// A tool for the crash tests: it stops at its first failure, with the
+// message saying which, and the test reads its exit.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use tlserve::{

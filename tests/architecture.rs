@@ -9,6 +9,10 @@
 //! its own folder a backbone family (bert, llama, vision) is named only by
 //! the catalog and the few files `FAMILY_NAMERS` lists with their reason.
 
+// Helpers outside `#[test]` functions unwrap too: a panic there fails the
+// test that called them, with the message saying what was missing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},

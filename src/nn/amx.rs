@@ -178,15 +178,19 @@ mod x86 {
         rows: usize,
         panels: usize,
     ) -> Sums {
-        match (product, rows > TILE_ROWS, panels > 1) {
-            (Product::Int8, true, true) => tiles::<false, 2, 2>(operands),
-            (Product::Int8, true, false) => tiles::<false, 2, 1>(operands),
-            (Product::Int8, false, true) => tiles::<false, 1, 2>(operands),
-            (Product::Int8, false, false) => tiles::<false, 1, 1>(operands),
-            (Product::Bf16, true, true) => tiles::<true, 2, 2>(operands),
-            (Product::Bf16, true, false) => tiles::<true, 2, 1>(operands),
-            (Product::Bf16, false, true) => tiles::<true, 1, 2>(operands),
-            (Product::Bf16, false, false) => tiles::<true, 1, 1>(operands),
+        // SAFETY: the caller's contract, passed on: the tiles are configured,
+        // and the operands cover the rows and panels asked for.
+        unsafe {
+            match (product, rows > TILE_ROWS, panels > 1) {
+                (Product::Int8, true, true) => tiles::<false, 2, 2>(operands),
+                (Product::Int8, true, false) => tiles::<false, 2, 1>(operands),
+                (Product::Int8, false, true) => tiles::<false, 1, 2>(operands),
+                (Product::Int8, false, false) => tiles::<false, 1, 1>(operands),
+                (Product::Bf16, true, true) => tiles::<true, 2, 2>(operands),
+                (Product::Bf16, true, false) => tiles::<true, 2, 1>(operands),
+                (Product::Bf16, false, true) => tiles::<true, 1, 2>(operands),
+                (Product::Bf16, false, false) => tiles::<true, 1, 1>(operands),
+            }
         }
     }
 
@@ -229,45 +233,62 @@ mod x86 {
         };
     }
 
+    /// `R` row tiles by `P` panels, as [`multiply`].
+    ///
+    /// # Safety
+    /// As [`multiply`], for `R * 16` rows and `P` panels.
     unsafe fn tiles<const BF16: bool, const R: usize, const P: usize>(o: &Operands) -> Sums {
-        asm!(
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "tilezero tmm2",
-            "tilezero tmm3",
-            options(nostack)
-        );
+        // SAFETY: the tiles are configured (the caller's contract); zeroing
+        // touches no memory.
+        unsafe {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack)
+            );
+        }
         for k in (0..o.depth_bytes).step_by(64) {
-            // A panel's weight tile: 16 rows of 64 bytes, contiguous.
-            let weights = o.weights.add(k * TILE_ROWS);
-            load!("4", o.inputs.add(k), o.input_stride);
-            load!("6", weights, 64usize);
-            product!("0", "4", "6");
-            if P > 1 {
-                load!("7", weights.add(o.panel_bytes), 64usize);
-                product!("1", "4", "7");
-            }
-            if R > 1 {
-                load!(
-                    "5",
-                    o.inputs.add(TILE_ROWS * o.input_stride + k),
-                    o.input_stride
-                );
-                product!("2", "5", "6");
+            // SAFETY: `k` is below `depth_bytes`: each load reads 16 rows of 64
+            // bytes from `k` on, of the input rows (`input_stride` apart, 16 or
+            // 32 of them) and of the panels (`R` and `P` as the caller covers).
+            unsafe {
+                // A panel's weight tile: 16 rows of 64 bytes, contiguous.
+                let weights = o.weights.add(k * TILE_ROWS);
+                load!("4", o.inputs.add(k), o.input_stride);
+                load!("6", weights, 64usize);
+                product!("0", "4", "6");
                 if P > 1 {
-                    product!("3", "5", "7");
+                    load!("7", weights.add(o.panel_bytes), 64usize);
+                    product!("1", "4", "7");
+                }
+                if R > 1 {
+                    load!(
+                        "5",
+                        o.inputs.add(TILE_ROWS * o.input_stride + k),
+                        o.input_stride
+                    );
+                    product!("2", "5", "6");
+                    if P > 1 {
+                        product!("3", "5", "7");
+                    }
                 }
             }
         }
         let mut sums: Sums = [[0; TILE_ROWS * 16]; 4];
-        store!("0", sums[0].as_mut_ptr());
-        if P > 1 {
-            store!("1", sums[1].as_mut_ptr());
-        }
-        if R > 1 {
-            store!("2", sums[2].as_mut_ptr());
+        // SAFETY: each accumulator tile is stored as 16 rows of 64 bytes into
+        // one of the four arrays of `sums`, which hold exactly that.
+        unsafe {
+            store!("0", sums[0].as_mut_ptr());
             if P > 1 {
-                store!("3", sums[3].as_mut_ptr());
+                store!("1", sums[1].as_mut_ptr());
+            }
+            if R > 1 {
+                store!("2", sums[2].as_mut_ptr());
+                if P > 1 {
+                    store!("3", sums[3].as_mut_ptr());
+                }
             }
         }
         sums

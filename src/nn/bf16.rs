@@ -230,10 +230,8 @@ mod x86 {
     use super::{amx, convert_rows_portable, lane_mask, Bf16Dense, Tile, GROUP, LANES};
 
     /// The portable conversion, vectorized by the compiler for AVX-512.
-    /// # Safety
-    /// The CPU has AVX-512 F/BW.
     #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) unsafe fn convert_rows_avx512(x: &[f32], inputs: usize, depth: usize) -> Vec<u16> {
+    pub(super) fn convert_rows_avx512(x: &[f32], inputs: usize, depth: usize) -> Vec<u16> {
         convert_rows_portable(x, inputs, depth)
     }
 
@@ -247,11 +245,19 @@ mod x86 {
             &layer.weights,
             tile.at.first_panel,
         );
-        let sums = amx::multiply(amx::Product::Bf16, &operands, tile.at.rows, tile.at.panels);
-        add_bias(layer, tile, &sums);
+        // SAFETY: the caller's contract: AMX-BF16 is configured on this
+        // thread, and the operands cover whole tiles of padded rows.
+        let sums =
+            unsafe { amx::multiply(amx::Product::Bf16, &operands, tile.at.rows, tile.at.panels) };
+        // SAFETY: AMX-BF16 is only usable where AVX-512F is; the tile lies
+        // inside the output (the caller's contract).
+        unsafe { add_bias(layer, tile, &sums) };
     }
 
     /// Writes the tile's valid rows and columns: the f32 sums plus the bias.
+    ///
+    /// # Safety
+    /// The tile lies inside `tile.out`.
     #[target_feature(enable = "avx512f")]
     unsafe fn add_bias(layer: &Bf16Dense, tile: &Tile, sums: &amx::Sums) {
         let first_column = tile.at.first_panel * LANES;
@@ -259,14 +265,24 @@ mod x86 {
             for p in 0..tile.at.panels {
                 let panel = &sums[2 * (r / amx::TILE_ROWS) + p];
                 let c = p * LANES;
-                let acc = _mm512_loadu_ps(panel[(r % amx::TILE_ROWS) * LANES..].as_ptr().cast());
-                let bias = _mm512_loadu_ps(layer.bias.as_ptr().add(first_column + c));
+                // SAFETY: an accumulator tile row holds 16 sums, and the bias
+                // is padded to whole panels.
+                let (acc, bias) = unsafe {
+                    (
+                        _mm512_loadu_ps(panel[(r % amx::TILE_ROWS) * LANES..].as_ptr().cast()),
+                        _mm512_loadu_ps(layer.bias.as_ptr().add(first_column + c)),
+                    )
+                };
                 let mask = lane_mask(tile.columns - c);
-                _mm512_mask_storeu_ps(
-                    tile.out.add(r * tile.out_stride + c),
-                    mask,
-                    _mm512_add_ps(acc, bias),
-                );
+                // SAFETY: row `r` of the tile lies inside `out`; the mask writes
+                // only the tile's columns of panel `p`.
+                unsafe {
+                    _mm512_mask_storeu_ps(
+                        tile.out.add(r * tile.out_stride + c),
+                        mask,
+                        _mm512_add_ps(acc, bias),
+                    );
+                }
             }
         }
     }
@@ -274,32 +290,42 @@ mod x86 {
     /// # Safety
     /// The CPU has AVX-512 F/BF16; the tile lies inside its buffers.
     pub(super) unsafe fn tile(layer: &Bf16Dense, tile: &Tile) {
-        crate::nn::tiling::with_tile_shape!(kernel, layer, tile)
+        // SAFETY: the caller's contract, passed on to the kernel.
+        unsafe { crate::nn::tiling::with_tile_shape!(kernel, layer, tile) }
     }
 
+    /// # Safety
+    /// The tile lies inside `tile.rows`, `tile.out` and the layer's panels.
     #[target_feature(enable = "avx512f,avx512bf16")]
     unsafe fn kernel<const R: usize, const P: usize>(layer: &Bf16Dense, tile: &Tile) {
         let depth = layer.weights.depth;
-        let a = tile.rows.as_ptr().add(tile.at.first_row * depth);
+        // SAFETY: the tile's first row is a row of the converted inputs.
+        let a = unsafe { tile.rows.as_ptr().add(tile.at.first_row * depth) };
         let w = layer.weights.panel(tile.at.first_panel);
         let mut acc = [[_mm512_setzero_ps(); P]; R];
         for step in 0..depth / GROUP {
             let mut weights = [_mm512_setzero_si512(); P];
             for (p, weight) in weights.iter_mut().enumerate() {
-                *weight = _mm512_loadu_si512(w.add((p * depth + step * GROUP) * LANES).cast());
+                // SAFETY: panel `p` of the tile holds `depth / GROUP` steps of
+                // 16 pairs.
+                *weight =
+                    unsafe { _mm512_loadu_si512(w.add((p * depth + step * GROUP) * LANES).cast()) };
             }
             for (r, acc) in acc.iter_mut().enumerate() {
-                let pair = a
-                    .add(r * depth + step * GROUP)
-                    .cast::<i32>()
-                    .read_unaligned();
-                let inputs: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+                // SAFETY: row `r` of the tile has `depth` values, the pair at
+                // `step` among them.
+                let pair = unsafe {
+                    a.add(r * depth + step * GROUP)
+                        .cast::<i32>()
+                        .read_unaligned()
+                };
+                // SAFETY: both are 512 bits, and every bit pattern is a valid
+                // vector of bf16 pairs.
+                let inputs: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi32(pair)) };
                 for (acc, weight) in acc.iter_mut().zip(&weights) {
-                    *acc = _mm512_dpbf16_ps(
-                        *acc,
-                        inputs,
-                        std::mem::transmute::<__m512i, __m512bh>(*weight),
-                    );
+                    // SAFETY: as above.
+                    let weight = unsafe { std::mem::transmute::<__m512i, __m512bh>(*weight) };
+                    *acc = _mm512_dpbf16_ps(*acc, inputs, weight);
                 }
             }
         }
@@ -307,13 +333,18 @@ mod x86 {
         for (r, acc) in acc.iter().enumerate() {
             for (p, acc) in acc.iter().enumerate() {
                 let c = p * LANES;
-                let bias = _mm512_loadu_ps(layer.bias.as_ptr().add(first_column + c));
+                // SAFETY: the bias is padded to whole panels.
+                let bias = unsafe { _mm512_loadu_ps(layer.bias.as_ptr().add(first_column + c)) };
                 let mask = lane_mask(tile.columns - c);
-                _mm512_mask_storeu_ps(
-                    tile.out.add(r * tile.out_stride + c),
-                    mask,
-                    _mm512_add_ps(*acc, bias),
-                );
+                // SAFETY: row `r` of the tile lies inside `out`; the mask writes
+                // only the tile's columns of panel `p`.
+                unsafe {
+                    _mm512_mask_storeu_ps(
+                        tile.out.add(r * tile.out_stride + c),
+                        mask,
+                        _mm512_add_ps(*acc, bias),
+                    );
+                }
             }
         }
     }

@@ -393,40 +393,36 @@ mod x86 {
 
     /// [`quantize_rows`] with AVX-512: the same arithmetic (so the same codes),
     /// 16 values at a time.
-    /// # Safety
-    /// The CPU has AVX-512 F/BW.
     #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) unsafe fn quantize_rows_avx512(
-        x: &[f32],
-        inputs: usize,
-        depth: usize,
-    ) -> QuantizedRows {
+    pub(super) fn quantize_rows_avx512(x: &[f32], inputs: usize, depth: usize) -> QuantizedRows {
+        // The closure has this function's target features, so it calls the
+        // AVX-512 helpers directly.
         super::quantize_rows_with(x, inputs, depth, |row, out| {
-            // SAFETY: the caller's contract: the CPU has AVX-512 F/BW.
-            unsafe {
-                let (min, max) = range_avx512(row);
-                let (scale, offset) = super::row_code(min, max);
-                codes_avx512(row, offset, 1.0 / scale, out);
-                (scale, offset)
-            }
+            let (min, max) = range_avx512(row);
+            let (scale, offset) = super::row_code(min, max);
+            codes_avx512(row, offset, 1.0 / scale, out);
+            (scale, offset)
         })
     }
 
     #[target_feature(enable = "avx512f")]
-    unsafe fn range_avx512(row: &[f32]) -> (f32, f32) {
+    fn range_avx512(row: &[f32]) -> (f32, f32) {
         let mut low = _mm512_set1_ps(f32::INFINITY);
         let mut high = _mm512_set1_ps(f32::NEG_INFINITY);
         for start in (0..row.len()).step_by(LANES) {
             let mask = lane_mask(row.len() - start);
-            let v = _mm512_maskz_loadu_ps(mask, row.as_ptr().add(start));
+            // SAFETY: the mask reads only the values of `row` from `start`.
+            let v = unsafe { _mm512_maskz_loadu_ps(mask, row.as_ptr().add(start)) };
             low = _mm512_mask_min_ps(low, mask, low, v);
             high = _mm512_mask_max_ps(high, mask, high, v);
         }
         (_mm512_reduce_min_ps(low), _mm512_reduce_max_ps(high))
     }
 
+    /// Writes the codes of `row` into the first `row.len()` bytes of `out`.
     #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn codes_avx512(row: &[f32], offset: f32, inverse: f32, out: &mut [u8]) {
+    fn codes_avx512(row: &[f32], offset: f32, inverse: f32, out: &mut [u8]) {
+        let out = &mut out[..row.len()];
         let (offset, inverse, half) = (
             _mm512_set1_ps(offset),
             _mm512_set1_ps(inverse),
@@ -435,23 +431,22 @@ mod x86 {
         let (zero, top) = (_mm512_setzero_ps(), _mm512_set1_ps(255.0));
         for start in (0..row.len()).step_by(LANES) {
             let mask = lane_mask(row.len() - start);
-            let v = _mm512_maskz_loadu_ps(mask, row.as_ptr().add(start));
+            // SAFETY: the mask reads only the values of `row` from `start`.
+            let v = unsafe { _mm512_maskz_loadu_ps(mask, row.as_ptr().add(start)) };
             let scaled = _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(v, offset), inverse), half);
             let clamped = _mm512_min_ps(_mm512_max_ps(scaled, zero), top);
             let codes = _mm512_cvttps_epi32(clamped);
-            _mm512_mask_cvtusepi32_storeu_epi8(out.as_mut_ptr().add(start).cast(), mask, codes);
+            // SAFETY: `out` is as long as `row`; the mask writes only its bytes
+            // from `start`.
+            unsafe {
+                _mm512_mask_cvtusepi32_storeu_epi8(out.as_mut_ptr().add(start).cast(), mask, codes);
+            }
         }
     }
 
     /// The same for AVX2.
-    /// # Safety
-    /// The CPU has AVX2.
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn quantize_rows_avx2(
-        x: &[f32],
-        inputs: usize,
-        depth: usize,
-    ) -> QuantizedRows {
+    pub(super) fn quantize_rows_avx2(x: &[f32], inputs: usize, depth: usize) -> QuantizedRows {
         quantize_rows(x, inputs, depth)
     }
 
@@ -465,19 +460,32 @@ mod x86 {
             &layer.weights,
             tile.at.first_panel,
         );
-        let sums = amx::multiply(amx::Product::Int8, &operands, tile.at.rows, tile.at.panels);
-        rescale_rows(layer, tile, &sums, tile.at.panels);
+        // SAFETY: the caller's contract: AMX is configured on this thread,
+        // and the operands cover whole tiles of padded rows.
+        let sums =
+            unsafe { amx::multiply(amx::Product::Int8, &operands, tile.at.rows, tile.at.panels) };
+        // SAFETY: AMX is only usable where AVX-512F is; the tile lies inside
+        // the output (the caller's contract).
+        unsafe { rescale_rows(layer, tile, &sums, tile.at.panels) };
     }
 
     /// Writes the tile's valid rows and columns from the i32 sums of each panel.
-    #[target_feature(enable = "avx512f")]
     /// `sums[2 * row_tile + panel]` holds a 16 x 16 accumulator tile.
+    ///
+    /// # Safety
+    /// The tile lies inside `tile.out`.
+    #[target_feature(enable = "avx512f")]
     unsafe fn rescale_rows(layer: &Int8Dense, tile: &Tile, sums: &amx::Sums, panels: usize) {
         for r in 0..tile.at.rows {
             for p in 0..panels {
                 let panel = &sums[2 * (r / amx::TILE_ROWS) + p];
-                let acc = _mm512_loadu_si512(panel[(r % amx::TILE_ROWS) * LANES..].as_ptr().cast());
-                store_rescaled(layer, tile, r, p, acc);
+                // SAFETY: an accumulator tile row holds 16 sums.
+                let acc = unsafe {
+                    _mm512_loadu_si512(panel[(r % amx::TILE_ROWS) * LANES..].as_ptr().cast())
+                };
+                // SAFETY: row `r` of the tile lies inside `out` (the caller's
+                // contract).
+                unsafe { store_rescaled(layer, tile, r, p, acc) };
             }
         }
     }
@@ -485,46 +493,64 @@ mod x86 {
     /// Writes one row's 16 columns of panel `p` from their i32 sums: the row's
     /// and the columns' scales, the zero-point correction and the bias, masked
     /// to the valid columns. Shared by the AMX and VNNI kernels.
+    ///
+    /// # Safety
+    /// Row `r` of the tile lies inside `tile.out`.
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn store_rescaled(layer: &Int8Dense, tile: &Tile, r: usize, p: usize, acc: __m512i) {
         let row = tile.at.first_row + r;
         let c = p * LANES;
         let column = tile.at.first_panel * LANES + c;
-        let scale = _mm512_mul_ps(
-            _mm512_set1_ps(tile.rows.scales[row]),
-            _mm512_loadu_ps(layer.scales.as_ptr().add(column)),
-        );
-        let offset_weights = _mm512_loadu_ps(layer.offset_weights.as_ptr().add(column));
-        let bias = _mm512_loadu_ps(layer.bias.as_ptr().add(column));
+        // SAFETY: the per-column values are padded to whole panels.
+        let (scales, offset_weights, bias) = unsafe {
+            (
+                _mm512_loadu_ps(layer.scales.as_ptr().add(column)),
+                _mm512_loadu_ps(layer.offset_weights.as_ptr().add(column)),
+                _mm512_loadu_ps(layer.bias.as_ptr().add(column)),
+            )
+        };
+        let scale = _mm512_mul_ps(_mm512_set1_ps(tile.rows.scales[row]), scales);
         let shifted = _mm512_fmadd_ps(_mm512_set1_ps(tile.rows.offsets[row]), offset_weights, bias);
         let value = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), scale, shifted);
         let mask = lane_mask(tile.columns - c);
-        _mm512_mask_storeu_ps(tile.out.add(r * tile.out_stride + c), mask, value);
+        // SAFETY: row `r` of the tile lies inside `out` (the caller's
+        // contract); the mask writes only the tile's columns of panel `p`.
+        unsafe { _mm512_mask_storeu_ps(tile.out.add(r * tile.out_stride + c), mask, value) };
     }
 
     /// # Safety
     /// The CPU has AVX-512 F/BW/VNNI; the tile lies inside its buffers.
     pub(super) unsafe fn vnni_tile(layer: &Int8Dense, tile: &Tile) {
-        crate::nn::tiling::with_tile_shape!(vnni, layer, tile)
+        // SAFETY: the caller's contract, passed on to the kernel.
+        unsafe { crate::nn::tiling::with_tile_shape!(vnni, layer, tile) }
     }
 
+    /// # Safety
+    /// The tile lies inside `tile.rows`, `tile.out` and the layer's panels.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     unsafe fn vnni<const R: usize, const P: usize>(layer: &Int8Dense, tile: &Tile) {
         let depth = layer.weights.depth;
-        let a = tile.rows.values.as_ptr().add(tile.at.first_row * depth);
+        // SAFETY: the tile's first row is a row of the quantized inputs.
+        let a = unsafe { tile.rows.values.as_ptr().add(tile.at.first_row * depth) };
         let w = layer.weights.panel(tile.at.first_panel);
         let mut acc = [[_mm512_setzero_si512(); P]; R];
         for step in 0..depth / GROUP {
             let mut weights = [_mm512_setzero_si512(); P];
             for (p, weight) in weights.iter_mut().enumerate() {
-                *weight = _mm512_loadu_si512(w.add((p * depth + step * GROUP) * LANES).cast());
+                // SAFETY: panel `p` of the tile holds `depth / GROUP` steps of
+                // 16 groups of 4 weights.
+                *weight =
+                    unsafe { _mm512_loadu_si512(w.add((p * depth + step * GROUP) * LANES).cast()) };
             }
             for (r, acc) in acc.iter_mut().enumerate() {
-                let bytes = a
-                    .add(r * depth + step * GROUP)
-                    .cast::<i32>()
-                    .read_unaligned();
+                // SAFETY: row `r` of the tile has `depth` codes, the group at
+                // `step` among them.
+                let bytes = unsafe {
+                    a.add(r * depth + step * GROUP)
+                        .cast::<i32>()
+                        .read_unaligned()
+                };
                 let inputs = _mm512_set1_epi32(bytes);
                 for (acc, weight) in acc.iter_mut().zip(&weights) {
                     *acc = _mm512_dpbusd_epi32(*acc, inputs, *weight);
@@ -533,7 +559,9 @@ mod x86 {
         }
         for (r, acc) in acc.iter().enumerate() {
             for (p, acc) in acc.iter().enumerate() {
-                store_rescaled(layer, tile, r, p, *acc);
+                // SAFETY: row `r` of the tile lies inside `out` (the caller's
+                // contract).
+                unsafe { store_rescaled(layer, tile, r, p, *acc) };
             }
         }
     }
@@ -551,13 +579,18 @@ mod x86 {
                         first_panel: tile.at.first_panel + p,
                         panels: 1,
                     },
-                    out: tile.out.add(r * tile.out_stride + p * LANES),
+                    // SAFETY: row `r` and panel `p` of the tile lie inside `out`.
+                    out: unsafe { tile.out.add(r * tile.out_stride + p * LANES) },
                     out_stride: tile.out_stride,
                     columns: (tile.columns - p * LANES).min(LANES),
                 };
-                match part.at.rows {
-                    2 => avx2::<2>(layer, &part),
-                    _ => avx2::<1>(layer, &part),
+                // SAFETY: the caller's contract: the CPU has AVX2, and the
+                // part lies inside the tile.
+                unsafe {
+                    match part.at.rows {
+                        2 => avx2::<2>(layer, &part),
+                        _ => avx2::<1>(layer, &part),
+                    }
                 }
             }
         }
@@ -566,23 +599,33 @@ mod x86 {
     /// One panel, R rows. Each 16-byte load holds 4 columns x 4 inputs;
     /// widened to i16 and multiplied with the row's 4 inputs repeated, vpmaddwd
     /// leaves 2 partial sums per column, added at the end.
+    ///
+    /// # Safety
+    /// The tile (one panel) lies inside `tile.rows`, `tile.out` and the
+    /// layer's panels.
     #[target_feature(enable = "avx2")]
     unsafe fn avx2<const R: usize>(layer: &Int8Dense, tile: &Tile) {
         let depth = layer.weights.depth;
-        let a = tile.rows.values.as_ptr().add(tile.at.first_row * depth);
+        // SAFETY: the tile's first row is a row of the quantized inputs.
+        let a = unsafe { tile.rows.values.as_ptr().add(tile.at.first_row * depth) };
         let w = layer.weights.panel(tile.at.first_panel);
         let mut acc = [[_mm256_setzero_si256(); 4]; R];
         for step in 0..depth / GROUP {
             let mut inputs = [_mm256_setzero_si256(); R];
             for (r, input) in inputs.iter_mut().enumerate() {
-                let bytes = a
-                    .add(r * depth + step * GROUP)
-                    .cast::<i32>()
-                    .read_unaligned();
+                // SAFETY: row `r` of the tile has `depth` codes, the group at
+                // `step` among them.
+                let bytes = unsafe {
+                    a.add(r * depth + step * GROUP)
+                        .cast::<i32>()
+                        .read_unaligned()
+                };
                 *input = _mm256_cvtepu8_epi16(_mm_set1_epi32(bytes));
             }
             for quad in 0..4 {
-                let bytes = _mm_loadu_si128(w.add(step * GROUP * LANES + quad * 16).cast());
+                // SAFETY: the panel holds `depth / GROUP` steps of 64 weights.
+                let bytes =
+                    unsafe { _mm_loadu_si128(w.add(step * GROUP * LANES + quad * 16).cast()) };
                 let weight = _mm256_cvtepi8_epi16(bytes);
                 for (acc, input) in acc.iter_mut().zip(&inputs) {
                     acc[quad] = _mm256_add_epi32(acc[quad], _mm256_madd_epi16(weight, *input));
@@ -593,13 +636,15 @@ mod x86 {
         for (r, acc) in acc.iter().enumerate() {
             let mut partial = [0i32; 2 * LANES];
             for (quad, value) in acc.iter().enumerate() {
-                _mm256_storeu_si256(partial[quad * 8..].as_mut_ptr().cast(), *value);
+                // SAFETY: `partial` holds 4 quads of 8 sums.
+                unsafe { _mm256_storeu_si256(partial[quad * 8..].as_mut_ptr().cast(), *value) };
             }
             let row = tile.at.first_row + r;
             for c in 0..tile.columns {
                 let sum = partial[2 * c] + partial[2 * c + 1];
-                *tile.out.add(r * tile.out_stride + c) =
-                    layer.rescale(sum, tile.rows, row, first_column + c);
+                let value = layer.rescale(sum, tile.rows, row, first_column + c);
+                // SAFETY: row `r` and column `c` of the tile lie inside `out`.
+                unsafe { *tile.out.add(r * tile.out_stride + c) = value };
             }
         }
     }

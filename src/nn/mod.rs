@@ -414,7 +414,7 @@ pub fn gelu_in_place(values: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn gelu_avx2(values: &mut [f32]) {
+fn gelu_avx2(values: &mut [f32]) {
     values.iter_mut().for_each(|v| *v = gelu(*v));
 }
 

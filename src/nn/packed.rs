@@ -153,7 +153,9 @@ impl PackedDense {
                             first_panel,
                             panels: (panels.end - first_panel).min(panels_per_tile),
                         };
-                        self.tile(x, out, at, depth.clone());
+                        // SAFETY: the tile's rows are rows of `x` and `out`,
+                        // its panels among `panels` (the caller's contract).
+                        unsafe { self.tile(x, out, at, depth.clone()) };
                     }
                 }
             }
@@ -163,10 +165,12 @@ impl PackedDense {
     /// # Safety
     /// As [`Self::forward_panels`], for the tile `at`.
     unsafe fn tile(&self, x: &[f32], out: *mut f32, at: TileAt, depth: std::ops::Range<usize>) {
+        // SAFETY: the tile's first row and column lie inside `out`.
+        let out = unsafe { out.add(at.first_row * self.outputs + at.first_panel * LANES) };
         let tile = Tile {
             x,
             at,
-            out: out.add(at.first_row * self.outputs + at.first_panel * LANES),
+            out,
             out_stride: self.outputs,
             columns: (self.outputs - at.first_panel * LANES).min(at.panels * LANES),
             depth,
@@ -206,18 +210,25 @@ mod x86 {
                 }
             };
         }
-        match tile.at.panels.min(4) {
-            4 => rows!(4),
-            3 => rows!(3),
-            2 => rows!(2),
-            _ => rows!(1),
+        // SAFETY: the caller's contract, passed on: the CPU has AVX-512F and
+        // the tile lies inside its buffers.
+        unsafe {
+            match tile.at.panels.min(4) {
+                4 => rows!(4),
+                3 => rows!(3),
+                2 => rows!(2),
+                _ => rows!(1),
+            }
         }
     }
 
+    /// # Safety
+    /// The tile lies inside `tile.x`, `tile.out` and the layer's panels.
     #[target_feature(enable = "avx512f")]
     unsafe fn avx512<const R: usize, const P: usize>(layer: &PackedDense, tile: &Tile) {
         let depth = layer.weights.depth;
-        let x = tile.x.as_ptr().add(tile.at.first_row * layer.inputs);
+        // SAFETY: the tile's first row is a row of `x`.
+        let x = unsafe { tile.x.as_ptr().add(tile.at.first_row * layer.inputs) };
         let w = layer.weights.panel(tile.at.first_panel);
         let first_slice = tile.depth.start == 0;
         let mut acc = [[_mm512_setzero_ps(); P]; R];
@@ -225,18 +236,25 @@ mod x86 {
             for (r, acc) in acc.iter_mut().enumerate() {
                 for (p, acc) in acc.iter_mut().enumerate() {
                     let c = p * LANES;
-                    let out = tile.out.add(r * tile.out_stride + c);
-                    *acc = _mm512_maskz_loadu_ps(lane_mask(tile.columns - c), out);
+                    // SAFETY: row `r` of the tile lies inside `out`; the mask
+                    // reads only the tile's columns of panel `p`.
+                    *acc = unsafe {
+                        let out = tile.out.add(r * tile.out_stride + c);
+                        _mm512_maskz_loadu_ps(lane_mask(tile.columns - c), out)
+                    };
                 }
             }
         }
         for k in tile.depth.clone() {
             let mut weights = [_mm512_setzero_ps(); P];
             for (p, weight) in weights.iter_mut().enumerate() {
-                *weight = _mm512_loadu_ps(w.add((p * depth + k) * LANES));
+                // SAFETY: panel `p` of the tile holds `depth` rows of 16 weights,
+                // and `k` is below the depth.
+                *weight = unsafe { _mm512_loadu_ps(w.add((p * depth + k) * LANES)) };
             }
             for (r, acc) in acc.iter_mut().enumerate() {
-                let input = _mm512_set1_ps(*x.add(r * layer.inputs + k));
+                // SAFETY: row `r` of the tile is a row of `x`, `k` one of its inputs.
+                let input = _mm512_set1_ps(unsafe { *x.add(r * layer.inputs + k) });
                 for (acc, weight) in acc.iter_mut().zip(&weights) {
                     *acc = _mm512_fmadd_ps(input, *weight, *acc);
                 }
@@ -246,14 +264,20 @@ mod x86 {
         for (r, acc) in acc.iter().enumerate() {
             for (p, acc) in acc.iter().enumerate() {
                 let c = p * LANES;
-                let out = tile.out.add(r * tile.out_stride + c);
                 let sum = if first_slice {
-                    let bias = _mm512_loadu_ps(layer.bias.as_ptr().add(first_column + c));
+                    // SAFETY: the bias is padded to whole panels.
+                    let bias =
+                        unsafe { _mm512_loadu_ps(layer.bias.as_ptr().add(first_column + c)) };
                     _mm512_add_ps(*acc, bias)
                 } else {
                     *acc
                 };
-                _mm512_mask_storeu_ps(out, lane_mask(tile.columns - c), sum);
+                // SAFETY: row `r` of the tile lies inside `out`; the mask writes
+                // only the tile's columns of panel `p`.
+                unsafe {
+                    let out = tile.out.add(r * tile.out_stride + c);
+                    _mm512_mask_storeu_ps(out, lane_mask(tile.columns - c), sum);
+                }
             }
         }
     }
@@ -261,22 +285,30 @@ mod x86 {
     /// # Safety
     /// The CPU has AVX2 and FMA; the tile lies inside its buffers.
     pub(super) unsafe fn avx2_tile(layer: &PackedDense, tile: &Tile) {
-        match tile.at.rows {
-            6 => avx2::<6, 1>(layer, tile),
-            5 => avx2::<5, 1>(layer, tile),
-            4 => avx2::<4, 1>(layer, tile),
-            3 => avx2::<3, 1>(layer, tile),
-            2 => avx2::<2, 1>(layer, tile),
-            _ => avx2::<1, 1>(layer, tile),
+        // SAFETY: the caller's contract, passed on: the CPU has AVX2 and FMA,
+        // and the tile lies inside its buffers.
+        unsafe {
+            match tile.at.rows {
+                6 => avx2::<6, 1>(layer, tile),
+                5 => avx2::<5, 1>(layer, tile),
+                4 => avx2::<4, 1>(layer, tile),
+                3 => avx2::<3, 1>(layer, tile),
+                2 => avx2::<2, 1>(layer, tile),
+                _ => avx2::<1, 1>(layer, tile),
+            }
         }
     }
 
     /// A panel is two 8-wide halves; R rows x P panels x 2 accumulators (6 x 1
     /// x 2: 12 of the 16 registers, the shape of the usual AVX2 kernels).
+    ///
+    /// # Safety
+    /// The tile lies inside `tile.x`, `tile.out` and the layer's panels.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn avx2<const R: usize, const P: usize>(layer: &PackedDense, tile: &Tile) {
         let depth = layer.weights.depth;
-        let x = tile.x.as_ptr().add(tile.at.first_row * layer.inputs);
+        // SAFETY: the tile's first row is a row of `x`.
+        let x = unsafe { tile.x.as_ptr().add(tile.at.first_row * layer.inputs) };
         let w = layer.weights.panel(tile.at.first_panel);
         let first_slice = tile.depth.start == 0;
         let mut acc = [[[_mm256_setzero_ps(); 2]; P]; R];
@@ -286,23 +318,32 @@ mod x86 {
                     let c = p * LANES;
                     let mut sums = [0f32; LANES];
                     let valid = (tile.columns - c).min(LANES);
-                    let out = tile.out.add(r * tile.out_stride + c);
-                    std::ptr::copy_nonoverlapping(out, sums.as_mut_ptr(), valid);
-                    *halves = [
-                        _mm256_loadu_ps(sums.as_ptr()),
-                        _mm256_loadu_ps(sums.as_ptr().add(8)),
-                    ];
+                    // SAFETY: row `r` of the tile lies inside `out` and has
+                    // `valid` columns in panel `p`; `sums` holds 16 values.
+                    *halves = unsafe {
+                        let out = tile.out.add(r * tile.out_stride + c);
+                        std::ptr::copy_nonoverlapping(out, sums.as_mut_ptr(), valid);
+                        [
+                            _mm256_loadu_ps(sums.as_ptr()),
+                            _mm256_loadu_ps(sums.as_ptr().add(8)),
+                        ]
+                    };
                 }
             }
         }
         for k in tile.depth.clone() {
             let mut weights = [[_mm256_setzero_ps(); 2]; P];
             for (p, halves) in weights.iter_mut().enumerate() {
-                let at = w.add((p * depth + k) * LANES);
-                *halves = [_mm256_loadu_ps(at), _mm256_loadu_ps(at.add(8))];
+                // SAFETY: panel `p` of the tile holds `depth` rows of 16 weights,
+                // and `k` is below the depth.
+                *halves = unsafe {
+                    let at = w.add((p * depth + k) * LANES);
+                    [_mm256_loadu_ps(at), _mm256_loadu_ps(at.add(8))]
+                };
             }
             for (r, acc) in acc.iter_mut().enumerate() {
-                let input = _mm256_set1_ps(*x.add(r * layer.inputs + k));
+                // SAFETY: row `r` of the tile is a row of `x`, `k` one of its inputs.
+                let input = _mm256_set1_ps(unsafe { *x.add(r * layer.inputs + k) });
                 for (acc, halves) in acc.iter_mut().zip(&weights) {
                     acc[0] = _mm256_fmadd_ps(input, halves[0], acc[0]);
                     acc[1] = _mm256_fmadd_ps(input, halves[1], acc[1]);
@@ -313,8 +354,11 @@ mod x86 {
         for (r, acc) in acc.iter().enumerate() {
             for (p, halves) in acc.iter().enumerate() {
                 let mut sums = [0f32; LANES];
-                _mm256_storeu_ps(sums.as_mut_ptr(), halves[0]);
-                _mm256_storeu_ps(sums.as_mut_ptr().add(8), halves[1]);
+                // SAFETY: `sums` holds two halves of 8 values.
+                unsafe {
+                    _mm256_storeu_ps(sums.as_mut_ptr(), halves[0]);
+                    _mm256_storeu_ps(sums.as_mut_ptr().add(8), halves[1]);
+                }
                 let c = p * LANES;
                 for (i, sum) in sums.iter().enumerate().take((tile.columns - c).min(LANES)) {
                     let bias = if first_slice {
@@ -322,7 +366,9 @@ mod x86 {
                     } else {
                         0.0
                     };
-                    *tile.out.add(r * tile.out_stride + c + i) = sum + bias;
+                    // SAFETY: row `r` of the tile lies inside `out`, and `i`
+                    // is one of the tile's columns of panel `p`.
+                    unsafe { *tile.out.add(r * tile.out_stride + c + i) = sum + bias };
                 }
             }
         }

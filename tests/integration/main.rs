@@ -6,6 +6,11 @@
 //! Tests whose assertions bound a wall time hold `common::timing_sensitive()`
 //! while they run, so no two of them share the cores.
 
+// Helpers outside `#[test]` functions (`common`, fixtures) unwrap too: a
+// panic there fails the test that called them, with the message saying what
+// was missing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 #[path = "../common/mod.rs"]
 mod common;
 

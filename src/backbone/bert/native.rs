@@ -234,6 +234,7 @@ struct LayerStep<'a, 'b> {
 struct SharedOut(*mut f32);
 // SAFETY: only used for writes to disjoint regions, see `attention`.
 unsafe impl Send for SharedOut {}
+// SAFETY: as for `Send`: no two threads write the same region.
 unsafe impl Sync for SharedOut {}
 
 impl SharedOut {

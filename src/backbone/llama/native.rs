@@ -211,12 +211,14 @@ struct SharedOut(*mut f32);
 // SAFETY: tasks write disjoint regions of one buffer that outlives them
 // (see `NativeLlama::attention`).
 unsafe impl Send for SharedOut {}
+// SAFETY: as for `Send`: no two tasks write the same region.
 unsafe impl Sync for SharedOut {}
 
 impl SharedOut {
+    /// Wrapping, so that computing an address is safe; callers stay inside
+    /// the buffer before writing through it.
     fn at(self, offset: usize) -> *mut f32 {
-        // SAFETY: callers stay inside the buffer.
-        unsafe { self.0.add(offset) }
+        self.0.wrapping_add(offset)
     }
 }
 

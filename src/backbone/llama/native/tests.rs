@@ -113,33 +113,8 @@ fn model(linear: GgmlDType, precision: Precision) -> (NativeLlama, tempfile::Tem
 /// The decoder written out plainly in f64: one text, every loop explicit.
 pub(crate) fn reference(weights: &[(String, Vec<usize>, Vec<f32>)], ids: &[u32]) -> Vec<Vec<f64>> {
     let s = &SETTINGS;
-    let get = |name: &str| -> Vec<f64> {
-        let (_, _, values) = weights.iter().find(|(n, _, _)| n == name).unwrap();
-        values.iter().map(|&v| f64::from(v)).collect()
-    };
-    let (h, d) = (s.hidden, s.hidden / s.heads);
-    let kv = s.kv_heads * d;
-    let linear = |w: &[f64], x: &[f64], outputs: usize| -> Vec<f64> {
-        (0..outputs)
-            .map(|o| (0..x.len()).map(|i| w[o * x.len() + i] * x[i]).sum())
-            .collect()
-    };
-    let norm = |x: &[f64], w: &[f64]| -> Vec<f64> {
-        let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
-        let r = 1.0 / (ms + f64::from(s.rms_eps)).sqrt();
-        x.iter().zip(w).map(|(v, w)| v * r * w).collect()
-    };
-    let rope = |v: &mut [f64], position: usize| {
-        for head in v.chunks_exact_mut(d) {
-            for i in 0..d / 2 {
-                let angle =
-                    position as f64 * f64::from(s.rope_base).powf(-((2 * i) as f64) / d as f64);
-                let (a, b) = (head[2 * i], head[2 * i + 1]);
-                head[2 * i] = a * angle.cos() - b * angle.sin();
-                head[2 * i + 1] = a * angle.sin() + b * angle.cos();
-            }
-        }
-    };
+    let get = |name: &str| plain_weight(weights, name);
+    let h = s.hidden;
     let embeddings = get("token_embd.weight");
     let mut x: Vec<Vec<f64>> = ids
         .iter()
@@ -147,60 +122,109 @@ pub(crate) fn reference(weights: &[(String, Vec<usize>, Vec<f32>)], ids: &[u32])
         .collect();
     for b in 0..s.layers {
         let w = |part: &str| get(&format!("blk.{b}.{part}.weight"));
-        let (q_w, k_w, v_w) = (w("attn_q"), w("attn_k"), w("attn_v"));
-        let mut q = Vec::new();
-        let mut k = Vec::new();
-        let mut v = Vec::new();
-        for (position, row) in x.iter().enumerate() {
-            let n = norm(row, &w("attn_norm"));
-            let mut qi = linear(&q_w, &n, h);
-            let mut ki = linear(&k_w, &n, kv);
-            rope(&mut qi, position);
-            rope(&mut ki, position);
-            q.push(qi);
-            k.push(ki);
-            v.push(linear(&v_w, &n, kv));
-        }
-        for t in 0..ids.len() {
-            let mut context = vec![0f64; h];
-            for head in 0..s.heads {
-                let g = head / (s.heads / s.kv_heads);
-                let scores: Vec<f64> = (0..=t)
-                    .map(|j| {
-                        (0..d)
-                            .map(|c| q[t][head * d + c] * k[j][g * d + c])
-                            .sum::<f64>()
-                            / (d as f64).sqrt()
-                    })
-                    .collect();
-                let top = scores.iter().cloned().fold(f64::MIN, f64::max);
-                let e: Vec<f64> = scores.iter().map(|s| (s - top).exp()).collect();
-                let total: f64 = e.iter().sum();
-                for (j, weight) in e.iter().enumerate() {
-                    for c in 0..d {
-                        context[head * d + c] += weight / total * v[j][g * d + c];
-                    }
-                }
-            }
-            let out = linear(&w("attn_output"), &context, h);
-            x[t].iter_mut().zip(out).for_each(|(x, o)| *x += o);
-        }
-        for row in x.iter_mut() {
-            let n = norm(row, &w("ffn_norm"));
-            let gate = linear(&w("ffn_gate"), &n, s.feed_forward);
-            let up = linear(&w("ffn_up"), &n, s.feed_forward);
-            let inner: Vec<f64> = gate
-                .iter()
-                .zip(&up)
-                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
-                .collect();
-            let down = linear(&w("ffn_down"), &inner, h);
-            row.iter_mut().zip(down).for_each(|(x, o)| *x += o);
-        }
+        plain_attention(&mut x, &w);
+        plain_feed_forward(&mut x, &w);
     }
     x.iter()
-        .map(|row| norm(row, &get("output_norm.weight")))
+        .map(|row| plain_norm(row, &get("output_norm.weight")))
         .collect()
+}
+
+/// The weight called `name`, in f64.
+fn plain_weight(weights: &[(String, Vec<usize>, Vec<f32>)], name: &str) -> Vec<f64> {
+    let (_, _, values) = weights.iter().find(|(n, _, _)| n == name).unwrap();
+    values.iter().map(|&v| f64::from(v)).collect()
+}
+
+/// `w x` for `w` of `[outputs, x.len()]`.
+fn plain_linear(w: &[f64], x: &[f64], outputs: usize) -> Vec<f64> {
+    (0..outputs)
+        .map(|o| (0..x.len()).map(|i| w[o * x.len() + i] * x[i]).sum())
+        .collect()
+}
+
+/// RMS normalization with the learned scale `w`.
+fn plain_norm(x: &[f64], w: &[f64]) -> Vec<f64> {
+    let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
+    let r = 1.0 / (ms + f64::from(SETTINGS.rms_eps)).sqrt();
+    x.iter().zip(w).map(|(v, w)| v * r * w).collect()
+}
+
+/// Rotates each head of `v` (pairs of adjacent values) for `position`.
+fn plain_rope(v: &mut [f64], position: usize) {
+    let d = SETTINGS.hidden / SETTINGS.heads;
+    for head in v.chunks_exact_mut(d) {
+        for i in 0..d / 2 {
+            let angle =
+                position as f64 * f64::from(SETTINGS.rope_base).powf(-((2 * i) as f64) / d as f64);
+            let (a, b) = (head[2 * i], head[2 * i + 1]);
+            head[2 * i] = a * angle.cos() - b * angle.sin();
+            head[2 * i + 1] = a * angle.sin() + b * angle.cos();
+        }
+    }
+}
+
+/// One block's causal self-attention, added to `x`; `w` gives the block's
+/// weights by part name.
+fn plain_attention(x: &mut [Vec<f64>], w: &impl Fn(&str) -> Vec<f64>) {
+    let s = &SETTINGS;
+    let (h, d) = (s.hidden, s.hidden / s.heads);
+    let kv = s.kv_heads * d;
+    let (q_w, k_w, v_w) = (w("attn_q"), w("attn_k"), w("attn_v"));
+    let mut q = Vec::new();
+    let mut k = Vec::new();
+    let mut v = Vec::new();
+    for (position, row) in x.iter().enumerate() {
+        let n = plain_norm(row, &w("attn_norm"));
+        let mut qi = plain_linear(&q_w, &n, h);
+        let mut ki = plain_linear(&k_w, &n, kv);
+        plain_rope(&mut qi, position);
+        plain_rope(&mut ki, position);
+        q.push(qi);
+        k.push(ki);
+        v.push(plain_linear(&v_w, &n, kv));
+    }
+    for t in 0..x.len() {
+        let mut context = vec![0f64; h];
+        for head in 0..s.heads {
+            let g = head / (s.heads / s.kv_heads);
+            let scores: Vec<f64> = (0..=t)
+                .map(|j| {
+                    (0..d)
+                        .map(|c| q[t][head * d + c] * k[j][g * d + c])
+                        .sum::<f64>()
+                        / (d as f64).sqrt()
+                })
+                .collect();
+            let top = scores.iter().cloned().fold(f64::MIN, f64::max);
+            let e: Vec<f64> = scores.iter().map(|s| (s - top).exp()).collect();
+            let total: f64 = e.iter().sum();
+            for (j, weight) in e.iter().enumerate() {
+                for c in 0..d {
+                    context[head * d + c] += weight / total * v[j][g * d + c];
+                }
+            }
+        }
+        let out = plain_linear(&w("attn_output"), &context, h);
+        x[t].iter_mut().zip(out).for_each(|(x, o)| *x += o);
+    }
+}
+
+/// One block's gated feed-forward layer (SiLU gate), added to `x`.
+fn plain_feed_forward(x: &mut [Vec<f64>], w: &impl Fn(&str) -> Vec<f64>) {
+    let s = &SETTINGS;
+    for row in x.iter_mut() {
+        let n = plain_norm(row, &w("ffn_norm"));
+        let gate = plain_linear(&w("ffn_gate"), &n, s.feed_forward);
+        let up = plain_linear(&w("ffn_up"), &n, s.feed_forward);
+        let inner: Vec<f64> = gate
+            .iter()
+            .zip(&up)
+            .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+            .collect();
+        let down = plain_linear(&w("ffn_down"), &inner, s.hidden);
+        row.iter_mut().zip(down).for_each(|(x, o)| *x += o);
+    }
 }
 
 pub(crate) fn ids(len: usize, seed: u32) -> Vec<u32> {

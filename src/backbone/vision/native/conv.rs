@@ -56,10 +56,13 @@ impl Product {
     /// As [`PackedDense::forward_panels`].
     unsafe fn compute(&self, x: &[f32], out: *mut f32, panels: Range<usize>) {
         match self {
-            Product::Packed(packed) => packed.forward_panels(x, out, panels),
+            // SAFETY: the caller's contract, passed on.
+            Product::Packed(packed) => unsafe { packed.forward_panels(x, out, panels) },
             Product::Plain(dense) => {
                 let result = dense.forward(x, 1);
-                std::ptr::copy_nonoverlapping(result.as_ptr(), out, result.len());
+                // SAFETY: `out` holds every row of the result (the caller's
+                // contract), which computes every column at once.
+                unsafe { std::ptr::copy_nonoverlapping(result.as_ptr(), out, result.len()) };
             }
         }
     }
@@ -89,12 +92,14 @@ pub struct Conv2d {
 struct Output(*mut f32);
 // SAFETY: tasks write disjoint (row, column) ranges; see `Conv2d::forward`.
 unsafe impl Send for Output {}
+// SAFETY: as for `Send`: no two tasks write the same range.
 unsafe impl Sync for Output {}
 
 impl Output {
+    /// Wrapping, so that computing an address is safe; callers keep offsets
+    /// inside the buffer before writing through them.
     fn at(self, offset: usize) -> *mut f32 {
-        // SAFETY (of callers): offsets stay inside the buffer.
-        unsafe { self.0.add(offset) }
+        self.0.wrapping_add(offset)
     }
 }
 

@@ -114,13 +114,13 @@ impl Row<'_> {
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    unsafe fn compute_avx512(&self, out: &mut [f32]) {
+    fn compute_avx512(&self, out: &mut [f32]) {
         self.compute_plain(out);
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn compute_avx2(&self, out: &mut [f32]) {
+    fn compute_avx2(&self, out: &mut [f32]) {
         self.compute_plain(out);
     }
 

@@ -232,12 +232,12 @@ pub(super) fn activate_plain(activation: Activation, values: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn activate_avx512(activation: Activation, values: &mut [f32]) {
+fn activate_avx512(activation: Activation, values: &mut [f32]) {
     activate_plain(activation, values);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn activate_avx2(activation: Activation, values: &mut [f32]) {
+fn activate_avx2(activation: Activation, values: &mut [f32]) {
     activate_plain(activation, values);
 }
