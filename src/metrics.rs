@@ -137,6 +137,14 @@ pub fn install_recorder() -> Result<PrometheusHandle, BuildError> {
 }
 
 fn describe() {
+    describe_transport();
+    describe_inference();
+    describe_training();
+    describe_process();
+}
+
+/// The calls of both ports.
+fn describe_transport() {
     describe_counter!(GRPC_REQUESTS_TOTAL, "gRPC calls finished");
     describe_counter!(
         GRPC_REQUEST_READ_ERRORS_TOTAL,
@@ -153,6 +161,10 @@ fn describe() {
         metrics::Unit::Seconds,
         "gRPC call latency"
     );
+}
+
+/// Forward passes, their batches and queues, the backbones.
+fn describe_inference() {
     describe_histogram!(
         INFERENCE_DURATION_SECONDS,
         metrics::Unit::Seconds,
@@ -184,6 +196,10 @@ fn describe() {
         metrics::Unit::Bytes,
         "GPU memory each backbone took at load"
     );
+}
+
+/// Training jobs, heads and the adapters of fine-tuned heads.
+fn describe_training() {
     describe_gauge!(TRAINING_JOBS, "Training jobs by state");
     describe_histogram!(
         TRAINING_JOB_DURATION_SECONDS,
@@ -204,6 +220,10 @@ fn describe() {
         ADAPTER_LOADS_TOTAL,
         "Adapters read from the head store on demand"
     );
+}
+
+/// The process itself.
+fn describe_process() {
     describe_gauge!(
         PROCESS_RESIDENT_MEMORY_BYTES,
         metrics::Unit::Bytes,

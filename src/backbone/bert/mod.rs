@@ -133,13 +133,15 @@ impl BertBackbone {
         // the float type its weights are loaded as.
         let dtype = match engine {
             Engine::Native => DType::F32,
-            _ => graph::dtype_of(precision).unwrap_or(DType::F32),
+            Engine::Candle | Engine::Auto => graph::dtype_of(precision).unwrap_or(DType::F32),
         };
         let vars = opened.weights(dtype, &device)?;
         let model_config = &opened.model;
         let loaded = match engine {
             Engine::Native => NativeBert::load(vars, model_config, precision).map(Network::Native),
-            _ => BertGraph::load(vars, model_config).map(Network::Candle),
+            Engine::Candle | Engine::Auto => {
+                BertGraph::load(vars, model_config).map(Network::Candle)
+            }
         };
         let network = loaded.map_err(|err| opened.mismatch(err))?;
         let encoder = opened.encoder()?;

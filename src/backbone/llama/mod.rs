@@ -57,7 +57,7 @@ impl LlamaBackbone {
             Engine::Native => {
                 Network::Native(NativeLlama::load(&file, &settings, precision, max_len)?)
             }
-            _ => Network::Candle(LlamaGraph::load(
+            Engine::Candle | Engine::Auto => Network::Candle(LlamaGraph::load(
                 &file,
                 &settings,
                 (precision, &device),

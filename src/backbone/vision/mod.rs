@@ -101,7 +101,7 @@ impl VisionBackbone {
             Engine::Native => Network::Native(Box::new(network.to_native().map_err(|err| {
                 Error::ModelLoad(format!("cannot build the native engine's layers: {err}"))
             })?)),
-            _ => Network::Candle(network),
+            Engine::Candle | Engine::Auto => Network::Candle(network),
         };
         tracing::info!(
             backbone = %config.name,
