@@ -5,7 +5,12 @@
 //! first-byte timeout, no Nagle), give every request's headers a deadline so a
 //! slow or silent client cannot pin sockets, and on shutdown stop accepting and
 //! let requests in flight finish within the grace period.
+//!
+//! `routes.rs` lists the API port's routes once (path, method, metric label,
+//! role, handler); a route's token check is a layer derived from its role,
+//! and a JSON route's body limits come with its [`body::JsonBody`] extractor.
 
+mod body;
 mod console;
 mod embeddings_request;
 mod errors;
