@@ -30,7 +30,7 @@ use std::sync::Arc;
 
 use candle_core::CustomOp1;
 
-mod tuning;
+pub mod tuning;
 
 pub use tuning::{TrainableLayers, Tuning};
 
