@@ -17,6 +17,7 @@ pub mod gelu_op;
 pub mod int8;
 pub mod packed;
 pub mod rng;
+pub mod shared_out;
 mod tiling;
 
 /// A dense layer: `y = x W^T + b` with `weight` `[outputs, inputs]`, row-major.

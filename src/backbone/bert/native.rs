@@ -31,7 +31,9 @@ use super::top_layers::{LayerWeights, TopLayers, NORMS};
 use crate::backbone::profile::Stopwatch;
 use crate::{
     config::Precision,
-    nn::{attend_head, flat, gelu_in_place, Dense, LayerNorm, Linear, Strided},
+    nn::{
+        attend_head, flat, gelu_in_place, shared_out::SharedOut, Dense, LayerNorm, Linear, Strided,
+    },
 };
 
 #[derive(Clone)]
@@ -226,23 +228,6 @@ struct LayerStep<'a, 'b> {
     index: usize,
     offsets: &'b [usize],
     lora: &'b [AdapterRows<'a>],
-}
-
-/// A raw pointer that may cross threads: attention tasks write disjoint blocks
-/// of one buffer.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: only used for writes to disjoint regions, see `attention`.
-unsafe impl Send for SharedOut {}
-// SAFETY: as for `Send`: no two threads write the same region.
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// A method, so that closures capture the whole (Send) wrapper rather than
-    /// its raw-pointer field.
-    fn at(self, offset: usize) -> *mut f32 {
-        self.0.wrapping_add(offset)
-    }
 }
 
 impl NativeBert {
@@ -604,7 +589,7 @@ impl NativeBert {
         let stride = 3 * h;
         let tokens = offsets[offsets.len() - 1];
         let mut context = vec![0f32; tokens * h];
-        let out = SharedOut(context.as_mut_ptr());
+        let out = SharedOut::new(&mut context);
         let scale = 1.0 / (d as f32).sqrt();
         let tasks: Vec<(usize, usize)> = (0..offsets.len() - 1)
             .flat_map(|text| (0..self.heads).map(move |head| (text, head)))

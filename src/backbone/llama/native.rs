@@ -22,7 +22,7 @@ use crate::backbone::profile::Stopwatch;
 use crate::backbone::weights::gguf::GgufFile;
 use crate::{
     config::Precision,
-    nn::{attend_head, Dense, Linear, Strided},
+    nn::{attend_head, shared_out::SharedOut, Dense, Linear, Strided},
     Error, Result,
 };
 
@@ -205,23 +205,6 @@ impl RopeTable {
     }
 }
 
-/// Where every (text, head) task writes its context columns.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: tasks write disjoint regions of one buffer that outlives them
-// (see `NativeLlama::attention`).
-unsafe impl Send for SharedOut {}
-// SAFETY: as for `Send`: no two tasks write the same region.
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// Wrapping, so that computing an address is safe; callers stay inside
-    /// the buffer before writing through it.
-    fn at(self, offset: usize) -> *mut f32 {
-        self.0.wrapping_add(offset)
-    }
-}
-
 /// Query rows attended at once: bounds a task's scores to
 /// `QUERY_BLOCK x length` however long the text.
 const QUERY_BLOCK: usize = 128;
@@ -364,7 +347,7 @@ impl NativeLlama {
         let group = s.heads / s.kv_heads;
         let tokens = offsets[offsets.len() - 1];
         let mut context = vec![0f32; tokens * h];
-        let out = SharedOut(context.as_mut_ptr());
+        let out = SharedOut::new(&mut context);
         let scale = 1.0 / (d as f32).sqrt();
         let tasks: Vec<(usize, usize, usize)> = (0..offsets.len() - 1)
             .flat_map(|text| {

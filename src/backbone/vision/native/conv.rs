@@ -21,6 +21,7 @@ use crate::{
     backbone::vision::layers::{Activation, FoldedConv, Padding},
     nn::{
         packed::{F32Kernel, PackedDense},
+        shared_out::SharedOut,
         Dense,
     },
 };
@@ -85,22 +86,6 @@ pub struct Conv2d {
     stride: usize,
     padding: Padding,
     activation: Activation,
-}
-
-/// The output buffer, shared by tasks that write disjoint parts of it.
-#[derive(Clone, Copy)]
-struct Output(*mut f32);
-// SAFETY: tasks write disjoint (row, column) ranges; see `Conv2d::forward`.
-unsafe impl Send for Output {}
-// SAFETY: as for `Send`: no two tasks write the same range.
-unsafe impl Sync for Output {}
-
-impl Output {
-    /// Wrapping, so that computing an address is safe; callers keep offsets
-    /// inside the buffer before writing through them.
-    fn at(self, offset: usize) -> *mut f32 {
-        self.0.wrapping_add(offset)
-    }
 }
 
 impl Conv2d {
@@ -185,7 +170,7 @@ impl Conv2d {
             self.product.panels(),
             rayon::current_num_threads(),
         );
-        let output = Output(out.values.as_mut_ptr());
+        let output = SharedOut::new(&mut out.values);
         tasks
             .par_iter()
             .for_each_init(Vec::new, |gathered, (rows, panels)| {
